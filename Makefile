@@ -1,0 +1,26 @@
+# gn_det: `make demo` and `make test` set up what they need first (tools/setup_env.sh).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export GN_DET_VENV := $(abspath $(VENV))
+
+.PHONY: setup demo test test-slow test-gpu env clean-venv
+
+setup:
+	@bash tools/setup_env.sh
+
+demo: setup
+	$(PY) tools/demo.py
+
+# The default suite: everything but tests marked slow; CPU only (GPU tests run where a GPU is).
+test: setup
+	$(PY) -m pytest -q
+
+# Slower tests (e.g. longer trainings), kept out of the default run.
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+env: setup
+	$(PY) -m gn_det.env
+
+clean-venv:
+	rm -rf $(VENV)

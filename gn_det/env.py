@@ -1,0 +1,77 @@
+"""Environment report for bug reports: ``python -m gn_det.env``."""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as metadata
+import os
+import platform
+import sys
+from typing import List, Tuple
+
+
+def _version(module: str) -> str:
+    try:
+        mod = importlib.import_module(module)
+    except Exception as exc:  # report, never fail: this runs when something is broken
+        return f"not importable ({type(exc).__name__}: {exc})"
+    return f"{getattr(mod, '__version__', '?')} @ {os.path.dirname(getattr(mod, '__file__', '') or '')}"
+
+
+def detectron2_install() -> str:
+    """Which install path detectron2 came from, and whether its compiled ops load."""
+    try:
+        import detectron2
+    except Exception as exc:
+        return f"not importable ({type(exc).__name__}: {exc})"
+    dists = metadata.packages_distributions().get("detectron2", [])
+    if "sal-detectron2" in dists:
+        source = "PyPI sources (sal-detectron2)"
+    elif dists:
+        source = f"distribution {', '.join(dists)} (git/upstream build)"
+    else:
+        source = "on sys.path, no distribution metadata"
+    try:
+        from detectron2 import _C  # noqa: F401
+
+        ops = "compiled ops available (deformable conv, rotated ops, C++ COCOeval)"
+    except Exception:
+        ops = "no compiled ops (no deformable conv, no rotated ops; COCOeval from pycocotools)"
+    return f"{detectron2.__version__} @ {os.path.dirname(detectron2.__file__)}; {source}; {ops}"
+
+
+def collect_env() -> List[Tuple[str, str]]:
+    rows = [
+        ("sys.platform", sys.platform),
+        ("Python", sys.version.replace("\n", " ")),
+        ("machine", platform.machine()),
+        ("gn_det", _version("gn_det")),
+        ("torch", _version("torch")),
+        ("torchvision", _version("torchvision")),
+        ("triton", _version("triton")),
+        ("detectron2", detectron2_install()),
+    ]
+    try:
+        import torch
+
+        rows.append(("CUDA available", str(torch.cuda.is_available())))
+        rows.append(("torch CUDA build", str(torch.version.cuda)))
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                props = torch.cuda.get_device_properties(i)
+                rows.append((f"GPU {i}", f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)"))
+        else:
+            rows.append(("GPU", "none (gn_det runs its PyTorch path on CPU)"))
+        rows.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset")))
+    except Exception as exc:
+        rows.append(("CUDA", f"unknown ({exc})"))
+    return rows
+
+
+def main() -> None:
+    rows = collect_env()
+    width = max(len(key) for key, _ in rows)
+    print("\n".join(f"{key:<{width}}  {value}" for key, value in rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""The GN operator: ``torch.library`` custom ops, their autograd, and the functional form.
+
+``gn_det::group_norm_forward(x, weight, bias, G, eps, act) -> (y, mean, rstd)`` and
+``gn_det::group_norm_backward(dy, x, weight, bias, mean, rstd, G, act) -> (dx, dw, db)``
+dispatch to the Triton kernels for CUDA tensors and to PyTorch operations for CPU tensors.
+Each has a fake implementation, so ``torch.compile(fullgraph=True)`` traces through them,
+and the forward op has registered autograd that saves only x and the (N, G) statistics.
+Under ``torch.jit.trace`` and ONNX export, ``group_norm`` emits standard operators
+(``F.group_norm`` and the activation) instead of the custom op.
+
+Custom ops are on none of autocast's lists, so under autocast the op runs in its input's
+dtype (float32 statistics) rather than being upcast to float32 as ``F.group_norm`` is.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .activation import ACT_RELU, ACT_SILU, activation_code
+from .group_norm_torch import torch_group_norm_backward, torch_group_norm_forward
+from .layout import flat_spatial_stride, memory_format_of, to_dense
+
+__all__ = ["group_norm", "triton_enabled_for"]
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_module():
+    """The Triton kernels' module, or None where triton is not installed."""
+    try:
+        from . import group_norm_triton
+    except ImportError:  # e.g. a CPU-only torch build without triton
+        return None
+    return group_norm_triton
+
+
+def triton_enabled_for(x: Tensor) -> bool:
+    """Whether x goes to the Triton kernels: CUDA tensors, and CPU tensors when the Triton
+    interpreter is on (``TRITON_INTERPRET=1``) and ``GN_DET_TRITON_ON_CPU=1`` asks for it
+    (how the kernels are tested on machines without a GPU)."""
+    if x.dtype == torch.float64:
+        return False  # float64 is for reference checks: exact PyTorch path
+    if x.is_cuda:
+        return _triton_module() is not None
+    return (
+        x.device.type == "cpu"
+        and os.environ.get("GN_DET_TRITON_ON_CPU") == "1"
+        and os.environ.get("TRITON_INTERPRET") == "1"
+        and _triton_module() is not None
+    )
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("gn_det::group_norm_forward", mutates_args=())
+def _group_norm_forward(
+    x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, eps: float, activation: int
+) -> Tuple[Tensor, Tensor, Tensor]:
+    if x.numel() == 0:  # N = 0 (no ROIs) or an empty spatial size: launch nothing
+        stats = x.new_zeros((x.shape[0], num_groups), dtype=_stats_dtype(x))
+        return torch.empty_like(x), stats, stats.clone()
+    if triton_enabled_for(x):
+        return _triton_module().triton_group_norm_forward(x, weight, bias, num_groups, eps, activation)
+    return torch_group_norm_forward(x, weight, bias, num_groups, eps, activation)
+
+
+@_group_norm_forward.register_fake
+def _group_norm_forward_fake(x, weight, bias, num_groups, eps, activation):
+    stats = x.new_empty((x.shape[0], num_groups), dtype=_stats_dtype(x))
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("gn_det::group_norm_backward", mutates_args=())
+def _group_norm_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor,
+    num_groups: int, activation: int,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    if x.numel() == 0:
+        return torch.zeros_like(x), torch.zeros_like(weight), torch.zeros_like(weight)
+    if triton_enabled_for(x):
+        return _triton_module().triton_group_norm_backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation)
+    return torch_group_norm_backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation)
+
+
+@_group_norm_backward.register_fake
+def _group_norm_backward_fake(grad_y, x, weight, bias, mean, rstd, num_groups, activation):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, num_groups, _eps, activation = inputs
+    _, mean, rstd = output
+    # The activation's input is recomputed from x and the statistics in backward: no output
+    # is saved, which is the layer's activation-memory saving over GroupNorm + ReLU/SiLU.
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.num_groups = num_groups
+    ctx.activation = activation
+
+
+def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    if flat_spatial_stride(grad_y) is None:
+        grad_y = grad_y.contiguous(memory_format=memory_format_of(x))
+    dx, dweight, dbias = torch.ops.gn_det.group_norm_backward(
+        grad_y, x, weight, bias, mean, rstd, ctx.num_groups, ctx.activation
+    )
+    needs = ctx.needs_input_grad
+    return (dx if needs[0] else None, dweight if needs[1] else None, dbias if needs[2] else None, None, None, None)
+
+
+_group_norm_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"gn_det group_norm: input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(
+            f"gn_det group_norm: expected input of shape (N, C, *) with at least 2 dims, got shape {tuple(x.shape)}"
+        )
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"gn_det group_norm: input dtype {x.dtype} is not supported; use float32, float16 or bfloat16")
+    channels = x.shape[1]
+    if num_groups <= 0 or channels % num_groups != 0:
+        raise ValueError(
+            f"gn_det group_norm: the input's {channels} channels (shape {tuple(x.shape)}) are not divisible "
+            f"into num_groups={num_groups} groups"
+        )
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is None:
+            continue
+        if param.shape != (channels,):
+            raise ValueError(
+                f"gn_det group_norm: {name} has shape {tuple(param.shape)}, expected ({channels},) for input "
+                f"of shape {tuple(x.shape)} (does the layer's num_channels match the input's channels?)"
+            )
+        if param.device != x.device:
+            raise ValueError(f"gn_det group_norm: {name} is on {param.device} but the input is on {x.device}")
+    if not eps >= 0:
+        raise ValueError(f"gn_det group_norm: eps must be >= 0, got {eps}")
+
+
+def _reference(x: Tensor, num_groups: int, weight, bias, eps: float, code: int) -> Tensor:
+    """Standard operators only: what tracing and ONNX export record."""
+    y = F.group_norm(x, num_groups, weight, bias, eps)
+    if code == ACT_RELU:
+        return F.relu(y)
+    if code == ACT_SILU:
+        return F.silu(y)
+    return y
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    activation: Optional[str] = None,
+) -> Tensor:
+    """Group Normalization with an optional fused activation.
+
+    Args:
+        input: ``(N, C, *)``, any rank >= 2, contiguous or channels_last, float32/16 or bfloat16.
+        num_groups: G, which divides C.
+        weight, bias: ``(C,)`` per-channel affine (gamma, beta), or None.
+        eps: added to the variance.
+        activation: None, "relu" or "silu", applied after the affine.
+    Returns:
+        ``act(gamma * (x - mean_g) / sqrt(var_g + eps) + beta)``: input's shape, dtype and
+        memory format.
+    """
+    code = activation_code(activation)
+    _check_inputs(input, num_groups, weight, bias, eps)
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return _reference(input, num_groups, weight, bias, eps, code)
+    x = to_dense(input)
+    channels = x.shape[1]
+    if weight is None:
+        weight = torch.ones(channels, dtype=_stats_dtype(x), device=x.device)
+    if bias is None:
+        bias = torch.zeros(channels, dtype=weight.dtype, device=x.device)
+    y, _, _ = torch.ops.gn_det.group_norm_forward(x, weight, bias, num_groups, float(eps), code)
+    return y

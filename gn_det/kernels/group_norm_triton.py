@@ -1,0 +1,420 @@
+"""Triton kernels for Group Normalization with a fused activation, forward and backward.
+
+Every input ``(N, C, *)`` is seen as ``(N, C, S)`` with strides, so one set of kernels
+serves NCHW (``stride_s == 1``) and channels_last (``stride_c == 1``) alike; Triton
+specialises strides equal to 1, so loads are coalesced along whichever axis is contiguous.
+
+Work is spread over the GPU even when ``N * G`` is small (1-2 images per GPU): each
+group's reduction is split over many programs along the spatial axis.
+
+Forward (3 launches, x is read twice, y written once):
+  1. ``_stats_partial_kernel``: per (n, channel block, spatial split) the count/mean/M2 of
+     each channel; inside a tile an exact two-pass, across tiles Chan's merge, so a large
+     mean against the standard deviation costs no accuracy (no E[x^2] - E[x]^2).
+  2. ``_stats_finalize_kernel``: per (n, group) merges its channels' partials -> mean, rstd.
+  3. ``_forward_apply_kernel``: y = act(x * scale_c + shift_c).
+Backward (3 launches + 2 small reductions; x and dy read twice, dx written once). With an
+activation, its input z is recomputed from x and the statistics, so nothing but x and the
+per-group statistics is saved for backward:
+  1. ``_backward_partial_kernel``: per channel partial sums of dz * xhat and dz.
+  2. ``_backward_finalize_kernel``: per (n, group) the two coefficients of dx.
+  3. ``_backward_apply_kernel``: dx = rstd * gamma * dz + c_xhat * xhat + c_0.
+dgamma, dbeta are sums of the partials over (n, split), done with ``torch.sum``.
+All offsets into x/y/dy/dx are 64-bit. No host-device synchronisation anywhere: launch
+parameters depend on shapes only.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .activation import ACT_NONE, ACT_RELU, ACT_SILU
+
+__all__ = ["triton_group_norm_forward", "triton_group_norm_backward"]
+
+
+@triton.jit
+def _activation(z, ACT: tl.constexpr):
+    if ACT == 1:  # relu
+        z = tl.maximum(z, 0.0)
+    elif ACT == 2:  # silu
+        z = z * tl.sigmoid(z)
+    return z
+
+
+@triton.jit
+def _activation_grad(z, dy, ACT: tl.constexpr):
+    """d act(z) / dz * dy."""
+    if ACT == 1:
+        dy = tl.where(z > 0.0, dy, 0.0)
+    elif ACT == 2:
+        sig = tl.sigmoid(z)
+        dy = dy * sig * (1.0 + z * (1.0 - sig))
+    return dy
+
+
+@triton.jit
+def _affine_input(x, mean, rstd, w, b):
+    """z = (x - mean) * (gamma * rstd) + beta for a (BLOCK_C, BLOCK_S) tile. Centring first
+    keeps z exact when the mean is large against the spread (x * scale + shift would cancel),
+    and forward and backward share this one formula so ReLU's mask agrees between them."""
+    return (x - mean[:, None]) * (w * rstd)[:, None] + b[:, None]
+
+
+@triton.jit
+def _tile_offsets(pid, C, S, n_cblocks, n_sblocks, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Decompose a 1-D program id into (n, channel offsets, spatial offsets) of one tile."""
+    pid_s = pid % n_sblocks
+    rest = pid // n_sblocks
+    pid_c = rest % n_cblocks
+    pid_n = rest // n_cblocks
+    c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    s_offs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    return pid_n, c_offs, s_offs
+
+
+@triton.jit
+def _stats_partial_kernel(
+    X, PART_MEAN, PART_M2,
+    C, S, stride_n, stride_c, stride_s, chunk_s, n_splits, n_cblocks,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = pid % n_splits
+    rest = pid // n_splits
+    pid_c = rest % n_cblocks
+    pid_n = rest // n_cblocks
+    c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    x_base = X + pid_n.to(tl.int64) * stride_n + c_offs.to(tl.int64)[:, None] * stride_c
+    s_start = pid_k * chunk_s
+    s_end = tl.minimum(s_start + chunk_s, S)
+    count = tl.zeros([BLOCK_C], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s_offs = s0 + tl.arange(0, BLOCK_S)
+        s_mask = s_offs < s_end
+        mask = c_mask[:, None] & s_mask[None, :]
+        x = tl.load(x_base + s_offs.to(tl.int64)[None, :] * stride_s, mask=mask, other=0.0).to(tl.float32)
+        tile_count = tl.sum(s_mask.to(tl.float32), axis=0)
+        tile_mean = tl.sum(x, axis=1) / tile_count
+        dev = tl.where(mask, x - tile_mean[:, None], 0.0)
+        tile_m2 = tl.sum(dev * dev, axis=1)
+        # Chan et al.: merge (count, mean, m2) with the tile's statistics.
+        new_count = count + tile_count
+        delta = tile_mean - mean
+        mean += delta * (tile_count / new_count)
+        m2 += tile_m2 + delta * delta * (count * tile_count / new_count)
+        count = new_count
+    out = (pid_n.to(tl.int64) * n_splits + pid_k) * C + c_offs
+    tl.store(PART_MEAN + out, mean, mask=c_mask)
+    tl.store(PART_M2 + out, m2, mask=c_mask)
+
+
+@triton.jit
+def _split_counts(k_offs, S, chunk_s):
+    """Number of spatial positions in each split (the last one may be short)."""
+    return tl.minimum(tl.maximum(S - k_offs * chunk_s, 0), chunk_s).to(tl.float32)
+
+
+@triton.jit
+def _stats_finalize_kernel(
+    PART_MEAN, PART_M2, MEAN, RSTD,
+    C, S, G, cpg, chunk_s, n_splits, eps,
+    BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr,
+):
+    pid = tl.program_id(0)  # n * G + g
+    pid_n = pid // G
+    g = pid % G
+    total = (cpg * S).to(tl.float32)
+    row0 = pid_n.to(tl.int64) * n_splits
+    # Pass 1: the group's mean, from the partial means weighted by their counts.
+    acc = tl.zeros([BLOCK_K, BLOCK_CG], dtype=tl.float32)
+    for k0 in range(0, n_splits, BLOCK_K):
+        k_offs = k0 + tl.arange(0, BLOCK_K)
+        counts = _split_counts(k_offs, S, chunk_s)
+        for c0 in range(0, cpg, BLOCK_CG):
+            cg_offs = c0 + tl.arange(0, BLOCK_CG)
+            mask = (k_offs < n_splits)[:, None] & (cg_offs < cpg)[None, :]
+            offs = (row0 + k_offs)[:, None] * C + (g * cpg + cg_offs)[None, :]
+            acc += tl.load(PART_MEAN + offs, mask=mask, other=0.0) * counts[:, None]
+    mean = tl.sum(tl.sum(acc, axis=1), axis=0) / total
+    # Pass 2: M2 = sum of partial M2 + count * (partial mean - mean)^2 (exact merge).
+    acc = tl.zeros([BLOCK_K, BLOCK_CG], dtype=tl.float32)
+    for k0 in range(0, n_splits, BLOCK_K):
+        k_offs = k0 + tl.arange(0, BLOCK_K)
+        counts = _split_counts(k_offs, S, chunk_s)
+        for c0 in range(0, cpg, BLOCK_CG):
+            cg_offs = c0 + tl.arange(0, BLOCK_CG)
+            mask = (k_offs < n_splits)[:, None] & (cg_offs < cpg)[None, :]
+            offs = (row0 + k_offs)[:, None] * C + (g * cpg + cg_offs)[None, :]
+            part_mean = tl.load(PART_MEAN + offs, mask=mask, other=0.0)
+            part_m2 = tl.load(PART_M2 + offs, mask=mask, other=0.0)
+            delta = part_mean - mean
+            acc += tl.where(mask, part_m2 + counts[:, None] * delta * delta, 0.0)
+    var = tl.sum(tl.sum(acc, axis=1), axis=0) / total
+    tl.store(MEAN + pid, mean)
+    tl.store(RSTD + pid, 1.0 / tl.sqrt(var + eps))
+
+
+@triton.jit
+def _forward_apply_kernel(
+    X, Y, W, B, MEAN, RSTD,
+    C, S, G, cpg, stride_n, stride_c, stride_s, n_cblocks, n_sblocks,
+    ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid_n, c_offs, s_offs = _tile_offsets(tl.program_id(0), C, S, n_cblocks, n_sblocks, BLOCK_C, BLOCK_S)
+    c_mask = c_offs < C
+    mask = c_mask[:, None] & (s_offs < S)[None, :]
+    grp = pid_n * G + c_offs // cpg
+    mean = tl.load(MEAN + grp, mask=c_mask, other=0.0)
+    rstd = tl.load(RSTD + grp, mask=c_mask, other=0.0)
+    w = tl.load(W + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    b = tl.load(B + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    offs = pid_n.to(tl.int64) * stride_n + c_offs.to(tl.int64)[:, None] * stride_c + s_offs.to(tl.int64)[None, :] * stride_s
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    y = _activation(_affine_input(x, mean, rstd, w, b), ACT)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _backward_partial_kernel(
+    X, DY, W, B, MEAN, RSTD, PART_DS, PART_DB,
+    C, S, G, cpg,
+    stride_n, stride_c, stride_s, dy_stride_n, dy_stride_c, dy_stride_s,
+    chunk_s, n_splits, n_cblocks,
+    ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = pid % n_splits
+    rest = pid // n_splits
+    pid_c = rest % n_cblocks
+    pid_n = rest // n_cblocks
+    c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    grp = pid_n * G + c_offs // cpg
+    mean = tl.load(MEAN + grp, mask=c_mask, other=0.0)
+    rstd = tl.load(RSTD + grp, mask=c_mask, other=0.0)
+    w = tl.load(W + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    b = tl.load(B + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    c64 = c_offs.to(tl.int64)[:, None]
+    x_base = X + pid_n.to(tl.int64) * stride_n + c64 * stride_c
+    dy_base = DY + pid_n.to(tl.int64) * dy_stride_n + c64 * dy_stride_c
+    s_start = pid_k * chunk_s
+    s_end = tl.minimum(s_start + chunk_s, S)
+    ds = tl.zeros([BLOCK_C], dtype=tl.float32)
+    db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s_offs = s0 + tl.arange(0, BLOCK_S)
+        mask = c_mask[:, None] & (s_offs < s_end)[None, :]
+        s64 = s_offs.to(tl.int64)[None, :]
+        x = tl.load(x_base + s64 * stride_s, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_base + s64 * dy_stride_s, mask=mask, other=0.0).to(tl.float32)
+        xhat = (x - mean[:, None]) * rstd[:, None]
+        dz = _activation_grad(_affine_input(x, mean, rstd, w, b), dy, ACT)
+        dz = tl.where(mask, dz, 0.0)
+        ds += tl.sum(dz * xhat, axis=1)
+        db += tl.sum(dz, axis=1)
+    out = (pid_n.to(tl.int64) * n_splits + pid_k) * C + c_offs
+    tl.store(PART_DS + out, ds, mask=c_mask)
+    tl.store(PART_DB + out, db, mask=c_mask)
+
+
+@triton.jit
+def _backward_finalize_kernel(
+    PART_DS, PART_DB, W, RSTD, COEF_XHAT, COEF_CONST,
+    C, S, G, cpg, n_splits,
+    BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr,
+):
+    """dx = rstd * (gamma*dz - (sum(gamma*dz) + xhat * sum(gamma*dz*xhat)) / M), M = cpg*S."""
+    pid = tl.program_id(0)
+    pid_n = pid // G
+    g = pid % G
+    row0 = pid_n.to(tl.int64) * n_splits
+    acc_ds = tl.zeros([BLOCK_K, BLOCK_CG], dtype=tl.float32)
+    acc_db = tl.zeros([BLOCK_K, BLOCK_CG], dtype=tl.float32)
+    for c0 in range(0, cpg, BLOCK_CG):
+        cg_offs = c0 + tl.arange(0, BLOCK_CG)
+        cg_mask = cg_offs < cpg
+        w = tl.load(W + g * cpg + cg_offs, mask=cg_mask, other=0.0).to(tl.float32)
+        for k0 in range(0, n_splits, BLOCK_K):
+            k_offs = k0 + tl.arange(0, BLOCK_K)
+            mask = (k_offs < n_splits)[:, None] & cg_mask[None, :]
+            offs = (row0 + k_offs)[:, None] * C + (g * cpg + cg_offs)[None, :]
+            acc_ds += tl.load(PART_DS + offs, mask=mask, other=0.0) * w[None, :]
+            acc_db += tl.load(PART_DB + offs, mask=mask, other=0.0) * w[None, :]
+    sum_ds = tl.sum(tl.sum(acc_ds, axis=1), axis=0)
+    sum_db = tl.sum(tl.sum(acc_db, axis=1), axis=0)
+    rstd = tl.load(RSTD + pid)
+    inv_m = 1.0 / (cpg * S).to(tl.float32)
+    tl.store(COEF_XHAT + pid, -rstd * sum_ds * inv_m)
+    tl.store(COEF_CONST + pid, -rstd * sum_db * inv_m)
+
+
+@triton.jit
+def _backward_apply_kernel(
+    X, DY, DX, W, B, MEAN, RSTD, COEF_XHAT, COEF_CONST,
+    C, S, G, cpg,
+    stride_n, stride_c, stride_s, dy_stride_n, dy_stride_c, dy_stride_s,
+    n_cblocks, n_sblocks,
+    ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid_n, c_offs, s_offs = _tile_offsets(tl.program_id(0), C, S, n_cblocks, n_sblocks, BLOCK_C, BLOCK_S)
+    c_mask = c_offs < C
+    mask = c_mask[:, None] & (s_offs < S)[None, :]
+    grp = pid_n * G + c_offs // cpg
+    mean = tl.load(MEAN + grp, mask=c_mask, other=0.0)
+    rstd = tl.load(RSTD + grp, mask=c_mask, other=0.0)
+    coef_xhat = tl.load(COEF_XHAT + grp, mask=c_mask, other=0.0)
+    coef_const = tl.load(COEF_CONST + grp, mask=c_mask, other=0.0)
+    w = tl.load(W + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    b = tl.load(B + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    n64 = pid_n.to(tl.int64)
+    c64 = c_offs.to(tl.int64)[:, None]
+    s64 = s_offs.to(tl.int64)[None, :]
+    offs = n64 * stride_n + c64 * stride_c + s64 * stride_s
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + n64 * dy_stride_n + c64 * dy_stride_c + s64 * dy_stride_s, mask=mask, other=0.0).to(tl.float32)
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    dz = _activation_grad(_affine_input(x, mean, rstd, w, b), dy, ACT)
+    dx = (rstd * w)[:, None] * dz + coef_xhat[:, None] * xhat + coef_const[:, None]
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launch plans
+
+_TILE_ELEMENTS = 4096  # elements per tile: 32 per thread at 4 warps
+_MAX_SPLITS = 512
+
+
+@functools.lru_cache(maxsize=None)
+def _target_programs(device_index: Optional[int]) -> int:
+    """About four waves of programs per SM; a small number when interpreting on CPU."""
+    if device_index is None:
+        return 8
+    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _as_ncs(x: torch.Tensor) -> Tuple[int, int, int, int, int, int]:
+    """(N, C, S) sizes and strides of x, which is contiguous or channels_last-contiguous."""
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // max(n * c, 1)
+    channels_last = x.dim() > 2 and x.stride(1) == 1 and c > 1
+    stride_s = c if channels_last else 1
+    return n, c, s, x.stride(0), x.stride(1), stride_s
+
+
+def _plan(n: int, c: int, s: int, channels_last: bool, device: torch.device):
+    """Tile sizes and the spatial split of each reduction (depends on shapes only)."""
+    if channels_last:  # contiguous along C: wide in C
+        block_c = min(triton.next_power_of_2(c), 128)
+        block_s = max(1, min(triton.next_power_of_2(s), _TILE_ELEMENTS // block_c))
+    else:  # contiguous along S: long in S
+        block_s = min(triton.next_power_of_2(s), 1024)
+        block_c = max(1, min(triton.next_power_of_2(c), _TILE_ELEMENTS // block_s))
+    n_cblocks = triton.cdiv(c, block_c)
+    s_tiles = triton.cdiv(s, block_s)
+    target = _target_programs(device.index if device.type == "cuda" else None)
+    splits = max(1, min(s_tiles, _MAX_SPLITS, triton.cdiv(target, n * n_cblocks)))
+    chunk_s = triton.cdiv(s_tiles, splits) * block_s
+    splits = triton.cdiv(s, chunk_s)
+    return block_c, block_s, n_cblocks, triton.cdiv(s, block_s), splits, chunk_s
+
+
+def _finalize_blocks(splits: int, cpg: int) -> Tuple[int, int]:
+    block_cg = min(triton.next_power_of_2(cpg), 64)
+    block_k = max(1, min(triton.next_power_of_2(splits), 1024 // block_cg))
+    return block_k, block_cg
+
+
+def triton_group_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, activation: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = act(group_norm(x)); x is ``(N, C, *)``, contiguous or channels_last-contiguous,
+    with ``numel > 0``; weight and bias ``(C,)``. Returns y (x's dtype and memory format)
+    and the float32 mean and rstd, ``(N, G)``."""
+    n, c, s, stride_n, stride_c, stride_s = _as_ncs(x)
+    g = num_groups
+    cpg = c // g
+    y = torch.empty_like(x)
+    mean = torch.empty((n, g), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((n, g), dtype=torch.float32, device=x.device)
+    block_c, block_s, n_cblocks, n_sblocks, splits, chunk_s = _plan(n, c, s, stride_c == 1 and c > 1, x.device)
+    part_mean = torch.empty((n, splits, c), dtype=torch.float32, device=x.device)
+    part_m2 = torch.empty_like(part_mean)
+    _stats_partial_kernel[(n * n_cblocks * splits,)](
+        x, part_mean, part_m2, c, s, stride_n, stride_c, stride_s, chunk_s, splits, n_cblocks,
+        BLOCK_C=block_c, BLOCK_S=block_s,
+    )
+    block_k, block_cg = _finalize_blocks(splits, cpg)
+    _stats_finalize_kernel[(n * g,)](
+        part_mean, part_m2, mean, rstd, c, s, g, cpg, chunk_s, splits, eps,
+        BLOCK_K=block_k, BLOCK_CG=block_cg,
+    )
+    _forward_apply_kernel[(n * n_cblocks * n_sblocks,)](
+        x, y, weight, bias, mean, rstd, c, s, g, cpg, stride_n, stride_c, stride_s, n_cblocks, n_sblocks,
+        ACT=activation, BLOCK_C=block_c, BLOCK_S=block_s,
+    )
+    return y, mean, rstd
+
+
+def triton_group_norm_backward(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+    mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, activation: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``triton_group_norm_forward`` w.r.t. x, weight, bias. grad_y has x's
+    shape in any strides (its own strides are used, no copy); dx comes in x's layout;
+    dweight/dbias in weight's dtype."""
+    n, c, s, stride_n, stride_c, stride_s = _as_ncs(x)
+    g = num_groups
+    cpg = c // g
+    dy_stride_n, dy_stride_c, dy_stride_s = _dy_strides(grad_y, stride_c == 1 and c > 1)
+    dx = torch.empty_like(x)
+    block_c, block_s, n_cblocks, n_sblocks, splits, chunk_s = _plan(n, c, s, stride_c == 1 and c > 1, x.device)
+    part_ds = torch.empty((n, splits, c), dtype=torch.float32, device=x.device)
+    part_db = torch.empty_like(part_ds)
+    _backward_partial_kernel[(n * n_cblocks * splits,)](
+        x, grad_y, weight, bias, mean, rstd, part_ds, part_db, c, s, g, cpg,
+        stride_n, stride_c, stride_s, dy_stride_n, dy_stride_c, dy_stride_s,
+        chunk_s, splits, n_cblocks,
+        ACT=activation, BLOCK_C=block_c, BLOCK_S=block_s,
+    )
+    coef_xhat = torch.empty((n, g), dtype=torch.float32, device=x.device)
+    coef_const = torch.empty_like(coef_xhat)
+    block_k, block_cg = _finalize_blocks(splits, cpg)
+    _backward_finalize_kernel[(n * g,)](
+        part_ds, part_db, weight, rstd, coef_xhat, coef_const, c, s, g, cpg, splits,
+        BLOCK_K=block_k, BLOCK_CG=block_cg,
+    )
+    _backward_apply_kernel[(n * n_cblocks * n_sblocks,)](
+        x, grad_y, dx, weight, bias, mean, rstd, coef_xhat, coef_const, c, s, g, cpg,
+        stride_n, stride_c, stride_s, dy_stride_n, dy_stride_c, dy_stride_s, n_cblocks, n_sblocks,
+        ACT=activation, BLOCK_C=block_c, BLOCK_S=block_s,
+    )
+    dweight = part_ds.sum(dim=(0, 1)).to(weight.dtype)
+    dbias = part_db.sum(dim=(0, 1)).to(weight.dtype)
+    return dx, dweight, dbias
+
+
+def _dy_strides(grad_y: torch.Tensor, channels_last: bool) -> Tuple[int, int, int]:
+    """(n, c, s) strides of grad_y when its spatial dims flatten to one stride; else None."""
+    if grad_y.dim() <= 2:
+        return grad_y.stride(0), grad_y.stride(1), 1
+    spatial = grad_y.shape[2:]
+    strides = grad_y.stride()[2:]
+    # The spatial dims collapse to one axis when each stride is the next one's times its size.
+    inner = strides[-1]
+    expected = inner
+    for size, stride in zip(reversed(spatial), reversed(strides)):
+        if size != 1 and stride != expected:
+            raise ValueError("grad_y's spatial dims do not flatten; make it contiguous first")
+        expected *= size
+    return grad_y.stride(0), grad_y.stride(1), inner
+
+
+assert (ACT_NONE, ACT_RELU, ACT_SILU) == (0, 1, 2)  # the kernels' ACT constexpr encoding

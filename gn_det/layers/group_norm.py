@@ -1,0 +1,98 @@
+"""``GroupNorm``: a drop-in for ``torch.nn.GroupNorm`` with fused kernels and activation."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..kernels.activation import ACTIVATION_NAMES, activation_code
+from ..kernels.group_norm_op import group_norm
+
+__all__ = ["GroupNorm", "resolve_num_groups"]
+
+
+def resolve_num_groups(
+    num_channels: int,
+    num_groups: Optional[int] = None,
+    channels_per_group: Optional[int] = None,
+    layer: str = "",
+) -> int:
+    """The group count of a GN layer over ``num_channels``, from either a number of groups or
+    a number of channels per group (the GN paper's two ways to set its hyperparameter).
+
+    ``channels_per_group`` wins when it is a positive number; otherwise ``num_groups`` is
+    used. Raises ``ValueError`` naming the layer and its channels when they don't divide.
+    """
+    where = f" of layer '{layer}'" if layer else ""
+    if channels_per_group:
+        if channels_per_group < 0 or num_channels % channels_per_group != 0:
+            raise ValueError(
+                f"GroupNorm{where}: num_channels={num_channels} is not divisible by "
+                f"channels_per_group={channels_per_group}"
+            )
+        return num_channels // channels_per_group
+    if not num_groups or num_groups < 0:
+        raise ValueError(f"GroupNorm{where}: give num_groups or channels_per_group as a positive number")
+    if num_channels % num_groups != 0:
+        raise ValueError(
+            f"GroupNorm{where}: num_channels={num_channels} is not divisible by num_groups={num_groups}; "
+            f"choose a group count that divides {num_channels}"
+        )
+    return num_groups
+
+
+class GroupNorm(nn.GroupNorm):
+    """Group Normalization (Wu & He, ECCV 2018) with an optional fused activation.
+
+    A drop-in for ``torch.nn.GroupNorm``: the same constructor arguments, parameters
+    (``weight``, ``bias``: ``(C,)``) and state_dict keys, and ``isinstance(m, nn.GroupNorm)``
+    holds. On CUDA it runs fused Triton kernels (forward and backward, the activation
+    included, NCHW and channels_last, in the input's dtype under autocast); on CPU it runs
+    PyTorch operations.
+
+    Input ``(N, C, *)``; output of the same shape, dtype and memory format.
+
+    Args:
+        num_groups: number of groups G; C must be divisible by G.
+        num_channels: C.
+        eps: added to the variance.
+        affine: learn a per-channel scale and shift.
+        activation: None, "relu" or "silu", applied after the affine, fused into the kernels.
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        activation: Optional[str] = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        resolve_num_groups(num_channels, num_groups=num_groups)
+        if not eps >= 0:
+            raise ValueError(f"GroupNorm: eps must be >= 0, got {eps}")
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
+        self.activation = ACTIVATION_NAMES[activation_code(activation)]
+
+    @classmethod
+    def from_channels(
+        cls,
+        num_channels: int,
+        num_groups: Optional[int] = 32,
+        channels_per_group: Optional[int] = None,
+        layer: str = "",
+        **kwargs,
+    ) -> "GroupNorm":
+        """Build over ``num_channels`` with G from ``num_groups`` or ``channels_per_group``."""
+        groups = resolve_num_groups(num_channels, num_groups, channels_per_group, layer=layer)
+        return cls(groups, num_channels, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return f"{text}, activation={self.activation}" if self.activation else text

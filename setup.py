@@ -1,0 +1,31 @@
+"""gn_det: Group Normalization for detectron2, with fused Triton kernels.
+
+`pip install -e .` into an environment that already has torch, torchvision and detectron2.
+torch/torchvision/detectron2 are deliberately not install_requires: a detectron2 project
+adding gn_det must keep its own builds (detectron2 is not on PyPI, and pip would otherwise
+replace a CUDA torch). `make setup` (tools/setup_env.sh) builds a complete environment.
+"""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+
+def read_requirements(name: str) -> list:
+    lines = (HERE / "requirements" / name).read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+setup(
+    name="gn_det",
+    version="0.1.0",
+    description="Group Normalization for detectron2: fused Triton GN layers, a norm registry, GN Mask R-CNN configs",
+    long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["gn_det", "gn_det.*"]),
+    python_requires=">=3.9",
+    install_requires=read_requirements("gn_det.txt"),
+    extras_require={"test": read_requirements("test.txt")},
+    include_package_data=True,
+)

@@ -1,0 +1,83 @@
+"""Shared cases and checks for GN layer tests: the CPU path, the Triton kernels under the
+interpreter, and the same kernels on CUDA."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import gn_det
+
+# Tolerance on max|actual - reference| relative to max(1, max|reference|), reference in
+# float64 from the same (rounded) input. Justification per dtype:
+#  float32: outputs are O(1); float32 accumulation over up to ~1e5 elements per group
+#           gives ~1e-6..1e-5 relative error.
+#  float16: the output itself is rounded to 11 significant bits (ulp(1) = 9.8e-4): 2 ulps.
+#  bfloat16: the output is rounded to 8 significant bits (ulp(1) = 7.8e-3): 2 ulps.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-10}
+# Gradients sum dy * xhat over the whole group before they reach dx: one more rounding of
+# the output dtype, and for dweight/dbias sums of N*S rounded products.
+GRAD_TOLERANCE = {torch.float32: 5e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-10}
+
+ACT_FNS = {None: lambda t: t, "relu": F.relu, "silu": F.silu}
+
+
+def make_input(shape: Sequence[int], dtype=torch.float32, memory_format=torch.contiguous_format,
+               device="cpu", mean: float = 0.0, std: float = 1.0, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64) * std + mean
+    return x.to(dtype=dtype).to(device=device, memory_format=memory_format)
+
+
+def make_affine(channels: int, device="cpu", dtype=torch.float32, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    weight = (torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5).to(device=device, dtype=dtype)
+    bias = (torch.rand(channels, generator=gen, dtype=torch.float64) - 0.5).to(device=device, dtype=dtype)
+    return weight, bias
+
+
+def reference(x: torch.Tensor, groups: int, weight, bias, eps: float, activation: Optional[str]) -> torch.Tensor:
+    """F.group_norm + activation in float64 on CPU."""
+    w = None if weight is None else weight.detach().double().cpu()
+    b = None if bias is None else bias.detach().double().cpu()
+    return ACT_FNS[activation](F.group_norm(x.detach().double().cpu(), groups, w, b, eps))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
+    err = (actual.detach().double().cpu() - expected.detach().double().cpu()).abs().max().item() if expected.numel() else 0.0
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+def check_forward_backward(shape, groups, dtype=torch.float32, memory_format=torch.contiguous_format,
+                           activation=None, device="cpu", affine=True, mean=0.0, std=1.0, eps=1e-5,
+                           check_backward=True, seed=0) -> None:
+    """gn_det.group_norm against float64 F.group_norm (+ activation): output dtype, memory
+    format and values; gradients of x, weight and bias for a random upstream gradient."""
+    x = make_input(shape, dtype, memory_format, device, mean, std, seed).requires_grad_(check_backward)
+    weight, bias = make_affine(shape[1], device) if affine else (None, None)
+    if affine:
+        weight.requires_grad_(check_backward)
+        bias.requires_grad_(check_backward)
+    y = gn_det.group_norm(x, groups, weight, bias, eps, activation)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert y.is_contiguous(memory_format=memory_format), "output lost the input's memory format"
+    x64 = x.detach().double().cpu().requires_grad_(check_backward)
+    w64 = b64 = None
+    if affine:
+        w64 = weight.detach().double().cpu().requires_grad_(check_backward)
+        b64 = bias.detach().double().cpu().requires_grad_(check_backward)
+    ref = ACT_FNS[activation](F.group_norm(x64, groups, w64, b64, eps))
+    assert_close(y, ref, TOLERANCE[dtype], f"forward {tuple(shape)} {dtype} {memory_format} act={activation}")
+    if not check_backward or x.numel() == 0:
+        return
+    grad = make_input(shape, dtype, memory_format, device, seed=seed + 7)
+    inputs = (x, weight, bias) if affine else (x,)
+    grads = torch.autograd.grad(y, inputs, grad)
+    ref_inputs = (x64, w64, b64) if affine else (x64,)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, grad.double().cpu())
+    assert grads[0].dtype == x.dtype
+    assert grads[0].is_contiguous(memory_format=memory_format), "dx lost the input's memory format"
+    for name, got, want in zip(("dx", "dweight", "dbias"), grads, ref_grads):
+        assert_close(got, want, GRAD_TOLERANCE[dtype], f"{name} {tuple(shape)} {dtype} {memory_format} act={activation}")
