@@ -1,0 +1,92 @@
+"""The Triton kernels run on CPU by Triton's interpreter, against float64 F.group_norm.
+Run by tests/test_triton_interpreted.py in a process with TRITON_INTERPRET=1 and
+GN_DET_TRITON_ON_CPU=1 (small shapes: the interpreter is slow)."""
+import os
+
+import pytest
+import torch
+
+import gn_det
+from gn_det.kernels.group_norm_op import triton_enabled_for
+from gn_det.kernels.group_norm_torch import torch_group_norm_backward, torch_group_norm_forward
+from gn_det.kernels.group_norm_triton import triton_group_norm_backward, triton_group_norm_forward
+from gn_cases import check_forward_backward, make_affine, make_input, reference
+
+CF, CL, CL3D = torch.contiguous_format, torch.channels_last, torch.channels_last_3d
+
+assert os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("GN_DET_TRITON_ON_CPU") == "1"
+
+
+def test_cpu_tensors_go_to_triton():
+    assert triton_enabled_for(torch.zeros(2, 4, 3))
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+@pytest.mark.parametrize(
+    "shape,groups,memory_format",
+    [
+        ((2, 6), 3, CF),
+        ((3, 8, 17), 4, CF),
+        ((2, 12, 7, 9), 4, CF),
+        ((2, 12, 7, 9), 4, CL),
+        ((1, 64, 13, 11), 32, CL),
+        ((2, 6, 3, 5, 4), 3, CF),
+        ((2, 6, 3, 5, 4), 3, CL3D),
+        ((1, 4, 64, 64), 2, CF),    # several spatial splits per group (NCHW)
+        ((1, 8, 64, 64), 4, CL),    # several spatial splits per group (channels_last)
+        ((1, 256, 4, 4), 2, CL),    # 128 channels per group: finalize loops over channel blocks
+    ],
+)
+def test_kernels_match_reference(shape, groups, memory_format, activation):
+    check_forward_backward(shape, groups, memory_format=memory_format, activation=activation)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [CF, CL])
+def test_half_precision(dtype, memory_format):
+    check_forward_backward((2, 16, 9, 10), 4, dtype=dtype, memory_format=memory_format, activation="silu")
+
+
+def test_no_affine():
+    check_forward_backward((2, 8, 5, 6), 2, affine=False, activation="relu")
+
+
+@pytest.mark.parametrize("memory_format", [CF, CL])
+def test_large_mean(memory_format):
+    x = make_input((1, 8, 40, 40), memory_format=memory_format, mean=1e4, std=1.0)
+    weight, bias = make_affine(8)
+    y = gn_det.group_norm(x, 4, weight, bias)
+    ref = reference(x, 4, weight, bias, 1e-5, None)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-3
+
+
+def test_constant_group_finite():
+    x = torch.full((1, 4, 6, 6), -3.0, requires_grad=True)
+    y = gn_det.group_norm(x, 2, *make_affine(4), activation="relu")
+    assert torch.isfinite(y).all()
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_empty_batch_launches_nothing():
+    m = gn_det.GroupNorm(4, 8, activation="relu")
+    x = torch.zeros((0, 8, 5, 5), requires_grad=True)
+    y = m(x)
+    y.sum().backward()
+    assert y.shape == x.shape and torch.equal(m.weight.grad, torch.zeros(8))
+
+
+@pytest.mark.parametrize("activation", [0, 1, 2])
+def test_kernels_agree_with_torch_path(activation):
+    x = make_input((2, 8, 9, 7), memory_format=CL)
+    weight, bias = make_affine(8)
+    grad = make_input((2, 8, 9, 7), seed=3)  # NCHW gradient for a channels_last input
+    y, mean, rstd = triton_group_norm_forward(x, weight, bias, 4, 1e-5, activation)
+    y_ref, mean_ref, rstd_ref = torch_group_norm_forward(x, weight, bias, 4, 1e-5, activation)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mean, mean_ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rstd, rstd_ref, atol=1e-5, rtol=1e-5)
+    got = triton_group_norm_backward(grad, x, weight, bias, mean, rstd, 4, activation)
+    want = torch_group_norm_backward(grad, x, weight, bias, mean_ref, rstd_ref, 4, activation)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

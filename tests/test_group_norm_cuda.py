@@ -1,0 +1,104 @@
+"""The GN layer on CUDA (the Triton kernels) at detection-sized shapes. Runs only where a
+GPU is; its CPU twins are tests/test_group_norm.py (PyTorch path) and
+tests/interpreted/test_triton_kernels.py (the same kernels under Triton's interpreter)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gn_det
+from gn_det.kernels.group_norm_op import triton_enabled_for
+from gn_cases import check_forward_backward, make_affine, make_input, reference
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+CF, CL = torch.contiguous_format, torch.channels_last
+
+
+def test_cuda_tensors_go_to_triton():
+    assert triton_enabled_for(torch.zeros(2, 4, 3, device="cuda"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("memory_format", [CF, CL])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 256, 200, 336),  # FPN P2 at 1333x800, 2 images
+        (1, 64, 400, 672),   # stem output, 1 image
+        (2, 2048, 25, 42),   # res5
+        (512, 256, 7, 7),    # box head
+        (37, 256, 14, 14),   # mask head
+    ],
+)
+def test_detection_shapes(shape, memory_format, dtype):
+    check_forward_backward(shape, 32, dtype=dtype, memory_format=memory_format, activation="relu", device="cuda")
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_sequences_and_volumes(activation):
+    check_forward_backward((3, 96, 1001), 32, activation=activation, device="cuda")
+    check_forward_backward((2, 64, 9, 17, 23), 16, activation=activation, device="cuda",
+                           memory_format=torch.channels_last_3d)
+
+
+def test_large_mean_cuda():
+    x = make_input((2, 256, 100, 168), device="cuda", mean=1e4, std=1.0, memory_format=CL)
+    weight, bias = make_affine(256, device="cuda")
+    y = gn_det.group_norm(x, 32, weight, bias)
+    ref = reference(x, 32, weight, bias, 1e-5, None)
+    assert ((y.double().cpu() - ref).norm() / ref.norm()).item() < 1e-3
+
+
+def test_no_host_device_sync():
+    m = gn_det.GroupNorm(32, 256, activation="relu").cuda()
+    x = make_input((2, 256, 50, 84), device="cuda").requires_grad_()
+    m(x).sum().backward()  # compile the kernels first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        m(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_more_than_2_to_31_elements():
+    x = torch.randn(1, 64, 2**13, 2**12 + 1, device="cuda", dtype=torch.bfloat16)  # 2.15e9 elements
+    y = gn_det.group_norm(x, 32)
+    last = x[:, -2:].float()  # the last group, beyond 2**31
+    expected = (last - last.mean()) / torch.sqrt(last.var(unbiased=False) + 1e-5)
+    torch.testing.assert_close(y[:, -2:].float(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_autocast_runs_in_bfloat16():
+    m = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), gn_det.GroupNorm(32, 64, activation="relu")).cuda()
+    x = torch.randn(2, 16, 64, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16
+
+
+def test_fused_activation_saves_memory():
+    x = make_input((2, 256, 200, 336), device="cuda", dtype=torch.bfloat16).requires_grad_()
+    ours = gn_det.GroupNorm(32, 256, activation="silu").cuda()
+    plain = nn.GroupNorm(32, 256).cuda()
+
+    def held(fn):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        out = fn(x)
+        held_bytes = torch.cuda.memory_allocated() - before - out.numel() * out.element_size()
+        del out
+        return held_bytes
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ours_held = held(ours)
+        theirs_held = held(lambda t: F.silu(plain(t)))
+    assert ours_held < x.numel() * x.element_size() // 4, ours_held
+    assert theirs_held >= x.numel() * x.element_size(), theirs_held
+
+
+def test_torch_compile_fullgraph_cuda():
+    model = nn.Sequential(nn.Conv2d(8, 64, 3), gn_det.GroupNorm(32, 64, activation="relu")).cuda()
+    x = torch.randn(2, 8, 33, 35, device="cuda")
+    y = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(y, model(x), atol=1e-5, rtol=1e-5)
