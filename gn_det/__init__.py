@@ -1,10 +1,26 @@
 """gn_det: Group Normalization for detectron2.
 
-``gn_det.GroupNorm`` / ``gn_det.group_norm``: GN with fused Triton kernels on CUDA and
-PyTorch operations on CPU, a drop-in for ``torch.nn.GroupNorm``.
+- ``gn_det.GroupNorm`` / ``gn_det.group_norm``: GN with fused Triton kernels on CUDA and
+  PyTorch operations on CPU, a drop-in for ``torch.nn.GroupNorm``.
+- With detectron2 installed, ``import gn_det`` registers gn_det's norm ``"FastGN"``
+  (``gn_det.NORM_NAME``) for every detectron2 norm config key, and its backbone and head
+  builders; ``gn_det.add_gn_config(cfg)`` adds the ``MODEL.GN.*`` keys.
 """
+import importlib.util
+
 from .kernels import group_norm
 from .layers import GroupNorm, resolve_num_groups
 
 __version__ = "0.1.0"
 __all__ = ["GroupNorm", "group_norm", "resolve_num_groups", "__version__"]
+
+if importlib.util.find_spec("detectron2") is not None:
+    from .config import add_gn_config, get_config, gn_settings_from_cfg
+    from .modeling import (NORM_NAME, ConversionReport, GNSettings, build_model, convert_to_group_norm,
+                           fuse_norm_activation, gn_settings, install, register_norm)
+
+    install()
+    __all__ += [
+        "NORM_NAME", "ConversionReport", "GNSettings", "add_gn_config", "build_model", "get_config", "convert_to_group_norm",
+        "fuse_norm_activation", "gn_settings", "gn_settings_from_cfg", "register_norm",
+    ]

@@ -1,0 +1,116 @@
+"""``convert_to_group_norm``: turn an already built model's norms into gn_det's GN."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from detectron2.layers import Conv2d, FrozenBatchNorm2d
+from torch import nn
+
+from ..layers.group_norm import GroupNorm, resolve_num_groups
+from .fuse import fuse_norm_activation
+
+__all__ = ["ConversionReport", "convert_to_group_norm"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What ``convert_to_group_norm`` changed, by module name."""
+
+    replaced: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, old type)
+    added: List[str] = dataclasses.field(default_factory=list)  # convs that got a GN
+    dropped_bias: List[str] = dataclasses.field(default_factory=list)  # convs whose bias GN made redundant
+    fused_activations: int = 0
+
+    def __str__(self) -> str:
+        kinds = {}
+        for _, old in self.replaced:
+            kinds[old] = kinds.get(old, 0) + 1
+        replaced = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "nothing"
+        return (
+            f"replaced {replaced} with gn_det GroupNorm; added GN to {len(self.added)} convs "
+            f"(dropped {len(self.dropped_bias)} conv biases); fused {self.fused_activations} ReLUs"
+        )
+
+
+def _norm_affine(norm: nn.Module) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    weight = getattr(norm, "weight", None)
+    bias = getattr(norm, "bias", None)
+    return weight, bias
+
+
+def convert_to_group_norm(
+    model: nn.Module,
+    num_groups: int = 32,
+    channels_per_group: int = 0,
+    eps: float = 1e-5,
+    init_from_norm: bool = True,
+    add_to_norm_free_convs: bool = False,
+    add_within: Sequence[str] = ("backbone.", "roi_heads."),
+    fuse_activation: bool = True,
+) -> ConversionReport:
+    """Replace, in place, ``FrozenBatchNorm2d``, ``BatchNorm2d`` and ``nn.GroupNorm`` modules
+    with gn_det's ``GroupNorm``.
+
+    Args:
+        model: any module tree (e.g. a detectron2 ``GeneralizedRCNN``).
+        num_groups, channels_per_group: the group count of the new GN layers (from BN), by
+            number or (when > 0) by channels per group. An ``nn.GroupNorm`` keeps its own
+            group count and eps: it becomes the same layer on gn_det's kernels.
+        eps: eps of GN layers that replace BN or are added.
+        init_from_norm: start GN's gamma/beta from the replaced norm's affine (BN's
+            ``weight``/``bias``); else gamma = 1, beta = 0.
+        add_to_norm_free_convs: also give a GN to each detectron2 ``Conv2d`` without a norm
+            whose name starts with one of ``add_within`` (the FPN and the heads in stock
+            configs; the RPN head is left alone), dropping the conv's bias, which GN's beta
+            makes redundant.
+        fuse_activation: move the ReLUs that follow the new GN layers into their kernels.
+    Returns:
+        A ``ConversionReport``; it is also logged. New layers take the device and dtype of
+        what they replace; where the conv before a norm is frozen (``requires_grad=False``,
+        e.g. detectron2's ``FREEZE_AT`` stages) its GN's parameters are frozen too.
+    """
+    report = ConversionReport()
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if isinstance(child, GroupNorm) or not isinstance(child, (FrozenBatchNorm2d, nn.BatchNorm2d, nn.GroupNorm)):
+                continue
+            if isinstance(child, nn.GroupNorm):
+                new = GroupNorm(child.num_groups, child.num_channels, eps=child.eps, affine=child.affine)
+            else:
+                channels = child.num_features
+                groups = resolve_num_groups(channels, num_groups, channels_per_group, layer=name)
+                new = GroupNorm(groups, channels, eps=eps)
+            weight, bias = _norm_affine(child)
+            reference = weight if weight is not None else next(iter(child.buffers()), None)
+            if reference is not None:
+                new.to(device=reference.device, dtype=reference.dtype)
+            if init_from_norm and new.affine and weight is not None and bias is not None:
+                with torch.no_grad():
+                    new.weight.copy_(weight)
+                    new.bias.copy_(bias)
+            conv_weight = getattr(parent, "weight", None)
+            if isinstance(conv_weight, nn.Parameter):
+                new.requires_grad_(conv_weight.requires_grad)
+            setattr(parent, child_name, new)
+            report.replaced.append((name, type(child).__name__))
+    if add_to_norm_free_convs:
+        for name, conv in model.named_modules():
+            if type(conv) is not Conv2d or conv.norm is not None or not name.startswith(tuple(add_within)):
+                continue
+            groups = resolve_num_groups(conv.out_channels, num_groups, channels_per_group, layer=name)
+            conv.norm = GroupNorm(groups, conv.out_channels, eps=eps).to(conv.weight.device, conv.weight.dtype)
+            conv.norm.requires_grad_(conv.weight.requires_grad)
+            report.added.append(name)
+            if conv.bias is not None:
+                conv.bias = None
+                report.dropped_bias.append(name)
+    if fuse_activation:
+        report.fused_activations = fuse_norm_activation(model)
+    logger.info("convert_to_group_norm: %s", report)
+    return report
