@@ -1,0 +1,65 @@
+"""Dataset registration: the embedded shapes dataset, and a clear word when COCO is missing."""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+from .shapes import CLASSES, ensure_shapes_dataset
+
+__all__ = ["SHAPES_TRAIN", "SHAPES_VAL", "datasets_root", "register_shapes_dataset", "check_datasets_exist"]
+
+SHAPES_TRAIN = "gn_det_shapes_train"
+SHAPES_VAL = "gn_det_shapes_val"
+
+
+def datasets_root() -> str:
+    """detectron2's dataset root: ``$DETECTRON2_DATASETS``, default ``./datasets``."""
+    return os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets"))
+
+
+def register_shapes_dataset(root: str = "") -> None:
+    """Generate (first use only) and register ``gn_det_shapes_train``/``gn_det_shapes_val``
+    with detectron2's ``register_coco_instances``. Default root: ``<datasets root>/gn_det_shapes``."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    root = root or os.path.join(datasets_root(), "gn_det_shapes")
+    paths = ensure_shapes_dataset(root)
+    for name, split in ((SHAPES_TRAIN, "train"), (SHAPES_VAL, "val")):
+        json_file, image_root = paths[split]
+        if name in DatasetCatalog.list():
+            if MetadataCatalog.get(name).json_file == json_file:
+                continue
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        register_coco_instances(name, {"thing_classes": list(CLASSES)}, json_file, image_root)
+
+
+def check_datasets_exist(names: Iterable[str]) -> None:
+    """Raise ``FileNotFoundError`` naming what is missing, where it was looked for, how to get
+    COCO, and how to run on the embedded dataset instead."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    for name in names:
+        if name not in DatasetCatalog.list():
+            raise KeyError(f"dataset '{name}' is not registered; registered: {', '.join(sorted(DatasetCatalog.list()))}")
+        meta = MetadataCatalog.get(name)
+        json_file = getattr(meta, "json_file", None)
+        image_root = getattr(meta, "image_root", None)
+        missing = [p for p in (json_file, image_root) if p and not os.path.exists(p)]
+        if not missing:
+            continue
+        hint = ""
+        if name.startswith("coco_"):
+            hint = (
+                f"\nCOCO is looked for under $DETECTRON2_DATASETS/coco (now {os.path.abspath(datasets_root())}/coco): "
+                "download train2017/, val2017/ and annotations/ from https://cocodataset.org/#download "
+                "and set DETECTRON2_DATASETS to the folder holding coco/."
+            )
+        raise FileNotFoundError(
+            f"dataset '{name}': missing {', '.join(os.path.abspath(p) for p in missing)}.{hint}\n"
+            "To run on gn_det's embedded dataset instead: python tools/train_net.py "
+            "--config configs/demo/mask_rcnn_gn_shapes.yaml, or add "
+            f"DATASETS.TRAIN '(\"{SHAPES_TRAIN}\",)' DATASETS.TEST '(\"{SHAPES_VAL}\",)' "
+            "MODEL.ROI_HEADS.NUM_CLASSES 3 to your command."
+        )

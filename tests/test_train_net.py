@@ -1,0 +1,114 @@
+"""tools/train_net.py end to end on the embedded dataset, as users run it (subprocesses):
+train a few iterations with checkpoints, --resume, --eval-only, a 2-process GLOO run, and the
+messages for a missing config or a missing COCO."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
+DEMO_CONFIG = os.path.join(ROOT, "configs", "demo", "mask_rcnn_gn_shapes.yaml")
+# Tiny and quick, but the real pipeline: loader, augmentation, trainer, COCOEvaluator.
+QUICK = [
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS", "()",
+    "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MIN_SIZE_TEST", "128", "DATALOADER.NUM_WORKERS", "0",
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",  # an untrained model still gives detections to compare
+]
+
+
+def run_train_net(*args, env=None, check=True):
+    proc = subprocess.run(
+        [sys.executable, TRAIN_NET, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, **(env or {})),
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    return proc
+
+
+def metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def ap_lines(log: str):
+    """The COCO AP values detectron2 prints (the 'copypaste' lines), per task."""
+    return re.findall(r"copypaste: ([\d.,\-nan]+)$", log, flags=re.M)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("train"))
+    proc = run_train_net("--config", DEMO_CONFIG, *QUICK, "SOLVER.MAX_ITER", "6",
+                         "SOLVER.CHECKPOINT_PERIOD", "3", "OUTPUT_DIR", out)
+    return out, proc.stdout + proc.stderr
+
+
+def test_training_writes_what_detectron2_users_expect(trained):
+    out, log = trained
+    for name in ("config.yaml", "metrics.json", "model_0000002.pth", "model_final.pth", "last_checkpoint"):
+        assert os.path.exists(os.path.join(out, name)), name
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out))
+    assert re.search(r"eta: .* iter: 5 .*total_loss: [\d.]+ .*lr: ", log), "no progress line"
+    entries = metrics(out)
+    assert [e["iteration"] for e in entries if "total_loss" in e][-1] == 5
+    final = [e for e in entries if "bbox/AP" in e][-1]
+    assert "segm/AP" in final  # box and mask AP from COCOEvaluator
+    assert len(ap_lines(log)) == 2  # bbox and segm tables
+
+
+def test_resume_continues_from_the_last_checkpoint(trained, tmp_path):
+    out, _ = trained
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    for name in ("model_final.pth", "last_checkpoint"):
+        with open(os.path.join(out, name), "rb") as src, open(os.path.join(resumed, name), "wb") as dst:
+            dst.write(src.read())
+    proc = run_train_net("--config", DEMO_CONFIG, "--resume", *QUICK, "SOLVER.MAX_ITER", "9",
+                         "DATASETS.TEST", "()", "OUTPUT_DIR", resumed)
+    log = proc.stdout + proc.stderr
+    assert "Starting training from iteration 6" in log
+    iterations = [e["iteration"] for e in metrics(resumed) if "total_loss" in e]
+    assert iterations[0] >= 6 and iterations[-1] == 8
+
+
+def test_eval_only_gives_the_same_ap_as_the_end_of_training(trained, tmp_path):
+    out, train_log = trained
+    proc = run_train_net("--config", DEMO_CONFIG, "--eval-only", *QUICK,
+                         "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), "OUTPUT_DIR", str(tmp_path))
+    assert ap_lines(proc.stdout + proc.stderr) == ap_lines(train_log)
+    with open(os.path.join(out, "inference", "gn_det_shapes_val", "coco_instances_results.json")) as f:
+        at_training = json.load(f)
+    with open(os.path.join(str(tmp_path), "inference", "gn_det_shapes_val", "coco_instances_results.json")) as f:
+        at_eval_only = json.load(f)
+    assert len(at_eval_only) == len(at_training) > 0
+    flat = lambda dets: [v for d in dets for v in d["bbox"] + [d["score"], d["category_id"]]]  # noqa: E731
+    assert flat(at_eval_only) == pytest.approx(flat(at_training), abs=1e-3)
+
+
+def test_two_processes_through_launch_gloo(tmp_path):
+    proc = run_train_net("--config", DEMO_CONFIG, "--num-gpus", "2", "--dist-url", "auto", *QUICK,
+                         "SOLVER.MAX_ITER", "3", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path))
+    log = proc.stdout + proc.stderr
+    assert "World size: 2" in log
+    assert [e["iteration"] for e in metrics(str(tmp_path)) if "total_loss" in e][-1] == 2
+
+
+def test_missing_config_file_is_named(tmp_path):
+    proc = run_train_net("--config", str(tmp_path / "nope.yaml"), check=False)
+    assert proc.returncode != 0
+    assert "config file not found" in proc.stderr and "nope.yaml" in proc.stderr
+
+
+def test_missing_coco_says_where_and_what_to_do(tmp_path):
+    proc = run_train_net("--config", os.path.join(ROOT, "configs", "mask_rcnn_gn.yaml"),
+                         "OUTPUT_DIR", str(tmp_path / "out"), env={"DETECTRON2_DATASETS": str(tmp_path)}, check=False)
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert "dataset 'coco_2017_train'" in err or "dataset 'coco_2017_val'" in err, err[-3000:]
+    assert str(tmp_path) in err and "cocodataset.org" in err
+    assert "configs/demo/mask_rcnn_gn_shapes.yaml" in err

@@ -1,0 +1,226 @@
+#!/usr/bin/env python
+"""Benchmark of GN layers at the shapes of a Mask R-CNN R50-FPN step (a benchmark, not a test).
+
+Compares, side by side in one run: gn_det GroupNorm (no activation, and with fused ReLU),
+nn.GroupNorm, nn.GroupNorm + ReLU, torch.compile(nn.GroupNorm + ReLU) and detectron2's
+FrozenBatchNorm2d (the no-statistics floor). Reports the median time of forward, backward and
+forward+backward over several input sets (CUDA events and warm-up on GPU; perf_counter on
+CPU), the effective bandwidth on the fewest bytes the op must move (read x, write y; backward:
+read x and dy, write dx) and on the two-pass bytes (forward: x twice + y; backward: x and dy
+twice + dx) as a fraction of the device's measured copy bandwidth, and the speed-up over
+nn.GroupNorm + ReLU. Writes a markdown table and JSON under benchmarks/results/.
+
+    python tools/benchmark_norm.py                 # the full table on a GPU (or small shapes on CPU)
+    python tools/benchmark_norm.py --quick         # a few shapes, few repetitions
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.layers import FrozenBatchNorm2d
+from torch import nn
+
+import gn_det
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> (N, C, H, W): a Mask R-CNN R50-FPN step on 1333x800 images.
+GPU_SHAPES = {
+    "stem N=1": (1, 64, 400, 672), "stem N=2": (2, 64, 400, 672),
+    "res2 N=1": (1, 256, 200, 336), "res2 N=2": (2, 256, 200, 336),
+    "res3": (2, 512, 100, 168), "res4": (2, 1024, 50, 84), "res5": (2, 2048, 25, 42),
+    "FPN P2 N=1": (1, 256, 200, 336), "FPN P2": (2, 256, 200, 336), "FPN P3 N=1": (1, 256, 100, 168),
+    "FPN P3": (2, 256, 100, 168), "FPN P4": (2, 256, 50, 84), "FPN P5": (2, 256, 25, 42),
+    "box head": (512, 256, 7, 7), "mask head": (128, 256, 14, 14),
+}
+CPU_SHAPES = {"stem": (2, 64, 100, 168), "res3": (2, 512, 25, 42), "FPN P4": (2, 256, 25, 42),
+              "box head": (64, 256, 7, 7), "mask head": (16, 256, 14, 14)}
+QUICK = ("stem N=1", "FPN P3", "box head")
+
+
+def candidates(channels: int, device) -> Dict[str, Tuple[nn.Module, bool]]:
+    """name -> (module, whether its output includes ReLU)."""
+    gn = nn.GroupNorm(32, channels).to(device)
+    gn_relu = nn.Sequential(nn.GroupNorm(32, channels), nn.ReLU()).to(device)
+    frozen = FrozenBatchNorm2d(channels).to(device)
+    frozen.weight.uniform_()  # buffers: no gradient, as in detectron2's frozen stages
+    out = {
+        "gn_det GN": (gn_det.GroupNorm(32, channels).to(device), False),
+        "gn_det GN+ReLU (fused)": (gn_det.GroupNorm(32, channels, activation="relu").to(device), True),
+        "nn.GroupNorm": (gn, False),
+        "nn.GroupNorm+ReLU": (gn_relu, True),
+        "compile(nn.GroupNorm+ReLU)": (torch.compile(nn.Sequential(nn.GroupNorm(32, channels), nn.ReLU()).to(device)), True),
+        "FrozenBatchNorm2d": (frozen, False),
+    }
+    return out
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], None]) -> float:
+        """Seconds taken by fn."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+
+def measure(module: nn.Module, inputs: List[torch.Tensor], grads: List[torch.Tensor], timer: Timer,
+            warmup: int, reps: int, autocast_dtype) -> Dict[str, float]:
+    """Median seconds of forward, backward and forward+backward, cycling over the input sets."""
+    device_type = inputs[0].device.type
+    times = {"fwd": [], "bwd": [], "fwd+bwd": []}
+
+    def forward(x):
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            return module(x)
+
+    for i in range(warmup + reps):
+        x, g = inputs[i % len(inputs)], grads[i % len(grads)]
+        x.grad = None
+        holder = {}
+        t_fwd = timer(lambda: holder.__setitem__("y", forward(x)))
+        y = holder["y"]
+        g = g.to(y.dtype)  # nn.GroupNorm's output is float32 under autocast
+        t_bwd = timer(lambda: y.backward(g))
+        t_both = timer(lambda: forward(x).backward(g))
+        if i >= warmup:
+            times["fwd"].append(t_fwd)
+            times["bwd"].append(t_bwd)
+            times["fwd+bwd"].append(t_both)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Measured device copy bandwidth, bytes/s (read + write)."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 25)
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    timer = Timer(device)
+    for _ in range(3):
+        dst.copy_(src)
+    seconds = statistics.median(timer(lambda: dst.copy_(src)) for _ in range(10))
+    return 2 * n * 4 / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", default="float32,bfloat16,float16")
+    parser.add_argument("--formats", default="nchw,channels_last")
+    parser.add_argument("--quick", action="store_true", help="three shapes, few repetitions")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--input-sets", type=int, default=3, help="distinct inputs cycled through (defeats cache reuse)")
+    parser.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    is_gpu = device.type == "cuda"
+    shapes = GPU_SHAPES if is_gpu else CPU_SHAPES
+    if args.quick:
+        shapes = {k: v for k, v in shapes.items() if k in QUICK} or dict(list(shapes.items())[:3])
+    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
+    reps = args.reps if args.reps is not None else (3 if args.quick else (20 if is_gpu else 7))
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    if not is_gpu:
+        dtypes = [torch.float32]  # half precision on CPU is computed in float32: not a speed path
+    formats = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+    machine = torch.cuda.get_device_name(device) if is_gpu else f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+    bandwidth = copy_bandwidth(device)
+    timer = Timer(device)
+    rows = []
+    for shape_name, shape in shapes.items():
+        numel = 1
+        for s in shape:
+            numel *= s
+        for dtype in dtypes:
+            for fmt_name in args.formats.split(","):
+                fmt = formats[fmt_name]
+                gen = torch.Generator(device="cpu").manual_seed(0)
+                inputs = [torch.randn(shape, generator=gen).to(device=device, dtype=dtype, memory_format=fmt).requires_grad_()
+                          for _ in range(args.input_sets)]
+                grads = [torch.randn(shape, generator=gen).to(device=device, dtype=dtype, memory_format=fmt)
+                         for _ in range(args.input_sets)]
+                # Half-precision inputs run under autocast, as in mixed-precision training:
+                # nn.GroupNorm is upcast to float32 there, gn_det stays in the input's dtype.
+                autocast = dtype if dtype != torch.float32 else None
+                results = {}
+                for name, (module, _relu) in candidates(shape[1], device).items():
+                    try:
+                        results[name] = measure(module, inputs, grads, timer, warmup, reps, autocast)
+                    except Exception as exc:  # report, do not stop the table
+                        results[name] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+                es = torch.tensor([], dtype=dtype).element_size()
+                min_bytes = {"fwd": 2 * numel * es, "bwd": 3 * numel * es, "fwd+bwd": 5 * numel * es}
+                two_pass = {"fwd": 3 * numel * es, "bwd": 5 * numel * es, "fwd+bwd": 8 * numel * es}
+                base = results.get("nn.GroupNorm+ReLU", {})
+                for name, res in results.items():
+                    row = {"shape": shape_name, "dims": list(shape), "dtype": str(dtype).replace("torch.", ""),
+                           "format": fmt_name, "impl": name}
+                    if "error" in res:
+                        row["error"] = res["error"]
+                    else:
+                        for k, seconds in res.items():
+                            row[f"{k} ms"] = seconds * 1e3
+                            row[f"{k} GB/s"] = min_bytes[k] / seconds / 1e9
+                            row[f"{k} two-pass %copy"] = 100 * two_pass[k] / seconds / bandwidth
+                            if "error" not in base and k in base:
+                                row[f"{k} speedup vs nn.GroupNorm+ReLU"] = base[k] / seconds
+                    rows.append(row)
+                print(f"{shape_name:12s} {row['dtype']:8s} {fmt_name:13s} " + "  ".join(
+                    f"{n}: {r.get('fwd+bwd', float('nan')) * 1e3:.3f} ms" for n, r in results.items() if "error" not in r), flush=True)
+    write_results(args.out_dir, machine, bandwidth, rows, is_gpu, warmup, reps, args.input_sets)
+
+
+def write_results(out_dir: str, machine: str, bandwidth: float, rows: List[dict], is_gpu: bool,
+                  warmup: int, reps: int, input_sets: int) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "_" for c in machine).strip("_").lower()
+    stem = os.path.join(out_dir, f"norm_{slug}")
+    meta = {
+        "machine": machine, "torch": torch.__version__, "gn_det": gn_det.__version__,
+        "date": datetime.date.today().isoformat(), "copy_bandwidth_GBps": bandwidth / 1e9,
+        "timing": f"median of {reps} after {warmup} warm-up, {input_sets} input sets, "
+                  + ("CUDA events" if is_gpu else "perf_counter"),
+        "command": "python tools/benchmark_norm.py",
+    }
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    lines = [f"# GN layer benchmark: {machine}", "",
+             f"{meta['date']}, torch {meta['torch']}, {meta['timing']}; measured copy bandwidth "
+             f"{meta['copy_bandwidth_GBps']:.0f} GB/s. Command: `{meta['command']}`.", "",
+             "| shape | dtype | format | impl | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd GB/s | fwd+bwd two-pass % copy BW | speed-up vs nn.GroupNorm+ReLU |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['dtype']} | {r['format']} | {r['impl']} | {r['error']} | | | | | |")
+            continue
+        speedup = r.get("fwd+bwd speedup vs nn.GroupNorm+ReLU")
+        lines.append(
+            f"| {r['shape']} {tuple(r['dims'])} | {r['dtype']} | {r['format']} | {r['impl']} | {r['fwd ms']:.3f} | "
+            f"{r['bwd ms']:.3f} | {r['fwd+bwd ms']:.3f} | {r['fwd+bwd GB/s']:.0f} | {r['fwd+bwd two-pass %copy']:.0f} | "
+            f"{'' if speedup is None else f'{speedup:.2f}x'} |")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {stem}.md and {stem}.json")
+
+
+if __name__ == "__main__":
+    main()

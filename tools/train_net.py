@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""Train and evaluate GN Mask R-CNN with gn_det.
+
+    python tools/train_net.py --config configs/mask_rcnn_gn.yaml                # train on COCO 2017, evaluate
+    python tools/train_net.py --config configs/mask_rcnn_gn.yaml --eval-only MODEL.WEIGHTS out/model_final.pth
+    python tools/train_net.py --config configs/mask_rcnn_gn.yaml --resume       # continue an interrupted run
+    python tools/train_net.py --config configs/mask_rcnn_gn.yaml --num-gpus 8   # data-parallel (GN needs no cross-GPU stats)
+    python tools/train_net.py --config configs/demo/mask_rcnn_gn_shapes.yaml    # the embedded dataset, CPU-sized
+
+`--config-file` is accepted too, as in detectron2; trailing KEY VALUE pairs override the config.
+COCO is read from $DETECTRON2_DATASETS/coco (default ./datasets/coco).
+"""
+import os
+import sys
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+
+import gn_det
+from gn_det.data import check_datasets_exist, register_shapes_dataset
+from gn_det.engine import Trainer
+
+
+def setup(args):
+    if not os.path.isfile(args.config_file):
+        raise FileNotFoundError(f"config file not found: {args.config_file!r} (give --config PATH, e.g. configs/mask_rcnn_gn.yaml)")
+    cfg = gn_det.get_config(args.config_file, args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)  # logging, config.yaml in OUTPUT_DIR, seeds
+    return cfg
+
+
+def main(args):
+    register_shapes_dataset()
+    cfg = setup(args)
+    check_datasets_exist(list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN)))
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = Trainer.test(cfg, model)
+        verify_results(cfg, results)
+        return results
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def argument_parser():
+    parser = default_argument_parser(epilog=__doc__)
+    parser.add_argument("--config", dest="config_file", metavar="FILE", help="alias of --config-file")
+    return parser
+
+
+if __name__ == "__main__":
+    args = argument_parser().parse_args()
+    if not args.config_file:
+        sys.exit("tools/train_net.py: give a config: --config configs/mask_rcnn_gn.yaml")
+    register_shapes_dataset()  # generate the embedded dataset once, before worker processes start
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
