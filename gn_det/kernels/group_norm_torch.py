@@ -34,34 +34,30 @@ def torch_group_norm_forward(
     n, c = x.shape[:2]
     hxw = x.numel() // (n * c)
     dtype = _compute_dtype(x)
-    with torch.autocast(x.device.type, enabled=False):
-        y, mean, rstd = torch.native_group_norm(
-            _nchw(x), weight.to(dtype), bias.to(dtype), n, c, hxw, num_groups, eps
-        )
-        y = apply_activation(y, activation)
+    # (The native GroupNorm ops are on none of autocast's lists: no need to leave autocast.)
+    y, mean, rstd = torch.native_group_norm(_nchw(x), weight.to(dtype), bias.to(dtype), n, c, hxw, num_groups, eps)
+    y = apply_activation(y, activation)
     return y.to(dtype=x.dtype, memory_format=memory_format_of(x)), mean, rstd
 
 
 def torch_group_norm_backward(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-    mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, activation: int,
+    mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, activation: int, eps: float = 1e-5,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same contract as ``triton_group_norm_backward``."""
+    """Same contract as ``triton_group_norm_backward`` (plus eps, to recompute z)."""
     n, c = x.shape[:2]
     hxw = x.numel() // (n * c)
     dtype = _compute_dtype(x)
     xc = _nchw(x)
     w = weight.to(dtype)
     grad = _nchw(grad_y)
-    with torch.autocast(x.device.type, enabled=False):
-        if activation != ACT_NONE:
-            # Recompute the activation's input z from x and the statistics.
-            stat_shape = (n, num_groups, -1)
-            xhat = ((xc.view(stat_shape) - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)).view(n, c, -1)
-            z = xhat * w.view(1, c, 1) + bias.to(dtype).view(1, c, 1)
-            grad = activation_grad(z, grad.view(n, c, -1), activation).view_as(xc)
-        dx, dweight, dbias = torch.ops.aten.native_group_norm_backward(
-            grad, xc, mean, rstd, w, n, c, hxw, num_groups, [True, True, True]
-        )
+    if activation != ACT_NONE:
+        # Recompute the activation's input z with the forward's own kernel: one pass, and
+        # bit-identical to the forward, so ReLU's mask agrees with it.
+        z = torch.native_group_norm(xc, w, bias.to(dtype), n, c, hxw, num_groups, eps)[0]
+        grad = activation_grad(z, grad, activation)
+    dx, dweight, dbias = torch.ops.aten.native_group_norm_backward(
+        grad, xc, mean, rstd, w, n, c, hxw, num_groups, [True, True, True]
+    )
     return dx.to(dtype=x.dtype, memory_format=memory_format_of(x)), dweight.to(weight.dtype), dbias.to(weight.dtype)
 
