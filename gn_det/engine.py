@@ -6,7 +6,12 @@ events, ``--resume``) except that:
   fused into GN);
 - data-parallel training works on CPU too: DDP gets no ``device_ids`` for a CPU model
   (DefaultTrainer always passes them, which DDP refuses for CPU modules);
-- evaluation is COCOEvaluator (box and mask AP).
+- evaluation is COCOEvaluator (box and mask AP);
+- the training mapper drops annotations that have no mask when masks are trained
+  (``gn_det.data.mapper.MaskSafeDatasetMapper``) instead of crashing the mask loss;
+- checkpoints are written atomically and read safely (``gn_det.checkpoint.SafeCheckpointer``).
+- a diverged step (a NaN/Inf loss, or NaN/Inf boxes detectron2 catches earlier) stops the run
+  with a ``FloatingPointError`` that names the iteration and the last recorded losses.
 """
 from __future__ import annotations
 
@@ -15,14 +20,16 @@ import os
 import weakref
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine.defaults import create_ddp_model
+from detectron2.data import build_detection_train_loader
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from .checkpoint import SafeCheckpointer
+from .data.mapper import MaskSafeDatasetMapper
 from .modeling.builders import build_model
 
 __all__ = ["Trainer"]
@@ -45,17 +52,33 @@ class Trainer(DefaultTrainer):
         trainer_class = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_class(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = SafeCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def run_step(self) -> None:
+        try:
+            super().run_step()
+        except FloatingPointError as exc:
+            histories = self.storage.histories()
+            losses = {k: round(h.latest(), 5) for k, h in histories.items() if "loss" in k and len(h.values())}
+            raise FloatingPointError(
+                f"training diverged at iteration {self.iter}: {exc}\n"
+                f"last recorded losses: {losses or 'none recorded yet'}; lower SOLVER.BASE_LR, raise "
+                "SOLVER.WARMUP_ITERS, or check the inputs (MODEL.PIXEL_MEAN/PIXEL_STD, annotations)"
+            ) from exc
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
         model = build_model(cfg)
         logging.getLogger(__name__).info("Model:\n%s", model)
         return model
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        return build_detection_train_loader(cfg, mapper=MaskSafeDatasetMapper(cfg, is_train=True))
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str = None):

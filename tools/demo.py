@@ -19,12 +19,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_net  # noqa: E402  (tools/train_net.py)
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 import gn_det  # noqa: E402
+from gn_det.checkpoint import SafeCheckpointer  # noqa: E402
 from gn_det.data import SHAPES_VAL, register_shapes_dataset  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +34,7 @@ CONFIG = os.path.join(ROOT, "configs", "demo", "mask_rcnn_gn_shapes.yaml")
 def draw_predictions(cfg, weights: str, out_dir: str, num_images: int) -> list:
     """Run the trained model on the first validation images; write the drawings as PNG."""
     model = gn_det.build_model(cfg).eval()
-    DetectionCheckpointer(model).load(weights)
+    SafeCheckpointer(model).load(weights)
     resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
     metadata = MetadataCatalog.get(SHAPES_VAL)
     os.makedirs(out_dir, exist_ok=True)

@@ -10,22 +10,21 @@
 `--config-file` is accepted too, as in detectron2; trailing KEY VALUE pairs override the config.
 COCO is read from $DETECTRON2_DATASETS/coco (default ./datasets/coco).
 """
-import os
 import sys
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 
 import gn_det
+from gn_det.checkpoint import SafeCheckpointer
+from gn_det.config import validate_gn_config
 from gn_det.data import check_datasets_exist, register_shapes_dataset
 from gn_det.engine import Trainer
 
 
 def setup(args):
-    if not os.path.isfile(args.config_file):
-        raise FileNotFoundError(f"config file not found: {args.config_file!r} (give --config PATH, e.g. configs/mask_rcnn_gn.yaml)")
-    cfg = gn_det.get_config(args.config_file, args.opts)
+    cfg = gn_det.get_config(args.config_file, args.opts, allow_unsafe=args.allow_unsafe_yaml)
+    validate_gn_config(cfg)  # before anything is built or loaded
     cfg.freeze()
     default_setup(cfg, args)  # logging, config.yaml in OUTPUT_DIR, seeds
     return cfg
@@ -37,7 +36,7 @@ def main(args):
     check_datasets_exist(list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN)))
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         verify_results(cfg, results)
         return results
@@ -49,6 +48,8 @@ def main(args):
 def argument_parser():
     parser = default_argument_parser(epilog=__doc__)
     parser.add_argument("--config", dest="config_file", metavar="FILE", help="alias of --config-file")
+    parser.add_argument("--allow-unsafe-yaml", action="store_true",
+                        help="read configs with YAML tags that construct Python objects (only for files you trust)")
     return parser
 
 

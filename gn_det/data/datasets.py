@@ -1,6 +1,7 @@
 """Dataset registration: the embedded shapes dataset, and a clear word when COCO is missing."""
 from __future__ import annotations
 
+import json
 import os
 from typing import Iterable
 
@@ -48,6 +49,8 @@ def check_datasets_exist(names: Iterable[str]) -> None:
         image_root = getattr(meta, "image_root", None)
         missing = [p for p in (json_file, image_root) if p and not os.path.exists(p)]
         if not missing:
+            if json_file:
+                _check_coco_json(name, json_file, image_root)
             continue
         hint = ""
         if name.startswith("coco_"):
@@ -62,4 +65,26 @@ def check_datasets_exist(names: Iterable[str]) -> None:
             "--config configs/demo/mask_rcnn_gn_shapes.yaml, or add "
             f"DATASETS.TRAIN '(\"{SHAPES_TRAIN}\",)' DATASETS.TEST '(\"{SHAPES_VAL}\",)' "
             "MODEL.ROI_HEADS.NUM_CLASSES 3 to your command."
+        )
+
+
+def _check_coco_json(name: str, json_file: str, image_root: str) -> None:
+    """The annotation file parses, has COCO's sections, and every image it lists exists."""
+    try:
+        with open(json_file) as f:
+            coco = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"dataset '{name}': annotation file {json_file} is not valid JSON ({exc}); "
+                         "is it truncated or corrupt?") from None
+    if not isinstance(coco, dict):
+        raise ValueError(f"dataset '{name}': {json_file} holds a {type(coco).__name__}, not a COCO dict")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco.get(key), list):
+            raise ValueError(f"dataset '{name}': {json_file} has no '{key}' list, which COCO format requires")
+    missing = [img.get("file_name", "?") for img in coco["images"]
+               if not os.path.exists(os.path.join(image_root or "", img.get("file_name", "")))]
+    if missing:
+        raise FileNotFoundError(
+            f"dataset '{name}': {len(missing)} of {len(coco['images'])} images listed in {json_file} are missing "
+            f"under {image_root}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
         )

@@ -25,7 +25,7 @@ from detectron2.modeling.roi_heads.box_head import FastRCNNConvFCHead
 from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead
 from torch import nn
 
-from ..config import gn_settings_from_cfg
+from ..config import gn_settings_from_cfg, validate_gn_config
 from .fuse import fuse_norm_activation
 from .norm import GNSettings, gn_settings, install
 
@@ -34,7 +34,8 @@ __all__ = ["build_model", "building_from"]
 
 @contextlib.contextmanager
 def building_from(cfg: CfgNode) -> Iterator[GNSettings]:
-    """Scope in which detectron2 modules build with ``cfg``'s GN settings."""
+    """Scope in which detectron2 modules build with ``cfg``'s GN settings (checked first)."""
+    validate_gn_config(cfg)
     install()  # re-bind get_norm in detectron2 modules loaded since the last call
     with gn_settings(gn_settings_from_cfg(cfg)) as settings:
         yield settings

@@ -1,0 +1,253 @@
+"""Reliability and safety: bad configs fail early with the key, value and fix; untrusted files
+run no code; checkpoints survive crashes and SIGKILL; bad data is named; NaN losses stop the
+run; a 2048x2048 image trains and infers on CPU."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.utils.events import EventStorage
+
+import gn_det
+from gn_det.checkpoint import SafeCheckpointer, safe_load_pickle
+from gn_det.config import validate_gn_config
+from gn_det.data import check_datasets_exist, synthetic_batch
+from gn_det.engine import Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN = os.path.join(ROOT, "configs", "mask_rcnn_gn.yaml")
+DEMO = os.path.join(ROOT, "configs", "demo", "mask_rcnn_gn_shapes.yaml")
+TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
+QUICK = ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS", "()", "INPUT.MIN_SIZE_TRAIN", "(128,)",
+         "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()"]
+
+
+# ----------------------------------------------------------------------------- bad configuration
+
+
+@pytest.mark.parametrize("opts,message", [
+    (["MODEL.GN.NUM_GROUPS", 24], r"MODEL.GN.NUM_GROUPS=24 does not divide the 64 channels of the ResNet stem"),
+    (["MODEL.GN.NUM_GROUPS", 16, "MODEL.GN.CHANNELS_PER_GROUP", 8], r"NUM_GROUPS=16 and MODEL.GN.CHANNELS_PER_GROUP=8 disagree"),
+    (["MODEL.GN.CHANNELS_PER_GROUP", 48], r"CHANNELS_PER_GROUP=48 does not divide the 64 channels"),
+    (["MODEL.FPN.NORM", "FastGNN"], r"MODEL.FPN.NORM='FastGNN' is not a registered norm; registered: FastGN, BN"),
+    (["MODEL.GN.EPS", 0.0], r"MODEL.GN.EPS=0.0: eps must be > 0"),
+    (["MODEL.GN.EPS", -1e-5], r"MODEL.GN.EPS=-1e-05: eps must be > 0"),
+    (["MODEL.ROI_BOX_HEAD.CONV_DIM", 100], r"does not divide the 100 channels of the box head convs \(MODEL.ROI_BOX_HEAD.CONV_DIM\)"),
+])
+def test_bad_config_is_caught_before_building(opts, message):
+    cfg = gn_det.get_config(MAIN, opts)
+    with pytest.raises(ValueError, match=message):
+        validate_gn_config(cfg)
+    with pytest.raises(ValueError, match=message):
+        gn_det.build_model(cfg)  # building checks too
+
+
+def test_consistent_channels_per_group_is_accepted():
+    validate_gn_config(gn_det.get_config(MAIN, ["MODEL.GN.NUM_GROUPS", 0, "MODEL.GN.CHANNELS_PER_GROUP", 16]))
+    validate_gn_config(gn_det.get_config(MAIN, ["MODEL.GN.CHANNELS_PER_GROUP", 16]))  # NUM_GROUPS left at its default
+
+
+def test_missing_config_file():
+    with pytest.raises(FileNotFoundError, match="config file not found: 'configs/nope.yaml'"):
+        gn_det.get_config("configs/nope.yaml")
+
+
+def test_train_net_reports_bad_config_before_training(tmp_path):
+    proc = subprocess.run([sys.executable, TRAIN_NET, "--config", DEMO, "MODEL.GN.NUM_GROUPS", "12", "OUTPUT_DIR", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "MODEL.GN.NUM_GROUPS=12 does not divide the 32 channels of the ResNet stem" in proc.stderr
+    assert not os.path.exists(tmp_path / "metrics.json")
+
+
+# ----------------------------------------------------------------------------- untrusted files
+
+
+class RunsCode:
+    """Unpickling this runs `touch <marker>`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_yaml_with_python_tags_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f'MODEL:\n  WEIGHTS: !!python/object/apply:os.system ["touch {marker}"]\n')
+    with pytest.raises(ValueError, match="YAML tag that would construct Python objects.*safe loader.*--allow-unsafe-yaml"):
+        gn_det.get_config(str(config))
+    assert not marker.exists()
+    harmless = tmp_path / "tuple.yaml"  # a python tag, opted in explicitly
+    harmless.write_text("SOLVER:\n  STEPS: !!python/tuple [10, 20]\n")
+    with pytest.raises(ValueError):
+        gn_det.get_config(str(harmless))
+    assert gn_det.get_config(str(harmless), allow_unsafe=True).SOLVER.STEPS == (10, 20)
+
+
+def test_pkl_weights_that_run_code_are_refused(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "R-50-GN.pkl"
+    path.write_bytes(pickle.dumps({"conv1_w": np.zeros(3, np.float32), "evil": RunsCode(marker)}))
+    model = gn_det.build_model(gn_det.get_config(DEMO))
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load '(posix|os)\.system'"):
+        SafeCheckpointer(model).load(str(path))
+    assert not marker.exists()
+    good = tmp_path / "good.pkl"
+    good.write_bytes(pickle.dumps({"blobs": {"conv1_w": np.ones((2, 2), np.float32), "conv1_momentum": np.zeros(2)}}))
+    assert list(safe_load_pickle(str(good))["blobs"]) == ["conv1_w", "conv1_momentum"]
+
+
+def test_pth_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": {}, "evil": RunsCode(marker)}, str(path))
+    model = gn_det.build_model(gn_det.get_config(DEMO))
+    with pytest.raises(pickle.UnpicklingError, match="weights_only=True"):
+        SafeCheckpointer(model).load(str(path))
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    checkpointer = SafeCheckpointer(model, save_dir=str(tmp_path))
+    checkpointer.save("model_0000009", iteration=9)
+    good = (tmp_path / "model_0000009.pth").read_bytes()
+
+    def crash(data, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        checkpointer.save("model_0000019", iteration=19)
+    monkeypatch.undo()
+    assert not (tmp_path / "model_0000019.pth").exists()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
+    assert (tmp_path / "model_0000009.pth").read_bytes() == good
+    resumed = SafeCheckpointer(model, save_dir=str(tmp_path)).resume_or_load("", resume=True)
+    assert resumed["iteration"] == 9
+
+
+def test_sigkill_then_resume(tmp_path):
+    out = str(tmp_path)
+    args = [sys.executable, TRAIN_NET, "--config", DEMO]
+    opts = [*QUICK, "SOLVER.CHECKPOINT_PERIOD", "2", "OUTPUT_DIR", out]
+    proc = subprocess.Popen(args + opts + ["SOLVER.MAX_ITER", "400"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while not os.path.exists(os.path.join(out, "model_0000005.pth")):
+            assert proc.poll() is None and time.time() < deadline, "training ended or stalled before the kill"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    last = open(os.path.join(out, "last_checkpoint")).read().strip()
+    checkpoint_iter = int(last[len("model_"):-len(".pth")])
+    assert checkpoint_iter >= 5
+    resumed = subprocess.run(args + ["--resume"] + opts + ["SOLVER.MAX_ITER", str(checkpoint_iter + 4)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"Starting training from iteration {checkpoint_iter + 1}" in resumed.stdout + resumed.stderr
+    assert os.path.exists(os.path.join(out, "model_final.pth"))
+
+
+def test_divergence_stops_with_iteration_and_losses(tmp_path):
+    proc = subprocess.run([sys.executable, TRAIN_NET, "--config", DEMO, *QUICK, "SOLVER.MAX_ITER", "5",
+                           "MODEL.PIXEL_STD", "[0.0, 0.0, 0.0]", "OUTPUT_DIR", str(tmp_path)],  # x / 0: inf inputs
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "training diverged at iteration 0" in proc.stderr and "last recorded losses" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- bad data
+
+
+def write_coco(root, images, annotations):
+    os.makedirs(root / "images", exist_ok=True)
+    for img in images:
+        cv2.imwrite(str(root / "images" / img["file_name"]), np.full((img["height"], img["width"], 3), 90, np.uint8))
+    coco = {"images": images, "annotations": annotations,
+            "categories": [{"id": 1, "name": "circle"}, {"id": 2, "name": "rectangle"}, {"id": 3, "name": "triangle"}]}
+    (root / "ann.json").write_text(json.dumps(coco))
+    return str(root / "ann.json"), str(root / "images")
+
+
+def register(name, json_file, image_root):
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    register_coco_instances(name, {}, json_file, image_root)
+
+
+def test_missing_image_and_corrupt_json_are_named(tmp_path):
+    images = [{"id": i, "file_name": f"{i}.jpg", "height": 64, "width": 64} for i in (1, 2, 3)]
+    json_file, image_root = write_coco(tmp_path, images, [])
+    register("rel_missing", json_file, image_root)
+    check_datasets_exist(["rel_missing"])
+    os.remove(os.path.join(image_root, "2.jpg"))
+    with pytest.raises(FileNotFoundError, match=r"1 of 3 images listed in .*ann.json are missing under .*: 2.jpg"):
+        check_datasets_exist(["rel_missing"])
+    with open(json_file, "r+") as f:  # truncate the JSON
+        f.truncate(len(f.read()) // 2)
+    with pytest.raises(ValueError, match=r"annotation file .*ann.json is not valid JSON .*truncated"):
+        check_datasets_exist(["rel_missing"])
+    with open(json_file, "w") as f:
+        json.dump({"images": []}, f)
+    with pytest.raises(ValueError, match="has no 'annotations' list"):
+        check_datasets_exist(["rel_missing"])
+
+
+def test_empty_images_degenerate_boxes_and_empty_polygons_train(tmp_path):
+    images = [{"id": i, "file_name": f"{i}.jpg", "height": 96, "width": 128} for i in range(1, 5)]
+    square = [[10.0, 10.0, 50.0, 10.0, 50.0, 50.0, 10.0, 50.0]]
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "area": 1600, "iscrowd": 0, "segmentation": square},
+        {"id": 2, "image_id": 1, "category_id": 2, "bbox": [60, 20, 0, 30], "area": 0, "iscrowd": 0,  # zero width
+         "segmentation": [[60.0, 20.0, 60.0, 50.0, 60.0, 35.0]]},
+        {"id": 3, "image_id": 2, "category_id": 3, "bbox": [5, 5, 30, 30], "area": 900, "iscrowd": 0, "segmentation": []},
+        {"id": 4, "image_id": 2, "category_id": 1, "bbox": [40, 40, 30, 20], "area": 600, "iscrowd": 0,
+         "segmentation": [[40.0, 40.0, 70.0]]},  # a polygon of 1.5 points
+        {"id": 5, "image_id": 4, "category_id": 2, "bbox": [20, 20, 50, 40], "area": 2000, "iscrowd": 0,
+         "segmentation": [[20.0, 20.0, 70.0, 20.0, 70.0, 60.0, 20.0, 60.0]]},
+    ]  # image 3 has no annotations
+    json_file, image_root = write_coco(tmp_path, images, annotations)
+    register("rel_bad_data", json_file, image_root)
+    check_datasets_exist(["rel_bad_data"])
+    cfg = gn_det.get_config(DEMO, QUICK + ["DATASETS.TRAIN", "('rel_bad_data',)", "SOLVER.MAX_ITER", "3",
+                                           "OUTPUT_DIR", str(tmp_path / "out")])
+    trainer = Trainer(cfg)
+    trainer.train()
+    assert trainer.iter == 3  # all iterations ran (detectron2 leaves iter at max_iter)
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def test_2048_image_trains_and_infers_on_cpu():
+    model = gn_det.build_model(gn_det.get_config(DEMO))
+    batch = synthetic_batch(1, 2048, 2048, num_classes=3)
+    model.train()
+    with EventStorage(0):
+        losses = model(batch)
+    total = sum(losses.values())
+    total.backward()
+    assert torch.isfinite(total)
+    model.eval()
+    with torch.no_grad():
+        out = model([{"image": batch[0]["image"], "height": 2048, "width": 2048}])[0]["instances"]
+    assert out.image_size == (2048, 2048)
