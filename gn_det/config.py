@@ -32,10 +32,13 @@ def add_gn_config(cfg: CN) -> CN:
     - ``EPS`` (1e-5): added to the variance.
     - ``FUSE_ACTIVATION`` (True): a ReLU that follows a GN runs inside the GN kernels.
     - ``REPLACE_GN`` (False): detectron2's own "GN" norm name builds gn_det's GN too.
+    And ``MODEL.CHANNELS_LAST`` (False): ``gn_det.build_model`` puts the whole model in
+    channels_last (NHWC), so convolutions and GN run NHWC (fastest with mixed precision on GPU).
     Returns cfg. Adding twice is harmless.
     """
     if "GN" in cfg.MODEL:
         return cfg
+    cfg.MODEL.CHANNELS_LAST = False
     defaults = GNSettings()
     cfg.MODEL.GN = CN()
     cfg.MODEL.GN.NUM_GROUPS = defaults.num_groups

@@ -23,6 +23,7 @@ from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from detectron2.modeling.roi_heads.box_head import FastRCNNConvFCHead
 from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead
+import torch
 from torch import nn
 
 from ..config import gn_settings_from_cfg, validate_gn_config
@@ -50,8 +51,13 @@ def _build(cfg: CfgNode, builder, *args) -> nn.Module:
 
 
 def build_model(cfg: CfgNode) -> nn.Module:
-    """detectron2's ``build_model`` under ``cfg``'s GN settings, with ReLUs fused into GN."""
-    return _build(cfg, _detectron2_build_model, cfg)
+    """detectron2's ``build_model`` under ``cfg``'s GN settings, with ReLUs fused into GN, and
+    in channels_last memory format when ``MODEL.CHANNELS_LAST``: with NHWC conv weights the
+    convolutions produce NHWC activations, which gn_det's GN keeps."""
+    model = _build(cfg, _detectron2_build_model, cfg)
+    if cfg.MODEL.get("CHANNELS_LAST", False):
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
 @BACKBONE_REGISTRY.register()

@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""End-to-end speed of Mask R-CNN R50-FPN training with each norm (a benchmark, not a test).
+
+Builds each model from its config, feeds it one fixed synthetic batch (boxes and polygon
+masks), and measures, side by side in one run: the median training step (forward, backward,
+optimizer step; after warm-up; CUDA-synchronised on GPU), the median inference time per
+image, and the peak memory (GPU), in float32 and in mixed precision (bf16 autocast on GPU).
+The models compared:
+  frozen-BN      detectron2's stock mask_rcnn_R_50_FPN_3x with the same 4conv1fc box head (no norm in the heads)
+  d2 GN          detectron2's built-in GN config (Misc/mask_rcnn_R_50_FPN_3x_gn: nn.GroupNorm + separate ReLU)
+  gn_det GN      configs/mask_rcnn_gn.yaml (gn_det's fused GN)
+  gn_det GN NHWC configs/mask_rcnn_gn.yaml with MODEL.CHANNELS_LAST
+Writes a markdown table and JSON under benchmarks/results/ (file named after the machine).
+
+    python tools/benchmark_train.py                          # GPU: 2 images of 1333x800
+    python tools/benchmark_train.py --device cpu --quick     # CPU: small images, few iterations
+    python tools/benchmark_train.py --profile                # also: torch.profiler top ops of the gn_det step
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from detectron2 import model_zoo  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+
+import gn_det  # noqa: E402
+from gn_det.data import synthetic_batch  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = {
+    "frozen-BN": (model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"),
+                  ["MODEL.ROI_BOX_HEAD.NUM_CONV", 4, "MODEL.ROI_BOX_HEAD.NUM_FC", 1]),
+    "d2 GN": (model_zoo.get_config_file("Misc/mask_rcnn_R_50_FPN_3x_gn.yaml"), []),
+    "gn_det GN": (os.path.join(ROOT, "configs", "mask_rcnn_gn.yaml"), []),
+    "gn_det GN NHWC": (os.path.join(ROOT, "configs", "mask_rcnn_gn.yaml"), ["MODEL.CHANNELS_LAST", True]),
+}
+
+
+def build(name: str, device: str):
+    config, opts = MODELS[name]
+    cfg = gn_det.get_config(config, list(opts) + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device])
+    torch.manual_seed(0)
+    model = gn_det.build_model(cfg)
+    return cfg, model
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(name: str, device: str, batch, precision: str, warmup: int, iters: int, infer_iters: int) -> Dict:
+    cfg, model = build(name, device)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
+
+    def step():
+        with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            losses = model(batch)
+        total = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    model.train()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    with EventStorage(0):
+        for i in range(warmup + iters):
+            sync(device)
+            start = time.perf_counter()
+            step()
+            sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    model.eval()
+    image = {"image": batch[0]["image"], "height": batch[0]["height"], "width": batch[0]["width"]}
+    infer = []
+    with torch.no_grad():
+        for i in range(2 + infer_iters):
+            sync(device)
+            start = time.perf_counter()
+            with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                model([image])
+            sync(device)
+            if i >= 2:
+                infer.append(time.perf_counter() - start)
+    del model, optimizer
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"model": name, "precision": precision, "step_s": statistics.median(times),
+            "infer_s": statistics.median(infer), "peak_gib": peak}
+
+
+def profile_step(device: str, batch, precision: str) -> str:
+    """torch.profiler table of the gn_det model's training step (top ops by self time)."""
+    _, model = build("gn_det GN", device)
+    model.train()
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+    with EventStorage(0):
+        for _ in range(2):
+            with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                sum(model(batch).values()).backward()
+        with torch.profiler.profile(activities=activities) as prof:
+            with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                sum(model(batch).values()).backward()
+            sync(device)
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=25)
+
+
+def _args_without_out_dir(argv: List[str]) -> List[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--out-dir":
+            skip = True
+        elif not arg.startswith("--out-dir="):
+            kept.append(arg)
+    return kept
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--images", type=int, default=2)
+    parser.add_argument("--height", type=int, default=0, help="default: 800 on GPU, 256 on CPU")
+    parser.add_argument("--width", type=int, default=0, help="default: 1333 on GPU, 320 on CPU")
+    parser.add_argument("--boxes", type=int, default=16, help="ground-truth boxes (and masks) per image")
+    parser.add_argument("--precisions", default="", help="default: fp32,bf16 on GPU; fp32 on CPU")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--warmup", type=int, default=0)
+    parser.add_argument("--iters", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="few iterations (tests)")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = parser.parse_args()
+    gpu = args.device == "cuda"
+    height = args.height or (800 if gpu else 256)
+    width = args.width or (1333 if gpu else 320)
+    precisions = (args.precisions or ("fp32,bf16" if gpu else "fp32")).split(",")
+    warmup = args.warmup or (1 if args.quick else (10 if gpu else 2))
+    iters = args.iters or (2 if args.quick else (30 if gpu else 5))
+    batch = synthetic_batch(args.images, height, width, boxes_per_image=args.boxes, num_classes=80)
+    if gpu:
+        for item in batch:
+            item["image"] = item["image"].cuda()
+    rows: List[Dict] = []
+    for precision in precisions:
+        for name in args.models.split(","):
+            row = measure(name, args.device, batch, precision, warmup, iters, iters)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    machine = torch.cuda.get_device_name() if gpu else f"CPU {platform.machine()} x{os.cpu_count()}"
+    meta = {"machine": machine, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "batch": f"{args.images} images of {width}x{height}, {args.boxes} boxes+masks each",
+            "timing": f"median of {iters} steps after {warmup} warm-up",
+            "command": " ".join(["python tools/benchmark_train.py"] + _args_without_out_dir(sys.argv[1:]))}
+    lines = [f"# Training-step benchmark: {machine}", "",
+             f"{meta['date']}, torch {meta['torch']}; {meta['batch']}; {meta['timing']}. Command: `{meta['command'].strip()}`.", "",
+             "| precision | model | step (s) | step / frozen-BN | inference per image (s) | inference / frozen-BN | peak memory (GiB) |",
+             "|---|---|---|---|---|---|---|"]
+    for precision in precisions:
+        base = next((r for r in rows if r["precision"] == precision and r["model"] == "frozen-BN"), None)
+        for r in (r for r in rows if r["precision"] == precision):
+            step_ratio = f"{r['step_s'] / base['step_s']:.3f}" if base else ""
+            infer_ratio = f"{r['infer_s'] / base['infer_s']:.3f}" if base else ""
+            peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a (CPU)"
+            lines.append(f"| {precision} | {r['model']} | {r['step_s']:.3f} | {step_ratio} | {r['infer_s']:.3f} | {infer_ratio} | {peak} |")
+    if args.profile:
+        table = profile_step(args.device, batch, precisions[-1])
+        lines += ["", f"## Top ops of the gn_det GN training step ({precisions[-1]})", "", "```", table, "```"]
+    os.makedirs(args.out_dir, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "_" for c in machine).strip("_").lower()
+    stem = os.path.join(args.out_dir, f"train_{slug}" + ("_quick" if args.quick else ""))
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
