@@ -15,7 +15,9 @@ events, ``--resume``) except that:
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import weakref
 
@@ -32,7 +34,7 @@ from .checkpoint import SafeCheckpointer
 from .data.mapper import MaskSafeDatasetMapper
 from .modeling.builders import build_model
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "final_ap"]
 
 
 class Trainer(DefaultTrainer):
@@ -84,3 +86,15 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str = None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+
+def final_ap(output_dir: str) -> dict:
+    """The last evaluation's box and mask AP recorded in ``<output_dir>/metrics.json``
+    ({"box_AP": .., "mask_AP": ..}; NaN where the run recorded none)."""
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        entries = [json.loads(line) for line in f if line.strip()]
+    found = {}
+    for name, key in (("box_AP", "bbox/AP"), ("mask_AP", "segm/AP")):
+        values = [e[key] for e in entries if key in e]
+        found[name] = values[-1] if values else math.nan
+    return found

@@ -22,6 +22,17 @@ GRAD_TOLERANCE = {torch.float32: 5e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2
 
 ACT_FNS = {None: lambda t: t, "relu": F.relu, "silu": F.silu}
 
+# (shape, groups, memory format): every rank, both memory formats, odd sizes, batch 1.
+LAYER_CASES = [
+    ((2, 6), 3, torch.contiguous_format),                    # (N, C)
+    ((3, 8, 17), 4, torch.contiguous_format),                # sequences (N, C, L)
+    ((2, 12, 7, 9), 4, torch.contiguous_format),             # images
+    ((2, 12, 7, 9), 4, torch.channels_last),
+    ((1, 64, 13, 11), 32, torch.channels_last),              # batch 1, detectron2's 32 groups
+    ((2, 6, 3, 5, 4), 3, torch.contiguous_format),           # volumes
+    ((2, 6, 3, 5, 4), 3, torch.channels_last_3d),
+]
+
 
 def make_input(shape: Sequence[int], dtype=torch.float32, memory_format=torch.contiguous_format,
                device="cpu", mean: float = 0.0, std: float = 1.0, seed: int = 0) -> torch.Tensor:

@@ -12,8 +12,8 @@ from torch import nn
 
 import gn_det
 from gn_det.layers.group_norm import resolve_num_groups
-from gn_cases import (ACT_FNS, TOLERANCE, assert_close, check_forward_backward, make_affine,
-                               make_input, reference)
+from gn_cases import (ACT_FNS, LAYER_CASES, TOLERANCE, assert_close, check_forward_backward, make_affine,
+                      make_input, reference)
 
 CL = torch.channels_last
 CL3D = torch.channels_last_3d
@@ -21,18 +21,7 @@ CF = torch.contiguous_format
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "silu"])
-@pytest.mark.parametrize(
-    "shape,groups,memory_format",
-    [
-        ((2, 6), 3, CF),                # (N, C)
-        ((3, 8, 17), 4, CF),            # sequences (N, C, L)
-        ((2, 12, 7, 9), 4, CF),         # images
-        ((2, 12, 7, 9), 4, CL),
-        ((1, 64, 13, 11), 32, CL),      # batch 1, detectron2's 32 groups
-        ((2, 6, 3, 5, 4), 3, CF),       # volumes
-        ((2, 6, 3, 5, 4), 3, CL3D),
-    ],
-)
+@pytest.mark.parametrize("shape,groups,memory_format", LAYER_CASES)
 def test_matches_reference(shape, groups, memory_format, activation):
     check_forward_backward(shape, groups, memory_format=memory_format, activation=activation)
 

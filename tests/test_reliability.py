@@ -251,3 +251,25 @@ def test_2048_image_trains_and_infers_on_cpu():
     with torch.no_grad():
         out = model([{"image": batch[0]["image"], "height": 2048, "width": 2048}])[0]["instances"]
     assert out.image_size == (2048, 2048)
+
+
+def run_memory_check(tmp_path, iters, warmup):
+    path = tmp_path / "memory.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "memory_check.py"), "--iters", str(iters),
+                           "--every", "5", "--warmup", str(warmup), "--output", str(tmp_path / "out"), "--json", str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(path.read_text())
+
+
+def test_memory_check_tool(tmp_path):
+    result = run_memory_check(tmp_path, iters=15, warmup=5)
+    assert [s["iteration"] for s in result["samples"]] == [5, 10, 15]
+    assert result["rss_at_end_mib"] > 100
+
+
+@pytest.mark.slow
+def test_no_memory_growth_over_300_iterations(tmp_path):
+    result = run_memory_check(tmp_path, iters=300, warmup=50)
+    # Allocator noise stays within tens of MiB; a per-iteration leak of even 1 MiB would add 250.
+    assert result["growth_after_warmup_mib"] < 64, result

@@ -9,7 +9,6 @@ under <output>/visualizations/.
     python tools/demo.py KEY VALUE ...       # config overrides
 """
 import argparse
-import json
 import os
 import sys
 
@@ -26,6 +25,7 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 import gn_det  # noqa: E402
 from gn_det.checkpoint import SafeCheckpointer  # noqa: E402
 from gn_det.data import SHAPES_VAL, register_shapes_dataset  # noqa: E402
+from gn_det.engine import final_ap  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "demo", "mask_rcnn_gn_shapes.yaml")
@@ -53,17 +53,6 @@ def draw_predictions(cfg, weights: str, out_dir: str, num_images: int) -> list:
     return written
 
 
-def final_ap(output_dir: str) -> dict:
-    """The last evaluation's box and mask AP, from metrics.json."""
-    with open(os.path.join(output_dir, "metrics.json")) as f:
-        entries = [json.loads(line) for line in f if line.strip()]
-    found = {}
-    for label, key in (("box AP", "bbox/AP"), ("mask AP", "segm/AP")):
-        values = [e[key] for e in entries if key in e]
-        found[label] = values[-1] if values else float("nan")
-    return found
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=os.path.join(ROOT, "output", "demo"))
@@ -79,7 +68,8 @@ def main() -> None:
     train_net.main(train_args)
     cfg = gn_det.get_config(CONFIG, opts)
     drawings = draw_predictions(cfg, os.path.join(args.output, "model_final.pth"), os.path.join(args.output, "visualizations"), args.num_vis)
-    summary = ", ".join(f"{k} = {v:.1f}" for k, v in final_ap(args.output).items())
+    ap = final_ap(args.output)
+    summary = f"box AP = {ap['box_AP']:.1f}, mask AP = {ap['mask_AP']:.1f}"
     print(f"\ngn_det demo: {summary}\npredictions drawn: {', '.join(os.path.relpath(p) for p in drawings)}")
 
 

@@ -21,6 +21,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from gn_det.engine import final_ap  # noqa: E402
+
 CONFIG = os.path.join(ROOT, "configs", "demo", "mask_rcnn_gn_shapes.yaml")
 NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM")
 # (label, norm name, images per batch)
@@ -53,11 +56,7 @@ def run(label: str, norm: str, ims: int, out_dir: str, scale_iters: float, extra
     if proc.returncode != 0:
         row["error"] = proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else f"exit {proc.returncode}"
         return row
-    with open(os.path.join(out_dir, "metrics.json")) as f:
-        entries = [json.loads(line) for line in f if line.strip()]
-    for key, name in (("bbox/AP", "box_AP"), ("segm/AP", "mask_AP")):
-        values = [e[key] for e in entries if key in e]
-        row[name] = values[-1] if values else float("nan")
+    row.update(final_ap(out_dir))
     return row
 
 

@@ -123,6 +123,17 @@ def _split_counts(k_offs, S, chunk_s):
 
 
 @triton.jit
+def _partials_tile(k0, c0, row0, g, C, S, cpg, chunk_s, n_splits, BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr):
+    """Offsets, mask and split counts of a (BLOCK_K splits, BLOCK_CG channels) tile of one
+    group's (n, split, channel) partials."""
+    k_offs = k0 + tl.arange(0, BLOCK_K)
+    cg_offs = c0 + tl.arange(0, BLOCK_CG)
+    mask = (k_offs < n_splits)[:, None] & (cg_offs < cpg)[None, :]
+    offs = (row0 + k_offs)[:, None] * C + (g * cpg + cg_offs)[None, :]
+    return offs, mask, _split_counts(k_offs, S, chunk_s)
+
+
+@triton.jit
 def _stats_finalize_kernel(
     PART_MEAN, PART_M2, MEAN, RSTD,
     C, S, G, cpg, chunk_s, n_splits, eps,
@@ -136,23 +147,15 @@ def _stats_finalize_kernel(
     # Pass 1: the group's mean, from the partial means weighted by their counts.
     acc = tl.zeros([BLOCK_K, BLOCK_CG], dtype=tl.float32)
     for k0 in range(0, n_splits, BLOCK_K):
-        k_offs = k0 + tl.arange(0, BLOCK_K)
-        counts = _split_counts(k_offs, S, chunk_s)
         for c0 in range(0, cpg, BLOCK_CG):
-            cg_offs = c0 + tl.arange(0, BLOCK_CG)
-            mask = (k_offs < n_splits)[:, None] & (cg_offs < cpg)[None, :]
-            offs = (row0 + k_offs)[:, None] * C + (g * cpg + cg_offs)[None, :]
+            offs, mask, counts = _partials_tile(k0, c0, row0, g, C, S, cpg, chunk_s, n_splits, BLOCK_K, BLOCK_CG)
             acc += tl.load(PART_MEAN + offs, mask=mask, other=0.0) * counts[:, None]
     mean = tl.sum(tl.sum(acc, axis=1), axis=0) / total
     # Pass 2: M2 = sum of partial M2 + count * (partial mean - mean)^2 (exact merge).
     acc = tl.zeros([BLOCK_K, BLOCK_CG], dtype=tl.float32)
     for k0 in range(0, n_splits, BLOCK_K):
-        k_offs = k0 + tl.arange(0, BLOCK_K)
-        counts = _split_counts(k_offs, S, chunk_s)
         for c0 in range(0, cpg, BLOCK_CG):
-            cg_offs = c0 + tl.arange(0, BLOCK_CG)
-            mask = (k_offs < n_splits)[:, None] & (cg_offs < cpg)[None, :]
-            offs = (row0 + k_offs)[:, None] * C + (g * cpg + cg_offs)[None, :]
+            offs, mask, counts = _partials_tile(k0, c0, row0, g, C, S, cpg, chunk_s, n_splits, BLOCK_K, BLOCK_CG)
             part_mean = tl.load(PART_MEAN + offs, mask=mask, other=0.0)
             part_m2 = tl.load(PART_M2 + offs, mask=mask, other=0.0)
             delta = part_mean - mean
@@ -270,10 +273,10 @@ def _backward_apply_kernel(
     grp = pid_n * G + c_offs // cpg
     mean = tl.load(MEAN + grp, mask=c_mask, other=0.0)
     rstd = tl.load(RSTD + grp, mask=c_mask, other=0.0)
-    coef_xhat = tl.load(COEF_XHAT + grp, mask=c_mask, other=0.0)
-    coef_const = tl.load(COEF_CONST + grp, mask=c_mask, other=0.0)
     w = tl.load(W + c_offs, mask=c_mask, other=0.0).to(tl.float32)
     b = tl.load(B + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    coef_xhat = tl.load(COEF_XHAT + grp, mask=c_mask, other=0.0)
+    coef_const = tl.load(COEF_CONST + grp, mask=c_mask, other=0.0)
     n64 = pid_n.to(tl.int64)
     c64 = c_offs.to(tl.int64)[:, None]
     s64 = s_offs.to(tl.int64)[None, :]

@@ -10,7 +10,7 @@ import gn_det
 from gn_det.kernels.group_norm_op import triton_enabled_for
 from gn_det.kernels.group_norm_torch import torch_group_norm_backward, torch_group_norm_forward
 from gn_det.kernels.group_norm_triton import triton_group_norm_backward, triton_group_norm_forward
-from gn_cases import check_forward_backward, make_affine, make_input, reference
+from gn_cases import LAYER_CASES, check_forward_backward, make_affine, make_input, reference
 
 CF, CL, CL3D = torch.contiguous_format, torch.channels_last, torch.channels_last_3d
 
@@ -24,14 +24,7 @@ def test_cpu_tensors_go_to_triton():
 @pytest.mark.parametrize("activation", [None, "relu", "silu"])
 @pytest.mark.parametrize(
     "shape,groups,memory_format",
-    [
-        ((2, 6), 3, CF),
-        ((3, 8, 17), 4, CF),
-        ((2, 12, 7, 9), 4, CF),
-        ((2, 12, 7, 9), 4, CL),
-        ((1, 64, 13, 11), 32, CL),
-        ((2, 6, 3, 5, 4), 3, CF),
-        ((2, 6, 3, 5, 4), 3, CL3D),
+    LAYER_CASES + [
         ((1, 4, 64, 64), 2, CF),    # several spatial splits per group (NCHW)
         ((1, 8, 64, 64), 4, CL),    # several spatial splits per group (channels_last)
         ((1, 256, 4, 4), 2, CL),    # 128 channels per group: finalize loops over channel blocks
