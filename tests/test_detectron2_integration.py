@@ -106,14 +106,18 @@ def test_register_a_norm_of_ones_own():
     def gn16(channels):
         return gn_det.GroupNorm(16, channels)
 
-    cfg = stock_cfg("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")
-    cfg.MODEL.FPN.NORM = "TestGN16"
-    backbone = build_backbone(cfg)
-    assert backbone.fpn_output2.norm.num_groups == 16
-    with pytest.raises(KeyError, match="already registered"):
-        gn_det.register_norm("TestGN16", lambda c: nn.Identity())
-    with pytest.raises(ValueError, match="detectron2's own"):
-        gn_det.register_norm("GN", lambda c: nn.Identity())
+    try:
+        cfg = stock_cfg("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")
+        cfg.MODEL.FPN.NORM = "TestGN16"
+        backbone = build_backbone(cfg)
+        assert backbone.fpn_output2.norm.num_groups == 16
+        with pytest.raises(KeyError, match="already registered"):
+            gn_det.register_norm("TestGN16", lambda c: nn.Identity())
+        with pytest.raises(ValueError, match="detectron2's own"):
+            gn_det.register_norm("GN", lambda c: nn.Identity())
+    finally:
+        gn_det.modeling.NORM_REGISTRY.unregister("TestGN16")
+    assert "TestGN16" not in gn_det.modeling.NORM_REGISTRY
 
 
 def test_replace_gn_switch():

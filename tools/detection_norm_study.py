@@ -63,10 +63,14 @@ def run(label: str, norm: str, ims: int, out_dir: str, scale_iters: float, extra
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rows", default="", help="run only these rows, e.g. 'FastGN@2,BN@1' (default: all)")
     parser.add_argument("--work-dir", default=os.path.join(ROOT, "output", "detection_norm_study"))
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "docs", "reproduction"))
     args = parser.parse_args()
     rows_to_run = ROWS[:1] + ROWS[3:4] if args.quick else ROWS
+    if args.rows:
+        wanted = args.rows.split(",")
+        rows_to_run = [r for r in ROWS if f"{r[1]}@{r[2]}" in wanted]
     scale = 0.01 if args.quick else 1.0
     extra = ["DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TEST", "128"] if args.quick else []
     start = time.time()
@@ -76,7 +80,7 @@ def main() -> None:
         row = run(label, norm, ims, out, scale, extra)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    command = "python tools/detection_norm_study.py" + (" --quick" if args.quick else "")
+    command = "python tools/detection_norm_study.py" + (" --quick" if args.quick else "") + (f" --rows {args.rows}" if args.rows else "")
     meta = {"machine": f"CPU {platform.machine()} x{os.cpu_count()}", "date": time.strftime("%Y-%m-%d"),
             "command": command, "total_seconds": time.time() - start}
     os.makedirs(args.out_dir, exist_ok=True)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .activation import ACT_RELU, ACT_SILU, activation_code
+from .activation import ACT_NONE, ACT_RELU, ACT_SILU, activation_code
 from .group_norm_torch import torch_group_norm_backward, torch_group_norm_forward
 from .layout import flat_spatial_stride, memory_format_of, to_dense
 
@@ -220,6 +220,11 @@ def group_norm(
     _check_inputs(input, num_groups, weight, bias, eps)
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return _reference(input, num_groups, weight, bias, eps, code)
+    if (code == ACT_NONE and input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)
+            and input.is_contiguous() and not triton_enabled_for(input) and not torch.compiler.is_compiling()):
+        # Plain GN on NCHW CPU tensors: ATen's own kernels and autograd, nn.GroupNorm's speed
+        # (they are accurate in NCHW; the channels_last case goes through our path below).
+        return F.group_norm(input, num_groups, weight, bias, eps)
     x = to_dense(input)
     channels = x.shape[1]
     if weight is None:

@@ -77,6 +77,10 @@ class NormRegistry:
 
         return add if factory is None else add(factory)
 
+    def unregister(self, name: str) -> None:
+        """Remove a name registered with ``register`` (KeyError if it is not)."""
+        del self._factories[name]
+
     def get(self, name: str) -> NormFactory:
         if name not in self._factories:
             raise KeyError(f"unknown norm {name!r}; registered: {', '.join(self.names())}")
