@@ -31,8 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "demo", "mask_rcnn_gn_shapes.yaml")
 
 
-def draw_predictions(cfg, weights: str, out_dir: str, num_images: int) -> list:
-    """Run the trained model on the first validation images; write the drawings as PNG."""
+def draw_predictions(cfg, weights: str, out_dir: str, num_images: int, threshold: float = 0.5) -> list:
+    """Run the trained model on the first validation images; draw its detections scoring at
+    least ``threshold`` (at 2x scale: the images are small); write the drawings as PNG."""
     model = gn_det.build_model(cfg).eval()
     SafeCheckpointer(model).load(weights)
     resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
@@ -46,7 +47,8 @@ def draw_predictions(cfg, weights: str, out_dir: str, num_images: int) -> list:
         tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
         with torch.no_grad():
             instances = model([{"image": tensor, "height": height, "width": width}])[0]["instances"].to("cpu")
-        drawing = Visualizer(image[:, :, ::-1], metadata).draw_instance_predictions(instances).get_image()
+        instances = instances[instances.scores >= threshold]
+        drawing = Visualizer(image[:, :, ::-1], metadata, scale=2.0).draw_instance_predictions(instances).get_image()
         path = os.path.join(out_dir, f"{os.path.splitext(os.path.basename(record['file_name']))[0]}.png")
         cv2.imwrite(path, drawing[:, :, ::-1])
         written.append(path)
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("--output", default=os.path.join(ROOT, "output", "demo"))
     parser.add_argument("--max-iter", type=int, default=0, help="override SOLVER.MAX_ITER (0: the config's)")
     parser.add_argument("--num-vis", type=int, default=4, help="validation images to draw")
+    parser.add_argument("--vis-threshold", type=float, default=0.5, help="draw detections scoring at least this")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args()
     opts = ["OUTPUT_DIR", args.output] + list(args.opts)
@@ -67,7 +70,8 @@ def main() -> None:
     train_args = train_net.argument_parser().parse_args(["--config", CONFIG] + [str(o) for o in opts])
     train_net.main(train_args)
     cfg = gn_det.get_config(CONFIG, opts)
-    drawings = draw_predictions(cfg, os.path.join(args.output, "model_final.pth"), os.path.join(args.output, "visualizations"), args.num_vis)
+    drawings = draw_predictions(cfg, os.path.join(args.output, "model_final.pth"), os.path.join(args.output, "visualizations"), args.num_vis,
+                                args.vis_threshold)
     ap = final_ap(args.output)
     summary = f"box AP = {ap['box_AP']:.1f}, mask AP = {ap['mask_AP']:.1f}"
     print(f"\ngn_det demo: {summary}\npredictions drawn: {', '.join(os.path.relpath(p) for p in drawings)}")
