@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .activation import ACT_NONE, ACT_RELU, ACT_SILU
+from .layout import flat_spatial_stride
 
 __all__ = ["triton_group_norm_forward", "triton_group_norm_backward"]
 
@@ -371,12 +372,15 @@ def triton_group_norm_backward(
     mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, activation: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``triton_group_norm_forward`` w.r.t. x, weight, bias. grad_y has x's
-    shape in any strides (its own strides are used, no copy); dx comes in x's layout;
-    dweight/dbias in weight's dtype."""
+    shape, in any strides whose spatial dims flatten to one (used as they are, no copy); dx
+    comes in x's layout; dweight/dbias in weight's dtype."""
     n, c, s, stride_n, stride_c, stride_s = _as_ncs(x)
     g = num_groups
     cpg = c // g
-    dy_stride_n, dy_stride_c, dy_stride_s = _dy_strides(grad_y, stride_c == 1 and c > 1)
+    dy_stride_s = flat_spatial_stride(grad_y)
+    if dy_stride_s is None:
+        raise ValueError("grad_y's spatial dims must flatten to one stride (the caller makes it dense first)")
+    dy_stride_n, dy_stride_c = grad_y.stride(0), grad_y.stride(1)
     dx = torch.empty_like(x)
     block_c, block_s, n_cblocks, n_sblocks, splits, chunk_s = _plan(n, c, s, stride_c == 1 and c > 1, x.device)
     part_ds = torch.empty((n, splits, c), dtype=torch.float32, device=x.device)
@@ -402,22 +406,6 @@ def triton_group_norm_backward(
     dweight = part_ds.sum(dim=(0, 1)).to(weight.dtype)
     dbias = part_db.sum(dim=(0, 1)).to(weight.dtype)
     return dx, dweight, dbias
-
-
-def _dy_strides(grad_y: torch.Tensor, channels_last: bool) -> Tuple[int, int, int]:
-    """(n, c, s) strides of grad_y when its spatial dims flatten to one stride; else None."""
-    if grad_y.dim() <= 2:
-        return grad_y.stride(0), grad_y.stride(1), 1
-    spatial = grad_y.shape[2:]
-    strides = grad_y.stride()[2:]
-    # The spatial dims collapse to one axis when each stride is the next one's times its size.
-    inner = strides[-1]
-    expected = inner
-    for size, stride in zip(reversed(spatial), reversed(strides)):
-        if size != 1 and stride != expected:
-            raise ValueError("grad_y's spatial dims do not flatten; make it contiguous first")
-        expected *= size
-    return grad_y.stride(0), grad_y.stride(1), inner
 
 
 assert (ACT_NONE, ACT_RELU, ACT_SILU) == (0, 1, 2)  # the kernels' ACT constexpr encoding

@@ -18,7 +18,7 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
 def suggested_memory_format(x: torch.Tensor) -> torch.memory_format:
     """The format a copy of a non-dense x should take: channels_last when x's strides
     put channels innermost (a strided view of a channels_last tensor), else contiguous."""
-    if x.dim() in (4, 5) and x.shape[1] > 1 and x.stride(1) == 1 and x.is_contiguous() is False:
+    if x.dim() in (4, 5) and x.shape[1] > 1 and x.stride(1) == 1 and not x.is_contiguous():
         return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     return torch.contiguous_format
 
