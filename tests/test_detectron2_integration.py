@@ -11,9 +11,8 @@ import torch
 from detectron2 import model_zoo
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyCall, instantiate
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling import build_backbone, build_model as d2_build_model, build_sem_seg_head
-from detectron2.modeling.backbone.fpn import FPN
 from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock
 from detectron2.utils.events import EventStorage
 from torch import nn

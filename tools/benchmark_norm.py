@@ -25,7 +25,6 @@ import time
 from typing import Callable, Dict, List, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
