@@ -112,6 +112,12 @@ def _group_norm_backward_fake(grad_y, x, weight, bias, mean, rstd, num_groups, e
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
 
 
+def _input_grads(ctx, dx, dweight, dbias):
+    """Gradients for (x, weight, bias, num_groups, eps, activation), None where not needed."""
+    needs = ctx.needs_input_grad
+    return (dx if needs[0] else None, dweight if needs[1] else None, dbias if needs[2] else None, None, None, None)
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, num_groups, eps, activation = inputs
     _, mean, rstd = output
@@ -128,8 +134,7 @@ def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
     dx, dweight, dbias = torch.ops.gn_det.group_norm_backward(
         grad_y, x, weight, bias, mean, rstd, ctx.num_groups, ctx.eps, ctx.activation
     )
-    needs = ctx.needs_input_grad
-    return (dx if needs[0] else None, dweight if needs[1] else None, dbias if needs[2] else None, None, None, None)
+    return _input_grads(ctx, dx, dweight, dbias)
 
 
 _group_norm_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -153,8 +158,7 @@ class _GroupNormFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         dx, dweight, dbias = _backward_impl(grad_y, x, weight, bias, mean, rstd, ctx.num_groups, ctx.eps, ctx.activation)
-        needs = ctx.needs_input_grad
-        return (dx if needs[0] else None, dweight if needs[1] else None, dbias if needs[2] else None, None, None, None)
+        return _input_grads(ctx, dx, dweight, dbias)
 
 
 def _check_inputs(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> None:

@@ -304,13 +304,14 @@ def _target_programs(device_index: Optional[int]) -> int:
     return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _as_ncs(x: torch.Tensor) -> Tuple[int, int, int, int, int, int]:
-    """(N, C, S) sizes and strides of x, which is contiguous or channels_last-contiguous."""
+def _as_ncs(x: torch.Tensor) -> Tuple[int, int, int, int, int, int, bool]:
+    """(N, C, S) sizes and strides of x, which is contiguous or channels_last-contiguous, and
+    whether it is channels_last (the one place that decides the layout)."""
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // max(n * c, 1)
     channels_last = x.dim() > 2 and x.stride(1) == 1 and c > 1
     stride_s = c if channels_last else 1
-    return n, c, s, x.stride(0), x.stride(1), stride_s
+    return n, c, s, x.stride(0), x.stride(1), stride_s, channels_last
 
 
 def _plan(n: int, c: int, s: int, channels_last: bool, device: torch.device):
@@ -342,13 +343,13 @@ def triton_group_norm_forward(
     """y = act(group_norm(x)); x is ``(N, C, *)``, contiguous or channels_last-contiguous,
     with ``numel > 0``; weight and bias ``(C,)``. Returns y (x's dtype and memory format)
     and the float32 mean and rstd, ``(N, G)``."""
-    n, c, s, stride_n, stride_c, stride_s = _as_ncs(x)
+    n, c, s, stride_n, stride_c, stride_s, channels_last = _as_ncs(x)
     g = num_groups
     cpg = c // g
     y = torch.empty_like(x)
     mean = torch.empty((n, g), dtype=torch.float32, device=x.device)
     rstd = torch.empty((n, g), dtype=torch.float32, device=x.device)
-    block_c, block_s, n_cblocks, n_sblocks, splits, chunk_s = _plan(n, c, s, stride_c == 1 and c > 1, x.device)
+    block_c, block_s, n_cblocks, n_sblocks, splits, chunk_s = _plan(n, c, s, channels_last, x.device)
     part_mean = torch.empty((n, splits, c), dtype=torch.float32, device=x.device)
     part_m2 = torch.empty_like(part_mean)
     _stats_partial_kernel[(n * n_cblocks * splits,)](
@@ -374,7 +375,7 @@ def triton_group_norm_backward(
     """Gradients of ``triton_group_norm_forward`` w.r.t. x, weight, bias. grad_y has x's
     shape, in any strides whose spatial dims flatten to one (used as they are, no copy); dx
     comes in x's layout; dweight/dbias in weight's dtype."""
-    n, c, s, stride_n, stride_c, stride_s = _as_ncs(x)
+    n, c, s, stride_n, stride_c, stride_s, channels_last = _as_ncs(x)
     g = num_groups
     cpg = c // g
     dy_stride_s = flat_spatial_stride(grad_y)
@@ -382,7 +383,7 @@ def triton_group_norm_backward(
         raise ValueError("grad_y's spatial dims must flatten to one stride (the caller makes it dense first)")
     dy_stride_n, dy_stride_c = grad_y.stride(0), grad_y.stride(1)
     dx = torch.empty_like(x)
-    block_c, block_s, n_cblocks, n_sblocks, splits, chunk_s = _plan(n, c, s, stride_c == 1 and c > 1, x.device)
+    block_c, block_s, n_cblocks, n_sblocks, splits, chunk_s = _plan(n, c, s, channels_last, x.device)
     part_ds = torch.empty((n, splits, c), dtype=torch.float32, device=x.device)
     part_db = torch.empty_like(part_ds)
     _backward_partial_kernel[(n * n_cblocks * splits,)](
