@@ -122,9 +122,6 @@ def measure(name: str, device: str, batch, precision: str, warmup: int, iters: i
             sync(device)
             if i >= 2:
                 infer.append(time.perf_counter() - start)
-    del model, optimizer
-    if device == "cuda":
-        torch.cuda.empty_cache()
     return {"model": name, "precision": precision, "step_s": statistics.median(times),
             "infer_s": statistics.median(infer), "peak_gib": peak}
 
@@ -190,6 +187,8 @@ def main() -> None:
             row = measure(name, args.device, batch, precision, warmup, iters, iters)
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if gpu:  # the model is gone with measure()'s frame: give its memory back
+                torch.cuda.empty_cache()
     machine = torch.cuda.get_device_name() if gpu else f"CPU {platform.machine()} x{os.cpu_count()}"
     meta = {"machine": machine, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "batch": f"{args.images} images of {width}x{height}, {args.boxes} boxes+masks each",

@@ -30,6 +30,7 @@ from .layout import flat_spatial_stride, memory_format_of, to_dense
 __all__ = ["group_norm", "triton_enabled_for"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_ATEN_EXACT_DTYPES = (torch.float32, torch.float64)  # where ATen's CPU GN computes in the input's dtype
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,6 +43,17 @@ def _triton_module():
     return group_norm_triton
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_on_cpu() -> bool:
+    """Whether CPU tensors go to the Triton interpreter (read once: TRITON_INTERPRET must be
+    set before triton is imported anyway)."""
+    return (
+        os.environ.get("GN_DET_TRITON_ON_CPU") == "1"
+        and os.environ.get("TRITON_INTERPRET") == "1"
+        and _triton_module() is not None
+    )
+
+
 def triton_enabled_for(x: Tensor) -> bool:
     """Whether x goes to the Triton kernels: CUDA tensors, and CPU tensors when the Triton
     interpreter is on (``TRITON_INTERPRET=1``) and ``GN_DET_TRITON_ON_CPU=1`` asks for it
@@ -50,12 +62,7 @@ def triton_enabled_for(x: Tensor) -> bool:
         return False  # float64 is for reference checks: exact PyTorch path
     if x.is_cuda:
         return _triton_module() is not None
-    return (
-        x.device.type == "cpu"
-        and os.environ.get("GN_DET_TRITON_ON_CPU") == "1"
-        and os.environ.get("TRITON_INTERPRET") == "1"
-        and _triton_module() is not None
-    )
+    return x.device.type == "cpu" and _triton_on_cpu()
 
 
 def _stats_dtype(x: Tensor) -> torch.dtype:
@@ -222,13 +229,15 @@ def group_norm(
     """
     code = activation_code(activation)
     _check_inputs(input, num_groups, weight, bias, eps)
+    if (code == ACT_NONE and input.dtype in _ATEN_EXACT_DTYPES and input.device.type == "cpu"
+            and input.is_contiguous() and not _triton_on_cpu()):
+        # Plain GN on NCHW CPU tensors: ATen's own kernels and autograd, nn.GroupNorm's speed
+        # (accurate in NCHW; channels_last goes through our path below). A standard operator,
+        # so also right under tracing, ONNX export and torch.compile. First, because at small
+        # shapes every Python check shows in the time.
+        return F.group_norm(input, num_groups, weight, bias, eps)
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return _reference(input, num_groups, weight, bias, eps, code)
-    if (code == ACT_NONE and input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)
-            and input.is_contiguous() and not triton_enabled_for(input) and not torch.compiler.is_compiling()):
-        # Plain GN on NCHW CPU tensors: ATen's own kernels and autograd, nn.GroupNorm's speed
-        # (they are accurate in NCHW; the channels_last case goes through our path below).
-        return F.group_norm(input, num_groups, weight, bias, eps)
     x = to_dense(input)
     channels = x.shape[1]
     if weight is None:

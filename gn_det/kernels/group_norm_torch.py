@@ -1,12 +1,19 @@
 """Group Normalization with a fused activation in PyTorch operations: the CPU path.
 
 It mirrors the Triton kernels' contract (same arguments, same saved tensors: x and the
-per-group statistics, the activation's input recomputed in backward) and uses ATen's
-native GroupNorm kernels for the normalisation itself, so CPU speed matches nn.GroupNorm.
+per-group statistics, the activation's input recomputed in backward).
 
-ATen's CPU GroupNorm on channels_last float32 input loses accuracy badly when the mean is
-large against the standard deviation (20% to 165% relative error at mean/std >= 1e3 in
-torch 2.14; NCHW is fine), so channels_last input is normalised in NCHW and converted back.
+- NCHW (and every rank without a channels_last format): ATen's native GroupNorm kernels,
+  so CPU speed matches ``nn.GroupNorm``.
+- channels_last / channels_last_3d: computed in that layout, with no conversion to NCHW
+  (a strided transpose costs several times the op on CPU). ATen's own CPU GroupNorm
+  forward on channels_last float32 input loses accuracy badly when the mean is large
+  against the standard deviation (20% to 165% relative error at mean/std >= 1e3 in torch
+  2.14), so the statistics are computed here: per channel an exact two-pass (mean, then
+  the sum of squared deviations), merged over each group's channels with Chan's formula.
+  The affine is one ``addcmul`` in the input's layout, and the backward is ATen's native
+  one, fed these accurate statistics.
+
 Half-precision input is computed in float32 (statistics and arithmetic) and cast back.
 """
 from __future__ import annotations
@@ -23,8 +30,31 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _nchw(x: torch.Tensor) -> torch.Tensor:
-    return x.to(_compute_dtype(x)).contiguous()
+def _channels_last_stats(x: torch.Tensor, num_groups: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rstd), each ``(N, G)``, of a channels_last-dense x ``(N, C, *)``."""
+    n, c = x.shape[:2]
+    rows = x.movedim(1, -1).reshape(n, -1, c)  # (N, S, C): a view, channels innermost
+    s = rows.shape[1]
+    channel_mean = rows.mean(dim=1, keepdim=True)  # (N, 1, C)
+    channel_m2 = torch.sub(rows, channel_mean).square_().sum(dim=1)  # (N, C), exact two-pass
+    # Chan's merge of the group's channels, which all hold S values.
+    channel_mean = channel_mean.view(n, num_groups, c // num_groups)
+    mean = channel_mean.mean(dim=-1)
+    m2 = channel_m2.view(n, num_groups, -1).sum(dim=-1)
+    m2 += (channel_mean - mean.unsqueeze(-1)).square_().sum(dim=-1) * s
+    return mean, torch.rsqrt(m2 / (s * c // num_groups) + eps)
+
+
+def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """z = x * scale + shift per (n, channel), in x's layout (the formula of ATen's kernels:
+    scale = gamma * rstd, shift = beta - mean * scale). Deterministic, so the backward's
+    recomputed z is bit-identical to the forward's and ReLU's mask agrees."""
+    n, c = x.shape[:2]
+    g = mean.shape[1]
+    scale = (rstd.unsqueeze(-1) * weight.view(g, -1)).view(n, c)
+    shift = bias - (mean.unsqueeze(-1) * scale.view(n, g, -1)).view(n, c)
+    per_channel = (n, c) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.view(per_channel), x, scale.view(per_channel), out=torch.empty_like(x))
 
 
 def torch_group_norm_forward(
@@ -32,12 +62,18 @@ def torch_group_norm_forward(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as ``triton_group_norm_forward``; stats are float32 (float64 for float64 x)."""
     n, c = x.shape[:2]
-    hxw = x.numel() // (n * c)
     dtype = _compute_dtype(x)
+    fmt = memory_format_of(x)
+    xc = x.to(dtype)  # keeps x's memory format
+    w, b = weight.to(dtype), bias.to(dtype)
     # (The native GroupNorm ops are on none of autocast's lists: no need to leave autocast.)
-    y, mean, rstd = torch.native_group_norm(_nchw(x), weight.to(dtype), bias.to(dtype), n, c, hxw, num_groups, eps)
+    if fmt is torch.contiguous_format:
+        y, mean, rstd = torch.native_group_norm(xc, w, b, n, c, x.numel() // (n * c), num_groups, eps)
+    else:
+        mean, rstd = _channels_last_stats(xc, num_groups, eps)
+        y = _affine(xc, w, b, mean, rstd)
     y = apply_activation(y, activation)
-    return y.to(dtype=x.dtype, memory_format=memory_format_of(x)), mean, rstd
+    return y.to(dtype=x.dtype, memory_format=fmt), mean, rstd
 
 
 def torch_group_norm_backward(
@@ -48,16 +84,20 @@ def torch_group_norm_backward(
     n, c = x.shape[:2]
     hxw = x.numel() // (n * c)
     dtype = _compute_dtype(x)
-    xc = _nchw(x)
+    fmt = memory_format_of(x)
+    xc = x.to(dtype)
     w = weight.to(dtype)
-    grad = _nchw(grad_y)
+    # ATen's backward reads dy in x's layout.
+    grad = grad_y.to(dtype).contiguous(memory_format=fmt)
     if activation != ACT_NONE:
-        # Recompute the activation's input z with the forward's own kernel: one pass, and
-        # bit-identical to the forward, so ReLU's mask agrees with it.
-        z = torch.native_group_norm(xc, w, bias.to(dtype), n, c, hxw, num_groups, eps)[0]
+        # Recompute the activation's input z with the forward's own kernel: bit-identical to
+        # the forward's, so ReLU's mask agrees with it.
+        if fmt is torch.contiguous_format:
+            z = torch.native_group_norm(xc, w, bias.to(dtype), n, c, hxw, num_groups, eps)[0]
+        else:
+            z = _affine(xc, w, bias.to(dtype), mean, rstd)
         grad = activation_grad(z, grad, activation)
     dx, dweight, dbias = torch.ops.aten.native_group_norm_backward(
         grad, xc, mean, rstd, w, n, c, hxw, num_groups, [True, True, True]
     )
-    return dx.to(dtype=x.dtype, memory_format=memory_format_of(x)), dweight.to(weight.dtype), dbias.to(weight.dtype)
-
+    return dx.to(dtype=x.dtype, memory_format=fmt), dweight.to(weight.dtype), dbias.to(weight.dtype)
