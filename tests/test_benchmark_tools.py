@@ -24,7 +24,41 @@ def test_benchmark_norm_runs_on_cpu(tmp_path):
     ok = [row for row in data["rows"] if "error" not in row]
     assert len(ok) == len(data["rows"]), [row for row in data["rows"] if "error" in row]
     assert all(row["fwd+bwd ms"] > 0 and "fwd+bwd speedup vs nn.GroupNorm+ReLU" in row for row in ok)
-    assert "| shape | dtype | format | impl |" in (tmp_path / md).read_text()
+    text = (tmp_path / md).read_text()
+    assert "| shape | dtype | format | impl |" in text and "## Against the targets (issue 3)" in text
+    paths = {row["impl"]: row.get("path") for row in ok if row["format"] == "nchw"}
+    assert paths["gn_det GN"] == "PyTorch: ATen GroupNorm" and paths["nn.GroupNorm"] is None
+
+
+def _row(impl, ms, shape="FPN P2", dims=(2, 256, 200, 336), fmt="nchw", speedup=None, pct=90.0):
+    row = {"shape": shape, "dims": list(dims), "dtype": "bfloat16", "format": fmt, "impl": impl,
+           "fwd+bwd ms": ms, "fwd two-pass %copy": pct, "bwd two-pass %copy": pct}
+    if speedup is not None:
+        row["fwd+bwd speedup vs nn.GroupNorm+ReLU"] = speedup
+    return row
+
+
+def test_benchmark_norm_checks_the_targets():
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        from benchmark_norm import target_checks
+    finally:
+        sys.path.pop(0)
+    met = [_row("gn_det GN", 1.0), _row("gn_det GN+ReLU (fused)", 1.0, speedup=5.0), _row("nn.GroupNorm", 4.0),
+           _row("nn.GroupNorm+ReLU", 5.0), _row("FrozenBatchNorm2d", 0.6)]
+    lines = target_checks(met, is_gpu=True)
+    assert len(lines) == 5 and all(": met on all" in line for line in lines), lines
+    # A slower fused layer: slower than GroupNorm + ReLU, short of 4x, off the floor, and a
+    # channels_last row that needs 6x.
+    missed = met[:1] + [_row("gn_det GN+ReLU (fused)", 6.0, speedup=0.8, pct=40.0)] + met[2:]
+    missed += [_row("gn_det GN+ReLU (fused)", 1.0, fmt="channels_last", speedup=5.0), _row("nn.GroupNorm+ReLU", 5.0, fmt="channels_last")]
+    lines = target_checks(missed, is_gpu=True)
+    assert "never slower" in lines[0] and "missed on 1 of 3 rows" in lines[0] and "6.00x" not in lines[0]
+    assert "missed on 2 of 2 rows" in lines[1] and "target 6x" in lines[1] and "target 4x" in lines[1]
+    assert "missed on 1 of" in lines[2] and "40%" in lines[2]
+    assert "within 2x of FrozenBatchNorm2d: missed on 1 of 1 rows" in lines[4]
+    cpu = [_row("gn_det GN", 1.05, shape="box head"), _row("nn.GroupNorm", 1.0, shape="box head")]
+    assert target_checks(cpu, is_gpu=False) == ["CPU NCHW: gn_det GN fwd+bwd within 10% of nn.GroupNorm: met on all 1 rows"]
 
 
 def test_benchmark_train_runs_on_cpu(tmp_path):

@@ -18,17 +18,19 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
 import gn_det
+from gn_det.kernels.group_norm_op import dispatch_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,7 +138,7 @@ def main() -> None:
     if args.quick:
         shapes = {k: v for k, v in shapes.items() if k in QUICK} or dict(list(shapes.items())[:3])
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
-    reps = args.reps if args.reps is not None else (3 if args.quick else (20 if is_gpu else 7))
+    reps = args.reps if args.reps is not None else (3 if args.quick else (20 if is_gpu else 15))
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     if not is_gpu:
         dtypes = [torch.float32]  # half precision on CPU is computed in float32: not a speed path
@@ -173,6 +175,8 @@ def main() -> None:
                 for name, res in results.items():
                     row = {"shape": shape_name, "dims": list(shape), "dtype": str(dtype).replace("torch.", ""),
                            "format": fmt_name, "impl": name}
+                    if name.startswith("gn_det"):
+                        row["path"] = dispatch_path(inputs[0], 32, "relu" if "ReLU" in name else None)
                     if "error" in res:
                         row["error"] = res["error"]
                     else:
@@ -186,6 +190,69 @@ def main() -> None:
                 print(f"{shape_name:12s} {row['dtype']:8s} {fmt_name:13s} " + "  ".join(
                     f"{n}: {r.get('fwd+bwd', float('nan')) * 1e3:.3f} ms" for n, r in results.items() if "error" not in r), flush=True)
     write_results(args.out_dir, machine, bandwidth, rows, is_gpu, warmup, reps, args.input_sets)
+
+
+def _ratio(rows: List[dict], row: dict, other_impl: str, key: str = "fwd+bwd ms") -> Optional[float]:
+    """row's time over other_impl's at the same shape, dtype and format (None if missing)."""
+    for other in rows:
+        if (other["impl"] == other_impl and other["shape"] == row["shape"] and other["dtype"] == row["dtype"]
+                and other["format"] == row["format"] and key in other and key in row):
+            return row[key] / other[key]
+    return None
+
+
+def _check(name: str, rows: List[dict], measure: Callable[[dict], Optional[Tuple[float, str]]],
+           passes: Callable[[float], bool]) -> str:
+    """One target as a line: measure(row) gives (value, what) for the rows the target covers,
+    None for the others; passes(value) says whether that row meets it."""
+    checked = [(row, got) for row in rows for got in [measure(row)] if got is not None]
+    misses = [f"{row['shape']} {row['dtype']} {row['format']} {row['impl']}: {text}"
+              for row, (value, text) in checked if not passes(value)]
+    if not checked:
+        return f"{name}: no rows to check in this run"
+    if not misses:
+        return f"{name}: met on all {len(checked)} rows"
+    return f"{name}: missed on {len(misses)} of {len(checked)} rows: " + "; ".join(misses)
+
+
+def target_checks(rows: List[dict], is_gpu: bool) -> List[str]:
+    """The layer's performance targets (issue 3), checked on this run's rows, one line each."""
+    ok = [r for r in rows if "error" not in r]
+    ours = [r for r in ok if r["impl"].startswith("gn_det")]
+    fused = [r for r in ours if r["impl"] == "gn_det GN+ReLU (fused)"]
+
+    def ratio_to(impl_of: Callable[[dict], str]):
+        def measure(row):
+            ratio = _ratio(ok, row, impl_of(row))
+            return None if ratio is None else (ratio, f"{ratio:.2f}x")
+        return measure
+
+    if not is_gpu:  # CPU: plain GN in NCHW within 10% of nn.GroupNorm (channels_last: correct first)
+        plain_nchw = [r for r in ours if r["impl"] == "gn_det GN" and r["format"] == "nchw"]
+        return [_check("CPU NCHW: gn_det GN fwd+bwd within 10% of nn.GroupNorm", plain_nchw,
+                       ratio_to(lambda r: "nn.GroupNorm"), lambda v: v <= 1.10)]
+
+    def speedup_need(row):
+        if row["dtype"] != "bfloat16" or row["shape"].split(" N=")[0] not in ("stem", "res2", "FPN P2", "FPN P3"):
+            return None
+        need = 4.0 if row["format"] == "nchw" else 6.0
+        got = row.get("fwd+bwd speedup vs nn.GroupNorm+ReLU", 0.0)
+        return got / need, f"{got:.2f}x, target {need:.0f}x"
+
+    big = [r for r in ours if math.prod(r["dims"]) >= 8 * 2**20]
+    lines = [
+        _check("fwd+bwd never slower than nn.GroupNorm(+ReLU)", ours,
+               ratio_to(lambda r: "nn.GroupNorm+ReLU" if "ReLU" in r["impl"] else "nn.GroupNorm"), lambda v: v <= 1.0),
+        _check("bf16 fused fwd+bwd speed-up over nn.GroupNorm+ReLU >= 4x (NCHW) / 6x (channels_last) at "
+               "stem, res2, P2, P3", fused, speedup_need, lambda v: v >= 1.0),
+    ]
+    for k in ("fwd", "bwd"):
+        lines.append(_check(f"{k}: >= 75% of copy bandwidth on the two-pass bytes (shapes of >= 8M elements)", big,
+                            lambda r, k=k: (r[f"{k} two-pass %copy"], f"{r[f'{k} two-pass %copy']:.0f}%"),
+                            lambda v: v >= 75))
+    lines.append(_check("fused GN+ReLU fwd+bwd within 2x of FrozenBatchNorm2d", fused,
+                        ratio_to(lambda r: "FrozenBatchNorm2d"), lambda v: v <= 2.0))
+    return lines
 
 
 def write_results(out_dir: str, machine: str, bandwidth: float, rows: List[dict], is_gpu: bool,
@@ -205,17 +272,18 @@ def write_results(out_dir: str, machine: str, bandwidth: float, rows: List[dict]
     lines = [f"# GN layer benchmark: {machine}", "",
              f"{meta['date']}, torch {meta['torch']}, {meta['timing']}; measured copy bandwidth "
              f"{meta['copy_bandwidth_GBps']:.0f} GB/s. Command: `{meta['command']}`.", "",
-             "| shape | dtype | format | impl | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd GB/s | fwd+bwd two-pass % copy BW | speed-up vs nn.GroupNorm+ReLU |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | dtype | format | impl | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd GB/s | fwd+bwd two-pass % copy BW | speed-up vs nn.GroupNorm+ReLU | gn_det path |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['shape']} | {r['dtype']} | {r['format']} | {r['impl']} | {r['error']} | | | | | |")
+            lines.append(f"| {r['shape']} | {r['dtype']} | {r['format']} | {r['impl']} | {r['error']} | | | | | | |")
             continue
         speedup = r.get("fwd+bwd speedup vs nn.GroupNorm+ReLU")
         lines.append(
             f"| {r['shape']} {tuple(r['dims'])} | {r['dtype']} | {r['format']} | {r['impl']} | {r['fwd ms']:.3f} | "
             f"{r['bwd ms']:.3f} | {r['fwd+bwd ms']:.3f} | {r['fwd+bwd GB/s']:.0f} | {r['fwd+bwd two-pass %copy']:.0f} | "
-            f"{'' if speedup is None else f'{speedup:.2f}x'} |")
+            f"{'' if speedup is None else f'{speedup:.2f}x'} | {r.get('path', '')} |")
+    lines += ["", "## Against the targets (issue 3)", ""] + [f"- {line}" for line in target_checks(rows, is_gpu)]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {stem}.md and {stem}.json")

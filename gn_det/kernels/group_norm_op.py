@@ -27,7 +27,7 @@ from .activation import ACT_NONE, ACT_RELU, ACT_SILU, activation_code
 from .group_norm_torch import torch_group_norm_backward, torch_group_norm_forward
 from .layout import flat_spatial_stride, memory_format_of, to_dense
 
-__all__ = ["group_norm", "triton_enabled_for"]
+__all__ = ["dispatch_path", "group_norm", "triton_enabled_for"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ATEN_EXACT_DTYPES = (torch.float32, torch.float64)  # where ATen's CPU GN computes in the input's dtype
@@ -63,6 +63,19 @@ def triton_enabled_for(x: Tensor) -> bool:
     if x.is_cuda:
         return _triton_module() is not None
     return x.device.type == "cpu" and _triton_on_cpu()
+
+
+def dispatch_path(x: Tensor, num_groups: int, activation: Optional[str] = None) -> str:
+    """Which implementation ``group_norm`` runs for x (for benchmark tables and debugging)."""
+    if x.numel() == 0:
+        return "nothing (empty input)"
+    if triton_enabled_for(x):
+        return "Triton: " + _triton_module().kernel_path(x, num_groups)
+    if memory_format_of(to_dense(x)) is not torch.contiguous_format:
+        return "PyTorch: channels_last statistics + ATen backward"
+    if activation_code(activation) == ACT_NONE and x.dtype in _ATEN_EXACT_DTYPES:
+        return "PyTorch: ATen GroupNorm"
+    return "PyTorch: ATen GroupNorm + activation"
 
 
 def _stats_dtype(x: Tensor) -> torch.dtype:

@@ -4,22 +4,33 @@ Every input ``(N, C, *)`` is seen as ``(N, C, S)`` with strides, so one set of k
 serves NCHW (``stride_s == 1``) and channels_last (``stride_c == 1``) alike; Triton
 specialises strides equal to 1, so loads are coalesced along whichever axis is contiguous.
 
-Work is spread over the GPU even when ``N * G`` is small (1-2 images per GPU): each
-group's reduction is split over many programs along the spatial axis.
+Two kernel sets, chosen by the size of a group (``cpg * S``, channels per group times
+spatial size):
 
+One program per (n, group), for groups that fit one program's registers (up to
+``GROUP_RESIDENT_MAX_ELEMENTS``; detectron2's box and mask heads, the small FPN levels):
+  forward  ``_group_forward_kernel``: x read once, exact two-pass statistics in registers,
+           y written once, one launch;
+  backward ``_group_backward_kernel``: x and dy read once, dx written once, per-(n, channel)
+           partial sums for dgamma/dbeta, one launch (+ their sum over n).
+
+Split reduction, for larger groups: work is spread over the GPU even when ``N * G`` is
+small (1-2 images per GPU) by splitting each group's reduction over many programs along
+the spatial axis.
 Forward (3 launches, x is read twice, y written once):
   1. ``_stats_partial_kernel``: per (n, channel block, spatial split) the count/mean/M2 of
      each channel; inside a tile an exact two-pass, across tiles Chan's merge, so a large
      mean against the standard deviation costs no accuracy (no E[x^2] - E[x]^2).
   2. ``_stats_finalize_kernel``: per (n, group) merges its channels' partials -> mean, rstd.
   3. ``_forward_apply_kernel``: y = act(x * scale_c + shift_c).
-Backward (3 launches + 2 small reductions; x and dy read twice, dx written once). With an
-activation, its input z is recomputed from x and the statistics, so nothing but x and the
-per-group statistics is saved for backward:
+Backward (3 launches + 2 small reductions; x and dy read twice, dx written once):
   1. ``_backward_partial_kernel``: per channel partial sums of dz * xhat and dz.
   2. ``_backward_finalize_kernel``: per (n, group) the two coefficients of dx.
   3. ``_backward_apply_kernel``: dx = rstd * gamma * dz + c_xhat * xhat + c_0.
 dgamma, dbeta are sums of the partials over (n, split), done with ``torch.sum``.
+
+With an activation, its input z is recomputed in backward from x and the statistics by
+the same formula as in forward, so nothing but x and the per-group statistics is saved.
 All offsets into x/y/dy/dx are 64-bit. No host-device synchronisation anywhere: launch
 parameters depend on shapes only.
 """
@@ -35,7 +46,7 @@ import triton.language as tl
 from .activation import ACT_NONE, ACT_RELU, ACT_SILU
 from .layout import flat_spatial_stride
 
-__all__ = ["triton_group_norm_forward", "triton_group_norm_backward"]
+__all__ = ["kernel_path", "triton_group_norm_backward", "triton_group_norm_forward"]
 
 
 @triton.jit
@@ -290,10 +301,94 @@ def _backward_apply_kernel(
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _group_tile(pid, C, S, G, cpg, stride_n, stride_c, stride_s, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The whole of one (n, group) as a (BLOCK_CG channels, BLOCK_S positions) tile:
+    (n, channel offsets, channel mask, element offsets, element mask)."""
+    pid_n = pid // G
+    g = pid % G
+    cg = tl.arange(0, BLOCK_CG)
+    c_mask = cg < cpg
+    c_offs = g * cpg + cg
+    s_offs = tl.arange(0, BLOCK_S)
+    mask = c_mask[:, None] & (s_offs < S)[None, :]
+    offs = (pid_n.to(tl.int64) * stride_n + c_offs.to(tl.int64)[:, None] * stride_c
+            + s_offs.to(tl.int64)[None, :] * stride_s)
+    return pid_n, c_offs, c_mask, offs, mask
+
+
+@triton.jit
+def _group_forward_kernel(
+    X, Y, W, B, MEAN, RSTD,
+    C, S, G, cpg, stride_n, stride_c, stride_s, eps,
+    ACT: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One program per (n, group) that fits in registers: x is read once, statistics are an
+    exact two-pass over the registers, y is written once, in a single launch."""
+    pid = tl.program_id(0)
+    _, c_offs, c_mask, offs, mask = _group_tile(pid, C, S, G, cpg, stride_n, stride_c, stride_s, BLOCK_CG, BLOCK_S)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    count = (cpg * S).to(tl.float32)
+    mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
+    dev = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(tl.sum(dev * dev, axis=1), axis=0) / count
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(W + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    b = tl.load(B + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    # Per-row copies of the scalars, so that _affine_input is the very formula of the split
+    # kernels and of this path's backward (the same z, the same ReLU mask).
+    mean_c = tl.zeros([BLOCK_CG], dtype=tl.float32) + mean
+    rstd_c = tl.zeros([BLOCK_CG], dtype=tl.float32) + rstd
+    y = _activation(_affine_input(x, mean_c, rstd_c, w, b), ACT)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + pid, mean)
+    tl.store(RSTD + pid, rstd)
+
+
+@triton.jit
+def _group_backward_kernel(
+    X, DY, DX, W, B, MEAN, RSTD, PART_DS, PART_DB,
+    C, S, G, cpg,
+    stride_n, stride_c, stride_s, dy_stride_n, dy_stride_c, dy_stride_s,
+    ACT: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One program per (n, group) that fits in registers: x and dy are read once, dx written
+    once; the per-(n, channel) sums of dz * xhat and dz go out for dgamma and dbeta."""
+    pid = tl.program_id(0)
+    pid_n, c_offs, c_mask, offs, mask = _group_tile(pid, C, S, G, cpg, stride_n, stride_c, stride_s, BLOCK_CG, BLOCK_S)
+    _, _, _, dy_offs, _ = _group_tile(pid, C, S, G, cpg, dy_stride_n, dy_stride_c, dy_stride_s, BLOCK_CG, BLOCK_S)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + dy_offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(MEAN + pid)
+    rstd = tl.load(RSTD + pid)
+    w = tl.load(W + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    b = tl.load(B + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    mean_c = tl.zeros([BLOCK_CG], dtype=tl.float32) + mean
+    rstd_c = tl.zeros([BLOCK_CG], dtype=tl.float32) + rstd
+    xhat = (x - mean) * rstd
+    dz = _activation_grad(_affine_input(x, mean_c, rstd_c, w, b), dy, ACT)
+    dz = tl.where(mask, dz, 0.0)
+    ds = tl.sum(dz * xhat, axis=1)  # per channel: dgamma's share of this (n, group)
+    db = tl.sum(dz, axis=1)
+    part = pid_n.to(tl.int64) * C + c_offs
+    tl.store(PART_DS + part, ds, mask=c_mask)
+    tl.store(PART_DB + part, db, mask=c_mask)
+    scale = rstd / (cpg * S).to(tl.float32)
+    sum_ds = tl.sum(ds * w, axis=0)
+    sum_db = tl.sum(db * w, axis=0)
+    dx = (rstd * w)[:, None] * dz - scale * (xhat * sum_ds + sum_db)
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------- launch plans
 
 _TILE_ELEMENTS = 4096  # elements per tile: 32 per thread at 4 warps
 _MAX_SPLITS = 512
+# Groups of up to this many elements (padded to powers of two) are normalised by one program
+# each, in one launch forward and one backward (detectron2's box and mask heads: 8 x 49 and
+# 8 x 196 elements per group at 32 groups, N = hundreds of ROIs). Larger groups take the
+# split reduction, which spreads each group over many programs.
+GROUP_RESIDENT_MAX_ELEMENTS = 4096
 
 
 @functools.lru_cache(maxsize=None)
@@ -331,6 +426,18 @@ def _plan(n: int, c: int, s: int, channels_last: bool, device: torch.device):
     return block_c, block_s, n_cblocks, triton.cdiv(s, block_s), splits, chunk_s
 
 
+def _group_resident_blocks(cpg: int, s: int) -> Optional[Tuple[int, int]]:
+    """(BLOCK_CG, BLOCK_S) when a whole group fits one program's tile, else None."""
+    block_cg, block_s = triton.next_power_of_2(cpg), triton.next_power_of_2(s)
+    return (block_cg, block_s) if block_cg * block_s <= GROUP_RESIDENT_MAX_ELEMENTS else None
+
+
+def kernel_path(x: torch.Tensor, num_groups: int) -> str:
+    """Which of the two kernel sets normalises x: "one program per group" or "split reduction"."""
+    c, s = x.shape[1], x.numel() // max(x.shape[0] * x.shape[1], 1)
+    return "one program per group" if _group_resident_blocks(c // num_groups, s) else "split reduction"
+
+
 def _finalize_blocks(splits: int, cpg: int) -> Tuple[int, int]:
     block_cg = min(triton.next_power_of_2(cpg), 64)
     block_k = max(1, min(triton.next_power_of_2(splits), 1024 // block_cg))
@@ -349,6 +456,13 @@ def triton_group_norm_forward(
     y = torch.empty_like(x)
     mean = torch.empty((n, g), dtype=torch.float32, device=x.device)
     rstd = torch.empty((n, g), dtype=torch.float32, device=x.device)
+    resident = _group_resident_blocks(cpg, s)
+    if resident is not None:
+        _group_forward_kernel[(n * g,)](
+            x, y, weight, bias, mean, rstd, c, s, g, cpg, stride_n, stride_c, stride_s, eps,
+            ACT=activation, BLOCK_CG=resident[0], BLOCK_S=resident[1],
+        )
+        return y, mean, rstd
     block_c, block_s, n_cblocks, n_sblocks, splits, chunk_s = _plan(n, c, s, channels_last, x.device)
     part_mean = torch.empty((n, splits, c), dtype=torch.float32, device=x.device)
     part_m2 = torch.empty_like(part_mean)
@@ -383,6 +497,16 @@ def triton_group_norm_backward(
         raise ValueError("grad_y's spatial dims must flatten to one stride (the caller makes it dense first)")
     dy_stride_n, dy_stride_c = grad_y.stride(0), grad_y.stride(1)
     dx = torch.empty_like(x)
+    resident = _group_resident_blocks(cpg, s)
+    if resident is not None:
+        part_ds = torch.empty((n, c), dtype=torch.float32, device=x.device)
+        part_db = torch.empty_like(part_ds)
+        _group_backward_kernel[(n * g,)](
+            x, grad_y, dx, weight, bias, mean, rstd, part_ds, part_db, c, s, g, cpg,
+            stride_n, stride_c, stride_s, dy_stride_n, dy_stride_c, dy_stride_s,
+            ACT=activation, BLOCK_CG=resident[0], BLOCK_S=resident[1],
+        )
+        return dx, part_ds.sum(dim=0).to(weight.dtype), part_db.sum(dim=0).to(weight.dtype)
     block_c, block_s, n_cblocks, n_sblocks, splits, chunk_s = _plan(n, c, s, channels_last, x.device)
     part_ds = torch.empty((n, splits, c), dtype=torch.float32, device=x.device)
     part_db = torch.empty_like(part_ds)

@@ -9,7 +9,8 @@ import torch
 import gn_det
 from gn_det.kernels.group_norm_op import triton_enabled_for
 from gn_det.kernels.group_norm_torch import torch_group_norm_backward, torch_group_norm_forward
-from gn_det.kernels.group_norm_triton import triton_group_norm_backward, triton_group_norm_forward
+from gn_det.kernels import group_norm_triton
+from gn_det.kernels.group_norm_triton import kernel_path, triton_group_norm_backward, triton_group_norm_forward
 from gn_cases import LAYER_CASES, check_forward_backward, make_affine, make_input, reference
 
 CF, CL, CL3D = torch.contiguous_format, torch.channels_last, torch.channels_last_3d
@@ -17,8 +18,26 @@ CF, CL, CL3D = torch.contiguous_format, torch.channels_last, torch.channels_last
 assert os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("GN_DET_TRITON_ON_CPU") == "1"
 
 
+@pytest.fixture(params=["by group size", "split reduction forced"])
+def path(request, monkeypatch):
+    """Runs a test under both kernel sets. These shapes are small, so by group size all but
+    the largest take the one-program-per-group kernels; a limit of 0 forces every shape
+    through the split reduction."""
+    if request.param == "split reduction forced":
+        monkeypatch.setattr(group_norm_triton, "GROUP_RESIDENT_MAX_ELEMENTS", 0)
+    return request.param
+
+
 def test_cpu_tensors_go_to_triton():
     assert triton_enabled_for(torch.zeros(2, 4, 3))
+
+
+def test_kernel_path_follows_group_size(monkeypatch):
+    box_head = torch.zeros(2, 64, 7, 7)  # 2 channels x 49 positions per group at 32 groups
+    assert kernel_path(box_head, 32) == "one program per group"
+    assert kernel_path(torch.zeros(1, 64, 100, 100), 32) == "split reduction"  # 20000 per group
+    monkeypatch.setattr(group_norm_triton, "GROUP_RESIDENT_MAX_ELEMENTS", 0)
+    assert kernel_path(box_head, 32) == "split reduction"
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "silu"])
@@ -30,22 +49,22 @@ def test_cpu_tensors_go_to_triton():
         ((1, 256, 4, 4), 2, CL),    # 128 channels per group: finalize loops over channel blocks
     ],
 )
-def test_kernels_match_reference(shape, groups, memory_format, activation):
+def test_kernels_match_reference(shape, groups, memory_format, activation, path):
     check_forward_backward(shape, groups, memory_format=memory_format, activation=activation)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("memory_format", [CF, CL])
-def test_half_precision(dtype, memory_format):
+def test_half_precision(dtype, memory_format, path):
     check_forward_backward((2, 16, 9, 10), 4, dtype=dtype, memory_format=memory_format, activation="silu")
 
 
-def test_no_affine():
+def test_no_affine(path):
     check_forward_backward((2, 8, 5, 6), 2, affine=False, activation="relu")
 
 
 @pytest.mark.parametrize("memory_format", [CF, CL])
-def test_large_mean(memory_format):
+def test_large_mean(memory_format, path):
     x = make_input((1, 8, 40, 40), memory_format=memory_format, mean=1e4, std=1.0)
     weight, bias = make_affine(8)
     y = gn_det.group_norm(x, 4, weight, bias)
@@ -53,7 +72,7 @@ def test_large_mean(memory_format):
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-3
 
 
-def test_constant_group_finite():
+def test_constant_group_finite(path):
     x = torch.full((1, 4, 6, 6), -3.0, requires_grad=True)
     y = gn_det.group_norm(x, 2, *make_affine(4), activation="relu")
     assert torch.isfinite(y).all()
@@ -70,7 +89,7 @@ def test_empty_batch_launches_nothing():
 
 
 @pytest.mark.parametrize("activation", [0, 1, 2])
-def test_kernels_agree_with_torch_path(activation):
+def test_kernels_agree_with_torch_path(activation, path):
     x = make_input((2, 8, 9, 7), memory_format=CL)
     weight, bias = make_affine(8)
     grad = make_input((2, 8, 9, 7), seed=3)  # NCHW gradient for a channels_last input
