@@ -22,10 +22,13 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch._dynamo
+from bench_utils import command_line
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
@@ -48,19 +51,19 @@ CPU_SHAPES = {"stem": (2, 64, 100, 168), "res3": (2, 512, 25, 42), "FPN P4": (2,
 QUICK = ("stem N=1", "FPN P3", "box head")
 
 
-def candidates(channels: int, device) -> Dict[str, Tuple[nn.Module, bool]]:
-    """name -> (module, whether its output includes ReLU)."""
+def candidates(channels: int, device) -> Dict[str, nn.Module]:
+    """name -> module; a name with "ReLU" in it includes the ReLU."""
     gn = nn.GroupNorm(32, channels).to(device)
     gn_relu = nn.Sequential(nn.GroupNorm(32, channels), nn.ReLU()).to(device)
     frozen = FrozenBatchNorm2d(channels).to(device)
     frozen.weight.uniform_()  # buffers: no gradient, as in detectron2's frozen stages
     out = {
-        "gn_det GN": (gn_det.GroupNorm(32, channels).to(device), False),
-        "gn_det GN+ReLU (fused)": (gn_det.GroupNorm(32, channels, activation="relu").to(device), True),
-        "nn.GroupNorm": (gn, False),
-        "nn.GroupNorm+ReLU": (gn_relu, True),
-        "compile(nn.GroupNorm+ReLU)": (torch.compile(nn.Sequential(nn.GroupNorm(32, channels), nn.ReLU()).to(device)), True),
-        "FrozenBatchNorm2d": (frozen, False),
+        "gn_det GN": gn_det.GroupNorm(32, channels).to(device),
+        "gn_det GN+ReLU (fused)": gn_det.GroupNorm(32, channels, activation="relu").to(device),
+        "nn.GroupNorm": gn,
+        "nn.GroupNorm+ReLU": gn_relu,
+        "compile(nn.GroupNorm+ReLU)": torch.compile(nn.Sequential(nn.GroupNorm(32, channels), nn.ReLU()).to(device)),
+        "FrozenBatchNorm2d": frozen,
     }
     return out
 
@@ -83,30 +86,45 @@ class Timer:
         return time.perf_counter() - start
 
 
-def measure(module: nn.Module, inputs: List[torch.Tensor], grads: List[torch.Tensor], timer: Timer,
-            warmup: int, reps: int, autocast_dtype) -> Dict[str, float]:
-    """Median seconds of forward, backward and forward+backward, cycling over the input sets."""
+def measure_all(modules: Dict[str, nn.Module], inputs: List[torch.Tensor], grads: List[torch.Tensor], timer: Timer,
+                warmup: int, reps: int, autocast_dtype) -> Dict[str, Dict[str, float]]:
+    """name -> median seconds of forward, backward and forward+backward (or an error). The
+    candidates take turns within every repetition, in an order that rotates, so drift over
+    the run (clocks, caches, the allocator) falls on all of them alike; each repetition
+    uses the next input set."""
     device_type = inputs[0].device.type
-    times = {"fwd": [], "bwd": [], "fwd+bwd": []}
+    times = {name: {"fwd": [], "bwd": [], "fwd+bwd": []} for name in modules}
+    errors: Dict[str, Dict[str, str]] = {}
 
-    def forward(x):
-        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            return module(x)
+    def one(module, x, g, record):
+        def forward():
+            with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                return module(x)
 
-    for i in range(warmup + reps):
-        x, g = inputs[i % len(inputs)], grads[i % len(grads)]
         x.grad = None
         holder = {}
-        t_fwd = timer(lambda: holder.__setitem__("y", forward(x)))
+        t_fwd = timer(lambda: holder.__setitem__("y", forward()))
         y = holder["y"]
         g = g.to(y.dtype)  # nn.GroupNorm's output is float32 under autocast
         t_bwd = timer(lambda: y.backward(g))
-        t_both = timer(lambda: forward(x).backward(g))
-        if i >= warmup:
-            times["fwd"].append(t_fwd)
-            times["bwd"].append(t_bwd)
-            times["fwd+bwd"].append(t_both)
-    return {k: statistics.median(v) for k, v in times.items()}
+        t_both = timer(lambda: forward().backward(g))
+        if record is not None:
+            record["fwd"].append(t_fwd)
+            record["bwd"].append(t_bwd)
+            record["fwd+bwd"].append(t_both)
+
+    names = list(modules)
+    for i in range(warmup + reps):
+        x, g = inputs[i % len(inputs)], grads[i % len(grads)]
+        # The first to run after the input set changes finds it out of cache: rotate who that is.
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            if name in errors:
+                continue
+            try:
+                one(modules[name], x, g, times[name] if i >= warmup else None)
+            except Exception as exc:  # report, do not stop the table
+                errors[name] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+    return {name: errors.get(name) or {k: statistics.median(v) for k, v in times[name].items()} for name in modules}
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -131,14 +149,20 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--input-sets", type=int, default=3, help="distinct inputs cycled through (defeats cache reuse)")
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--suffix", default="", help="appended to the result files' names (a partial table)")
     args = parser.parse_args()
+    # Every shape, dtype and layout is a new graph for torch.compile: let it recompile rather
+    # than fall back to eager when dynamo's default limit (8) is reached.
+    for limit in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, limit):
+            setattr(torch._dynamo.config, limit, 1024)
     device = torch.device(args.device)
     is_gpu = device.type == "cuda"
     shapes = GPU_SHAPES if is_gpu else CPU_SHAPES
     if args.quick:
         shapes = {k: v for k, v in shapes.items() if k in QUICK} or dict(list(shapes.items())[:3])
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
-    reps = args.reps if args.reps is not None else (3 if args.quick else (20 if is_gpu else 15))
+    reps = args.reps if args.reps is not None else (3 if args.quick else (20 if is_gpu else 18))
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     if not is_gpu:
         dtypes = [torch.float32]  # half precision on CPU is computed in float32: not a speed path
@@ -162,12 +186,7 @@ def main() -> None:
                 # Half-precision inputs run under autocast, as in mixed-precision training:
                 # nn.GroupNorm is upcast to float32 there, gn_det stays in the input's dtype.
                 autocast = dtype if dtype != torch.float32 else None
-                results = {}
-                for name, (module, _relu) in candidates(shape[1], device).items():
-                    try:
-                        results[name] = measure(module, inputs, grads, timer, warmup, reps, autocast)
-                    except Exception as exc:  # report, do not stop the table
-                        results[name] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+                results = measure_all(candidates(shape[1], device), inputs, grads, timer, warmup, reps, autocast)
                 es = torch.tensor([], dtype=dtype).element_size()
                 min_bytes = {"fwd": 2 * numel * es, "bwd": 3 * numel * es, "fwd+bwd": 5 * numel * es}
                 two_pass = {"fwd": 3 * numel * es, "bwd": 5 * numel * es, "fwd+bwd": 8 * numel * es}
@@ -189,7 +208,7 @@ def main() -> None:
                     rows.append(row)
                 print(f"{shape_name:12s} {row['dtype']:8s} {fmt_name:13s} " + "  ".join(
                     f"{n}: {r.get('fwd+bwd', float('nan')) * 1e3:.3f} ms" for n, r in results.items() if "error" not in r), flush=True)
-    write_results(args.out_dir, machine, bandwidth, rows, is_gpu, warmup, reps, args.input_sets)
+    write_results(args.out_dir, machine, bandwidth, rows, is_gpu, warmup, reps, args.input_sets, args.suffix)
 
 
 def _ratio(rows: List[dict], row: dict, other_impl: str, key: str = "fwd+bwd ms") -> Optional[float]:
@@ -256,16 +275,16 @@ def target_checks(rows: List[dict], is_gpu: bool) -> List[str]:
 
 
 def write_results(out_dir: str, machine: str, bandwidth: float, rows: List[dict], is_gpu: bool,
-                  warmup: int, reps: int, input_sets: int) -> None:
+                  warmup: int, reps: int, input_sets: int, suffix: str = "") -> None:
     os.makedirs(out_dir, exist_ok=True)
     slug = "".join(c if c.isalnum() else "_" for c in machine).strip("_").lower()
-    stem = os.path.join(out_dir, f"norm_{slug}")
+    stem = os.path.join(out_dir, f"norm_{slug}" + (f"_{suffix}" if suffix else ""))
     meta = {
         "machine": machine, "torch": torch.__version__, "gn_det": gn_det.__version__,
         "date": datetime.date.today().isoformat(), "copy_bandwidth_GBps": bandwidth / 1e9,
         "timing": f"median of {reps} after {warmup} warm-up, {input_sets} input sets, "
                   + ("CUDA events" if is_gpu else "perf_counter"),
-        "command": "python tools/benchmark_norm.py",
+        "command": command_line("tools/benchmark_norm.py", sys.argv[1:]),
     }
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -32,6 +32,7 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_utils import command_line  # noqa: E402
 from detectron2 import model_zoo  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
@@ -144,18 +145,6 @@ def profile_step(device: str, batch, precision: str) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=25)
 
 
-def _args_without_out_dir(argv: List[str]) -> List[str]:
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--out-dir":
-            skip = True
-        elif not arg.startswith("--out-dir="):
-            kept.append(arg)
-    return kept
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -193,7 +182,7 @@ def main() -> None:
     meta = {"machine": machine, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "batch": f"{args.images} images of {width}x{height}, {args.boxes} boxes+masks each",
             "timing": f"median of {iters} steps after {warmup} warm-up",
-            "command": " ".join(["python tools/benchmark_train.py"] + _args_without_out_dir(sys.argv[1:]))}
+            "command": command_line("tools/benchmark_train.py", sys.argv[1:])}
     lines = [f"# Training-step benchmark: {machine}", "",
              f"{meta['date']}, torch {meta['torch']}; {meta['batch']}; {meta['timing']}. Command: `{meta['command'].strip()}`.", "",
              "| precision | model | step (s) | step / frozen-BN | inference per image (s) | inference / frozen-BN | peak memory (GiB) |",

@@ -382,7 +382,7 @@ def _group_backward_kernel(
 
 # ----------------------------------------------------------------------------- launch plans
 
-_TILE_ELEMENTS = 4096  # elements per tile: 32 per thread at 4 warps
+_TILE_ELEMENTS = 4096  # elements per tile of the split kernels (16 per thread at 8 warps)
 _MAX_SPLITS = 512
 # Groups of up to this many elements (padded to powers of two) are normalised by one program
 # each, in one launch forward and one backward (detectron2's box and mask heads: 8 x 49 and
@@ -426,6 +426,14 @@ def _plan(n: int, c: int, s: int, channels_last: bool, device: torch.device):
     return block_c, block_s, n_cblocks, triton.cdiv(s, block_s), splits, chunk_s
 
 
+def _num_warps(tile_elements: int) -> int:
+    """Warps for a kernel over tiles of this many elements: one per 256 elements, 1 to 8
+    (the Triton layer-norm tutorial's rule), so that at most 16 elements of each of the
+    backward's live tiles (x, dy, xhat, dz) sit in a thread's registers. Untuned: no GPU
+    has measured the alternatives yet."""
+    return min(max(tile_elements // 256, 1), 8)
+
+
 def _group_resident_blocks(cpg: int, s: int) -> Optional[Tuple[int, int]]:
     """(BLOCK_CG, BLOCK_S) when a whole group fits one program's tile, else None."""
     block_cg, block_s = triton.next_power_of_2(cpg), triton.next_power_of_2(s)
@@ -458,17 +466,19 @@ def triton_group_norm_forward(
     rstd = torch.empty((n, g), dtype=torch.float32, device=x.device)
     resident = _group_resident_blocks(cpg, s)
     if resident is not None:
+        block_cg, block_s = resident
         _group_forward_kernel[(n * g,)](
             x, y, weight, bias, mean, rstd, c, s, g, cpg, stride_n, stride_c, stride_s, eps,
-            ACT=activation, BLOCK_CG=resident[0], BLOCK_S=resident[1],
+            ACT=activation, BLOCK_CG=block_cg, BLOCK_S=block_s, num_warps=_num_warps(block_cg * block_s),
         )
         return y, mean, rstd
     block_c, block_s, n_cblocks, n_sblocks, splits, chunk_s = _plan(n, c, s, channels_last, x.device)
+    warps = _num_warps(block_c * block_s)
     part_mean = torch.empty((n, splits, c), dtype=torch.float32, device=x.device)
     part_m2 = torch.empty_like(part_mean)
     _stats_partial_kernel[(n * n_cblocks * splits,)](
         x, part_mean, part_m2, c, s, stride_n, stride_c, stride_s, chunk_s, splits, n_cblocks,
-        BLOCK_C=block_c, BLOCK_S=block_s,
+        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
     )
     block_k, block_cg = _finalize_blocks(splits, cpg)
     _stats_finalize_kernel[(n * g,)](
@@ -477,7 +487,7 @@ def triton_group_norm_forward(
     )
     _forward_apply_kernel[(n * n_cblocks * n_sblocks,)](
         x, y, weight, bias, mean, rstd, c, s, g, cpg, stride_n, stride_c, stride_s, n_cblocks, n_sblocks,
-        ACT=activation, BLOCK_C=block_c, BLOCK_S=block_s,
+        ACT=activation, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
     )
     return y, mean, rstd
 
@@ -501,20 +511,22 @@ def triton_group_norm_backward(
     if resident is not None:
         part_ds = torch.empty((n, c), dtype=torch.float32, device=x.device)
         part_db = torch.empty_like(part_ds)
+        block_cg, block_s = resident
         _group_backward_kernel[(n * g,)](
             x, grad_y, dx, weight, bias, mean, rstd, part_ds, part_db, c, s, g, cpg,
             stride_n, stride_c, stride_s, dy_stride_n, dy_stride_c, dy_stride_s,
-            ACT=activation, BLOCK_CG=resident[0], BLOCK_S=resident[1],
+            ACT=activation, BLOCK_CG=block_cg, BLOCK_S=block_s, num_warps=_num_warps(block_cg * block_s),
         )
         return dx, part_ds.sum(dim=0).to(weight.dtype), part_db.sum(dim=0).to(weight.dtype)
     block_c, block_s, n_cblocks, n_sblocks, splits, chunk_s = _plan(n, c, s, channels_last, x.device)
+    warps = _num_warps(block_c * block_s)
     part_ds = torch.empty((n, splits, c), dtype=torch.float32, device=x.device)
     part_db = torch.empty_like(part_ds)
     _backward_partial_kernel[(n * n_cblocks * splits,)](
         x, grad_y, weight, bias, mean, rstd, part_ds, part_db, c, s, g, cpg,
         stride_n, stride_c, stride_s, dy_stride_n, dy_stride_c, dy_stride_s,
         chunk_s, splits, n_cblocks,
-        ACT=activation, BLOCK_C=block_c, BLOCK_S=block_s,
+        ACT=activation, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
     )
     coef_xhat = torch.empty((n, g), dtype=torch.float32, device=x.device)
     coef_const = torch.empty_like(coef_xhat)
@@ -526,7 +538,7 @@ def triton_group_norm_backward(
     _backward_apply_kernel[(n * n_cblocks * n_sblocks,)](
         x, grad_y, dx, weight, bias, mean, rstd, coef_xhat, coef_const, c, s, g, cpg,
         stride_n, stride_c, stride_s, dy_stride_n, dy_stride_c, dy_stride_s, n_cblocks, n_sblocks,
-        ACT=activation, BLOCK_C=block_c, BLOCK_S=block_s,
+        ACT=activation, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
     )
     dweight = part_ds.sum(dim=(0, 1)).to(weight.dtype)
     dbias = part_db.sum(dim=(0, 1)).to(weight.dtype)

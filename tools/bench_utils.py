@@ -1,0 +1,18 @@
+"""Helpers shared by the benchmark scripts in tools/."""
+from __future__ import annotations
+
+from typing import List
+
+
+def command_line(script: str, argv: List[str]) -> str:
+    """The command that re-runs a benchmark, for its result files: the script and its
+    arguments, less --out-dir (where the files went is not part of what was measured)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--out-dir":
+            skip = True
+        elif not arg.startswith("--out-dir="):
+            kept.append(arg)
+    return " ".join([f"python {script}"] + kept)

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU work of gn_det in as few device calls as possible: the CUDA tests, the layer
+# benchmark and the training benchmark, each writing its files into one folder.
+#
+#   tools/gpu_checks.sh [STAGE ...]      STAGE: tests | norm | norm-bf16 | norm-rest | train
+#
+# With no stage it runs all of them (tests, norm, train). Results go to $GPU_RESULTS, else
+# $OUT (the device tool's return folder), else benchmarks/results/. Every stage runs even
+# when an earlier one failed; the exit status is the number of stages that failed.
+# On the project's lent GPU machine (see docs/PERFORMANCE.md), after
+# `bash ../shared/gpu/prepare-site.sh` here, carry .gpu_site and run e.g.
+#   export PYTHONPATH=$PWD/.gpu_site:$PWD; bash tools/gpu_checks.sh tests norm-bf16
+set -u
+cd "$(dirname "$0")/.."
+results="${GPU_RESULTS:-${OUT:-benchmarks/results}}"
+mkdir -p "$results"
+export PYTHONUNBUFFERED=1
+failed=0
+
+stage() {  # name, command...: run it, log it under $results, count a failure
+    local name="$1"
+    shift
+    echo "=== $name: $*"
+    local start=$SECONDS
+    if ! "$@" 2>&1 | tee -a "$results/gpu_checks.log"; then
+        failed=$((failed + 1))
+        echo "=== $name FAILED after $((SECONDS - start)) s"
+    else
+        echo "=== $name done in $((SECONDS - start)) s"
+    fi
+}
+
+set -o pipefail
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$results/gpu_checks.log"
+[ $# -eq 0 ] && set -- tests norm train
+for what in "$@"; do
+    case "$what" in
+        tests) stage tests python -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
+                   tests/test_group_norm_cuda.py tests/test_group_norm.py ;;
+        norm) stage norm python tools/benchmark_norm.py --out-dir "$results" ;;
+        norm-bf16) stage norm-bf16 python tools/benchmark_norm.py --dtypes bfloat16 --suffix bf16 --out-dir "$results" ;;
+        norm-rest) stage norm-rest python tools/benchmark_norm.py --dtypes float32,float16 --suffix fp32_fp16 \
+                       --out-dir "$results" ;;
+        train) stage train python tools/benchmark_train.py --profile --out-dir "$results" ;;
+        *) echo "unknown stage '$what' (tests, norm, norm-bf16, norm-rest, train)" >&2; failed=$((failed + 1)) ;;
+    esac
+done
+exit "$failed"
