@@ -25,6 +25,7 @@ ACT_FNS = {None: lambda t: t, "relu": F.relu, "silu": F.silu}
 # (shape, groups, memory format): every rank, both memory formats, odd sizes, batch 1.
 LAYER_CASES = [
     ((2, 6), 3, torch.contiguous_format),                    # (N, C)
+    ((4, 8), 8, torch.contiguous_format),                    # G = C and S = 1: one value per group
     ((3, 8, 17), 4, torch.contiguous_format),                # sequences (N, C, L)
     ((2, 12, 7, 9), 4, torch.contiguous_format),             # images
     ((2, 12, 7, 9), 4, torch.channels_last),
