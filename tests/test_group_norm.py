@@ -12,7 +12,7 @@ from torch import nn
 
 import gn_det
 from gn_det.layers.group_norm import resolve_num_groups
-from gn_cases import (ACT_FNS, LAYER_CASES, TOLERANCE, assert_close, check_forward_backward, make_affine,
+from gn_cases import (ACT_FNS, LAYER_CASES, TOLERANCE, assert_close, check_forward_backward, check_one_value_per_group, make_affine,
                       make_input, reference)
 
 CL = torch.channels_last
@@ -105,6 +105,10 @@ def test_large_mean_gradients_are_accurate(shape, memory_format):
     for name, actual, expected in (("x", x.grad, x64.grad), ("weight", weight.grad, w64.grad), ("bias", bias.grad, b64.grad)):
         assert _rel_l2(actual, expected) < 1e-3, (name, _rel_l2(actual, expected))
     assert x.grad.is_contiguous(memory_format=memory_format)
+
+
+def test_one_value_per_group():
+    check_one_value_per_group()
 
 
 def test_constant_group_is_finite():

@@ -8,7 +8,7 @@ from torch import nn
 
 import gn_det
 from gn_det.kernels.group_norm_op import triton_enabled_for
-from gn_cases import check_forward_backward, make_affine, make_input, reference
+from gn_cases import check_forward_backward, check_one_value_per_group, make_affine, make_input, reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CF, CL = torch.contiguous_format, torch.channels_last
@@ -39,6 +39,11 @@ def test_sequences_and_volumes(activation):
     check_forward_backward((3, 96, 1001), 32, activation=activation, device="cuda")
     check_forward_backward((2, 64, 9, 17, 23), 16, activation=activation, device="cuda",
                            memory_format=torch.channels_last_3d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_value_per_group_cuda(dtype):
+    check_one_value_per_group(device="cuda", dtype=dtype)
 
 
 def test_large_mean_cuda():
