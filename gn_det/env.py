@@ -62,6 +62,7 @@ def collect_env() -> List[Tuple[str, str]]:
         else:
             rows.append(("GPU", "none (gn_det runs its PyTorch path on CPU)"))
         rows.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset")))
+        rows.append(("GN_DET_BACKEND", os.environ.get("GN_DET_BACKEND", "unset (auto: Triton kernels on CUDA)")))
     except Exception as exc:
         rows.append(("CUDA", f"unknown ({exc})"))
     return rows

@@ -325,3 +325,20 @@ def test_fused_activation_saves_no_output(activation):
     # full activation-sized tensor (ReLU's output or SiLU's input).
     assert ours_saved < 4096, ours_saved
     assert theirs_saved >= x.numel() * x.element_size(), theirs_saved
+
+
+def test_backend_variable_is_checked(monkeypatch):
+    from gn_det.kernels.group_norm_op import backend, triton_enabled_for
+
+    try:
+        monkeypatch.setenv("GN_DET_BACKEND", "trition")
+        backend.cache_clear()
+        with pytest.raises(ValueError, match=r"GN_DET_BACKEND='trition' is not a gn_det backend: use 'auto'"):
+            backend()
+        monkeypatch.setenv("GN_DET_BACKEND", "Torch")
+        backend.cache_clear()
+        assert backend() == "torch" and not triton_enabled_for(torch.zeros(2, 4, 3))
+    finally:
+        monkeypatch.delenv("GN_DET_BACKEND")
+        backend.cache_clear()
+    assert backend() == "auto"

@@ -41,6 +41,22 @@ def test_sequences_and_volumes(activation):
                            memory_format=torch.channels_last_3d)
 
 
+@pytest.mark.parametrize("memory_format", [CF, CL])
+def test_torch_backend_on_cuda(monkeypatch, memory_format):
+    # GN_DET_BACKEND=torch: PyTorch operations on CUDA tensors, the same results.
+    from gn_det.kernels.group_norm_op import backend
+
+    monkeypatch.setenv("GN_DET_BACKEND", "torch")
+    backend.cache_clear()
+    try:
+        assert not triton_enabled_for(torch.zeros(2, 4, 3, device="cuda"))
+        check_forward_backward((2, 64, 33, 35), 32, dtype=torch.bfloat16, memory_format=memory_format,
+                               activation="relu", device="cuda")
+    finally:
+        monkeypatch.delenv("GN_DET_BACKEND")
+        backend.cache_clear()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_value_per_group_cuda(dtype):
     check_one_value_per_group(device="cuda", dtype=dtype)

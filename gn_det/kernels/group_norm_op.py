@@ -27,7 +27,7 @@ from .activation import ACT_NONE, ACT_RELU, ACT_SILU, activation_code
 from .group_norm_torch import torch_group_norm_backward, torch_group_norm_forward
 from .layout import flat_spatial_stride, memory_format_of, to_dense
 
-__all__ = ["dispatch_path", "group_norm", "triton_enabled_for"]
+__all__ = ["backend", "dispatch_path", "group_norm", "triton_enabled_for"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ATEN_EXACT_DTYPES = (torch.float32, torch.float64)  # where ATen's CPU GN computes in the input's dtype
@@ -41,6 +41,23 @@ def _triton_module():
     except ImportError:  # e.g. a CPU-only torch build without triton
         return None
     return group_norm_triton
+
+
+BACKENDS = ("auto", "torch")
+
+
+@functools.lru_cache(maxsize=None)
+def backend() -> str:
+    """``GN_DET_BACKEND``, read once: "auto" (the default) runs the Triton kernels on CUDA;
+    "torch" runs PyTorch operations everywhere, the escape hatch should the kernels ever fail
+    on a machine (call ``backend.cache_clear()`` after changing the variable in-process)."""
+    value = os.environ.get("GN_DET_BACKEND", "").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(
+            f"GN_DET_BACKEND={os.environ['GN_DET_BACKEND']!r} is not a gn_det backend: use 'auto' (Triton "
+            "kernels on CUDA, the default) or 'torch' (PyTorch operations everywhere)"
+        )
+    return value
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,9 +74,10 @@ def _triton_on_cpu() -> bool:
 def triton_enabled_for(x: Tensor) -> bool:
     """Whether x goes to the Triton kernels: CUDA tensors, and CPU tensors when the Triton
     interpreter is on (``TRITON_INTERPRET=1``) and ``GN_DET_TRITON_ON_CPU=1`` asks for it
-    (how the kernels are tested on machines without a GPU)."""
-    if x.dtype == torch.float64:
-        return False  # float64 is for reference checks: exact PyTorch path
+    (how the kernels are tested on machines without a GPU). ``GN_DET_BACKEND=torch`` turns
+    the kernels off."""
+    if x.dtype == torch.float64 or backend() == "torch":
+        return False  # (float64 is for reference checks: the exact PyTorch path)
     if x.is_cuda:
         return _triton_module() is not None
     return x.device.type == "cpu" and _triton_on_cpu()
