@@ -36,7 +36,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee -
 for what in "$@"; do
     case "$what" in
         tests) stage tests python -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
-                   tests/test_group_norm_cuda.py tests/test_group_norm.py ;;
+                   tests/test_group_norm_cuda.py tests/test_cuda_training.py tests/test_group_norm.py ;;
         norm) stage norm python tools/benchmark_norm.py --out-dir "$results" ;;
         norm-bf16) stage norm-bf16 python tools/benchmark_norm.py --dtypes bfloat16 --suffix bf16 --out-dir "$results" ;;
         norm-rest) stage norm-rest python tools/benchmark_norm.py --dtypes float32,float16 --suffix fp32_fp16 \

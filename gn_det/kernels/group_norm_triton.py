@@ -78,6 +78,16 @@ def _affine_input(x, mean, rstd, w, b):
 
 
 @triton.jit
+def _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask):
+    """Per channel of a tile: its group's mean and rstd, its gamma and beta (float32)."""
+    mean = tl.load(MEAN + grp, mask=c_mask, other=0.0)
+    rstd = tl.load(RSTD + grp, mask=c_mask, other=0.0)
+    w = tl.load(W + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    b = tl.load(B + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    return mean, rstd, w, b
+
+
+@triton.jit
 def _tile_offsets(pid, C, S, n_cblocks, n_sblocks, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """Decompose a 1-D program id into (n, channel offsets, spatial offsets) of one tile."""
     pid_s = pid % n_sblocks
@@ -187,10 +197,7 @@ def _forward_apply_kernel(
     c_mask = c_offs < C
     mask = c_mask[:, None] & (s_offs < S)[None, :]
     grp = pid_n * G + c_offs // cpg
-    mean = tl.load(MEAN + grp, mask=c_mask, other=0.0)
-    rstd = tl.load(RSTD + grp, mask=c_mask, other=0.0)
-    w = tl.load(W + c_offs, mask=c_mask, other=0.0).to(tl.float32)
-    b = tl.load(B + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    mean, rstd, w, b = _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask)
     offs = pid_n.to(tl.int64) * stride_n + c_offs.to(tl.int64)[:, None] * stride_c + s_offs.to(tl.int64)[None, :] * stride_s
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     y = _activation(_affine_input(x, mean, rstd, w, b), ACT)
@@ -213,10 +220,7 @@ def _backward_partial_kernel(
     c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
     grp = pid_n * G + c_offs // cpg
-    mean = tl.load(MEAN + grp, mask=c_mask, other=0.0)
-    rstd = tl.load(RSTD + grp, mask=c_mask, other=0.0)
-    w = tl.load(W + c_offs, mask=c_mask, other=0.0).to(tl.float32)
-    b = tl.load(B + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    mean, rstd, w, b = _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask)
     c64 = c_offs.to(tl.int64)[:, None]
     x_base = X + pid_n.to(tl.int64) * stride_n + c64 * stride_c
     dy_base = DY + pid_n.to(tl.int64) * dy_stride_n + c64 * dy_stride_c
@@ -283,10 +287,7 @@ def _backward_apply_kernel(
     c_mask = c_offs < C
     mask = c_mask[:, None] & (s_offs < S)[None, :]
     grp = pid_n * G + c_offs // cpg
-    mean = tl.load(MEAN + grp, mask=c_mask, other=0.0)
-    rstd = tl.load(RSTD + grp, mask=c_mask, other=0.0)
-    w = tl.load(W + c_offs, mask=c_mask, other=0.0).to(tl.float32)
-    b = tl.load(B + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    mean, rstd, w, b = _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask)
     coef_xhat = tl.load(COEF_XHAT + grp, mask=c_mask, other=0.0)
     coef_const = tl.load(COEF_CONST + grp, mask=c_mask, other=0.0)
     n64 = pid_n.to(tl.int64)
