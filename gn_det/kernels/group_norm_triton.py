@@ -89,14 +89,23 @@ def _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask):
 
 @triton.jit
 def _tile_offsets(pid, C, S, n_cblocks, n_sblocks, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Decompose a 1-D program id into (n, channel offsets, spatial offsets) of one tile."""
+    """Decompose a 1-D program id into one tile's n, channel and spatial offsets, the
+    channel mask and the tile's mask."""
     pid_s = pid % n_sblocks
     rest = pid // n_sblocks
-    pid_c = rest % n_cblocks
-    pid_n = rest // n_cblocks
-    c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_offs = (rest % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     s_offs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    return pid_n, c_offs, s_offs
+    c_mask = c_offs < C
+    return rest // n_cblocks, c_offs, s_offs, c_mask, c_mask[:, None] & (s_offs < S)[None, :]
+
+
+@triton.jit
+def _split_program(pid, C, n_splits, n_cblocks, BLOCK_C: tl.constexpr):
+    """A partial-sums program's (n, spatial split, channel offsets, channel mask)."""
+    pid_k = pid % n_splits
+    rest = pid // n_splits
+    c_offs = (rest % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return rest // n_cblocks, pid_k, c_offs, c_offs < C
 
 
 @triton.jit
@@ -105,13 +114,7 @@ def _stats_partial_kernel(
     C, S, stride_n, stride_c, stride_s, chunk_s, n_splits, n_cblocks,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_k = pid % n_splits
-    rest = pid // n_splits
-    pid_c = rest % n_cblocks
-    pid_n = rest // n_cblocks
-    c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c_offs < C
+    pid_n, pid_k, c_offs, c_mask = _split_program(tl.program_id(0), C, n_splits, n_cblocks, BLOCK_C)
     x_base = X + pid_n.to(tl.int64) * stride_n + c_offs.to(tl.int64)[:, None] * stride_c
     s_start = pid_k * chunk_s
     s_end = tl.minimum(s_start + chunk_s, S)
@@ -193,9 +196,7 @@ def _forward_apply_kernel(
     C, S, G, cpg, stride_n, stride_c, stride_s, n_cblocks, n_sblocks,
     ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid_n, c_offs, s_offs = _tile_offsets(tl.program_id(0), C, S, n_cblocks, n_sblocks, BLOCK_C, BLOCK_S)
-    c_mask = c_offs < C
-    mask = c_mask[:, None] & (s_offs < S)[None, :]
+    pid_n, c_offs, s_offs, c_mask, mask = _tile_offsets(tl.program_id(0), C, S, n_cblocks, n_sblocks, BLOCK_C, BLOCK_S)
     grp = pid_n * G + c_offs // cpg
     mean, rstd, w, b = _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask)
     offs = pid_n.to(tl.int64) * stride_n + c_offs.to(tl.int64)[:, None] * stride_c + s_offs.to(tl.int64)[None, :] * stride_s
@@ -212,13 +213,7 @@ def _backward_partial_kernel(
     chunk_s, n_splits, n_cblocks,
     ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_k = pid % n_splits
-    rest = pid // n_splits
-    pid_c = rest % n_cblocks
-    pid_n = rest // n_cblocks
-    c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c_offs < C
+    pid_n, pid_k, c_offs, c_mask = _split_program(tl.program_id(0), C, n_splits, n_cblocks, BLOCK_C)
     grp = pid_n * G + c_offs // cpg
     mean, rstd, w, b = _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask)
     c64 = c_offs.to(tl.int64)[:, None]
@@ -283,9 +278,7 @@ def _backward_apply_kernel(
     n_cblocks, n_sblocks,
     ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid_n, c_offs, s_offs = _tile_offsets(tl.program_id(0), C, S, n_cblocks, n_sblocks, BLOCK_C, BLOCK_S)
-    c_mask = c_offs < C
-    mask = c_mask[:, None] & (s_offs < S)[None, :]
+    pid_n, c_offs, s_offs, c_mask, mask = _tile_offsets(tl.program_id(0), C, S, n_cblocks, n_sblocks, BLOCK_C, BLOCK_S)
     grp = pid_n * G + c_offs // cpg
     mean, rstd, w, b = _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask)
     coef_xhat = tl.load(COEF_XHAT + grp, mask=c_mask, other=0.0)
