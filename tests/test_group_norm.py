@@ -342,3 +342,13 @@ def test_backend_variable_is_checked(monkeypatch):
         monkeypatch.delenv("GN_DET_BACKEND")
         backend.cache_clear()
     assert backend() == "auto"
+
+
+def test_double_backward_is_refused_clearly():
+    # gn_det's backward is not differentiable (the Triton kernels are not): a second-order
+    # gradient must raise, not come out silently wrong.
+    x = make_input((2, 8, 5, 5)).requires_grad_()
+    y = gn_det.group_norm(x, 4, activation="relu")
+    (grad,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()

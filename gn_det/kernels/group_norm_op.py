@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .activation import ACT_NONE, ACT_RELU, ACT_SILU, activation_code
 from .group_norm_torch import torch_group_norm_backward, torch_group_norm_forward
@@ -193,6 +194,7 @@ class _GroupNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not itself differentiable: say so, loudly
     def backward(ctx, grad_y):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         dx, dweight, dbias = _backward_impl(grad_y, x, weight, bias, mean, rstd, ctx.num_groups, ctx.eps, ctx.activation)
@@ -257,6 +259,9 @@ def group_norm(
     Returns:
         ``act(gamma * (x - mean_g) / sqrt(var_g + eps) + beta)``: input's shape, dtype and
         memory format.
+
+    First-order gradients only: a second-order gradient through it raises (plain GN on
+    NCHW CPU tensors, which is ATen's own op, is the exception).
     """
     code = activation_code(activation)
     _check_inputs(input, num_groups, weight, bias, eps)

@@ -36,6 +36,7 @@ parameters depend on shapes only.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional, Tuple
 
@@ -446,12 +447,36 @@ def _finalize_blocks(splits: int, cpg: int) -> Tuple[int, int]:
     return block_k, block_cg
 
 
+def _on_device_of(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make that x's device for the launches
+    (a tensor on cuda:1 while cuda:0 is current would otherwise be read from the wrong GPU)."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
 def triton_group_norm_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, activation: int
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = act(group_norm(x)); x is ``(N, C, *)``, contiguous or channels_last-contiguous,
     with ``numel > 0``; weight and bias ``(C,)``. Returns y (x's dtype and memory format)
     and the float32 mean and rstd, ``(N, G)``."""
+    with _on_device_of(x):
+        return _forward(x, weight, bias, num_groups, eps, activation)
+
+
+def triton_group_norm_backward(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+    mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, activation: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``triton_group_norm_forward`` w.r.t. x, weight, bias. grad_y has x's
+    shape, in any strides whose spatial dims flatten to one (used as they are, no copy); dx
+    comes in x's layout; dweight/dbias in weight's dtype."""
+    with _on_device_of(x):
+        return _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation)
+
+
+def _forward(x, weight, bias, num_groups, eps, activation):
     n, c, s, stride_n, stride_c, stride_s, channels_last = _as_ncs(x)
     g = num_groups
     cpg = c // g
@@ -486,13 +511,7 @@ def triton_group_norm_forward(
     return y, mean, rstd
 
 
-def triton_group_norm_backward(
-    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-    mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, activation: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``triton_group_norm_forward`` w.r.t. x, weight, bias. grad_y has x's
-    shape, in any strides whose spatial dims flatten to one (used as they are, no copy); dx
-    comes in x's layout; dweight/dbias in weight's dtype."""
+def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation):
     n, c, s, stride_n, stride_c, stride_s, channels_last = _as_ncs(x)
     g = num_groups
     cpg = c // g
