@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_benchmark_norm_runs_on_cpu(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "benchmark_norm.py"), "--device", "cpu", "--quick",
-         "--warmup", "0", "--reps", "1", "--input-sets", "1", "--out-dir", str(tmp_path)],
+         "--warmup", "0", "--reps", "1", "--input-sets", "1", "--time-limit", "0.001", "--out-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -24,8 +24,12 @@ def test_benchmark_norm_runs_on_cpu(tmp_path):
     ok = [row for row in data["rows"] if "error" not in row]
     assert len(ok) == len(data["rows"]), [row for row in data["rows"] if "error" in row]
     assert all(row["fwd+bwd ms"] > 0 and "fwd+bwd speedup vs nn.GroupNorm+ReLU" in row for row in ok)
+    # --time-limit: the first case is measured, the others are listed as not measured.
+    assert {(row["shape"], row["format"]) for row in ok} == {("box head", "nchw")}
+    assert data["meta"]["not_measured"] == ["box head float32 channels_last"]
     text = (tmp_path / md).read_text()
     assert "| shape | dtype | format | impl |" in text and "## Against the targets (issue 3)" in text
+    assert "Not measured (the run's --time-limit came first): box head float32 channels_last." in text
     paths = {row["impl"]: row.get("path") for row in ok if row["format"] == "nchw"}
     assert paths["gn_det GN"] == "PyTorch: ATen GroupNorm" and paths["nn.GroupNorm"] is None
 

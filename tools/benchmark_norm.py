@@ -24,7 +24,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch._dynamo
@@ -150,6 +150,8 @@ def main() -> None:
     parser.add_argument("--input-sets", type=int, default=3, help="distinct inputs cycled through (defeats cache reuse)")
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--suffix", default="", help="appended to the result files' names (a partial table)")
+    parser.add_argument("--time-limit", type=float, default=0, help="seconds; rows not started by then are "
+                        "left out and listed (the table is still written)")
     args = parser.parse_args()
     # Every shape, dtype and layout is a new graph for torch.compile: let it recompile rather
     # than fall back to eager when dynamo's default limit (8) is reached.
@@ -171,44 +173,47 @@ def main() -> None:
     bandwidth = copy_bandwidth(device)
     timer = Timer(device)
     rows = []
-    for shape_name, shape in shapes.items():
-        numel = 1
-        for s in shape:
-            numel *= s
-        for dtype in dtypes:
-            for fmt_name in args.formats.split(","):
-                fmt = formats[fmt_name]
-                gen = torch.Generator(device="cpu").manual_seed(0)
-                inputs = [torch.randn(shape, generator=gen).to(device=device, dtype=dtype, memory_format=fmt).requires_grad_()
-                          for _ in range(args.input_sets)]
-                grads = [torch.randn(shape, generator=gen).to(device=device, dtype=dtype, memory_format=fmt)
-                         for _ in range(args.input_sets)]
-                # Half-precision inputs run under autocast, as in mixed-precision training:
-                # nn.GroupNorm is upcast to float32 there, gn_det stays in the input's dtype.
-                autocast = dtype if dtype != torch.float32 else None
-                results = measure_all(candidates(shape[1], device), inputs, grads, timer, warmup, reps, autocast)
-                es = torch.tensor([], dtype=dtype).element_size()
-                min_bytes = {"fwd": 2 * numel * es, "bwd": 3 * numel * es, "fwd+bwd": 5 * numel * es}
-                two_pass = {"fwd": 3 * numel * es, "bwd": 5 * numel * es, "fwd+bwd": 8 * numel * es}
-                base = results.get("nn.GroupNorm+ReLU", {})
-                for name, res in results.items():
-                    row = {"shape": shape_name, "dims": list(shape), "dtype": str(dtype).replace("torch.", ""),
-                           "format": fmt_name, "impl": name}
-                    if name.startswith("gn_det"):
-                        row["path"] = dispatch_path(inputs[0], 32, "relu" if "ReLU" in name else None)
-                    if "error" in res:
-                        row["error"] = res["error"]
-                    else:
-                        for k, seconds in res.items():
-                            row[f"{k} ms"] = seconds * 1e3
-                            row[f"{k} GB/s"] = min_bytes[k] / seconds / 1e9
-                            row[f"{k} two-pass %copy"] = 100 * two_pass[k] / seconds / bandwidth
-                            if "error" not in base and k in base:
-                                row[f"{k} speedup vs nn.GroupNorm+ReLU"] = base[k] / seconds
-                    rows.append(row)
-                print(f"{shape_name:12s} {row['dtype']:8s} {fmt_name:13s} " + "  ".join(
-                    f"{n}: {r.get('fwd+bwd', float('nan')) * 1e3:.3f} ms" for n, r in results.items() if "error" not in r), flush=True)
-    write_results(args.out_dir, machine, bandwidth, rows, is_gpu, warmup, reps, args.input_sets, args.suffix)
+    started = time.monotonic()
+    cases = [(name, shape, dtype, fmt_name) for name, shape in shapes.items() for dtype in dtypes
+             for fmt_name in args.formats.split(",")]
+    skipped = []
+    for shape_name, shape, dtype, fmt_name in cases:
+        if args.time_limit and time.monotonic() - started > args.time_limit:
+            skipped.append(f"{shape_name} {str(dtype).replace('torch.', '')} {fmt_name}")
+            continue
+        numel = math.prod(shape)
+        fmt = formats[fmt_name]
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        inputs = [torch.randn(shape, generator=gen).to(device=device, dtype=dtype, memory_format=fmt).requires_grad_()
+                  for _ in range(args.input_sets)]
+        grads = [torch.randn(shape, generator=gen).to(device=device, dtype=dtype, memory_format=fmt)
+                 for _ in range(args.input_sets)]
+        # Half-precision inputs run under autocast, as in mixed-precision training:
+        # nn.GroupNorm is upcast to float32 there, gn_det stays in the input's dtype.
+        autocast = dtype if dtype != torch.float32 else None
+        results = measure_all(candidates(shape[1], device), inputs, grads, timer, warmup, reps, autocast)
+        es = torch.tensor([], dtype=dtype).element_size()
+        min_bytes = {"fwd": 2 * numel * es, "bwd": 3 * numel * es, "fwd+bwd": 5 * numel * es}
+        two_pass = {"fwd": 3 * numel * es, "bwd": 5 * numel * es, "fwd+bwd": 8 * numel * es}
+        base = results.get("nn.GroupNorm+ReLU", {})
+        for name, res in results.items():
+            row = {"shape": shape_name, "dims": list(shape), "dtype": str(dtype).replace("torch.", ""),
+                   "format": fmt_name, "impl": name}
+            if name.startswith("gn_det"):
+                row["path"] = dispatch_path(inputs[0], 32, "relu" if "ReLU" in name else None)
+            if "error" in res:
+                row["error"] = res["error"]
+            else:
+                for k, seconds in res.items():
+                    row[f"{k} ms"] = seconds * 1e3
+                    row[f"{k} GB/s"] = min_bytes[k] / seconds / 1e9
+                    row[f"{k} two-pass %copy"] = 100 * two_pass[k] / seconds / bandwidth
+                    if "error" not in base and k in base:
+                        row[f"{k} speedup vs nn.GroupNorm+ReLU"] = base[k] / seconds
+            rows.append(row)
+        print(f"{shape_name:12s} {row['dtype']:8s} {fmt_name:13s} " + "  ".join(
+            f"{n}: {r.get('fwd+bwd', float('nan')) * 1e3:.3f} ms" for n, r in results.items() if "error" not in r), flush=True)
+    write_results(args.out_dir, machine, bandwidth, rows, is_gpu, warmup, reps, args.input_sets, args.suffix, skipped)
 
 
 def _ratio(rows: List[dict], row: dict, other_impl: str, key: str = "fwd+bwd ms") -> Optional[float]:
@@ -275,7 +280,7 @@ def target_checks(rows: List[dict], is_gpu: bool) -> List[str]:
 
 
 def write_results(out_dir: str, machine: str, bandwidth: float, rows: List[dict], is_gpu: bool,
-                  warmup: int, reps: int, input_sets: int, suffix: str = "") -> None:
+                  warmup: int, reps: int, input_sets: int, suffix: str = "", skipped: Sequence[str] = ()) -> None:
     os.makedirs(out_dir, exist_ok=True)
     slug = "".join(c if c.isalnum() else "_" for c in machine).strip("_").lower()
     stem = os.path.join(out_dir, f"norm_{slug}" + (f"_{suffix}" if suffix else ""))
@@ -285,6 +290,7 @@ def write_results(out_dir: str, machine: str, bandwidth: float, rows: List[dict]
         "timing": f"median of {reps} after {warmup} warm-up, {input_sets} input sets, "
                   + ("CUDA events" if is_gpu else "perf_counter"),
         "command": command_line("tools/benchmark_norm.py", sys.argv[1:]),
+        "not_measured": list(skipped),  # rows left out by --time-limit
     }
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
@@ -302,6 +308,8 @@ def write_results(out_dir: str, machine: str, bandwidth: float, rows: List[dict]
             f"| {r['shape']} {tuple(r['dims'])} | {r['dtype']} | {r['format']} | {r['impl']} | {r['fwd ms']:.3f} | "
             f"{r['bwd ms']:.3f} | {r['fwd+bwd ms']:.3f} | {r['fwd+bwd GB/s']:.0f} | {r['fwd+bwd two-pass %copy']:.0f} | "
             f"{'' if speedup is None else f'{speedup:.2f}x'} | {r.get('path', '')} |")
+    if skipped:
+        lines += ["", f"Not measured (the run's --time-limit came first): {'; '.join(skipped)}."]
     lines += ["", "## Against the targets (issue 3)", ""] + [f"- {line}" for line in target_checks(rows, is_gpu)]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -170,20 +170,31 @@ def main() -> None:
     if gpu:
         for item in batch:
             item["image"] = item["image"].cuda()
+    machine = torch.cuda.get_device_name() if gpu else f"CPU {platform.machine()} x{os.cpu_count()}"
+    meta = {"machine": machine, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "batch": f"{args.images} images of {width}x{height}, {args.boxes} boxes+masks each",
+            "timing": f"median of {iters} steps after {warmup} warm-up",
+            "command": command_line("tools/benchmark_train.py", sys.argv[1:])}
+    slug = "".join(c if c.isalnum() else "_" for c in machine).strip("_").lower()
+    stem = os.path.join(args.out_dir, f"train_{slug}" + ("_quick" if args.quick else ""))
     rows: List[Dict] = []
     for precision in precisions:
         for name in args.models.split(","):
             row = measure(name, args.device, batch, precision, warmup, iters, iters)
             rows.append(row)
             print(json.dumps(row), flush=True)
+            write_results(stem, meta, rows, precisions)  # after every row: a run cut short keeps what it measured
             if gpu:  # the model is gone with measure()'s frame: give its memory back
                 torch.cuda.empty_cache()
-    machine = torch.cuda.get_device_name() if gpu else f"CPU {platform.machine()} x{os.cpu_count()}"
-    meta = {"machine": machine, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "batch": f"{args.images} images of {width}x{height}, {args.boxes} boxes+masks each",
-            "timing": f"median of {iters} steps after {warmup} warm-up",
-            "command": command_line("tools/benchmark_train.py", sys.argv[1:])}
-    lines = [f"# Training-step benchmark: {machine}", "",
+    profile = None
+    if args.profile:
+        profile = (precisions[-1], profile_step(args.device, batch, precisions[-1]))
+    print(write_results(stem, meta, rows, precisions, profile))
+
+
+def write_results(stem: str, meta: Dict, rows: List[Dict], precisions: List[str], profile=None) -> str:
+    """Write the JSON and markdown files (stem + .json/.md); returns the markdown."""
+    lines = [f"# Training-step benchmark: {meta['machine']}", "",
              f"{meta['date']}, torch {meta['torch']}; {meta['batch']}; {meta['timing']}. Command: `{meta['command'].strip()}`.", "",
              "| precision | model | step (s) | step / frozen-BN | inference per image (s) | inference / frozen-BN | peak memory (GiB) |",
              "|---|---|---|---|---|---|---|"]
@@ -194,18 +205,16 @@ def main() -> None:
             infer_ratio = f"{r['infer_s'] / base['infer_s']:.3f}" if base else ""
             peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a (CPU)"
             lines.append(f"| {precision} | {r['model']} | {r['step_s']:.3f} | {step_ratio} | {r['infer_s']:.3f} | {infer_ratio} | {peak} |")
-    if args.profile:
-        table = profile_step(args.device, batch, precisions[-1])
-        lines += ["", f"## Top ops of the gn_det GN training step ({precisions[-1]})", "", "```", table, "```"]
-    os.makedirs(args.out_dir, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "_" for c in machine).strip("_").lower()
-    stem = os.path.join(args.out_dir, f"train_{slug}" + ("_quick" if args.quick else ""))
+    if profile is not None:
+        precision, table = profile
+        lines += ["", f"## Top ops of the gn_det GN training step ({precision})", "", "```", table, "```"]
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    text = "\n".join(lines) + "\n"
     with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+        f.write(text)
+    return text
 
 if __name__ == "__main__":
     main()

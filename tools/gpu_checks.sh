@@ -7,6 +7,10 @@
 # With no stage it runs all of them (tests, norm, train). Results go to $GPU_RESULTS, else
 # $OUT (the device tool's return folder), else benchmarks/results/. Every stage runs even
 # when an earlier one failed; the exit status is the number of stages that failed.
+# A device call may run 10 minutes: the tests stop at $TESTS_TIME_LIMIT seconds (default
+# 540) and a layer benchmark starts no new row after $NORM_TIME_LIMIT (default 420; the
+# table is still written, listing what it left out); the training benchmark stops at
+# $TRAIN_TIME_LIMIT (default 560) with the rows it finished written. One stage per call.
 # On the project's lent GPU machine (see docs/PERFORMANCE.md), after
 # `bash ../shared/gpu/prepare-site.sh` here, carry .gpu_site and run e.g.
 #   export PYTHONPATH=$PWD/.gpu_site:$PWD; bash tools/gpu_checks.sh tests norm-bf16
@@ -16,6 +20,7 @@ results="${GPU_RESULTS:-${OUT:-benchmarks/results}}"
 mkdir -p "$results"
 export PYTHONUNBUFFERED=1
 failed=0
+norm_limit="${NORM_TIME_LIMIT:-420}"
 
 stage() {  # name, command...: run it, log it under $results, count a failure
     local name="$1"
@@ -35,13 +40,15 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee -
 [ $# -eq 0 ] && set -- tests norm train
 for what in "$@"; do
     case "$what" in
-        tests) stage tests python -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
+        tests) stage tests timeout "${TESTS_TIME_LIMIT:-540}" python -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
                    tests/test_group_norm_cuda.py tests/test_cuda_training.py tests/test_group_norm.py ;;
-        norm) stage norm python tools/benchmark_norm.py --out-dir "$results" ;;
-        norm-bf16) stage norm-bf16 python tools/benchmark_norm.py --dtypes bfloat16 --suffix bf16 --out-dir "$results" ;;
+        norm) stage norm python tools/benchmark_norm.py --time-limit "$norm_limit" --out-dir "$results" ;;
+        norm-bf16) stage norm-bf16 python tools/benchmark_norm.py --dtypes bfloat16 --suffix bf16 \
+                       --time-limit "$norm_limit" --out-dir "$results" ;;
         norm-rest) stage norm-rest python tools/benchmark_norm.py --dtypes float32,float16 --suffix fp32_fp16 \
-                       --out-dir "$results" ;;
-        train) stage train python tools/benchmark_train.py --profile --out-dir "$results" ;;
+                       --time-limit "$norm_limit" --out-dir "$results" ;;
+        train) stage train timeout "${TRAIN_TIME_LIMIT:-560}" python tools/benchmark_train.py --profile \
+                   --out-dir "$results" ;;
         *) echo "unknown stage '$what' (tests, norm, norm-bf16, norm-rest, train)" >&2; failed=$((failed + 1)) ;;
     esac
 done
