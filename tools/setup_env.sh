@@ -11,14 +11,16 @@
 # A failing step stops with the step's name, the package and the lines of pip's log that
 # say why; the full log stays under $VENV/setup-logs/.
 #
-# Environment: GN_DET_VENV (venv path), PYTHON (interpreter that creates the venv).
+# Environment: GN_DET_VENV (venv path), PYTHON (interpreter that creates the venv),
+# GN_DET_TORCH / GN_DET_TORCHVISION (the pins, default torch==2.14.1 / torchvision==0.29.1:
+# e.g. the versions of a GPU machine's image, to test against them).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${GN_DET_VENV:-$ROOT/.venv}
 PYTHON=${PYTHON:-python3}
-TORCH_PIN="torch==2.14.1"
-TORCHVISION_PIN="torchvision==0.29.1"
+TORCH_PIN=${GN_DET_TORCH:-torch==2.14.1}
+TORCHVISION_PIN=${GN_DET_TORCHVISION:-torchvision==0.29.1}
 D2_GIT_URL="https://github.com/facebookresearch/detectron2.git"
 D2_PYPI_PIN="sal-detectron2==0.7.2"
 VPY="$VENV/bin/python"
