@@ -79,4 +79,6 @@ def test_benchmark_train_runs_on_cpu(tmp_path):
     assert all(r["step_s"] > 0 and r["infer_s"] > 0 for r in data["rows"])
     text = (tmp_path / md).read_text()
     assert "| fp32 | frozen-BN |" in text and "1.000" in text and "Top ops of the gn_det GN training step" in text
+    # The channels_last model was measured, so it is profiled too, with the copies by origin.
+    assert "Top ops of the gn_det GN NHWC training step" in text and text.count("Copies of 4-D tensors:") == 2
     assert "--out-dir" not in data["meta"]["command"]

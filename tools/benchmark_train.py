@@ -127,9 +127,11 @@ def measure(name: str, device: str, batch, precision: str, warmup: int, iters: i
             "infer_s": statistics.median(infer), "peak_gib": peak}
 
 
-def profile_step(device: str, batch, precision: str) -> str:
-    """torch.profiler table of the gn_det model's training step (top ops by self time)."""
-    _, model = build("gn_det GN", device)
+def profile_step(name: str, device: str, batch, precision: str) -> str:
+    """The profile of one training step of model ``name``: torch.profiler's top ops by self
+    time, then the copies of activation-sized (4-D) tensors by the ops that made them (memory
+    format changes and other avoidable copies show there)."""
+    _, model = build(name, device)
     model.train()
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -137,12 +139,35 @@ def profile_step(device: str, batch, precision: str) -> str:
         for _ in range(2):
             with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 sum(model(batch).values()).backward()
-        with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
             with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 sum(model(batch).values()).backward()
             sync(device)
     key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=25)
+    return prof.key_averages().table(sort_by=key, row_limit=25) + "\n\n" + copy_origins(prof)
+
+
+def copy_origins(prof, top: int = 12) -> str:
+    """Copies (aten::copy_) of 4-D tensors in a profile, grouped by shape and by the chain of
+    ops that called them, most host time first."""
+    count: Dict[tuple, int] = {}
+    host_us: Dict[tuple, float] = {}
+    for event in prof.events():
+        shapes = event.input_shapes
+        if event.name != "aten::copy_" or not shapes or len(shapes[0]) != 4:
+            continue
+        chain, parent = [], event.cpu_parent
+        while parent is not None and len(chain) < 4:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        group = (tuple(shapes[0]), " < ".join(chain))
+        count[group] = count.get(group, 0) + 1
+        host_us[group] = host_us.get(group, 0.0) + event.cpu_time_total
+    lines = [f"Copies of 4-D tensors: {sum(count.values())} in the step, by origin (top {top}):",
+             f"{'calls':>5}  {'host ms':>8}  {'shape':<22}  called from"]
+    for group in sorted(count, key=lambda g: -host_us[g])[:top]:
+        lines.append(f"{count[group]:>5}  {host_us[group] / 1e3:>8.2f}  {str(list(group[0])):<22}  {group[1][:120]}")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -187,8 +212,9 @@ def main() -> None:
             if gpu:  # the model is gone with measure()'s frame: give its memory back
                 torch.cuda.empty_cache()
     profile = None
-    if args.profile:
-        profile = (precisions[-1], profile_step(args.device, batch, precisions[-1]))
+    if args.profile:  # gn_det's model, and its channels_last twin when that was measured
+        names = ["gn_det GN"] + [n for n in ("gn_det GN NHWC",) if n in args.models.split(",")]
+        profile = [(n, precisions[-1], profile_step(n, args.device, batch, precisions[-1])) for n in names]
     print(write_results(stem, meta, rows, precisions, profile))
 
 
@@ -205,9 +231,8 @@ def write_results(stem: str, meta: Dict, rows: List[Dict], precisions: List[str]
             infer_ratio = f"{r['infer_s'] / base['infer_s']:.3f}" if base else ""
             peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a (CPU)"
             lines.append(f"| {precision} | {r['model']} | {r['step_s']:.3f} | {step_ratio} | {r['infer_s']:.3f} | {infer_ratio} | {peak} |")
-    if profile is not None:
-        precision, table = profile
-        lines += ["", f"## Top ops of the gn_det GN training step ({precision})", "", "```", table, "```"]
+    for name, precision, table in profile or ():
+        lines += ["", f"## Top ops of the {name} training step ({precision})", "", "```", table, "```"]
     os.makedirs(os.path.dirname(stem), exist_ok=True)
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
