@@ -1,8 +1,9 @@
 """The GN operator: ``torch.library`` custom ops, their autograd, and the functional form.
 
 ``gn_det::group_norm_forward(x, weight, bias, G, eps, act) -> (y, mean, rstd)`` and
-``gn_det::group_norm_backward(dy, x, weight, bias, mean, rstd, G, act) -> (dx, dw, db)``
-dispatch to the Triton kernels for CUDA tensors and to PyTorch operations for CPU tensors.
+``gn_det::group_norm_backward(dy, x, weight, bias, mean, rstd, G, eps, act) -> (dx, dw, db)``
+dispatch to the Triton kernels for CUDA tensors and to PyTorch operations for CPU tensors
+(and for CUDA tensors too under ``GN_DET_BACKEND=torch``).
 Each has a fake implementation, so ``torch.compile(fullgraph=True)`` traces through them,
 and the forward op has registered autograd that saves only x and the (N, G) statistics.
 In eager mode ``group_norm`` calls the same implementations through an
