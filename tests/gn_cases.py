@@ -114,3 +114,28 @@ def check_one_value_per_group(device="cpu", dtype=torch.float32) -> None:
     sig = torch.sigmoid(bias.detach().float())
     expected_dbias = (grad.float() * (sig * (1 + bias.detach().float() * (1 - sig)))).sum(0)
     torch.testing.assert_close(bias.grad.float(), expected_dbias, atol=1e-4, rtol=GRAD_TOLERANCE[dtype])
+
+
+def check_strided_inputs(device="cpu") -> None:
+    """Non-dense views: a strided channels_last input, a strided upstream gradient, gamma and
+    beta that are every other element of larger tensors, and an expanded (stride 0) gradient."""
+    base = make_input((2, 8, 10, 12), memory_format=torch.channels_last, device=device)
+    x = base[:, :, ::2, 1:].requires_grad_()  # a non-contiguous view
+    wide_weight, wide_bias = make_affine(16, device=device)
+    wide_weight.requires_grad_()
+    wide_bias.requires_grad_()
+    weight, bias = wide_weight[::2], wide_bias[1::2]  # strided (C,) views
+    y = gn_det.group_norm(x, 4, weight, bias, activation="relu")
+    assert_close(y, reference(x, 4, weight, bias, 1e-5, "relu"), TOLERANCE[torch.float32], "strided view")
+    grad = make_input((2, 8, 10, 22), device=device)[:, :, ::2, ::2]  # a strided upstream gradient
+    dx, dweight, dbias = torch.autograd.grad(y, (x, wide_weight, wide_bias), grad)
+    x64 = x.detach().double().cpu().requires_grad_()
+    w64 = wide_weight.detach().double().cpu().requires_grad_()
+    b64 = wide_bias.detach().double().cpu().requires_grad_()
+    ref_y = F.relu(F.group_norm(x64, 4, w64[::2], b64[1::2]))
+    ref = torch.autograd.grad(ref_y, (x64, w64, b64), grad.double().cpu())
+    for name, actual, expected in zip(("dx", "dweight", "dbias"), (dx, dweight, dbias), ref):
+        assert_close(actual, expected, GRAD_TOLERANCE[torch.float32], f"{name} for strided inputs")
+    x.grad = None
+    gn_det.group_norm(x, 4, weight, bias).sum().backward()  # an expanded (stride 0) gradient
+    assert torch.isfinite(x.grad).all()

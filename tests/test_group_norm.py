@@ -12,8 +12,8 @@ from torch import nn
 
 import gn_det
 from gn_det.layers.group_norm import resolve_num_groups
-from gn_cases import (ACT_FNS, LAYER_CASES, TOLERANCE, assert_close, check_forward_backward, check_one_value_per_group, make_affine,
-                      make_input, reference)
+from gn_cases import (ACT_FNS, LAYER_CASES, TOLERANCE, assert_close, check_forward_backward, check_one_value_per_group,
+                      check_strided_inputs, make_affine, make_input, reference)
 
 CL = torch.channels_last
 CL3D = torch.channels_last_3d
@@ -149,21 +149,7 @@ def test_gradcheck_no_affine():
 
 
 def test_strided_views_and_odd_gradients():
-    base = make_input((2, 8, 10, 12), memory_format=CL)
-    x = base[:, :, ::2, 1:].requires_grad_()  # a non-contiguous view
-    weight, bias = make_affine(8)
-    y = gn_det.group_norm(x, 4, weight, bias, activation="relu")
-    ref = reference(x, 4, weight, bias, 1e-5, "relu")
-    assert_close(y, ref, TOLERANCE[torch.float32], "strided view")
-    grad = make_input((2, 8, 10, 22))[:, :, ::2, ::2]  # a strided upstream gradient
-    (dx,) = torch.autograd.grad(y, x, grad)
-    x64 = x.detach().double().requires_grad_()
-    ref_y = F.relu(F.group_norm(x64, 4, weight.double(), bias.double()))
-    (ref_dx,) = torch.autograd.grad(ref_y, x64, grad.double())
-    assert_close(dx, ref_dx, 5e-5, "dx for a strided gradient")
-    x.grad = None
-    gn_det.group_norm(x, 4, weight, bias).sum().backward()  # an expanded (stride 0) gradient
-    assert torch.isfinite(x.grad).all()
+    check_strided_inputs()
 
 
 def test_nan_and_inf_propagate_like_nn_group_norm():

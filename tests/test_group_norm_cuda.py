@@ -8,7 +8,7 @@ from torch import nn
 
 import gn_det
 from gn_det.kernels.group_norm_op import triton_enabled_for
-from gn_cases import check_forward_backward, check_one_value_per_group, make_affine, make_input, reference
+from gn_cases import check_forward_backward, check_one_value_per_group, check_strided_inputs, make_affine, make_input, reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CF, CL = torch.contiguous_format, torch.channels_last
@@ -55,6 +55,10 @@ def test_torch_backend_on_cuda(monkeypatch, memory_format):
     finally:
         monkeypatch.delenv("GN_DET_BACKEND")
         backend.cache_clear()
+
+
+def test_strided_inputs_cuda():
+    check_strided_inputs(device="cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

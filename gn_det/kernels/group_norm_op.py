@@ -281,6 +281,9 @@ def group_norm(
         weight = torch.ones(channels, dtype=_stats_dtype(x), device=x.device)
     if bias is None:
         bias = torch.zeros(channels, dtype=weight.dtype, device=x.device)
+    # The kernels read gamma and beta as dense (C,) vectors; a strided view (every other
+    # element of a larger tensor, say) is copied first. Parameters already are dense.
+    weight, bias = weight.contiguous(), bias.contiguous()
     if torch.compiler.is_compiling():
         return torch.ops.gn_det.group_norm_forward(x, weight, bias, num_groups, float(eps), code)[0]
     return _GroupNormFunction.apply(x, weight, bias, num_groups, float(eps), code)

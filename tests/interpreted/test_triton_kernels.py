@@ -11,7 +11,7 @@ from gn_det.kernels.group_norm_op import triton_enabled_for
 from gn_det.kernels.group_norm_torch import torch_group_norm_backward, torch_group_norm_forward
 from gn_det.kernels import group_norm_triton
 from gn_det.kernels.group_norm_triton import kernel_path, triton_group_norm_backward, triton_group_norm_forward
-from gn_cases import LAYER_CASES, check_forward_backward, check_one_value_per_group, make_affine, make_input, reference
+from gn_cases import LAYER_CASES, check_forward_backward, check_one_value_per_group, check_strided_inputs, make_affine, make_input, reference
 
 CF, CL, CL3D = torch.contiguous_format, torch.channels_last, torch.channels_last_3d
 
@@ -70,6 +70,10 @@ def test_large_mean(memory_format, path):
     y = gn_det.group_norm(x, 4, weight, bias)
     ref = reference(x, 4, weight, bias, 1e-5, None)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-3
+
+
+def test_strided_inputs(path):
+    check_strided_inputs()
 
 
 def test_one_value_per_group(path):
