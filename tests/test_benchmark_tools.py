@@ -82,3 +82,16 @@ def test_benchmark_train_runs_on_cpu(tmp_path):
     # The channels_last model was measured, so it is profiled too, with the copies by origin.
     assert "Top ops of the gn_det GN NHWC training step" in text and text.count("Copies of 4-D tensors:") == 2
     assert "--out-dir" not in data["meta"]["command"]
+
+
+def test_profile_kernels_driver_runs_on_cpu():
+    # The driver tools/gpu_checks.sh runs under Nsight Compute: each configuration twice, with
+    # the kernel path it takes (here the PyTorch path: no GPU).
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "profile_kernels.py"), "--device", "cpu",
+                           "--shapes", "box head", "--dtype", "float32"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [line for line in proc.stderr.splitlines() if line.startswith("box head (512, 256, 7, 7) float32")]
+    assert [line.split(": ")[0].split("float32 ")[1] for line in runs] == [
+        "nchw run 1", "nchw run 2", "channels_last run 1", "channels_last run 2"], runs
+    assert runs[0].endswith("PyTorch: ATen GroupNorm + activation")
+    assert runs[2].endswith("PyTorch: channels_last statistics + ATen backward")

@@ -2,9 +2,10 @@
 # The GPU work of gn_det in as few device calls as possible: the CUDA tests, the layer
 # benchmark and the training benchmark, each writing its files into one folder.
 #
-#   tools/gpu_checks.sh [STAGE ...]      STAGE: tests | norm | norm-bf16 | norm-rest | train
+#   tools/gpu_checks.sh [STAGE ...]      STAGE: tests | norm | norm-bf16 | norm-rest | train | ncu
 #
-# With no stage it runs all of them (tests, norm, train). Results go to $GPU_RESULTS, else
+# With no stage it runs tests, norm and train; ncu (Nsight Compute metrics of the Triton
+# kernels, tools/profile_kernels.py) runs only when named. Results go to $GPU_RESULTS, else
 # $OUT (the device tool's return folder), else benchmarks/results/. Every stage runs even
 # when an earlier one failed; the exit status is the number of stages that failed.
 # A device call may run 10 minutes: the tests stop at $TESTS_TIME_LIMIT seconds (default
@@ -21,6 +22,8 @@ mkdir -p "$results"
 export PYTHONUNBUFFERED=1
 failed=0
 norm_limit="${NORM_TIME_LIMIT:-420}"
+ncu_metrics=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed
+ncu_metrics=$ncu_metrics,sm__warps_active.avg.pct_of_peak_sustained_active
 
 stage() {  # name, command...: run it, log it under $results, count a failure
     local name="$1"
@@ -47,9 +50,12 @@ for what in "$@"; do
                        --time-limit "$norm_limit" --out-dir "$results" ;;
         norm-rest) stage norm-rest python tools/benchmark_norm.py --dtypes float32,float16 --suffix fp32_fp16 \
                        --time-limit "$norm_limit" --out-dir "$results" ;;
+        ncu) stage ncu timeout "${TESTS_TIME_LIMIT:-540}" ncu --target-processes all --clock-control none --csv \
+                 --log-file "$results/ncu_kernels.csv" --kernel-name "regex:^_(group|stats|forward|backward)_" \
+                 --metrics "$ncu_metrics" python tools/profile_kernels.py ;;
         train) stage train timeout "${TRAIN_TIME_LIMIT:-560}" python tools/benchmark_train.py --profile \
                    --out-dir "$results" ;;
-        *) echo "unknown stage '$what' (tests, norm, norm-bf16, norm-rest, train)" >&2; failed=$((failed + 1)) ;;
+        *) echo "unknown stage '$what' (tests, norm, norm-bf16, norm-rest, train, ncu)" >&2; failed=$((failed + 1)) ;;
     esac
 done
 exit "$failed"
