@@ -19,6 +19,10 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# The GPU tests alone (CUDA machines; elsewhere they are all skipped).
+test-gpu: setup
+	$(PY) -m pytest -q -m gpu
+
 env: setup
 	$(PY) -m gn_det.env
 
