@@ -22,7 +22,7 @@ from typing import Tuple
 
 import torch
 
-from .activation import ACT_NONE, activation_grad, apply_activation
+from .activation import ACT_NONE, activation_grad_, apply_activation
 from .layout import memory_format_of
 
 
@@ -96,7 +96,7 @@ def torch_group_norm_backward(
             z = torch.native_group_norm(xc, w, bias.to(dtype), n, c, hxw, num_groups, eps)[0]
         else:
             z = _affine(xc, w, bias.to(dtype), mean, rstd)
-        grad = activation_grad(z, grad, activation)
+        grad = activation_grad_(z, grad, activation)
     dx, dweight, dbias = torch.ops.aten.native_group_norm_backward(
         grad, xc, mean, rstd, w, n, c, hxw, num_groups, [True, True, True]
     )
