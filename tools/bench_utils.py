@@ -16,3 +16,9 @@ def command_line(script: str, argv: List[str]) -> str:
         elif not arg.startswith("--out-dir="):
             kept.append(arg)
     return " ".join([f"python {script}"] + kept)
+
+
+def machine_slug(machine: str) -> str:
+    """A machine's name as it goes into result file names: "NVIDIA H100 80GB HBM3" ->
+    "nvidia_h100_80gb_hbm3"."""
+    return "".join(c if c.isalnum() else "_" for c in machine).strip("_").lower()

@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch._dynamo
-from bench_utils import command_line
+from bench_utils import command_line, machine_slug
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
@@ -313,7 +313,7 @@ def write_results(out_dir: str, machine: str, bandwidth: float, rows: List[dict]
                   warmup: int, reps: int, input_sets: int, suffix: str = "", skipped: Sequence[str] = (),
                   host_bound: int = 0) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "_" for c in machine).strip("_").lower()
+    slug = machine_slug(machine)
     stem = os.path.join(out_dir, f"norm_{slug}" + (f"_{suffix}" if suffix else ""))
     meta = {
         "machine": machine, "torch": torch.__version__, "gn_det": gn_det.__version__,

@@ -23,21 +23,20 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gn_det  # noqa: E402
 
-SHAPES = {  # name -> (N, C, H, W), as in tools/benchmark_norm.py
-    "stem N=1": (1, 64, 400, 672), "FPN P2": (2, 256, 200, 336), "res4": (2, 1024, 50, 84),
-    "box head": (512, 256, 7, 7), "mask head": (128, 256, 14, 14),
-}
+from benchmark_norm import GPU_SHAPES  # noqa: E402  (the layer benchmark's shapes)
+
+PROFILED = ("stem N=1", "FPN P2", "res4", "box head", "mask head")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names from: " + ", ".join(SHAPES))
+    parser.add_argument("--shapes", default=",".join(PROFILED), help="comma-separated names from: " + ", ".join(GPU_SHAPES))
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     for name in args.shapes.split(","):
-        shape = SHAPES[name]
+        shape = GPU_SHAPES[name]
         layer = gn_det.GroupNorm(32, shape[1], activation="relu").to(args.device)
         for fmt_name, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
             x = torch.randn(shape, device=args.device, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()

@@ -93,9 +93,7 @@ def dispatch_path(x: Tensor, num_groups: int, activation: Optional[str] = None) 
         return "Triton: " + _triton_module().kernel_path(x, num_groups)
     if memory_format_of(to_dense(x)) is not torch.contiguous_format:
         return "PyTorch: channels_last statistics + ATen backward"
-    if activation_code(activation) == ACT_NONE and x.dtype in _ATEN_EXACT_DTYPES:
-        return "PyTorch: ATen GroupNorm"
-    return "PyTorch: ATen GroupNorm + activation"
+    return "PyTorch: ATen GroupNorm" + ("" if activation_code(activation) == ACT_NONE else " + activation")
 
 
 def _stats_dtype(x: Tensor) -> torch.dtype:
@@ -188,10 +186,7 @@ class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, num_groups, eps, activation):
         y, mean, rstd = _forward_impl(x, weight, bias, num_groups, eps, activation)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)  # no output saved (see _setup_context)
-        ctx.num_groups = num_groups
-        ctx.eps = eps
-        ctx.activation = activation
+        _setup_context(ctx, (x, weight, bias, num_groups, eps, activation), (y, mean, rstd))
         return y
 
     @staticmethod

@@ -437,7 +437,7 @@ def _group_resident_blocks(cpg: int, s: int) -> Optional[Tuple[int, int]]:
 
 def kernel_path(x: torch.Tensor, num_groups: int) -> str:
     """Which of the two kernel sets normalises x: "one program per group" or "split reduction"."""
-    c, s = x.shape[1], x.numel() // max(x.shape[0] * x.shape[1], 1)
+    _, c, s, *_ = _as_ncs(x)
     return "one program per group" if _group_resident_blocks(c // num_groups, s) else "split reduction"
 
 
