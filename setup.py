@@ -28,4 +28,5 @@ setup(
     install_requires=read_requirements("gn_det.txt"),
     extras_require={"test": read_requirements("test.txt")},
     include_package_data=True,
+    package_data={"gn_det.kernels": ["routes.json"]},  # measured routes, read at run time
 )

@@ -11,7 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_benchmark_norm_runs_on_cpu(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "benchmark_norm.py"), "--device", "cpu", "--quick",
-         "--warmup", "0", "--reps", "1", "--input-sets", "1", "--time-limit", "0.001", "--out-dir", str(tmp_path)],
+         "--warmup", "0", "--reps", "1", "--input-sets", "1", "--time-limit", "0.001", "--out-dir", str(tmp_path),
+         "--write-routes", str(tmp_path / "routes.json")],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -32,6 +33,13 @@ def test_benchmark_norm_runs_on_cpu(tmp_path):
     assert "Not measured (the run's --time-limit came first): box head float32 channels_last." in text
     paths = {row["impl"]: row.get("path") for row in ok if row["format"] == "nchw"}
     assert paths["gn_det GN"] == "PyTorch: ATen GroupNorm" and paths["nn.GroupNorm"] is None
+    # --write-routes: the kernels measured with routes off, against gn_det forced onto the
+    # path a route takes; no row ran the kernels on CPU, so no routes file is written.
+    assert paths["gn_det GN+ReLU (fused) (ATen path)"].startswith("PyTorch: ATen GroupNorm (forced")
+    assert "Routes to PyTorch's GroupNorm: off (GN_DET_ROUTES=none" in text
+    assert not (tmp_path / "routes.json").exists()
+    assert "routes.json: unchanged (no row of this run ran the Triton kernels)" in proc.stdout
+    assert "Routes: " in text and "routes.json: unchanged" in text
 
 
 def _row(impl, ms, shape="FPN P2", dims=(2, 256, 200, 336), fmt="nchw", speedup=None, pct=90.0):

@@ -1,17 +1,31 @@
 """The GN layer on CUDA (the Triton kernels) at detection-sized shapes. Runs only where a
 GPU is; its CPU twins are tests/test_group_norm.py (PyTorch path) and
-tests/interpreted/test_triton_kernels.py (the same kernels under Triton's interpreter)."""
+tests/interpreted/test_triton_kernels.py (the same kernels under Triton's interpreter).
+Routes are off here (every shape runs the kernels), but in the test of routes."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gn_det
-from gn_det.kernels.group_norm_op import triton_enabled_for
+from gn_det.kernels import routing
+from gn_det.kernels.activation import ACT_RELU
+from gn_det.kernels.group_norm_op import dispatch_path, triton_enabled_for
 from gn_cases import check_forward_backward, check_one_value_per_group, check_strided_inputs, make_affine, make_input, reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CF, CL = torch.contiguous_format, torch.channels_last
+
+
+@pytest.fixture(autouse=True)
+def kernels_everywhere(monkeypatch):
+    """These tests are of the kernels: no measured route sends a shape to PyTorch's GroupNorm."""
+    monkeypatch.setenv("GN_DET_ROUTES", "none")
+    routing.clear_caches()
+    yield
+    routing.clear_caches()
 
 
 def test_cuda_tensors_go_to_triton():
@@ -128,3 +142,23 @@ def test_torch_compile_fullgraph_cuda():
     x = torch.randn(2, 8, 33, 35, device="cuda")
     y = torch.compile(model, fullgraph=True)(x)
     torch.testing.assert_close(y, model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_routed_shape_runs_pytorch_groupnorm_in_the_input_dtype(monkeypatch, tmp_path):
+    # Under bf16 autocast a routed shape runs F.group_norm (upcast to float32 by autocast) and
+    # still returns bf16 in the input's memory format, as the kernels do.
+    x = make_input((2, 256, 25, 42), torch.bfloat16, CL, device="cuda").requires_grad_()
+    routes = tmp_path / "routes.json"
+    key = routing.route_key_of(x, 32, ACT_RELU)
+    routes.write_text(json.dumps({"routes": [dict(zip(routing.ROUTE_FIELDS, key), measured="a test")]}))
+    monkeypatch.setenv("GN_DET_ROUTES", str(routes))
+    routing.clear_caches()
+    layer = gn_det.GroupNorm(32, 256, activation="relu").cuda()
+    assert dispatch_path(x, 32, "relu").endswith("routed (Triton measured slower here)")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=CL)
+    y.float().square().sum().backward()
+    ref = reference(x, 32, layer.weight, layer.bias, 1e-5, "relu")
+    assert (y.double().cpu() - ref).abs().max().item() < 3e-2 * max(1.0, ref.abs().max().item())
+    assert x.grad is not None and torch.isfinite(x.grad).all() and layer.weight.grad is not None

@@ -12,6 +12,9 @@ nn.GroupNorm + ReLU. Writes a markdown table and JSON under benchmarks/results/.
 
     python tools/benchmark_norm.py                 # the full table on a GPU (or small shapes on CPU)
     python tools/benchmark_norm.py --quick         # a few shapes, few repetitions
+    python tools/benchmark_norm.py --write-routes  # measure the Triton kernels everywhere (no
+                                                   # routes), then route to PyTorch's GroupNorm
+                                                   # the shape buckets where they lost
 """
 from __future__ import annotations
 
@@ -33,7 +36,9 @@ from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
 import gn_det
-from gn_det.kernels.group_norm_op import dispatch_path
+from gn_det.kernels import routing
+from gn_det.kernels.activation import activation_code
+from gn_det.kernels.group_norm_op import aten_group_norm, dispatch_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,8 +56,20 @@ CPU_SHAPES = {"stem": (2, 64, 100, 168), "res3": (2, 512, 25, 42), "FPN P4": (2,
 QUICK = ("stem N=1", "FPN P3", "box head")
 
 
-def candidates(channels: int, device) -> Dict[str, nn.Module]:
-    """name -> module; a name with "ReLU" in it includes the ReLU."""
+ATEN_PATH = " (ATen path)"  # suffix of the candidates that force the path a route sends shapes to
+
+
+class AtenPathGroupNorm(gn_det.GroupNorm):
+    """gn_det's GN forced onto the path a route sends a shape to (PyTorch's GroupNorm and
+    activation, output in the input's dtype): what --write-routes weighs the kernels against."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return aten_group_norm(x, self.num_groups, self.weight, self.bias, self.eps, activation_code(self.activation))
+
+
+def candidates(channels: int, device, aten_path: bool = False) -> Dict[str, nn.Module]:
+    """name -> module; a name with "ReLU" in it includes the ReLU. aten_path adds gn_det's GN
+    forced onto PyTorch's GroupNorm (for --write-routes)."""
     gn = nn.GroupNorm(32, channels).to(device)
     gn_relu = nn.Sequential(nn.GroupNorm(32, channels), nn.ReLU()).to(device)
     frozen = FrozenBatchNorm2d(channels).to(device)
@@ -65,6 +82,9 @@ def candidates(channels: int, device) -> Dict[str, nn.Module]:
         "compile(nn.GroupNorm+ReLU)": torch.compile(nn.Sequential(nn.GroupNorm(32, channels), nn.ReLU()).to(device)),
         "FrozenBatchNorm2d": frozen,
     }
+    if aten_path:
+        out["gn_det GN" + ATEN_PATH] = AtenPathGroupNorm(32, channels).to(device)
+        out["gn_det GN+ReLU (fused)" + ATEN_PATH] = AtenPathGroupNorm(32, channels, activation="relu").to(device)
     return out
 
 
@@ -180,7 +200,15 @@ def main() -> None:
     parser.add_argument("--suffix", default="", help="appended to the result files' names (a partial table)")
     parser.add_argument("--time-limit", type=float, default=0, help="seconds; rows not started by then are "
                         "left out and listed (the table is still written)")
+    parser.add_argument("--write-routes", nargs="?", const=str(routing.ROUTES_FILE), default=None, metavar="FILE",
+                        help="run the Triton kernels on every shape (routes off), then update FILE (default: "
+                        "the package's routes.json) with a route to PyTorch's GroupNorm for each shape bucket "
+                        "where they were slower than nn.GroupNorm(+ReLU), and remove the routes of buckets "
+                        "where they were faster")
     args = parser.parse_args()
+    if args.write_routes:
+        os.environ["GN_DET_ROUTES"] = "none"  # measure the kernels themselves
+        routing.clear_caches()
     # Every shape, dtype and layout is a new graph for torch.compile: let it recompile rather
     # than fall back to eager when dynamo's default limit (8) is reached.
     for limit in ("recompile_limit", "cache_size_limit"):
@@ -219,7 +247,7 @@ def main() -> None:
         # Half-precision inputs run under autocast, as in mixed-precision training:
         # nn.GroupNorm is upcast to float32 there, gn_det stays in the input's dtype.
         autocast = dtype if dtype != torch.float32 else None
-        results = measure_all(candidates(shape[1], device), inputs, grads, timer, warmup, reps, autocast)
+        results = measure_all(candidates(shape[1], device, aten_path=bool(args.write_routes)), inputs, grads, timer, warmup, reps, autocast)
         es = torch.tensor([], dtype=dtype).element_size()
         min_bytes = {"fwd": 2 * numel * es, "bwd": 3 * numel * es, "fwd+bwd": 5 * numel * es}
         two_pass = {"fwd": 3 * numel * es, "bwd": 5 * numel * es, "fwd+bwd": 8 * numel * es}
@@ -227,7 +255,9 @@ def main() -> None:
         for name, res in results.items():
             row = {"shape": shape_name, "dims": list(shape), "dtype": str(dtype).replace("torch.", ""),
                    "format": fmt_name, "impl": name}
-            if name.startswith("gn_det"):
+            if name.endswith(ATEN_PATH):
+                row["path"] = "PyTorch: ATen GroupNorm (forced, weighed against the kernels for routes)"
+            elif name.startswith("gn_det"):
                 row["path"] = dispatch_path(inputs[0], 32, "relu" if "ReLU" in name else None)
             if "error" in res:
                 row["error"] = res["error"]
@@ -242,8 +272,82 @@ def main() -> None:
             rows.append(row)
         print(f"{shape_name:12s} {row['dtype']:8s} {fmt_name:13s} " + "  ".join(
             f"{n}: {r.get('fwd+bwd', float('nan')) * 1e3:.3f} ms" for n, r in results.items() if "error" not in r), flush=True)
-    write_results(args.out_dir, machine, bandwidth, rows, is_gpu, warmup, reps, args.input_sets, args.suffix, skipped,
-                  timer.host_bound)
+    stem = result_stem(args.out_dir, machine, args.suffix)
+    decisions: Dict[routing.RouteKey, Optional[str]] = {}
+    if args.write_routes:
+        where = f"{os.path.relpath(stem, ROOT)}.md, {datetime.date.today().isoformat()}"
+        decisions = route_decisions(rows, machine, where)
+        mark_routed_rows(rows, machine, decisions)
+    notes = []
+    if args.write_routes:
+        routed = sum(measured is not None for measured in decisions.values())
+        notes.append(f"{os.path.relpath(args.write_routes, ROOT)}: {routed} shape buckets routed to PyTorch's GroupNorm, "
+                     f"{len(decisions) - routed} kept on the Triton kernels" if decisions else
+                     f"{os.path.relpath(args.write_routes, ROOT)}: unchanged (no row of this run ran the Triton kernels)")
+    write_results(stem, machine, bandwidth, rows, is_gpu, warmup, reps, args.input_sets, skipped, timer.host_bound,
+                  notes)
+    if decisions:
+        write_routes(args.write_routes, decisions)
+    for note in notes:
+        print(note)
+
+
+def _comparator(impl: str) -> str:
+    """The PyTorch module a gn_det row is held against: GroupNorm (+ ReLU for the fused layer)."""
+    return "nn.GroupNorm+ReLU" if "ReLU" in impl else "nn.GroupNorm"
+
+
+def _route_key_of_row(row: dict, device: str) -> routing.RouteKey:
+    n, c = row["dims"][:2]
+    return routing.route_key(device, row["dtype"], row["format"], "relu" if "ReLU" in row["impl"] else "none",
+                             n, c, math.prod(row["dims"][2:]), 32)
+
+
+def _kernel_rows(rows: List[dict]) -> List[dict]:
+    """The measured rows of gn_det's layers that ran the Triton kernels."""
+    return [r for r in rows if "error" not in r and r["impl"].startswith("gn_det")
+            and r.get("path", "").startswith("Triton")]
+
+
+def route_decisions(rows: List[dict], device: str, where: str) -> Dict[routing.RouteKey, Optional[str]]:
+    """Route key -> why it is routed to PyTorch's GroupNorm, or None to keep the Triton kernels,
+    for every shape bucket this run measured both at. A bucket is routed when the kernels'
+    forward+backward time, summed over its rows, exceeds that of the path a route would take
+    (the ``(ATen path)`` rows: PyTorch's GroupNorm, with gn_det's output dtype)."""
+    ok = [r for r in rows if "error" not in r]
+    totals: Dict[routing.RouteKey, List] = {}
+    for row in _kernel_rows(rows):
+        ratio = _ratio(ok, row, row["impl"] + ATEN_PATH)
+        if ratio is None:
+            continue
+        entry = totals.setdefault(_route_key_of_row(row, device), [0.0, 0.0, []])
+        entry[0] += row["fwd+bwd ms"]
+        entry[1] += row["fwd+bwd ms"] / ratio
+        entry[2].append(f"{row['shape']} {tuple(row['dims'])} {ratio:.2f}x the ATen path")
+    return {key: (f"fwd+bwd {'; '.join(shapes)} ({where})" if ours > theirs else None)
+            for key, (ours, theirs, shapes) in totals.items()}
+
+
+def mark_routed_rows(rows: List[dict], device: str, decisions: Dict[routing.RouteKey, Optional[str]]) -> None:
+    """Flags the kernel rows whose bucket is now routed (``routed``) and says so in their path:
+    from now on gn_det runs them at their ``(ATen path)`` row's time."""
+    for row in _kernel_rows(rows):
+        if decisions.get(_route_key_of_row(row, device)):
+            row["routed"] = True
+            row["path"] += "; now routed to PyTorch's GroupNorm (time: its ATen path row)"
+
+
+def write_routes(path: str, decisions: Dict[routing.RouteKey, Optional[str]]) -> None:
+    """Merges the decisions into the routes file at path (created if missing)."""
+    data = json.loads(open(path).read()) if os.path.exists(path) else {}
+    routes = routing.merge_routes(routing.read_routes(path) if os.path.exists(path) else [], decisions)
+    data = {"about": data.get("about", "Shapes where gn_det's Triton kernels were measured slower than PyTorch's "
+                                       "GroupNorm; written by tools/benchmark_norm.py --write-routes."),
+            "routes": routes}
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
 
 
 def _ratio(rows: List[dict], row: dict, other_impl: str, key: str = "fwd+bwd ms") -> Optional[float]:
@@ -272,7 +376,7 @@ def _check(name: str, rows: List[dict], measure: Callable[[dict], Optional[Tuple
 def target_checks(rows: List[dict], is_gpu: bool) -> List[str]:
     """The layer's performance targets (issue 3), checked on this run's rows, one line each."""
     ok = [r for r in rows if "error" not in r]
-    ours = [r for r in ok if r["impl"].startswith("gn_det")]
+    ours = [r for r in ok if r["impl"].startswith("gn_det") and not r["impl"].endswith(ATEN_PATH)]
     fused = [r for r in ours if r["impl"] == "gn_det GN+ReLU (fused)"]
 
     def ratio_to(impl_of: Callable[[dict], str]):
@@ -280,6 +384,14 @@ def target_checks(rows: List[dict], is_gpu: bool) -> List[str]:
             ratio = _ratio(ok, row, impl_of(row))
             return None if ratio is None else (ratio, f"{ratio:.2f}x")
         return measure
+
+    def never_slower(row):
+        ran = row
+        if row.get("routed"):  # gn_det now runs this shape on the ATen path: hold that against the target
+            ran = next((r for r in ok if r["impl"] == row["impl"] + ATEN_PATH and r["shape"] == row["shape"]
+                        and r["dtype"] == row["dtype"] and r["format"] == row["format"]), row)
+        ratio = _ratio(ok, ran, _comparator(row["impl"]))
+        return None if ratio is None else (ratio, f"{ratio:.2f}x" + (" (routed)" if ran is not row else ""))
 
     if not is_gpu:  # CPU: plain GN in NCHW within 10% of nn.GroupNorm (channels_last: correct first)
         plain_nchw = [r for r in ours if r["impl"] == "gn_det GN" and r["format"] == "nchw"]
@@ -295,8 +407,8 @@ def target_checks(rows: List[dict], is_gpu: bool) -> List[str]:
 
     big = [r for r in ours if math.prod(r["dims"]) >= 8 * 2**20]
     lines = [
-        _check("fwd+bwd never slower than nn.GroupNorm(+ReLU)", ours,
-               ratio_to(lambda r: "nn.GroupNorm+ReLU" if "ReLU" in r["impl"] else "nn.GroupNorm"), lambda v: v <= 1.0),
+        _check("fwd+bwd never slower than nn.GroupNorm(+ReLU) (a routed row counts at its ATen path time)", ours,
+               never_slower, lambda v: v <= 1.0),
         _check("bf16 fused fwd+bwd speed-up over nn.GroupNorm+ReLU >= 4x (NCHW) / 6x (channels_last) at "
                "stem, res2, P2, P3", fused, speedup_need, lambda v: v >= 1.0),
     ]
@@ -309,12 +421,24 @@ def target_checks(rows: List[dict], is_gpu: bool) -> List[str]:
     return lines
 
 
-def write_results(out_dir: str, machine: str, bandwidth: float, rows: List[dict], is_gpu: bool,
-                  warmup: int, reps: int, input_sets: int, suffix: str = "", skipped: Sequence[str] = (),
-                  host_bound: int = 0) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    slug = machine_slug(machine)
-    stem = os.path.join(out_dir, f"norm_{slug}" + (f"_{suffix}" if suffix else ""))
+def _routes_in_use() -> str:
+    path = routing.routes_file()
+    if path is None:
+        return "off (GN_DET_ROUTES=none: gn_det rows ran the Triton kernels wherever they apply)"
+    count = len(routing.load_routes())
+    return f"{count} from {os.path.relpath(path, ROOT)} (rows routed say so in the gn_det path column)"
+
+
+def result_stem(out_dir: str, machine: str, suffix: str = "") -> str:
+    """The result files' path without the extension: named after the machine."""
+    return os.path.join(out_dir, f"norm_{machine_slug(machine)}" + (f"_{suffix}" if suffix else ""))
+
+
+def write_results(stem: str, machine: str, bandwidth: float, rows: List[dict], is_gpu: bool,
+                  warmup: int, reps: int, input_sets: int, skipped: Sequence[str] = (), host_bound: int = 0,
+                  notes: Sequence[str] = ()) -> None:
+    """Writes the markdown table (stem.md) and the JSON (stem.json); notes go under the targets."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     meta = {
         "machine": machine, "torch": torch.__version__, "gn_det": gn_det.__version__,
         "date": datetime.date.today().isoformat(), "copy_bandwidth_GBps": bandwidth / 1e9,
@@ -324,12 +448,14 @@ def write_results(out_dir: str, machine: str, bandwidth: float, rows: List[dict]
                      if is_gpu else "perf_counter"),
         "command": command_line("tools/benchmark_norm.py", sys.argv[1:]),
         "not_measured": list(skipped),  # rows left out by --time-limit
+        "routes": _routes_in_use(),
     }
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = [f"# GN layer benchmark: {machine}", "",
              f"{meta['date']}, torch {meta['torch']}, {meta['timing']}; measured copy bandwidth "
-             f"{meta['copy_bandwidth_GBps']:.0f} GB/s. Command: `{meta['command']}`.", "",
+             f"{meta['copy_bandwidth_GBps']:.0f} GB/s. Command: `{meta['command']}`. Routes to PyTorch's "
+             f"GroupNorm: {meta['routes']}.", "",
              "| shape | dtype | format | impl | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd GB/s | fwd+bwd two-pass % copy BW "
              "| speed-up vs nn.GroupNorm+ReLU | fwd+bwd host ms | gn_det path |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -345,6 +471,7 @@ def write_results(out_dir: str, machine: str, bandwidth: float, rows: List[dict]
     if skipped:
         lines += ["", f"Not measured (the run's --time-limit came first): {'; '.join(skipped)}."]
     lines += ["", "## Against the targets (issue 3)", ""] + [f"- {line}" for line in target_checks(rows, is_gpu)]
+    lines += [""] + [f"Routes: {note}." for note in notes] if notes else []
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {stem}.md and {stem}.json")

@@ -12,6 +12,8 @@
 # 540) and a layer benchmark starts no new row after $NORM_TIME_LIMIT (default 420; the
 # table is still written, listing what it left out); the training benchmark stops at
 # $TRAIN_TIME_LIMIT (default 560) with the rows it finished written. One stage per call.
+# The layer stages also write routes.json (tools/benchmark_norm.py --write-routes): the shape
+# buckets where the kernels lost to PyTorch's GroupNorm, for gn_det/kernels/routes.json.
 # On the project's lent GPU machine (see docs/PERFORMANCE.md), after
 # `bash ../shared/gpu/prepare-site.sh` here, carry .gpu_site and run e.g.
 #   export PYTHONPATH=$PWD/.gpu_site:$PWD; bash tools/gpu_checks.sh tests norm-bf16
@@ -39,17 +41,22 @@ stage() {  # name, command...: run it, log it under $results, count a failure
 }
 
 set -o pipefail
+# The layer benchmarks measure the kernels with routes off and update a copy of the package's
+# routes (gn_det/kernels/routes.json) in the results: copy it back over the package's file.
+routes="$results/routes.json"
+[ -f "$routes" ] || cp gn_det/kernels/routes.json "$routes"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$results/gpu_checks.log"
 [ $# -eq 0 ] && set -- tests norm train
 for what in "$@"; do
     case "$what" in
         tests) stage tests timeout "${TESTS_TIME_LIMIT:-540}" python -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
                    tests/test_group_norm_cuda.py tests/test_cuda_training.py tests/test_group_norm.py ;;
-        norm) stage norm python tools/benchmark_norm.py --time-limit "$norm_limit" --out-dir "$results" ;;
+        norm) stage norm python tools/benchmark_norm.py --time-limit "$norm_limit" --out-dir "$results" \
+                  --write-routes "$routes" ;;
         norm-bf16) stage norm-bf16 python tools/benchmark_norm.py --dtypes bfloat16 --suffix bf16 \
-                       --time-limit "$norm_limit" --out-dir "$results" ;;
+                       --time-limit "$norm_limit" --out-dir "$results" --write-routes "$routes" ;;
         norm-rest) stage norm-rest python tools/benchmark_norm.py --dtypes float32,float16 --suffix fp32_fp16 \
-                       --time-limit "$norm_limit" --out-dir "$results" ;;
+                       --time-limit "$norm_limit" --out-dir "$results" --write-routes "$routes" ;;
         ncu) stage ncu timeout "${TESTS_TIME_LIMIT:-540}" ncu --target-processes all --clock-control none --csv \
                  --log-file "$results/ncu_kernels.csv" --kernel-name "regex:^_(group|stats|forward|backward)_" \
                  --metrics "$ncu_metrics" python tools/profile_kernels.py ;;

@@ -10,6 +10,8 @@ In eager mode ``group_norm`` calls the same implementations through an
 ``autograd.Function``, which skips the custom op's per-call Python dispatch.
 Under ``torch.jit.trace`` and ONNX export, ``group_norm`` emits standard operators
 (``F.group_norm`` and the activation) instead of the custom op.
+In eager mode, an input whose shape a route names (``routing.py``: where the kernels were
+measured slower on this GPU model) runs PyTorch's own GroupNorm instead of the kernels.
 
 Custom ops are on none of autocast's lists, so under autocast the op runs in its input's
 dtype (float32 statistics) rather than being upcast to float32 as ``F.group_norm`` is.
@@ -28,8 +30,9 @@ from torch.autograd.function import once_differentiable
 from .activation import ACT_NONE, ACT_RELU, ACT_SILU, activation_code
 from .group_norm_torch import torch_group_norm_backward, torch_group_norm_forward
 from .layout import flat_spatial_stride, memory_format_of, to_dense
+from .routing import aten_route
 
-__all__ = ["backend", "dispatch_path", "group_norm", "triton_enabled_for"]
+__all__ = ["aten_group_norm", "backend", "dispatch_path", "group_norm", "triton_enabled_for"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ATEN_EXACT_DTYPES = (torch.float32, torch.float64)  # where ATen's CPU GN computes in the input's dtype
@@ -89,9 +92,12 @@ def dispatch_path(x: Tensor, num_groups: int, activation: Optional[str] = None) 
     """Which implementation ``group_norm`` runs for x (for benchmark tables and debugging)."""
     if x.numel() == 0:
         return "nothing (empty input)"
+    x = to_dense(x)
     if triton_enabled_for(x):
+        if aten_route(x, num_groups, activation_code(activation)) is not None:
+            return "PyTorch: ATen GroupNorm, routed (Triton measured slower here)"
         return "Triton: " + _triton_module().kernel_path(x, num_groups)
-    if memory_format_of(to_dense(x)) is not torch.contiguous_format:
+    if memory_format_of(x) is not torch.contiguous_format:
         return "PyTorch: channels_last statistics + ATen backward"
     return "PyTorch: ATen GroupNorm" + ("" if activation_code(activation) == ACT_NONE else " + activation")
 
@@ -226,6 +232,20 @@ def _check_inputs(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Op
         raise ValueError(f"gn_det group_norm: eps must be >= 0, got {eps}")
 
 
+def aten_group_norm(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float, code: int) -> Tensor:
+    """PyTorch's own GroupNorm and activation, for the shapes a route sends there (where the
+    kernels were measured slower): ATen's kernels and autograd, in the wider of x's and the
+    parameters' dtypes (float32 under autocast, which upcasts ``F.group_norm``), the output
+    in x's dtype and memory format as the kernels give it."""
+    compute = torch.promote_types(x.dtype, weight.dtype)
+    y = F.group_norm(x.to(compute), num_groups, weight.to(compute), bias.to(compute), eps)
+    if code == ACT_RELU:
+        y = torch.relu_(y)  # GN's backward needs its input, not its output: in place is safe
+    elif code == ACT_SILU:
+        y = F.silu(y)
+    return y.to(dtype=x.dtype, memory_format=memory_format_of(x))
+
+
 def _reference(x: Tensor, num_groups: int, weight, bias, eps: float, code: int) -> Tensor:
     """Standard operators only: what tracing and ONNX export record."""
     y = F.group_norm(x, num_groups, weight, bias, eps)
@@ -280,5 +300,8 @@ def group_norm(
     # element of a larger tensor, say) is copied first. Parameters already are dense.
     weight, bias = weight.contiguous(), bias.contiguous()
     if torch.compiler.is_compiling():
+        # Routes are not consulted here: the compiled graph holds the custom op.
         return torch.ops.gn_det.group_norm_forward(x, weight, bias, num_groups, float(eps), code)[0]
+    if triton_enabled_for(x) and aten_route(x, num_groups, code) is not None:
+        return aten_group_norm(x, num_groups, weight, bias, eps, code)  # measured faster here
     return _GroupNormFunction.apply(x, weight, bias, num_groups, float(eps), code)

@@ -1,13 +1,16 @@
 """The Triton kernels run on CPU by Triton's interpreter, against float64 F.group_norm.
 Run by tests/test_triton_interpreted.py in a process with TRITON_INTERPRET=1 and
 GN_DET_TRITON_ON_CPU=1 (small shapes: the interpreter is slow)."""
+import json
 import os
 
 import pytest
 import torch
 
 import gn_det
-from gn_det.kernels.group_norm_op import triton_enabled_for
+from gn_det.kernels import routing
+from gn_det.kernels.activation import ACT_RELU
+from gn_det.kernels.group_norm_op import dispatch_path, triton_enabled_for
 from gn_det.kernels.group_norm_torch import torch_group_norm_backward, torch_group_norm_forward
 from gn_det.kernels import group_norm_triton
 from gn_det.kernels.group_norm_triton import kernel_path, triton_group_norm_backward, triton_group_norm_forward
@@ -110,3 +113,27 @@ def test_kernels_agree_with_torch_path(activation, path):
     want = torch_group_norm_backward(grad, x, weight, bias, mean_ref, rstd_ref, 4, activation, 1e-5)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype, memory_format", [(torch.float32, CF), (torch.bfloat16, CL)])
+def test_routed_shapes_run_pytorch_groupnorm(dtype, memory_format, monkeypatch, tmp_path):
+    # A route (as tools/benchmark_norm.py --write-routes writes one where the kernels lost)
+    # sends its bucket to PyTorch's GroupNorm: same results, dtype and memory format.
+    shape = (2, 64, 5, 6)
+    x = make_input(shape, dtype, memory_format)
+    key = routing.route_key_of(x, 32, ACT_RELU)
+    routes = tmp_path / "routes.json"
+    routes.write_text(json.dumps({"routes": [dict(zip(routing.ROUTE_FIELDS, key), measured="1.2x (a test)")]}))
+    monkeypatch.setenv("GN_DET_ROUTES", str(routes))
+    routing.clear_caches()
+    try:
+        assert dispatch_path(x, 32, "relu") == "PyTorch: ATen GroupNorm, routed (Triton measured slower here)"
+        assert dispatch_path(x, 32, None).startswith("Triton")  # no activation: another bucket
+        weight, bias = make_affine(64)
+        y = gn_det.group_norm(x.requires_grad_(), 32, weight, bias, activation="relu")
+        assert type(y.grad_fn).__name__ != "_GroupNormFunctionBackward"  # ATen's own autograd
+        check_forward_backward(shape, 32, dtype=dtype, memory_format=memory_format, activation="relu")
+    finally:
+        monkeypatch.delenv("GN_DET_ROUTES")
+        routing.clear_caches()
+    assert dispatch_path(x, 32, "relu").startswith("Triton")

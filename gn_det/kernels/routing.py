@@ -1,0 +1,145 @@
+"""Routes: the shapes where gn_det's Triton kernels were measured slower than PyTorch's own
+GroupNorm on a GPU model, so that gn_det runs PyTorch's there instead.
+
+A route names a GPU model (``torch.cuda.get_device_name``), a dtype, a memory format, the
+fused activation, and a bucket of shapes: ``group_elements_log2 = floor(log2(C / G * S))``
+(the size of one group, which picks the kernel set and its work per program) and
+``batch_groups_log2 = floor(log2(N * G))`` (how many groups there are to spread over the GPU).
+``tools/benchmark_norm.py --write-routes`` measures the kernels against ``nn.GroupNorm`` and
+writes a route for every bucket where the kernels lost in forward+backward time; it removes
+the routes of buckets where they won. Routes are data, in ``routes.json`` beside this file.
+
+``GN_DET_ROUTES`` overrides the file: a path to another routes file, or ``none`` to run the
+Triton kernels everywhere (how the benchmark measures them).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from pathlib import Path
+from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple
+
+import torch
+
+from .activation import ACTIVATION_NAMES
+from .layout import memory_format_of
+
+__all__ = [
+    "ROUTES_FILE", "ROUTE_FIELDS", "RouteKey", "aten_route", "clear_caches", "load_routes", "merge_routes",
+    "read_routes", "route_key", "route_key_of", "routes_file",
+]
+
+ROUTES_FILE = Path(__file__).with_name("routes.json")
+
+# (device, dtype, format, activation, group_elements_log2, batch_groups_log2)
+RouteKey = Tuple[str, str, str, str, int, int]
+ROUTE_FIELDS = ("device", "dtype", "format", "activation", "group_elements_log2", "batch_groups_log2")
+_DTYPES = ("float32", "bfloat16", "float16")
+_FORMATS = ("nchw", "channels_last", "channels_last_3d")
+_ACTIVATIONS = ("none", "relu", "silu")
+_FORMAT_NAMES = {torch.contiguous_format: "nchw", torch.channels_last: "channels_last",
+                 torch.channels_last_3d: "channels_last_3d"}
+
+
+def route_key(device: str, dtype: str, fmt: str, activation: str, n: int, c: int, s: int, num_groups: int) -> RouteKey:
+    """The route key of an (N, C, S) input with num_groups groups (N, C / G * S >= 1)."""
+    group_elements = c // num_groups * s
+    return (device, dtype, fmt, activation, int(math.log2(group_elements)), int(math.log2(n * num_groups)))
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def route_key_of(x: torch.Tensor, num_groups: int, activation: int) -> RouteKey:
+    """The route key of a non-empty input x ``(N, C, *)`` (dense) with its fused activation code."""
+    n, c = x.shape[0], x.shape[1]
+    return route_key(_device_name(x.device), str(x.dtype).replace("torch.", ""), _FORMAT_NAMES[memory_format_of(x)],
+                     ACTIVATION_NAMES[activation] or "none", n, c, x.numel() // (n * c), num_groups)
+
+
+def routes_file() -> Optional[Path]:
+    """The routes file in use (``GN_DET_ROUTES``, else the package's), None for ``none``."""
+    value = os.environ.get("GN_DET_ROUTES", "").strip()
+    if value.lower() == "none":
+        return None
+    return Path(value) if value else ROUTES_FILE
+
+
+def _check_route(route: object, where: str) -> RouteKey:
+    if not isinstance(route, dict):
+        raise ValueError(f"{where}: a route must be an object with {', '.join(ROUTE_FIELDS)}; got {route!r}")
+    missing = [field for field in ROUTE_FIELDS if field not in route]
+    if missing:
+        raise ValueError(f"{where}: missing {', '.join(missing)} (a route needs {', '.join(ROUTE_FIELDS)})")
+    for field, allowed in (("dtype", _DTYPES), ("format", _FORMATS), ("activation", _ACTIVATIONS)):
+        if route[field] not in allowed:
+            raise ValueError(f"{where}: {field} {route[field]!r} is not one of {', '.join(allowed)}")
+    for field in ("group_elements_log2", "batch_groups_log2"):
+        if not isinstance(route[field], int) or isinstance(route[field], bool) or not 0 <= route[field] < 64:
+            raise ValueError(f"{where}: {field} must be an integer from 0 to 63, got {route[field]!r}")
+    if not isinstance(route["device"], str) or not route["device"]:
+        raise ValueError(f"{where}: device must be a GPU name as torch.cuda.get_device_name gives it, got {route['device']!r}")
+    return tuple(route[field] for field in ROUTE_FIELDS)
+
+
+def read_routes(path: Path) -> List[dict]:
+    """The routes in a routes file, each checked (a clear ValueError naming the file, the
+    route's index and the field otherwise)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"gn_det routes file {path} does not exist (GN_DET_ROUTES names it?)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"gn_det routes file {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("routes"), list):
+        raise ValueError(f"gn_det routes file {path}: expected an object with a list under \"routes\"")
+    for i, route in enumerate(data["routes"]):
+        _check_route(route, f"gn_det routes file {path}, routes[{i}]")
+    return data["routes"]
+
+
+@functools.lru_cache(maxsize=None)
+def load_routes() -> Dict[RouteKey, str]:
+    """Route key -> the measurement behind it, from the routes file in use (read once; call
+    ``clear_caches()`` after changing ``GN_DET_ROUTES`` in-process)."""
+    path = routes_file()
+    if path is None:
+        return {}
+    return {_check_route(route, str(path)): str(route.get("measured") or "no measurement recorded")
+            for route in read_routes(path)}
+
+
+@functools.lru_cache(maxsize=None)
+def _routed_devices() -> FrozenSet[str]:
+    return frozenset(key[0] for key in load_routes())
+
+
+def aten_route(x: torch.Tensor, num_groups: int, activation: int) -> Optional[str]:
+    """The measurement that routes x to PyTorch's GroupNorm, or None (the Triton kernels)."""
+    routes = load_routes()
+    if not routes or x.numel() == 0 or _device_name(x.device) not in _routed_devices():  # the common case, cheaply
+        return None
+    return routes.get(route_key_of(x, num_groups, activation))
+
+
+def clear_caches() -> None:
+    """Forget the routes read (after ``GN_DET_ROUTES`` or the file changed in-process)."""
+    load_routes.cache_clear()
+    _routed_devices.cache_clear()
+
+
+def merge_routes(routes: Iterable[dict], decisions: Dict[RouteKey, Optional[str]]) -> List[dict]:
+    """routes updated by measured decisions: key -> the measurement to route it by, or None to
+    remove its route (the kernels won there). Routes of keys not decided are kept; the result
+    is sorted, so that the file's diffs are readable."""
+    by_key = {_check_route(route, "routes"): route for route in routes}
+    for key, measured in decisions.items():
+        if measured is None:
+            by_key.pop(key, None)
+        else:
+            by_key[key] = dict(zip(ROUTE_FIELDS, key), measured=measured)
+    return [by_key[key] for key in sorted(by_key)]
