@@ -103,3 +103,22 @@ def test_profile_kernels_driver_runs_on_cpu():
         "nchw run 1", "nchw run 2", "channels_last run 1", "channels_last run 2"], runs
     assert runs[0].endswith("PyTorch: ATen GroupNorm + activation")
     assert runs[2].endswith("PyTorch: channels_last statistics + ATen backward")
+
+
+def test_gpu_checks_script_plumbing(tmp_path):
+    # tools/gpu_checks.sh is what a GPU session runs, with minutes to spend: its plumbing is
+    # checked here on CPU. A layer stage (cut to its first row) writes its table, its log and
+    # a routes file seeded from the package's; an unknown stage is named and counted.
+    results = tmp_path / "results"
+    env = dict(os.environ, GPU_RESULTS=str(results), NORM_TIME_LIMIT="0.001",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_checks.sh"), "norm-bf16", "nonsense"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "unknown stage 'nonsense'" in proc.stderr and "=== norm-bf16 done" in proc.stdout
+    files = set(os.listdir(results))
+    assert {"gpu_checks.log", "routes.json"} <= files, files
+    assert [f for f in files if f.startswith("norm_") and f.endswith("_bf16.md")], files  # named after the machine
+    assert json.loads((results / "routes.json").read_text()) == json.loads(
+        open(os.path.join(ROOT, "gn_det", "kernels", "routes.json")).read())
+    assert "routes.json: unchanged (no row of this run ran the Triton kernels)" in proc.stdout
