@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts in tools/."""
 from __future__ import annotations
 
+import os
 from typing import List
 
 
@@ -22,3 +23,9 @@ def machine_slug(machine: str) -> str:
     """A machine's name as it goes into result file names: "NVIDIA H100 80GB HBM3" ->
     "nvidia_h100_80gb_hbm3"."""
     return "".join(c if c.isalnum() else "_" for c in machine).strip("_").lower()
+
+
+def result_stem(out_dir: str, prefix: str, machine: str, suffix: str = "") -> str:
+    """A benchmark's result files' path without the extension, named after the machine:
+    ``<out_dir>/<prefix>_<machine slug>[_<suffix>]``."""
+    return os.path.join(out_dir, f"{prefix}_{machine_slug(machine)}" + (f"_{suffix}" if suffix else ""))

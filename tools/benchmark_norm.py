@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch._dynamo
-from bench_utils import command_line, machine_slug
+from bench_utils import command_line, result_stem
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
@@ -272,18 +272,17 @@ def main() -> None:
             rows.append(row)
         print(f"{shape_name:12s} {row['dtype']:8s} {fmt_name:13s} " + "  ".join(
             f"{n}: {r.get('fwd+bwd', float('nan')) * 1e3:.3f} ms" for n, r in results.items() if "error" not in r), flush=True)
-    stem = result_stem(args.out_dir, machine, args.suffix)
+    stem = result_stem(args.out_dir, "norm", machine, args.suffix)
     decisions: Dict[routing.RouteKey, Optional[str]] = {}
+    notes = []
     if args.write_routes:
         where = f"{os.path.relpath(stem, ROOT)}.md, {datetime.date.today().isoformat()}"
         decisions = route_decisions(rows, machine, where)
         mark_routed_rows(rows, machine, decisions)
-    notes = []
-    if args.write_routes:
         routed = sum(measured is not None for measured in decisions.values())
-        notes.append(f"{os.path.relpath(args.write_routes, ROOT)}: {routed} shape buckets routed to PyTorch's GroupNorm, "
-                     f"{len(decisions) - routed} kept on the Triton kernels" if decisions else
-                     f"{os.path.relpath(args.write_routes, ROOT)}: unchanged (no row of this run ran the Triton kernels)")
+        notes.append(os.path.relpath(args.write_routes, ROOT) + (
+            f": {routed} shape buckets routed to PyTorch's GroupNorm, {len(decisions) - routed} kept on the "
+            "Triton kernels" if decisions else ": unchanged (no row of this run ran the Triton kernels)"))
     write_results(stem, machine, bandwidth, rows, is_gpu, warmup, reps, args.input_sets, skipped, timer.host_bound,
                   notes)
     if decisions:
@@ -339,24 +338,26 @@ def mark_routed_rows(rows: List[dict], device: str, decisions: Dict[routing.Rout
 
 def write_routes(path: str, decisions: Dict[routing.RouteKey, Optional[str]]) -> None:
     """Merges the decisions into the routes file at path (created if missing)."""
-    data = json.loads(open(path).read()) if os.path.exists(path) else {}
-    routes = routing.merge_routes(routing.read_routes(path) if os.path.exists(path) else [], decisions)
+    data = routing.read_routes_file(path) if os.path.exists(path) else {"routes": []}
     data = {"about": data.get("about", "Shapes where gn_det's Triton kernels were measured slower than PyTorch's "
                                        "GroupNorm; written by tools/benchmark_norm.py --write-routes."),
-            "routes": routes}
+            "routes": routing.merge_routes(data["routes"], decisions)}
     with open(path + ".tmp", "w") as f:
         json.dump(data, f, indent=1)
         f.write("\n")
     os.replace(path + ".tmp", path)
 
 
+def _same_case(rows: List[dict], row: dict, impl: str) -> Optional[dict]:
+    """impl's row at row's shape, dtype and format (None if there is none)."""
+    return next((other for other in rows if other["impl"] == impl and other["shape"] == row["shape"]
+                 and other["dtype"] == row["dtype"] and other["format"] == row["format"]), None)
+
+
 def _ratio(rows: List[dict], row: dict, other_impl: str, key: str = "fwd+bwd ms") -> Optional[float]:
     """row's time over other_impl's at the same shape, dtype and format (None if missing)."""
-    for other in rows:
-        if (other["impl"] == other_impl and other["shape"] == row["shape"] and other["dtype"] == row["dtype"]
-                and other["format"] == row["format"] and key in other and key in row):
-            return row[key] / other[key]
-    return None
+    other = _same_case(rows, row, other_impl)
+    return row[key] / other[key] if other is not None and key in other and key in row else None
 
 
 def _check(name: str, rows: List[dict], measure: Callable[[dict], Optional[Tuple[float, str]]],
@@ -388,8 +389,7 @@ def target_checks(rows: List[dict], is_gpu: bool) -> List[str]:
     def never_slower(row):
         ran = row
         if row.get("routed"):  # gn_det now runs this shape on the ATen path: hold that against the target
-            ran = next((r for r in ok if r["impl"] == row["impl"] + ATEN_PATH and r["shape"] == row["shape"]
-                        and r["dtype"] == row["dtype"] and r["format"] == row["format"]), row)
+            ran = _same_case(ok, row, row["impl"] + ATEN_PATH) or row
         ratio = _ratio(ok, ran, _comparator(row["impl"]))
         return None if ratio is None else (ratio, f"{ratio:.2f}x" + (" (routed)" if ran is not row else ""))
 
@@ -427,11 +427,6 @@ def _routes_in_use() -> str:
         return "off (GN_DET_ROUTES=none: gn_det rows ran the Triton kernels wherever they apply)"
     count = len(routing.load_routes())
     return f"{count} from {os.path.relpath(path, ROOT)} (rows routed say so in the gn_det path column)"
-
-
-def result_stem(out_dir: str, machine: str, suffix: str = "") -> str:
-    """The result files' path without the extension: named after the machine."""
-    return os.path.join(out_dir, f"norm_{machine_slug(machine)}" + (f"_{suffix}" if suffix else ""))
 
 
 def write_results(stem: str, machine: str, bandwidth: float, rows: List[dict], is_gpu: bool,

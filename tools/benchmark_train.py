@@ -32,7 +32,7 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_utils import command_line, machine_slug  # noqa: E402
+from bench_utils import command_line, result_stem  # noqa: E402
 from detectron2 import model_zoo  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
@@ -200,8 +200,7 @@ def main() -> None:
             "batch": f"{args.images} images of {width}x{height}, {args.boxes} boxes+masks each",
             "timing": f"median of {iters} steps after {warmup} warm-up",
             "command": command_line("tools/benchmark_train.py", sys.argv[1:])}
-    slug = machine_slug(machine)
-    stem = os.path.join(args.out_dir, f"train_{slug}" + ("_quick" if args.quick else ""))
+    stem = result_stem(args.out_dir, "train", machine, "quick" if args.quick else "")
     rows: List[Dict] = []
     for precision in precisions:
         for name in args.models.split(","):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .activation import ACT_NONE, ACT_RELU, ACT_SILU, activation_code
+from .activation import ACT_NONE, ACT_RELU, ACT_SILU, activation_code, apply_activation
 from .group_norm_torch import torch_group_norm_backward, torch_group_norm_forward
 from .layout import flat_spatial_stride, memory_format_of, to_dense
 from .routing import aten_route
@@ -239,11 +239,8 @@ def aten_group_norm(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, ep
     in x's dtype and memory format as the kernels give it."""
     compute = torch.promote_types(x.dtype, weight.dtype)
     y = F.group_norm(x.to(compute), num_groups, weight.to(compute), bias.to(compute), eps)
-    if code == ACT_RELU:
-        y = torch.relu_(y)  # GN's backward needs its input, not its output: in place is safe
-    elif code == ACT_SILU:
-        y = F.silu(y)
-    return y.to(dtype=x.dtype, memory_format=memory_format_of(x))
+    # In place on GN's fresh output (GN's backward needs its input, not its output).
+    return apply_activation(y, code).to(dtype=x.dtype, memory_format=memory_format_of(x))
 
 
 def _reference(x: Tensor, num_groups: int, weight, bias, eps: float, code: int) -> Tensor:
@@ -302,6 +299,7 @@ def group_norm(
     if torch.compiler.is_compiling():
         # Routes are not consulted here: the compiled graph holds the custom op.
         return torch.ops.gn_det.group_norm_forward(x, weight, bias, num_groups, float(eps), code)[0]
-    if triton_enabled_for(x) and aten_route(x, num_groups, code) is not None:
+    # aten_route first: with no route for x's device it returns at once (the common case).
+    if aten_route(x, num_groups, code) is not None and triton_enabled_for(x):
         return aten_group_norm(x, num_groups, weight, bias, eps, code)  # measured faster here
     return _GroupNormFunction.apply(x, weight, bias, num_groups, float(eps), code)

@@ -5,9 +5,9 @@ A route names a GPU model (``torch.cuda.get_device_name``), a dtype, a memory fo
 fused activation, and a bucket of shapes: ``group_elements_log2 = floor(log2(C / G * S))``
 (the size of one group, which picks the kernel set and its work per program) and
 ``batch_groups_log2 = floor(log2(N * G))`` (how many groups there are to spread over the GPU).
-``tools/benchmark_norm.py --write-routes`` measures the kernels against ``nn.GroupNorm`` and
-writes a route for every bucket where the kernels lost in forward+backward time; it removes
-the routes of buckets where they won. Routes are data, in ``routes.json`` beside this file.
+``tools/benchmark_norm.py --write-routes`` measures the kernels against the path a route
+takes (``group_norm_op.aten_group_norm``) and writes a route for every bucket where the
+kernels lost in forward+backward time; it removes the routes of buckets where they won. Routes are data, in ``routes.json`` beside this file.
 
 ``GN_DET_ROUTES`` overrides the file: a path to another routes file, or ``none`` to run the
 Triton kernels everywhere (how the benchmark measures them).
@@ -28,7 +28,7 @@ from .layout import memory_format_of
 
 __all__ = [
     "ROUTES_FILE", "ROUTE_FIELDS", "RouteKey", "aten_route", "clear_caches", "load_routes", "merge_routes",
-    "read_routes", "route_key", "route_key_of", "routes_file",
+    "read_routes", "read_routes_file", "route_key", "route_key_of", "routes_file",
 ]
 
 ROUTES_FILE = Path(__file__).with_name("routes.json")
@@ -83,12 +83,16 @@ def _check_route(route: object, where: str) -> RouteKey:
             raise ValueError(f"{where}: {field} must be an integer from 0 to 63, got {route[field]!r}")
     if not isinstance(route["device"], str) or not route["device"]:
         raise ValueError(f"{where}: device must be a GPU name as torch.cuda.get_device_name gives it, got {route['device']!r}")
+    return _key(route)
+
+
+def _key(route: dict) -> RouteKey:
     return tuple(route[field] for field in ROUTE_FIELDS)
 
 
-def read_routes(path: Path) -> List[dict]:
-    """The routes in a routes file, each checked (a clear ValueError naming the file, the
-    route's index and the field otherwise)."""
+def read_routes_file(path: Path) -> dict:
+    """A routes file's contents, every route checked (a clear ValueError naming the file,
+    the route's index and the field otherwise)."""
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -99,7 +103,12 @@ def read_routes(path: Path) -> List[dict]:
         raise ValueError(f"gn_det routes file {path}: expected an object with a list under \"routes\"")
     for i, route in enumerate(data["routes"]):
         _check_route(route, f"gn_det routes file {path}, routes[{i}]")
-    return data["routes"]
+    return data
+
+
+def read_routes(path: Path) -> List[dict]:
+    """The routes in a routes file, each checked (see ``read_routes_file``)."""
+    return read_routes_file(path)["routes"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,8 +118,7 @@ def load_routes() -> Dict[RouteKey, str]:
     path = routes_file()
     if path is None:
         return {}
-    return {_check_route(route, str(path)): str(route.get("measured") or "no measurement recorded")
-            for route in read_routes(path)}
+    return {_key(route): str(route.get("measured") or "no measurement recorded") for route in read_routes(path)}
 
 
 @functools.lru_cache(maxsize=None)
