@@ -1,7 +1,8 @@
 """``GroupNorm``: a drop-in for ``torch.nn.GroupNorm`` with fused kernels and activation."""
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -89,6 +90,31 @@ class GroupNorm(nn.GroupNorm):
         """Build over ``num_channels`` with G from ``num_groups`` or ``channels_per_group``."""
         groups = resolve_num_groups(num_channels, num_groups, channels_per_group, layer=layer)
         return cls(groups, num_channels, **kwargs)
+
+    @classmethod
+    def factory(
+        cls,
+        num_groups: int = 32,
+        channels_per_group: int = 0,
+        eps: float = 1e-5,
+        activation: Optional[str] = None,
+        **kwargs,
+    ) -> Callable[[int], "GroupNorm"]:
+        """A norm factory ``channels -> GroupNorm`` with these settings: what detectron2's
+        ``norm=`` arguments take besides a name (``get_norm`` accepts "str or callable").
+
+        In a LazyConfig: ``norm=L(gn_det.GroupNorm.factory)(num_groups=16, eps=1e-6)``.
+        ``channels_per_group > 0`` takes precedence over ``num_groups``. The settings are
+        checked here, each layer's channels when it is built.
+        """
+        if num_groups < 0 or channels_per_group < 0 or not (num_groups or channels_per_group):
+            raise ValueError(f"GroupNorm.factory: num_groups={num_groups}, channels_per_group={channels_per_group}: "
+                             "give a positive number of groups or of channels per group")
+        if not eps > 0:
+            raise ValueError(f"GroupNorm.factory: eps={eps}: eps must be > 0 (e.g. 1e-5)")
+        activation_code(activation)  # an unknown activation fails here, not at every layer
+        return functools.partial(cls.from_channels, num_groups=num_groups, channels_per_group=channels_per_group,
+                                 eps=eps, activation=activation, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
