@@ -139,3 +139,29 @@ def check_strided_inputs(device="cpu") -> None:
     x.grad = None
     gn_det.group_norm(x, 4, weight, bias).sum().backward()  # an expanded (stride 0) gradient
     assert torch.isfinite(x.grad).all()
+
+
+def check_scale_without_shift(shape, groups, dtype=torch.float32, memory_format=torch.contiguous_format,
+                              activation=None, device="cpu", eps=1e-5) -> None:
+    """``gn_det.GroupNorm(..., bias=False)``, a scale without a shift: ``bias`` is None, the
+    state_dict holds only ``weight``, and the output, dx and dgamma match float64
+    ``F.group_norm(x, G, gamma, None)`` (+ activation)."""
+    layer = gn_det.GroupNorm(groups, shape[1], eps=eps, bias=False, activation=activation, device=device)
+    assert layer.bias is None and [name for name, _ in layer.named_parameters()] == ["weight"]
+    assert list(layer.state_dict()) == ["weight"]
+    with torch.no_grad():
+        layer.weight.copy_(make_affine(shape[1], device)[0])  # not all ones: dgamma is then informative
+    x = make_input(shape, dtype, memory_format, device).requires_grad_()
+    y = layer(x)
+    assert y.dtype == x.dtype and y.is_contiguous(memory_format=memory_format)
+    x64 = x.detach().double().cpu().requires_grad_()
+    w64 = layer.weight.detach().double().cpu().requires_grad_()
+    ref = ACT_FNS[activation](F.group_norm(x64, groups, w64, None, eps))
+    what = f"{tuple(shape)} {dtype} {memory_format} act={activation} bias=False"
+    assert_close(y, ref, TOLERANCE[dtype], f"forward {what}")
+    grad = make_input(shape, dtype, memory_format, device, seed=7)
+    y.backward(grad)
+    ref.backward(grad.double().cpu())
+    assert_close(x.grad, x64.grad, GRAD_TOLERANCE[dtype], f"dx {what}")
+    assert_close(layer.weight.grad, w64.grad, GRAD_TOLERANCE[dtype], f"dweight {what}")
+    assert layer.bias is None

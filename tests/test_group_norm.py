@@ -1,6 +1,8 @@
 """gn_det.GroupNorm / gn_det.group_norm on CPU (the PyTorch path) against float64
-F.group_norm, and the layer's contract: drop-in for nn.GroupNorm, errors, autocast,
-torch.compile, tracing and ONNX export, saved activation memory."""
+F.group_norm, and the layer's contract: drop-in for nn.GroupNorm (every constructor argument,
+bias=False included), errors, autocast, torch.compile, tracing and ONNX export, saved
+activation memory."""
+import inspect
 import io
 import random
 import warnings
@@ -11,9 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import gn_det
+from gn_det.kernels.activation import ACT_RELU
+from gn_det.kernels.group_norm_op import aten_group_norm
+from gn_det.layers import group_norm as group_norm_module
 from gn_det.layers.group_norm import resolve_num_groups
-from gn_cases import (ACT_FNS, LAYER_CASES, TOLERANCE, assert_close, check_forward_backward, check_one_value_per_group,
-                      check_strided_inputs, make_affine, make_input, reference)
+from gn_cases import (ACT_FNS, GRAD_TOLERANCE, LAYER_CASES, TOLERANCE, assert_close, check_forward_backward,
+                      check_one_value_per_group, check_scale_without_shift, check_strided_inputs, make_affine, make_input,
+                      reference)
+
+NN_HAS_BIAS = "bias" in inspect.signature(nn.GroupNorm.__init__).parameters  # torch >= 2.14
 
 CL = torch.channels_last
 CL3D = torch.channels_last_3d
@@ -181,6 +189,111 @@ def test_module_is_drop_in_for_nn_group_norm():
     torch.testing.assert_close(plain(x), F.group_norm(x, 4, eps=1e-3), atol=1e-6, rtol=1e-6)
 
 
+def _positional(params):
+    return [name for name, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def test_constructor_takes_every_nn_group_norm_argument():
+    # The installed torch's own signature is the reference: each of its arguments is taken,
+    # of the same kind (positional or keyword-only), in the same position, with the same default.
+    ours = inspect.signature(gn_det.GroupNorm.__init__).parameters
+    theirs = inspect.signature(nn.GroupNorm.__init__).parameters
+    for name, param in theirs.items():
+        assert name in ours, f"nn.GroupNorm's argument {name!r} is missing"
+        assert ours[name].kind == param.kind, name
+        assert ours[name].default == param.default, name
+    assert _positional(ours) == _positional(theirs)  # gn_det's own activation is keyword-only
+    assert ours["bias"].kind is inspect.Parameter.KEYWORD_ONLY and ours["bias"].default is True  # with any torch
+    assert ours["activation"].kind is inspect.Parameter.KEYWORD_ONLY and ours["activation"].default is None
+
+
+def test_constructor_positional_device_and_dtype_like_nn_group_norm():
+    ours = gn_det.GroupNorm(4, 8, 1e-3, True, "cpu", torch.float64)
+    theirs = nn.GroupNorm(4, 8, 1e-3, True, "cpu", torch.float64)
+    assert ours.weight.dtype == theirs.weight.dtype == torch.float64 and ours.eps == theirs.eps == 1e-3
+    assert ours.bias.dtype == torch.float64
+
+
+@pytest.mark.skipif(not NN_HAS_BIAS, reason="this torch's nn.GroupNorm has no bias argument")
+@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+@pytest.mark.parametrize("shape,groups,memory_format", LAYER_CASES)
+def test_scale_without_shift_matches_nn_group_norm(shape, groups, memory_format, activation):
+    theirs = nn.GroupNorm(groups, shape[1], bias=False)
+    ours = gn_det.GroupNorm(groups, shape[1], bias=False, activation=activation)
+    with torch.no_grad():
+        theirs.weight.copy_(make_affine(shape[1])[0])
+    assert ours.bias is None and theirs.bias is None
+    assert [(n, p.shape) for n, p in ours.named_parameters()] == [(n, p.shape) for n, p in theirs.named_parameters()]
+    assert list(ours.state_dict()) == list(theirs.state_dict()) == ["weight"]
+    ours.load_state_dict(theirs.state_dict())
+    if activation is None:
+        assert repr(ours) == repr(theirs)
+    x = make_input(shape, memory_format=memory_format).requires_grad_()
+    x_theirs = x.detach().clone().requires_grad_()
+    y, y_theirs = ours(x), ACT_FNS[activation](theirs(x_theirs))
+    torch.testing.assert_close(y, y_theirs, atol=1e-5, rtol=1e-5)
+    grad = make_input(shape, memory_format=memory_format, seed=3)
+    y.backward(grad)
+    y_theirs.backward(grad)
+    assert_close(x.grad, x_theirs.grad, GRAD_TOLERANCE[torch.float32], "dx")
+    assert_close(ours.weight.grad, theirs.weight.grad, GRAD_TOLERANCE[torch.float32], "dweight")
+    check_scale_without_shift(shape, groups, memory_format=memory_format, activation=activation)  # float64 reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [CF, CL])
+def test_scale_without_shift_half_precision(dtype, memory_format):
+    check_scale_without_shift((2, 16, 9, 10), 4, dtype=dtype, memory_format=memory_format, activation="relu")
+
+
+def test_scale_without_shift_with_a_torch_before_the_bias_argument(monkeypatch):
+    # An older torch's nn.GroupNorm has no bias argument: gn_det then registers the shift as
+    # None itself. Simulated here with the installed torch's constructor minus that argument.
+    real_init = nn.GroupNorm.__init__
+
+    def init_without_bias(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None):
+        real_init(self, num_groups, num_channels, eps, affine, device, dtype)
+
+    monkeypatch.setattr(nn.GroupNorm, "__init__", init_without_bias)
+    monkeypatch.setattr(group_norm_module, "_NN_GROUP_NORM_HAS_BIAS", False)
+    m = gn_det.GroupNorm(4, 8, bias=False, activation="relu")
+    assert m.bias is None and list(m.state_dict()) == ["weight"] and "bias=False" in repr(m)
+    m.reset_parameters()  # nn.GroupNorm's own would zero a None bias
+    assert torch.equal(m.weight, torch.ones(8))
+    assert gn_det.GroupNorm(4, 8).bias is not None
+    plain = gn_det.GroupNorm(4, 8, affine=False, bias=False)
+    assert plain.weight is None and plain.bias is None
+    check_scale_without_shift((2, 8, 5, 6), 4, activation="silu")
+    check_scale_without_shift((2, 8, 5, 6), 4, memory_format=CL)
+    monkeypatch.undo()
+    if NN_HAS_BIAS:  # the state_dict is the installed torch's
+        m.load_state_dict(nn.GroupNorm(4, 8, bias=False).state_dict())
+
+
+def test_from_channels_and_factory_take_bias():
+    m = gn_det.GroupNorm.from_channels(64, channels_per_group=8, bias=False)
+    assert m.num_groups == 8 and m.bias is None and m.weight.shape == (64,)
+    make = gn_det.GroupNorm.factory(num_groups=16, bias=False, activation="relu")
+    m = make(64)
+    assert m.num_groups == 16 and m.bias is None and m.activation == "relu"
+    assert make(32).bias is None
+
+
+@pytest.mark.parametrize("memory_format", [CF, CL])
+def test_scale_without_shift_on_the_aten_route(memory_format):
+    # The path a measured route sends a shape to (PyTorch's GroupNorm) with no shift, and
+    # with neither scale nor shift.
+    x = make_input((2, 8, 5, 6), memory_format=memory_format).requires_grad_()
+    weight = make_affine(8)[0].requires_grad_()
+    y = aten_group_norm(x, 4, weight, None, 1e-5, ACT_RELU)
+    assert y.is_contiguous(memory_format=memory_format)
+    assert_close(y, reference(x, 4, weight, None, 1e-5, "relu"), TOLERANCE[torch.float32], "aten route, bias None")
+    y.sum().backward()
+    assert weight.grad is not None and torch.isfinite(x.grad).all()
+    assert_close(aten_group_norm(x, 4, None, None, 1e-5, ACT_RELU), reference(x, 4, None, None, 1e-5, "relu"),
+                 TOLERANCE[torch.float32], "aten route, no affine")
+
+
 def test_module_with_activation_keeps_state_dict_and_repr():
     m = gn_det.GroupNorm(2, 8, activation="ReLU")
     assert m.activation == "relu"
@@ -235,26 +348,30 @@ def test_autocast_keeps_input_dtype():
 # ----------------------------------------------------------------------------- compile/trace/export
 
 
-def _conv_gn(activation="relu"):
+def _conv_gn(activation="relu", bias=True):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3), gn_det.GroupNorm(2, 8, activation=activation))
+    return nn.Sequential(nn.Conv2d(3, 8, 3), gn_det.GroupNorm(2, 8, activation=activation, bias=bias))
 
 
-def test_torch_compile_fullgraph():
-    model = _conv_gn()
+@pytest.mark.parametrize("bias", [True, False])
+def test_torch_compile_fullgraph(bias):
+    model = _conv_gn(bias=bias)
     compiled = torch.compile(model, fullgraph=True)
     x = make_input((2, 3, 9, 9))
     y = compiled(x)
     torch.testing.assert_close(y, model(x))
     y.sum().backward()
-    grad_compiled = model[0].weight.grad.clone()
+    grads_compiled = [p.grad.clone() for p in model.parameters()]  # conv weight and bias, gamma (and beta)
     model.zero_grad()
     model(x).sum().backward()
-    torch.testing.assert_close(grad_compiled, model[0].weight.grad, atol=1e-5, rtol=1e-5)
+    for compiled_grad, p in zip(grads_compiled, model.parameters()):
+        torch.testing.assert_close(compiled_grad, p.grad, atol=1e-5, rtol=1e-5)
+    assert model[1].bias is None or model[1].bias.grad is not None
 
 
-def test_jit_trace_records_standard_ops():
-    model = _conv_gn()
+@pytest.mark.parametrize("bias", [True, False])
+def test_jit_trace_records_standard_ops(bias):
+    model = _conv_gn(bias=bias)
     x = make_input((2, 3, 9, 9))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -265,10 +382,10 @@ def test_jit_trace_records_standard_ops():
     torch.testing.assert_close(traced(x), model(x))
 
 
-@pytest.mark.parametrize("dynamo", [False, True])
-def test_onnx_export_uses_standard_ops(dynamo):
+@pytest.mark.parametrize("dynamo,bias", [(False, True), (True, True), (False, False), (True, False)])
+def test_onnx_export_uses_standard_ops(dynamo, bias):
     onnx = pytest.importorskip("onnx")  # installed by make setup (requirements/test.txt)
-    model = _conv_gn()
+    model = _conv_gn(bias=bias)
     x = make_input((2, 3, 9, 9))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

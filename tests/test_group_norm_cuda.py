@@ -2,6 +2,7 @@
 GPU is; its CPU twins are tests/test_group_norm.py (PyTorch path) and
 tests/interpreted/test_triton_kernels.py (the same kernels under Triton's interpreter).
 Routes are off here (every shape runs the kernels), but in the test of routes."""
+import inspect
 import json
 
 import pytest
@@ -13,7 +14,8 @@ import gn_det
 from gn_det.kernels import routing
 from gn_det.kernels.activation import ACT_RELU
 from gn_det.kernels.group_norm_op import dispatch_path, triton_enabled_for
-from gn_cases import check_forward_backward, check_one_value_per_group, check_strided_inputs, make_affine, make_input, reference
+from gn_cases import (check_forward_backward, check_one_value_per_group, check_scale_without_shift, check_strided_inputs,
+                      make_affine, make_input, reference)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CF, CL = torch.contiguous_format, torch.channels_last
@@ -69,6 +71,20 @@ def test_torch_backend_on_cuda(monkeypatch, memory_format):
     finally:
         monkeypatch.delenv("GN_DET_BACKEND")
         backend.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [CF, CL])
+@pytest.mark.parametrize("shape", [(2, 256, 50, 84), (64, 256, 7, 7)])  # both kernel sets
+def test_scale_without_shift_cuda(shape, memory_format, dtype):
+    # GroupNorm(..., bias=False): the kernels with beta = 0, dx and dgamma against float64.
+    check_scale_without_shift(shape, 32, dtype=dtype, memory_format=memory_format, activation="relu", device="cuda")
+    if dtype == torch.float32 and "bias" in inspect.signature(nn.GroupNorm.__init__).parameters:  # torch >= 2.14
+        theirs = nn.GroupNorm(32, shape[1], bias=False).cuda()
+        ours = gn_det.GroupNorm(32, shape[1], bias=False).cuda()
+        assert list(ours.state_dict()) == list(theirs.state_dict()) == ["weight"]
+        x = make_input(shape, device="cuda", memory_format=memory_format)
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-4, rtol=1e-4)
 
 
 def test_strided_inputs_cuda():

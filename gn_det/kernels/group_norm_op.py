@@ -232,13 +232,16 @@ def _check_inputs(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Op
         raise ValueError(f"gn_det group_norm: eps must be >= 0, got {eps}")
 
 
-def aten_group_norm(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float, code: int) -> Tensor:
+def aten_group_norm(
+    x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, code: int
+) -> Tensor:
     """PyTorch's own GroupNorm and activation, for the shapes a route sends there (where the
     kernels were measured slower): ATen's kernels and autograd, in the wider of x's and the
     parameters' dtypes (float32 under autocast, which upcasts ``F.group_norm``), the output
-    in x's dtype and memory format as the kernels give it."""
-    compute = torch.promote_types(x.dtype, weight.dtype)
-    y = F.group_norm(x.to(compute), num_groups, weight.to(compute), bias.to(compute), eps)
+    in x's dtype and memory format as the kernels give it. weight and bias may be None."""
+    compute = x.dtype if weight is None else torch.promote_types(x.dtype, weight.dtype)
+    weight, bias = (None if p is None else p.to(compute) for p in (weight, bias))
+    y = F.group_norm(x.to(compute), num_groups, weight, bias, eps)
     # In place on GN's fresh output (GN's backward needs its input, not its output).
     return apply_activation(y, code).to(dtype=x.dtype, memory_format=memory_format_of(x))
 
@@ -292,6 +295,8 @@ def group_norm(
     if weight is None:
         weight = torch.ones(channels, dtype=_stats_dtype(x), device=x.device)
     if bias is None:
+        # A scale without a shift (GroupNorm(..., bias=False)): the kernels take beta = 0. It
+        # needs no gradient, so none is returned for it; dgamma is computed as usual.
         bias = torch.zeros(channels, dtype=weight.dtype, device=x.device)
     # The kernels read gamma and beta as dense (C,) vectors; a strided view (every other
     # element of a larger tensor, say) is copied first. Parameters already are dense.

@@ -2,15 +2,21 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.nn import init
 
 from ..kernels.activation import ACTIVATION_NAMES, activation_code
 from ..kernels.group_norm_op import group_norm
 
 __all__ = ["GroupNorm", "resolve_num_groups"]
+
+# torch >= 2.14's nn.GroupNorm takes keyword-only ``bias`` (False: a scale without a shift);
+# with an older torch, gn_det implements that case itself (see GroupNorm.__init__).
+_NN_GROUP_NORM_HAS_BIAS = "bias" in inspect.signature(nn.GroupNorm.__init__).parameters
 
 
 def resolve_num_groups(
@@ -46,11 +52,12 @@ def resolve_num_groups(
 class GroupNorm(nn.GroupNorm):
     """Group Normalization (Wu & He, ECCV 2018) with an optional fused activation.
 
-    A drop-in for ``torch.nn.GroupNorm``: the same constructor arguments, parameters
-    (``weight``, ``bias``: ``(C,)``) and state_dict keys, and ``isinstance(m, nn.GroupNorm)``
-    holds. On CUDA it runs fused Triton kernels (forward and backward, the activation
-    included, NCHW and channels_last, in the input's dtype under autocast); on CPU it runs
-    PyTorch operations.
+    A drop-in for ``torch.nn.GroupNorm``: the same constructor arguments, in the same
+    positions and with the same defaults (keyword-only ``bias`` included, with any torch),
+    parameters (``weight``, ``bias``: ``(C,)``, ``bias`` None when there is no shift) and
+    state_dict keys, and ``isinstance(m, nn.GroupNorm)`` holds. On CUDA it runs fused Triton
+    kernels (forward and backward, the activation included, NCHW and channels_last, in the
+    input's dtype under autocast); on CPU it runs PyTorch operations.
 
     Input ``(N, C, *)``; output of the same shape, dtype and memory format.
 
@@ -58,8 +65,12 @@ class GroupNorm(nn.GroupNorm):
         num_groups: number of groups G; C must be divisible by G.
         num_channels: C.
         eps: added to the variance.
-        affine: learn a per-channel scale and shift.
+        affine: learn a per-channel scale (and shift, see ``bias``).
+        device, dtype: of the parameters, as for any torch module.
+        bias: with ``affine``, also learn the per-channel shift; False: a scale without a
+            shift (``bias`` is None, as in ``nn.GroupNorm(..., bias=False)``). Keyword-only.
         activation: None, "relu" or "silu", applied after the affine, fused into the kernels.
+            Keyword-only (gn_det's own argument, after nn.GroupNorm's).
     """
 
     def __init__(
@@ -68,15 +79,34 @@ class GroupNorm(nn.GroupNorm):
         num_channels: int,
         eps: float = 1e-5,
         affine: bool = True,
-        activation: Optional[str] = None,
         device=None,
         dtype=None,
+        *,
+        bias: bool = True,
+        activation: Optional[str] = None,
     ) -> None:
         resolve_num_groups(num_channels, num_groups=num_groups)
         if not eps >= 0:
             raise ValueError(f"GroupNorm: eps must be >= 0, got {eps}")
-        super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
-        self.activation = ACTIVATION_NAMES[activation_code(activation)]
+        code = activation_code(activation)  # an unknown name fails before any allocation
+        if _NN_GROUP_NORM_HAS_BIAS:
+            super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype, bias=bias)
+        else:
+            super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
+            if affine and not bias:
+                # What torch >= 2.14 does: the shift is registered as None, so it is neither a
+                # parameter nor a state_dict key (assigning None to a registered parameter
+                # re-registers it as None).
+                self.bias = None
+        self.activation = ACTIVATION_NAMES[code]
+
+    def reset_parameters(self) -> None:
+        """gamma = 1, beta = 0 (no beta without a shift): nn.GroupNorm's, also correct for
+        ``bias=False`` with a torch whose own version predates that argument."""
+        if self.affine:
+            init.ones_(self.weight)
+            if self.bias is not None:
+                init.zeros_(self.bias)
 
     @classmethod
     def from_channels(
@@ -104,8 +134,10 @@ class GroupNorm(nn.GroupNorm):
         ``norm=`` arguments take besides a name (``get_norm`` accepts "str or callable").
 
         In a LazyConfig: ``norm=L(gn_det.GroupNorm.factory)(num_groups=16, eps=1e-6)``.
-        ``channels_per_group > 0`` takes precedence over ``num_groups``. The settings are
-        checked here, each layer's channels when it is built.
+        ``channels_per_group > 0`` takes precedence over ``num_groups``. Other keyword
+        arguments go to the constructor: ``bias=False`` (a scale without a shift), ``affine``,
+        ``device``, ``dtype``. The settings are checked here, each layer's channels when it
+        is built.
         """
         if num_groups < 0 or channels_per_group < 0 or not (num_groups or channels_per_group):
             raise ValueError(f"GroupNorm.factory: num_groups={num_groups}, channels_per_group={channels_per_group}: "
@@ -121,4 +153,6 @@ class GroupNorm(nn.GroupNorm):
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
+        if not _NN_GROUP_NORM_HAS_BIAS and self.affine and self.bias is None:
+            text += ", bias=False"  # what torch >= 2.14's own repr says
         return f"{text}, activation={self.activation}" if self.activation else text

@@ -14,7 +14,8 @@ from gn_det.kernels.group_norm_op import dispatch_path, triton_enabled_for
 from gn_det.kernels.group_norm_torch import torch_group_norm_backward, torch_group_norm_forward
 from gn_det.kernels import group_norm_triton
 from gn_det.kernels.group_norm_triton import kernel_path, triton_group_norm_backward, triton_group_norm_forward
-from gn_cases import LAYER_CASES, check_forward_backward, check_one_value_per_group, check_strided_inputs, make_affine, make_input, reference
+from gn_cases import (LAYER_CASES, check_forward_backward, check_one_value_per_group, check_scale_without_shift,
+                      check_strided_inputs, make_affine, make_input, reference)
 
 CF, CL, CL3D = torch.contiguous_format, torch.channels_last, torch.channels_last_3d
 
@@ -64,6 +65,16 @@ def test_half_precision(dtype, memory_format, path):
 
 def test_no_affine(path):
     check_forward_backward((2, 8, 5, 6), 2, affine=False, activation="relu")
+
+
+@pytest.mark.parametrize("shape,groups,memory_format,activation", [
+    ((2, 8, 5, 6), 2, CF, "relu"),
+    ((2, 12, 7, 9), 4, CL, "silu"),
+    ((2, 6, 3, 5, 4), 3, CL3D, None),
+])
+def test_scale_without_shift(shape, groups, memory_format, activation, path):
+    # GroupNorm(..., bias=False): the kernels run with beta = 0; dx and dgamma as usual.
+    check_scale_without_shift(shape, groups, memory_format=memory_format, activation=activation)
 
 
 @pytest.mark.parametrize("memory_format", [CF, CL])
