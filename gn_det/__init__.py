@@ -3,8 +3,8 @@
 - ``gn_det.GroupNorm`` / ``gn_det.group_norm``: GN with fused Triton kernels on CUDA and
   PyTorch operations on CPU, a drop-in for ``torch.nn.GroupNorm``.
 - With detectron2 installed, ``import gn_det`` registers gn_det's norm ``"FastGN"``
-  (``gn_det.NORM_NAME``) for every detectron2 norm config key, and its backbone and head
-  builders; ``gn_det.add_gn_config(cfg)`` adds the ``MODEL.GN.*`` keys.
+  (``gn_det.NORM_NAME``) for every detectron2 norm config key and makes detectron2's build
+  functions apply a config's ``MODEL.GN.*`` keys (``gn_det.add_gn_config(cfg)`` adds them).
 """
 import importlib.util
 
@@ -15,12 +15,12 @@ __version__ = "0.1.0"
 __all__ = ["GroupNorm", "group_norm", "resolve_num_groups", "__version__"]
 
 if importlib.util.find_spec("detectron2") is not None:
-    from .config import add_gn_config, get_config, gn_settings_from_cfg
-    from .modeling import (NORM_NAME, ConversionReport, GNSettings, build_model, convert_to_group_norm,
-                           fuse_norm_activation, gn_settings, install, register_norm)
+    from .config import GNSettings, add_gn_config, get_config
+    from .modeling import (NORM_NAME, ConversionReport, build_model, building_from, convert_to_group_norm,
+                           fuse_norm_activation, gn_settings, install, register_norm, validate_gn_config)
 
     install()
     __all__ += [
-        "NORM_NAME", "ConversionReport", "GNSettings", "add_gn_config", "build_model", "get_config", "convert_to_group_norm",
-        "fuse_norm_activation", "gn_settings", "gn_settings_from_cfg", "register_norm",
+        "NORM_NAME", "ConversionReport", "GNSettings", "add_gn_config", "build_model", "building_from", "get_config",
+        "convert_to_group_norm", "fuse_norm_activation", "gn_settings", "register_norm", "validate_gn_config",
     ]

@@ -1,66 +1,126 @@
-"""gn_det's config keys, detectron2's ``add_<thing>_config`` way."""
+"""gn_det's config keys, declared once: the fields of ``GNSettings``.
+
+Each field is one key (``MODEL.GN.<FIELD>`` unless it names another) with its default, type
+and meaning. ``add_gn_config`` declares the keys from it (detectron2's ``add_<thing>_config``
+way), ``GNSettings.from_cfg`` reads and checks them, and README's key list is
+``GNSettings.keys_markdown()``. Adding a key is one field here.
+"""
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import List, Tuple
+import typing
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["GNSettings", "add_gn_config", "get_config", "gn_settings_from_cfg", "validate_gn_config"]
+from .errors import ConfigError
+from .layers.group_norm import GroupNorm, resolve_num_groups
+
+__all__ = ["GNSettings", "add_gn_config", "get_config"]
+
+
+def _key(default, meaning: str, key: str = ""):
+    """A settings field: its config key (``MODEL.GN.<FIELD>`` when not given) and meaning."""
+    return dataclasses.field(default=default, metadata={"meaning": meaning, "key": key})
 
 
 @dataclasses.dataclass(frozen=True)
 class GNSettings:
-    """How gn_det builds GN layers. ``channels_per_group > 0`` takes precedence over
-    ``num_groups``. ``replace_gn``: detectron2's own "GN" name builds gn_det's GN as well.
-    ``fuse_activation``: the builders move a ReLU that follows a GN into its kernels."""
+    """How gn_det builds GN layers from a config. Values are checked when constructed
+    (``ConfigError`` naming the key, the value and the fix)."""
 
-    num_groups: int = 32
-    channels_per_group: int = 0
-    eps: float = 1e-5
-    fuse_activation: bool = True
-    replace_gn: bool = False
+    num_groups: int = _key(32, "groups per GN layer.")
+    channels_per_group: int = _key(
+        0, "when > 0, each layer's group count is its channels divided by this, instead of NUM_GROUPS "
+           "(the GN paper's other way to set its one hyperparameter).")
+    eps: float = _key(1e-5, "added to the variance.")
+    fuse_activation: bool = _key(True, "a ReLU that follows a GN runs inside the GN kernels.")
+    replace_gn: bool = _key(False, "detectron2's own \"GN\" norm name builds gn_det's GN too.")
+    channels_last: bool = _key(
+        False, "the built model is put in channels_last (NHWC) memory format, so convolutions and GN "
+               "run NHWC (fastest with mixed precision on GPU).", key="MODEL.CHANNELS_LAST")
+
+    @staticmethod
+    def key(name: str) -> str:
+        """The config key of field ``name`` (e.g. ``"MODEL.GN.NUM_GROUPS"``)."""
+        field = next(f for f in dataclasses.fields(GNSettings) if f.name == name)
+        return field.metadata["key"] or f"MODEL.GN.{name.upper()}"
+
+    def __post_init__(self) -> None:
+        types = typing.get_type_hints(GNSettings)
+        for field in dataclasses.fields(self):
+            value, kind = getattr(self, field.name), types[field.name]
+            if kind is float and type(value) is int:  # YAML's 1 for 1.0
+                object.__setattr__(self, field.name, float(value))
+            elif type(value) is not kind:
+                raise ConfigError(f"{self.key(field.name)}={value!r}: expected a {kind.__name__}")
+        if not self.eps > 0:
+            raise ConfigError(f"{self.key('eps')}={self.eps}: eps must be > 0 (e.g. 1e-5), or a constant group "
+                              "divides by zero")
+        if self.num_groups < 0 or self.channels_per_group < 0:
+            raise ConfigError(f"{self.key('num_groups')}={self.num_groups}, {self.key('channels_per_group')}="
+                              f"{self.channels_per_group}: neither may be negative")
+        if not (self.num_groups or self.channels_per_group):
+            raise ConfigError(f"{self.key('num_groups')}=0 and {self.key('channels_per_group')}=0: set one of them "
+                              "(e.g. NUM_GROUPS 32)")
+        default_groups = GNSettings.__dataclass_fields__["num_groups"].default
+        if self.channels_per_group and self.num_groups not in (0, default_groups):
+            raise ConfigError(
+                f"{self.key('num_groups')}={self.num_groups} and {self.key('channels_per_group')}="
+                f"{self.channels_per_group} disagree: CHANNELS_PER_GROUP sets every layer's group count, so "
+                "NUM_GROUPS would be ignored; set only one of them (NUM_GROUPS 0 to use CHANNELS_PER_GROUP)")
+
+    @classmethod
+    def from_cfg(cls, cfg: CN) -> "GNSettings":
+        """The settings a config asks for (a key the config lacks keeps its default)."""
+        values = {}
+        for field in dataclasses.fields(cls):
+            node, *path = cls.key(field.name).split(".")
+            value = cfg.get(node)
+            for part in path:
+                value = value.get(part) if isinstance(value, CN) else None
+            if value is not None:
+                values[field.name] = value
+        return cls(**values)
+
+    def groups_for(self, channels: int) -> int:
+        """The group count of a GN layer over ``channels``; ``ConfigError`` naming the key
+        whose value does not divide them."""
+        name = "channels_per_group" if self.channels_per_group else "num_groups"
+        try:
+            return resolve_num_groups(channels, self.num_groups, self.channels_per_group)
+        except ValueError:
+            divisor = getattr(self, name)
+            other = self.key("num_groups" if self.channels_per_group else "channels_per_group")
+            raise ConfigError(f"{self.key(name)}={divisor} does not divide the {channels} channels of a GN layer; "
+                              f"choose a divisor of {channels}, or set {other} instead") from None
+
+    def norm(self, channels: int, **kwargs) -> GroupNorm:
+        """A gn_det GroupNorm over ``channels`` with these settings."""
+        return GroupNorm(self.groups_for(channels), channels, eps=self.eps, **kwargs)
+
+    @classmethod
+    def keys_markdown(cls) -> str:
+        """README's list of the keys: one line each, key, default and meaning."""
+        lines = []
+        for field in dataclasses.fields(cls):
+            lines.append(f"  - `{cls.key(field.name)}` ({field.default!r}): {field.metadata['meaning']}")
+        return "\n".join(lines)
 
 
 def add_gn_config(cfg: CN) -> CN:
-    """Add ``MODEL.GN.*`` (the GN layers built from this config) to ``cfg``, in place.
-
-    - ``NUM_GROUPS`` (32): groups per GN layer.
-    - ``CHANNELS_PER_GROUP`` (0): when > 0, each layer's group count is its channels divided
-      by this, instead of NUM_GROUPS (the GN paper's other way to set the hyperparameter).
-    - ``EPS`` (1e-5): added to the variance.
-    - ``FUSE_ACTIVATION`` (True): a ReLU that follows a GN runs inside the GN kernels.
-    - ``REPLACE_GN`` (False): detectron2's own "GN" norm name builds gn_det's GN too.
-    And ``MODEL.CHANNELS_LAST`` (False): ``gn_det.build_model`` puts the whole model in
-    channels_last (NHWC), so convolutions and GN run NHWC (fastest with mixed precision on GPU).
-    Returns cfg. Adding twice is harmless.
-    """
-    if "GN" in cfg.MODEL:
-        return cfg
-    cfg.MODEL.CHANNELS_LAST = False
-    defaults = GNSettings()
-    cfg.MODEL.GN = CN()
-    cfg.MODEL.GN.NUM_GROUPS = defaults.num_groups
-    cfg.MODEL.GN.CHANNELS_PER_GROUP = defaults.channels_per_group
-    cfg.MODEL.GN.EPS = defaults.eps
-    cfg.MODEL.GN.FUSE_ACTIVATION = defaults.fuse_activation
-    cfg.MODEL.GN.REPLACE_GN = defaults.replace_gn
+    """Add gn_det's keys (``GNSettings``' fields, with their defaults) to ``cfg``, in place.
+    Returns cfg. Adding twice is harmless."""
+    for field in dataclasses.fields(GNSettings):
+        node = cfg
+        *parents, leaf = GNSettings.key(field.name).split(".")
+        for part in parents:
+            if part not in node:
+                node[part] = CN()
+            node = node[part]
+        if leaf not in node:
+            node[leaf] = field.default
     return cfg
-
-
-def gn_settings_from_cfg(cfg: CN) -> GNSettings:
-    """The GN settings of a config (defaults where it has no ``MODEL.GN``)."""
-    if "GN" not in cfg.MODEL:
-        return GNSettings()
-    gn = cfg.MODEL.GN
-    return GNSettings(
-        num_groups=int(gn.NUM_GROUPS),
-        channels_per_group=int(gn.CHANNELS_PER_GROUP),
-        eps=float(gn.EPS),
-        fuse_activation=bool(gn.FUSE_ACTIVATION),
-        replace_gn=bool(gn.REPLACE_GN),
-    )
 
 
 def get_config(config_file: str = "", opts=None, allow_unsafe: bool = False) -> CN:
@@ -87,79 +147,3 @@ def get_config(config_file: str = "", opts=None, allow_unsafe: bool = False) -> 
     if opts:
         cfg.merge_from_list(list(opts))
     return cfg
-
-
-_NORM_KEYS = ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD", "SEM_SEG_HEAD")
-
-
-def _gn_layers(cfg: CN) -> List[Tuple[str, str, int, int, int, str]]:
-    """(norm key, layer, channels, num_groups, channels_per_group, where the group count comes
-    from) of the GN layers the config asks for, where their channels can be read from it."""
-    from .modeling.norm import NORM_NAME
-
-    gn = cfg.MODEL.GN
-    layers = []
-
-    def add(section: str, layer: str, channels: int) -> None:
-        norm = cfg.MODEL[section].NORM
-        if norm == NORM_NAME or (norm == "GN" and gn.REPLACE_GN):
-            layers.append((f"MODEL.{section}.NORM", layer, int(channels), int(gn.NUM_GROUPS), int(gn.CHANNELS_PER_GROUP),
-                           "MODEL.GN.NUM_GROUPS"))
-        elif norm == "GN":  # detectron2's own GN: always 32 groups
-            layers.append((f"MODEL.{section}.NORM", layer, int(channels), 32, 0, "detectron2's GN (always 32 groups)"))
-
-    if "resnet" in cfg.MODEL.BACKBONE.NAME:
-        r = cfg.MODEL.RESNETS
-        add("RESNETS", "the ResNet stem (MODEL.RESNETS.STEM_OUT_CHANNELS)", r.STEM_OUT_CHANNELS)
-        for stage in range(2, 6):
-            scale = 2 ** (stage - 2)
-            add("RESNETS", f"res{stage}'s outputs (MODEL.RESNETS.RES2_OUT_CHANNELS x {scale})", r.RES2_OUT_CHANNELS * scale)
-            if r.DEPTH >= 50:
-                add("RESNETS", f"res{stage}'s bottleneck (RESNETS.NUM_GROUPS x WIDTH_PER_GROUP x {scale})",
-                    r.NUM_GROUPS * r.WIDTH_PER_GROUP * scale)
-        if "fpn" in cfg.MODEL.BACKBONE.NAME:
-            add("FPN", "the FPN convs (MODEL.FPN.OUT_CHANNELS)", cfg.MODEL.FPN.OUT_CHANNELS)
-    if cfg.MODEL.ROI_BOX_HEAD.NUM_CONV > 0:
-        add("ROI_BOX_HEAD", "the box head convs (MODEL.ROI_BOX_HEAD.CONV_DIM)", cfg.MODEL.ROI_BOX_HEAD.CONV_DIM)
-    if cfg.MODEL.MASK_ON:
-        add("ROI_MASK_HEAD", "the mask head convs (MODEL.ROI_MASK_HEAD.CONV_DIM)", cfg.MODEL.ROI_MASK_HEAD.CONV_DIM)
-    return layers
-
-
-def validate_gn_config(cfg: CN) -> None:
-    """Check what would otherwise fail (or silently differ) while building or training, and
-    raise ``ValueError`` naming the key, the value and the fix."""
-    from .modeling.norm import NORM_REGISTRY
-
-    gn = cfg.MODEL.GN if "GN" in cfg.MODEL else None
-    if gn is not None:
-        if not float(gn.EPS) > 0:
-            raise ValueError(f"MODEL.GN.EPS={gn.EPS}: eps must be > 0 (e.g. 1e-5), or a constant group divides by zero")
-        if gn.NUM_GROUPS < 0 or gn.CHANNELS_PER_GROUP < 0:
-            raise ValueError(f"MODEL.GN.NUM_GROUPS={gn.NUM_GROUPS}, MODEL.GN.CHANNELS_PER_GROUP={gn.CHANNELS_PER_GROUP}: "
-                             "neither may be negative")
-        if gn.NUM_GROUPS == 0 and gn.CHANNELS_PER_GROUP == 0:
-            raise ValueError("MODEL.GN.NUM_GROUPS=0 and MODEL.GN.CHANNELS_PER_GROUP=0: set one of them (e.g. NUM_GROUPS 32)")
-    registered = NORM_REGISTRY.names()
-    for section in _NORM_KEYS:
-        if section in cfg.MODEL and "NORM" in cfg.MODEL[section]:
-            norm = cfg.MODEL[section].NORM
-            if isinstance(norm, str) and norm and norm not in registered:
-                raise ValueError(f"MODEL.{section}.NORM={norm!r} is not a registered norm; registered: {', '.join(registered)}")
-    if gn is None:
-        return
-    default_groups = GNSettings().num_groups
-    for key, layer, channels, groups, per_group, source in _gn_layers(cfg):
-        if per_group:
-            if channels % per_group:
-                raise ValueError(f"MODEL.GN.CHANNELS_PER_GROUP={per_group} does not divide the {channels} channels of "
-                                 f"{layer} ({key}); choose a divisor of {channels}")
-            if groups not in (0, default_groups) and channels // per_group != groups:
-                raise ValueError(
-                    f"MODEL.GN.NUM_GROUPS={groups} and MODEL.GN.CHANNELS_PER_GROUP={per_group} disagree for the "
-                    f"{channels} channels of {layer} ({channels // per_group} groups); set only one of them "
-                    "(NUM_GROUPS 0 to use CHANNELS_PER_GROUP)"
-                )
-        elif channels % groups:
-            raise ValueError(f"{source}={groups} does not divide the {channels} channels of {layer} ({key}); "
-                             f"choose a group count that divides {channels}, or set MODEL.GN.CHANNELS_PER_GROUP")

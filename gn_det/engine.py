@@ -2,11 +2,10 @@
 
 ``Trainer`` is ``DefaultTrainer`` (hooks, periodic checkpoints, metrics.json, TensorBoard
 events, ``--resume``) except that:
-- models are built by ``gn_det.build_model`` (the config's ``MODEL.GN`` settings, ReLUs
-  fused into GN);
 - data-parallel training works on CPU too: DDP gets no ``device_ids`` for a CPU model
   (DefaultTrainer always passes them, which DDP refuses for CPU modules);
-- evaluation is COCOEvaluator (box and mask AP);
+- evaluation is COCOEvaluator (box and mask AP), run with a compiled COCOeval wherever one is
+  installed (``gn_det.evaluation.FastCOCOEvaluator``: detectron2's C++ one, else faster-coco-eval's);
 - the training mapper drops annotations that have no mask when masks are trained
   (``gn_det.data.mapper.MaskSafeDatasetMapper``) instead of crashing the mask loss;
 - checkpoints are written atomically and read safely (``gn_det.checkpoint.SafeCheckpointer``).
@@ -26,13 +25,12 @@ from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.data import build_detection_train_loader
-from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import SafeCheckpointer
 from .data.mapper import MaskSafeDatasetMapper
-from .modeling.builders import build_model
+from .evaluation import FastCOCOEvaluator
 
 __all__ = ["Trainer", "final_ap"]
 
@@ -73,19 +71,13 @@ class Trainer(DefaultTrainer):
             ) from exc
 
     @classmethod
-    def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
-        model = build_model(cfg)
-        logging.getLogger(__name__).info("Model:\n%s", model)
-        return model
-
-    @classmethod
     def build_train_loader(cls, cfg: CfgNode):
         return build_detection_train_loader(cfg, mapper=MaskSafeDatasetMapper(cfg, is_train=True))
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str = None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        return FastCOCOEvaluator(dataset_name, output_dir=output_folder)
 
 
 def final_ap(output_dir: str) -> dict:

@@ -291,3 +291,45 @@ def test_every_config_builds_and_runs(path):
     with torch.no_grad():
         out = model([{"image": torch.randint(0, 255, (3, 96, 128), dtype=torch.uint8)}])
     assert "instances" in out[0]
+
+
+# ----------------------------------------------------------------------------- the settings table
+
+
+def test_readme_lists_the_config_keys_from_the_settings_table():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert gn_det.GNSettings.keys_markdown() in f.read()
+
+
+def test_add_gn_config_declares_every_settings_field_with_its_default():
+    from detectron2.config import get_cfg
+
+    cfg = gn_det.add_gn_config(get_cfg())
+    assert gn_det.GNSettings.from_cfg(cfg) == gn_det.GNSettings()
+    assert set(cfg.MODEL.GN) == {"NUM_GROUPS", "CHANNELS_PER_GROUP", "EPS", "FUSE_ACTIVATION", "REPLACE_GN"}
+    assert cfg.MODEL.CHANNELS_LAST is False
+    cfg.MODEL.GN.EPS = 1  # YAML's 1 for 1.0
+    assert gn_det.GNSettings.from_cfg(cfg).eps == 1.0
+    cfg.MODEL.GN.FUSE_ACTIVATION = "yes"
+    with pytest.raises(gn_det.errors.ConfigError, match=r"MODEL.GN.FUSE_ACTIVATION='yes': expected a bool"):
+        gn_det.GNSettings.from_cfg(cfg)
+
+
+def test_registered_builder_names_still_build_detectron2s_modules():
+    cfg = small(gn_det.get_config(MAIN_CONFIG, ["MODEL.GN.NUM_GROUPS", 16]))
+    ours = d2_build_model(cfg)
+    cfg.MODEL.BACKBONE.NAME = "build_fastgn_resnet_fpn_backbone"
+    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastGNConvFCHead"
+    cfg.MODEL.ROI_MASK_HEAD.NAME = "FastGNMaskRCNNConvUpsampleHead"
+    aliased = d2_build_model(cfg)
+    assert list(aliased.state_dict()) == list(ours.state_dict())
+    assert {m.num_groups for m in gn_layers(aliased)} == {16}
+    assert type(aliased.backbone.bottom_up.stem) is FusedBasicStem
+
+
+def test_a_configurable_head_built_directly_from_a_config_gets_its_settings():
+    from detectron2.modeling.roi_heads.box_head import FastRCNNConvFCHead
+
+    cfg = small(gn_det.get_config(MAIN_CONFIG, ["MODEL.GN.CHANNELS_PER_GROUP", 64, "MODEL.GN.EPS", 1e-4]))
+    head = FastRCNNConvFCHead(cfg, ShapeSpec(channels=256, height=7, width=7))
+    assert {(m.num_groups, m.eps) for m in gn_layers(head)} == {(4, 1e-4)}

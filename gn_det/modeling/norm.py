@@ -1,33 +1,34 @@
-"""gn_det's norm registry, hooked into detectron2's ``get_norm``.
+"""gn_det's norm registry, detectron2's ``get_norm`` extended with it, and the config scope
+that gives gn_det's norms a config's ``MODEL.GN`` settings.
 
-detectron2 resolves norm names (``MODEL.RESNETS.NORM``, ``MODEL.FPN.NORM``,
-``MODEL.ROI_BOX_HEAD.NORM``, ``MODEL.ROI_MASK_HEAD.NORM``, ``MODEL.SEM_SEG_HEAD.NORM``, and
-the ``norm=`` arguments of LazyConfig configs) with ``detectron2.layers.get_norm``, whose
-table of names is a literal inside the function. ``install()`` wraps it: a name registered
-here builds from gn_det's registry, and any other name (or a callable) goes to detectron2's
-own ``get_norm`` unchanged, so "BN", "FrozenBN", "SyncBN", "GN", ... keep their meaning.
-The wrapper is re-bound in every loaded module that imported ``get_norm`` by name
-(detectron2's, and a project's own modules imported before gn_det).
+detectron2 resolves norm names (``MODEL.RESNETS.NORM``, ``MODEL.FPN.NORM``, the heads'
+``NORM`` keys, a project's own keys, and the ``norm=`` arguments of LazyConfig configs) with
+``detectron2.layers.get_norm``, whose table of names is a literal inside the function.
+``get_norm`` here builds a name registered in ``NORM_REGISTRY`` from gn_det's registry and
+hands any other name (or a callable) to detectron2's unchanged, so "BN", "FrozenBN",
+"SyncBN", "GN", ... keep their meaning. ``gn_det.modeling.hooks`` puts it in place.
 
-The GN layers' settings (group count, eps, ...) come from the innermost ``gn_settings``
-scope, a context variable: a model built from a config under ``gn_settings(from_cfg(cfg))``
-gets that config's settings, and nothing leaks to the next model built.
+Settings travel in one context variable: ``building_from(cfg)`` (entered by every detectron2
+build function, see ``hooks``) holds the config's ``GNSettings``, checked once per model;
+``gn_settings(settings)`` does the same for Python code without a config. Outside both,
+gn_det's norms use ``GNSettings()``'s defaults.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import sys
-from typing import Callable, Dict, Iterator, List, Optional
+import inspect
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
+from detectron2.config import CfgNode
 from torch import nn
 
 from ..config import GNSettings
-from ..layers.group_norm import GroupNorm
+from ..errors import ConfigError
 
 __all__ = [
-    "NORM_NAME", "NORM_REGISTRY", "GNSettings", "gn_settings", "current_gn_settings",
-    "register_norm", "get_norm", "install",
+    "NORM_NAME", "NORM_REGISTRY", "building_from", "current_gn_settings", "get_norm", "gn_settings",
+    "register_norm", "validate_gn_config",
 ]
 
 NORM_NAME = "FastGN"
@@ -35,23 +36,6 @@ NORM_NAME = "FastGN"
 DETECTRON2_NORMS = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
 
 NormFactory = Callable[[int], nn.Module]
-
-
-_SETTINGS: contextvars.ContextVar[GNSettings] = contextvars.ContextVar("gn_det_gn_settings", default=GNSettings())
-
-
-def current_gn_settings() -> GNSettings:
-    return _SETTINGS.get()
-
-
-@contextlib.contextmanager
-def gn_settings(settings: GNSettings) -> Iterator[GNSettings]:
-    """Within this scope, gn_det's norms build with ``settings``."""
-    token = _SETTINGS.set(settings)
-    try:
-        yield settings
-    finally:
-        _SETTINGS.reset(token)
 
 
 class NormRegistry:
@@ -83,7 +67,7 @@ class NormRegistry:
 
     def get(self, name: str) -> NormFactory:
         if name not in self._factories:
-            raise KeyError(f"unknown norm {name!r}; registered: {', '.join(self.names())}")
+            raise ConfigError(f"unknown norm {name!r}; registered norms: {', '.join(self.names())}")
         return self._factories[name]
 
     def __contains__(self, name: object) -> bool:
@@ -97,12 +81,95 @@ class NormRegistry:
 NORM_REGISTRY = NormRegistry()
 register_norm = NORM_REGISTRY.register
 
+# (the config being built or None, its settings)
+_NO_SCOPE: Tuple[Optional[CfgNode], GNSettings] = (None, GNSettings())
+_SCOPE: contextvars.ContextVar[Tuple[Optional[CfgNode], GNSettings]] = contextvars.ContextVar(
+    "gn_det_settings", default=_NO_SCOPE)
+
+
+def current_gn_settings() -> GNSettings:
+    """The settings gn_det's norms build with here (the innermost scope's, else defaults)."""
+    return _SCOPE.get()[1]
+
+
+@contextlib.contextmanager
+def gn_settings(settings: GNSettings) -> Iterator[GNSettings]:
+    """Within this scope, gn_det's norms build with ``settings`` (for code without a config)."""
+    token = _SCOPE.set((None, settings))
+    try:
+        yield settings
+    finally:
+        _SCOPE.reset(token)
+
+
+def validate_gn_config(cfg: CfgNode) -> GNSettings:
+    """Check a config's gn_det settings and norm names; return its ``GNSettings``. Raises
+    ``ConfigError`` naming the key, the value and the fix. Every ``MODEL.<SECTION>.NORM``
+    is checked, a project's own sections included."""
+    settings = GNSettings.from_cfg(cfg)
+    for section, node in cfg.get("MODEL", {}).items():
+        norm = node.get("NORM") if isinstance(node, CfgNode) else None
+        if isinstance(norm, str) and norm and norm not in NORM_REGISTRY and norm not in DETECTRON2_NORMS:
+            raise ConfigError(f"MODEL.{section}.NORM={norm!r} is not a registered norm; registered: "
+                              f"{', '.join(NORM_REGISTRY.names())}")
+    return settings
+
+
+@contextlib.contextmanager
+def building_from(cfg: CfgNode) -> Iterator[Tuple[GNSettings, bool]]:
+    """Scope in which gn_det's norms build with ``cfg``'s settings. Yields ``(settings,
+    outermost)``: the config is checked when its outermost scope opens; a scope nested in
+    one for the same config reuses it (one check per model, however many builders)."""
+    scope_cfg, settings = _SCOPE.get()
+    if scope_cfg is cfg:
+        yield settings, False
+        return
+    settings = validate_gn_config(cfg)
+    token = _SCOPE.set((cfg, settings))
+    try:
+        yield settings, True
+    finally:
+        _SCOPE.reset(token)
+
+
+def _check_no_config_bypassed() -> None:
+    """Outside every scope, gn_det's norms use the default settings: right for code without
+    a config, silently wrong for a module built from a config by a path detectron2's build
+    functions don't cover (a plain builder function called directly). Such a config, found
+    as a ``cfg`` up the stack, with other settings is refused."""
+    if _SCOPE.get() is not _NO_SCOPE:
+        return
+    frame = inspect.currentframe()
+    while frame is not None:
+        cfg = frame.f_locals.get("cfg")
+        if isinstance(cfg, CfgNode) and "MODEL" in cfg and GNSettings.from_cfg(cfg) != _NO_SCOPE[1]:
+            raise ConfigError(
+                f"{frame.f_code.co_name}() builds a gn_det norm from a config with MODEL.GN settings, outside "
+                "detectron2's build functions, which apply them; build through build_model / build_backbone / "
+                "the heads' build functions, or inside `with gn_det.building_from(cfg):`")
+        frame = frame.f_back
+
+
+def _module_being_built() -> str:
+    """The class of the nn.Module whose ``__init__`` is running up the stack ('' if none):
+    read only to name a layer in an error."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        owner = frame.f_locals.get("self") if frame.f_code.co_name == "__init__" else None
+        if isinstance(owner, nn.Module):
+            return type(owner).__name__
+        frame = frame.f_back
+    return ""
+
 
 @register_norm(NORM_NAME)
-def fast_group_norm(channels: int) -> GroupNorm:
+def fast_group_norm(channels: int) -> nn.Module:
     """gn_det's GroupNorm over ``channels``, with the current scope's settings."""
-    s = current_gn_settings()
-    return GroupNorm.from_channels(channels, num_groups=s.num_groups, channels_per_group=s.channels_per_group, eps=s.eps)
+    try:
+        return current_gn_settings().norm(channels)
+    except ConfigError as exc:
+        where = _module_being_built()
+        raise ConfigError(f"{exc} (in {where})" if where else str(exc)) from None
 
 
 def _detectron2_get_norm():
@@ -111,31 +178,22 @@ def _detectron2_get_norm():
     return getattr(batch_norm.get_norm, "__wrapped__", batch_norm.get_norm)
 
 
+def resolve_norm_name(norm: str, settings: GNSettings) -> Optional[str]:
+    """The gn_det registry name that ``norm`` builds under ``settings``, or None when it
+    is not gn_det's ("GN" is, with ``replace_gn``)."""
+    if norm == "GN" and settings.replace_gn:
+        return NORM_NAME
+    return norm if norm in NORM_REGISTRY else None
+
+
 def get_norm(norm, out_channels: int) -> Optional[nn.Module]:
     """detectron2's ``get_norm`` extended with gn_det's registry (see the module docstring)."""
     if isinstance(norm, str):
-        if norm == "GN" and current_gn_settings().replace_gn:
-            norm = NORM_NAME
-        if norm in NORM_REGISTRY:
-            return NORM_REGISTRY.get(norm)(out_channels)
+        if norm in NORM_REGISTRY or norm == "GN":
+            _check_no_config_bypassed()
+        name = resolve_norm_name(norm, current_gn_settings())
+        if name is not None:
+            return NORM_REGISTRY.get(name)(out_channels)
         if norm and norm not in DETECTRON2_NORMS:
-            raise ValueError(f"unknown norm {norm!r}; registered norms: {', '.join(NORM_REGISTRY.names())}")
+            raise ConfigError(f"unknown norm {norm!r}; registered norms: {', '.join(NORM_REGISTRY.names())}")
     return _detectron2_get_norm()(norm, out_channels)
-
-
-def install() -> int:
-    """Point every loaded module's ``get_norm`` at gn_det's; idempotent. Returns
-    how many module attributes it re-bound (0 when all were already)."""
-    import detectron2.modeling  # noqa: F401  (load the modules that import get_norm)
-
-    original = _detectron2_get_norm()
-    get_norm.__wrapped__ = original
-    rebound = 0
-    for module in list(sys.modules.values()):
-        # Any module that imported get_norm by name: detectron2's, and a project's own heads
-        # imported before gn_det. vars() avoids lazy modules' __getattr__.
-        namespace = getattr(module, "__dict__", None)
-        if isinstance(namespace, dict) and namespace.get("get_norm") is original:
-            module.get_norm = get_norm
-            rebound += 1
-    return rebound
