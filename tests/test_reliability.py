@@ -19,7 +19,8 @@ from detectron2.utils.events import EventStorage
 
 import gn_det
 from gn_det.checkpoint import SafeCheckpointer, safe_load_pickle
-from gn_det.config import validate_gn_config
+from gn_det.errors import ConfigError
+from gn_det.modeling import validate_gn_config
 from gn_det.data import check_datasets_exist, synthetic_batch
 from gn_det.engine import Trainer
 
@@ -35,25 +36,33 @@ QUICK = ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS"
 
 
 @pytest.mark.parametrize("opts,message", [
-    (["MODEL.GN.NUM_GROUPS", 24], r"MODEL.GN.NUM_GROUPS=24 does not divide the 64 channels of the ResNet stem"),
+    (["MODEL.GN.NUM_GROUPS", 24], r"MODEL.GN.NUM_GROUPS=24 does not divide the 64 channels of a GN layer; .* \(in BasicStem\)"
+                                  r"\n\(raised in build_backbone\(cfg\); the config's gn_det norms: .*MODEL.RESNETS.NORM='FastGN'"),
     (["MODEL.GN.NUM_GROUPS", 16, "MODEL.GN.CHANNELS_PER_GROUP", 8], r"NUM_GROUPS=16 and MODEL.GN.CHANNELS_PER_GROUP=8 disagree"),
-    (["MODEL.GN.CHANNELS_PER_GROUP", 48], r"CHANNELS_PER_GROUP=48 does not divide the 64 channels"),
+    (["MODEL.GN.CHANNELS_PER_GROUP", 48], r"MODEL.GN.CHANNELS_PER_GROUP=48 does not divide the 64 channels of a GN layer"),
     (["MODEL.FPN.NORM", "FastGNN"], r"MODEL.FPN.NORM='FastGNN' is not a registered norm; registered: FastGN, .*FrozenBN"),
     (["MODEL.GN.EPS", 0.0], r"MODEL.GN.EPS=0.0: eps must be > 0"),
     (["MODEL.GN.EPS", -1e-5], r"MODEL.GN.EPS=-1e-05: eps must be > 0"),
-    (["MODEL.ROI_BOX_HEAD.CONV_DIM", 100], r"does not divide the 100 channels of the box head convs \(MODEL.ROI_BOX_HEAD.CONV_DIM\)"),
+    (["MODEL.GN.NUM_GROUPS", -2], r"MODEL.GN.NUM_GROUPS=-2, MODEL.GN.CHANNELS_PER_GROUP=0: neither may be negative"),
+    (["MODEL.ROI_BOX_HEAD.CONV_DIM", 100], r"NUM_GROUPS=32 does not divide the 100 channels of a GN layer; .*\(in FastRCNNConvFCHead\)"
+                                           r"\n\(raised in build_box_head"),
 ])
-def test_bad_config_is_caught_before_building(opts, message):
+def test_bad_config_fails_the_build_naming_key_and_value(opts, message):
     cfg = gn_det.get_config(MAIN, opts)
-    with pytest.raises(ValueError, match=message):
-        validate_gn_config(cfg)
-    with pytest.raises(ValueError, match=message):
-        gn_det.build_model(cfg)  # building checks too
+    with pytest.raises(ConfigError, match=message):
+        gn_det.build_model(cfg)
+
+
+@pytest.mark.parametrize("opts", [["MODEL.GN.EPS", 0.0], ["MODEL.FPN.NORM", "FastGNN"], ["MODEL.GN.NUM_GROUPS", 0]])
+def test_bad_settings_are_caught_before_building(opts):
+    with pytest.raises(ConfigError, match=opts[0]):
+        validate_gn_config(gn_det.get_config(MAIN, opts))
 
 
 def test_consistent_channels_per_group_is_accepted():
-    validate_gn_config(gn_det.get_config(MAIN, ["MODEL.GN.NUM_GROUPS", 0, "MODEL.GN.CHANNELS_PER_GROUP", 16]))
-    validate_gn_config(gn_det.get_config(MAIN, ["MODEL.GN.CHANNELS_PER_GROUP", 16]))  # NUM_GROUPS left at its default
+    assert validate_gn_config(gn_det.get_config(MAIN, ["MODEL.GN.NUM_GROUPS", 0, "MODEL.GN.CHANNELS_PER_GROUP", 16]))
+    settings = validate_gn_config(gn_det.get_config(MAIN, ["MODEL.GN.CHANNELS_PER_GROUP", 16]))  # NUM_GROUPS at its default
+    assert settings.groups_for(64) == 4
 
 
 def test_missing_config_file():
@@ -65,7 +74,7 @@ def test_train_net_reports_bad_config_before_training(tmp_path):
     proc = subprocess.run([sys.executable, TRAIN_NET, "--config", DEMO, "MODEL.GN.NUM_GROUPS", "12", "OUTPUT_DIR", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "MODEL.GN.NUM_GROUPS=12 does not divide the 32 channels of the ResNet stem" in proc.stderr
+    assert "MODEL.GN.NUM_GROUPS=12 does not divide the 32 channels of a GN layer" in proc.stderr
     assert not os.path.exists(tmp_path / "metrics.json")
 
 

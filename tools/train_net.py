@@ -17,7 +17,7 @@ from detectron2.evaluation import verify_results
 
 import gn_det
 from gn_det.checkpoint import SafeCheckpointer
-from gn_det.config import validate_gn_config
+from gn_det.modeling import validate_gn_config
 from gn_det.data import check_datasets_exist, register_shapes_dataset
 from gn_det.engine import Trainer
 
