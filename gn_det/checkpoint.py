@@ -4,8 +4,14 @@ reads, and never leaves a half-written checkpoint where ``--resume`` would pick 
 - ``.pkl`` (Detectron / Caffe2 model-zoo weights, e.g. ``R-50-GN.pkl``) is read with an
   unpickler that admits only what such files hold: numpy arrays, dtypes and scalars, inside
   dicts, lists and tuples (which pickle builds without naming a class). Anything else (a
-  function, a class) is refused with an ``UnpicklingError`` naming it.
-- ``.pth``/``.pt`` checkpoints are read with ``torch.load(weights_only=True)``.
+  function, a class) is refused with an ``UntrustedWeightsError`` (an ``UnpicklingError``)
+  naming it.
+- ``.pth``/``.pt`` checkpoints are read with ``torch.load(weights_only=True)``; what it
+  refuses is an ``UntrustedWeightsError`` too.
+- A weights file that is missing (``MissingFileError``), refused, truncated or corrupt
+  (``WeightsError``) is a ``UserError`` whose message names the file and what set it:
+  ``MODEL.WEIGHTS``, or ``OUTPUT_DIR/last_checkpoint`` with ``--resume``.
+  ``check_weights_exist`` checks the first cheaply, before worker processes start.
 - ``save`` writes ``<name>.pth.tmp``, flushes it to disk, then renames it over ``<name>.pth``
   (an atomic step); ``last_checkpoint`` is replaced the same way, after the checkpoint. A
   crash at any point leaves the previous checkpoint and the pointer to it intact.
@@ -19,9 +25,14 @@ from typing import Any, Dict
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
+from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["SafeCheckpointer", "safe_load_pickle"]
+from .errors import MissingFileError, UntrustedWeightsError, WeightsError
+
+__all__ = ["SafeCheckpointer", "check_weights_exist", "safe_load_pickle"]
 
 # (module, name) pairs a Detectron weights pickle may name: numpy's array rebuild machinery.
 _ALLOWED_GLOBALS = {
@@ -36,29 +47,93 @@ class _WeightsUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(
+        raise UntrustedWeightsError(
             f"refusing to load '{module}.{name}': a weights .pkl file holds only numpy arrays, dicts and "
             "scalars, and this file names other code (it may run code when unpickled)"
         )
 
 
-def safe_load_pickle(path: str) -> Any:
-    """Unpickle a Detectron/Caffe2 weights file, admitting only numpy arrays, dicts and scalars."""
+def safe_load_pickle(path: str, what: str = "") -> Any:
+    """Unpickle a Detectron/Caffe2 weights file, admitting only numpy arrays, dicts and scalars.
+    ``what`` names the file in messages (default: its path). Raises ``UntrustedWeightsError``
+    for a file that names other code, ``WeightsError`` for one that is not a pickle."""
+    what = what or path
     with PathManager.open(path, "rb") as f:
         data = f.read()
     try:
         return _WeightsUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except pickle.UnpicklingError as exc:
-        raise pickle.UnpicklingError(f"{path}: {exc}") from None
+    except UntrustedWeightsError as exc:
+        raise UntrustedWeightsError(f"{what}: {exc}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:  # what a malformed pickle stream raises
+        raise WeightsError(f"{what}: not a readable .pkl weights file ({type(exc).__name__}: {exc}); "
+                           "is it truncated or corrupt?") from None
+
+
+def check_weights_exist(cfg: CfgNode, resume: bool = False) -> None:
+    """Check that the weights file the run would load exists (``MODEL.WEIGHTS``, or with
+    ``resume`` the checkpoint named in ``OUTPUT_DIR/last_checkpoint`` when there is one),
+    without reading it: cheap, for a check before worker processes start. Raises
+    ``MissingFileError`` naming the file and what set it. URLs (``detectron2://...``) are left
+    to the loader."""
+    SafeCheckpointer(torch.nn.Module(), save_dir=cfg.OUTPUT_DIR).check_exists(cfg.MODEL.WEIGHTS, resume=resume)
 
 
 class SafeCheckpointer(DetectionCheckpointer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._source = ""  # what named the file being loaded, for messages (set by resume_or_load)
+
+    def _source_of(self, resume: bool) -> str:
+        """What names the file ``resume_or_load(path, resume=resume)`` loads."""
+        if resume and self.has_checkpoint():
+            return f"{os.path.join(self.save_dir, 'last_checkpoint')} (read for --resume)"
+        return "MODEL.WEIGHTS"
+
+    def _describe(self, path: str) -> str:
+        """The file and what named it: ``MODEL.WEIGHTS='x.pth'``."""
+        if self._source == "MODEL.WEIGHTS":
+            return f"MODEL.WEIGHTS={path!r}"
+        return f"weights file {path!r}" + (f", named in {self._source}" if self._source else "")
+
+    def _check_exists(self, path: str) -> None:
+        if not path or "://" in path or os.path.isfile(path):
+            return  # nothing to load, a URL for the loader to fetch, or there
+        fix = ("give the path of a .pth or .pkl weights file, or MODEL.WEIGHTS \"\" to start from random weights"
+               if self._source == "MODEL.WEIGHTS" else "restore it, or delete last_checkpoint to start over")
+        raise MissingFileError(f"{self._describe(path)}: no such file ({os.path.abspath(path)}); {fix}")
+
+    def check_exists(self, path: str, *, resume: bool = False) -> None:
+        """Raise ``MissingFileError`` if the file ``resume_or_load(path, resume=resume)`` would
+        load is not there (reading nothing)."""
+        self._source = self._source_of(resume)
+        try:
+            self._check_exists(self.get_checkpoint_file() if resume and self.has_checkpoint() else path)
+        finally:
+            self._source = ""
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+        self._source = self._source_of(resume)
+        try:
+            return super().resume_or_load(path, resume=resume)
+        finally:
+            self._source = ""
+
+    def load(self, path: str, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        # (For a DDP model, detectron2 lets workers without the file take the main worker's
+        # weights: only the main worker must have it.)
+        if not isinstance(self.model, DistributedDataParallel) or comm.is_main_process():
+            self._check_exists(path)
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._parsed_url_during_load = None  # detectron2 resets it on success only: a later load would assert
+
     def _load_file(self, filename: str) -> Dict[str, Any]:
         if not filename.endswith(".pkl"):
             return super()._load_file(filename)  # .pth goes through _torch_load below
-        data = safe_load_pickle(filename)
+        data = safe_load_pickle(filename, what=self._describe(filename))
         if not isinstance(data, dict):
-            raise ValueError(f"{filename}: expected a dict of weights, found {type(data).__name__}")
+            raise WeightsError(f"{self._describe(filename)}: expected a dict of weights, found {type(data).__name__}")
         if "model" in data and "__author__" in data:  # detectron2 model-zoo format
             return data
         data = data.get("blobs", data)  # Detectron detection models keep weights under "blobs"
@@ -70,10 +145,26 @@ class SafeCheckpointer(DetectionCheckpointer):
             try:
                 return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
             except pickle.UnpicklingError as exc:
-                raise pickle.UnpicklingError(
-                    f"{filename}: not loaded: it holds objects beyond tensors and plain containers, and "
-                    f"torch.load(weights_only=True) refuses to run them. ({str(exc).splitlines()[0]})"
+                # torch's message: a paragraph about weights_only, then what it refused.
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+                detail = next((line for line in lines if "GLOBAL" in line), None)
+                if detail is None:  # refused an opcode, not a class: not a checkpoint at all
+                    reason = lines[-2] if len(lines) > 2 else str(exc)
+                    raise WeightsError(f"{self._describe(filename)}: not a readable checkpoint ({reason}); is it a "
+                                       ".pth written by torch.save, and complete?") from None
+                raise UntrustedWeightsError(
+                    f"{self._describe(filename)}: not loaded: it holds objects beyond tensors and plain containers, "
+                    f"and torch.load(weights_only=True) refuses to run them ({detail}). Load only checkpoints from "
+                    "sources you trust; one saved by detectron2 or gn_det holds none."
                 ) from None
+            except (EOFError, KeyError, RuntimeError) as exc:
+                # EOFError: an empty file; KeyError: a non-zip, non-pickle file; RuntimeError: a
+                # truncated zip ("PytorchStreamReader failed ..."). Others are not the file's doing.
+                if isinstance(exc, RuntimeError) and "PytorchStreamReader" not in str(exc):
+                    raise
+                raise WeightsError(f"{self._describe(filename)}: not a readable checkpoint ({type(exc).__name__}: "
+                                   f"{str(exc).split('. ')[0] if str(exc) else 'empty file'}); is it truncated or "
+                                   "corrupt?") from None
 
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:

@@ -128,22 +128,42 @@ def get_config(config_file: str = "", opts=None, allow_unsafe: bool = False) -> 
     file, ``_BASE_`` inheritance resolved) and ``opts`` (``["KEY", value, ...]``).
 
     YAML is read with a safe loader: a file with tags that would construct Python objects is
-    refused, unless ``allow_unsafe`` (detectron2's own default is to allow them)."""
+    refused, unless ``allow_unsafe`` (detectron2's own default is to allow them).
+
+    What the user got wrong raises a ``UserError`` naming the file or key, the value and the
+    fix: ``MissingFileError`` for a config (or ``_BASE_``) file that is not there,
+    ``ConfigError`` for YAML that does not parse or has refused tags, an unknown key (with
+    the closest known ones) or a value of the wrong type (with the key's value so far)."""
     import yaml
     from detectron2.config import get_cfg
+
+    from .errors import MissingFileError, config_merge_error
 
     cfg = add_gn_config(get_cfg())
     if config_file:
         if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"config file not found: {config_file!r} (e.g. configs/mask_rcnn_gn.yaml)")
+            raise MissingFileError(f"config file not found: {config_file!r} (e.g. configs/mask_rcnn_gn.yaml)")
         try:
             cfg.merge_from_file(config_file, allow_unsafe=allow_unsafe)
         except yaml.constructor.ConstructorError as exc:
-            raise ValueError(
+            raise ConfigError(
                 f"config file {config_file!r} uses a YAML tag that would construct Python objects "
                 f"({exc.problem}); gn_det reads configs with a safe loader. If you trust the file, pass "
                 "--allow-unsafe-yaml (tools/train_net.py) or allow_unsafe=True."
             ) from None
-    if opts:
-        cfg.merge_from_list(list(opts))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {config_file!r} is not valid YAML: {exc}") from None
+        except FileNotFoundError as exc:  # a _BASE_ file that is not there
+            raise MissingFileError(f"config file {config_file!r}: {exc.filename or exc} (named by _BASE_) "
+                                   "not found; _BASE_ paths are relative to the file naming them") from None
+        except (KeyError, ValueError, AssertionError) as exc:  # yacs: unknown key, value of another type
+            raise config_merge_error(exc, cfg, f"config file {config_file!r}") from None
+    opts = list(opts or [])
+    if len(opts) % 2:
+        raise ConfigError(f"config overrides come in KEY VALUE pairs; {opts[-1]!r} has no value")
+    for key, value in zip(opts[0::2], opts[1::2]):
+        try:  # one pair at a time, so an error names the pair as the user wrote it
+            cfg.merge_from_list([key, value])
+        except (KeyError, ValueError, AssertionError) as exc:
+            raise config_merge_error(exc, cfg, "config override", value=value) from None
     return cfg

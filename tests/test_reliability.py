@@ -18,8 +18,9 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.utils.events import EventStorage
 
 import gn_det
-from gn_det.checkpoint import SafeCheckpointer, safe_load_pickle
-from gn_det.errors import ConfigError
+from gn_det.checkpoint import SafeCheckpointer, check_weights_exist, safe_load_pickle
+from gn_det.errors import (ConfigError, DatasetError, MissingFileError, UnknownDatasetError, UntrustedWeightsError, UserError,
+                           WeightsError, exit_on_user_error)
 from gn_det.modeling import validate_gn_config
 from gn_det.data import check_datasets_exist, synthetic_batch
 from gn_det.engine import Trainer
@@ -66,16 +67,60 @@ def test_consistent_channels_per_group_is_accepted():
 
 
 def test_missing_config_file():
-    with pytest.raises(FileNotFoundError, match="config file not found: 'configs/nope.yaml'"):
+    with pytest.raises(FileNotFoundError, match="config file not found: 'configs/nope.yaml'") as info:
         gn_det.get_config("configs/nope.yaml")
+    assert isinstance(info.value, MissingFileError)
+
+
+@pytest.mark.parametrize("opts,message", [
+    (["MODEL.GN.NUM_GROUPZ", "8"], r"^config override: unknown config key MODEL.GN.NUM_GROUPZ; did you mean MODEL.GN.NUM_GROUPS"),
+    (["MODEL.NUM_GROUPS", "8"], r"unknown config key MODEL.NUM_GROUPS; did you mean MODEL.GN.NUM_GROUPS"),  # wrong section
+    (["MODEL.GN.NUM_GROUPS", "eight"], r"MODEL.GN.NUM_GROUPS=eight: expected an int \(its value so far: 16\), got a str"),
+    (["MODEL.GN.EPS", "1"], r"MODEL.GN.EPS=1: expected a float .*got an int; write a float, e.g. 1.0 rather than 1"),
+    (["INPUT.MIN_SIZE_TRAIN", "(128,"], r"INPUT.MIN_SIZE_TRAIN=\(128,: expected a tuple .*got a str; write a list as"),
+    (["MODEL.GN", "8"], r"MODEL.GN is a section of keys, not a key; set one of them, e.g. MODEL.GN.NUM_GROUPS"),
+    (["SOLVER.MAX_ITER", "10", "SOLVER.BASE_LR"], r"KEY VALUE pairs; 'SOLVER.BASE_LR' has no value"),
+])
+def test_bad_override_names_key_value_and_fix(opts, message):
+    with pytest.raises(ConfigError, match=message):
+        gn_det.get_config(DEMO, opts)
+
+
+@pytest.mark.parametrize("text,error,message", [
+    ("SOLVER:\n  BASE_LRR: 0.01\n", ConfigError, r"mine.yaml': unknown config key SOLVER.BASE_LRR; did you mean SOLVER.BASE_LR"),
+    ("SOLVER:\n  STEPS: 500\n", ConfigError, r"mine.yaml': SOLVER.STEPS=500: expected a tuple .*got an int"),
+    ("SOLVER: [\n", ConfigError, r"mine.yaml' is not valid YAML"),
+    ("_BASE_: Base-Nope.yaml\n", MissingFileError, r"mine.yaml': .*Base-Nope.yaml \(named by _BASE_\) not found"),
+])
+def test_bad_config_file_names_the_file_key_and_fix(tmp_path, text, error, message):
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"_BASE_: {DEMO}\n" + text if "_BASE_" not in text else text)
+    with pytest.raises(error, match=message) as info:
+        gn_det.get_config(str(config))
+    assert isinstance(info.value, UserError)
 
 
 def test_train_net_reports_bad_config_before_training(tmp_path):
     proc = subprocess.run([sys.executable, TRAIN_NET, "--config", DEMO, "MODEL.GN.NUM_GROUPS", "12", "OUTPUT_DIR", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "MODEL.GN.NUM_GROUPS=12 does not divide the 32 channels of a GN layer" in proc.stderr
     assert not os.path.exists(tmp_path / "metrics.json")
+
+
+def test_exit_on_user_error(capsys):
+    from torch.multiprocessing import ProcessExitedException
+
+    with pytest.raises(SystemExit) as info, exit_on_user_error("tool"):
+        raise ConfigError("MODEL.X=1: wrong; write 2")
+    assert info.value.code == 2 and capsys.readouterr().err == "tool: error: MODEL.X=1: wrong; write 2\n"
+    with pytest.raises(SystemExit) as info, exit_on_user_error("tool"):  # a worker exited 2: it said why
+        raise ProcessExitedException("process 1 terminated with exit code 2", 1, 123, exit_code=2)
+    assert info.value.code == 2 and capsys.readouterr().err == ""
+    with pytest.raises(ProcessExitedException), exit_on_user_error("tool"):  # a worker that crashed
+        raise ProcessExitedException("process 1 terminated with exit code 1", 1, 123, exit_code=1)
+    with pytest.raises(ZeroDivisionError), exit_on_user_error("tool"):  # not the user's: its traceback stays
+        1 / 0
 
 
 # ----------------------------------------------------------------------------- untrusted files
@@ -123,9 +168,59 @@ def test_pth_that_runs_code_is_refused(tmp_path):
     path = tmp_path / "model_final.pth"
     torch.save({"model": {}, "evil": RunsCode(marker)}, str(path))
     model = gn_det.build_model(gn_det.get_config(DEMO))
-    with pytest.raises(pickle.UnpicklingError, match="weights_only=True"):
+    with pytest.raises(pickle.UnpicklingError, match="weights_only=True") as info:
         SafeCheckpointer(model).load(str(path))
+    assert isinstance(info.value, UntrustedWeightsError)
     assert not marker.exists()
+    with pytest.raises(UntrustedWeightsError, match=f"^MODEL.WEIGHTS='{path}': not loaded: .*GLOBAL posix.system"):
+        SafeCheckpointer(model).resume_or_load(str(path), resume=False)  # the key that named the file
+
+
+def _corrupt_weights(tmp_path, kind: str) -> str:
+    path = tmp_path / f"{kind}.{'pkl' if 'pkl' in kind else 'pth'}"
+    if kind == "truncated pth":
+        torch.save({"model": {"w": torch.zeros(1000)}}, str(path))
+        path.write_bytes(path.read_bytes()[:2000])
+    elif kind == "empty pth":
+        path.write_bytes(b"")
+    elif kind == "text pth":
+        path.write_text("model_0000009.pth\n")  # last_checkpoint's content, say
+    elif kind == "truncated pkl":
+        path.write_bytes(pickle.dumps({"conv1_w": np.zeros(30, np.float32)})[:40])
+    elif kind == "list pkl":
+        path.write_bytes(pickle.dumps([1, 2]))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("truncated pth", r"not a readable checkpoint \(RuntimeError: PytorchStreamReader .*\); is it truncated or corrupt"),
+    ("empty pth", r"not a readable checkpoint \(EOFError: empty file\)"),
+    ("text pth", r"not a readable checkpoint \(Unsupported operand .*\); is it a .pth written by torch.save"),
+    ("truncated pkl", r"not a readable .pkl weights file \(UnpicklingError: pickle data was truncated\)"),
+    ("list pkl", r"expected a dict of weights, found list"),
+])
+def test_corrupt_weights_are_named_with_their_key(tmp_path, kind, message):
+    path = _corrupt_weights(tmp_path, kind)
+    checkpointer = SafeCheckpointer(torch.nn.Linear(2, 2))
+    with pytest.raises(WeightsError, match=f"^MODEL.WEIGHTS='{path}': {message}"):
+        checkpointer.resume_or_load(path, resume=False)
+    checkpointer.resume_or_load("", resume=False)  # usable after a failed load
+
+
+def test_missing_weights_are_named_with_what_set_them(tmp_path):
+    cfg = gn_det.get_config(DEMO, ["MODEL.WEIGHTS", str(tmp_path / "nope.pth"), "OUTPUT_DIR", str(tmp_path)])
+    message = rf"^MODEL.WEIGHTS='{tmp_path}/nope.pth': no such file .*or MODEL.WEIGHTS \"\" to start from random weights"
+    with pytest.raises(FileNotFoundError, match=message):
+        check_weights_exist(cfg)  # before loading anything (train_net, before launch)
+    with pytest.raises(MissingFileError, match=message):
+        SafeCheckpointer(torch.nn.Linear(2, 2)).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+    check_weights_exist(gn_det.get_config(DEMO, ["MODEL.WEIGHTS", "detectron2://ImageNetPretrained/x.pkl"]))  # a URL: the loader's
+    (tmp_path / "last_checkpoint").write_text("model_0000009.pth")  # --resume reads the file it names instead
+    message = rf"model_0000009.pth', named in {tmp_path}/last_checkpoint \(read for --resume\): no such file"
+    with pytest.raises(MissingFileError, match=message):
+        check_weights_exist(cfg, resume=True)
+    with pytest.raises(MissingFileError, match=message):
+        SafeCheckpointer(torch.nn.Linear(2, 2), save_dir=str(tmp_path)).resume_or_load(cfg.MODEL.WEIGHTS, resume=True)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -217,8 +312,15 @@ def test_missing_image_and_corrupt_json_are_named(tmp_path):
         check_datasets_exist(["rel_missing"])
     with open(json_file, "w") as f:
         json.dump({"images": []}, f)
-    with pytest.raises(ValueError, match="has no 'annotations' list"):
+    with pytest.raises(ValueError, match="has no 'annotations' list") as info:
         check_datasets_exist(["rel_missing"])
+    assert isinstance(info.value, DatasetError)
+
+
+def test_unregistered_dataset_is_named_with_close_names():
+    with pytest.raises(KeyError, match=r"dataset 'coco_2017_trian' .* is not registered; did you mean coco_2017_train") as info:
+        check_datasets_exist(["coco_2017_trian"])
+    assert isinstance(info.value, UnknownDatasetError) and str(info.value).startswith("dataset")  # not KeyError's quotes
 
 
 def test_empty_images_degenerate_boxes_and_empty_polygons_train(tmp_path):

@@ -1,6 +1,8 @@
 """tools/train_net.py end to end on the embedded dataset, as users run it (subprocesses):
-train a few iterations with checkpoints, --resume, --eval-only, a 2-process GLOO run, and the
-messages for a missing config or a missing COCO."""
+train a few iterations with checkpoints, --resume, --eval-only, a 2-process GLOO run, and what
+a user's mistake gives (a bad config key or value, a missing config, dataset or weights file,
+refused or corrupt weights, an unknown norm): the message and exit status 2, no traceback,
+before training starts, in one process or two; while an unexpected error keeps its traceback."""
 import json
 import os
 import re
@@ -8,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
@@ -98,16 +101,103 @@ def test_two_processes_through_launch_gloo(tmp_path):
     assert [e["iteration"] for e in metrics(str(tmp_path)) if "total_loss" in e][-1] == 2
 
 
+# ----------------------------------------------------------------------------- a user's mistakes
+
+
+def assert_user_error(proc, *fragments):
+    """train_net ended with its one-line error naming each fragment, status 2, no traceback."""
+    err = proc.stderr
+    assert proc.returncode == 2, (proc.returncode, err[-4000:])
+    assert "Traceback" not in err and "Traceback" not in proc.stdout, err[-4000:]
+    assert "train_net: error: " in err, err[-4000:]
+    message = err[err.index("train_net: error: "):]
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
 def test_missing_config_file_is_named(tmp_path):
     proc = run_train_net("--config", str(tmp_path / "nope.yaml"), check=False)
-    assert proc.returncode != 0
-    assert "config file not found" in proc.stderr and "nope.yaml" in proc.stderr
+    assert_user_error(proc, "config file not found", "nope.yaml")
+
+
+@pytest.mark.parametrize("opts,fragments", [
+    (["MODEL.GN.NUM_GROUPZ", "8"], ["unknown config key MODEL.GN.NUM_GROUPZ", "did you mean MODEL.GN.NUM_GROUPS"]),
+    (["MODEL.GN.NUM_GROUPS", "eight"], ["MODEL.GN.NUM_GROUPS=eight", "expected an int", "got a str"]),
+])
+def test_bad_config_override_exits_2_naming_key_and_value(tmp_path, opts, fragments):
+    proc = run_train_net("--config", DEMO_CONFIG, "OUTPUT_DIR", str(tmp_path), *opts, check=False)
+    assert_user_error(proc, *fragments)
+    assert not os.path.exists(tmp_path / "metrics.json")
+
+
+def test_unregistered_dataset_exits_2(tmp_path):
+    proc = run_train_net("--config", DEMO_CONFIG, "DATASETS.TRAIN", "('gn_det_shapes_trian',)", "OUTPUT_DIR", str(tmp_path),
+                         check=False)
+    assert_user_error(proc, "dataset 'gn_det_shapes_trian'", "is not registered", "did you mean gn_det_shapes_train")
+
+
+def test_unknown_norm_exits_2(tmp_path):
+    proc = run_train_net("--config", DEMO_CONFIG, "MODEL.FPN.NORM", "NoSuchNorm", "OUTPUT_DIR", str(tmp_path), check=False)
+    assert_user_error(proc, "MODEL.FPN.NORM", "NoSuchNorm")
+
+
+class RunsCode:
+    """Unpickling this runs `touch <marker>`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_weights(tmp_path, kind: str) -> str:
+    """A weights file a user might point MODEL.WEIGHTS at: one that runs code when unpickled
+    ("untrusted"), or none at all. (test_reliability.py checks corrupt ones, in-process.)"""
+    path = tmp_path / f"{kind}.pth"
+    if kind == "untrusted":
+        torch.save({"model": {}, "evil": RunsCode(tmp_path / "ran")}, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind,fragments", [
+    ("untrusted", ["torch.load(weights_only=True) refuses", "GLOBAL posix.system"]),  # found by the loading process
+    ("missing", ["no such file", 'MODEL.WEIGHTS ""']),  # found before launch
+])
+def test_bad_weights_file_exits_2_naming_the_key_and_path(tmp_path, kind, fragments):
+    weights = write_weights(tmp_path, kind)
+    proc = run_train_net("--config", DEMO_CONFIG, "--eval-only", "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(tmp_path / "out"),
+                         check=False)
+    assert_user_error(proc, f"MODEL.WEIGHTS={weights!r}", *fragments)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_user_error_in_two_worker_processes_exits_2(tmp_path):
+    # Refused weights are found only when a worker loads them: each worker says so, no
+    # traceback, and train_net still exits 2 (launch's parent sees a worker's exit status).
+    weights = write_weights(tmp_path, "untrusted")
+    proc = run_train_net("--config", DEMO_CONFIG, "--num-gpus", "2", "--dist-url", "auto", "--eval-only",
+                         "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(tmp_path / "out"), check=False)
+    assert_user_error(proc, f"MODEL.WEIGHTS={weights!r}", "torch.load(weights_only=True) refuses")
+    assert not (tmp_path / "ran").exists()
+
+
+def test_unexpected_error_keeps_its_traceback(tmp_path):
+    # Not a user's config mistake: the datasets root is a file, so the embedded dataset cannot
+    # be written under it. An OSError like any other, reported with its traceback, status 1.
+    not_a_folder = tmp_path / "datasets"
+    not_a_folder.write_text("a file\n")
+    proc = run_train_net("--config", DEMO_CONFIG, "OUTPUT_DIR", str(tmp_path / "out"),
+                         env={"DETECTRON2_DATASETS": str(not_a_folder)}, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" in proc.stderr and "NotADirectoryError" in proc.stderr
+    assert "train_net: error: " not in proc.stderr
 
 
 def test_missing_coco_says_where_and_what_to_do(tmp_path):
     proc = run_train_net("--config", os.path.join(ROOT, "configs", "mask_rcnn_gn.yaml"),
                          "OUTPUT_DIR", str(tmp_path / "out"), env={"DETECTRON2_DATASETS": str(tmp_path)}, check=False)
-    assert proc.returncode != 0
+    assert_user_error(proc)
     err = proc.stderr
     assert "dataset 'coco_2017_train'" in err or "dataset 'coco_2017_val'" in err, err[-3000:]
     assert str(tmp_path) in err and "cocodataset.org" in err

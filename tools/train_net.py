@@ -9,40 +9,51 @@
 
 `--config-file` is accepted too, as in detectron2; trailing KEY VALUE pairs override the config.
 COCO is read from $DETECTRON2_DATASETS/coco (default ./datasets/coco).
+A mistake in what you gave (a config key or value, a missing dataset or weights file, weights
+that are refused, an unknown norm) ends with "train_net: error: <what, where, the fix>" and
+exit status 2, before training starts; any other error keeps its traceback.
 """
-import sys
-
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 
 import gn_det
-from gn_det.checkpoint import SafeCheckpointer
-from gn_det.modeling import validate_gn_config
+from gn_det.checkpoint import SafeCheckpointer, check_weights_exist
 from gn_det.data import check_datasets_exist, register_shapes_dataset
 from gn_det.engine import Trainer
+from gn_det.errors import exit_on_user_error
+from gn_det.modeling import validate_gn_config
+
+PROG = "train_net"
 
 
 def setup(args):
     cfg = gn_det.get_config(args.config_file, args.opts, allow_unsafe=args.allow_unsafe_yaml)
     validate_gn_config(cfg)  # before anything is built or loaded
     cfg.freeze()
-    default_setup(cfg, args)  # logging, config.yaml in OUTPUT_DIR, seeds
     return cfg
 
 
-def main(args):
-    register_shapes_dataset()
-    cfg = setup(args)
+def check_inputs(cfg, args):
+    """What the run will read exists: its datasets and the weights it loads (once, in the
+    parent: a COCO annotation file takes seconds to parse)."""
     check_datasets_exist(list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN)))
-    if args.eval_only:
-        model = Trainer.build_model(cfg)
-        SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        results = Trainer.test(cfg, model)
-        verify_results(cfg, results)
-        return results
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    check_weights_exist(cfg, resume=args.resume)
+
+
+def main(args):
+    with exit_on_user_error(PROG):  # in each worker process, for what only loading finds (refused weights)
+        register_shapes_dataset()
+        cfg = setup(args)
+        default_setup(cfg, args)  # logging, config.yaml in OUTPUT_DIR, seeds
+        if args.eval_only:
+            model = Trainer.build_model(cfg)
+            SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+            results = Trainer.test(cfg, model)
+            verify_results(cfg, results)
+            return results
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        return trainer.train()
 
 
 def argument_parser():
@@ -54,16 +65,19 @@ def argument_parser():
 
 
 if __name__ == "__main__":
-    args = argument_parser().parse_args()
+    parser = argument_parser()
+    args = parser.parse_args()
     if not args.config_file:
-        sys.exit("tools/train_net.py: give a config: --config configs/mask_rcnn_gn.yaml")
-    register_shapes_dataset()  # generate the embedded dataset once, before worker processes start
+        parser.error("give a config: --config configs/mask_rcnn_gn.yaml")
     print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    with exit_on_user_error(PROG):  # and a worker's exit with status 2: its message is printed
+        register_shapes_dataset()  # generate the embedded dataset once, before worker processes start
+        check_inputs(setup(args), args)  # a user error ends here, once, before any worker starts
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )

@@ -5,6 +5,7 @@ import json
 import os
 from typing import Iterable
 
+from ..errors import DatasetError, MissingFileError, UnknownDatasetError, close_matches
 from .shapes import CLASSES, ensure_shapes_dataset
 
 __all__ = ["SHAPES_TRAIN", "SHAPES_VAL", "datasets_root", "register_shapes_dataset", "check_datasets_exist"]
@@ -37,13 +38,23 @@ def register_shapes_dataset(root: str = "") -> None:
 
 
 def check_datasets_exist(names: Iterable[str]) -> None:
-    """Raise ``FileNotFoundError`` naming what is missing, where it was looked for, how to get
-    COCO, and how to run on the embedded dataset instead."""
+    """Check that each dataset is registered and its files are there and readable (before
+    any training or worker process starts). Raises ``UnknownDatasetError`` (a
+    ``KeyError``) for a name that is not registered, with the closest registered names;
+    ``MissingFileError`` (a ``FileNotFoundError``) naming what is missing, where it was looked
+    for, how to get COCO, and how to run on the embedded dataset instead; ``DatasetError`` (a
+    ``ValueError``) for an annotation file that is not COCO JSON."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     for name in names:
-        if name not in DatasetCatalog.list():
-            raise KeyError(f"dataset '{name}' is not registered; registered: {', '.join(sorted(DatasetCatalog.list()))}")
+        registered = DatasetCatalog.list()
+        if name not in registered:
+            # (detectron2 registers ~100 names: the closest few say more than all of them)
+            raise UnknownDatasetError(
+                f"dataset '{name}' (DATASETS.TRAIN/DATASETS.TEST) is not registered{close_matches(name, registered)} "
+                f"({len(registered)} are, e.g. coco_2017_train and {SHAPES_TRAIN}; register your own with "
+                "detectron2.data.datasets.register_coco_instances before training)"
+            )
         meta = MetadataCatalog.get(name)
         json_file = getattr(meta, "json_file", None)
         image_root = getattr(meta, "image_root", None)
@@ -59,7 +70,7 @@ def check_datasets_exist(names: Iterable[str]) -> None:
                 "download train2017/, val2017/ and annotations/ from https://cocodataset.org/#download "
                 "and set DETECTRON2_DATASETS to the folder holding coco/."
             )
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"dataset '{name}': missing {', '.join(os.path.abspath(p) for p in missing)}.{hint}\n"
             "To run on gn_det's embedded dataset instead: python tools/train_net.py "
             "--config configs/demo/mask_rcnn_gn_shapes.yaml, or add "
@@ -73,18 +84,18 @@ def _check_coco_json(name: str, json_file: str, image_root: str) -> None:
     try:
         with open(json_file) as f:
             coco = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"dataset '{name}': annotation file {json_file} is not valid JSON ({exc}); "
-                         "is it truncated or corrupt?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # (UnicodeDecodeError: a binary file)
+        raise DatasetError(f"dataset '{name}': annotation file {json_file} is not valid JSON ({exc}); "
+                           "is it truncated or corrupt?") from None
     if not isinstance(coco, dict):
-        raise ValueError(f"dataset '{name}': {json_file} holds a {type(coco).__name__}, not a COCO dict")
+        raise DatasetError(f"dataset '{name}': {json_file} holds a {type(coco).__name__}, not a COCO dict")
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco.get(key), list):
-            raise ValueError(f"dataset '{name}': {json_file} has no '{key}' list, which COCO format requires")
+            raise DatasetError(f"dataset '{name}': {json_file} has no '{key}' list, which COCO format requires")
     missing = [img.get("file_name", "?") for img in coco["images"]
                if not os.path.exists(os.path.join(image_root or "", img.get("file_name", "")))]
     if missing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"dataset '{name}': {len(missing)} of {len(coco['images'])} images listed in {json_file} are missing "
             f"under {image_root}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
         )
