@@ -1,9 +1,11 @@
 """gn_det: Group Normalization for detectron2, with fused Triton kernels.
 
 `pip install -e .` into an environment that already has torch, torchvision and detectron2.
-torch/torchvision/detectron2 are deliberately not install_requires: a detectron2 project
-adding gn_det must keep its own builds (detectron2 is not on PyPI, and pip would otherwise
-replace a CUDA torch). `make setup` (tools/setup_env.sh) builds a complete environment.
+install_requires (requirements/gn_det.txt) is exactly the PyPI packages gn_det imports at run
+time (tests/test_dependencies.py checks it). torch/torchvision/triton/detectron2 are
+deliberately not install_requires: a detectron2 project adding gn_det must keep its own builds
+(detectron2 is not on PyPI, and pip would otherwise replace a CUDA torch and its triton).
+`make setup` (tools/setup_env.sh) builds a complete environment.
 """
 from pathlib import Path
 

@@ -122,3 +122,32 @@ def test_gpu_checks_script_plumbing(tmp_path):
     assert json.loads((results / "routes.json").read_text()) == json.loads(
         open(os.path.join(ROOT, "gn_det", "kernels", "routes.json")).read())
     assert "routes.json: unchanged (no row of this run ran the Triton kernels)" in proc.stdout
+
+
+def test_benchmark_eval_runs_quick(tmp_path):
+    # tools/benchmark_eval.py: pycocotools, faster-coco-eval and (where detectron2 has its
+    # compiled ops) detectron2's COCOeval_opt, timed side by side on one synthetic set; their
+    # stats must agree with pycocotools' (exit status 1 otherwise).
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "benchmark_eval.py"), "--quick", "--images", "20", "--dets", "30",
+         "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (md,) = [f for f in os.listdir(tmp_path) if f.endswith(".md")]
+    assert md.startswith("eval_cpu_")  # named after the machine
+    data = json.load(open(tmp_path / md.replace(".md", ".json")))
+    assert data["meta"]["set"].startswith("20 images, ") and "600 detections" in data["meta"]["set"]
+    assert "--out-dir" not in data["meta"]["command"] and data["meta"]["timing"] == "one run each (perf_counter)"
+    rows = {(r["iou_type"], r["implementation"]): r for r in data["rows"]}
+    assert set(rows) == {(t, i) for t in ("bbox", "segm")
+                         for i in ("pycocotools", "faster-coco-eval", "detectron2 COCOeval_opt")}
+    for iou_type in ("bbox", "segm"):
+        ref, fast = rows[iou_type, "pycocotools"], rows[iou_type, "faster-coco-eval"]
+        assert ref["speedup"] == 1.0 and fast["seconds"] > 0 and len(fast["stats"]) == 12
+        assert fast["max_abs_diff"] <= 0.05 and 0 < ref["stats"][0] < 100
+        d2 = rows[iou_type, "detectron2 COCOeval_opt"]
+        assert ("seconds" in d2) == d2["note"].startswith("detectron2 COCOeval_opt")  # run where importable
+    text = (tmp_path / md).read_text()
+    assert "| IoU type | implementation | eval s | speed-up vs pycocotools |" in text
+    assert "| segm | faster-coco-eval " in text and "tolerance 0.05 points: agree." in text

@@ -71,8 +71,9 @@ else
   run_step "torch" "$TORCH_PIN $TORCHVISION_PIN" pip_install "$TORCH_PIN" "$TORCHVISION_PIN"
 fi
 
-# 3. pure-Python dependencies (detectron2's imports and the test runner), by a stamp of the
-#    requirement files so that a second run does not ask pip again.
+# 3. PyPI dependencies (detectron2's imports, gn_det's install_requires, the test runner), by a
+#    stamp of the requirement files so that a second run does not ask pip again; a changed file
+#    (a requirement added to it) changes the stamp, and pip installs what is missing.
 REQ_FILES=("$ROOT/requirements/detectron2-runtime.txt" "$ROOT/requirements/gn_det.txt" "$ROOT/requirements/test.txt")
 STAMP="$VENV/.gn_det-requirements.sha256"
 want_stamp=$(cat "${REQ_FILES[@]}" | sha256sum | cut -d' ' -f1)
@@ -121,7 +122,7 @@ else
   run_step "detectron2 import check" "detectron2" "$VPY" -c "import detectron2.modeling, detectron2.engine"
   case $installed in
     git) say "detectron2: installed from git with compiled ops (deformable conv, rotated ops, C++ COCOeval)";;
-    pypi) say "detectron2: installed from PyPI sources without compiled ops: no deformable conv, no rotated-box ops, COCOEvaluator uses pycocotools' COCOeval";;
+    pypi) say "detectron2: installed from PyPI sources without compiled ops: no deformable conv, no rotated-box ops, no C++ COCOeval (gn_det evaluates with faster-coco-eval's)";;
   esac
 fi
 
