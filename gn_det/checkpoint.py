@@ -69,37 +69,47 @@ def safe_load_pickle(path: str, what: str = "") -> Any:
                            "is it truncated or corrupt?") from None
 
 
-def check_weights_exist(cfg: CfgNode, resume: bool = False) -> None:
-    """Check that the weights file the run would load exists (``MODEL.WEIGHTS``, or with
-    ``resume`` the checkpoint named in ``OUTPUT_DIR/last_checkpoint`` when there is one),
-    without reading it: cheap, for a check before worker processes start. Raises
-    ``MissingFileError`` naming the file and what set it. URLs (``detectron2://...``) are left
-    to the loader."""
-    SafeCheckpointer(torch.nn.Module(), save_dir=cfg.OUTPUT_DIR).check_exists(cfg.MODEL.WEIGHTS, resume=resume)
+def check_weights_exist(cfg, resume: bool = False) -> None:
+    """Check that the weights file the run would load exists (``MODEL.WEIGHTS``, a
+    LazyConfig's ``train.init_checkpoint``, or with ``resume`` the checkpoint named in the
+    output folder's ``last_checkpoint`` when there is one), without reading it: cheap, for a
+    check before worker processes start. Raises ``MissingFileError`` naming the file and what
+    set it. URLs (``detectron2://...``) are left to the loader."""
+    if isinstance(cfg, CfgNode):
+        checkpointer = SafeCheckpointer(torch.nn.Module(), save_dir=cfg.OUTPUT_DIR)
+        weights = cfg.MODEL.WEIGHTS
+    else:  # a LazyConfig
+        checkpointer = SafeCheckpointer(torch.nn.Module(), save_dir=cfg.train.output_dir,
+                                        weights_key="train.init_checkpoint")
+        weights = cfg.train.init_checkpoint
+    checkpointer.check_exists(weights, resume=resume)
 
 
 class SafeCheckpointer(DetectionCheckpointer):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, weights_key: str = "MODEL.WEIGHTS", **kwargs: Any) -> None:
+        """``weights_key``: the config key that names the weights, for messages
+        (``train.init_checkpoint`` in a LazyConfig)."""
         super().__init__(*args, **kwargs)
+        self.weights_key = weights_key
         self._source = ""  # what named the file being loaded, for messages (set by resume_or_load)
 
     def _source_of(self, resume: bool) -> str:
         """What names the file ``resume_or_load(path, resume=resume)`` loads."""
         if resume and self.has_checkpoint():
             return f"{os.path.join(self.save_dir, 'last_checkpoint')} (read for --resume)"
-        return "MODEL.WEIGHTS"
+        return self.weights_key
 
     def _describe(self, path: str) -> str:
         """The file and what named it: ``MODEL.WEIGHTS='x.pth'``."""
-        if self._source == "MODEL.WEIGHTS":
-            return f"MODEL.WEIGHTS={path!r}"
+        if self._source == self.weights_key:
+            return f"{self.weights_key}={path!r}"
         return f"weights file {path!r}" + (f", named in {self._source}" if self._source else "")
 
     def _check_exists(self, path: str) -> None:
         if not path or "://" in path or os.path.isfile(path):
             return  # nothing to load, a URL for the loader to fetch, or there
-        fix = ("give the path of a .pth or .pkl weights file, or MODEL.WEIGHTS \"\" to start from random weights"
-               if self._source == "MODEL.WEIGHTS" else "restore it, or delete last_checkpoint to start over")
+        fix = (f"give the path of a .pth or .pkl weights file, or {self.weights_key} \"\" to start from random weights"
+               if self._source == self.weights_key else "restore it, or delete last_checkpoint to start over")
         raise MissingFileError(f"{self._describe(path)}: no such file ({os.path.abspath(path)}); {fix}")
 
     def check_exists(self, path: str, *, resume: bool = False) -> None:

@@ -1,4 +1,6 @@
-"""Training and evaluation: detectron2's DefaultTrainer with gn_det's model builder.
+"""Training and evaluation of YAML configs: detectron2's DefaultTrainer (which, after
+``import gn_det``, builds models with the config's ``MODEL.GN`` settings); LazyConfig (.py)
+configs are trained by ``gn_det.lazy``.
 
 ``Trainer`` is ``DefaultTrainer`` (hooks, periodic checkpoints, metrics.json, TensorBoard
 events, ``--resume``) except that:

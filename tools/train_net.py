@@ -21,12 +21,21 @@ from gn_det.checkpoint import SafeCheckpointer, check_weights_exist
 from gn_det.data import check_datasets_exist, register_shapes_dataset
 from gn_det.engine import Trainer
 from gn_det.errors import exit_on_user_error
+from gn_det.lazy import build_lazy_model, lazy_dataset_names, lazy_test, lazy_train, load_lazy_config
 from gn_det.modeling import validate_gn_config
 
 PROG = "train_net"
 
 
+def is_lazy(args) -> bool:
+    return args.config_file.endswith(".py")
+
+
 def setup(args):
+    """The config: a YAML file (detectron2's CfgNode with gn_det's keys, trailing KEY VALUE
+    overrides) or a LazyConfig .py file (trailing key=value overrides), checked."""
+    if is_lazy(args):
+        return load_lazy_config(args.config_file, args.opts)
     cfg = gn_det.get_config(args.config_file, args.opts, allow_unsafe=args.allow_unsafe_yaml)
     validate_gn_config(cfg)  # before anything is built or loaded
     cfg.freeze()
@@ -36,15 +45,29 @@ def setup(args):
 def check_inputs(cfg, args):
     """What the run will read exists: its datasets and the weights it loads (once, in the
     parent: a COCO annotation file takes seconds to parse)."""
-    check_datasets_exist(list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN)))
+    if is_lazy(args):
+        check_datasets_exist(lazy_dataset_names(cfg, args.eval_only))
+    else:
+        check_datasets_exist(list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN)))
     check_weights_exist(cfg, resume=args.resume)
+
+
+def main_lazy(cfg, args):
+    if args.eval_only:
+        model = build_lazy_model(cfg)
+        SafeCheckpointer(model, weights_key="train.init_checkpoint").resume_or_load(cfg.train.init_checkpoint,
+                                                                                   resume=args.resume)
+        return lazy_test(cfg, model)
+    return lazy_train(cfg, resume=args.resume)
 
 
 def main(args):
     with exit_on_user_error(PROG):  # in each worker process, for what only loading finds (refused weights)
         register_shapes_dataset()
         cfg = setup(args)
-        default_setup(cfg, args)  # logging, config.yaml in OUTPUT_DIR, seeds
+        default_setup(cfg, args)  # logging, config.yaml (or .py) in the output folder, seeds
+        if is_lazy(args):
+            return main_lazy(cfg, args)
         if args.eval_only:
             model = Trainer.build_model(cfg)
             SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)

@@ -39,7 +39,7 @@ from ..errors import ConfigError
 from .fuse import fuse_norm_activation
 from .norm import NORM_REGISTRY, building_from, get_norm, gn_settings, resolve_norm_name
 
-__all__ = ["BUILD_FUNCTIONS", "build_model", "install"]
+__all__ = ["BUILD_FUNCTIONS", "build_model", "finish_model", "install"]
 
 # detectron2.modeling's functions that build modules from a config (their first argument).
 BUILD_FUNCTIONS = (
@@ -53,6 +53,17 @@ def _gn_norm_keys(cfg: CfgNode, settings: GNSettings) -> str:
             if isinstance(node, CfgNode) and isinstance(node.get("NORM"), str)
             and resolve_norm_name(node.NORM, settings)]
     return ", ".join(keys) or "none"
+
+
+def finish_model(module: nn.Module, settings: GNSettings, whole_model: bool = True) -> nn.Module:
+    """What ``settings`` ask of a built module, in place: ReLUs fused into the GN layers before
+    them (``fuse_activation``) and, for a whole model, channels_last (``channels_last``).
+    Returns the module."""
+    if settings.fuse_activation:
+        fuse_norm_activation(module)
+    if whole_model and settings.channels_last:
+        module.to(memory_format=torch.channels_last)
+    return module
 
 
 def _under_config(build: Callable) -> Callable:
@@ -77,10 +88,7 @@ def _under_config(build: Callable) -> Callable:
                 error.build_point = build.__name__
                 raise error from None
         if outermost and isinstance(module, nn.Module):
-            if settings.fuse_activation:
-                fuse_norm_activation(module)
-            if whole_model and settings.channels_last:
-                module.to(memory_format=torch.channels_last)
+            finish_model(module, settings, whole_model)
         return module
 
     return build_under_config

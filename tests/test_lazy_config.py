@@ -1,0 +1,115 @@
+"""LazyConfig (Python) configs with gn_det: the ``gn`` settings dict and the norm factory in
+``norm=`` arguments, and each config under configs/lazy/ instantiated and trained for a few
+steps on the embedded dataset (CPU-sized by overrides; the architecture as written)."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from detectron2.config import LazyCall as L
+from detectron2.config import LazyConfig, instantiate
+from detectron2.modeling.backbone import BasicStem, BottleneckBlock
+
+import gn_det
+from gn_det.data import register_shapes_dataset
+from gn_det.errors import ConfigError
+from gn_det.lazy import build_lazy_model, lazy_gn_settings, lazy_train, load_lazy_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAZY_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "lazy", "*.py")))
+R50 = os.path.join(ROOT, "configs", "lazy", "mask_rcnn_gn_R_50_FPN_3x.py")
+
+
+def gn_layers(module):
+    return [m for m in module.modules() if isinstance(m, gn_det.GroupNorm)]
+
+
+def test_group_norm_factory_as_a_lazy_norm_argument():
+    factory = L(gn_det.GroupNorm.factory)(num_groups=16, eps=1e-6)
+    stem = instantiate(L(BasicStem)(in_channels=3, out_channels=64, norm=factory))
+    assert (stem.conv1.norm.num_groups, stem.conv1.norm.eps) == (16, 1e-6)
+    block = instantiate(L(BottleneckBlock)(in_channels=64, out_channels=256, bottleneck_channels=64,
+                                           norm=L(gn_det.GroupNorm.factory)(channels_per_group=16)))
+    assert sorted(m.num_groups for m in gn_layers(block)) == [4, 4, 16, 16]  # 64, 64, 256 and the 256 shortcut
+    with pytest.raises(ValueError, match="num_groups=0, channels_per_group=0"):
+        gn_det.GroupNorm.factory(num_groups=0)
+
+
+def test_gn_dict_sets_every_fastgn_norm_and_is_checked():
+    cfg = LazyConfig.load(R50)
+    cfg = LazyConfig.apply_overrides(cfg, ["train.device=cpu", "gn.num_groups=16", "gn.eps=1e-4"])
+    model = build_lazy_model(cfg)
+    layers = gn_layers(model)
+    assert len(layers) == 69 and {(m.num_groups, m.eps) for m in layers} == {(16, 1e-4)}
+    assert model.backbone.bottom_up.stem.conv1.norm.activation == "relu"  # fuse_activation
+    with pytest.raises(ConfigError, match=r"gn.group_count is not a gn_det setting; the gn dict takes: num_groups, "):
+        lazy_gn_settings(LazyConfig.apply_overrides(LazyConfig.load(R50), ["+gn.group_count=4"]))
+    with pytest.raises(ConfigError, match=r"gn.eps=0.0: eps must be > 0"):
+        lazy_gn_settings(LazyConfig.apply_overrides(LazyConfig.load(R50), ["gn.eps=0.0"]))
+
+
+# Overrides that keep each config's architecture and make it CPU-sized on the embedded dataset.
+SMALL = [
+    "train.device=cpu", "train.max_iter=2", "train.init_checkpoint=", "train.log_period=1",
+    "dataloader.train.dataset.names=gn_det_shapes_train", "dataloader.test.dataset.names=gn_det_shapes_val",
+    "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
+    "dataloader.test.mapper.augmentations.0.short_edge_length=128", "dataloader.test.mapper.augmentations.0.max_size=192",
+    "model.roi_heads.num_classes=3", "model.proposal_generator.post_nms_topk=[64,64]",
+    "model.roi_heads.batch_size_per_image=32",
+    # an untrained model still gives detections, so COCOEvaluator has something to score
+    "model.roi_heads.box_predictor.test_score_thresh=0.0", "+model.roi_heads.box_predictor.test_topk_per_image=20",
+]
+TRAIN_SIZE = {  # the first augmentation's size keys, per config
+    "mask_rcnn_gn_R_50_FPN_3x.py": ["dataloader.train.mapper.augmentations.0.short_edge_length=[128]",
+                                    "dataloader.train.mapper.augmentations.0.max_size=192"],
+    "mask_rcnn_gn_R_50_FPN_50ep_LSJ_1024.py": ["train.amp.enabled=False",  # AMPTrainer needs CUDA
+                                               "dataloader.train.mapper.augmentations.0.target_height=128",
+                                               "dataloader.train.mapper.augmentations.0.target_width=128",
+                                               "dataloader.train.mapper.augmentations.1.crop_size=[128,128]"],
+}
+
+
+def small_overrides(path, output_dir):
+    name = os.path.basename(path)
+    assert name in TRAIN_SIZE, f"add {name}'s size overrides to TRAIN_SIZE"
+    return SMALL + TRAIN_SIZE[name] + [f"train.output_dir={output_dir}"]
+
+
+def losses(output_dir):
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        return [e["total_loss"] for e in map(json.loads, filter(str.strip, f)) if "total_loss" in e]
+
+
+def test_train_net_trains_and_evaluates_a_lazy_config(tmp_path):
+    """The R50 LazyConfig through tools/train_net.py, as users run it: 2 steps, then
+    COCOEvaluator's box and mask AP on the embedded validation set."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config", R50,
+                           *small_overrides(R50, tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert len(losses(tmp_path)) == 2 and os.path.exists(tmp_path / "model_final.pth")
+    log = proc.stdout + proc.stderr
+    assert "Evaluation results for bbox" in log and "Evaluation results for segm" in log
+
+
+def test_train_net_names_a_mistyped_lazy_override(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config", R50,
+                           "train.max_iters=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "unknown config key train.max_iters" in proc.stderr and "did you mean train.max_iter?" in proc.stderr
+
+
+@pytest.mark.parametrize("path", [p for p in LAZY_CONFIGS if p != R50], ids=lambda p: os.path.basename(p))
+def test_every_other_lazy_config_trains_on_the_embedded_dataset(path, tmp_path):
+    """In process, without the evaluation (the test above covers it): every config steps."""
+    register_shapes_dataset()
+    if "LSJ" in path:
+        with pytest.raises(ConfigError, match=r"train.amp.enabled=True on train.device='cpu': .* needs CUDA"):
+            lazy_train(load_lazy_config(path, ["train.device=cpu"]))
+    cfg = load_lazy_config(path, small_overrides(path, tmp_path))
+    del cfg.dataloader.evaluator
+    assert lazy_train(cfg) == {}  # no evaluation ran
+    steps = losses(tmp_path)
+    assert len(steps) == 2 and all(loss == loss and loss < 1e4 for loss in steps)  # two finite steps
+    assert os.path.exists(tmp_path / "model_final.pth")
