@@ -101,6 +101,8 @@ def test_setup_and_setup_env_read_the_requirements():
     with open(os.path.join(ROOT, "tools", "setup_env.sh")) as f:
         script = f.read()
     # The set-up installs the file, and its "already installed" stamp hashes it, so a new
-    # requirement is installed into an existing environment too.
+    # requirement is installed into an existing environment too ...
     assert re.search(r'REQ_FILES=\([^)]*requirements/gn_det\.txt', script), "setup_env.sh must install requirements/gn_det.txt"
     assert 'cat "${REQ_FILES[@]}" | sha256sum' in script
+    # ... and "in place" also needs every requirement met, so a package removed since is reinstalled.
+    assert '[ "$(cat "$STAMP")" = "$want_stamp" ] && requirements_met; then' in script

@@ -71,13 +71,28 @@ else
   run_step "torch" "$TORCH_PIN $TORCHVISION_PIN" pip_install "$TORCH_PIN" "$TORCHVISION_PIN"
 fi
 
-# 3. PyPI dependencies (detectron2's imports, gn_det's install_requires, the test runner), by a
-#    stamp of the requirement files so that a second run does not ask pip again; a changed file
-#    (a requirement added to it) changes the stamp, and pip installs what is missing.
+# 3. PyPI dependencies (detectron2's imports, gn_det's install_requires, the test runner). In
+#    place when the requirement files are those of the last install (a stamp of their hash: a
+#    requirement added to a file changes it) and every requirement is still met in the venv (a
+#    package removed since is noticed too); otherwise pip installs what is missing.
 REQ_FILES=("$ROOT/requirements/detectron2-runtime.txt" "$ROOT/requirements/gn_det.txt" "$ROOT/requirements/test.txt")
 STAMP="$VENV/.gn_det-requirements.sha256"
 want_stamp=$(cat "${REQ_FILES[@]}" | sha256sum | cut -d' ' -f1)
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ]; then
+requirements_met() {
+  "$VPY" - "${REQ_FILES[@]}" >/dev/null 2>&1 <<'EOF'
+import sys
+from importlib.metadata import version
+from packaging.requirements import Requirement  # a line it cannot parse counts as unmet
+for path in sys.argv[1:]:
+    for line in open(path):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate():
+                assert req.specifier.contains(version(req.name), prereleases=True), line
+EOF
+}
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ] && requirements_met; then
   say "python dependencies: in place"
 else
   say "installing python dependencies (requirements/*.txt)"
