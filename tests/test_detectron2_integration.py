@@ -333,3 +333,18 @@ def test_a_configurable_head_built_directly_from_a_config_gets_its_settings():
     cfg = small(gn_det.get_config(MAIN_CONFIG, ["MODEL.GN.CHANNELS_PER_GROUP", 64, "MODEL.GN.EPS", 1e-4]))
     head = FastRCNNConvFCHead(cfg, ShapeSpec(channels=256, height=7, width=7))
     assert {(m.num_groups, m.eps) for m in gn_layers(head)} == {(4, 1e-4)}
+
+
+def test_convert_keeps_a_group_norm_without_shift_and_its_scale():
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.GroupNorm(8, 32, bias=False))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        expected = model(x)
+    report = gn_det.convert_to_group_norm(model)
+    assert report.replaced == [("1", "GroupNorm")]
+    assert isinstance(model[1], gn_det.GroupNorm) and model[1].bias is None and list(model.state_dict()) == [
+        "0.weight", "0.bias", "1.weight"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)

@@ -80,8 +80,9 @@ def convert_to_group_norm(
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if isinstance(child, GroupNorm) or not isinstance(child, (FrozenBatchNorm2d, nn.BatchNorm2d, nn.GroupNorm)):
                 continue
-            if isinstance(child, nn.GroupNorm):
-                new = GroupNorm(child.num_groups, child.num_channels, eps=child.eps, affine=child.affine)
+            if isinstance(child, nn.GroupNorm):  # the same layer, a scale without a shift included
+                new = GroupNorm(child.num_groups, child.num_channels, eps=child.eps, affine=child.affine,
+                                bias=child.affine and child.bias is not None)
             else:
                 channels = child.num_features
                 groups = resolve_num_groups(channels, num_groups, channels_per_group, layer=name)
@@ -90,10 +91,12 @@ def convert_to_group_norm(
             reference = weight if weight is not None else next(iter(child.buffers()), None)
             if reference is not None:
                 new.to(device=reference.device, dtype=reference.dtype)
-            if init_from_norm and new.affine and weight is not None and bias is not None:
+            if init_from_norm and new.affine:
                 with torch.no_grad():
-                    new.weight.copy_(weight)
-                    new.bias.copy_(bias)
+                    if weight is not None:
+                        new.weight.copy_(weight)
+                    if bias is not None and new.bias is not None:
+                        new.bias.copy_(bias)
             conv_weight = getattr(parent, "weight", None)
             if isinstance(conv_weight, nn.Parameter):
                 new.requires_grad_(conv_weight.requires_grad)
