@@ -35,8 +35,19 @@ def detectron2_install() -> str:
 
         ops = "compiled ops available (deformable conv, rotated ops, C++ COCOeval)"
     except Exception:
-        ops = "no compiled ops (no deformable conv, no rotated ops; COCOeval from pycocotools)"
+        ops = "no compiled ops (no deformable conv, no rotated ops; no C++ COCOeval of its own)"
     return f"{detectron2.__version__} @ {os.path.dirname(detectron2.__file__)}; {source}; {ops}"
+
+
+def cocoeval_in_use() -> str:
+    """Which COCOeval gn_det's COCO evaluator runs here (detectron2's C++, faster-coco-eval's,
+    or pycocotools' Python one, with why)."""
+    try:
+        from .evaluation import cocoeval_class
+
+        return cocoeval_class()[1]
+    except Exception as exc:  # no detectron2: the report still prints
+        return f"unknown ({type(exc).__name__}: {exc})"
 
 
 def collect_env() -> List[Tuple[str, str]]:
@@ -49,6 +60,7 @@ def collect_env() -> List[Tuple[str, str]]:
         ("torchvision", _version("torchvision")),
         ("triton", _version("triton")),
         ("detectron2", detectron2_install()),
+        ("COCOeval", cocoeval_in_use()),
     ]
     try:
         import torch

@@ -8,36 +8,15 @@ its own 2 images; the schedule holds for any number of GPUs at 2 images each if
 ``dataloader.train.total_batch_size`` and ``optimizer.lr`` are scaled together.
 """
 import detectron2.data.transforms as T
-from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
-import gn_det  # noqa: F401  (registers the "FastGN" norm name)
-from gn_det.evaluation import FastCOCOEvaluator
+from .mask_rcnn_gn_R_50_FPN_3x import dataloader, gn, model, optimizer, train  # GN everywhere, 4conv1fc
 
-model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
-dataloader = model_zoo.get_config("common/data/coco.py").dataloader
-optimizer = model_zoo.get_config("common/optim.py").SGD
-train = model_zoo.get_config("common/train.py").train
-
-# COCOEvaluator with a compiled COCOeval (detectron2's, else faster-coco-eval's)
-dataloader.evaluator = L(FastCOCOEvaluator)(dataset_name="${..test.dataset.names}")
-
-gn = dict(num_groups=32, channels_per_group=0, eps=1e-5, fuse_activation=True, channels_last=False)
-
-# fmt: off
-model.backbone.bottom_up.stem.norm = \
-    model.backbone.bottom_up.stages.norm = \
-    model.backbone.norm = \
-    model.roi_heads.box_head.conv_norm = \
-    model.roi_heads.mask_head.conv_norm = "FastGN"
-# fmt: on
 model.backbone.bottom_up.freeze_at = 0  # from scratch: everything trains
-model.backbone.bottom_up.stages.stride_in_1x1 = False
+model.pixel_std = [57.375, 57.120, 58.395]  # from scratch: ImageNet's std, as new_baselines
 model.proposal_generator.head.conv_dims = [-1, -1]  # 2 convs in the RPN head, as new_baselines
-model.roi_heads.box_head.conv_dims = [256, 256, 256, 256]
-model.roi_heads.box_head.fc_dims = [1024]
 
 image_size = 1024
 dataloader.train.mapper.augmentations = [
