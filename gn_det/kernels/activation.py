@@ -1,38 +1,77 @@
-"""Activation names accepted by gn_det's GN, and their integer codes in the kernels."""
+"""The activations gn_det's GN fuses: one table, from which everything else derives.
+
+Each ``Activation`` row holds its name, its integer code (the Triton kernels' ``ACT``
+constexpr, branched on in group_norm_triton.py's ``_activation``/``_activation_grad``), its
+PyTorch forward (in place on a fresh temporary), its gradient (ATen's own backward kernel,
+written over the recomputed input) and its standard-operator form (what tracing and ONNX
+export record). Names accepted by the layer, route keys and error messages come from
+``ACTIVATION_TABLE``. Adding an activation: a row here and a branch in the two Triton helpers.
+"""
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
-ACT_NONE, ACT_RELU, ACT_SILU = 0, 1, 2
-ACTIVATIONS = {None: ACT_NONE, "none": ACT_NONE, "relu": ACT_RELU, "silu": ACT_SILU}
-ACTIVATION_NAMES = {ACT_NONE: None, ACT_RELU: "relu", ACT_SILU: "silu"}
+__all__ = [
+    "ACTIVATIONS", "ACTIVATION_NAMES", "ACTIVATION_TABLE", "ACT_NONE", "ACT_RELU", "ACT_SILU", "Activation",
+    "activation_code", "activation_grad_", "apply_activation", "export_activation",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Activation:
+    name: Optional[str]  # as the layer's ``activation=`` takes it (None: no activation)
+    code: int  # the kernels' ACT constexpr
+    forward_: Callable[[torch.Tensor], torch.Tensor]  # act(z), in place on z
+    grad_: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z, grad) -> d act/dz * grad, written over z
+    export: Callable[[torch.Tensor], torch.Tensor]  # standard operators (tracing, ONNX)
+
+
+def _identity(z: torch.Tensor) -> torch.Tensor:
+    return z
+
+
+ACTIVATION_TABLE: Tuple[Activation, ...] = (
+    Activation(None, 0, _identity, lambda z, grad: grad, _identity),
+    # ATen's threshold/silu backward: one pass each (grad * (z > 0) takes a float-times-bool
+    # promotion path, ~50x slower on CPU)
+    Activation("relu", 1, torch.relu_, lambda z, grad: torch.ops.aten.threshold_backward.grad_input(grad, z, 0, grad_input=z),
+               F.relu),
+    Activation("silu", 2, lambda z: F.silu(z, inplace=True),
+               lambda z, grad: torch.ops.aten.silu_backward.grad_input(grad, z, grad_input=z), F.silu),
+)
+assert [a.code for a in ACTIVATION_TABLE] == list(range(len(ACTIVATION_TABLE)))  # codes index the table
+
+ACT_NONE, ACT_RELU, ACT_SILU = (a.code for a in ACTIVATION_TABLE)
+# name (lower case; "none" for None) -> code; code -> name
+ACTIVATIONS: Dict[Optional[str], int] = {a.name: a.code for a in ACTIVATION_TABLE}
+ACTIVATIONS["none"] = ACT_NONE
+ACTIVATION_NAMES: Dict[int, Optional[str]] = {a.code: a.name for a in ACTIVATION_TABLE}
 
 
 def activation_code(activation: Optional[str]) -> int:
     """Resolve an activation name (None, "relu", "silu"; case-insensitive) to its code."""
     key = activation.lower() if isinstance(activation, str) else activation
     if key not in ACTIVATIONS:
-        raise ValueError(f"Unknown GN activation {activation!r}; expected one of None, 'relu', 'silu'")
+        names = ", ".join(repr(a.name) for a in ACTIVATION_TABLE)
+        raise ValueError(f"Unknown GN activation {activation!r}; expected one of {names}")
     return ACTIVATIONS[key]
 
 
 def apply_activation(z: torch.Tensor, code: int) -> torch.Tensor:
     """act(z) with PyTorch operations (in place where z is a fresh temporary)."""
-    if code == ACT_RELU:
-        return torch.relu_(z)
-    if code == ACT_SILU:
-        return torch.nn.functional.silu(z, inplace=True)
-    return z
+    return ACTIVATION_TABLE[code].forward_(z)
 
 
 def activation_grad_(z: torch.Tensor, grad: torch.Tensor, code: int) -> torch.Tensor:
     """d act(z)/dz * grad, written over z (a temporary the caller no longer needs: one fewer
-    activation-sized allocation). ATen's own activation backward kernels, one pass each
-    (``grad * (z > 0)`` would take a slow float-times-bool promotion path, ~50x slower on CPU)."""
-    if code == ACT_RELU:
-        return torch.ops.aten.threshold_backward.grad_input(grad, z, 0, grad_input=z)
-    if code == ACT_SILU:
-        return torch.ops.aten.silu_backward.grad_input(grad, z, grad_input=z)
-    return grad
+    activation-sized allocation), by ATen's own activation backward kernels."""
+    return ACTIVATION_TABLE[code].grad_(z, grad)
+
+
+def export_activation(y: torch.Tensor, code: int) -> torch.Tensor:
+    """act(y) with standard operators, not in place: what tracing and ONNX export record."""
+    return ACTIVATION_TABLE[code].export(y)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .activation import ACT_NONE, ACT_RELU, ACT_SILU, activation_code, apply_activation
+from .activation import ACT_NONE, activation_code, apply_activation, export_activation
 from .group_norm_torch import torch_group_norm_backward, torch_group_norm_forward
 from .layout import flat_spatial_stride, memory_format_of, to_dense
 from .routing import aten_route
@@ -248,12 +248,7 @@ def aten_group_norm(
 
 def _reference(x: Tensor, num_groups: int, weight, bias, eps: float, code: int) -> Tensor:
     """Standard operators only: what tracing and ONNX export record."""
-    y = F.group_norm(x, num_groups, weight, bias, eps)
-    if code == ACT_RELU:
-        return F.relu(y)
-    if code == ACT_SILU:
-        return F.silu(y)
-    return y
+    return export_activation(F.group_norm(x, num_groups, weight, bias, eps), code)
 
 
 def group_norm(

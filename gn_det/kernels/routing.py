@@ -23,7 +23,7 @@ from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 import torch
 
-from .activation import ACTIVATION_NAMES
+from .activation import ACTIVATION_NAMES, ACTIVATION_TABLE
 from .layout import memory_format_of
 
 __all__ = [
@@ -38,7 +38,7 @@ RouteKey = Tuple[str, str, str, str, int, int]
 ROUTE_FIELDS = ("device", "dtype", "format", "activation", "group_elements_log2", "batch_groups_log2")
 _DTYPES = ("float32", "bfloat16", "float16")
 _FORMATS = ("nchw", "channels_last", "channels_last_3d")
-_ACTIVATIONS = ("none", "relu", "silu")
+_ACTIVATIONS = tuple(a.name or "none" for a in ACTIVATION_TABLE)
 _FORMAT_NAMES = {torch.contiguous_format: "nchw", torch.channels_last: "channels_last",
                  torch.channels_last_3d: "channels_last_3d"}
 
