@@ -8,7 +8,7 @@ import torch
 
 import gn_det
 from gn_det.data import synthetic_batch
-from gn_det.kernels.group_norm_op import backend
+from gn_det.kernels.group_norm_op import backend, set_backend
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,14 +29,11 @@ def _batch(height=384, width=512):
 
 
 @pytest.fixture
-def torch_backend(monkeypatch):
-    """Switch gn_det to its PyTorch path for the rest of the test (GN_DET_BACKEND=torch)."""
-    def switch():
-        monkeypatch.setenv("GN_DET_BACKEND", "torch")
-        backend.cache_clear()
-    yield switch
-    monkeypatch.delenv("GN_DET_BACKEND", raising=False)
-    backend.cache_clear()
+def torch_backend():
+    """Switch gn_det to its PyTorch path for the rest of the test (set_backend("torch"))."""
+    previous = backend()
+    yield lambda: set_backend("torch")
+    set_backend(previous)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

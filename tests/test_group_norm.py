@@ -4,7 +4,10 @@ bias=False included), errors, autocast, torch.compile, tracing and ONNX export, 
 activation memory."""
 import inspect
 import io
+import os
 import random
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -430,21 +433,29 @@ def test_fused_activation_saves_no_output(activation):
     assert theirs_saved >= x.numel() * x.element_size(), theirs_saved
 
 
-def test_backend_variable_is_checked(monkeypatch):
-    from gn_det.kernels.group_norm_op import backend, triton_enabled_for
+def test_backend_is_set_explicitly_and_checked(monkeypatch):
+    from gn_det.kernels.group_norm_op import backend, backend_from_environment, set_backend, triton_enabled_for
 
+    monkeypatch.setenv("GN_DET_BACKEND", "trition")
+    with pytest.raises(ValueError, match=r"GN_DET_BACKEND='trition' is not a gn_det backend: use 'auto'"):
+        backend_from_environment()
+    monkeypatch.setenv("GN_DET_BACKEND", "Torch")
+    assert backend_from_environment() == "torch"
+    assert backend() == "auto"  # the variable is read once, at import, not on every call
+    with pytest.raises(ValueError, match=r"'trition' is not a gn_det backend"):
+        set_backend("trition")
+    previous = set_backend("torch")
     try:
-        monkeypatch.setenv("GN_DET_BACKEND", "trition")
-        backend.cache_clear()
-        with pytest.raises(ValueError, match=r"GN_DET_BACKEND='trition' is not a gn_det backend: use 'auto'"):
-            backend()
-        monkeypatch.setenv("GN_DET_BACKEND", "Torch")
-        backend.cache_clear()
-        assert backend() == "torch" and not triton_enabled_for(torch.zeros(2, 4, 3))
+        assert previous == "auto" and backend() == "torch" and not triton_enabled_for(torch.zeros(2, 4, 3))
     finally:
-        monkeypatch.delenv("GN_DET_BACKEND")
-        backend.cache_clear()
+        set_backend(previous)
     assert backend() == "auto"
+
+
+def test_a_bad_backend_variable_fails_at_import():
+    env = dict(os.environ, GN_DET_BACKEND="trition")
+    proc = subprocess.run([sys.executable, "-c", "import gn_det"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "GN_DET_BACKEND='trition' is not a gn_det backend" in proc.stderr
 
 
 def test_double_backward_is_refused_clearly():

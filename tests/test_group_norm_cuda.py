@@ -22,12 +22,11 @@ CF, CL = torch.contiguous_format, torch.channels_last
 
 
 @pytest.fixture(autouse=True)
-def kernels_everywhere(monkeypatch):
+def kernels_everywhere():
     """These tests are of the kernels: no measured route sends a shape to PyTorch's GroupNorm."""
-    monkeypatch.setenv("GN_DET_ROUTES", "none")
-    routing.clear_caches()
+    previous = routing.set_routes(None)
     yield
-    routing.clear_caches()
+    routing.set_routes(previous)
 
 
 def test_cuda_tensors_go_to_triton():
@@ -60,17 +59,13 @@ def test_sequences_and_volumes(activation):
 @pytest.mark.parametrize("memory_format", [CF, CL])
 def test_torch_backend_on_cuda(monkeypatch, memory_format):
     # GN_DET_BACKEND=torch: PyTorch operations on CUDA tensors, the same results.
-    from gn_det.kernels.group_norm_op import backend
-
-    monkeypatch.setenv("GN_DET_BACKEND", "torch")
-    backend.cache_clear()
+    previous = gn_det.kernels.set_backend("torch")
     try:
         assert not triton_enabled_for(torch.zeros(2, 4, 3, device="cuda"))
         check_forward_backward((2, 64, 33, 35), 32, dtype=torch.bfloat16, memory_format=memory_format,
                                activation="relu", device="cuda")
     finally:
-        monkeypatch.delenv("GN_DET_BACKEND")
-        backend.cache_clear()
+        gn_det.kernels.set_backend(previous)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -167,8 +162,7 @@ def test_routed_shape_runs_pytorch_groupnorm_in_the_input_dtype(monkeypatch, tmp
     routes = tmp_path / "routes.json"
     key = routing.route_key_of(x, 32, ACT_RELU)
     routes.write_text(json.dumps({"routes": [dict(zip(routing.ROUTE_FIELDS, key), measured="a test")]}))
-    monkeypatch.setenv("GN_DET_ROUTES", str(routes))
-    routing.clear_caches()
+    routing.set_routes(routes)  # (kernels_everywhere restores the routes after)
     layer = gn_det.GroupNorm(32, 256, activation="relu").cuda()
     assert dispatch_path(x, 32, "relu").endswith("routed (Triton measured slower here)")
     with torch.autocast("cuda", dtype=torch.bfloat16):

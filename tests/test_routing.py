@@ -24,17 +24,18 @@ def _route(**changes):
 
 
 @pytest.fixture
-def routes_env(monkeypatch, tmp_path):
-    """Points GN_DET_ROUTES at a file of the test's routes (and restores the package's)."""
-    def use(routes):
+def routes_env(tmp_path):
+    """Uses a file of the test's routes (and restores the routes in use before)."""
+    previous = routing.routes_file()
+
+    def use(routes, apply=True):
         path = tmp_path / "routes.json"
         path.write_text(json.dumps({"routes": routes}))
-        monkeypatch.setenv("GN_DET_ROUTES", str(path))
-        routing.clear_caches()
+        if apply:
+            routing.set_routes(path)
         return path
     yield use
-    monkeypatch.delenv("GN_DET_ROUTES", raising=False)
-    routing.clear_caches()
+    routing.set_routes(previous)
 
 
 def test_route_keys_bucket_group_size_and_group_count():
@@ -67,8 +68,7 @@ def test_a_route_matches_its_bucket_only(routes_env):
 
 def test_routes_can_be_turned_off(monkeypatch, routes_env):
     routes_env([_route(device="cpu", dtype="float32", group_elements_log2=5, batch_groups_log2=6)])
-    monkeypatch.setenv("GN_DET_ROUTES", "none")
-    routing.clear_caches()
+    assert routing.set_routes(None) is not None  # returns the file in use before
     assert routing.routes_file() is None and routing.load_routes() == {}
     assert routing.aten_route(torch.zeros(2, 64, 5, 6), 32, ACT_RELU) is None
 
@@ -82,10 +82,12 @@ def test_routes_can_be_turned_off(monkeypatch, routes_env):
     ("FPN P5", r"routes\[0\]: a route must be an object"),
 ])
 def test_malformed_routes_are_named(routes_env, route, message):
-    path = routes_env([route])
+    in_use = routing.routes_file()
+    path = routes_env([route], apply=False)
     with pytest.raises(ValueError, match=message) as info:
-        routing.load_routes()
+        routing.set_routes(path)
     assert str(path) in str(info.value)
+    assert routing.routes_file() == in_use  # a refused file changes nothing
 
 
 def test_unreadable_routes_files_are_named(monkeypatch, tmp_path):

@@ -207,8 +207,7 @@ def main() -> None:
                         "where they were faster")
     args = parser.parse_args()
     if args.write_routes:
-        os.environ["GN_DET_ROUTES"] = "none"  # measure the kernels themselves
-        routing.clear_caches()
+        routing.set_routes(None)  # measure the kernels themselves
     # Every shape, dtype and layout is a new graph for torch.compile: let it recompile rather
     # than fall back to eager when dynamo's default limit (8) is reached.
     for limit in ("recompile_limit", "cache_size_limit"):

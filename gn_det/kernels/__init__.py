@@ -1,9 +1,8 @@
 """GN compute: Triton kernels (CUDA), PyTorch operations (CPU), and the custom op joining them."""
 from .activation import ACTIVATIONS, activation_code
-from .group_norm_op import backend, group_norm, triton_enabled_for
-from .routing import load_routes
+from .group_norm_op import backend, backend_from_environment, group_norm, set_backend, triton_enabled_for
+from .routing import set_routes
 
-backend()  # a GN_DET_BACKEND that is not a backend fails here, at import, with the fix
-load_routes()  # so does a malformed routes file (GN_DET_ROUTES or the package's), naming the route
+set_backend(backend_from_environment())  # a GN_DET_BACKEND that is not a backend fails here, at import, with the fix
 
-__all__ = ["ACTIVATIONS", "activation_code", "backend", "group_norm", "triton_enabled_for"]
+__all__ = ["ACTIVATIONS", "activation_code", "backend", "group_norm", "set_backend", "set_routes", "triton_enabled_for"]

@@ -49,19 +49,33 @@ def _triton_module():
 
 
 BACKENDS = ("auto", "torch")
+_backend = "auto"  # set by set_backend only: at import from GN_DET_BACKEND, later by an explicit call
 
 
-@functools.lru_cache(maxsize=None)
+def set_backend(name: str) -> str:
+    """Choose the backend: "auto" (the default) runs the Triton kernels on CUDA; "torch" runs
+    PyTorch operations everywhere, the escape hatch should the kernels ever fail on a machine.
+    Returns the backend before, to restore it with. ``GN_DET_BACKEND`` is read once, at
+    import, into the first call."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"{name!r} is not a gn_det backend: use 'auto' (Triton kernels on CUDA, the default) or "
+                         "'torch' (PyTorch operations everywhere)")
+    previous, _backend = _backend, name
+    return previous
+
+
 def backend() -> str:
-    """``GN_DET_BACKEND``, read once: "auto" (the default) runs the Triton kernels on CUDA;
-    "torch" runs PyTorch operations everywhere, the escape hatch should the kernels ever fail
-    on a machine (call ``backend.cache_clear()`` after changing the variable in-process)."""
+    """The backend in use (see ``set_backend``)."""
+    return _backend
+
+
+def backend_from_environment() -> str:
+    """``GN_DET_BACKEND`` (case-insensitive; "auto" when unset), checked."""
     value = os.environ.get("GN_DET_BACKEND", "").strip().lower() or "auto"
     if value not in BACKENDS:
-        raise ValueError(
-            f"GN_DET_BACKEND={os.environ['GN_DET_BACKEND']!r} is not a gn_det backend: use 'auto' (Triton "
-            "kernels on CUDA, the default) or 'torch' (PyTorch operations everywhere)"
-        )
+        raise ValueError(f"GN_DET_BACKEND={os.environ['GN_DET_BACKEND']!r} is not a gn_det backend: use 'auto' (Triton "
+                         "kernels on CUDA, the default) or 'torch' (PyTorch operations everywhere)")
     return value
 
 

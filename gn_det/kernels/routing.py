@@ -9,8 +9,9 @@ fused activation, and a bucket of shapes: ``group_elements_log2 = floor(log2(C /
 takes (``group_norm_op.aten_group_norm``) and writes a route for every bucket where the
 kernels lost in forward+backward time; it removes the routes of buckets where they won. Routes are data, in ``routes.json`` beside this file.
 
-``GN_DET_ROUTES`` overrides the file: a path to another routes file, or ``none`` to run the
-Triton kernels everywhere (how the benchmark measures them).
+``set_routes(path)`` picks another routes file, ``set_routes(None)`` runs the Triton kernels
+everywhere (how the benchmark measures them); ``GN_DET_ROUTES`` (a path, or ``none``) is read
+once, at import, into the first call.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple
+from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple, Union
 
 import torch
 
@@ -27,8 +28,8 @@ from .activation import ACTIVATION_NAMES, ACTIVATION_TABLE
 from .layout import memory_format_of
 
 __all__ = [
-    "ROUTES_FILE", "ROUTE_FIELDS", "RouteKey", "aten_route", "clear_caches", "load_routes", "merge_routes",
-    "read_routes", "read_routes_file", "route_key", "route_key_of", "routes_file",
+    "ROUTES_FILE", "ROUTE_FIELDS", "RouteKey", "aten_route", "load_routes", "merge_routes", "read_routes",
+    "read_routes_file", "route_key", "route_key_of", "routes_file", "routes_file_from_environment", "set_routes",
 ]
 
 ROUTES_FILE = Path(__file__).with_name("routes.json")
@@ -61,8 +62,8 @@ def route_key_of(x: torch.Tensor, num_groups: int, activation: int) -> RouteKey:
                      ACTIVATION_NAMES[activation] or "none", n, c, x.numel() // (n * c), num_groups)
 
 
-def routes_file() -> Optional[Path]:
-    """The routes file in use (``GN_DET_ROUTES``, else the package's), None for ``none``."""
+def routes_file_from_environment() -> Optional[Path]:
+    """The routes file ``GN_DET_ROUTES`` names (the package's when unset), None for ``none``."""
     value = os.environ.get("GN_DET_ROUTES", "").strip()
     if value.lower() == "none":
         return None
@@ -111,33 +112,41 @@ def read_routes(path: Path) -> List[dict]:
     return read_routes_file(path)["routes"]
 
 
-@functools.lru_cache(maxsize=None)
+# The routes in use: (their file or None, route key -> measurement, the GPU names they name).
+# Set by set_routes only: at import from GN_DET_ROUTES, later by an explicit call.
+_IN_USE: Tuple[Optional[Path], Dict[RouteKey, str], FrozenSet[str]] = (None, {}, frozenset())
+
+
+def set_routes(path: Union[str, Path, None]) -> Optional[Path]:
+    """Use the routes in ``path`` (every route checked: a clear ValueError naming the file,
+    the route's index and the field), or none with ``None`` (the kernels everywhere).
+    Returns the file in use before, to restore it with. ``GN_DET_ROUTES`` is read once, at
+    import, into the first call."""
+    global _IN_USE
+    previous = _IN_USE[0]
+    path = None if path is None else Path(path)
+    routes = {} if path is None else {
+        _key(route): str(route.get("measured") or "no measurement recorded") for route in read_routes(path)}
+    _IN_USE = (path, routes, frozenset(key[0] for key in routes))
+    return previous
+
+
+def routes_file() -> Optional[Path]:
+    """The routes file in use (None: no routes)."""
+    return _IN_USE[0]
+
+
 def load_routes() -> Dict[RouteKey, str]:
-    """Route key -> the measurement behind it, from the routes file in use (read once; call
-    ``clear_caches()`` after changing ``GN_DET_ROUTES`` in-process)."""
-    path = routes_file()
-    if path is None:
-        return {}
-    return {_key(route): str(route.get("measured") or "no measurement recorded") for route in read_routes(path)}
-
-
-@functools.lru_cache(maxsize=None)
-def _routed_devices() -> FrozenSet[str]:
-    return frozenset(key[0] for key in load_routes())
+    """Route key -> the measurement behind it, for the routes in use."""
+    return _IN_USE[1]
 
 
 def aten_route(x: torch.Tensor, num_groups: int, activation: int) -> Optional[str]:
     """The measurement that routes x to PyTorch's GroupNorm, or None (the Triton kernels)."""
-    routes = load_routes()
-    if not routes or x.numel() == 0 or _device_name(x.device) not in _routed_devices():  # the common case, cheaply
+    _, routes, devices = _IN_USE
+    if not routes or x.numel() == 0 or _device_name(x.device) not in devices:  # the common case, cheaply
         return None
     return routes.get(route_key_of(x, num_groups, activation))
-
-
-def clear_caches() -> None:
-    """Forget the routes read (after ``GN_DET_ROUTES`` or the file changed in-process)."""
-    load_routes.cache_clear()
-    _routed_devices.cache_clear()
 
 
 def merge_routes(routes: Iterable[dict], decisions: Dict[RouteKey, Optional[str]]) -> List[dict]:
@@ -151,3 +160,6 @@ def merge_routes(routes: Iterable[dict], decisions: Dict[RouteKey, Optional[str]
         else:
             by_key[key] = dict(zip(ROUTE_FIELDS, key), measured=measured)
     return [by_key[key] for key in sorted(by_key)]
+
+
+set_routes(routes_file_from_environment())  # a malformed routes file fails here, at import, naming the route

@@ -135,8 +135,7 @@ def test_routed_shapes_run_pytorch_groupnorm(dtype, memory_format, monkeypatch, 
     key = routing.route_key_of(x, 32, ACT_RELU)
     routes = tmp_path / "routes.json"
     routes.write_text(json.dumps({"routes": [dict(zip(routing.ROUTE_FIELDS, key), measured="1.2x (a test)")]}))
-    monkeypatch.setenv("GN_DET_ROUTES", str(routes))
-    routing.clear_caches()
+    previous = routing.set_routes(routes)
     try:
         assert dispatch_path(x, 32, "relu") == "PyTorch: ATen GroupNorm, routed (Triton measured slower here)"
         assert dispatch_path(x, 32, None).startswith("Triton")  # no activation: another bucket
@@ -145,6 +144,5 @@ def test_routed_shapes_run_pytorch_groupnorm(dtype, memory_format, monkeypatch, 
         assert type(y.grad_fn).__name__ != "_GroupNormFunctionBackward"  # ATen's own autograd
         check_forward_backward(shape, 32, dtype=dtype, memory_format=memory_format, activation="relu")
     finally:
-        monkeypatch.delenv("GN_DET_ROUTES")
-        routing.clear_caches()
+        routing.set_routes(previous)
     assert dispatch_path(x, 32, "relu").startswith("Triton")
