@@ -2,22 +2,100 @@
 specialisations real launches produce, without register spills (tools/compile_kernels.py).
 The interpreter tests check what the kernels compute; this checks that the GPU compiler
 accepts them, which the interpreter does not (it never folds arguments equal to 1 into
-constants, for one)."""
+constants, for one), and that the tool's GPU-free evidence (--json: registers, access widths,
+occupancy, launches, the multi-scale replay's compilation count) is well formed."""
+import json
 import os
 import subprocess
 import sys
 
+from gn_det.kernels import inspection
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNELS = {"_group_forward_kernel", "_group_backward_kernel", "_stats_partial_kernel", "_stats_finalize_kernel",
+           "_forward_apply_kernel", "_backward_partial_kernel", "_backward_finalize_kernel", "_backward_apply_kernel"}
+KEYS = {"kernel", "shape", "dtype", "layout", "registers", "spills", "load_bytes_min", "store_bytes_min",
+        "blocks_per_sm", "waves"}
 
 
-def test_kernels_compile_for_sm90_without_spills():
+def test_kernels_compile_for_sm90_without_spills_json():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GN_DET_TRITON_ON_CPU")}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "compile_kernels.py"), "--quick"],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "compile_kernels.py"), "--quick", "--json",
+                           "--replay-multiscale", "--replay-iterations", "5"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    out = proc.stdout
-    assert proc.returncode == 0, out[-6000:] + proc.stderr[-3000:]
-    assert " 0 failed or spilled" in out
-    kernels = {line.split()[0] for line in out.splitlines() if line.startswith("_")}
-    assert kernels == {"_group_forward_kernel", "_group_backward_kernel", "_stats_partial_kernel",
-                       "_stats_finalize_kernel", "_forward_apply_kernel", "_backward_partial_kernel",
-                       "_backward_finalize_kernel", "_backward_apply_kernel"}, kernels
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert " 0 failed or spilled" in proc.stderr
+    data = json.loads(proc.stdout)  # one JSON object, nothing else on stdout
+    assert data["meta"]["failed_or_spilled"] == 0 and data["meta"]["compiled"] == data["meta"]["specialisations"]
+    rows = data["kernels"]
+    assert {row["kernel"] for row in rows} == KERNELS
+    assert all(KEYS <= set(row) for row in rows)
+    assert {row["shape"] for row in rows} == {"res2 N=2", "box head", "volume", "features, G = C"}
+    for row in rows:
+        assert 0 < row["registers"] <= 255 and row["spills"] == 0, row
+        assert 1 <= row["blocks_per_sm"] <= 32 and row["waves"] > 0, row
+        assert row["blocks_per_sm"] * row["warps"] <= 64, row
+        assert 0 < row["grid"] and abs(row["waves"] - row["grid"] / (132 * row["blocks_per_sm"])) < 1e-3
+        element = 4 if row["dtype"] == "float32" else 2
+        moves_activations = not row["kernel"].endswith("_finalize_kernel")
+        # Every access to x/y/dy/dx is a whole number of elements, at most 16 bytes (one v4.b32).
+        assert (row["load_bytes_min"] is not None) == moves_activations, row
+        if moves_activations:
+            assert row["load_bytes_min"] in (element, 2 * element, 4 * element, 8, 16), row
+        writes_activations = row["kernel"] in ("_group_forward_kernel", "_group_backward_kernel",
+                                               "_forward_apply_kernel", "_backward_apply_kernel")
+        assert (row["store_bytes_min"] is not None) == writes_activations, row
+        # Each global access's address was traced to exactly one pointer parameter.
+        assert "?" not in row["load_bytes_by_pointer"] and "?" not in row["store_bytes_by_pointer"], row
+    # One program per group: scalar bf16 accesses today (the rewrite's target is >= 8 bytes).
+    box = [r for r in rows if r["shape"] == "box head" and r["dtype"] == "bfloat16"]
+    assert box and all(r["load_bytes_min"] >= 2 for r in box)
+    assert data["launches"] == {"split_forward": 3, "split_backward": 5, "group_forward": 1, "group_backward": 3}
+    assert data["launch_detail"]["split_backward"]["launches"][-2:] == ["torch sum", "torch sum"]
+    replay = data["replay_compiles"]
+    assert replay["iterations"] == 5 and replay["gn_layer_calls"] > 0
+    assert 0 < replay["model_activations"] <= replay["compiles"] == sum(replay["by_kernel"].values())
+
+
+PTX = """
+.visible .entry k(
+	.param .u64 .ptr .global .align 1 k_param_0,
+	.param .u64 .ptr .global .align 1 k_param_1,
+	.param .u32 k_param_2,
+	.param .u64 .ptr .global .align 1 k_param_3
+)
+{
+	ld.param.b64 	%rd1, [k_param_0];
+	ld.param.b64 	%rd2, [k_param_1];
+	ld.param.b32 	%r1, [k_param_2];
+	ld.param.b64 	%rd9, [k_param_3];
+	mul.wide.s32 	%rd3, %r1, 2;
+	add.s64 	%rd4, %rd1, %rd3;
+$L__loop:
+	@%p1 ld.global.v4.b32 { %r2, %r3, %r4, %r5 }, [ %rd4 + 0 ];
+	add.s64 	%rd4, %rd4, 16;
+	mad.wide.s32 	%rd5, %r1, 4, %rd9;
+	ld.global.L1::evict_last.b32 { %r6 }, [ %rd5 + 0 ];
+	add.s64 	%rd6, %rd2, %rd3;
+	@%p1 st.global.b16 [ %rd6 + 0 ], { %rs1 };
+	bra.uni 	$L__loop;
+}
+"""
+
+
+def test_ptx_access_widths_by_pointer():
+    # Widths are vector count x type width; each address is traced back through the
+    # arithmetic (and the loop's increment) to the pointer parameter it came from.
+    accesses = inspection.global_accesses(PTX, ["X", "Y", None, "W"])
+    widths = inspection.access_widths(accesses)
+    assert widths == {"load": {"X": 16, "W": 4}, "store": {"Y": 2}}
+    assert inspection.activation_min(widths["load"]) == 16 and inspection.activation_min(widths["store"]) == 2
+    assert inspection.pointer_params({"X": "*bf16", "C": "i32", "BLOCK": "constexpr", "W": "*fp32"}) == ["X", None, "W"]
+
+
+def test_occupancy_against_h100_limits():
+    assert inspection.blocks_per_sm(32, 4, 0) == 16  # 64 warps per SM
+    assert inspection.blocks_per_sm(128, 8, 0) == 2  # 128 x 256 threads = 32K registers per block
+    assert inspection.blocks_per_sm(20, 1, 0) == 32  # 32 blocks per SM
+    assert inspection.blocks_per_sm(32, 4, 100 * 1024) == 2  # shared memory (228 KB, 1 KB reserved per block)
+    assert inspection.waves(132 * 4, 4) == 1.0

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from typing import Callable, Dict, List
 
@@ -31,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gn_det  # noqa: E402
 from gn_det.data.classification import CLASSES, make_shapes_classification  # noqa: E402
 

@@ -36,23 +36,15 @@ from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
 import gn_det
+from gn_det.benchmark_shapes import CPU_SHAPES, MASK_RCNN_SHAPES
 from gn_det.kernels import routing
 from gn_det.kernels.activation import activation_code
 from gn_det.kernels.group_norm_op import aten_group_norm, dispatch_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# name -> (N, C, H, W): a Mask R-CNN R50-FPN step on 1333x800 images.
-GPU_SHAPES = {
-    "stem N=1": (1, 64, 400, 672), "stem N=2": (2, 64, 400, 672),
-    "res2 N=1": (1, 256, 200, 336), "res2 N=2": (2, 256, 200, 336),
-    "res3": (2, 512, 100, 168), "res4": (2, 1024, 50, 84), "res5": (2, 2048, 25, 42),
-    "FPN P2 N=1": (1, 256, 200, 336), "FPN P2": (2, 256, 200, 336), "FPN P3 N=1": (1, 256, 100, 168),
-    "FPN P3": (2, 256, 100, 168), "FPN P4": (2, 256, 50, 84), "FPN P5": (2, 256, 25, 42),
-    "box head": (512, 256, 7, 7), "mask head": (128, 256, 14, 14),
-}
-CPU_SHAPES = {"stem": (2, 64, 100, 168), "res3": (2, 512, 25, 42), "FPN P4": (2, 256, 25, 42),
-              "box head": (64, 256, 7, 7), "mask head": (16, 256, 14, 14)}
+# name -> (N, C, H, W): a Mask R-CNN R50-FPN step on 1333x800 images (one table for the tools).
+GPU_SHAPES = MASK_RCNN_SHAPES
 QUICK = ("stem N=1", "FPN P3", "box head")
 
 

@@ -31,7 +31,6 @@ from typing import Dict, List
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_utils import command_line, result_stem  # noqa: E402
 from detectron2 import model_zoo  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402

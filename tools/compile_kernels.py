@@ -1,23 +1,29 @@
 #!/usr/bin/env python
 """Compile every Triton kernel gn_det launches, for an NVIDIA GPU, on a machine without one.
 
-gn_det's launchers run at the shapes of a Mask R-CNN R50-FPN step (the layer benchmark's
-table), in every dtype, layout and activation, with a stand-in for Triton's GPU driver: the
-kernels are specialised exactly as a real launch would specialise them (block sizes, warps,
-arguments equal to 1 or divisible by 16), then compiled to a cubin for the target (default
-sm_90, the H100/H200) instead of launched. ptxas reports each kernel's registers and spills.
+gn_det's launchers run at the benchmark shapes (gn_det.benchmark_shapes: the GN layers of a
+Mask R-CNN R50-FPN step, plus a sequence, a volume and G = C), in every dtype, layout and
+activation, with a stand-in for Triton's GPU driver (gn_det.kernels.inspection): the kernels
+are specialised exactly as a real launch would specialise them (block sizes, warps, arguments
+equal to 1 or divisible by 16), then compiled to a cubin for the target (default sm_90, the
+H100/H200) instead of launched. ptxas reports each kernel's registers and spills; the PTX gives
+the width of its global loads and stores; registers, warps and shared memory against an H100's
+limits give the blocks an SM holds, and the launcher's grid at each shape the waves.
 
 This catches what Triton's interpreter cannot: code that does not compile for the GPU, and
 register spills. It measures no speed.
 
     python tools/compile_kernels.py              # every shape, dtype, layout, activation
     python tools/compile_kernels.py --quick      # a few shapes (the test suite runs this)
+    python tools/compile_kernels.py --json       # one JSON object: kernels, launches
+    python tools/compile_kernels.py --json --replay-multiscale   # + replay_compiles
 
 Exits 1 if a kernel fails to compile or spills.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -30,132 +36,134 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime import driver  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gn_det.kernels import group_norm_triton as kernels  # noqa: E402
+from gn_det.benchmark_shapes import COMPILE_EXTRA_SHAPES, MASK_RCNN_SHAPES  # noqa: E402
+from gn_det.kernels import inspection  # noqa: E402
 from gn_det.kernels.activation import ACT_NONE, ACT_RELU, ACT_SILU  # noqa: E402
 
-SHAPES = {  # the layer benchmark's shapes (tools/benchmark_norm.py), N x C x H x W
-    "stem N=1": (1, 64, 400, 672), "res2": (2, 256, 200, 336), "res3": (2, 512, 100, 168),
-    "res4": (2, 1024, 50, 84), "res5": (2, 2048, 25, 42), "FPN P3 N=1": (1, 256, 100, 168),
-    "FPN P5": (2, 256, 25, 42), "box head": (512, 256, 7, 7), "mask head": (128, 256, 14, 14),
-    "sequence": (3, 96, 1001), "volume": (2, 64, 9, 17, 23),
-    "features, G = C": (8, 32),  # one channel per group and S = 1: arguments Triton folds to 1
-}
-QUICK = ("res2", "box head", "volume", "features, G = C")
+SHAPES = {**MASK_RCNN_SHAPES, **COMPILE_EXTRA_SHAPES}
+QUICK = ("res2 N=2", "box head", "volume", "features, G = C")
+ACT_NAMES = {ACT_NONE: "none", ACT_RELU: "relu", ACT_SILU: "silu"}
+# The shapes whose launches "launches" counts: one of each kernel path.
+LAUNCH_SHAPES = {"split": "res2 N=2", "group": "box head"}
 
 
-class _CompileOnlyDriver:
-    """What Triton's JIT asks of its driver before it compiles; launching is never reached
-    (the cache hook below stops every call after specialisation)."""
-
-    def __init__(self, target: GPUTarget):
-        self.target = target
-
-    def get_current_device(self) -> int:
-        return 0
-
-    def get_current_stream(self, device=None) -> int:
-        return 0
-
-    def get_current_target(self) -> GPUTarget:
-        return self.target
-
-
-def specialisations(shapes: Dict[str, tuple], dtypes, sm_count: int) -> Dict[str, dict]:
-    """Run the launchers on meta tensors with the JIT's cache hook catching each launch:
-    kernel key -> {"name", "compile" (what the JIT would compile), "where" (first shape)}."""
-    found: Dict[str, dict] = {}
-    current = {"where": ""}
-
-    def hook(*, key, fn, compile, **_):
-        name = fn.jit_function.fn.__name__
-        found.setdefault(f"{name}:{key}:{compile['num_warps']}",
-                         {"name": name, "fn": fn.jit_function, "compile": compile, "where": current["where"]})
-        return True  # do not compile or launch here
-
-    saved_programs = kernels._target_programs
-    kernels._target_programs = lambda device_index: 4 * sm_count  # as on the GPU (4 waves per SM)
-    knobs.runtime.jit_cache_hook = hook
-    try:
-        for shape_name, shape in shapes.items():
-            for dtype in dtypes:
-                formats = [torch.contiguous_format]
-                formats += [torch.channels_last] if len(shape) == 4 else [torch.channels_last_3d] if len(shape) == 5 else []
-                for fmt in formats:
-                    x = torch.empty(shape, dtype=dtype, device="meta").contiguous(memory_format=fmt)
-                    w = torch.empty(shape[1], device="meta")
-                    for act in (ACT_NONE, ACT_RELU, ACT_SILU):
-                        current["where"] = f"{shape_name} {tuple(shape)} {str(dtype)[6:]} {fmt} act={act}"
-                        _, mean, rstd = kernels.triton_group_norm_forward(x, w, w, 32, 1e-5, act)
-                        kernels.triton_group_norm_backward(torch.empty_like(x), x, w, w, mean, rstd, 32, act)
-    finally:
-        knobs.runtime.jit_cache_hook = None
-        kernels._target_programs = saved_programs
-    return found
-
-
-def compile_and_check(spec: dict, target: GPUTarget, ptxas: str) -> dict:
-    """Compile one specialisation to a cubin; registers and spill bytes from ptxas -v."""
-    c = spec["compile"]
-    source = ASTSource(spec["fn"], c["signature"], c["constants"], c["configs"][0])
+def compile_spec(launch: inspection.Launch, target: GPUTarget, ptxas: str) -> dict:
+    """Compile one specialisation to a cubin: registers and spill bytes (ptxas -v), shared
+    memory, warps, and the narrowest global load and store of each pointer (PTX)."""
+    c = launch.compile
+    source = ASTSource(launch.fn, c["signature"], c["constants"], c["configs"][0])
     options = {"num_warps": c["num_warps"], "num_stages": c["num_stages"], "num_ctas": c["num_ctas"]}
     compiled = triton.compile(source, target=target, options=options)
-    arch = re.search(r"\.target\s+(\w+)", compiled.asm["ptx"]).group(1)
+    ptx = compiled.asm["ptx"]
+    arch = re.search(r"\.target\s+(\w+)", ptx).group(1)
     with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "kernel.ptx")
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
-        report = subprocess.run([ptxas, f"-arch={arch}", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        report = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
                                 capture_output=True, text=True, check=True).stderr
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
-    return {"kernel": spec["name"], "warps": c["num_warps"], "registers": registers, "spill_bytes": spills,
-            "shared": compiled.metadata.shared, "warps_per_sm": resident_warps(registers, c["num_warps"],
-                                                                                 compiled.metadata.shared),
-            "where": spec["where"]}
+    widths = inspection.access_widths(inspection.global_accesses(ptx, inspection.pointer_params(c["signature"])))
+    shared = compiled.metadata.shared
+    blocks = inspection.blocks_per_sm(registers, c["num_warps"], shared)
+    return {"kernel": launch.kernel, "warps": c["num_warps"], "registers": registers, "spills": spills,
+            "shared": shared, "blocks_per_sm": blocks, "warps_per_sm": blocks * c["num_warps"],
+            "load_bytes_min": inspection.activation_min(widths["load"]),
+            "store_bytes_min": inspection.activation_min(widths["store"]),
+            "load_bytes_by_pointer": widths["load"], "store_bytes_by_pointer": widths["store"]}
 
 
-def resident_warps(registers: int, warps: int, shared: int) -> int:
-    """Warps an sm_90 SM can hold of this kernel (of 64): 64K registers, allocated per warp in
-    units of 256; 32 blocks; 2048 threads; 227 KiB of shared memory per block set."""
-    per_warp = -(-registers * 32 // 256) * 256
-    blocks = min(32, 65536 // (per_warp * warps), 2048 // (32 * warps), (227 * 1024) // shared if shared else 32)
-    return blocks * warps
+def launch_counts() -> Dict[str, dict]:
+    """Launches of one layer call per path and direction: Triton kernels and the torch ops
+    beside them (bfloat16, NCHW, ReLU; the count is the same in every dtype and layout)."""
+    out = {}
+    for path, shape_name in LAUNCH_SHAPES.items():
+        forward, backward = inspection.layer_launches(SHAPES[shape_name], torch.bfloat16, torch.contiguous_format,
+                                                      ACT_RELU)
+        for direction, launches in (("forward", forward), ("backward", backward)):
+            out[f"{path}_{direction}"] = {"count": len(launches), "at": f"{shape_name} {SHAPES[shape_name]}",
+                                          "launches": [launch.kernel for launch in launches]}
+    return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
-    parser.add_argument("--sm-count", type=int, default=132, help="SMs of the target GPU (132: H100 SXM)")
+    parser.add_argument("--sm-count", type=int, default=inspection.H100.sms, help="SMs of the target GPU (132: H100 SXM)")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}; float32 and bfloat16")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+    parser.add_argument("--replay-multiscale", action="store_true",
+                        help="also count the compilations of detectron2 multi-scale training (replay_compiles)")
+    parser.add_argument("--replay-iterations", type=int, default=300)
     args = parser.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     shapes = {k: v for k, v in SHAPES.items() if k in QUICK} if args.quick else SHAPES
     dtypes = (torch.float32, torch.bfloat16) if args.quick else (torch.float32, torch.bfloat16, torch.float16)
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    driver.set_active(_CompileOnlyDriver(target))  # for this process's life: it only compiles
-    specs = specialisations(shapes, dtypes, args.sm_count)
-    print(f"{len(specs)} kernel specialisations for sm_{args.arch} (triton {triton.__version__})")
-    rows: List[dict] = []
+    recording = {"target": target, "sm_count": args.sm_count}
+
+    # Every launch at every case, then each distinct specialisation compiled once.
+    cases = []
+    for shape_name, shape in shapes.items():
+        for dtype in dtypes:
+            for layout, fmt in inspection.memory_formats(len(shape)):
+                for act in ACT_NAMES:
+                    forward, backward = inspection.layer_launches(shape, dtype, fmt, act, **recording)
+                    cases += [(shape_name, shape, dtype, layout, act, launch)
+                              for launch in forward + backward if launch.is_triton]
+    specs: Dict[str, inspection.Launch] = {}
+    where: Dict[str, str] = {}
+    for shape_name, shape, dtype, layout, act, launch in cases:
+        specs.setdefault(launch.key, launch)
+        where.setdefault(launch.key, f"{shape_name} {tuple(shape)} {str(dtype)[6:]} {layout} act={ACT_NAMES[act]}")
+    log = sys.stderr if args.json else sys.stdout
+    print(f"{len(specs)} kernel specialisations for sm_{args.arch} (triton {triton.__version__})", file=log, flush=True)
+    compiled: Dict[str, dict] = {}
     failures = 0
-    for spec in specs.values():
+    for key, launch in specs.items():
         try:
-            row = compile_and_check(spec, target, ptxas)
+            row = compile_spec(launch, target, ptxas)
         except Exception as exc:  # report every failure, then exit 1
             failures += 1
-            print(f"FAILED {spec['name']} at {spec['where']}: {type(exc).__name__}: {str(exc)[:2000]}")
+            print(f"FAILED {launch.kernel} at {where[key]}: {type(exc).__name__}: {str(exc)[:2000]}", file=log)
             continue
-        rows.append(row)
-        failures += row["spill_bytes"] > 0
-        print(f"{row['kernel']:28s} warps {row['warps']}  registers {row['registers']:3d}  spill bytes "
-              f"{row['spill_bytes']:4d}  shared {row['shared']:6d}  warps/SM {row['warps_per_sm']:2d}  "
-              f"first at {row['where']}")
-    print(f"{len(rows)} compiled, {failures} failed or spilled")
+        compiled[key] = row
+        failures += row["spills"] > 0
+        if not args.json:
+            print(f"{row['kernel']:28s} warps {row['warps']}  registers {row['registers']:3d}  spill bytes "
+                  f"{row['spills']:4d}  shared {row['shared']:6d}  warps/SM {row['warps_per_sm']:2d}  "
+                  f"first at {where[key]}")
+    print(f"{len(compiled)} compiled, {failures} failed or spilled", file=log, flush=True)
+    if args.json:
+        kernels: List[dict] = []
+        for shape_name, shape, dtype, layout, act, launch in cases:
+            row = compiled.get(launch.key)
+            if row is None:
+                continue
+            kernels.append({
+                "kernel": launch.kernel, "shape": shape_name, "dims": list(shape), "dtype": str(dtype)[6:],
+                "layout": layout, "activation": ACT_NAMES[act], "registers": row["registers"], "spills": row["spills"],
+                "load_bytes_min": row["load_bytes_min"], "store_bytes_min": row["store_bytes_min"],
+                "blocks_per_sm": row["blocks_per_sm"], "waves": round(inspection.waves(launch.programs,
+                                                                                       row["blocks_per_sm"]), 3),
+                "grid": launch.programs, "warps": row["warps"], "shared": row["shared"],
+                "load_bytes_by_pointer": row["load_bytes_by_pointer"],
+                "store_bytes_by_pointer": row["store_bytes_by_pointer"]})
+        counts = launch_counts()
+        out = {"meta": {"arch": f"sm_{args.arch}", "sm_count": args.sm_count, "triton": triton.__version__,
+                        "torch": torch.__version__, "specialisations": len(specs), "compiled": len(compiled),
+                        "failed_or_spilled": failures,
+                        "limits": vars(inspection.H100) | {"sms": args.sm_count}},
+               "kernels": kernels,
+               "launches": {name: entry["count"] for name, entry in counts.items()},
+               "launch_detail": counts}
+        if args.replay_multiscale:
+            out["replay_compiles"] = inspection.replay_compiles(args.replay_iterations, **recording)
+        print(json.dumps(out, indent=1))
     return 1 if failures else 0
 
 

@@ -10,13 +10,11 @@ under <output>/visualizations/.
 """
 import argparse
 import os
-import sys
 
 import cv2
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_net  # noqa: E402  (tools/train_net.py)
+import train_net  # noqa: E402  (tools/train_net.py, beside this script)
 
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402

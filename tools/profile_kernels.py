@@ -15,15 +15,12 @@ configurations in launch order, with the kernel path each one takes.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import gn_det  # noqa: E402
-
-from benchmark_norm import GPU_SHAPES  # noqa: E402  (the layer benchmark's shapes)
+import gn_det
+from gn_det.benchmark_shapes import MASK_RCNN_SHAPES as GPU_SHAPES  # the layer benchmark's shapes
 
 PROFILED = ("stem N=1", "FPN P2", "res4", "box head", "mask head")
 

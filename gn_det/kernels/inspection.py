@@ -1,0 +1,334 @@
+"""What gn_det's Triton kernels are, measured without a GPU: the launches a layer call makes,
+the specialisations they compile to, the width of their global memory accesses in PTX, and
+their occupancy on an H100. tools/compile_kernels.py drives this; nothing here runs on the
+import path of the layers.
+
+Launches are recorded by running the launchers (``triton_group_norm_forward`` / ``_backward``)
+on ``meta`` tensors with a stand-in for Triton's GPU driver: every Triton launch goes through
+the kernel's ``JITFunction.run``, which binds and specialises its arguments exactly as on a GPU
+and then calls the JIT's cache hook, which stops it before compiling or launching. torch ops
+the launchers run on the side (``torch.sum`` of the dgamma/dbeta partials) are recorded by a
+dispatch mode.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import triton
+from torch.utils._python_dispatch import TorchDispatchMode
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+from . import group_norm_triton as kernels
+
+# The kernels' pointer parameters that address activation-sized tensors (x, y, dy, dx); the
+# others address per-channel gamma/beta, per-group statistics or partial sums.
+ACTIVATION_POINTERS = frozenset({"X", "Y", "DY", "DX"})
+
+# aten ops that launch no kernel: allocations and views.
+_NO_KERNEL_OPS = ("empty", "empty_like", "empty_strided", "detach", "view", "as_strided", "alias", "t", "expand")
+
+
+@dataclass(frozen=True)
+class GPULimits:
+    """Per-SM limits that bound how many blocks (programs) of a kernel an SM holds."""
+
+    sms: int = 132  # H100 SXM
+    registers: int = 65536
+    shared_bytes: int = 228 * 1024
+    shared_reserved_per_block: int = 1024  # the CUDA runtime's share of each block's shared memory
+    warps: int = 64
+    blocks: int = 32
+
+
+H100 = GPULimits()
+
+
+@dataclass
+class Launch:
+    """One launch a layer call makes: a Triton kernel (with its grid and specialisation key)
+    or a torch op that launches a kernel of its own."""
+
+    kernel: str
+    grid: Tuple[int, ...] = ()
+    key: Optional[str] = None
+    compile: Optional[dict] = field(default=None, repr=False)
+    fn: object = field(default=None, repr=False)
+
+    @property
+    def programs(self) -> int:
+        total = 1
+        for size in self.grid:
+            total *= size
+        return total
+
+    @property
+    def is_triton(self) -> bool:
+        return self.compile is not None
+
+
+class CompileOnlyDriver:
+    """What Triton's JIT asks of its driver before it compiles; launching is never reached."""
+
+    def __init__(self, target: GPUTarget):
+        self.target = target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+
+class _TorchLaunches(TorchDispatchMode):
+    def __init__(self, launches: List[Launch]):
+        super().__init__()
+        self.launches = launches
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in _NO_KERNEL_OPS:
+            self.launches.append(Launch(kernel=f"torch {func.overloadpacket.__name__}"))
+        return func(*args, **(kwargs or {}))
+
+
+def jit_kernels() -> Dict[str, triton.runtime.JITFunction]:
+    """name -> JITFunction of every kernel the launchers launch."""
+    return {name: obj for name, obj in vars(kernels).items()
+            if isinstance(obj, triton.runtime.JITFunction) and name.endswith("_kernel")}
+
+
+@contextlib.contextmanager
+def recording_launches(target: GPUTarget = GPUTarget("cuda", 90, 32), sm_count: int = H100.sms) -> Iterator[List[Launch]]:
+    """Within it, the launchers record their launches into the yielded list instead of
+    launching (call them on meta tensors); the plan sees ``sm_count`` SMs, as on that GPU."""
+    launches: List[Launch] = []
+    current: List[Launch] = []
+
+    def hook(*, key, fn, compile, **_):
+        current[-1].key = f"{fn.jit_function.fn.__name__}:{key}:{compile['num_warps']}"
+        current[-1].compile = compile
+        current[-1].fn = fn.jit_function
+        return True  # do not compile or launch
+
+    def wrap(name, run):
+        def recorded(*args, grid, warmup, **kwargs):
+            # The launchers pass a tuple grid; the one they compute is the one recorded.
+            launches.append(Launch(kernel=name, grid=tuple(grid)))
+            current.append(launches[-1])
+            return run(*args, grid=grid, warmup=warmup, **kwargs)
+        return recorded
+
+    saved_programs, saved_hook = kernels._target_programs, knobs.runtime.jit_cache_hook
+    saved_driver = getattr(driver, "_active", None)  # (reset_active() would look for a GPU driver)
+    jits = jit_kernels()
+    driver.set_active(CompileOnlyDriver(target))
+    kernels._target_programs = lambda device_index: 4 * sm_count  # as the launcher computes it on a GPU
+    knobs.runtime.jit_cache_hook = hook
+    for name, jit in jits.items():
+        jit.run = wrap(name, jit.run)
+    try:
+        with _TorchLaunches(launches):
+            yield launches
+    finally:
+        for jit in jits.values():
+            del jit.run  # back to the class's method
+        knobs.runtime.jit_cache_hook = saved_hook
+        kernels._target_programs = saved_programs
+        driver.set_active(saved_driver)
+
+
+def layer_launches(shape: Sequence[int], dtype: torch.dtype, memory_format: torch.memory_format, activation: int,
+                   num_groups: int = 32, **recording) -> Tuple[List[Launch], List[Launch]]:
+    """The launches of one GN layer's forward and of its backward at this shape (recorded,
+    not run)."""
+    x = torch.empty(tuple(shape), dtype=dtype, device="meta").contiguous(memory_format=memory_format)
+    w = torch.empty(shape[1], device="meta")
+    with recording_launches(**recording) as launches:
+        _, mean, rstd = kernels.triton_group_norm_forward(x, w, w, num_groups, 1e-5, activation)
+        forward = list(launches)
+        del launches[:]
+        kernels.triton_group_norm_backward(torch.empty_like(x), x, w, w, mean, rstd, num_groups, activation)
+        backward = list(launches)
+    return forward, backward
+
+
+def memory_formats(rank: int) -> List[Tuple[str, torch.memory_format]]:
+    """(layout name, memory format) of the layouts the kernels take at this rank."""
+    formats = [("nchw", torch.contiguous_format)]
+    if rank == 4:
+        formats.append(("channels_last", torch.channels_last))
+    elif rank == 5:
+        formats.append(("channels_last", torch.channels_last_3d))
+    return formats
+
+
+# ----------------------------------------------------------------------------------- PTX
+
+_INSTRUCTION = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.:]*)\s*(.*?);\s*$")
+_REGISTER = re.compile(r"%\w+")
+_PARAM = re.compile(r"_param_(\d+)\]")
+_WIDTH = re.compile(r"^[bsuf](8|16|32|64)$")
+
+
+def _operands(text: str) -> List[str]:
+    """Top-level comma-separated operands (vectors in braces and addresses in brackets kept whole)."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(text[start:i].strip())
+            start = i + 1
+    return out + [text[start:].strip()] if text.strip() else out
+
+
+@dataclass(frozen=True)
+class GlobalAccess:
+    """One ld.global / st.global in a kernel's PTX: its width and the pointer parameters its
+    address derives from."""
+
+    kind: str  # "load" or "store"
+    bytes: int
+    pointers: frozenset
+
+
+def global_accesses(ptx: str, param_names: Sequence[str]) -> List[GlobalAccess]:
+    """Every global load and store in ``ptx`` with its width in bytes (vector count times type
+    width: ``ld.global.v4.b32`` is 16) and the pointer parameters its address derives from.
+
+    ``param_names`` are the kernel's non-constexpr parameters in order (PTX's ``_param_<i>``);
+    those starting with ``*`` in their Triton type are pointers, passed as ``name`` here only
+    when they are pointers (others as None). Derivation is a flow-insensitive data flow over
+    PTX's virtual registers: a register derives from a pointer parameter when any instruction
+    writing it reads a register that does (``ld.param`` of that parameter starts it), iterated
+    to a fixed point so that loop-carried addresses are covered. Loaded values carry nothing:
+    the kernels never load an address."""
+    params = dict(enumerate(param_names))
+    instructions = []
+    for line in ptx.splitlines():
+        m = _INSTRUCTION.match(line)
+        if m:
+            instructions.append((m.group(1), _operands(m.group(2))))
+    derives: Dict[str, set] = {}
+    for op, ops in instructions:
+        if op.startswith("ld.param") and len(ops) == 2:
+            m = _PARAM.search(ops[1])
+            name = params.get(int(m.group(1))) if m else None
+            if name:
+                derives.setdefault(ops[0], set()).add(name)
+    flows = [(_REGISTER.findall(ops[0]), [r for o in ops[1:] for r in _REGISTER.findall(o)])
+             for op, ops in instructions
+             if ops and not op.startswith(("ld.", "st.", "atom", "red", "bra", "ret"))]
+    changed = True
+    while changed:
+        changed = False
+        for dests, sources in flows:
+            came = set().union(*(derives.get(r, ()) for r in sources)) if sources else set()
+            for d in dests:
+                if not came <= derives.setdefault(d, set()):
+                    derives[d] |= came
+                    changed = True
+    out = []
+    for op, ops in instructions:
+        parts = op.split(".")
+        if len(parts) < 2 or parts[0] not in ("ld", "st") or parts[1] != "global":
+            continue
+        vector = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d+", p)), 1)
+        bits = next(int(m.group(1)) for p in reversed(parts) for m in [_WIDTH.match(p)] if m)
+        address = ops[1] if parts[0] == "ld" else ops[0]
+        pointers = set().union(*(derives.get(r, ()) for r in _REGISTER.findall(address)))
+        out.append(GlobalAccess("load" if parts[0] == "ld" else "store", vector * bits // 8, frozenset(pointers)))
+    return out
+
+
+def pointer_params(signature: Dict[str, str]) -> List[Optional[str]]:
+    """A compile signature's PTX parameters in order: the name of each pointer, None for the
+    other scalars (constexprs are not parameters in PTX)."""
+    return [name if ty.startswith("*") else None for name, ty in signature.items() if ty != "constexpr"]
+
+
+def access_widths(accesses: Sequence[GlobalAccess]) -> Dict[str, Dict[str, int]]:
+    """{"load"|"store": {pointer: narrowest access in bytes}}; an access whose address derives
+    from no single pointer is listed under "?"."""
+    out: Dict[str, Dict[str, int]] = {"load": {}, "store": {}}
+    for a in accesses:
+        name = next(iter(a.pointers)) if len(a.pointers) == 1 else "?"
+        table = out[a.kind]
+        table[name] = min(table.get(name, a.bytes), a.bytes)
+    return out
+
+
+def activation_min(widths: Dict[str, int]) -> Optional[int]:
+    """The narrowest access to an activation tensor (x, y, dy, dx), None if the kernel makes none."""
+    found = [b for name, b in widths.items() if name in ACTIVATION_POINTERS]
+    return min(found) if found else None
+
+
+# ------------------------------------------------------------------------------ occupancy
+
+def blocks_per_sm(registers: int, warps: int, shared: int, limits: GPULimits = H100) -> int:
+    """Blocks (programs) of a kernel an SM holds at once: registers are allocated per warp in
+    units of 256, shared memory per block with the runtime's reserve, and warps and blocks per
+    SM are capped."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = limits.registers // (per_warp * warps) if per_warp else limits.blocks
+    by_shared = limits.shared_bytes // (shared + limits.shared_reserved_per_block) if shared else limits.blocks
+    return max(0, min(limits.blocks, by_registers, limits.warps // warps, by_shared))
+
+
+def waves(programs: int, blocks: int, limits: GPULimits = H100) -> float:
+    """Programs over the blocks the whole GPU holds at once: 1.0 is one full wave."""
+    return programs / (blocks * limits.sms) if blocks else float("inf")
+
+
+# ------------------------------------------------------------------------------- replay
+
+def replay_compiles(iterations: int = 300, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                    activations: Sequence[int] = (0, 1), **recording) -> dict:
+    """Distinct kernel compilations of detectron2 multi-scale training of a GN Mask R-CNN
+    R50-FPN (gn_det.benchmark_shapes.multiscale_training_batches: short side 640-800 in steps
+    of 32, aspect 1.2-1.8, padding to 32, 1-200 mask-head ROIs), every GN layer's forward and
+    backward in both layouts and with each of ``activations``: the distinct specialisation
+    keys of the Triton JIT (what it compiles once per process), counted without compiling.
+    ``model_activations`` counts the same with each layer's own activation only (ReLU where
+    the model's GN is followed by one, none before a residual add or in the FPN)."""
+    from ..benchmark_shapes import mask_rcnn_gn_layers, multiscale_training_batches
+
+    layers = set()
+    calls = 0
+    for n, height, width, rois, mask_rois in multiscale_training_batches(iterations, seed):
+        found = mask_rcnn_gn_layers(n, height, width, rois, mask_rois)
+        calls += len(found)
+        layers.update(found)
+    keys: Dict[str, str] = {}
+    model_keys = set()
+    with recording_launches(**recording) as launches:
+        for shape, relu in sorted(layers):
+            for _, fmt in memory_formats(len(shape)):
+                x = torch.empty(shape, dtype=dtype, device="meta").contiguous(memory_format=fmt)
+                w = torch.empty(shape[1], device="meta")
+                for act in activations:
+                    del launches[:]
+                    _, mean, rstd = kernels.triton_group_norm_forward(x, w, w, 32, 1e-5, act)
+                    kernels.triton_group_norm_backward(torch.empty_like(x), x, w, w, mean, rstd, 32, act)
+                    found = {launch.key: launch.kernel for launch in launches if launch.key}
+                    keys.update(found)
+                    if act == (1 if relu else 0):
+                        model_keys.update(found)
+    by_kernel: Dict[str, int] = {}
+    for kernel in keys.values():
+        by_kernel[kernel] = by_kernel.get(kernel, 0) + 1
+    return {"compiles": len(keys), "model_activations": len(model_keys), "by_kernel": dict(sorted(by_kernel.items())),
+            "iterations": iterations, "seed": seed, "dtype": str(dtype).replace("torch.", ""),
+            "layouts": ["nchw", "channels_last"], "activations": list(activations),
+            "gn_layer_calls": calls, "distinct_layer_shapes": len({s for s, _ in layers})}
