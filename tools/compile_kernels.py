@@ -17,6 +17,7 @@ register spills. It measures no speed.
     python tools/compile_kernels.py --quick      # a few shapes (the test suite runs this)
     python tools/compile_kernels.py --json       # one JSON object: kernels, launches
     python tools/compile_kernels.py --json --replay-multiscale   # + replay_compiles
+    python tools/compile_kernels.py --markdown out.json            # that JSON as markdown tables
 
 Exits 1 if a kernel fails to compile or spills.
 """
@@ -90,6 +91,76 @@ def launch_counts() -> Dict[str, dict]:
     return out
 
 
+def bytes_model(sm_count: int) -> List[dict]:
+    """The bytes-moved model (gn_det.kernels.inspection.bytes_moved) at the Mask R-CNN shapes,
+    bfloat16 and float32, NCHW (the split count, the only layout-dependent term, barely moves it)."""
+    return [{"shape": name, "dims": list(shape), "dtype": dtype, **inspection.bytes_moved(shape, size, sm_count=sm_count)}
+            for name, shape in MASK_RCNN_SHAPES.items() for dtype, size in (("bfloat16", 2), ("float32", 4))]
+
+
+def _span(values: List) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    lo, hi = min(values), max(values)
+    fmt = (lambda v: f"{v:.2f}") if isinstance(lo, float) else str
+    return fmt(lo) if lo == hi else f"{fmt(lo)}-{fmt(hi)}"
+
+
+def markdown(data: dict) -> str:
+    """A --json output as markdown: the summary per kernel, launches, the replay, the
+    bytes-moved model and the full per-shape table (ReLU rows)."""
+    meta = data["meta"]
+    rows = data["kernels"]
+    lines = [f"# Triton kernels compiled for {meta['arch']} (triton {meta['triton']}, torch {meta['torch']})", "",
+             f"{meta['specialisations']} specialisations, {meta['compiled']} compiled, {meta['failed_or_spilled']} "
+             f"failed or spilled. Occupancy against {meta['sm_count']} SMs, 65536 registers, 228 KB shared memory, "
+             "64 warps and 32 blocks per SM. Command: `python tools/compile_kernels.py --json --replay-multiscale`.", "",
+             "## Per kernel over the Mask R-CNN shapes (ranges over shapes and activations)", "",
+             "| kernel | dtype | layout | registers | spills | load bytes min | store bytes min | blocks/SM | waves |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    mask_rcnn = [r for r in rows if r["shape"] in MASK_RCNN_SHAPES]
+    groups: Dict[tuple, List[dict]] = {}
+    for r in mask_rcnn:
+        groups.setdefault((r["kernel"], r["dtype"], r["layout"]), []).append(r)
+    for (kernel, dtype, layout), rs in groups.items():
+        lines.append(f"| {kernel} | {dtype} | {layout} | {_span([r['registers'] for r in rs])} | "
+                     f"{_span([r['spills'] for r in rs])} | {_span([r['load_bytes_min'] for r in rs])} | "
+                     f"{_span([r['store_bytes_min'] for r in rs])} | {_span([r['blocks_per_sm'] for r in rs])} | "
+                     f"{_span([float(r['waves']) for r in rs])} |")
+    lines += ["", "## Launches per layer call", "", "| path | launches | what |", "|---|---|---|"]
+    for name, entry in data["launch_detail"].items():
+        lines.append(f"| {name} | {entry['count']} | {', '.join(entry['launches'])} (at {entry['at']}) |")
+    if "replay_compiles" in data:
+        rep = data["replay_compiles"]
+        lines += ["", "## Multi-scale training replay", "",
+                  f"{rep['iterations']} iterations (seed {rep['seed']}), {rep['gn_layer_calls']} GN layer calls, "
+                  f"{rep['distinct_layer_shapes']} distinct layer shapes, {rep['dtype']}, both layouts, activations "
+                  f"{rep['activations']}: **{rep['compiles']} compilations** ({rep['model_activations']} with each "
+                  "layer's own activation only). By kernel: "
+                  + ", ".join(f"{k} {v}" for k, v in rep["by_kernel"].items()) + "."]
+    if "bytes_model" in data:
+        lines += ["", "## Bytes moved per element, and the H100 time at 3.0 TB/s", "",
+                  "| shape | dtype | path | fwd B/elem (ideal) | bwd B/elem (ideal) | fwd us (ideal) | bwd us (ideal) |",
+                  "|---|---|---|---|---|---|---|"]
+        for b in data["bytes_model"]:
+            f, bw = b["forward"], b["backward"]
+            lines.append(f"| {b['shape']} {tuple(b['dims'])} | {b['dtype']} | {b['path']} | "
+                         f"{f['bytes_per_element']:.2f} ({f['ideal_bytes_per_element']:.0f}) | "
+                         f"{bw['bytes_per_element']:.2f} ({bw['ideal_bytes_per_element']:.0f}) | "
+                         f"{f['us_at_3TBps']:.1f} ({f['ideal_us_at_3TBps']:.1f}) | "
+                         f"{bw['us_at_3TBps']:.1f} ({bw['ideal_us_at_3TBps']:.1f}) |")
+    lines += ["", "## Every kernel at every shape (ReLU)", "",
+              "| shape | dtype | layout | kernel | warps | registers | spills | load bytes min | store bytes min | "
+              "grid | blocks/SM | waves |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["activation"] == "relu":
+            lines.append(f"| {r['shape']} {tuple(r['dims'])} | {r['dtype']} | {r['layout']} | {r['kernel']} | "
+                         f"{r['warps']} | {r['registers']} | {r['spills']} | {r['load_bytes_min'] or '-'} | "
+                         f"{r['store_bytes_min'] or '-'} | {r['grid']} | {r['blocks_per_sm']} | {r['waves']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
@@ -99,7 +170,12 @@ def main() -> int:
     parser.add_argument("--replay-multiscale", action="store_true",
                         help="also count the compilations of detectron2 multi-scale training (replay_compiles)")
     parser.add_argument("--replay-iterations", type=int, default=300)
+    parser.add_argument("--markdown", metavar="JSON", help="print the markdown report of a --json output and exit")
     args = parser.parse_args()
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown(json.load(f)))
+        return 0
     target = GPUTarget("cuda", args.arch, 32)
     shapes = {k: v for k, v in SHAPES.items() if k in QUICK} if args.quick else SHAPES
     dtypes = (torch.float32, torch.bfloat16) if args.quick else (torch.float32, torch.bfloat16, torch.float16)
@@ -160,7 +236,8 @@ def main() -> int:
                         "limits": vars(inspection.H100) | {"sms": args.sm_count}},
                "kernels": kernels,
                "launches": {name: entry["count"] for name, entry in counts.items()},
-               "launch_detail": counts}
+               "launch_detail": counts,
+               "bytes_model": bytes_model(args.sm_count)}
         if args.replay_multiscale:
             out["replay_compiles"] = inspection.replay_compiles(args.replay_iterations, **recording)
         print(json.dumps(out, indent=1))

@@ -332,3 +332,48 @@ def replay_compiles(iterations: int = 300, seed: int = 0, dtype: torch.dtype = t
             "iterations": iterations, "seed": seed, "dtype": str(dtype).replace("torch.", ""),
             "layouts": ["nchw", "channels_last"], "activations": list(activations),
             "gn_layer_calls": calls, "distinct_layer_shapes": len({s for s, _ in layers})}
+
+
+# ---------------------------------------------------------------------------- bytes moved
+
+HBM_BYTES_PER_SECOND = 3.0e12  # the H100 figure the model's times are quoted at
+
+
+def bytes_moved(shape: Sequence[int], element_bytes: int, num_groups: int = 32, channels_last: bool = False,
+                sm_count: int = H100.sms) -> dict:
+    """DRAM bytes a GN layer's forward and backward move at this shape, by the path the
+    launcher takes, against the one-pass ideal (forward reads x and writes y once; backward
+    reads x and dy and writes dx once). Activation tensors count at ``element_bytes``; the
+    float32 side terms (partial sums per (n, split, channel), statistics per (n, group),
+    gamma/beta and their gradients) are counted once per write and once per read, caches
+    ignored. Returns bytes per element and totals, with the time each implies at
+    ``HBM_BYTES_PER_SECOND``."""
+    n, c = shape[0], shape[1]
+    s = 1
+    for size in shape[2:]:
+        s *= size
+    numel, g, f32 = n * c * s, num_groups, 4
+    stats, params = 2 * n * g * f32, 2 * c * f32  # (mean, rstd) or (coef_xhat, coef_const); gamma and beta
+    if kernels._group_resident_blocks(c // g, s) is not None:
+        path = "one program per group"
+        forward = 2 * numel * element_bytes + params + stats
+        partial = 2 * n * c * f32  # per-(n, channel) sums of dz*xhat and dz, then torch.sum over n
+        backward = 3 * numel * element_bytes + stats + params + partial + partial + params
+    else:
+        path = "split reduction"
+        with recording_launches(sm_count=sm_count):  # the plan sees the GPU's SM count
+            splits = kernels._plan(n, c, s, channels_last, torch.device("meta"))[4]
+        partial = 2 * n * splits * c * f32
+        # stats partial reads x; finalize reads PART_MEAN twice and PART_M2 once; apply reads x, writes y.
+        forward = 3 * numel * element_bytes + partial + 1.5 * partial + stats + stats + params
+        # partial reads x, dy; finalize reads the partials; apply reads x, dy, writes dx; torch.sum
+        # reads the partials again.
+        backward = (5 * numel * element_bytes + stats + params + partial + partial + stats + stats + stats
+                    + params + partial + params)
+    ideal_forward, ideal_backward = 2 * numel * element_bytes, 3 * numel * element_bytes
+    out = {"path": path, "elements": numel, "element_bytes": element_bytes}
+    for name, got, ideal in (("forward", forward, ideal_forward), ("backward", backward, ideal_backward)):
+        out[name] = {"bytes": int(got), "bytes_per_element": got / numel, "ideal_bytes_per_element": ideal / numel,
+                     "over_ideal": got / ideal, "us_at_3TBps": got / HBM_BYTES_PER_SECOND * 1e6,
+                     "ideal_us_at_3TBps": ideal / HBM_BYTES_PER_SECOND * 1e6}
+    return out
