@@ -14,6 +14,8 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from .mask_rcnn_gn_R_50_FPN_3x import dataloader, gn, model, optimizer, train  # GN everywhere, 4conv1fc
 
+gn["recompute_output"] = True  # GN outputs recomputed in backward, not kept: at large images memory decides
+
 model.backbone.bottom_up.freeze_at = 0  # from scratch: everything trains
 model.pixel_std = [57.375, 57.120, 58.395]  # from scratch: ImageNet's std, as new_baselines
 model.proposal_generator.head.conv_dims = [-1, -1]  # 2 convs in the RPN head, as new_baselines

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import init
 
 from ..kernels.activation import ACTIVATION_NAMES, activation_code
+from .. import recompute as _recompute
 from ..kernels.group_norm_op import group_norm
 
 __all__ = ["GroupNorm", "resolve_num_groups"]
@@ -149,7 +150,10 @@ class GroupNorm(nn.GroupNorm):
                                  eps=eps, activation=activation, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+        y = group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+        if _recompute.recording():  # inside a recompute scope (gn_det.set_recompute_output)
+            _recompute.record_output(y, self.bias, self.eps)
+        return y
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

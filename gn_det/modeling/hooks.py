@@ -36,6 +36,7 @@ from torch import nn
 
 from ..config import GNSettings
 from ..errors import ConfigError
+from ..recompute import set_recompute_output
 from .fuse import fuse_norm_activation
 from .norm import NORM_REGISTRY, building_from, get_norm, gn_settings, resolve_norm_name
 
@@ -57,10 +58,13 @@ def _gn_norm_keys(cfg: CfgNode, settings: GNSettings) -> str:
 
 def finish_model(module: nn.Module, settings: GNSettings, whole_model: bool = True) -> nn.Module:
     """What ``settings`` ask of a built module, in place: ReLUs fused into the GN layers before
-    them (``fuse_activation``) and, for a whole model, channels_last (``channels_last``).
+    them (``fuse_activation``), GN outputs recomputed in backward in its forwards
+    (``recompute_output``) and, for a whole model, channels_last (``channels_last``).
     Returns the module."""
     if settings.fuse_activation:
         fuse_norm_activation(module)
+    if settings.recompute_output:
+        set_recompute_output(module, True)
     if whole_model and settings.channels_last:
         module.to(memory_format=torch.channels_last)
     return module

@@ -1,0 +1,325 @@
+"""Output recomputation: a GN layer's output is not kept for its consumers' backward.
+
+A convolution after GN (+ fused ReLU) saves its input, the GN output, for its weight
+gradient. GN's own backward already keeps what the output is made of: x, gamma, beta (and
+the ``(N, G)`` statistics). While recomputation is on, each gn_det ``GroupNorm`` records
+its output, and a saved-tensor pack hook, asked to save that output (or a view of it) with
+its version unchanged, stores a small handle instead: what GN saved plus how to run GN's
+forward again. The consumer's backward unpacks the handle, which reruns the same
+deterministic forward, so the tensor it gets is bit-identical to the one it would have saved.
+
+- ``set_recompute_output(model, True)``: a forward pre-hook and an always-called forward
+  hook on ``model`` open and close a recording scope around each forward (so DDP, AMP and
+  gradient accumulation work: each forward's handles hold that forward's tensors). What
+  ``MODEL.GN.RECOMPUTE_OUTPUT`` turns on for built models.
+- ``recompute_outputs()``: the same scope as a context manager, around any forward.
+- ``count_saved_tensors()``: bytes that autograd stores for backward, by unique storage
+  (handles cost nothing; what they hold is counted where GN saves it).
+
+Saved normally instead: an output modified in place before it is saved (its version
+changed: a residual ``+=``, an unfused ``relu_``), an output whose GN saved nothing (no
+gradient needed through it: then holding x would cost as much as the output), outputs
+of the routed ATen path that cast, and everything under ``torch.compile`` (the compiled
+graph saves its own tensors). An output modified in place *after* being saved makes the
+consumer's backward raise, as autograd does for saved tensors. Saved-tensor hooks
+installed outside (``torch.autograd.graph.save_on_cpu``, a counter) still see every
+tensor that is saved as is.
+
+Under autocast the GN op runs in its input's dtype (bf16 in, bf16 out), so the next
+convolution receives the GN output itself, not a cast copy: the handle applies there too.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import weakref
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+import torch.nn.functional as F
+
+from .kernels.group_norm_op import _forward_impl, _GroupNormFunction
+
+__all__ = ["SavedTensorCount", "count_saved_tensors", "recompute_output_enabled", "recompute_outputs",
+           "record_output", "recording", "set_recompute_output"]
+
+# The outer saved-tensor hooks, if any, when ours are pushed (so ours chain to them).
+_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+class _State(threading.local):
+    def __init__(self) -> None:
+        self.hooks: Optional[torch.autograd.graph.saved_tensors_hooks] = None
+        self.users = 0
+        self.records: Optional[Dict[int, "_Record"]] = None  # storage data_ptr -> record, while recording
+        self.recording_depth = 0
+        self.counters: List["SavedTensorCount"] = []
+
+
+_state = _State()
+
+
+class _Record:
+    """One GN output: a weak reference to it, its version, and how to recompute it."""
+
+    __slots__ = ("output", "version", "dtype", "device", "offset", "recompute", "inputs", "input_versions", "cached")
+
+    def __init__(self, output: Tensor, recompute: Callable[[], Tensor], inputs: Tuple[Tensor, ...]) -> None:
+        self.output = weakref.ref(output)
+        self.version = output._version
+        self.dtype, self.device = output.dtype, output.device
+        self.offset = output.storage_offset()
+        self.recompute = recompute  # holds x, gamma, beta: what GN's backward keeps anyway
+        self.inputs = inputs
+        self.input_versions = tuple(t._version for t in inputs)
+        self.cached: Optional[weakref.ref] = None  # the last recomputed output, while someone holds it
+
+    def materialize(self, saved_version: int) -> Tensor:
+        output = self.output()
+        if output is not None and output._version != saved_version or any(
+                t._version != v for t, v in zip(self.inputs, self.input_versions)):
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace operation: "
+                "a GN output saved for backward (gn_det output recomputation), or the GN input it is recomputed "
+                "from, was modified after it was saved")
+        full = self.cached() if self.cached is not None else None
+        if full is None:
+            with torch.no_grad():
+                full = self.recompute()
+            self.cached = weakref.ref(full)
+        return full
+
+
+class _Handle:
+    """What is stored in place of a GN output (or a view of it): the record and the view's geometry."""
+
+    __slots__ = ("record", "version", "size", "stride", "offset")
+
+    def __init__(self, record: _Record, tensor: Tensor) -> None:
+        self.record = record
+        self.version = tensor._version
+        self.size, self.stride = tensor.size(), tensor.stride()
+        self.offset = tensor.storage_offset() - record.offset
+
+    def unpack(self) -> Tensor:
+        full = self.record.materialize(self.version)
+        if full.size() == self.size and full.stride() == self.stride and self.offset == 0:
+            return full
+        return full.as_strided(self.size, self.stride, full.storage_offset() + self.offset)
+
+
+class _Outer:
+    """A tensor packed by the saved-tensor hooks that were active outside ours."""
+
+    __slots__ = ("packed", "unpack_hook")
+
+    def __init__(self, packed, unpack_hook: Callable) -> None:
+        self.packed, self.unpack_hook = packed, unpack_hook
+
+
+def _handle_for(tensor: Tensor) -> Optional[_Handle]:
+    records = _state.records
+    if not records or tensor.layout is not torch.strided:
+        return None
+    record = records.get(tensor.untyped_storage().data_ptr())
+    if record is None or tensor.dtype != record.dtype or tensor.device != record.device:
+        return None
+    if tensor._version != record.version:
+        return None  # modified in place since GN wrote it: the saved values are not GN's output
+    if record.output() is None:
+        return None  # that output is gone and the storage reused
+    return _Handle(record, tensor)
+
+
+class _Hooks:
+    """The pack/unpack pair gn_det pushes, chained to the hooks active outside it."""
+
+    def __init__(self) -> None:
+        outer = _top_hooks(False) if _top_hooks is not None else None
+        self.outer_pack, self.outer_unpack = outer if outer is not None else (None, None)
+
+    def pack(self, tensor: Tensor):
+        handle = _handle_for(tensor)
+        if handle is not None:
+            return handle
+        for counter in _state.counters:
+            counter.add(tensor)
+        if self.outer_pack is not None:
+            return _Outer(self.outer_pack(tensor), self.outer_unpack)
+        return tensor
+
+    @staticmethod
+    def unpack(packed):
+        if isinstance(packed, _Handle):
+            return packed.unpack()
+        if isinstance(packed, _Outer):
+            return packed.unpack_hook(packed.packed)
+        return packed
+
+
+@contextlib.contextmanager
+def _hooks_pushed() -> Iterator[None]:
+    if _state.users == 0:
+        hooks = _Hooks()
+        _state.hooks = torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack)
+        _state.hooks.__enter__()
+    _state.users += 1
+    try:
+        yield
+    finally:
+        _state.users -= 1
+        if _state.users == 0:
+            hooks_context, _state.hooks = _state.hooks, None
+            hooks_context.__exit__(None, None, None)
+
+
+def recording() -> bool:
+    """Whether GN outputs are being recorded now (inside a recompute scope, not compiling)."""
+    return _state.records is not None and not torch.compiler.is_compiling()
+
+
+def _recompute_output(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, eps: float, activation: int) -> Tensor:
+    return _forward_impl(x, weight, bias, num_groups, eps, activation)[0]
+
+
+def output_recomputation(
+    output: Tensor, bias: Optional[Tensor], eps: float
+) -> Optional[Tuple[Callable[[], Tensor], Tuple[Tensor, ...]]]:
+    """How to recompute a GN output ``(N, C, *)`` from what its GN saved for backward:
+    ``(recompute, tensors)``, where ``recompute()`` reruns the same forward computation
+    (deterministic, so bit-identical) from ``tensors`` (x, gamma, beta as GN saved them);
+    None where ``output`` did not come straight from a GN that saved its input (a routed
+    path that cast or applied an activation, an output without a graph). ``bias`` and
+    ``eps`` are the layer's (ATen's GN node keeps neither)."""
+    node = output.grad_fn
+    if isinstance(node, _GroupNormFunction._backward_cls):  # gn_det's op: Triton kernels or the CPU path
+        x, weight, bias, _, _ = node.saved_tensors
+        return (functools.partial(_recompute_output, x, weight, bias, node.num_groups, node.eps, node.activation),
+                (x, weight, bias))
+    if type(node).__name__ == "NativeGroupNormBackward0":  # plain GN on NCHW CPU, or a route that did not cast
+        x, weight, groups = node._saved_input, node._saved_weight, node._saved_group
+        if weight is not None and weight.dtype != x.dtype or bias is not None and bias.dtype != x.dtype:
+            return None  # a route that cast the parameters: the layer's are not what ran
+        kept = tuple(t for t in (x, weight, bias) if t is not None)
+        return functools.partial(F.group_norm, x, groups, weight, bias, eps), kept
+    return None
+
+
+def record_output(output: Tensor, bias: Optional[Tensor], eps: float) -> None:
+    """Record a GN output ``(N, C, *)`` for recomputation, if its GN saved what it takes
+    (``bias`` and ``eps``: the layer's, which ATen's GN node does not keep)."""
+    if not recording() or output.grad_fn is None or output.numel() == 0:
+        return
+    found = output_recomputation(output, bias, eps)
+    if found is not None:
+        _state.records[output.untyped_storage().data_ptr()] = _Record(output, *found)
+
+
+def _open_scope() -> None:
+    if _state.recording_depth == 0:
+        _state.records = {}
+    _state.recording_depth += 1
+
+
+def _close_scope() -> None:
+    _state.recording_depth -= 1
+    if _state.recording_depth == 0:
+        _state.records = None  # handles hold their records; the rest is dropped with the forward
+
+
+@contextlib.contextmanager
+def recompute_outputs(enabled: bool = True) -> Iterator[None]:
+    """A scope in which gn_det GN outputs are recomputed in backward instead of saved.
+    Enter it around a forward (what backward needs is fixed when the forward saves it; the
+    backward may run after the scope is closed). Does nothing under ``torch.compile``."""
+    if not enabled or torch.compiler.is_compiling():
+        yield
+        return
+    with _hooks_pushed():
+        _open_scope()
+        try:
+            yield
+        finally:
+            _close_scope()
+
+
+def _enter_scope(module: nn.Module, args) -> None:
+    if torch.compiler.is_compiling():
+        return
+    scope = recompute_outputs()
+    scope.__enter__()
+    module.__dict__.setdefault("_gn_det_scopes", []).append(scope)
+
+
+def _exit_scope(module: nn.Module, args, output) -> None:
+    scopes = module.__dict__.get("_gn_det_scopes")
+    if scopes:
+        scopes.pop().__exit__(None, None, None)
+
+
+def set_recompute_output(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Turn output recomputation on (or off) for every forward of ``model``, in place: GN
+    outputs consumed inside ``model``'s forward are recomputed in backward instead of saved.
+    Gradients are bit-identical (fp32); memory drops by about one activation per GN whose
+    output feeds a layer that saves its input. Idempotent. Returns ``model``."""
+    handles = model.__dict__.pop("_gn_det_recompute_handles", None)
+    for handle in handles or ():
+        handle.remove()
+    if enabled:
+        model.__dict__["_gn_det_recompute_handles"] = (
+            model.register_forward_pre_hook(_enter_scope),
+            model.register_forward_hook(_exit_scope, always_call=True),
+        )
+    return model
+
+
+def recompute_output_enabled(model: nn.Module) -> bool:
+    """Whether ``set_recompute_output(model, True)`` is in effect."""
+    return bool(model.__dict__.get("_gn_det_recompute_handles"))
+
+
+class SavedTensorCount:
+    """What autograd stored for backward while counting: unique storages and their bytes.
+
+    ``label`` (optional) names each storage when it is first saved, from the tensor (e.g.
+    the module that made it and the one saving it); ``bytes_by_label`` sums by it. Storages in ``exclude`` (e.g. the parameters')
+    are counted in ``excluded_bytes`` only."""
+
+    def __init__(self, label: Optional[Callable[[Tensor], str]] = None, exclude: Tuple[int, ...] = ()) -> None:
+        self.label = label
+        self.exclude = set(exclude)
+        self.seen: Dict[int, int] = {}
+        self.bytes = 0
+        self.excluded_bytes = 0
+        self.bytes_by_label: Dict[str, int] = {}
+
+    def add(self, tensor: Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in self.seen or tensor.device.type == "meta":
+            return
+        self.seen[key] = nbytes = storage.nbytes()
+        if key in self.exclude:
+            self.excluded_bytes += nbytes
+            return
+        self.bytes += nbytes
+        if self.label is not None:
+            name = self.label(tensor)
+            self.bytes_by_label[name] = self.bytes_by_label.get(name, 0) + nbytes
+
+
+@contextlib.contextmanager
+def count_saved_tensors(label: Optional[Callable[[Tensor], str]] = None,
+                        exclude: Tuple[int, ...] = ()) -> Iterator[SavedTensorCount]:
+    """Count the unique storages autograd saves for backward inside the block (forwards run
+    inside it; recomputed GN outputs are not saved, so not counted)."""
+    count = SavedTensorCount(label, exclude)
+    with _hooks_pushed():
+        _state.counters.append(count)
+        try:
+            yield count
+        finally:
+            _state.counters.remove(count)

@@ -1,0 +1,170 @@
+"""GN output recomputation (gn_det.set_recompute_output, MODEL.GN.RECOMPUTE_OUTPUT): the same
+gradients with it on and off, less saved for backward, in-place changes honoured."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import gn_det
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def conv_gn_stack(activation, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), gn_det.GroupNorm(4, 16, activation=activation),
+        nn.Conv2d(16, 16, 3, padding=1), gn_det.GroupNorm(4, 16, activation=activation),
+        nn.Conv2d(16, 8, 3, padding=1),
+    )
+
+
+def grads(model: nn.Module, *inputs: torch.Tensor, autocast: bool = False):
+    model.zero_grad(set_to_none=True)
+    with gn_det.count_saved_tensors() as count:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = sum(model(x).float().square().sum() for x in inputs)
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters()], count.bytes
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradients_bit_identical_and_outputs_not_saved(activation, channels_last):
+    model = conv_gn_stack(activation)
+    x = torch.randn(2, 3, 16, 16)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    expected, saved_off = grads(model, x)
+    assert gn_det.set_recompute_output(model, True) is model and gn_det.recompute_output_enabled(model)
+    got, saved_on = grads(model, x)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert saved_off - saved_on == 2 * x.shape[0] * 16 * 16 * 16 * 4  # the two GN outputs, fp32
+    gn_det.set_recompute_output(model, False)
+    assert not gn_det.recompute_output_enabled(model)
+    assert grads(model, x)[1] == saved_off
+
+
+def test_gradient_accumulation_two_forwards_one_backward():
+    model = conv_gn_stack("relu")
+    x1, x2 = torch.randn(2, 3, 12, 12), torch.randn(1, 3, 20, 16)
+    expected, _ = grads(model, x1, x2)
+    gn_det.set_recompute_output(model, True)
+    got, _ = grads(model, x1, x2)  # each forward's handles recompute from that forward's tensors
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+def test_bf16_autocast_within_rounding():
+    model = conv_gn_stack("relu")
+    x = torch.randn(2, 3, 16, 16)
+    expected, saved_off = grads(model, x, autocast=True)
+    gn_det.set_recompute_output(model, True)
+    got, saved_on = grads(model, x, autocast=True)
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(a, b, rtol=1.6e-2, atol=1e-3)
+    # GN runs in bf16 under autocast: the next conv saves GN's output itself (no cast copy), so it is not saved.
+    assert saved_off - saved_on == 2 * 2 * 16 * 16 * 16 * 2
+
+
+def test_output_modified_in_place_before_save_is_saved_as_usual():
+    torch.manual_seed(0)
+    gn, conv = gn_det.GroupNorm(2, 8, activation="relu"), nn.Conv2d(8, 4, 1)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+
+    def run():
+        y = gn(x)
+        y.mul_(2)  # the saved values are not GN's output any more
+        conv(y).square().sum().backward()
+        return [t.grad.clone() for t in (x, conv.weight, gn.weight)]
+
+    expected = run()
+    with gn_det.recompute_outputs():
+        x.grad = conv.weight.grad = gn.weight.grad = None
+        got = run()
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+def test_output_modified_in_place_after_save_raises_as_autograd_does():
+    gn, conv = gn_det.GroupNorm(2, 8, activation="relu"), nn.Conv2d(8, 4, 1)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    with gn_det.recompute_outputs():
+        y = gn(x)
+        out = conv(y)
+    y.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_views_of_the_output_and_outer_hooks():
+    torch.manual_seed(0)
+    gn = gn_det.GroupNorm(2, 8)
+    x = torch.randn(2, 8, 6, 6).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(4, 8, 3, 3, requires_grad=True)
+    packed = []
+
+    def run():
+        y = gn(x)
+        out = torch.nn.functional.conv2d(y[:, :, 1:, :5], w)  # the conv saves a view
+        return torch.autograd.grad(out.square().sum(), (x, w, gn.weight))
+
+    expected = run()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        with gn_det.recompute_outputs():
+            got = run()
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert packed and not any(t.shape == (2, 8, 5, 5) for t in packed)  # outer hooks see what is saved as is
+
+
+def test_torch_compile_leaves_it_off():
+    model = conv_gn_stack("relu")
+    x = torch.randn(2, 3, 16, 16)
+    expected, _ = grads(model, x)
+    gn_det.set_recompute_output(model, True)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
+    model.zero_grad(set_to_none=True)
+    compiled(x).square().sum().backward()
+    for a, p in zip(expected, model.parameters()):
+        torch.testing.assert_close(a, p.grad)
+
+
+def test_resnet_fpn_backbone_gradients_bit_identical():
+    from detectron2.modeling import build_backbone
+
+    cfg = gn_det.get_config(os.path.join(ROOT, "configs", "mask_rcnn_gn.yaml"),
+                            ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.BACKBONE.FREEZE_AT", 0])
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg)
+    x = torch.randn(1, 3, 64, 96)
+    params = tuple(p.untyped_storage().data_ptr() for p in backbone.parameters())
+
+    def run():
+        backbone.zero_grad(set_to_none=True)
+        with gn_det.count_saved_tensors(exclude=params) as count:
+            loss = sum(f.square().sum() for f in backbone(x).values())
+        loss.backward()
+        return [p.grad.clone() for p in backbone.parameters()], count.bytes
+
+    expected, saved_off = run()
+    gn_det.set_recompute_output(backbone, True)
+    got, saved_on = run()
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert saved_on < 0.9 * saved_off  # what stays: x for GN, and the block ends (residual add, ReLU)
+
+
+def test_config_key_reaches_detectron2_build_model_and_lazy_settings():
+    from detectron2.modeling import build_model
+
+    cfg = gn_det.get_config(os.path.join(ROOT, "configs", "mask_rcnn_gn.yaml"),
+                            ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.GN.RECOMPUTE_OUTPUT", True])
+    assert gn_det.recompute_output_enabled(build_model(cfg))
+    cfg.MODEL.GN.RECOMPUTE_OUTPUT = False
+    assert not gn_det.recompute_output_enabled(build_model(cfg))
+    large = gn_det.get_config(os.path.join(ROOT, "configs", "large_image", "scratch_mask_rcnn_gn_1600_1img.yaml"))
+    assert large.MODEL.GN.RECOMPUTE_OUTPUT is True
+    from gn_det.lazy import lazy_gn_settings, load_lazy_config
+
+    lazy = load_lazy_config(os.path.join(ROOT, "configs", "lazy", "mask_rcnn_gn_R_50_FPN_50ep_LSJ_1024.py"))
+    assert lazy_gn_settings(lazy).recompute_output is True
