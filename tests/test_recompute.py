@@ -196,3 +196,20 @@ def test_whole_mask_rcnn_losses_and_gradients_bit_identical():
     losses_on, grads_on = step()
     assert all(torch.equal(losses_off[k], losses_on[k]) for k in losses_off)
     assert all(torch.equal(a, b) for a, b in zip(grads_off, grads_on))
+
+
+def test_ddp(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = conv_gn_stack("relu")
+    x = torch.randn(2, 3, 16, 16)
+    expected, _ = grads(model, x)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(gn_det.set_recompute_output(model, True))  # as finish_model does, before DDP
+        got, saved = grads(ddp, x)
+    finally:
+        dist.destroy_process_group()
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert saved < grads(gn_det.set_recompute_output(model, False), x)[1]
