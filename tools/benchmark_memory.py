@@ -15,7 +15,7 @@ synthetic batch, at each size:
 Writes benchmarks/results/memory_<machine>.md and .json.
 
     python tools/benchmark_memory.py                  # 512x768 and 800x1333, 2 images (CPU: ~15 min on 2 cores)
-    python tools/benchmark_memory.py --sizes 256x320 --iters 1 --quick
+    python tools/benchmark_memory.py --sizes 800x1333 --iters 0 --held-repeats 0 --suffix 800x1333  # saved bytes only
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def measure_size(height: int, width: int, args) -> List[Dict]:
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
         with EventStorage(0):
             saved = mb.saved_bytes(model, batch)  # also warms the allocator and oneDNN's caches for what follows
-            held = mb.held_after_forward(model, batch, repeats=args.held_repeats)
+            held = mb.held_after_forward(model, batch, repeats=args.held_repeats) if args.held_repeats else None
             peak = mb.cuda_peak(model, batch) if args.device == "cuda" else None
         row = {"size": f"{height}x{width}", "model": name, "activation_mib": saved["activation_bytes"] / 2**20,
                "parameter_mib": saved["parameter_bytes"] / 2**20, "held_after_forward_mib": held,
@@ -74,7 +74,7 @@ def measure_size(height: int, width: int, args) -> List[Dict]:
                "by_label_mib": {k: v / 2**20 for k, v in list(saved["by_label"].items())[:TOP_LABELS]}}
         print(json.dumps({k: v for k, v in row.items() if k != "by_label_mib"}), flush=True)
         rows.append(row)
-        if name.startswith("gn_det"):
+        if name.startswith("gn_det") and args.iters:
             timed[name] = (model, optimizer)
         else:
             del model, optimizer
@@ -105,13 +105,15 @@ def write_results(stem: str, meta: Dict, rows: List[Dict]) -> str:
         base = next((r for r in rows if r["size"] == size and r["model"] == "frozen-BN"), None)
         for r in (r for r in rows if r["size"] == size):
             ratio = f"{r['activation_mib'] / base['activation_mib']:.2f}" if base else ""
-            held_ratio = f"{r['held_after_forward_mib'] / base['held_after_forward_mib']:.2f}" if base else ""
+            measured_held = r["held_after_forward_mib"] is not None and base and base["held_after_forward_mib"]
+            held_ratio = f"{r['held_after_forward_mib'] / base['held_after_forward_mib']:.2f}" if measured_held else ""
+            held = f"{r['held_after_forward_mib']:.0f}" if r["held_after_forward_mib"] is not None else "not measured"
             total = (f"{(r['activation_mib'] + r['parameter_mib']) / (base['activation_mib'] + base['parameter_mib']):.2f}"
                      if base else "")
             peak = f"{r['cuda_peak']['peak_mib']:.0f}" if r.get("cuda_peak") else "n/a (CPU)"
             step = f"{r['step_s']:.2f}" if "step_s" in r else ""
             lines.append(f"| {size} | {r['model']} | {r['activation_mib']:.0f} | {ratio} | {r['parameter_mib']:.0f} | "
-                         f"{r['held_after_forward_mib']:.0f} | {held_ratio} | {total} | {peak} | {step} |")
+                         f"{held} | {held_ratio} | {total} | {peak} | {step} |")
     timed = [r for r in rows if "step_s" in r]
     if timed:
         lines += ["", f"Step time (forward, backward, SGD step): median of {meta['iters']} steps each, the two "
@@ -142,9 +144,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--sizes", default="512x768,800x1333", help="HxW,...")
     parser.add_argument("--boxes", type=int, default=16, help="ground-truth boxes (and masks) per image")
-    parser.add_argument("--iters", type=int, default=5, help="timed steps per model (with and without recompute)")
-    parser.add_argument("--held-repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="result file suffixed _quick (tests)")
+    parser.add_argument("--iters", type=int, default=5, help="timed steps per model (with and without recompute); 0: not timed")
+    parser.add_argument("--held-repeats", type=int, default=3, help="0: RSS held after forward not measured")
+    parser.add_argument("--suffix", default="", help="added to the result files' names (e.g. one run per size)")
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args()
     mb.return_freed_memory_to_os()
@@ -152,7 +154,7 @@ def main() -> None:
     meta = {"machine": machine, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "batch": f"{args.images} images, {args.boxes} boxes+masks each, fp32", "iters": args.iters,
             "held_repeats": args.held_repeats, "command": command_line("tools/benchmark_memory.py", sys.argv[1:])}
-    stem = result_stem(args.out_dir, "memory", machine, "quick" if args.quick else "")
+    stem = result_stem(args.out_dir, "memory", machine, args.suffix)
     rows: List[Dict] = []
     for size in args.sizes.split(","):
         height, width = (int(v) for v in size.split("x"))
