@@ -15,6 +15,7 @@ import ctypes
 import gc
 import statistics
 import time
+import weakref
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -54,7 +55,7 @@ def _module_labels(model: nn.Module) -> Iterator[Callable[[Tensor], str]]:
     """A label for saved tensors: "<module type that made it> -> <module type saving it>",
     from forward hooks on every submodule (innermost module wins on both sides)."""
     running: List[str] = []
-    made_by: Dict[int, str] = {}
+    made_by: Dict[int, tuple] = {}  # storage address -> (module type, weak reference to the output)
 
     def pre(module, args):
         running.append(type(module).__name__)
@@ -63,8 +64,10 @@ def _module_labels(model: nn.Module) -> Iterator[Callable[[Tensor], str]]:
         running.pop()
         for out in (output if isinstance(output, (tuple, list)) else output.values() if isinstance(output, dict)
                     else (output,)):
-            if isinstance(out, Tensor):
-                made_by.setdefault(out.untyped_storage().data_ptr(), type(module).__name__)
+            key = out.untyped_storage().data_ptr() if isinstance(out, Tensor) else None
+            known = made_by.get(key)
+            if key is not None and (known is None or known[1]() is None):  # a freed tensor's address is reused
+                made_by[key] = (type(module).__name__, weakref.ref(out))
 
     handles = []
     for module in model.modules():
@@ -72,7 +75,8 @@ def _module_labels(model: nn.Module) -> Iterator[Callable[[Tensor], str]]:
         handles.append(module.register_forward_hook(post, always_call=True))
 
     def label(tensor: Tensor) -> str:
-        maker = made_by.get(tensor.untyped_storage().data_ptr(), "(inside a module)")
+        known = made_by.get(tensor.untyped_storage().data_ptr())
+        maker = known[0] if known is not None and known[1]() is not None else "(inside a module)"
         return f"{maker} -> {running[-1] if running else '(outside)'}"
 
     try:
