@@ -213,3 +213,18 @@ def test_ddp(tmp_path):
         dist.destroy_process_group()
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
     assert saved < grads(gn_det.set_recompute_output(model, False), x)[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_gradients_bit_identical_with_the_kernels(channels_last):
+    model = conv_gn_stack("relu").cuda()
+    x = torch.randn(2, 3, 32, 32, device="cuda")
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    expected, saved_off = grads(model, x)
+    gn_det.set_recompute_output(model, True)
+    got, saved_on = grads(model, x)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert saved_off - saved_on == 2 * 2 * 16 * 32 * 32 * 4
