@@ -19,8 +19,8 @@ deterministic forward, so the tensor it gets is bit-identical to the one it woul
 Saved normally instead: an output modified in place before it is saved (its version
 changed: a residual ``+=``, an unfused ``relu_``), an output whose GN saved nothing (no
 gradient needed through it: then holding x would cost as much as the output), outputs
-of the routed ATen path that cast, and everything under ``torch.compile`` (the compiled
-graph saves its own tensors). An output modified in place *after* being saved makes the
+of the routed ATen path that cast, and everything under ``torch.compile``, ``torch.jit.trace``
+and ONNX export (the graph made there saves its own tensors). An output modified in place *after* being saved makes the
 consumer's backward raise, as autograd does for saved tensors. Saved-tensor hooks
 installed outside (``torch.autograd.graph.save_on_cpu``, a counter) still see every
 tensor that is saved as is.
@@ -177,8 +177,8 @@ def _hooks_pushed() -> Iterator[None]:
 
 
 def recording() -> bool:
-    """Whether GN outputs are being recorded now (inside a recompute scope, not compiling)."""
-    return _state.records is not None and not torch.compiler.is_compiling()
+    """Whether GN outputs are being recorded now (inside a recompute scope, not compiling or tracing)."""
+    return _state.records is not None and not _off()
 
 
 def _recompute_output(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, eps: float, activation: int) -> Tensor:
@@ -235,7 +235,7 @@ def recompute_outputs(enabled: bool = True) -> Iterator[None]:
     """A scope in which gn_det GN outputs are recomputed in backward instead of saved.
     Enter it around a forward (what backward needs is fixed when the forward saves it; the
     backward may run after the scope is closed). Does nothing under ``torch.compile``."""
-    if not enabled or torch.compiler.is_compiling():
+    if not enabled or _off():
         yield
         return
     with _hooks_pushed():
@@ -246,8 +246,13 @@ def recompute_outputs(enabled: bool = True) -> Iterator[None]:
             _close_scope()
 
 
+def _off() -> bool:
+    """Compiling, tracing or exporting: the graph being made saves its own tensors."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def _enter_scope(module: nn.Module, args) -> None:
-    if torch.compiler.is_compiling():
+    if _off():
         return
     scope = recompute_outputs()
     scope.__enter__()

@@ -228,3 +228,16 @@ def test_cuda_gradients_bit_identical_with_the_kernels(channels_last):
     got, saved_on = grads(model, x)
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
     assert saved_off - saved_on == 2 * 2 * 16 * 32 * 32 * 4
+
+
+def test_inference_tracing_and_copies_unaffected():
+    import copy
+
+    model = gn_det.set_recompute_output(conv_gn_stack("relu"))
+    x = torch.randn(1, 3, 12, 12)
+    with torch.inference_mode():
+        expected = model(x)
+    traced = torch.jit.trace(model, x)  # no hooks while tracing: the trace checks pass
+    assert torch.equal(traced(x), expected)
+    copied = copy.deepcopy(model)
+    assert gn_det.recompute_output_enabled(copied) and torch.equal(copied(x), expected)
