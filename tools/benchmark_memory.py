@@ -61,7 +61,7 @@ def measure_size(height: int, width: int, args) -> List[Dict]:
             item["image"] = item["image"].cuda()
     rows = []
     timed = {}
-    for name in NAMES:
+    for name in args.models.split(","):
         model = build(name, args.device, batch)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
         with EventStorage(0):
@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--sizes", default="512x768,800x1333", help="HxW,...")
+    parser.add_argument("--models", default=",".join(NAMES), help="a subset of: " + ", ".join(NAMES))
     parser.add_argument("--boxes", type=int, default=16, help="ground-truth boxes (and masks) per image")
     parser.add_argument("--iters", type=int, default=5, help="timed steps per model (with and without recompute); 0: not timed")
     parser.add_argument("--held-repeats", type=int, default=3, help="0: RSS held after forward not measured")
