@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import gn_det  # noqa: E402
-from gn_det.data.classification import CLASSES, make_shapes_classification  # noqa: E402
+import gn_det
+from gn_det.data.classification import CLASSES, make_shapes_classification
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NormFactory = Callable[[int], nn.Module]

@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts in tools/."""
 from __future__ import annotations
 
+import json
 import os
 from typing import List
 
@@ -23,6 +24,18 @@ def machine_slug(machine: str) -> str:
     """A machine's name as it goes into result file names: "NVIDIA H100 80GB HBM3" ->
     "nvidia_h100_80gb_hbm3"."""
     return "".join(c if c.isalnum() else "_" for c in machine).strip("_").lower()
+
+
+def write_results(stem: str, meta: dict, rows: list, text: str) -> str:
+    """Write a benchmark's results: ``<stem>.json`` (``{"meta", "rows"}``) and ``<stem>.md``
+    (``text``, newline-terminated). Returns the markdown text."""
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    text = text if text.endswith("\n") else text + "\n"
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    return text
 
 
 def result_stem(out_dir: str, prefix: str, machine: str, suffix: str = "") -> str:

@@ -31,12 +31,12 @@ from typing import Dict, List
 
 import torch
 
-from bench_utils import command_line, result_stem  # noqa: E402
-from detectron2 import model_zoo  # noqa: E402
-from detectron2.utils.events import EventStorage  # noqa: E402
+from bench_utils import command_line, result_stem, write_results  # tools/ is the script's directory
+from detectron2 import model_zoo
+from detectron2.utils.events import EventStorage
 
-import gn_det  # noqa: E402
-from gn_det.data import synthetic_batch  # noqa: E402
+import gn_det
+from gn_det.data import synthetic_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {
@@ -231,13 +231,7 @@ def write_results(stem: str, meta: Dict, rows: List[Dict], precisions: List[str]
             lines.append(f"| {precision} | {r['model']} | {r['step_s']:.3f} | {step_ratio} | {r['infer_s']:.3f} | {infer_ratio} | {peak} |")
     for name, precision, table in profile or ():
         lines += ["", f"## Top ops of the {name} training step ({precision})", "", "```", table, "```"]
-    os.makedirs(os.path.dirname(stem), exist_ok=True)
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    text = "\n".join(lines) + "\n"
-    with open(stem + ".md", "w") as f:
-        f.write(text)
-    return text
+    return write_results(stem, meta, rows, "\n".join(lines))
 
 if __name__ == "__main__":
     main()

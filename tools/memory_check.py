@@ -16,21 +16,14 @@ import json
 import os
 import time
 
-from detectron2.engine import HookBase  # noqa: E402
+from detectron2.engine import HookBase
 
-import gn_det  # noqa: E402
-from gn_det.data import register_shapes_dataset  # noqa: E402
-from gn_det.engine import Trainer  # noqa: E402
+import gn_det
+from gn_det.data import register_shapes_dataset
+from gn_det.engine import Trainer
+from gn_det.memory_benchmark import rss_mib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("VmRSS not found in /proc/self/status")
 
 
 class RssSampler(HookBase):
