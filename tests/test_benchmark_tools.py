@@ -162,3 +162,21 @@ def test_tools_share_one_shape_table_and_edit_no_sys_path():
             assert "sys.path" not in open(os.path.join(tools, name)).read(), name
     for name in ("benchmark_norm.py", "compile_kernels.py", "profile_kernels.py"):
         assert "from gn_det.benchmark_shapes import" in open(os.path.join(tools, name)).read(), name
+
+
+@pytest.mark.slow  # three Mask R-CNN builds and several steps: minutes on a shared 2-core machine
+def test_benchmark_memory_runs_on_cpu(tmp_path):
+    recompute = "gn_det GN + recompute"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "benchmark_memory.py"), "--device", "cpu", "--sizes", "64x96",
+         "--boxes", "4", "--iters", "1", "--held-repeats", "1", "--models", f"frozen-BN,gn_det GN,{recompute}",
+         "--suffix", "quick", "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (md,) = [f for f in os.listdir(tmp_path) if f.endswith(".md")]
+    rows = {r["model"]: r for r in json.load(open(tmp_path / md.replace(".md", ".json")))["rows"]}
+    assert rows[recompute]["activation_mib"] < rows["gn_det GN"]["activation_mib"]
+    assert rows["gn_det GN"]["step_s"] > 0 and rows[recompute]["step_s"] > 0
+    text = (tmp_path / md).read_text()
+    assert "| 64x96 | frozen-BN |" in text and "without recomputation" in text and "Where the saved" in text
