@@ -14,7 +14,7 @@ synthetic batch, at each size:
     (medians side by side, same run).
 Writes benchmarks/results/memory_<machine>.md and .json.
 
-    python tools/benchmark_memory.py                  # 512x768 and 800x1333, 2 images (CPU: ~15 min on 2 cores)
+    python tools/benchmark_memory.py                  # 512x768 and 800x1333, 2 images (CPU: an hour or more on 2 cores)
     python tools/benchmark_memory.py --sizes 800x1333 --iters 0 --held-repeats 0 --suffix 800x1333  # saved bytes only
 """
 from __future__ import annotations
