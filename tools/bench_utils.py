@@ -26,7 +26,7 @@ def machine_slug(machine: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in machine).strip("_").lower()
 
 
-def write_results(stem: str, meta: dict, rows: list, text: str) -> str:
+def write_result_files(stem: str, meta: dict, rows: list, text: str) -> str:
     """Write a benchmark's results: ``<stem>.json`` (``{"meta", "rows"}``) and ``<stem>.md``
     (``text``, newline-terminated). Returns the markdown text."""
     os.makedirs(os.path.dirname(stem), exist_ok=True)

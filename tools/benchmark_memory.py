@@ -29,7 +29,7 @@ import sys
 from typing import Dict, List
 
 import torch
-from bench_utils import command_line, result_stem, write_results  # tools/ is the script's directory
+from bench_utils import command_line, result_stem, write_result_files  # tools/ is the script's directory
 from benchmark_train import MODELS, calibrate_frozen_bn
 from detectron2.utils.events import EventStorage
 
@@ -129,7 +129,7 @@ def write_results(stem: str, meta: Dict, rows: List[Dict]) -> str:
     for r in rows:
         items = "; ".join(f"{k}: {v:.0f}" for k, v in r["by_label_mib"].items())
         lines.append(f"- {r['size']} {r['model']}: {items}")
-    return write_results(stem, meta, rows, "\n".join(lines))
+    return write_result_files(stem, meta, rows, "\n".join(lines))
 
 
 def main() -> None:

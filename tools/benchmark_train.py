@@ -31,7 +31,7 @@ from typing import Dict, List
 
 import torch
 
-from bench_utils import command_line, result_stem, write_results  # tools/ is the script's directory
+from bench_utils import command_line, result_stem, write_result_files  # tools/ is the script's directory
 from detectron2 import model_zoo
 from detectron2.utils.events import EventStorage
 
@@ -231,7 +231,7 @@ def write_results(stem: str, meta: Dict, rows: List[Dict], precisions: List[str]
             lines.append(f"| {precision} | {r['model']} | {r['step_s']:.3f} | {step_ratio} | {r['infer_s']:.3f} | {infer_ratio} | {peak} |")
     for name, precision, table in profile or ():
         lines += ["", f"## Top ops of the {name} training step ({precision})", "", "```", table, "```"]
-    return write_results(stem, meta, rows, "\n".join(lines))
+    return write_result_files(stem, meta, rows, "\n".join(lines))
 
 if __name__ == "__main__":
     main()
