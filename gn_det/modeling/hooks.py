@@ -38,7 +38,7 @@ from ..config import GNSettings
 from ..errors import ConfigError
 from ..recompute import set_recompute_output
 from .fuse import fuse_norm_activation
-from .norm import NORM_REGISTRY, building_from, get_norm, gn_settings, resolve_norm_name
+from .norm import NORM_REGISTRY, building_from, config_norm_names, get_norm, gn_settings, resolve_norm_name
 
 __all__ = ["BUILD_FUNCTIONS", "build_model", "finish_model", "install"]
 
@@ -50,9 +50,7 @@ BUILD_FUNCTIONS = (
 
 
 def _gn_norm_keys(cfg: CfgNode, settings: GNSettings) -> str:
-    keys = [f"MODEL.{section}.NORM={node.NORM!r}" for section, node in cfg.MODEL.items()
-            if isinstance(node, CfgNode) and isinstance(node.get("NORM"), str)
-            and resolve_norm_name(node.NORM, settings)]
+    keys = [f"{key}={norm!r}" for key, norm in config_norm_names(cfg) if resolve_norm_name(norm, settings)]
     return ", ".join(keys) or "none"
 
 

@@ -102,16 +102,23 @@ def gn_settings(settings: GNSettings) -> Iterator[GNSettings]:
         _SCOPE.reset(token)
 
 
+def config_norm_names(cfg: CfgNode) -> Iterator[Tuple[str, str]]:
+    """``(key, name)`` of every non-empty ``MODEL.<SECTION>.NORM`` name in a config, a
+    project's own sections included."""
+    for section, node in cfg.get("MODEL", {}).items():
+        norm = node.get("NORM") if isinstance(node, CfgNode) else None
+        if isinstance(norm, str) and norm:
+            yield f"MODEL.{section}.NORM", norm
+
+
 def validate_gn_config(cfg: CfgNode) -> GNSettings:
     """Check a config's gn_det settings and norm names; return its ``GNSettings``. Raises
     ``ConfigError`` naming the key, the value and the fix. Every ``MODEL.<SECTION>.NORM``
     is checked, a project's own sections included."""
     settings = GNSettings.from_cfg(cfg)
-    for section, node in cfg.get("MODEL", {}).items():
-        norm = node.get("NORM") if isinstance(node, CfgNode) else None
-        if isinstance(norm, str) and norm and norm not in NORM_REGISTRY and norm not in DETECTRON2_NORMS:
-            raise ConfigError(f"MODEL.{section}.NORM={norm!r} is not a registered norm; registered: "
-                              f"{', '.join(NORM_REGISTRY.names())}")
+    for key, norm in config_norm_names(cfg):
+        if norm not in NORM_REGISTRY and norm not in DETECTRON2_NORMS:
+            raise ConfigError(f"{key}={norm!r} is not a registered norm; registered: {', '.join(NORM_REGISTRY.names())}")
     return settings
 
 
