@@ -72,7 +72,7 @@ class _Record:
         self.version = output._version
         self.dtype, self.device = output.dtype, output.device
         self.offset = output.storage_offset()
-        self.recompute = recompute  # holds x, gamma, beta: what GN's backward keeps anyway
+        self.recompute = recompute  # holds GN's node (or x, gamma, beta): what GN's backward keeps anyway
         self.inputs = inputs
         self.input_versions = tuple(t._version for t in inputs)
         self.cached: Optional[weakref.ref] = None  # the last recomputed output, while someone holds it
@@ -181,8 +181,13 @@ def recording() -> bool:
     return _state.records is not None and not _off()
 
 
-def _recompute_output(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, eps: float, activation: int) -> Tensor:
-    return _forward_impl(x, weight, bias, num_groups, eps, activation)[0]
+def _recompute_output(node) -> Tensor:
+    """Rerun a gn_det GN node's forward from what it saved. Read when needed, not when
+    recorded: a residual it saved may itself be a recomputed output (a residual block's
+    input is the previous block's output), which is then recomputed in turn; autograd's own
+    version checks guard x and the residual."""
+    x, weight, bias, _, _, residual = node.saved_tensors
+    return _forward_impl(x, weight, bias, node.num_groups, node.eps, node.activation, residual)[0]
 
 
 def output_recomputation(
@@ -190,15 +195,14 @@ def output_recomputation(
 ) -> Optional[Tuple[Callable[[], Tensor], Tuple[Tensor, ...]]]:
     """How to recompute a GN output ``(N, C, *)`` from what its GN saved for backward:
     ``(recompute, tensors)``, where ``recompute()`` reruns the same forward computation
-    (deterministic, so bit-identical) from ``tensors`` (x, gamma, beta as GN saved them);
-    None where ``output`` did not come straight from a GN that saved its input (a routed
-    path that cast or applied an activation, an output without a graph). ``bias`` and
-    ``eps`` are the layer's (ATen's GN node keeps neither)."""
+    (deterministic, so bit-identical) from what GN saved, and ``tensors`` are those whose
+    versions the record checks itself (none for gn_det's op, whose node is read again at
+    recompute time); None where ``output`` did not come straight from a GN that saved its
+    input (a routed path that cast or applied an activation, an output without a graph).
+    ``bias`` and ``eps`` are the layer's (ATen's GN node keeps neither)."""
     node = output.grad_fn
     if isinstance(node, _GroupNormFunction._backward_cls):  # gn_det's op: Triton kernels or the CPU path
-        x, weight, bias, _, _ = node.saved_tensors
-        return (functools.partial(_recompute_output, x, weight, bias, node.num_groups, node.eps, node.activation),
-                (x, weight, bias))
+        return functools.partial(_recompute_output, node), ()
     if type(node).__name__ == "NativeGroupNormBackward0":  # plain GN on NCHW CPU, or a route that did not cast
         x, weight, groups = node._saved_input, node._saved_weight, node._saved_group
         if weight is not None and weight.dtype != x.dtype or bias is not None and bias.dtype != x.dtype:

@@ -165,3 +165,32 @@ def check_scale_without_shift(shape, groups, dtype=torch.float32, memory_format=
     assert_close(x.grad, x64.grad, GRAD_TOLERANCE[dtype], f"dx {what}")
     assert_close(layer.weight.grad, w64.grad, GRAD_TOLERANCE[dtype], f"dweight {what}")
     assert layer.bias is None
+
+
+def check_residual(shape, groups, dtype=torch.float32, memory_format=torch.contiguous_format, activation="relu",
+                   residual_dtype=None, residual_format=torch.contiguous_format, output_recomputed=False,
+                   device="cpu") -> None:
+    """``group_norm(x, ..., residual=r)`` = act(GN(x) + r), the fused block end, against
+    float64 F.group_norm + r (+ activation): output dtype, layout and values; dx, dweight,
+    dbias and dr (in r's dtype). ``output_recomputed`` picks what backward keeps (the
+    residual; else, with ReLU, the output): the gradients must not depend on it."""
+    x = make_input(shape, dtype, memory_format, device).requires_grad_()
+    residual_dtype = residual_dtype or dtype
+    r = make_input(shape, residual_dtype, residual_format, device, seed=3).requires_grad_()
+    weight, bias = make_affine(shape[1], device)
+    weight.requires_grad_()
+    bias.requires_grad_()
+    y = gn_det.group_norm(x, groups, weight, bias, 1e-5, activation, residual=r, output_recomputed=output_recomputed)
+    what = f"{tuple(shape)} {dtype} {memory_format} act={activation} residual {residual_dtype} {residual_format}"
+    assert y.dtype == x.dtype and y.is_contiguous(memory_format=memory_format), what
+    x64, r64, w64, b64 = (t.detach().double().cpu().requires_grad_() for t in (x, r, weight, bias))
+    ref = ACT_FNS[activation](F.group_norm(x64, groups, w64, b64, 1e-5) + r64)
+    assert_close(y, ref, TOLERANCE[dtype], f"forward {what}")
+    grad = make_input(shape, dtype, memory_format, device, seed=7)
+    got = torch.autograd.grad(y, (x, r, weight, bias), grad)
+    want = torch.autograd.grad(ref, (x64, r64, w64, b64), grad.double().cpu())
+    assert got[1].dtype == residual_dtype, f"dresidual in {got[1].dtype}, not the residual's {residual_dtype}"
+    coarser = max(GRAD_TOLERANCE[dtype], GRAD_TOLERANCE[residual_dtype])  # dresidual is rounded to r's dtype
+    for name, g, w, tol in zip(("dx", "dresidual", "dweight", "dbias"), got, want,
+                               (GRAD_TOLERANCE[dtype], coarser, GRAD_TOLERANCE[dtype], GRAD_TOLERANCE[dtype])):
+        assert_close(g, w, tol, f"{name} {what}")

@@ -13,13 +13,13 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyCall, instantiate
 from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling import build_backbone, build_model as d2_build_model, build_sem_seg_head
-from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock
 from detectron2.utils.events import EventStorage
 from torch import nn
 
 import gn_det
 from gn_det.data import synthetic_batch
-from gn_det.modeling.fuse import FusedBasicStem, FusedBottleneckBlock
+from gn_det.modeling.fuse import FusedBasicBlock, FusedBasicStem, FusedBottleneckBlock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN_CONFIG = os.path.join(ROOT, "configs", "mask_rcnn_gn.yaml")
@@ -159,6 +159,36 @@ def test_relus_fused_where_detectron2_applies_them():
         assert conv.norm.activation == "relu" and conv.activation is None
     assert all(c.norm.activation == "relu" for c in model.roi_heads.mask_head.conv_norm_relus)
     assert model.backbone.fpn_output2.norm.activation is None  # no ReLU after FPN convs
+
+
+@pytest.mark.parametrize("block_type,fused_type", [(BasicBlock, FusedBasicBlock), (BottleneckBlock, FusedBottleneckBlock)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("stride", [1, 2])  # identity shortcut, and a shortcut conv + GN
+def test_block_end_fused_same_results_and_state_dict(block_type, fused_type, channels_last, stride):
+    # relu_(norm(conv(x)) + shortcut) as one GN pass: detectron2's block gives the same
+    # output and gradients, bit for bit in fp32, with the same state_dict.
+    kwargs = {"bottleneck_channels": 32} if block_type is BottleneckBlock else {}
+    in_channels = 64 if stride == 1 else 32
+    torch.manual_seed(0)
+    plain = block_type(in_channels, 64, stride=stride, norm="FastGN", **kwargs)
+    for p in plain.parameters():  # GN's gamma and beta away from 1 and 0
+        nn.init.uniform_(p, 0.5, 1.5) if p.dim() == 1 else None
+    fused = block_type(in_channels, 64, stride=stride, norm="FastGN", **kwargs)
+    fused.load_state_dict(plain.state_dict())
+    assert gn_det.fuse_norm_activation(fused) > 0 and type(fused) is fused_type
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    plain, fused = plain.to(memory_format=memory_format), fused.to(memory_format=memory_format)
+    x = torch.randn(2, in_channels, 12, 10).to(memory_format=memory_format)
+    results = []
+    for block in (plain, fused):
+        xg = x.clone().requires_grad_()
+        y = block(xg)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+        results.append((y, xg.grad, [p.grad for p in block.parameters()]))
+    (y0, dx0, g0), (y1, dx1, g1) = results
+    assert y1.is_contiguous(memory_format=memory_format)
+    assert torch.equal(y0, y1) and torch.equal(dx0, dx1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
 
 
 def _losses_and_detections(model, batch, seed=0):

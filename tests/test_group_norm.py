@@ -21,8 +21,8 @@ from gn_det.kernels.group_norm_op import aten_group_norm
 from gn_det.layers import group_norm as group_norm_module
 from gn_det.layers.group_norm import resolve_num_groups
 from gn_cases import (ACT_FNS, GRAD_TOLERANCE, LAYER_CASES, TOLERANCE, assert_close, check_forward_backward,
-                      check_one_value_per_group, check_scale_without_shift, check_strided_inputs, make_affine, make_input,
-                      reference)
+                      check_one_value_per_group, check_residual, check_scale_without_shift, check_strided_inputs,
+                      make_affine, make_input, reference)
 
 NN_HAS_BIAS = "bias" in inspect.signature(nn.GroupNorm.__init__).parameters  # torch >= 2.14
 
@@ -466,3 +466,86 @@ def test_double_backward_is_refused_clearly():
     (grad,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad.sum().backward()
+
+
+# ----------------------------------------------------------------------------- residual (block ends)
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+@pytest.mark.parametrize("output_recomputed", [False, True])
+@pytest.mark.parametrize("shape,groups,memory_format", [LAYER_CASES[2], LAYER_CASES[3], LAYER_CASES[1]])
+def test_residual_matches_reference(shape, groups, memory_format, activation, output_recomputed):
+    check_residual(shape, groups, memory_format=memory_format, activation=activation,
+                   output_recomputed=output_recomputed)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_residual_half_precision_and_mixed_layouts_and_dtypes(dtype):
+    check_residual((2, 16, 9, 10), 4, dtype=dtype, memory_format=CL, residual_format=CF)
+    check_residual((2, 16, 9, 10), 4, dtype=dtype, residual_dtype=torch.float32, output_recomputed=True)
+    check_residual((2, 16, 9, 10), 4, dtype=torch.float32, residual_dtype=dtype)
+
+
+def test_residual_block_end_keeps_what_the_next_layer_keeps():
+    # relu(GN(x) + r): backward keeps x and the output (which a following conv keeps anyway),
+    # not the sum, and not r; when the output is to be recomputed it keeps r instead.
+    x, r = make_input((2, 64, 16, 16)).requires_grad_(), make_input((2, 64, 16, 16), seed=3).requires_grad_()
+    layer = gn_det.GroupNorm(32, 64)
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer.forward_residual(x, r)
+    big = {ptr for ptr, t in kept.items() if t.numel() == x.numel()}
+    assert big == {x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr()}
+    kept.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        gn_det.group_norm(x, 32, layer.weight, layer.bias, activation="relu", residual=r, output_recomputed=True)
+    big = {ptr for ptr, t in kept.items() if t.numel() == x.numel()}
+    assert big == {x.untyped_storage().data_ptr(), r.untyped_storage().data_ptr()}
+
+
+def test_residual_bad_inputs_have_clear_errors():
+    x = make_input((2, 8, 5, 5))
+    with pytest.raises(ValueError, match=r"residual must be a tensor of the input's shape \(2, 8, 5, 5\).*\(2, 8, 5, 1\)"):
+        gn_det.group_norm(x, 4, residual=x[..., :1])
+    with pytest.raises(TypeError, match="residual dtype torch.int64 is not supported"):
+        gn_det.group_norm(x, 4, residual=torch.ones(2, 8, 5, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="applies its own activation \\('relu'\\)"):
+        gn_det.GroupNorm(4, 8, activation="relu").forward_residual(x, x)
+
+
+def test_residual_under_tracing_and_compile():
+    layer = gn_det.GroupNorm(4, 8)
+    with torch.no_grad():
+        layer.weight.copy_(make_affine(8)[0])
+    x, r = make_input((2, 8, 5, 5)), make_input((2, 8, 5, 5), seed=3)
+    expected = F.relu(F.group_norm(x, 4, layer.weight, layer.bias) + r)
+
+    class BlockEnd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = layer
+
+        def forward(self, x, r):
+            return self.norm.forward_residual(x, r)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(BlockEnd(), (x, r))
+    kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+    assert {"aten::group_norm", "aten::add", "aten::relu"} <= kinds
+    assert not any(kind.startswith("gn_det::") for kind in kinds)  # standard operators only
+    torch.testing.assert_close(traced(x, r), expected)
+    compiled = torch.compile(BlockEnd(), backend="aot_eager", fullgraph=True)
+    xg, rg = x.clone().requires_grad_(), r.clone().requires_grad_()
+    out = compiled(xg, rg)
+    torch.testing.assert_close(out, expected)
+    out.square().sum().backward()
+    x64, r64 = x.double().requires_grad_(), r.double().requires_grad_()
+    F.relu(F.group_norm(x64, 4, layer.weight.double(), layer.bias.double()) + r64).square().sum().backward()
+    assert_close(xg.grad, x64.grad, GRAD_TOLERANCE[torch.float32], "dx under torch.compile")
+    assert_close(rg.grad, r64.grad, GRAD_TOLERANCE[torch.float32], "dresidual under torch.compile")

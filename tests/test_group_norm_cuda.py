@@ -14,8 +14,8 @@ import gn_det
 from gn_det.kernels import routing
 from gn_det.kernels.activation import ACT_RELU
 from gn_det.kernels.group_norm_op import dispatch_path, triton_enabled_for
-from gn_cases import (check_forward_backward, check_one_value_per_group, check_scale_without_shift, check_strided_inputs,
-                      make_affine, make_input, reference)
+from gn_cases import (check_forward_backward, check_one_value_per_group, check_residual, check_scale_without_shift,
+                      check_strided_inputs, make_affine, make_input, reference)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CF, CL = torch.contiguous_format, torch.channels_last
@@ -172,3 +172,12 @@ def test_routed_shape_runs_pytorch_groupnorm_in_the_input_dtype(monkeypatch, tmp
     ref = reference(x, 32, layer.weight, layer.bias, 1e-5, "relu")
     assert (y.double().cpu() - ref).abs().max().item() < 3e-2 * max(1.0, ref.abs().max().item())
     assert x.grad is not None and torch.isfinite(x.grad).all() and layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [CF, CL])
+@pytest.mark.parametrize("output_recomputed", [False, True])
+@pytest.mark.parametrize("shape", [(2, 256, 50, 84), (200, 256, 14, 14)])  # res4-like (split) and mask head (per group)
+def test_residual_block_end_cuda(shape, memory_format, dtype, output_recomputed):
+    check_residual(shape, 32, dtype=dtype, memory_format=memory_format, device="cuda",
+                   output_recomputed=output_recomputed)

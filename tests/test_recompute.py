@@ -131,27 +131,40 @@ def test_torch_compile_leaves_it_off():
 
 
 def test_resnet_fpn_backbone_gradients_bit_identical():
+    # Block ends fused (GN + shortcut add + ReLU in one pass) or not, outputs recomputed or
+    # not: the same outputs and gradients, bit for bit in fp32, from the same state_dict.
     from detectron2.modeling import build_backbone
 
-    cfg = gn_det.get_config(os.path.join(ROOT, "configs", "mask_rcnn_gn.yaml"),
-                            ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.BACKBONE.FREEZE_AT", 0])
-    torch.manual_seed(0)
-    backbone = build_backbone(cfg)
+    def backbone(fuse: bool):
+        cfg = gn_det.get_config(os.path.join(ROOT, "configs", "mask_rcnn_gn.yaml"),
+                                ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.BACKBONE.FREEZE_AT", 0,
+                                 "MODEL.GN.FUSE_ACTIVATION", fuse])
+        return build_backbone(cfg)
+
+    unfused, fused = backbone(False), backbone(True)
+    fused.load_state_dict(unfused.state_dict())  # the same keys and shapes
     x = torch.randn(1, 3, 64, 96)
-    params = tuple(p.untyped_storage().data_ptr() for p in backbone.parameters())
 
-    def run():
-        backbone.zero_grad(set_to_none=True)
+    def run(model):
+        params = tuple(p.untyped_storage().data_ptr() for p in model.parameters())
+        model.zero_grad(set_to_none=True)
         with gn_det.count_saved_tensors(exclude=params) as count:
-            loss = sum(f.square().sum() for f in backbone(x).values())
+            out = model(x)
+            loss = sum(f.square().sum() for f in out.values())
         loss.backward()
-        return [p.grad.clone() for p in backbone.parameters()], count.bytes
+        return out, [p.grad.clone() for p in model.parameters()], count.bytes
 
-    expected, saved_off = run()
-    gn_det.set_recompute_output(backbone, True)
-    got, saved_on = run()
+    out_unfused, expected, saved_unfused = run(unfused)
+    out_fused, got, saved_fused = run(fused)
+    assert all(torch.equal(out_unfused[k], out_fused[k]) for k in out_unfused)
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
-    assert saved_on < 0.9 * saved_off  # what stays: x for GN, and the block ends (residual add, ReLU)
+    assert saved_fused == saved_unfused  # the fused block end keeps the output the next conv keeps
+    gn_det.set_recompute_output(fused, True)
+    _, got, saved_recomputed = run(fused)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    # What stays: x for each GN (as frozen BN's convs keep their inputs); no GN output, no block
+    # output (recomputed from the block's conv output and shortcut, block after block).
+    assert saved_recomputed < 0.65 * saved_unfused
 
 
 def test_config_key_reaches_detectron2_build_model_and_lazy_settings():

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "ACTIVATIONS", "ACTIVATION_NAMES", "ACTIVATION_TABLE", "ACT_NONE", "ACT_RELU", "ACT_SILU", "Activation",
+    "RESIDUAL_ADD", "RESIDUAL_NONE", "RESIDUAL_OUTPUT",
     "activation_code", "activation_grad_", "apply_activation", "export_activation",
 ]
 
@@ -50,6 +51,13 @@ ACT_NONE, ACT_RELU, ACT_SILU = (a.code for a in ACTIVATION_TABLE)
 ACTIVATIONS: Dict[Optional[str], int] = {a.name: a.code for a in ACTIVATION_TABLE}
 ACTIVATIONS["none"] = ACT_NONE
 ACTIVATION_NAMES: Dict[int, Optional[str]] = {a.code: a.name for a in ACTIVATION_TABLE}
+
+
+# With a residual, how a backward gets the activation's input z = GN(x) + residual (the
+# kernels' RES constexpr): RESIDUAL_ADD, from x and the residual, saved; RESIDUAL_OUTPUT,
+# ReLU only: from the layer's output, saved instead (its sign is z's, and the next layer
+# keeps it anyway; not under output recomputation, which recomputes the output from z).
+RESIDUAL_NONE, RESIDUAL_ADD, RESIDUAL_OUTPUT = 0, 1, 2
 
 
 def activation_code(activation: Optional[str]) -> int:

@@ -18,11 +18,11 @@ Half-precision input is computed in float32 (statistics and arithmetic) and cast
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from .activation import ACT_NONE, activation_grad_, apply_activation
+from .activation import ACT_NONE, RESIDUAL_ADD, RESIDUAL_OUTPUT, activation_grad_, apply_activation
 from .layout import memory_format_of
 
 
@@ -57,8 +57,23 @@ def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: tor
     return torch.addcmul(shift.view(per_channel), x, scale.view(per_channel), out=torch.empty_like(x))
 
 
+def _activation_input(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float,
+    mean: torch.Tensor, rstd: torch.Tensor, residual: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """z = GN(x) [+ residual] in the compute dtype, recomputed in backward by the forward's own
+    kernels: bit-identical to the forward's, so ReLU's mask agrees with it."""
+    n, c = x.shape[:2]
+    if memory_format_of(x) is torch.contiguous_format:
+        z = torch.native_group_norm(x, weight, bias, n, c, x.numel() // (n * c), num_groups, eps)[0]
+    else:
+        z = _affine(x, weight, bias, mean, rstd)
+    return z if residual is None else z.add_(residual)
+
+
 def torch_group_norm_forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, activation: int
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, activation: int,
+    residual: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as ``triton_group_norm_forward``; stats are float32 (float64 for float64 x)."""
     n, c = x.shape[:2]
@@ -72,6 +87,8 @@ def torch_group_norm_forward(
     else:
         mean, rstd = _channels_last_stats(xc, num_groups, eps)
         y = _affine(xc, w, b, mean, rstd)
+    if residual is not None:
+        y += residual  # in the compute dtype, as _activation_input recomputes it
     y = apply_activation(y, activation)
     return y.to(dtype=x.dtype, memory_format=fmt), mean, rstd
 
@@ -79,7 +96,8 @@ def torch_group_norm_forward(
 def torch_group_norm_backward(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, activation: int, eps: float = 1e-5,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    residual: Optional[torch.Tensor] = None, residual_mode: int = RESIDUAL_ADD,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Same contract as ``triton_group_norm_backward`` (plus eps, to recompute z)."""
     n, c = x.shape[:2]
     hxw = x.numel() // (n * c)
@@ -89,15 +107,15 @@ def torch_group_norm_backward(
     w = weight.to(dtype)
     # ATen's backward reads dy in x's layout.
     grad = grad_y.to(dtype).contiguous(memory_format=fmt)
-    if activation != ACT_NONE:
-        # Recompute the activation's input z with the forward's own kernel: bit-identical to
-        # the forward's, so ReLU's mask agrees with it.
-        if fmt is torch.contiguous_format:
-            z = torch.native_group_norm(xc, w, bias.to(dtype), n, c, hxw, num_groups, eps)[0]
-        else:
-            z = _affine(xc, w, bias.to(dtype), mean, rstd)
-        grad = activation_grad_(z, grad, activation)
+    if activation != ACT_NONE and residual is not None and residual_mode == RESIDUAL_OUTPUT:
+        grad = activation_grad_(residual.to(dtype, copy=True), grad, activation)  # ReLU: the output's sign is z's
+    elif activation != ACT_NONE:
+        res = None if residual is None else residual.to(dtype)
+        grad = activation_grad_(_activation_input(xc, w, bias.to(dtype), num_groups, eps, mean, rstd, res), grad,
+                                activation)
+    # d(residual) is the activation's gradient itself (taken before GN's backward reads it).
+    dres = None if residual is None else grad.to(dtype=residual.dtype, memory_format=fmt, copy=True)
     dx, dweight, dbias = torch.ops.aten.native_group_norm_backward(
         grad, xc, mean, rstd, w, n, c, hxw, num_groups, [True, True, True]
     )
-    return dx.to(dtype=x.dtype, memory_format=fmt), dweight.to(weight.dtype), dbias.to(weight.dtype)
+    return dx.to(dtype=x.dtype, memory_format=fmt), dweight.to(weight.dtype), dbias.to(weight.dtype), dres

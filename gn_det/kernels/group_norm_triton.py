@@ -31,6 +31,10 @@ dgamma, dbeta are sums of the partials over (n, split), done with ``torch.sum``.
 
 With an activation, its input z is recomputed in backward from x and the statistics by
 the same formula as in forward, so nothing but x and the per-group statistics is saved.
+With a residual (``RES``, R dense with x's strides): RESIDUAL_ADD, z = GN(x) + R: the
+forward reads R once more, the backward reads it where it reads x and writes dR = dz beside
+dx; RESIDUAL_OUTPUT (backward, ReLU only): R is the layer's output, whose sign is z's, read
+instead of the residual.
 All offsets into x/y/dy/dx are 64-bit. No host-device synchronisation anywhere: launch
 parameters depend on shapes only.
 """
@@ -44,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .activation import ACT_NONE, ACT_RELU, ACT_SILU
+from .activation import ACT_NONE, ACT_RELU, ACT_SILU, RESIDUAL_ADD, RESIDUAL_NONE, RESIDUAL_OUTPUT
 from .layout import flat_spatial_stride
 
 __all__ = ["kernel_path", "triton_group_norm_backward", "triton_group_norm_forward"]
@@ -76,6 +80,18 @@ def _affine_input(x, mean, rstd, w, b):
     keeps z exact when the mean is large against the spread (x * scale + shift would cancel),
     and forward and backward share this one formula so ReLU's mask agrees between them."""
     return (x - mean[:, None]) * (w * rstd)[:, None] + b[:, None]
+
+
+@triton.jit
+def _activation_input(x, mean, rstd, w, b, R, offs, mask, RES: tl.constexpr):
+    """z = GN(x) [+ residual]: the one formula of every forward and backward kernel (with
+    RESIDUAL_OUTPUT, R is the ReLU output, which stands for z: the same sign)."""
+    z = _affine_input(x, mean, rstd, w, b)
+    if RES == 1:
+        z += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+    elif RES == 2:
+        z = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+    return z
 
 
 @triton.jit
@@ -193,32 +209,33 @@ def _stats_finalize_kernel(
 
 @triton.jit
 def _forward_apply_kernel(
-    X, Y, W, B, MEAN, RSTD,
+    X, Y, W, B, MEAN, RSTD, R,
     C, S, G, cpg, stride_n, stride_c, stride_s, n_cblocks, n_sblocks,
-    ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ACT: tl.constexpr, RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_n, c_offs, s_offs, c_mask, mask = _tile_offsets(tl.program_id(0), C, S, n_cblocks, n_sblocks, BLOCK_C, BLOCK_S)
     grp = pid_n * G + c_offs // cpg
     mean, rstd, w, b = _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask)
     offs = pid_n.to(tl.int64) * stride_n + c_offs.to(tl.int64)[:, None] * stride_c + s_offs.to(tl.int64)[None, :] * stride_s
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    y = _activation(_affine_input(x, mean, rstd, w, b), ACT)
+    y = _activation(_activation_input(x, mean, rstd, w, b, R, offs, mask, RES), ACT)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _backward_partial_kernel(
-    X, DY, W, B, MEAN, RSTD, PART_DS, PART_DB,
+    X, DY, W, B, MEAN, RSTD, R, PART_DS, PART_DB,
     C, S, G, cpg,
     stride_n, stride_c, stride_s, dy_stride_n, dy_stride_c, dy_stride_s,
     chunk_s, n_splits, n_cblocks,
-    ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ACT: tl.constexpr, RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_n, pid_k, c_offs, c_mask = _split_program(tl.program_id(0), C, n_splits, n_cblocks, BLOCK_C)
     grp = pid_n * G + c_offs // cpg
     mean, rstd, w, b = _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask)
     c64 = c_offs.to(tl.int64)[:, None]
-    x_base = X + pid_n.to(tl.int64) * stride_n + c64 * stride_c
+    x_row = pid_n.to(tl.int64) * stride_n + c64 * stride_c
+    x_base = X + x_row
     dy_base = DY + pid_n.to(tl.int64) * dy_stride_n + c64 * dy_stride_c
     s_start = pid_k * chunk_s
     s_end = tl.minimum(s_start + chunk_s, S)
@@ -231,8 +248,8 @@ def _backward_partial_kernel(
         x = tl.load(x_base + s64 * stride_s, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_base + s64 * dy_stride_s, mask=mask, other=0.0).to(tl.float32)
         xhat = (x - mean[:, None]) * rstd[:, None]
-        dz = _activation_grad(_affine_input(x, mean, rstd, w, b), dy, ACT)
-        dz = tl.where(mask, dz, 0.0)
+        z = _activation_input(x, mean, rstd, w, b, R, x_row + s64 * stride_s, mask, RES)
+        dz = tl.where(mask, _activation_grad(z, dy, ACT), 0.0)
         ds += tl.sum(dz * xhat, axis=1)
         db += tl.sum(dz, axis=1)
     out = (pid_n.to(tl.int64) * n_splits + pid_k) * C + c_offs
@@ -273,11 +290,11 @@ def _backward_finalize_kernel(
 
 @triton.jit
 def _backward_apply_kernel(
-    X, DY, DX, W, B, MEAN, RSTD, COEF_XHAT, COEF_CONST,
+    X, DY, DX, W, B, MEAN, RSTD, COEF_XHAT, COEF_CONST, R, DR,
     C, S, G, cpg,
     stride_n, stride_c, stride_s, dy_stride_n, dy_stride_c, dy_stride_s,
     n_cblocks, n_sblocks,
-    ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ACT: tl.constexpr, RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_n, c_offs, s_offs, c_mask, mask = _tile_offsets(tl.program_id(0), C, S, n_cblocks, n_sblocks, BLOCK_C, BLOCK_S)
     grp = pid_n * G + c_offs // cpg
@@ -291,9 +308,11 @@ def _backward_apply_kernel(
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + n64 * dy_stride_n + c64 * dy_stride_c + s64 * dy_stride_s, mask=mask, other=0.0).to(tl.float32)
     xhat = (x - mean[:, None]) * rstd[:, None]
-    dz = _activation_grad(_affine_input(x, mean, rstd, w, b), dy, ACT)
+    dz = _activation_grad(_activation_input(x, mean, rstd, w, b, R, offs, mask, RES), dy, ACT)
     dx = (rstd * w)[:, None] * dz + coef_xhat[:, None] * xhat + coef_const[:, None]
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    if RES != 0:
+        tl.store(DR + offs, dz.to(DR.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -314,9 +333,9 @@ def _group_tile(pid, C, S, G, cpg, stride_n, stride_c, stride_s, BLOCK_CG: tl.co
 
 @triton.jit
 def _group_forward_kernel(
-    X, Y, W, B, MEAN, RSTD,
+    X, Y, W, B, MEAN, RSTD, R,
     C, S, G, cpg, stride_n, stride_c, stride_s, eps,
-    ACT: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
+    ACT: tl.constexpr, RES: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """One program per (n, group) that fits in registers: x is read once, statistics are an
     exact two-pass over the registers, y is written once, in a single launch."""
@@ -334,7 +353,7 @@ def _group_forward_kernel(
     # kernels and of this path's backward (the same z, the same ReLU mask).
     mean_c = tl.zeros([BLOCK_CG], dtype=tl.float32) + mean
     rstd_c = tl.zeros([BLOCK_CG], dtype=tl.float32) + rstd
-    y = _activation(_affine_input(x, mean_c, rstd_c, w, b), ACT)
+    y = _activation(_activation_input(x, mean_c, rstd_c, w, b, R, offs, mask, RES), ACT)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(MEAN + pid, mean)
     tl.store(RSTD + pid, rstd)
@@ -342,10 +361,10 @@ def _group_forward_kernel(
 
 @triton.jit
 def _group_backward_kernel(
-    X, DY, DX, W, B, MEAN, RSTD, PART_DS, PART_DB,
+    X, DY, DX, W, B, MEAN, RSTD, PART_DS, PART_DB, R, DR,
     C, S, G, cpg,
     stride_n, stride_c, stride_s, dy_stride_n, dy_stride_c, dy_stride_s,
-    ACT: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
+    ACT: tl.constexpr, RES: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """One program per (n, group) that fits in registers: x and dy are read once, dx written
     once; the per-(n, channel) sums of dz * xhat and dz go out for dgamma and dbeta."""
@@ -361,8 +380,10 @@ def _group_backward_kernel(
     mean_c = tl.zeros([BLOCK_CG], dtype=tl.float32) + mean
     rstd_c = tl.zeros([BLOCK_CG], dtype=tl.float32) + rstd
     xhat = (x - mean) * rstd
-    dz = _activation_grad(_affine_input(x, mean_c, rstd_c, w, b), dy, ACT)
+    dz = _activation_grad(_activation_input(x, mean_c, rstd_c, w, b, R, offs, mask, RES), dy, ACT)
     dz = tl.where(mask, dz, 0.0)
+    if RES != 0:
+        tl.store(DR + offs, dz.to(DR.dtype.element_ty), mask=mask)
     ds = tl.sum(dz * xhat, axis=1)  # per channel: dgamma's share of this (n, group)
     db = tl.sum(dz, axis=1)
     part = pid_n.to(tl.int64) * C + c_offs
@@ -455,40 +476,58 @@ def _on_device_of(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def _residual_of(x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """What the kernels' R pointer gets: the residual (or output), which must have x's
+    strides (it is indexed with x's offsets), or x itself as an unread placeholder."""
+    if residual is None:
+        return x
+    if residual.shape != x.shape or residual.stride() != x.stride():
+        raise ValueError(f"residual of shape {tuple(residual.shape)}, strides {residual.stride()} must have x's "
+                         f"shape {tuple(x.shape)} and strides {x.stride()}")
+    return residual
+
+
 def triton_group_norm_forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, activation: int
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, activation: int,
+    residual: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y = act(group_norm(x)); x is ``(N, C, *)``, contiguous or channels_last-contiguous,
-    with ``numel > 0``; weight and bias ``(C,)``. Returns y (x's dtype and memory format)
-    and the float32 mean and rstd, ``(N, G)``."""
+    """y = act(group_norm(x) [+ residual]); x is ``(N, C, *)``, contiguous or
+    channels_last-contiguous, with ``numel > 0``; weight and bias ``(C,)``; residual None or
+    of x's shape and strides (any float dtype). Returns y (x's dtype and memory format) and
+    the float32 mean and rstd, ``(N, G)``."""
     with _on_device_of(x):
-        return _forward(x, weight, bias, num_groups, eps, activation)
+        return _forward(x, weight, bias, num_groups, eps, activation, residual)
 
 
 def triton_group_norm_backward(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, activation: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``triton_group_norm_forward`` w.r.t. x, weight, bias. grad_y has x's
-    shape, in any strides whose spatial dims flatten to one (used as they are, no copy); dx
-    comes in x's layout; dweight/dbias in weight's dtype."""
+    residual: Optional[torch.Tensor] = None, residual_mode: int = RESIDUAL_ADD,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Gradients of ``triton_group_norm_forward`` w.r.t. x, weight, bias and residual (None
+    without one). grad_y has x's shape, in any strides whose spatial dims flatten to one
+    (used as they are, no copy); dx and dresidual come in x's layout, dresidual in
+    ``residual``'s dtype; dweight/dbias in weight's dtype. ``residual`` is what the forward
+    saved: the residual itself (RESIDUAL_ADD) or, with ReLU, the output (RESIDUAL_OUTPUT)."""
     with _on_device_of(x):
-        return _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation)
+        return _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, residual, residual_mode)
 
 
-def _forward(x, weight, bias, num_groups, eps, activation):
+def _forward(x, weight, bias, num_groups, eps, activation, residual):
     n, c, s, stride_n, stride_c, stride_s, channels_last = _as_ncs(x)
     g = num_groups
     cpg = c // g
     y = torch.empty_like(x)
     mean = torch.empty((n, g), dtype=torch.float32, device=x.device)
     rstd = torch.empty((n, g), dtype=torch.float32, device=x.device)
+    r, res_mode = _residual_of(x, residual), RESIDUAL_NONE if residual is None else RESIDUAL_ADD
     resident = _group_resident_blocks(cpg, s)
     if resident is not None:
         block_cg, block_s = resident
         _group_forward_kernel[(n * g,)](
-            x, y, weight, bias, mean, rstd, c, s, g, cpg, stride_n, stride_c, stride_s, eps,
-            ACT=activation, BLOCK_CG=block_cg, BLOCK_S=block_s, num_warps=_num_warps(block_cg * block_s),
+            x, y, weight, bias, mean, rstd, r, c, s, g, cpg, stride_n, stride_c, stride_s, eps,
+            ACT=activation, RES=res_mode, BLOCK_CG=block_cg, BLOCK_S=block_s,
+            num_warps=_num_warps(block_cg * block_s),
         )
         return y, mean, rstd
     block_c, block_s, n_cblocks, n_sblocks, splits, chunk_s = _plan(n, c, s, channels_last, x.device)
@@ -505,13 +544,13 @@ def _forward(x, weight, bias, num_groups, eps, activation):
         BLOCK_K=block_k, BLOCK_CG=block_cg,
     )
     _forward_apply_kernel[(n * n_cblocks * n_sblocks,)](
-        x, y, weight, bias, mean, rstd, c, s, g, cpg, stride_n, stride_c, stride_s, n_cblocks, n_sblocks,
-        ACT=activation, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
+        x, y, weight, bias, mean, rstd, r, c, s, g, cpg, stride_n, stride_c, stride_s, n_cblocks, n_sblocks,
+        ACT=activation, RES=res_mode, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
     )
     return y, mean, rstd
 
 
-def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation):
+def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, residual, residual_mode):
     n, c, s, stride_n, stride_c, stride_s, channels_last = _as_ncs(x)
     g = num_groups
     cpg = c // g
@@ -520,26 +559,33 @@ def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation):
         raise ValueError("grad_y's spatial dims must flatten to one stride (the caller makes it dense first)")
     dy_stride_n, dy_stride_c = grad_y.stride(0), grad_y.stride(1)
     dx = torch.empty_like(x)
+    r = _residual_of(x, residual)
+    res_mode = RESIDUAL_NONE if residual is None else residual_mode
+    if res_mode == RESIDUAL_OUTPUT and activation != ACT_RELU:
+        raise ValueError("RESIDUAL_OUTPUT stands for the activation's input by its sign: ReLU only")
+    dres = None if residual is None else torch.empty_like(residual)
+    dr = dx if dres is None else dres  # (an unwritten placeholder without a residual)
     resident = _group_resident_blocks(cpg, s)
     if resident is not None:
         part_ds = torch.empty((n, c), dtype=torch.float32, device=x.device)
         part_db = torch.empty_like(part_ds)
         block_cg, block_s = resident
         _group_backward_kernel[(n * g,)](
-            x, grad_y, dx, weight, bias, mean, rstd, part_ds, part_db, c, s, g, cpg,
+            x, grad_y, dx, weight, bias, mean, rstd, part_ds, part_db, r, dr, c, s, g, cpg,
             stride_n, stride_c, stride_s, dy_stride_n, dy_stride_c, dy_stride_s,
-            ACT=activation, BLOCK_CG=block_cg, BLOCK_S=block_s, num_warps=_num_warps(block_cg * block_s),
+            ACT=activation, RES=res_mode, BLOCK_CG=block_cg, BLOCK_S=block_s,
+            num_warps=_num_warps(block_cg * block_s),
         )
-        return dx, part_ds.sum(dim=0).to(weight.dtype), part_db.sum(dim=0).to(weight.dtype)
+        return dx, part_ds.sum(dim=0).to(weight.dtype), part_db.sum(dim=0).to(weight.dtype), dres
     block_c, block_s, n_cblocks, n_sblocks, splits, chunk_s = _plan(n, c, s, channels_last, x.device)
     warps = _num_warps(block_c * block_s)
     part_ds = torch.empty((n, splits, c), dtype=torch.float32, device=x.device)
     part_db = torch.empty_like(part_ds)
     _backward_partial_kernel[(n * n_cblocks * splits,)](
-        x, grad_y, weight, bias, mean, rstd, part_ds, part_db, c, s, g, cpg,
+        x, grad_y, weight, bias, mean, rstd, r, part_ds, part_db, c, s, g, cpg,
         stride_n, stride_c, stride_s, dy_stride_n, dy_stride_c, dy_stride_s,
         chunk_s, splits, n_cblocks,
-        ACT=activation, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
+        ACT=activation, RES=res_mode, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
     )
     coef_xhat = torch.empty((n, g), dtype=torch.float32, device=x.device)
     coef_const = torch.empty_like(coef_xhat)
@@ -549,13 +595,14 @@ def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation):
         BLOCK_K=block_k, BLOCK_CG=block_cg,
     )
     _backward_apply_kernel[(n * n_cblocks * n_sblocks,)](
-        x, grad_y, dx, weight, bias, mean, rstd, coef_xhat, coef_const, c, s, g, cpg,
+        x, grad_y, dx, weight, bias, mean, rstd, coef_xhat, coef_const, r, dr, c, s, g, cpg,
         stride_n, stride_c, stride_s, dy_stride_n, dy_stride_c, dy_stride_s, n_cblocks, n_sblocks,
-        ACT=activation, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
+        ACT=activation, RES=res_mode, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
     )
     dweight = part_ds.sum(dim=(0, 1)).to(weight.dtype)
     dbias = part_db.sum(dim=(0, 1)).to(weight.dtype)
-    return dx, dweight, dbias
+    return dx, dweight, dbias, dres
 
 
 assert (ACT_NONE, ACT_RELU, ACT_SILU) == (0, 1, 2)  # the kernels' ACT constexpr encoding
+assert (RESIDUAL_NONE, RESIDUAL_ADD, RESIDUAL_OUTPUT) == (0, 1, 2)  # and RES's

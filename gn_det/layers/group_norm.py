@@ -155,6 +155,24 @@ class GroupNorm(nn.GroupNorm):
             _recompute.record_output(y, self.bias, self.eps)
         return y
 
+    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor, activation: Optional[str] = "relu") -> torch.Tensor:
+        """``activation(self(x) + residual)`` in one pass: a residual block's end (its last
+        norm, the shortcut add and the ReLU). x and residual ``(N, C, *)`` of the same shape;
+        the output has x's dtype and memory format. Backward keeps x and, with ReLU, the
+        output (which the next layer keeps anyway) instead of the sum; under output
+        recomputation it keeps the residual (the block's input, kept by the block anyway) and
+        the output is recomputed like any GN output. For a layer without an activation of
+        its own (one would apply before the add)."""
+        if self.activation is not None:
+            raise ValueError(f"GroupNorm.forward_residual: this layer applies its own activation "
+                             f"({self.activation!r}) before any residual could be added; use a layer without one")
+        recording = _recompute.recording()
+        y = group_norm(x, self.num_groups, self.weight, self.bias, self.eps, activation, residual=residual,
+                       output_recomputed=recording)
+        if recording:
+            _recompute.record_output(y, self.bias, self.eps)
+        return y
+
     def extra_repr(self) -> str:
         text = super().extra_repr()
         if not _NN_GROUP_NORM_HAS_BIAS and self.affine and self.bias is None:

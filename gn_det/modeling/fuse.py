@@ -5,6 +5,11 @@
 - ResNet ``BasicStem``, ``BasicBlock``, ``BottleneckBlock`` call ``F.relu_`` after a conv's
   norm in ``forward``: the block's class becomes a subclass whose forward skips the ReLUs
   that its GN layers now apply.
+- The residual blocks' ends, ``relu_(norm(conv(x)) + shortcut)``: one GN pass with the add
+  and the ReLU (``GroupNorm.forward_residual``), which keeps the conv's output and the
+  shortcut for backward instead of the sum as well. The last conv is then run by the block
+  (its weights, through ``nn.Conv2d._conv_forward``), not called as a module: forward hooks
+  on that conv do not run. ``MODEL.GN.FUSE_ACTIVATION: False`` leaves blocks as they are.
 Module names, parameters and buffers are untouched, so state_dicts keep their keys.
 """
 from __future__ import annotations
@@ -38,23 +43,34 @@ class FusedBasicStem(BasicStem):
         return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
 
 
+def _block_end_fusable(conv: nn.Module) -> bool:
+    """Whether ``relu_(conv(x) + shortcut)`` can run as one GN pass: a detectron2 Conv2d
+    whose norm is gn_det's GN without an activation of its own, and no activation after."""
+    return isinstance(conv, Conv2d) and _fusable(conv) and conv.norm.activation is None and conv.activation is None
+
+
+def _block_end(conv: Conv2d, x, shortcut):
+    """``relu_(conv(x) + shortcut)``, the add and ReLU fused into conv's GN where they can be."""
+    if _block_end_fusable(conv):
+        return conv.norm.forward_residual(conv._conv_forward(x, conv.weight, conv.bias), shortcut, "relu")
+    out = conv(x)
+    out += shortcut
+    return F.relu_(out)
+
+
 class FusedBasicBlock(BasicBlock):
     def forward(self, x):
         out = _relu(self.conv1(x), self.conv1)
-        out = self.conv2(out)
         shortcut = self.shortcut(x) if self.shortcut is not None else x
-        out += shortcut
-        return F.relu_(out)
+        return _block_end(self.conv2, out, shortcut)
 
 
 class FusedBottleneckBlock(BottleneckBlock):
     def forward(self, x):
         out = _relu(self.conv1(x), self.conv1)
         out = _relu(self.conv2(out), self.conv2)
-        out = self.conv3(out)
         shortcut = self.shortcut(x) if self.shortcut is not None else x
-        out += shortcut
-        return F.relu_(out)
+        return _block_end(self.conv3, out, shortcut)
 
 
 # block class -> (fused class, convs whose norm is followed by a ReLU in forward)

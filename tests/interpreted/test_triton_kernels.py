@@ -14,8 +14,8 @@ from gn_det.kernels.group_norm_op import dispatch_path, triton_enabled_for
 from gn_det.kernels.group_norm_torch import torch_group_norm_backward, torch_group_norm_forward
 from gn_det.kernels import group_norm_triton
 from gn_det.kernels.group_norm_triton import kernel_path, triton_group_norm_backward, triton_group_norm_forward
-from gn_cases import (LAYER_CASES, check_forward_backward, check_one_value_per_group, check_scale_without_shift,
-                      check_strided_inputs, make_affine, make_input, reference)
+from gn_cases import (LAYER_CASES, check_forward_backward, check_one_value_per_group, check_residual,
+                      check_scale_without_shift, check_strided_inputs, make_affine, make_input, reference)
 
 CF, CL, CL3D = torch.contiguous_format, torch.channels_last, torch.channels_last_3d
 
@@ -61,6 +61,22 @@ def test_kernels_match_reference(shape, groups, memory_format, activation, path)
 @pytest.mark.parametrize("memory_format", [CF, CL])
 def test_half_precision(dtype, memory_format, path):
     check_forward_backward((2, 16, 9, 10), 4, dtype=dtype, memory_format=memory_format, activation="silu")
+
+
+@pytest.mark.parametrize("shape,groups,memory_format,activation,output_recomputed", [
+    ((2, 12, 7, 9), 4, CF, "relu", False),   # backward reads the output for ReLU's mask
+    ((2, 12, 7, 9), 4, CF, "relu", True),    # backward reads the residual
+    ((2, 12, 7, 9), 4, CL, "silu", False),
+    ((1, 8, 64, 64), 4, CL, "relu", False),  # several spatial splits
+    ((1, 4, 64, 64), 2, CF, None, True),
+])
+def test_residual_block_end(shape, groups, memory_format, activation, output_recomputed, path):
+    check_residual(shape, groups, memory_format=memory_format, activation=activation,
+                   output_recomputed=output_recomputed)
+
+
+def test_residual_half_precision_mixed(path):
+    check_residual((2, 16, 9, 10), 4, dtype=torch.bfloat16, memory_format=CL, residual_dtype=torch.float32)
 
 
 def test_no_affine(path):
