@@ -34,12 +34,14 @@ class GNSettings:
         0, "when > 0, each layer's group count is its channels divided by this, instead of NUM_GROUPS "
            "(the GN paper's other way to set its one hyperparameter).")
     eps: float = _key(1e-5, "added to the variance.")
-    fuse_activation: bool = _key(True, "a ReLU that follows a GN runs inside the GN kernels.")
+    fuse_activation: bool = _key(
+        True, "a ReLU that follows a GN runs inside the GN kernels, and so does a residual block's end "
+              "(GN, shortcut add, ReLU).")
     replace_gn: bool = _key(False, "detectron2's own \"GN\" norm name builds gn_det's GN too.")
     recompute_output: bool = _key(
         False, "a GN output is not kept for the next layer's backward: it is recomputed then from what GN "
-               "keeps anyway (x, gamma, beta), one GN forward more per such layer; gradients unchanged "
-               "(`gn_det.set_recompute_output`).")
+               "keeps anyway (x, gamma, beta; a fused block end's shortcut, itself recomputed), one GN forward "
+               "more per such use; gradients unchanged (`gn_det.set_recompute_output`).")
     channels_last: bool = _key(
         False, "the built model is put in channels_last (NHWC) memory format, so convolutions and GN "
                "run NHWC (fastest with mixed precision on GPU).", key="MODEL.CHANNELS_LAST")

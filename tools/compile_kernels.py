@@ -42,11 +42,13 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from gn_det.benchmark_shapes import COMPILE_EXTRA_SHAPES, MASK_RCNN_SHAPES  # noqa: E402
 from gn_det.kernels import inspection  # noqa: E402
-from gn_det.kernels.activation import ACT_NONE, ACT_RELU, ACT_SILU  # noqa: E402
+from gn_det.kernels.activation import ACT_NONE, ACT_RELU, ACT_SILU, RESIDUAL_ADD, RESIDUAL_OUTPUT  # noqa: E402
 
 SHAPES = {**MASK_RCNN_SHAPES, **COMPILE_EXTRA_SHAPES}
 QUICK = ("res2 N=2", "box head", "volume", "features, G = C")
 ACT_NAMES = {ACT_NONE: "none", ACT_RELU: "relu", ACT_SILU: "silu"}
+# --block-ends: the residual blocks' ends, relu(GN(x) + residual), with what backward reads.
+BLOCK_ENDS = {"relu+residual": RESIDUAL_ADD, "relu+residual, output kept": RESIDUAL_OUTPUT}
 # The shapes whose launches "launches" counts: one of each kernel path.
 LAUNCH_SHAPES = {"split": "res2 N=2", "group": "box head"}
 
@@ -171,6 +173,8 @@ def main() -> int:
                         help="also count the compilations of detectron2 multi-scale training (replay_compiles)")
     parser.add_argument("--replay-iterations", type=int, default=300)
     parser.add_argument("--markdown", metavar="JSON", help="print the markdown report of a --json output and exit")
+    parser.add_argument("--block-ends", action="store_true",
+                        help="also the residual block ends (GN + residual + ReLU), both of their backward modes")
     args = parser.parse_args()
     if args.markdown:
         with open(args.markdown) as f:
@@ -187,15 +191,19 @@ def main() -> int:
     for shape_name, shape in shapes.items():
         for dtype in dtypes:
             for layout, fmt in inspection.memory_formats(len(shape)):
-                for act in ACT_NAMES:
-                    forward, backward = inspection.layer_launches(shape, dtype, fmt, act, **recording)
-                    cases += [(shape_name, shape, dtype, layout, act, launch)
+                variants = [(name, act, 0) for act, name in ACT_NAMES.items()]
+                if args.block_ends:
+                    variants += [(name, ACT_RELU, mode) for name, mode in BLOCK_ENDS.items()]
+                for name, act, mode in variants:
+                    forward, backward = inspection.layer_launches(shape, dtype, fmt, act, residual_mode=mode,
+                                                                  **recording)
+                    cases += [(shape_name, shape, dtype, layout, name, launch)
                               for launch in forward + backward if launch.is_triton]
     specs: Dict[str, inspection.Launch] = {}
     where: Dict[str, str] = {}
     for shape_name, shape, dtype, layout, act, launch in cases:
         specs.setdefault(launch.key, launch)
-        where.setdefault(launch.key, f"{shape_name} {tuple(shape)} {str(dtype)[6:]} {layout} act={ACT_NAMES[act]}")
+        where.setdefault(launch.key, f"{shape_name} {tuple(shape)} {str(dtype)[6:]} {layout} act={act}")
     log = sys.stderr if args.json else sys.stdout
     print(f"{len(specs)} kernel specialisations for sm_{args.arch} (triton {triton.__version__})", file=log, flush=True)
     compiled: Dict[str, dict] = {}
@@ -222,7 +230,7 @@ def main() -> int:
                 continue
             kernels.append({
                 "kernel": launch.kernel, "shape": shape_name, "dims": list(shape), "dtype": str(dtype)[6:],
-                "layout": layout, "activation": ACT_NAMES[act], "registers": row["registers"], "spills": row["spills"],
+                "layout": layout, "activation": act, "registers": row["registers"], "spills": row["spills"],
                 "load_bytes_min": row["load_bytes_min"], "store_bytes_min": row["store_bytes_min"],
                 "blocks_per_sm": row["blocks_per_sm"], "waves": round(inspection.waves(launch.programs,
                                                                                        row["blocks_per_sm"]), 3),

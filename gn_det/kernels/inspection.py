@@ -26,9 +26,10 @@ from triton.runtime import driver
 
 from . import group_norm_triton as kernels
 
-# The kernels' pointer parameters that address activation-sized tensors (x, y, dy, dx); the
-# others address per-channel gamma/beta, per-group statistics or partial sums.
-ACTIVATION_POINTERS = frozenset({"X", "Y", "DY", "DX"})
+# The kernels' pointer parameters that address activation-sized tensors (x, y, dy, dx, and a
+# block end's residual and its gradient); the others address per-channel gamma/beta,
+# per-group statistics or partial sums.
+ACTIVATION_POINTERS = frozenset({"X", "Y", "DY", "DX", "R", "DR"})
 
 # aten ops that launch no kernel: allocations and views.
 _NO_KERNEL_OPS = ("empty", "empty_like", "empty_strided", "detach", "view", "as_strided", "alias", "t", "expand")
@@ -146,16 +147,18 @@ def recording_launches(target: GPUTarget = GPUTarget("cuda", 90, 32), sm_count: 
 
 
 def layer_launches(shape: Sequence[int], dtype: torch.dtype, memory_format: torch.memory_format, activation: int,
-                   num_groups: int = 32, **recording) -> Tuple[List[Launch], List[Launch]]:
+                   num_groups: int = 32, residual_mode: int = 0, **recording) -> Tuple[List[Launch], List[Launch]]:
     """The launches of one GN layer's forward and of its backward at this shape (recorded,
-    not run)."""
+    not run); with ``residual_mode`` (``activation.RESIDUAL_*``), a block end's: GN + residual."""
     x = torch.empty(tuple(shape), dtype=dtype, device="meta").contiguous(memory_format=memory_format)
     w = torch.empty(shape[1], device="meta")
+    r = torch.empty_like(x) if residual_mode else None
     with recording_launches(**recording) as launches:
-        _, mean, rstd = kernels.triton_group_norm_forward(x, w, w, num_groups, 1e-5, activation)
+        _, mean, rstd = kernels.triton_group_norm_forward(x, w, w, num_groups, 1e-5, activation, r)
         forward = list(launches)
         del launches[:]
-        kernels.triton_group_norm_backward(torch.empty_like(x), x, w, w, mean, rstd, num_groups, activation)
+        kernels.triton_group_norm_backward(torch.empty_like(x), x, w, w, mean, rstd, num_groups, activation, r,
+                                           residual_mode)
         backward = list(launches)
     return forward, backward
 
