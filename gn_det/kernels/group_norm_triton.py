@@ -12,22 +12,23 @@ One program per (n, group), for groups that fit one program's registers (up to
   forward  ``_group_forward_kernel``: x read once, exact two-pass statistics in registers,
            y written once, one launch;
   backward ``_group_backward_kernel``: x and dy read once, dx written once, per-(n, channel)
-           partial sums for dgamma/dbeta, one launch (+ their sum over n).
+           partial sums for dgamma/dbeta; ``_param_grad_kernel`` sums them over n: two launches.
 
 Split reduction, for larger groups: work is spread over the GPU even when ``N * G`` is
 small (1-2 images per GPU) by splitting each group's reduction over many programs along
 the spatial axis.
 Forward (3 launches, x is read twice, y written once):
-  1. ``_stats_partial_kernel``: per (n, channel block, spatial split) the count/mean/M2 of
-     each channel; inside a tile an exact two-pass, across tiles Chan's merge, so a large
-     mean against the standard deviation costs no accuracy (no E[x^2] - E[x]^2).
+  1. ``_stats_partial_kernel``: per (n, channel block, spatial split) the mean/M2 of each
+     channel: per-lane Welford across the split's tiles, the lanes merged by Chan's formula
+     after the loop, so a large mean against the standard deviation costs no accuracy (no
+     E[x^2] - E[x]^2).
   2. ``_stats_finalize_kernel``: per (n, group) merges its channels' partials -> mean, rstd.
   3. ``_forward_apply_kernel``: y = act(x * scale_c + shift_c).
-Backward (3 launches + 2 small reductions; x and dy read twice, dx written once):
+Backward (3 launches; x and dy read twice, dx written once):
   1. ``_backward_partial_kernel``: per channel partial sums of dz * xhat and dz.
-  2. ``_backward_finalize_kernel``: per (n, group) the two coefficients of dx.
+  2. ``_backward_finalize_kernel``: per (n, group) the two coefficients of dx, and in the
+     same launch dgamma, dbeta: the partials summed over (n, split), in the weight's dtype.
   3. ``_backward_apply_kernel``: dx = rstd * gamma * dz + c_xhat * xhat + c_0.
-dgamma, dbeta are sums of the partials over (n, split), done with ``torch.sum``.
 
 With an activation, its input z is recomputed in backward from x and the statistics by
 the same formula as in forward, so nothing but x and the per-group statistics is saved.
@@ -126,33 +127,47 @@ def _split_program(pid, C, n_splits, n_cblocks, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _welford_combine(mean_a, m2_a, count_a, mean_b, m2_b, count_b):
+    """Chan et al.'s merge of two (mean, M2, count) statistics; empty ones merge to nothing."""
+    count = count_a + count_b
+    frac_b = tl.where(count > 0.0, count_b / tl.maximum(count, 1.0), 0.0)
+    delta = mean_b - mean_a
+    return mean_a + delta * frac_b, m2_a + m2_b + delta * delta * count_a * frac_b, count
+
+
+@triton.jit
 def _stats_partial_kernel(
     X, PART_MEAN, PART_M2,
     C, S, stride_n, stride_c, stride_s, chunk_s, n_splits, n_cblocks,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_n, pid_k, c_offs, c_mask = _split_program(tl.program_id(0), C, n_splits, n_cblocks, BLOCK_C)
-    x_base = X + pid_n.to(tl.int64) * stride_n + c_offs.to(tl.int64)[:, None] * stride_c
+    x_rows = X + pid_n.to(tl.int64) * stride_n + c_offs.to(tl.int64) * stride_c
+    x_base = x_rows[:, None]
     s_start = pid_k * chunk_s
     s_end = tl.minimum(s_start + chunk_s, S)
-    count = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    # Per-lane Welford accumulators, carried across the loop with no reduction inside it (so
+    # nothing waits on the tile's other warps while the next loads are in flight); the
+    # lanes are merged once, after the loop, by Chan's exact formula. On x - shift, shift one
+    # value of the channel's: the running means stay small, so a mean large against the
+    # spread is rounded once (adding the shift back), not at every update.
+    shift = tl.load(x_rows + s_start.to(tl.int64) * stride_s, mask=c_mask, other=0.0).to(tl.float32)
+    lane_count = tl.zeros([BLOCK_S], dtype=tl.float32)  # the same for every channel of a lane
+    lane_mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    lane_m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for s0 in range(s_start, s_end, BLOCK_S):
         s_offs = s0 + tl.arange(0, BLOCK_S)
         s_mask = s_offs < s_end
         mask = c_mask[:, None] & s_mask[None, :]
         x = tl.load(x_base + s_offs.to(tl.int64)[None, :] * stride_s, mask=mask, other=0.0).to(tl.float32)
-        tile_count = tl.sum(s_mask.to(tl.float32), axis=0)
-        tile_mean = tl.sum(x, axis=1) / tile_count
-        dev = tl.where(mask, x - tile_mean[:, None], 0.0)
-        tile_m2 = tl.sum(dev * dev, axis=1)
-        # Chan et al.: merge (count, mean, m2) with the tile's statistics.
-        new_count = count + tile_count
-        delta = tile_mean - mean
-        mean += delta * (tile_count / new_count)
-        m2 += tile_m2 + delta * delta * (count * tile_count / new_count)
-        count = new_count
+        x -= shift[:, None]
+        lane_count += s_mask.to(tl.float32)
+        delta = tl.where(s_mask[None, :], x - lane_mean, 0.0)
+        lane_mean += delta / tl.maximum(lane_count, 1.0)[None, :]
+        lane_m2 += delta * tl.where(s_mask[None, :], x - lane_mean, 0.0)
+    counts = tl.broadcast_to(lane_count[None, :], (BLOCK_C, BLOCK_S))
+    mean, m2, _ = tl.reduce((lane_mean, lane_m2, counts), 1, _welford_combine)
+    mean += shift
     out = (pid_n.to(tl.int64) * n_splits + pid_k) * C + c_offs
     tl.store(PART_MEAN + out, mean, mask=c_mask)
     tl.store(PART_M2 + out, m2, mask=c_mask)
@@ -239,8 +254,9 @@ def _backward_partial_kernel(
     dy_base = DY + pid_n.to(tl.int64) * dy_stride_n + c64 * dy_stride_c
     s_start = pid_k * chunk_s
     s_end = tl.minimum(s_start + chunk_s, S)
-    ds = tl.zeros([BLOCK_C], dtype=tl.float32)
-    db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    # Per-lane sums, reduced once after the loop.
+    ds = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    db = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for s0 in range(s_start, s_end, BLOCK_S):
         s_offs = s0 + tl.arange(0, BLOCK_S)
         mask = c_mask[:, None] & (s_offs < s_end)[None, :]
@@ -250,21 +266,42 @@ def _backward_partial_kernel(
         xhat = (x - mean[:, None]) * rstd[:, None]
         z = _activation_input(x, mean, rstd, w, b, R, x_row + s64 * stride_s, mask, RES)
         dz = tl.where(mask, _activation_grad(z, dy, ACT), 0.0)
-        ds += tl.sum(dz * xhat, axis=1)
-        db += tl.sum(dz, axis=1)
+        ds += dz * xhat
+        db += dz
     out = (pid_n.to(tl.int64) * n_splits + pid_k) * C + c_offs
-    tl.store(PART_DS + out, ds, mask=c_mask)
-    tl.store(PART_DB + out, db, mask=c_mask)
+    tl.store(PART_DS + out, tl.sum(ds, axis=1), mask=c_mask)
+    tl.store(PART_DB + out, tl.sum(db, axis=1), mask=c_mask)
 
 
 @triton.jit
-def _backward_finalize_kernel(
-    PART_DS, PART_DB, W, RSTD, COEF_XHAT, COEF_CONST,
-    C, S, G, cpg, n_splits,
-    BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr,
-):
-    """dx = rstd * (gamma*dz - (sum(gamma*dz) + xhat * sum(gamma*dz*xhat)) / M), M = cpg*S."""
-    pid = tl.program_id(0)
+def _param_sums(PART_DS, PART_DB, DW, DB, pid_c, rows, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dgamma and dbeta of one block of channels: their partial sums over ``rows`` rows (n, or
+    n x split) added in a fixed order (deterministic), stored in the parameters' dtype."""
+    c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    acc_ds = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    acc_db = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for r0 in range(0, rows, BLOCK_R):
+        r_offs = r0 + tl.arange(0, BLOCK_R)
+        mask = (r_offs < rows)[:, None] & c_mask[None, :]
+        offs = r_offs.to(tl.int64)[:, None] * C + c_offs[None, :]
+        acc_ds += tl.load(PART_DS + offs, mask=mask, other=0.0)
+        acc_db += tl.load(PART_DB + offs, mask=mask, other=0.0)
+    tl.store(DW + c_offs, tl.sum(acc_ds, axis=0).to(DW.dtype.element_ty), mask=c_mask)
+    tl.store(DB + c_offs, tl.sum(acc_db, axis=0).to(DB.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _param_grad_kernel(PART_DS, PART_DB, DW, DB, rows, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dgamma, dbeta from the one-program-per-group backward's per-(n, channel) sums."""
+    _param_sums(PART_DS, PART_DB, DW, DB, tl.program_id(0), rows, C, BLOCK_R, BLOCK_C)
+
+
+@triton.jit
+def _dx_coefficients(PART_DS, PART_DB, W, RSTD, COEF_XHAT, COEF_CONST, pid, C, S, G, cpg, n_splits,
+                     BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr):
+    """dx's two coefficients of one (n, group) ``pid``:
+    dx = rstd * (gamma*dz - (sum(gamma*dz) + xhat * sum(gamma*dz*xhat)) / M), M = cpg*S."""
     pid_n = pid // G
     g = pid % G
     row0 = pid_n.to(tl.int64) * n_splits
@@ -286,6 +323,23 @@ def _backward_finalize_kernel(
     inv_m = 1.0 / tl.cast(cpg * S, tl.float32)
     tl.store(COEF_XHAT + pid, -rstd * sum_ds * inv_m)
     tl.store(COEF_CONST + pid, -rstd * sum_db * inv_m)
+
+
+@triton.jit
+def _backward_finalize_kernel(
+    PART_DS, PART_DB, W, RSTD, COEF_XHAT, COEF_CONST, DW, DB,
+    C, S, G, cpg, n_splits, n_groups, rows,
+    BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Programs [0, N*G): dx's coefficients of one (n, group) each. Programs from N*G on:
+    dgamma and dbeta of BLOCK_C channels each. Both read only the partial sums, so they share
+    one launch."""
+    pid = tl.program_id(0)
+    if pid < n_groups:
+        _dx_coefficients(PART_DS, PART_DB, W, RSTD, COEF_XHAT, COEF_CONST, pid, C, S, G, cpg, n_splits,
+                         BLOCK_K, BLOCK_CG)
+    else:
+        _param_sums(PART_DS, PART_DB, DW, DB, pid - n_groups, rows, C, BLOCK_R, BLOCK_C)
 
 
 @triton.jit
@@ -399,6 +453,8 @@ def _group_backward_kernel(
 # ----------------------------------------------------------------------------- launch plans
 
 _TILE_ELEMENTS = 4096  # elements per tile of the split kernels (16 per thread at 8 warps)
+# dgamma/dbeta: a program sums the partials of PARAM_BLOCK_C channels, PARAM_BLOCK_R rows at a time.
+PARAM_BLOCK_R, PARAM_BLOCK_C = 32, 32
 _MAX_SPLITS = 512
 # Groups of up to this many elements (padded to powers of two) are normalised by one program
 # each, in one launch forward and one backward (detectron2's box and mask heads: 8 x 49 and
@@ -576,7 +632,11 @@ def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, resid
             ACT=activation, RES=res_mode, BLOCK_CG=block_cg, BLOCK_S=block_s,
             num_warps=_num_warps(block_cg * block_s),
         )
-        return dx, part_ds.sum(dim=0).to(weight.dtype), part_db.sum(dim=0).to(weight.dtype), dres
+        dweight, dbias = torch.empty_like(weight), torch.empty_like(weight)
+        _param_grad_kernel[(triton.cdiv(c, PARAM_BLOCK_C),)](
+            part_ds, part_db, dweight, dbias, n, c, BLOCK_R=PARAM_BLOCK_R, BLOCK_C=PARAM_BLOCK_C,
+        )
+        return dx, dweight, dbias, dres
     block_c, block_s, n_cblocks, n_sblocks, splits, chunk_s = _plan(n, c, s, channels_last, x.device)
     warps = _num_warps(block_c * block_s)
     part_ds = torch.empty((n, splits, c), dtype=torch.float32, device=x.device)
@@ -590,17 +650,16 @@ def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, resid
     coef_xhat = torch.empty((n, g), dtype=torch.float32, device=x.device)
     coef_const = torch.empty_like(coef_xhat)
     block_k, block_cg = _finalize_blocks(splits, cpg)
-    _backward_finalize_kernel[(n * g,)](
-        part_ds, part_db, weight, rstd, coef_xhat, coef_const, c, s, g, cpg, splits,
-        BLOCK_K=block_k, BLOCK_CG=block_cg,
+    dweight, dbias = torch.empty_like(weight), torch.empty_like(weight)
+    _backward_finalize_kernel[(n * g + triton.cdiv(c, PARAM_BLOCK_C),)](
+        part_ds, part_db, weight, rstd, coef_xhat, coef_const, dweight, dbias, c, s, g, cpg, splits, n * g,
+        n * splits, BLOCK_K=block_k, BLOCK_CG=block_cg, BLOCK_R=PARAM_BLOCK_R, BLOCK_C=PARAM_BLOCK_C,
     )
     _backward_apply_kernel[(n * n_cblocks * n_sblocks,)](
         x, grad_y, dx, weight, bias, mean, rstd, coef_xhat, coef_const, r, dr, c, s, g, cpg,
         stride_n, stride_c, stride_s, dy_stride_n, dy_stride_c, dy_stride_s, n_cblocks, n_sblocks,
         ACT=activation, RES=res_mode, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
     )
-    dweight = part_ds.sum(dim=(0, 1)).to(weight.dtype)
-    dbias = part_db.sum(dim=(0, 1)).to(weight.dtype)
     return dx, dweight, dbias, dres
 
 
