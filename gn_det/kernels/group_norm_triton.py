@@ -1,8 +1,16 @@
 """Triton kernels for Group Normalization with a fused activation, forward and backward.
 
-Every input ``(N, C, *)`` is seen as ``(N, C, S)`` with strides, so one set of kernels
-serves NCHW (``stride_s == 1``) and channels_last (``stride_c == 1``) alike; Triton
-specialises strides equal to 1, so loads are coalesced along whichever axis is contiguous.
+Every input ``(N, C, *)`` is seen as a dense ``(N, C, S)``, NCHW or channels_last (the
+``CHANNELS_LAST`` constexpr): one set of kernels serves both, addressing each layout from its
+sizes, so loads run along whichever axis is contiguous. The activation (``ACT``) is a
+runtime argument, a branch that is the same for every element, not a specialisation, but in
+``_backward_partial_kernel``, whose per-lane sums leave no registers for every activation's
+code at once (161 instead of 127 at most, one block of 8 warps per SM instead of two). dy, the residual and their gradients
+are dense in x's layout (the launchers copy anything else), so one offset serves them all.
+Sizes that change from image to image (S, the split lengths and counts) are not specialised
+(``do_not_specialize``): multi-scale training compiles each kernel a few times, not once per
+image size. What their divisibility told the compiler, how aligned NCHW rows are, is the
+``ALIGN`` constexpr instead (the largest power of two dividing S, up to one 16-byte access).
 
 Two kernel sets, chosen by the size of a group (``cpg * S``, channels per group times
 spatial size):
@@ -50,13 +58,13 @@ import triton
 import triton.language as tl
 
 from .activation import ACT_NONE, ACT_RELU, ACT_SILU, RESIDUAL_ADD, RESIDUAL_NONE, RESIDUAL_OUTPUT
-from .layout import flat_spatial_stride
+from .layout import memory_format_of
 
 __all__ = ["kernel_path", "triton_group_norm_backward", "triton_group_norm_forward"]
 
 
 @triton.jit
-def _activation(z, ACT: tl.constexpr):
+def _activation(z, ACT):
     if ACT == 1:  # relu
         z = tl.maximum(z, 0.0)
     elif ACT == 2:  # silu
@@ -65,7 +73,7 @@ def _activation(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _activation_grad(z, dy, ACT: tl.constexpr):
+def _activation_grad(z, dy, ACT):
     """d act(z) / dz * dy."""
     if ACT == 1:
         dy = tl.where(z > 0.0, dy, 0.0)
@@ -106,7 +114,34 @@ def _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask):
 
 
 @triton.jit
-def _tile_offsets(pid, C, S, n_cblocks, n_sblocks, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr):
+    """64-bit offset of each channel's first position in sample pid_n of a dense (N, C, S)
+    tensor. NCHW rows are S elements apart; S is not specialised, so ALIGN says how aligned
+    they are (what lets the loads along them be vectorised)."""
+    base = pid_n.to(tl.int64) * C * S
+    if CHANNELS_LAST:
+        return base + c_offs.to(tl.int64)
+    return tl.multiple_of(base + c_offs.to(tl.int64) * S, ALIGN)
+
+
+@triton.jit
+def _offsets(rows, s_offs, C, CHANNELS_LAST: tl.constexpr):
+    """(BLOCK_C, BLOCK_S) element offsets from the row starts and spatial positions: positions
+    are C apart in channels_last, adjacent in NCHW."""
+    if CHANNELS_LAST:
+        return rows[:, None] + s_offs.to(tl.int64)[None, :] * C
+    return rows[:, None] + s_offs.to(tl.int64)[None, :]
+
+
+@triton.jit
+def _below(s_offs, S, ALIGN: tl.constexpr):
+    """s_offs < S, told what the launcher knows of S (ALIGN divides it): the mask is then
+    constant over ALIGN positions, so the masked accesses along S stay vectorised."""
+    return (s_offs // ALIGN) < (S // ALIGN)  # (s < S, in whole ALIGN-blocks: the compiler sees them)
+
+
+@triton.jit
+def _tile_offsets(pid, C, S, n_cblocks, n_sblocks, ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """Decompose a 1-D program id into one tile's n, channel and spatial offsets, the
     channel mask and the tile's mask."""
     pid_s = pid % n_sblocks
@@ -114,7 +149,7 @@ def _tile_offsets(pid, C, S, n_cblocks, n_sblocks, BLOCK_C: tl.constexpr, BLOCK_
     c_offs = (rest % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     s_offs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     c_mask = c_offs < C
-    return rest // n_cblocks, c_offs, s_offs, c_mask, c_mask[:, None] & (s_offs < S)[None, :]
+    return rest // n_cblocks, c_offs, s_offs, c_mask, c_mask[:, None] & _below(s_offs, S, ALIGN)[None, :]
 
 
 @triton.jit
@@ -135,31 +170,34 @@ def _welford_combine(mean_a, m2_a, count_a, mean_b, m2_b, count_b):
     return mean_a + delta * frac_b, m2_a + m2_b + delta * delta * count_a * frac_b, count
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "split_tiles", "n_splits", "n_cblocks"])
 def _stats_partial_kernel(
     X, PART_MEAN, PART_M2,
-    C, S, stride_n, stride_c, stride_s, chunk_s, n_splits, n_cblocks,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    C, S, split_tiles, n_splits, n_cblocks,
+    CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_n, pid_k, c_offs, c_mask = _split_program(tl.program_id(0), C, n_splits, n_cblocks, BLOCK_C)
-    x_rows = X + pid_n.to(tl.int64) * stride_n + c_offs.to(tl.int64) * stride_c
-    x_base = x_rows[:, None]
-    s_start = pid_k * chunk_s
-    s_end = tl.minimum(s_start + chunk_s, S)
+    rows = _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN)
+    s_start = pid_k * split_tiles * BLOCK_S  # splits are whole tiles (which the compiler sees)
+    split_end = tl.minimum(s_start + split_tiles * BLOCK_S, S)
     # Per-lane Welford accumulators, carried across the loop with no reduction inside it (so
     # nothing waits on the tile's other warps while the next loads are in flight); the
-    # lanes are merged once, after the loop, by Chan's exact formula. On x - shift, shift one
-    # value of the channel's: the running means stay small, so a mean large against the
-    # spread is rounded once (adding the shift back), not at every update.
-    shift = tl.load(x_rows + s_start.to(tl.int64) * stride_s, mask=c_mask, other=0.0).to(tl.float32)
-    lane_count = tl.zeros([BLOCK_S], dtype=tl.float32)  # the same for every channel of a lane
-    lane_mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    # lanes are merged once, after the loop, by Chan's exact formula. On x - shift, shift the
+    # first tile's mean of the channel: the running means stay small, so a mean large against
+    # the spread is rounded once (adding the shift back), not at every update.
+    s_offs = s_start + tl.arange(0, BLOCK_S)
+    s_mask = _below(s_offs, S, ALIGN)
+    mask = c_mask[:, None] & s_mask[None, :]
+    x = tl.load(X + _offsets(rows, s_offs, C, CHANNELS_LAST), mask=mask, other=0.0).to(tl.float32)
+    lane_count = s_mask.to(tl.float32)  # the same for every channel of a lane
+    shift = tl.sum(x, axis=1) / tl.maximum(tl.sum(lane_count, axis=0), 1.0)
+    lane_mean = tl.where(s_mask[None, :], x - shift[:, None], 0.0)
     lane_m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    for s0 in range(s_start, s_end, BLOCK_S):
+    for s0 in range(s_start + BLOCK_S, split_end, BLOCK_S):
         s_offs = s0 + tl.arange(0, BLOCK_S)
-        s_mask = s_offs < s_end
+        s_mask = _below(s_offs, S, ALIGN)
         mask = c_mask[:, None] & s_mask[None, :]
-        x = tl.load(x_base + s_offs.to(tl.int64)[None, :] * stride_s, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + _offsets(rows, s_offs, C, CHANNELS_LAST), mask=mask, other=0.0).to(tl.float32)
         x -= shift[:, None]
         lane_count += s_mask.to(tl.float32)
         delta = tl.where(s_mask[None, :], x - lane_mean, 0.0)
@@ -190,7 +228,7 @@ def _partials_tile(k0, c0, row0, g, C, S, cpg, chunk_s, n_splits, BLOCK_K: tl.co
     return offs, mask, _split_counts(k_offs, S, chunk_s)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "G", "cpg", "chunk_s", "n_splits"])
 def _stats_finalize_kernel(
     PART_MEAN, PART_M2, MEAN, RSTD,
     C, S, G, cpg, chunk_s, n_splits, eps,
@@ -222,49 +260,46 @@ def _stats_finalize_kernel(
     tl.store(RSTD + pid, 1.0 / tl.sqrt(var + eps))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "G", "cpg", "n_cblocks", "n_sblocks", "ACT"])
 def _forward_apply_kernel(
     X, Y, W, B, MEAN, RSTD, R,
-    C, S, G, cpg, stride_n, stride_c, stride_s, n_cblocks, n_sblocks,
-    ACT: tl.constexpr, RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    C, S, G, cpg, n_cblocks, n_sblocks,
+    ACT, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid_n, c_offs, s_offs, c_mask, mask = _tile_offsets(tl.program_id(0), C, S, n_cblocks, n_sblocks, BLOCK_C, BLOCK_S)
+    pid_n, c_offs, s_offs, c_mask, mask = _tile_offsets(tl.program_id(0), C, S, n_cblocks, n_sblocks, ALIGN, BLOCK_C, BLOCK_S)
     grp = pid_n * G + c_offs // cpg
     mean, rstd, w, b = _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask)
-    offs = pid_n.to(tl.int64) * stride_n + c_offs.to(tl.int64)[:, None] * stride_c + s_offs.to(tl.int64)[None, :] * stride_s
+    offs = _offsets(_row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN), s_offs, C, CHANNELS_LAST)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     y = _activation(_activation_input(x, mean, rstd, w, b, R, offs, mask, RES), ACT)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "G", "cpg", "split_tiles", "n_splits", "n_cblocks"])
 def _backward_partial_kernel(
     X, DY, W, B, MEAN, RSTD, R, PART_DS, PART_DB,
-    C, S, G, cpg,
-    stride_n, stride_c, stride_s, dy_stride_n, dy_stride_c, dy_stride_s,
-    chunk_s, n_splits, n_cblocks,
-    ACT: tl.constexpr, RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    C, S, G, cpg, split_tiles, n_splits, n_cblocks,
+    ACT: tl.constexpr, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_n, pid_k, c_offs, c_mask = _split_program(tl.program_id(0), C, n_splits, n_cblocks, BLOCK_C)
     grp = pid_n * G + c_offs // cpg
     mean, rstd, w, b = _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask)
-    c64 = c_offs.to(tl.int64)[:, None]
-    x_row = pid_n.to(tl.int64) * stride_n + c64 * stride_c
-    x_base = X + x_row
-    dy_base = DY + pid_n.to(tl.int64) * dy_stride_n + c64 * dy_stride_c
-    s_start = pid_k * chunk_s
-    s_end = tl.minimum(s_start + chunk_s, S)
+    rows = _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN)
+    s_start = pid_k * split_tiles * BLOCK_S  # splits are whole tiles (which the compiler sees)
+    split_end = tl.minimum(s_start + split_tiles * BLOCK_S, S)
     # Per-lane sums, reduced once after the loop.
     ds = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     db = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    for s0 in range(s_start, s_end, BLOCK_S):
+    for s0 in range(s_start, split_end, BLOCK_S):
         s_offs = s0 + tl.arange(0, BLOCK_S)
-        mask = c_mask[:, None] & (s_offs < s_end)[None, :]
-        s64 = s_offs.to(tl.int64)[None, :]
-        x = tl.load(x_base + s64 * stride_s, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_base + s64 * dy_stride_s, mask=mask, other=0.0).to(tl.float32)
+        mask = c_mask[:, None] & (_below(s_offs, S, ALIGN))[None, :]
+        offs = _offsets(rows, s_offs, C, CHANNELS_LAST)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         xhat = (x - mean[:, None]) * rstd[:, None]
-        z = _activation_input(x, mean, rstd, w, b, R, x_row + s64 * stride_s, mask, RES)
+        z = _activation_input(x, mean, rstd, w, b, R, offs, mask, RES)
         dz = tl.where(mask, _activation_grad(z, dy, ACT), 0.0)
         ds += dz * xhat
         db += dz
@@ -291,7 +326,7 @@ def _param_sums(PART_DS, PART_DB, DW, DB, pid_c, rows, C, BLOCK_R: tl.constexpr,
     tl.store(DB + c_offs, tl.sum(acc_db, axis=0).to(DB.dtype.element_ty), mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])
 def _param_grad_kernel(PART_DS, PART_DB, DW, DB, rows, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """dgamma, dbeta from the one-program-per-group backward's per-(n, channel) sums."""
     _param_sums(PART_DS, PART_DB, DW, DB, tl.program_id(0), rows, C, BLOCK_R, BLOCK_C)
@@ -325,7 +360,7 @@ def _dx_coefficients(PART_DS, PART_DB, W, RSTD, COEF_XHAT, COEF_CONST, pid, C, S
     tl.store(COEF_CONST + pid, -rstd * sum_db * inv_m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "G", "cpg", "n_splits", "n_groups", "rows"])
 def _backward_finalize_kernel(
     PART_DS, PART_DB, W, RSTD, COEF_XHAT, COEF_CONST, DW, DB,
     C, S, G, cpg, n_splits, n_groups, rows,
@@ -342,25 +377,21 @@ def _backward_finalize_kernel(
         _param_sums(PART_DS, PART_DB, DW, DB, pid - n_groups, rows, C, BLOCK_R, BLOCK_C)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "G", "cpg", "n_cblocks", "n_sblocks", "ACT"])
 def _backward_apply_kernel(
     X, DY, DX, W, B, MEAN, RSTD, COEF_XHAT, COEF_CONST, R, DR,
-    C, S, G, cpg,
-    stride_n, stride_c, stride_s, dy_stride_n, dy_stride_c, dy_stride_s,
-    n_cblocks, n_sblocks,
-    ACT: tl.constexpr, RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    C, S, G, cpg, n_cblocks, n_sblocks,
+    ACT, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid_n, c_offs, s_offs, c_mask, mask = _tile_offsets(tl.program_id(0), C, S, n_cblocks, n_sblocks, BLOCK_C, BLOCK_S)
+    pid_n, c_offs, s_offs, c_mask, mask = _tile_offsets(tl.program_id(0), C, S, n_cblocks, n_sblocks, ALIGN, BLOCK_C, BLOCK_S)
     grp = pid_n * G + c_offs // cpg
     mean, rstd, w, b = _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask)
     coef_xhat = tl.load(COEF_XHAT + grp, mask=c_mask, other=0.0)
     coef_const = tl.load(COEF_CONST + grp, mask=c_mask, other=0.0)
-    n64 = pid_n.to(tl.int64)
-    c64 = c_offs.to(tl.int64)[:, None]
-    s64 = s_offs.to(tl.int64)[None, :]
-    offs = n64 * stride_n + c64 * stride_c + s64 * stride_s
+    offs = _offsets(_row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN), s_offs, C, CHANNELS_LAST)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + n64 * dy_stride_n + c64 * dy_stride_c + s64 * dy_stride_s, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     xhat = (x - mean[:, None]) * rstd[:, None]
     dz = _activation_grad(_activation_input(x, mean, rstd, w, b, R, offs, mask, RES), dy, ACT)
     dx = (rstd * w)[:, None] * dz + coef_xhat[:, None] * xhat + coef_const[:, None]
@@ -370,7 +401,8 @@ def _backward_apply_kernel(
 
 
 @triton.jit
-def _group_tile(pid, C, S, G, cpg, stride_n, stride_c, stride_s, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr):
+def _group_tile(pid, C, S, G, cpg, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, BLOCK_CG: tl.constexpr,
+                BLOCK_S: tl.constexpr):
     """The whole of one (n, group) as a (BLOCK_CG channels, BLOCK_S positions) tile:
     (n, channel offsets, channel mask, element offsets, element mask)."""
     pid_n = pid // G
@@ -379,22 +411,22 @@ def _group_tile(pid, C, S, G, cpg, stride_n, stride_c, stride_s, BLOCK_CG: tl.co
     c_mask = cg < cpg
     c_offs = g * cpg + cg
     s_offs = tl.arange(0, BLOCK_S)
-    mask = c_mask[:, None] & (s_offs < S)[None, :]
-    offs = (pid_n.to(tl.int64) * stride_n + c_offs.to(tl.int64)[:, None] * stride_c
-            + s_offs.to(tl.int64)[None, :] * stride_s)
+    mask = c_mask[:, None] & _below(s_offs, S, ALIGN)[None, :]
+    offs = _offsets(_row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN), s_offs, C, CHANNELS_LAST)
     return pid_n, c_offs, c_mask, offs, mask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "G", "cpg", "ACT"])
 def _group_forward_kernel(
     X, Y, W, B, MEAN, RSTD, R,
-    C, S, G, cpg, stride_n, stride_c, stride_s, eps,
-    ACT: tl.constexpr, RES: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
+    C, S, G, cpg, eps,
+    ACT, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """One program per (n, group) that fits in registers: x is read once, statistics are an
     exact two-pass over the registers, y is written once, in a single launch."""
     pid = tl.program_id(0)
-    _, c_offs, c_mask, offs, mask = _group_tile(pid, C, S, G, cpg, stride_n, stride_c, stride_s, BLOCK_CG, BLOCK_S)
+    _, c_offs, c_mask, offs, mask = _group_tile(pid, C, S, G, cpg, CHANNELS_LAST, ALIGN, BLOCK_CG, BLOCK_S)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     count = tl.cast(cpg * S, tl.float32)  # tl.cast: Triton folds integer arguments equal to 1 to constants
     mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
@@ -413,20 +445,19 @@ def _group_forward_kernel(
     tl.store(RSTD + pid, rstd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "G", "cpg", "ACT"])
 def _group_backward_kernel(
     X, DY, DX, W, B, MEAN, RSTD, PART_DS, PART_DB, R, DR,
     C, S, G, cpg,
-    stride_n, stride_c, stride_s, dy_stride_n, dy_stride_c, dy_stride_s,
-    ACT: tl.constexpr, RES: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
+    ACT, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """One program per (n, group) that fits in registers: x and dy are read once, dx written
     once; the per-(n, channel) sums of dz * xhat and dz go out for dgamma and dbeta."""
     pid = tl.program_id(0)
-    pid_n, c_offs, c_mask, offs, mask = _group_tile(pid, C, S, G, cpg, stride_n, stride_c, stride_s, BLOCK_CG, BLOCK_S)
-    _, _, _, dy_offs, _ = _group_tile(pid, C, S, G, cpg, dy_stride_n, dy_stride_c, dy_stride_s, BLOCK_CG, BLOCK_S)
+    pid_n, c_offs, c_mask, offs, mask = _group_tile(pid, C, S, G, cpg, CHANNELS_LAST, ALIGN, BLOCK_CG, BLOCK_S)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + dy_offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(MEAN + pid)
     rstd = tl.load(RSTD + pid)
     w = tl.load(W + c_offs, mask=c_mask, other=0.0).to(tl.float32)
@@ -471,14 +502,29 @@ def _target_programs(device_index: Optional[int]) -> int:
     return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _as_ncs(x: torch.Tensor) -> Tuple[int, int, int, int, int, int, bool]:
-    """(N, C, S) sizes and strides of x, which is contiguous or channels_last-contiguous, and
-    whether it is channels_last (the one place that decides the layout)."""
+def _as_ncs(x: torch.Tensor) -> Tuple[int, int, int, bool]:
+    """(N, C, S) sizes of x, which is contiguous or channels_last-contiguous, and whether it
+    is channels_last (the one place that decides the layout)."""
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // max(n * c, 1)
     channels_last = x.dim() > 2 and x.stride(1) == 1 and c > 1
-    stride_s = c if channels_last else 1
-    return n, c, s, x.stride(0), x.stride(1), stride_s, channels_last
+    return n, c, s, channels_last
+
+
+def _alignment(s: int, channels_last: bool, element_size: int) -> int:
+    """The kernels' ALIGN: in NCHW the largest power of two dividing S, how many elements
+    each row start is a multiple of, up to one 16-byte access (8 bf16 or 4 float32 elements:
+    more would change nothing but add compilations). 1 in channels_last, where accesses run
+    along C (which is specialised)."""
+    return 1 if channels_last else min(s & -s, 16 // element_size)
+
+
+def _dense_like(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy of it, dense in x's layout: the kernels index it with x's offsets."""
+    if t.shape != x.shape:
+        raise ValueError(f"a tensor of shape {tuple(t.shape)} where x's shape {tuple(x.shape)} is needed")
+    fmt = memory_format_of(x)
+    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
 
 
 def _plan(n: int, c: int, s: int, channels_last: bool, device: torch.device):
@@ -519,9 +565,11 @@ def kernel_path(x: torch.Tensor, num_groups: int) -> str:
 
 
 def _finalize_blocks(splits: int, cpg: int) -> Tuple[int, int]:
-    block_cg = min(triton.next_power_of_2(cpg), 64)
-    block_k = max(1, min(triton.next_power_of_2(splits), 1024 // block_cg))
-    return block_k, block_cg
+    """(BLOCK_K splits, BLOCK_CG channels) tiles of the finalize kernels' partials: 1024
+    elements, whatever the split count (which varies with the image size; a tile shaped to it
+    would compile anew for each), 16 or 64 channels."""
+    block_cg = 16 if cpg <= 16 else 64  # two shapes, not one per channel count
+    return 1024 // block_cg, block_cg
 
 
 def _on_device_of(x: torch.Tensor):
@@ -533,14 +581,9 @@ def _on_device_of(x: torch.Tensor):
 
 
 def _residual_of(x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
-    """What the kernels' R pointer gets: the residual (or output), which must have x's
-    strides (it is indexed with x's offsets), or x itself as an unread placeholder."""
-    if residual is None:
-        return x
-    if residual.shape != x.shape or residual.stride() != x.stride():
-        raise ValueError(f"residual of shape {tuple(residual.shape)}, strides {residual.stride()} must have x's "
-                         f"shape {tuple(x.shape)} and strides {x.stride()}")
-    return residual
+    """What the kernels' R pointer gets: the residual (or output) dense in x's layout, or x
+    itself as an unread placeholder."""
+    return x if residual is None else _dense_like(x, residual)
 
 
 def triton_group_norm_forward(
@@ -549,7 +592,7 @@ def triton_group_norm_forward(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = act(group_norm(x) [+ residual]); x is ``(N, C, *)``, contiguous or
     channels_last-contiguous, with ``numel > 0``; weight and bias ``(C,)``; residual None or
-    of x's shape and strides (any float dtype). Returns y (x's dtype and memory format) and
+    of x's shape (any float dtype; copied if not dense in x's layout). Returns y (x's dtype and memory format) and
     the float32 mean and rstd, ``(N, G)``."""
     with _on_device_of(x):
         return _forward(x, weight, bias, num_groups, eps, activation, residual)
@@ -561,8 +604,8 @@ def triton_group_norm_backward(
     residual: Optional[torch.Tensor] = None, residual_mode: int = RESIDUAL_ADD,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Gradients of ``triton_group_norm_forward`` w.r.t. x, weight, bias and residual (None
-    without one). grad_y has x's shape, in any strides whose spatial dims flatten to one
-    (used as they are, no copy); dx and dresidual come in x's layout, dresidual in
+    without one). grad_y has x's shape (copied if not dense in x's layout, as a
+    convolution's gradient is); dx and dresidual come in x's layout, dresidual in
     ``residual``'s dtype; dweight/dbias in weight's dtype. ``residual`` is what the forward
     saved: the residual itself (RESIDUAL_ADD) or, with ReLU, the output (RESIDUAL_OUTPUT)."""
     with _on_device_of(x):
@@ -570,7 +613,8 @@ def triton_group_norm_backward(
 
 
 def _forward(x, weight, bias, num_groups, eps, activation, residual):
-    n, c, s, stride_n, stride_c, stride_s, channels_last = _as_ncs(x)
+    n, c, s, channels_last = _as_ncs(x)
+    layout = {"CHANNELS_LAST": channels_last, "ALIGN": _alignment(s, channels_last, x.element_size())}
     g = num_groups
     cpg = c // g
     y = torch.empty_like(x)
@@ -581,8 +625,8 @@ def _forward(x, weight, bias, num_groups, eps, activation, residual):
     if resident is not None:
         block_cg, block_s = resident
         _group_forward_kernel[(n * g,)](
-            x, y, weight, bias, mean, rstd, r, c, s, g, cpg, stride_n, stride_c, stride_s, eps,
-            ACT=activation, RES=res_mode, BLOCK_CG=block_cg, BLOCK_S=block_s,
+            x, y, weight, bias, mean, rstd, r, c, s, g, cpg, eps,
+            ACT=activation, RES=res_mode, **layout, BLOCK_CG=block_cg, BLOCK_S=block_s,
             num_warps=_num_warps(block_cg * block_s),
         )
         return y, mean, rstd
@@ -591,8 +635,8 @@ def _forward(x, weight, bias, num_groups, eps, activation, residual):
     part_mean = torch.empty((n, splits, c), dtype=torch.float32, device=x.device)
     part_m2 = torch.empty_like(part_mean)
     _stats_partial_kernel[(n * n_cblocks * splits,)](
-        x, part_mean, part_m2, c, s, stride_n, stride_c, stride_s, chunk_s, splits, n_cblocks,
-        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
+        x, part_mean, part_m2, c, s, chunk_s // block_s, splits, n_cblocks,
+        **layout, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
     )
     block_k, block_cg = _finalize_blocks(splits, cpg)
     _stats_finalize_kernel[(n * g,)](
@@ -600,20 +644,18 @@ def _forward(x, weight, bias, num_groups, eps, activation, residual):
         BLOCK_K=block_k, BLOCK_CG=block_cg,
     )
     _forward_apply_kernel[(n * n_cblocks * n_sblocks,)](
-        x, y, weight, bias, mean, rstd, r, c, s, g, cpg, stride_n, stride_c, stride_s, n_cblocks, n_sblocks,
-        ACT=activation, RES=res_mode, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
+        x, y, weight, bias, mean, rstd, r, c, s, g, cpg, n_cblocks, n_sblocks,
+        ACT=activation, RES=res_mode, **layout, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
     )
     return y, mean, rstd
 
 
 def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, residual, residual_mode):
-    n, c, s, stride_n, stride_c, stride_s, channels_last = _as_ncs(x)
+    n, c, s, channels_last = _as_ncs(x)
+    layout = {"CHANNELS_LAST": channels_last, "ALIGN": _alignment(s, channels_last, x.element_size())}
     g = num_groups
     cpg = c // g
-    dy_stride_s = flat_spatial_stride(grad_y)
-    if dy_stride_s is None:
-        raise ValueError("grad_y's spatial dims must flatten to one stride (the caller makes it dense first)")
-    dy_stride_n, dy_stride_c = grad_y.stride(0), grad_y.stride(1)
+    grad_y = _dense_like(x, grad_y)
     dx = torch.empty_like(x)
     r = _residual_of(x, residual)
     res_mode = RESIDUAL_NONE if residual is None else residual_mode
@@ -628,8 +670,7 @@ def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, resid
         block_cg, block_s = resident
         _group_backward_kernel[(n * g,)](
             x, grad_y, dx, weight, bias, mean, rstd, part_ds, part_db, r, dr, c, s, g, cpg,
-            stride_n, stride_c, stride_s, dy_stride_n, dy_stride_c, dy_stride_s,
-            ACT=activation, RES=res_mode, BLOCK_CG=block_cg, BLOCK_S=block_s,
+            ACT=activation, RES=res_mode, **layout, BLOCK_CG=block_cg, BLOCK_S=block_s,
             num_warps=_num_warps(block_cg * block_s),
         )
         dweight, dbias = torch.empty_like(weight), torch.empty_like(weight)
@@ -642,10 +683,8 @@ def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, resid
     part_ds = torch.empty((n, splits, c), dtype=torch.float32, device=x.device)
     part_db = torch.empty_like(part_ds)
     _backward_partial_kernel[(n * n_cblocks * splits,)](
-        x, grad_y, weight, bias, mean, rstd, r, part_ds, part_db, c, s, g, cpg,
-        stride_n, stride_c, stride_s, dy_stride_n, dy_stride_c, dy_stride_s,
-        chunk_s, splits, n_cblocks,
-        ACT=activation, RES=res_mode, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
+        x, grad_y, weight, bias, mean, rstd, r, part_ds, part_db, c, s, g, cpg, chunk_s // block_s, splits, n_cblocks,
+        ACT=activation, RES=res_mode, **layout, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
     )
     coef_xhat = torch.empty((n, g), dtype=torch.float32, device=x.device)
     coef_const = torch.empty_like(coef_xhat)
@@ -656,9 +695,8 @@ def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, resid
         n * splits, BLOCK_K=block_k, BLOCK_CG=block_cg, BLOCK_R=PARAM_BLOCK_R, BLOCK_C=PARAM_BLOCK_C,
     )
     _backward_apply_kernel[(n * n_cblocks * n_sblocks,)](
-        x, grad_y, dx, weight, bias, mean, rstd, coef_xhat, coef_const, r, dr, c, s, g, cpg,
-        stride_n, stride_c, stride_s, dy_stride_n, dy_stride_c, dy_stride_s, n_cblocks, n_sblocks,
-        ACT=activation, RES=res_mode, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
+        x, grad_y, dx, weight, bias, mean, rstd, coef_xhat, coef_const, r, dr, c, s, g, cpg, n_cblocks, n_sblocks,
+        ACT=activation, RES=res_mode, **layout, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
     )
     return dx, dweight, dbias, dres
 
