@@ -117,7 +117,7 @@ def markdown(data: dict) -> str:
     lines = [f"# Triton kernels compiled for {meta['arch']} (triton {meta['triton']}, torch {meta['torch']})", "",
              f"{meta['specialisations']} specialisations, {meta['compiled']} compiled, {meta['failed_or_spilled']} "
              f"failed or spilled. Occupancy against {meta['sm_count']} SMs, 65536 registers, 228 KB shared memory, "
-             "64 warps and 32 blocks per SM. Command: `python tools/compile_kernels.py --json --replay-multiscale`.", "",
+             f"64 warps and 32 blocks per SM. Command: `{meta.get('command', 'python tools/compile_kernels.py --json --replay-multiscale')}`.", "",
              "## Per kernel over the Mask R-CNN shapes (ranges over shapes and activations)", "",
              "| kernel | dtype | layout | registers | spills | load bytes min | store bytes min | blocks/SM | waves |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -238,7 +238,8 @@ def main() -> int:
                 "load_bytes_by_pointer": row["load_bytes_by_pointer"],
                 "store_bytes_by_pointer": row["store_bytes_by_pointer"]})
         counts = launch_counts()
-        out = {"meta": {"arch": f"sm_{args.arch}", "sm_count": args.sm_count, "triton": triton.__version__,
+        out = {"meta": {"command": " ".join(["python tools/compile_kernels.py"] + sys.argv[1:]),
+                        "arch": f"sm_{args.arch}", "sm_count": args.sm_count, "triton": triton.__version__,
                         "torch": torch.__version__, "specialisations": len(specs), "compiled": len(compiled),
                         "failed_or_spilled": failures,
                         "limits": vars(inspection.H100) | {"sms": args.sm_count}},

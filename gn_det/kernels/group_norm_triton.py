@@ -3,9 +3,10 @@
 Every input ``(N, C, *)`` is seen as a dense ``(N, C, S)``, NCHW or channels_last (the
 ``CHANNELS_LAST`` constexpr): one set of kernels serves both, addressing each layout from its
 sizes, so loads run along whichever axis is contiguous. The activation (``ACT``) is a
-runtime argument, a branch that is the same for every element, not a specialisation, but in
-``_backward_partial_kernel``, whose per-lane sums leave no registers for every activation's
-code at once (161 instead of 127 at most, one block of 8 warps per SM instead of two). dy, the residual and their gradients
+runtime argument of the split apply kernels, a branch that is the same for every element,
+not a specialisation; it stays a constexpr where every activation's code at once costs
+registers (``_backward_partial_kernel``: 161 instead of 127 at most, one block of 8 warps per
+SM instead of two) or spills (the one-program-per-group kernels at some shapes). dy, the residual and their gradients
 are dense in x's layout (the launchers copy anything else), so one offset serves them all.
 Sizes that change from image to image (S, the split lengths and counts) are not specialised
 (``do_not_specialize``): multi-scale training compiles each kernel a few times, not once per
@@ -404,23 +405,29 @@ def _backward_apply_kernel(
 def _group_tile(pid, C, S, G, cpg, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, BLOCK_CG: tl.constexpr,
                 BLOCK_S: tl.constexpr):
     """The whole of one (n, group) as a (BLOCK_CG channels, BLOCK_S positions) tile:
-    (n, channel offsets, channel mask, element offsets, element mask)."""
+    (n, channel offsets, channel mask, element offsets, element mask). ALIGN divides S in
+    NCHW (rows run along S) and channels per group in channels_last (rows run along C)."""
     pid_n = pid // G
     g = pid % G
     cg = tl.arange(0, BLOCK_CG)
-    c_mask = cg < cpg
-    c_offs = g * cpg + cg
     s_offs = tl.arange(0, BLOCK_S)
-    mask = c_mask[:, None] & _below(s_offs, S, ALIGN)[None, :]
+    if CHANNELS_LAST:
+        c_mask = _below(cg, cpg, ALIGN)
+        c_offs = tl.max_contiguous(tl.multiple_of(g * cpg + cg, ALIGN), BLOCK_CG)
+        mask = c_mask[:, None] & (s_offs < S)[None, :]
+    else:
+        c_mask = cg < cpg
+        c_offs = g * cpg + cg
+        mask = c_mask[:, None] & _below(s_offs, S, ALIGN)[None, :]
     offs = _offsets(_row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN), s_offs, C, CHANNELS_LAST)
     return pid_n, c_offs, c_mask, offs, mask
 
 
-@triton.jit(do_not_specialize=["S", "G", "cpg", "ACT"])
+@triton.jit(do_not_specialize=["S", "G", "cpg"])
 def _group_forward_kernel(
     X, Y, W, B, MEAN, RSTD, R,
     C, S, G, cpg, eps,
-    ACT, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+    ACT: tl.constexpr, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """One program per (n, group) that fits in registers: x is read once, statistics are an
@@ -445,11 +452,11 @@ def _group_forward_kernel(
     tl.store(RSTD + pid, rstd)
 
 
-@triton.jit(do_not_specialize=["S", "G", "cpg", "ACT"])
+@triton.jit(do_not_specialize=["S", "G", "cpg"])
 def _group_backward_kernel(
     X, DY, DX, W, B, MEAN, RSTD, PART_DS, PART_DB, R, DR,
     C, S, G, cpg,
-    ACT, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+    ACT: tl.constexpr, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """One program per (n, group) that fits in registers: x and dy are read once, dx written
@@ -511,12 +518,14 @@ def _as_ncs(x: torch.Tensor) -> Tuple[int, int, int, bool]:
     return n, c, s, channels_last
 
 
-def _alignment(s: int, channels_last: bool, element_size: int) -> int:
-    """The kernels' ALIGN: in NCHW the largest power of two dividing S, how many elements
-    each row start is a multiple of, up to one 16-byte access (8 bf16 or 4 float32 elements:
-    more would change nothing but add compilations). 1 in channels_last, where accesses run
-    along C (which is specialised)."""
-    return 1 if channels_last else min(s & -s, 16 // element_size)
+def _alignment(s: int, channels_last: bool, element_size: int, cpg: int = 0) -> int:
+    """The kernels' ALIGN, up to one 16-byte access (8 bf16 or 4 float32 elements: more
+    would change nothing but add compilations): in NCHW the largest power of two dividing S,
+    how many elements each row start is a multiple of. In channels_last, where accesses run
+    along C (which is specialised), 1 for the split kernels, and for the one-program-per-group
+    kernels (a group's channels in a row) the largest power of two dividing ``cpg``."""
+    align = (cpg & -cpg) if channels_last else (s & -s)
+    return max(1, min(align, 16 // element_size))
 
 
 def _dense_like(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -566,10 +575,9 @@ def kernel_path(x: torch.Tensor, num_groups: int) -> str:
 
 def _finalize_blocks(splits: int, cpg: int) -> Tuple[int, int]:
     """(BLOCK_K splits, BLOCK_CG channels) tiles of the finalize kernels' partials: 1024
-    elements, whatever the split count (which varies with the image size; a tile shaped to it
-    would compile anew for each), 16 or 64 channels."""
-    block_cg = 16 if cpg <= 16 else 64  # two shapes, not one per channel count
-    return 1024 // block_cg, block_cg
+    elements, whatever the split count (which varies with the image size) or channel count:
+    a tile shaped to them would compile anew for each."""
+    return 16, 64  # one shape, not one per split count or channel count
 
 
 def _on_device_of(x: torch.Tensor):
@@ -624,6 +632,7 @@ def _forward(x, weight, bias, num_groups, eps, activation, residual):
     resident = _group_resident_blocks(cpg, s)
     if resident is not None:
         block_cg, block_s = resident
+        layout["ALIGN"] = _alignment(s, channels_last, x.element_size(), cpg)
         _group_forward_kernel[(n * g,)](
             x, y, weight, bias, mean, rstd, r, c, s, g, cpg, eps,
             ACT=activation, RES=res_mode, **layout, BLOCK_CG=block_cg, BLOCK_S=block_s,
@@ -665,6 +674,7 @@ def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, resid
     dr = dx if dres is None else dres  # (an unwritten placeholder without a residual)
     resident = _group_resident_blocks(cpg, s)
     if resident is not None:
+        layout["ALIGN"] = _alignment(s, channels_last, x.element_size(), cpg)
         part_ds = torch.empty((n, c), dtype=torch.float32, device=x.device)
         part_db = torch.empty_like(part_ds)
         block_cg, block_s = resident
