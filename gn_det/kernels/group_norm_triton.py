@@ -154,6 +154,19 @@ def _tile_offsets(pid, C, S, n_cblocks, n_sblocks, ALIGN: tl.constexpr, BLOCK_C:
 
 
 @triton.jit
+def _apply_tile(MEAN, RSTD, W, B, C, S, G, cpg, n_cblocks, n_sblocks, CHANNELS_LAST: tl.constexpr,
+                ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """An apply kernel's tile: the groups of its channels, the channel mask, the element
+    offsets and mask, and per channel its group's mean and rstd, its gamma and beta."""
+    pid_n, c_offs, s_offs, c_mask, mask = _tile_offsets(tl.program_id(0), C, S, n_cblocks, n_sblocks, ALIGN, BLOCK_C,
+                                                        BLOCK_S)
+    grp = pid_n * G + c_offs // cpg
+    mean, rstd, w, b = _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask)
+    offs = _offsets(_row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN), s_offs, C, CHANNELS_LAST)
+    return grp, c_mask, offs, mask, mean, rstd, w, b
+
+
+@triton.jit
 def _split_program(pid, C, n_splits, n_cblocks, BLOCK_C: tl.constexpr):
     """A partial-sums program's (n, spatial split, channel offsets, channel mask)."""
     pid_k = pid % n_splits
@@ -268,10 +281,8 @@ def _forward_apply_kernel(
     ACT, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid_n, c_offs, s_offs, c_mask, mask = _tile_offsets(tl.program_id(0), C, S, n_cblocks, n_sblocks, ALIGN, BLOCK_C, BLOCK_S)
-    grp = pid_n * G + c_offs // cpg
-    mean, rstd, w, b = _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask)
-    offs = _offsets(_row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN), s_offs, C, CHANNELS_LAST)
+    grp, c_mask, offs, mask, mean, rstd, w, b = _apply_tile(
+        MEAN, RSTD, W, B, C, S, G, cpg, n_cblocks, n_sblocks, CHANNELS_LAST, ALIGN, BLOCK_C, BLOCK_S)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     y = _activation(_activation_input(x, mean, rstd, w, b, R, offs, mask, RES), ACT)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
@@ -385,12 +396,10 @@ def _backward_apply_kernel(
     ACT, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid_n, c_offs, s_offs, c_mask, mask = _tile_offsets(tl.program_id(0), C, S, n_cblocks, n_sblocks, ALIGN, BLOCK_C, BLOCK_S)
-    grp = pid_n * G + c_offs // cpg
-    mean, rstd, w, b = _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask)
+    grp, c_mask, offs, mask, mean, rstd, w, b = _apply_tile(
+        MEAN, RSTD, W, B, C, S, G, cpg, n_cblocks, n_sblocks, CHANNELS_LAST, ALIGN, BLOCK_C, BLOCK_S)
     coef_xhat = tl.load(COEF_XHAT + grp, mask=c_mask, other=0.0)
     coef_const = tl.load(COEF_CONST + grp, mask=c_mask, other=0.0)
-    offs = _offsets(_row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN), s_offs, C, CHANNELS_LAST)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     xhat = (x - mean[:, None]) * rstd[:, None]
