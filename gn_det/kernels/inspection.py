@@ -7,8 +7,8 @@ Launches are recorded by running the launchers (``triton_group_norm_forward`` / 
 on ``meta`` tensors with a stand-in for Triton's GPU driver: every Triton launch goes through
 the kernel's ``JITFunction.run``, which binds and specialises its arguments exactly as on a GPU
 and then calls the JIT's cache hook, which stops it before compiling or launching. torch ops
-the launchers run on the side (``torch.sum`` of the dgamma/dbeta partials) are recorded by a
-dispatch mode.
+the launchers might run on the side (none today: dgamma/dbeta are summed by the kernels) are
+recorded by a dispatch mode.
 """
 from __future__ import annotations
 
@@ -360,7 +360,7 @@ def bytes_moved(shape: Sequence[int], element_bytes: int, num_groups: int = 32, 
     if kernels._group_resident_blocks(c // g, s) is not None:
         path = "one program per group"
         forward = 2 * numel * element_bytes + params + stats
-        partial = 2 * n * c * f32  # per-(n, channel) sums of dz*xhat and dz, then torch.sum over n
+        partial = 2 * n * c * f32  # per-(n, channel) sums of dz*xhat and dz, then summed over n (_param_grad_kernel)
         backward = 3 * numel * element_bytes + stats + params + partial + partial + params
     else:
         path = "split reduction"
@@ -369,8 +369,8 @@ def bytes_moved(shape: Sequence[int], element_bytes: int, num_groups: int = 32, 
         partial = 2 * n * splits * c * f32
         # stats partial reads x; finalize reads PART_MEAN twice and PART_M2 once; apply reads x, writes y.
         forward = 3 * numel * element_bytes + partial + 1.5 * partial + stats + stats + params
-        # partial reads x, dy; finalize reads the partials; apply reads x, dy, writes dx; torch.sum
-        # reads the partials again.
+        # partial reads x, dy; finalize reads the partials, and its dgamma/dbeta programs read them
+        # again; apply reads x, dy, writes dx.
         backward = (5 * numel * element_bytes + stats + params + partial + partial + stats + stats + stats
                     + params + partial + params)
     ideal_forward, ideal_backward = 2 * numel * element_bytes, 3 * numel * element_bytes
