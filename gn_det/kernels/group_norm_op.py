@@ -107,7 +107,7 @@ def triton_enabled_for(x: Tensor) -> bool:
     return x.device.type == "cpu" and _triton_on_cpu()
 
 
-def dispatch_path(x: Tensor, num_groups: int, activation: Optional[str] = None, residual: bool = False) -> str:
+def dispatch_path(x: Tensor, num_groups: int, activation: Optional[str] = None) -> str:
     """Which implementation ``group_norm`` runs for x (for benchmark tables and debugging)."""
     if x.numel() == 0:
         return "nothing (empty input)"
@@ -118,8 +118,7 @@ def dispatch_path(x: Tensor, num_groups: int, activation: Optional[str] = None, 
         return "Triton: " + _triton_module().kernel_path(x, num_groups)
     if memory_format_of(x) is not torch.contiguous_format:
         return "PyTorch: channels_last statistics + ATen backward"
-    return ("PyTorch: ATen GroupNorm" + (" + residual" if residual else "")
-            + ("" if activation_code(activation) == ACT_NONE else " + activation"))
+    return "PyTorch: ATen GroupNorm" + ("" if activation_code(activation) == ACT_NONE else " + activation")
 
 
 def _stats_dtype(x: Tensor) -> torch.dtype:
@@ -368,9 +367,8 @@ def group_norm(
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return _reference(input, num_groups, weight, bias, eps, code, residual)
     x = to_dense(input)
-    if residual is not None and residual.stride() != x.stride():
-        # The kernels index the residual with x's offsets: a copy in x's strides, else none.
-        residual = torch.empty_like(x, dtype=residual.dtype).copy_(residual)
+    if residual is not None:  # read with x's offsets by the kernels: dense in x's layout (a copy if not)
+        residual = residual.contiguous(memory_format=memory_format_of(x))
     channels = x.shape[1]
     if weight is None:
         weight = torch.ones(channels, dtype=_stats_dtype(x), device=x.device)
