@@ -41,7 +41,8 @@ from torch import Tensor, nn
 
 import torch.nn.functional as F
 
-from .kernels.group_norm_op import _forward_impl, _GroupNormFunction
+from .kernels.autograd import GroupNormFunction
+from .kernels.dispatch import forward_impl
 
 __all__ = ["SavedTensorCount", "count_saved_tensors", "recompute_output_enabled", "recompute_outputs",
            "record_output", "recording", "set_recompute_output"]
@@ -187,7 +188,7 @@ def _recompute_output(node) -> Tensor:
     input is the previous block's output), which is then recomputed in turn; autograd's own
     version checks guard x and the residual."""
     x, weight, bias, _, _, residual = node.saved_tensors
-    return _forward_impl(x, weight, bias, node.num_groups, node.eps, node.activation, residual)[0]
+    return forward_impl(x, weight, bias, node.num_groups, node.eps, node.activation, residual)[0]
 
 
 def output_recomputation(
@@ -201,7 +202,7 @@ def output_recomputation(
     input (a routed path that cast or applied an activation, an output without a graph).
     ``bias`` and ``eps`` are the layer's (ATen's GN node keeps neither)."""
     node = output.grad_fn
-    if isinstance(node, _GroupNormFunction._backward_cls):  # gn_det's op: Triton kernels or the CPU path
+    if isinstance(node, GroupNormFunction._backward_cls):  # gn_det's op: Triton kernels or the CPU path
         return functools.partial(_recompute_output, node), ()
     if type(node).__name__ == "NativeGroupNormBackward0":  # plain GN on NCHW CPU, or a route that did not cast
         x, weight, groups = node._saved_input, node._saved_weight, node._saved_group

@@ -434,7 +434,7 @@ def test_fused_activation_saves_no_output(activation):
 
 
 def test_backend_is_set_explicitly_and_checked(monkeypatch):
-    from gn_det.kernels.group_norm_op import backend, backend_from_environment, set_backend, triton_enabled_for
+    from gn_det.kernels.dispatch import backend, backend_from_environment, set_backend, triton_enabled_for
 
     monkeypatch.setenv("GN_DET_BACKEND", "trition")
     with pytest.raises(ValueError, match=r"GN_DET_BACKEND='trition' is not a gn_det backend: use 'auto'"):

@@ -13,7 +13,7 @@ from torch import nn
 import gn_det
 from gn_det.kernels import routing
 from gn_det.kernels.activation import ACT_RELU
-from gn_det.kernels.group_norm_op import dispatch_path, triton_enabled_for
+from gn_det.kernels.dispatch import dispatch_path, triton_enabled_for
 from gn_cases import (check_forward_backward, check_one_value_per_group, check_residual, check_scale_without_shift,
                       check_strided_inputs, make_affine, make_input, reference)
 

@@ -39,7 +39,8 @@ import gn_det
 from gn_det.benchmark_shapes import CPU_SHAPES, MASK_RCNN_SHAPES
 from gn_det.kernels import routing
 from gn_det.kernels.activation import activation_code
-from gn_det.kernels.group_norm_op import aten_group_norm, dispatch_path
+from gn_det.kernels.dispatch import dispatch_path
+from gn_det.kernels.group_norm_op import aten_group_norm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,6 +1,9 @@
-"""GN compute: Triton kernels (CUDA), PyTorch operations (CPU), and the custom op joining them."""
+"""GN compute: Triton kernels (CUDA; ``group_norm_triton``), PyTorch operations (CPU;
+``group_norm_torch``), the custom op and autograd joining them (``autograd``), the choice
+between them (``dispatch``), and the functional ``group_norm`` (``group_norm_op``)."""
 from .activation import ACTIVATIONS, activation_code
-from .group_norm_op import backend, backend_from_environment, group_norm, set_backend, triton_enabled_for
+from .dispatch import backend, backend_from_environment, set_backend, triton_enabled_for
+from .group_norm_op import group_norm
 from .routing import set_routes
 
 set_backend(backend_from_environment())  # a GN_DET_BACKEND that is not a backend fails here, at import, with the fix

@@ -26,7 +26,8 @@ from .activation import ACT_NONE, RESIDUAL_ADD, RESIDUAL_OUTPUT, activation_grad
 from .layout import memory_format_of
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 (float64 for float64 x): the dtype of GN's statistics, and of this path's arithmetic."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
@@ -77,7 +78,7 @@ def torch_group_norm_forward(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as ``triton_group_norm_forward``; stats are float32 (float64 for float64 x)."""
     n, c = x.shape[:2]
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     fmt = memory_format_of(x)
     xc = x.to(dtype)  # keeps x's memory format
     w, b = weight.to(dtype), bias.to(dtype)
@@ -101,7 +102,7 @@ def torch_group_norm_backward(
     """Same contract as ``triton_group_norm_backward`` (plus eps, to recompute z)."""
     n, c = x.shape[:2]
     hxw = x.numel() // (n * c)
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     fmt = memory_format_of(x)
     xc = x.to(dtype)
     w = weight.to(dtype)
