@@ -2,16 +2,19 @@
 
 Every input ``(N, C, *)`` is seen as a dense ``(N, C, S)``, NCHW or channels_last (the
 ``CHANNELS_LAST`` constexpr): one set of kernels serves both, addressing each layout from its
-sizes, so loads run along whichever axis is contiguous. The activation (``ACT``) is a
-runtime argument of the split apply kernels, a branch that is the same for every element,
-not a specialisation; it stays a constexpr where every activation's code at once costs
-registers (``_backward_partial_kernel``: 161 instead of 127 at most, one block of 8 warps per
-SM instead of two) or spills (the one-program-per-group kernels at some shapes). dy, the residual and their gradients
+sizes, so loads run along whichever axis is contiguous. dy, the residual and their gradients
 are dense in x's layout (the launchers copy anything else), so one offset serves them all.
-Sizes that change from image to image (S, the split lengths and counts) are not specialised
-(``do_not_specialize``): multi-scale training compiles each kernel a few times, not once per
-image size. What their divisibility told the compiler, how aligned NCHW rows are, is the
-``ALIGN`` constexpr instead (the largest power of two dividing S, up to one 16-byte access).
+
+Sizes that change from image to image (S, the split lengths and counts, channels per group)
+are not specialised (``do_not_specialize``): multi-scale training compiles each kernel a few
+times, not once per image size. What their divisibility told the compiler is the ``ALIGN``
+constexpr instead: how many elements each row start is a multiple of (the largest power of
+two dividing S for NCHW rows, or channels per group for a group's channels in a
+channels_last row; up to one 16-byte access). The activation (``ACT``) is a runtime argument
+of the split apply kernels, a branch that is the same for every element; it stays a
+constexpr where carrying every activation's code costs registers (``_backward_partial_kernel``:
+161 instead of 127 at most, one block of 8 warps per SM instead of two) or spilled (the
+one-program-per-group kernels at some shapes).
 
 Two kernel sets, chosen by the size of a group (``cpg * S``, channels per group times
 spatial size):
