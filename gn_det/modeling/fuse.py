@@ -6,8 +6,9 @@
   norm in ``forward``: the block's class becomes a subclass whose forward skips the ReLUs
   that its GN layers now apply.
 - The residual blocks' ends, ``relu_(norm(conv(x)) + shortcut)``: one GN pass with the add
-  and the ReLU (``GroupNorm.forward_residual``), which keeps the conv's output and the
-  shortcut for backward instead of the sum as well. The last conv is then run by the block
+  and the ReLU (``GroupNorm.forward_residual``), which keeps the conv's output and the block's
+  output for backward (the shortcut instead under output recomputation), as the unfused block
+  keeps its conv's output and the ReLU's output. The last conv is then run by the block
   (its weights, through ``nn.Conv2d._conv_forward``), not called as a module: forward hooks
   on that conv do not run. ``MODEL.GN.FUSE_ACTIVATION: False`` leaves blocks as they are.
 Module names, parameters and buffers are untouched, so state_dicts keep their keys.
