@@ -79,7 +79,9 @@ def test_benchmark_train_runs_on_cpu(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "benchmark_train.py"), "--device", "cpu", "--quick",
          "--height", "64", "--width", "96", "--boxes", "4", "--iters", "1", "--models", "frozen-BN,gn_det GN NHWC",
-         "--profile", "--out-dir", str(tmp_path)],
+         "--profile", "--out-dir", str(tmp_path),
+         # config overrides for every model: few ROIs, so the CPU box head is not most of the time
+         "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "MODEL.RPN.POST_NMS_TOPK_TEST", "50"],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -92,6 +94,9 @@ def test_benchmark_train_runs_on_cpu(tmp_path):
     # The channels_last model was measured, so it is profiled too, with the copies by origin.
     assert "Top ops of the gn_det GN NHWC training step" in text and text.count("Copies of 4-D tensors:") == 2
     assert "--out-dir" not in data["meta"]["command"]
+    assert data["meta"]["command"].endswith("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE 32 MODEL.RPN.POST_NMS_TOPK_TEST 50")
+    # the overrides reached the models: 32 sampled ROIs per image, not detectron2's 512
+    assert "[64, 256, 7, 7]" in text and "[734, 256, 7, 7]" not in text
 
 
 def test_profile_kernels_driver_runs_on_cpu():

@@ -16,6 +16,7 @@ Writes a markdown table and JSON under benchmarks/results/ (file named after the
     python tools/benchmark_train.py                          # GPU: 2 images of 1333x800
     python tools/benchmark_train.py --device cpu --quick     # CPU: small images, few iterations
     python tools/benchmark_train.py --profile                # also: torch.profiler top ops of the gn_det step
+    python tools/benchmark_train.py MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE 128   # config overrides, every model
 """
 from __future__ import annotations
 
@@ -48,9 +49,11 @@ MODELS = {
 }
 
 
-def build(name: str, device: str):
+def build(name: str, device: str, extra_opts: List[str] = ()):
+    """Model ``name`` of MODELS with random weights; ``extra_opts`` (KEY VALUE pairs) apply to
+    every model after its own."""
     config, opts = MODELS[name]
-    cfg = gn_det.get_config(config, list(opts) + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device])
+    cfg = gn_det.get_config(config, list(opts) + list(extra_opts) + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device])
     torch.manual_seed(0)
     model = gn_det.build_model(cfg)
     return cfg, model
@@ -81,8 +84,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(name: str, device: str, batch, precision: str, warmup: int, iters: int, infer_iters: int) -> Dict:
-    cfg, model = build(name, device)
+def measure(name: str, device: str, batch, precision: str, warmup: int, iters: int, infer_iters: int,
+            extra_opts: List[str] = ()) -> Dict:
+    cfg, model = build(name, device, extra_opts)
     calibrate_frozen_bn(model, batch)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -126,11 +130,11 @@ def measure(name: str, device: str, batch, precision: str, warmup: int, iters: i
             "infer_s": statistics.median(infer), "peak_gib": peak}
 
 
-def profile_step(name: str, device: str, batch, precision: str) -> str:
+def profile_step(name: str, device: str, batch, precision: str, extra_opts: List[str] = ()) -> str:
     """The profile of one training step of model ``name``: torch.profiler's top ops by self
     time, then the copies of activation-sized (4-D) tensors by the ops that made them (memory
     format changes and other avoidable copies show there)."""
-    _, model = build(name, device)
+    _, model = build(name, device, extra_opts)
     model.train()
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -183,7 +187,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few iterations (tests)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                        help="config KEY VALUE pairs applied to every model, e.g. MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE 64")
     args = parser.parse_args()
+    if len(args.opts) % 2:
+        parser.error(f"config overrides come in KEY VALUE pairs; got {args.opts}")
     gpu = args.device == "cuda"
     height = args.height or (800 if gpu else 256)
     width = args.width or (1333 if gpu else 320)
@@ -203,7 +211,7 @@ def main() -> None:
     rows: List[Dict] = []
     for precision in precisions:
         for name in args.models.split(","):
-            row = measure(name, args.device, batch, precision, warmup, iters, iters)
+            row = measure(name, args.device, batch, precision, warmup, iters, iters, args.opts)
             rows.append(row)
             print(json.dumps(row), flush=True)
             write_results(stem, meta, rows, precisions)  # after every row: a run cut short keeps what it measured
@@ -212,7 +220,7 @@ def main() -> None:
     profile = None
     if args.profile:  # gn_det's model, and its channels_last twin when that was measured
         names = ["gn_det GN"] + [n for n in ("gn_det GN NHWC",) if n in args.models.split(",")]
-        profile = [(n, precisions[-1], profile_step(n, args.device, batch, precisions[-1])) for n in names]
+        profile = [(n, precisions[-1], profile_step(n, args.device, batch, precisions[-1], args.opts)) for n in names]
     print(write_results(stem, meta, rows, precisions, profile))
 
 

@@ -48,8 +48,11 @@ def test_kernel_path_follows_group_size(monkeypatch):
 @pytest.mark.parametrize(
     "shape,groups,memory_format",
     LAYER_CASES + [
-        ((1, 4, 64, 64), 2, CF),    # several spatial splits per group (NCHW)
-        ((1, 8, 64, 64), 4, CL),    # several spatial splits per group (channels_last)
+        # Groups of 2 x 1536 and 2 x 1760 elements: one program each by group size; forced
+        # through the split reduction, 2 (NCHW) and 4 (channels_last) spatial splits per
+        # group, the last tile partly masked.
+        ((1, 4, 32, 48), 2, CF),
+        ((1, 8, 40, 44), 4, CL),
         ((1, 256, 4, 4), 2, CL),    # 128 channels per group: finalize loops over channel blocks
     ],
 )
@@ -67,8 +70,8 @@ def test_half_precision(dtype, memory_format, path):
     ((2, 12, 7, 9), 4, CF, "relu", False),   # backward reads the output for ReLU's mask
     ((2, 12, 7, 9), 4, CF, "relu", True),    # backward reads the residual
     ((2, 12, 7, 9), 4, CL, "silu", False),
-    ((1, 8, 64, 64), 4, CL, "relu", False),  # several spatial splits
-    ((1, 4, 64, 64), 2, CF, None, True),
+    ((1, 8, 40, 44), 4, CL, "relu", False),  # 4 spatial splits when forced
+    ((1, 4, 32, 48), 2, CF, None, True),     # 2 spatial splits when forced
 ])
 def test_residual_block_end(shape, groups, memory_format, activation, output_recomputed, path):
     check_residual(shape, groups, memory_format=memory_format, activation=activation,
