@@ -12,7 +12,9 @@ events, ``--resume``) except that:
   (``gn_det.data.mapper.MaskSafeDatasetMapper``) instead of crashing the mask loss;
 - checkpoints are written atomically and read safely (``gn_det.checkpoint.SafeCheckpointer``).
 - a diverged step (a NaN/Inf loss, or NaN/Inf boxes detectron2 catches earlier) stops the run
-  with a ``FloatingPointError`` that names the iteration and the last recorded losses.
+  with a ``FloatingPointError`` that names the iteration and the last recorded losses;
+- in a distributed run, every process holds the same GN tuning decisions after each step
+  (``AutotuneSync``).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import weakref
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, TrainerBase
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.data import build_detection_train_loader
 from detectron2.utils import comm
@@ -33,8 +35,21 @@ from detectron2.utils.logger import setup_logger
 from .checkpoint import SafeCheckpointer
 from .data.mapper import MaskSafeDatasetMapper
 from .evaluation import FastCOCOEvaluator
+from .kernels.tuning import synchronize_decisions
 
-__all__ = ["Trainer", "final_ap"]
+__all__ = ["AutotuneSync", "Trainer", "final_ap"]
+
+
+class AutotuneSync(HookBase):
+    """After each step of a distributed run, every process adopts the same GN tuning
+    decisions (``gn_det.synchronize_decisions``: per bucket, the lowest rank's measurement).
+    The exchange happens where every rank arrives, between steps, never inside a forward, so
+    ranks that met different shapes cannot deadlock; it travels over gloo (no CUDA sync).
+    For a trainer of one's own: ``trainer.register_hooks([AutotuneSync()])``."""
+
+    def after_step(self) -> None:
+        if comm.get_world_size() > 1:
+            synchronize_decisions()
 
 
 class Trainer(DefaultTrainer):
@@ -59,6 +74,10 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        return hooks[:1] + [AutotuneSync()] + hooks[1:]  # after the IterationTimer, before the writers
 
     def run_step(self) -> None:
         try:

@@ -26,6 +26,7 @@ from torch import nn
 
 from .checkpoint import SafeCheckpointer
 from .config import GNSettings
+from .engine import AutotuneSync
 from .errors import ConfigError, MissingFileError, close_matches
 from .modeling import finish_model, gn_settings
 
@@ -141,6 +142,7 @@ def lazy_train(cfg, resume: bool = False) -> Dict[str, Any]:
 
     trainer.register_hooks([
         hooks.IterationTimer(),
+        AutotuneSync(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
         hooks.EvalHook(cfg.train.eval_period, evaluate),

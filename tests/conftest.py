@@ -1,9 +1,16 @@
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests' shared helpers (gn_cases)
+
+# GN tuning decisions (GPU runs, and tests that turn tuning on) go to a folder of this run,
+# not the user's cache; set before gn_det is imported, and inherited by subprocesses.
+_TUNING_CACHE = tempfile.mkdtemp(prefix="gn_det_tuning_")
+os.environ["GN_DET_CACHE_DIR"] = _TUNING_CACHE
 
 # tests/interpreted runs the Triton kernels on CPU; TRITON_INTERPRET must be set before
 # triton is imported, so those tests run in their own process (test_triton_interpreted.py).
@@ -28,3 +35,4 @@ def pytest_collection_modifyitems(config, items):
 def pytest_sessionfinish(session, exitstatus):
     for module in _started:
         module.stop()
+    shutil.rmtree(_TUNING_CACHE, ignore_errors=True)

@@ -30,10 +30,12 @@ def _batch(height=384, width=512):
 
 @pytest.fixture
 def torch_backend():
-    """Switch gn_det to its PyTorch path for the rest of the test (set_backend("torch"))."""
-    previous = backend()
+    """Switch gn_det to its PyTorch path for the rest of the test (set_backend("torch")); until
+    then every layer runs the kernels (no tuning)."""
+    previous, tuning = backend(), gn_det.set_autotune(False)
     yield lambda: set_backend("torch")
     set_backend(previous)
+    gn_det.set_autotune(tuning[0], on_cpu=tuning[1])
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -1,7 +1,7 @@
 """The GN layer on CUDA (the Triton kernels) at detection-sized shapes. Runs only where a
 GPU is; its CPU twins are tests/test_group_norm.py (PyTorch path) and
 tests/interpreted/test_triton_kernels.py (the same kernels under Triton's interpreter).
-Routes are off here (every shape runs the kernels), but in the test of routes."""
+Routes and tuning are off here (every shape runs the kernels), but in their own tests."""
 import inspect
 import json
 
@@ -23,10 +23,11 @@ CF, CL = torch.contiguous_format, torch.channels_last
 
 @pytest.fixture(autouse=True)
 def kernels_everywhere():
-    """These tests are of the kernels: no measured route sends a shape to PyTorch's GroupNorm."""
-    previous = routing.set_routes(None)
+    """These tests are of the kernels: no route or tuning sends a shape to PyTorch's GroupNorm."""
+    previous, tuning = routing.set_routes(None), gn_det.set_autotune(False)
     yield
     routing.set_routes(previous)
+    gn_det.set_autotune(*tuning[:1], on_cpu=tuning[1])
 
 
 def test_cuda_tensors_go_to_triton():
@@ -181,3 +182,29 @@ def test_routed_shape_runs_pytorch_groupnorm_in_the_input_dtype(monkeypatch, tmp
 def test_residual_block_end_cuda(shape, memory_format, dtype, output_recomputed):
     check_residual(shape, 32, dtype=dtype, memory_format=memory_format, device="cuda",
                    output_recomputed=output_recomputed)
+
+
+def test_first_use_tuning_on_cuda(tmp_path):
+    # Tuning on (kernels_everywhere turned it off): the first call of a bucket measures both
+    # paths on CUDA events, the decision is kept and written, the results match either way.
+    from gn_det.kernels import tuning
+    gn_det.set_autotune(True)
+    previous = gn_det.set_tuning_cache(tmp_path)
+    tuning.clear_decisions()
+    try:
+        x = make_input((2, 256, 50, 84), torch.bfloat16, CL, device="cuda").requires_grad_()
+        layer = gn_det.GroupNorm(32, 256, activation="relu").cuda()
+        y = layer(x)
+        (row,) = gn_det.autotune_decisions()
+        assert row["source"] == "measured" and row["device"] == torch.cuda.get_device_name()
+        assert all(t > 0 for t in row["times_ms"].values()) and row["path"] in ("kernels", "aten")
+        ref = reference(x, 32, layer.weight, layer.bias, 1e-5, "relu")
+        assert (y.double().cpu() - ref).abs().max().item() < 3e-2 * max(1.0, ref.abs().max().item())
+        layer(make_input((2, 256, 52, 80), torch.bfloat16, CL, device="cuda").requires_grad_())  # same bucket
+        assert len(gn_det.autotune_decisions()) == 1
+        (path,) = tmp_path.iterdir()
+        assert json.loads(path.read_text())["decisions"][0]["path"] == row["path"]
+    finally:
+        gn_det.set_tuning_cache(previous)
+        tuning.clear_decisions()
+

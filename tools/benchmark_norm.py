@@ -199,6 +199,7 @@ def main() -> None:
                         "where they were slower than nn.GroupNorm(+ReLU), and remove the routes of buckets "
                         "where they were faster")
     args = parser.parse_args()
+    gn_det.set_autotune(False)  # the kernels' rows measure the kernels; ATen's path has rows of its own
     if args.write_routes:
         routing.set_routes(None)  # measure the kernels themselves
     # Every shape, dtype and layout is a new graph for torch.compile: let it recompile rather

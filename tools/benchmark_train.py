@@ -5,7 +5,9 @@ Builds each model from its config (random weights; frozen BN gets the statistics
 forward pass in place of pretrained ones), feeds it one fixed synthetic batch (boxes and polygon
 masks), and measures, side by side in one run: the median training step (forward, backward,
 optimizer step; after warm-up; CUDA-synchronised on GPU), the median inference time per
-image, and the peak memory (GPU), in float32 and in mixed precision (bf16 autocast on GPU).
+image, and the peak memory (GPU); the first step's time beside them (Triton compilation and
+GN first-use tuning, measured afresh: the tuning cache is off) with the number of GN buckets
+it tuned, in float32 and in mixed precision (bf16 autocast on GPU).
 The models compared:
   frozen-BN      detectron2's stock mask_rcnn_R_50_FPN_3x with the same 4conv1fc box head (no norm in the heads)
   d2 GN          detectron2's built-in GN config (Misc/mask_rcnn_R_50_FPN_3x_gn: nn.GroupNorm + separate ReLU)
@@ -104,14 +106,17 @@ def measure(name: str, device: str, batch, precision: str, warmup: int, iters: i
     model.train()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    gn_det.kernels.tuning.clear_decisions()  # each model's first step tunes its GN layers anew
     times = []
     with EventStorage(0):
-        for i in range(warmup + iters):
+        for i in range(max(warmup, 1) + iters):
             sync(device)
             start = time.perf_counter()
             step()
             sync(device)
-            if i >= warmup:
+            if i == 0:
+                first = time.perf_counter() - start  # + kernel compilation and first-use tuning
+            if i >= max(warmup, 1):
                 times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     model.eval()
@@ -126,7 +131,8 @@ def measure(name: str, device: str, batch, precision: str, warmup: int, iters: i
             sync(device)
             if i >= 2:
                 infer.append(time.perf_counter() - start)
-    return {"model": name, "precision": precision, "step_s": statistics.median(times),
+    return {"model": name, "precision": precision, "step_s": statistics.median(times), "first_step_s": first,
+            "tuned_buckets": len(gn_det.autotune_decisions()),
             "infer_s": statistics.median(infer), "peak_gib": peak}
 
 
@@ -190,6 +196,7 @@ def main() -> None:
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                         help="config KEY VALUE pairs applied to every model, e.g. MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE 64")
     args = parser.parse_args()
+    gn_det.set_tuning_cache(None)  # no decisions from an earlier run: the first step shows tuning's cost
     if len(args.opts) % 2:
         parser.error(f"config overrides come in KEY VALUE pairs; got {args.opts}")
     gpu = args.device == "cuda"
@@ -228,15 +235,16 @@ def write_results(stem: str, meta: Dict, rows: List[Dict], precisions: List[str]
     """Write the JSON and markdown files (stem + .json/.md); returns the markdown."""
     lines = [f"# Training-step benchmark: {meta['machine']}", "",
              f"{meta['date']}, torch {meta['torch']}; {meta['batch']}; {meta['timing']}. Command: `{meta['command'].strip()}`.", "",
-             "| precision | model | step (s) | step / frozen-BN | inference per image (s) | inference / frozen-BN | peak memory (GiB) |",
-             "|---|---|---|---|---|---|---|"]
+             "| precision | model | step (s) | step / frozen-BN | first step (s) | GN buckets tuned | inference per image (s) | inference / frozen-BN | peak memory (GiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for precision in precisions:
         base = next((r for r in rows if r["precision"] == precision and r["model"] == "frozen-BN"), None)
         for r in (r for r in rows if r["precision"] == precision):
             step_ratio = f"{r['step_s'] / base['step_s']:.3f}" if base else ""
             infer_ratio = f"{r['infer_s'] / base['infer_s']:.3f}" if base else ""
             peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a (CPU)"
-            lines.append(f"| {precision} | {r['model']} | {r['step_s']:.3f} | {step_ratio} | {r['infer_s']:.3f} | {infer_ratio} | {peak} |")
+            lines.append(f"| {precision} | {r['model']} | {r['step_s']:.3f} | {step_ratio} | {r['first_step_s']:.3f} | "
+                         f"{r['tuned_buckets']} | {r['infer_s']:.3f} | {infer_ratio} | {peak} |")
     for name, precision, table in profile or ():
         lines += ["", f"## Top ops of the {name} training step ({precision})", "", "```", table, "```"]
     return write_result_files(stem, meta, rows, "\n".join(lines))

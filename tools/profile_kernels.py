@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--shapes", default=",".join(PROFILED), help="comma-separated names from: " + ", ".join(GPU_SHAPES))
     args = parser.parse_args()
+    gn_det.set_autotune(False)  # profile the kernels, not whichever path tuning would pick
     dtype = getattr(torch, args.dtype)
     for name in args.shapes.split(","):
         shape = GPU_SHAPES[name]

@@ -2,7 +2,8 @@
 "torch": PyTorch operations everywhere), the Triton interpreter on CPU for tests, and the
 path names benchmarks and debugging print. ``forward_impl`` / ``backward_impl`` are the one
 place that picks the Triton kernels (``group_norm_triton``) or the PyTorch path
-(``group_norm_torch``); routes (``routing``) are consulted by ``group_norm`` itself.
+(``group_norm_torch``); ``group_norm`` itself asks tuning (``tuning``, which starts from the
+routes of ``routing``) whether ATen's GroupNorm runs instead.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .activation import ACT_NONE, RESIDUAL_ADD, activation_code
 from .group_norm_torch import compute_dtype, torch_group_norm_backward, torch_group_norm_forward
 from .layout import flat_spatial_stride, memory_format_of, to_dense
 from .routing import aten_route
+from .tuning import decided_path
 
 __all__ = ["BACKENDS", "backend", "backend_from_environment", "backward_impl", "dispatch_path", "forward_impl",
            "set_backend", "triton_enabled_for", "triton_on_cpu"]
@@ -86,18 +88,25 @@ def triton_enabled_for(x: Tensor) -> bool:
     return x.device.type == "cpu" and triton_on_cpu()
 
 
-def dispatch_path(x: Tensor, num_groups: int, activation: Optional[str] = None) -> str:
-    """Which implementation ``group_norm`` runs for x (for benchmark tables and debugging)."""
+def dispatch_path(x: Tensor, num_groups: int, activation: Optional[str] = None, residual: bool = False,
+                  train: bool = True) -> str:
+    """Which implementation ``group_norm`` runs for x (for benchmark tables and debugging), as
+    decided so far: a bucket that tuning has not measured yet shows the kernels' path."""
     if x.numel() == 0:
         return "nothing (empty input)"
     x = to_dense(x)
+    code = activation_code(activation)
+    decision = decided_path(x, num_groups, code, residual, train)
+    if decision is not None and decision.path == "aten":
+        times = ", ".join(f"{path} {ms:.3g} ms" for path, ms in decision.times_ms.items())
+        return f"PyTorch: ATen GroupNorm, tuned ({decision.source}: {times})"
     if triton_enabled_for(x):
-        if aten_route(x, num_groups, activation_code(activation)) is not None:
+        if decision is None and aten_route(x, num_groups, code) is not None:
             return "PyTorch: ATen GroupNorm, routed (Triton measured slower here)"
         return "Triton: " + _triton_module().kernel_path(x, num_groups)
     if memory_format_of(x) is not torch.contiguous_format:
         return "PyTorch: channels_last statistics + ATen backward"
-    return "PyTorch: ATen GroupNorm" + ("" if activation_code(activation) == ACT_NONE else " + activation")
+    return "PyTorch: ATen GroupNorm" + ("" if code == ACT_NONE else " + activation")
 
 
 def forward_impl(

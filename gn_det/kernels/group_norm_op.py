@@ -3,8 +3,9 @@ takes. Three of those paths are PyTorch's own operators, each named by what it i
 
 - ``export_group_norm``: standard operators only (``F.group_norm``, the residual add, the
   activation), what ``torch.jit.trace`` and ONNX export record;
-- ``aten_group_norm``: ATen's GroupNorm with its own autograd, for the shapes a route
-  (``routing.py``) names as faster there on this GPU model;
+- ``aten_group_norm``: ATen's GroupNorm with its own autograd, for the inputs where it was
+  measured faster on this GPU model (first-use tuning, ``tuning.py``, or a route in
+  ``routing.py``);
 - the PyTorch path of the op itself (``group_norm_torch``), on CPU and under the "torch"
   backend, through the same autograd as the Triton kernels (``autograd.py``).
 
@@ -24,7 +25,7 @@ from .autograd import GroupNormFunction, residual_mode_for
 from .dispatch import triton_enabled_for, triton_on_cpu
 from .group_norm_torch import compute_dtype
 from .layout import memory_format_of, to_dense
-from .routing import aten_route
+from .tuning import autotune_enabled, choose_path
 
 __all__ = ["aten_group_norm", "export_group_norm", "group_norm"]
 
@@ -121,8 +122,9 @@ def group_norm(
             in one pass. Backward keeps x and, with ReLU, the output (which the next layer
             keeps anyway), else the residual; not the sum.
         output_recomputed: the caller will have the output recomputed in backward
-            (``gn_det.recompute``): with a residual, backward then keeps the residual, not
-            the output.
+            (``gn_det.recompute``): the op's own path runs (neither tuning nor routes send
+            it to ATen's GroupNorm, which would keep its output), and with a residual,
+            backward keeps the residual, not the output.
     Returns:
         ``act(gamma * (x - mean_g) / sqrt(var_g + eps) + beta [+ residual])``: input's
         shape, dtype and memory format.
@@ -155,10 +157,20 @@ def group_norm(
     # element of a larger tensor, say) is copied first. Parameters already are dense.
     weight, bias = weight.contiguous(), bias.contiguous()
     if torch.compiler.is_compiling():
-        # Routes are not consulted here: the compiled graph holds the custom op.
+        # Neither routes nor tuning here: the compiled graph holds the custom op.
         return torch.ops.gn_det.group_norm_forward(x, weight, bias, num_groups, float(eps), code, residual)[0]
-    # aten_route first: with no route for x's device it returns at once (the common case).
-    if aten_route(x, num_groups, code) is not None and triton_enabled_for(x):
-        return aten_group_norm(x, num_groups, weight, bias, eps, code, residual)  # measured faster here
-    return GroupNormFunction.apply(x, weight, bias, num_groups, float(eps), code, residual,
-                                    residual_mode_for(code, residual, output_recomputed))
+    mode = residual_mode_for(code, residual, output_recomputed)
+
+    def kernels(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor]) -> Tensor:
+        return GroupNormFunction.apply(x, weight, bias, num_groups, float(eps), code, residual, mode)
+
+    def aten(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor]) -> Tensor:
+        return aten_group_norm(x, num_groups, weight, bias, eps, code, residual)
+
+    if not output_recomputed and (triton_enabled_for(x) or (x.device.type == "cpu" and autotune_enabled(x))):
+        # Routes and tuning choose between the kernels and ATen's GroupNorm (tuning.py).
+        train = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad
+                                             or (residual is not None and residual.requires_grad))
+        if choose_path(x, weight, bias, residual, num_groups, code, train, {"kernels": kernels, "aten": aten}) == "aten":
+            return aten(x, weight, bias, residual)  # measured faster here
+    return kernels(x, weight, bias, residual)

@@ -150,8 +150,10 @@ class GroupNorm(nn.GroupNorm):
                                  eps=eps, activation=activation, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
-        if _recompute.recording():  # inside a recompute scope (gn_det.set_recompute_output)
+        recording = _recompute.recording()  # inside a recompute scope (gn_det.set_recompute_output)
+        y = group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation,
+                       output_recomputed=recording)
+        if recording:
             _recompute.record_output(y, self.bias, self.eps)
         return y
 

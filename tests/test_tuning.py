@@ -1,0 +1,205 @@
+"""First-use tuning (gn_det/kernels/tuning.py) on CPU, with real clocks: the decision logic,
+the disk cache's life, the switches, and two GLOO processes reaching the same decisions. On CPU
+the candidates are gn_det's PyTorch path and ATen's GroupNorm (``set_autotune(on_cpu=True)``);
+tests/interpreted runs it against the Triton interpreter, tests/test_group_norm_cuda.py on a GPU."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import gn_det
+from gn_det.kernels import tuning
+from gn_det.kernels.activation import ACT_RELU
+from gn_det.kernels.dispatch import dispatch_path
+from gn_cases import make_affine, make_input, reference
+
+CL = torch.channels_last
+SLOW_S = 0.1  # what a test adds to one runner to make it the slower one, on real clocks
+# Shapes of the tests that make a runner slower: small NCHW inputs, where both paths run ATen's
+# GroupNorm kernels in well under SLOW_S, so that the sleep decides.
+SMALL, SMALL_TOO, OTHER = (2, 16, 6, 5), (2, 16, 5, 6), (1, 64, 4, 4)
+
+
+@pytest.fixture
+def tuned(tmp_path):
+    """Tuning on for CPU inputs, decisions kept under tmp_path; the settings restored after."""
+    previous = gn_det.set_autotune(True, on_cpu=True), gn_det.set_tuning_cache(tmp_path)
+    tuning.clear_decisions()
+    yield tmp_path
+    tuning.clear_decisions()
+    gn_det.set_autotune(previous[0][0], on_cpu=previous[0][1])
+    gn_det.set_tuning_cache(previous[1])
+
+
+def runners(slow: str, calls: list):
+    """Both paths as group_norm gives them to tuning, ``slow`` made SLOW_S slower; each call
+    is appended to ``calls``."""
+    def make(path, run):
+        def runner(x, weight, bias, residual):
+            calls.append(path)
+            if path == slow:
+                time.sleep(SLOW_S)
+            return run(x, weight, bias, residual)
+        return runner
+    return {
+        "kernels": make("kernels", lambda x, w, b, r: gn_det.group_norm(x, 4, w, b, 1e-5, "relu", r)),
+        "aten": make("aten", lambda x, w, b, r: gn_det.kernels.group_norm_op.aten_group_norm(x, 4, w, b, 1e-5, ACT_RELU, r)),
+    }
+
+
+def choose(x, slow, calls, train=True):
+    weight, bias = make_affine(x.shape[1])
+    return tuning.choose_path(x, weight, bias, None, 4, ACT_RELU, train, runners(slow, calls))
+
+
+def test_the_faster_path_is_kept_and_measured_once(tuned):
+    x = make_input(SMALL)
+    calls = []
+    assert choose(x, "kernels", calls) == "aten"
+    assert calls.count("kernels") >= 4 and calls.count("aten") >= 4  # an untimed run, then 3 or more timed
+    (row,) = gn_det.autotune_decisions()
+    assert row["path"] == "aten" and row["source"] == "measured" and row["shape"] == list(SMALL)
+    assert row["times_ms"]["kernels"] >= SLOW_S * 1e3 > row["times_ms"]["aten"]
+    assert (row["format"], row["activation"], row["residual"], row["passes"]) == ("nchw", "relu", False, "train")
+    # The same bucket (another size with as many elements per group and groups): decided, not measured.
+    del calls[:]
+    assert choose(make_input(SMALL_TOO), "aten", calls) == "aten" and calls == []
+    # Inference is a bucket of its own (forward only); here the other path is the slower one.
+    assert choose(x, "aten", calls, train=False) == "kernels" and calls
+    assert [r["passes"] for r in gn_det.autotune_decisions()] == ["infer", "train"]
+
+
+def test_group_norm_runs_the_decided_path_with_the_same_results(tuned):
+    x = make_input((2, 16, 12, 10), memory_format=CL).requires_grad_()
+    weight, bias = (t.requires_grad_() for t in make_affine(16))
+    y = gn_det.group_norm(x, 4, weight, bias, activation="relu")
+    (row,) = gn_det.autotune_decisions()  # measured at the first call, on this machine's clocks
+    assert row["source"] == "measured" and set(row["times_ms"]) == {"kernels", "aten"}
+    assert all(t > 0 for t in row["times_ms"].values())
+    expected_path = "PyTorch: ATen GroupNorm, tuned" if row["path"] == "aten" else "PyTorch: channels_last statistics"
+    assert dispatch_path(x, 4, "relu").startswith(expected_path)
+    ref = reference(x, 4, weight, bias, 1e-5, "relu")
+    assert (y.double() - ref).abs().max().item() < 1e-5 and y.is_contiguous(memory_format=CL)
+    y.square().sum().backward()  # either path gives gradients
+    assert x.grad is not None and weight.grad is not None and torch.isfinite(x.grad).all()
+    # Under output recomputation the op's own path runs, and nothing is measured.
+    tuning.clear_decisions()
+    gn_det.group_norm(make_input((1, 32, 9, 9), memory_format=CL).requires_grad_(), 4, output_recomputed=True)
+    assert gn_det.autotune_decisions() == []
+
+
+def test_not_measured_where_tuning_is_off_or_inside_compiled_graphs(tuned):
+    x = make_input(SMALL)
+    gn_det.set_autotune(False, on_cpu=True)
+    gn_det.group_norm(x, 4, activation="relu")
+    gn_det.set_autotune(True, on_cpu=False)  # CPU inputs are not tuned unless asked
+    gn_det.group_norm(x, 4, activation="relu")
+    assert gn_det.autotune_decisions() == []
+    gn_det.set_autotune(True, on_cpu=True)
+    compiled = torch.compile(lambda t: gn_det.group_norm(t, 4, activation="relu"), fullgraph=True)
+    torch.testing.assert_close(compiled(x), gn_det.group_norm(x, 4, activation="relu", output_recomputed=True))
+    assert gn_det.autotune_decisions() == []  # the compiled graph holds the custom op; the eager call recomputed
+
+
+def test_decisions_persist_across_processes_in_the_disk_cache(tuned):
+    x = make_input(SMALL)
+    calls = []
+    assert choose(x, "kernels", calls) == "aten"
+    (path,) = tuned.iterdir()  # one file for this device and these versions, written atomically
+    versions = tuning._versions()
+    assert path.name.startswith("cpu-k" + versions["kernel_version"]) and path.name.endswith(".json")
+    data = json.loads(path.read_text())
+    assert (data["device"], data["triton"], data["torch"]) == ("cpu", versions["triton"], torch.__version__)
+    assert [d["path"] for d in data["decisions"]] == ["aten"]
+    # A new process (here: decisions forgotten) reads the file and measures nothing.
+    tuning.clear_decisions()
+    del calls[:]
+    assert choose(x, "aten", calls) == "aten" and calls == []
+    assert gn_det.autotune_decisions()[0]["source"] == "disk cache"
+    # Another bucket is added to the file, the first kept.
+    choose(make_input(OTHER), "aten", calls)
+    assert len(json.loads(path.read_text())["decisions"]) == 2
+    assert [p.name for p in tuned.iterdir()] == [path.name]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("damage", ["not json", "foreign version", "malformed entry"])
+def test_a_bad_cache_file_is_ignored_with_one_warning_and_rebuilt(tuned, damage):
+    x = make_input(SMALL)
+    choose(x, "kernels", [])
+    (path,) = tuned.iterdir()
+    data = json.loads(path.read_text())
+    if damage == "not json":
+        path.write_text('{"format": 1, "decis')
+    elif damage == "foreign version":
+        path.write_text(json.dumps(dict(data, kernel_version="0123456789ab")))
+    else:
+        data["decisions"][0]["path"] = "cudnn"
+        path.write_text(json.dumps(data))
+    tuning.clear_decisions()
+    tuning._warned.clear()
+    calls = []
+    with pytest.warns(RuntimeWarning, match=r"gn_det tuning cache .*: .*; ignored, and written anew") as record:
+        assert choose(x, "aten", calls) == "kernels"  # measured again: the file's decision was not used
+        choose(make_input(OTHER), "aten", calls)
+    assert len([w for w in record if "tuning cache" in str(w.message)]) == 1 and calls
+    rebuilt = json.loads(path.read_text())
+    assert rebuilt["kernel_version"] == tuning._versions()["kernel_version"]
+    assert [d["path"] for d in rebuilt["decisions"]] == ["kernels", "kernels"]
+
+
+def test_an_unwritable_cache_warns_once_and_keeps_decisions_in_process(tuned):
+    blocker = tuned / "not_a_folder"
+    blocker.write_text("a file where the cache folder would go")
+    gn_det.set_tuning_cache(blocker / "gn_det")
+    tuning._warned.clear()
+    with pytest.warns(RuntimeWarning, match="cannot be written"):
+        assert choose(make_input(SMALL), "kernels", []) == "aten"
+    assert gn_det.autotune_decisions()[0]["path"] == "aten"
+
+
+def test_gn_det_autotune_is_read_once_at_import_and_checked():
+    code = "import gn_det; print(gn_det.kernels.tuning.autotune_enabled())"
+    for value, expected in (("0", "False"), ("1", "True"), ("", "True")):
+        env = dict(os.environ, GN_DET_AUTOTUNE=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and out.stdout.split()[-1] == expected, out.stderr[-2000:]
+    env = dict(os.environ, GN_DET_AUTOTUNE="yes")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "GN_DET_AUTOTUNE='yes': use 1" in out.stderr
+    with pytest.raises(TypeError, match="set_autotune takes booleans"):
+        gn_det.set_autotune("1")
+
+
+def _rank_process(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    gn_det.set_autotune(True, on_cpu=True)
+    gn_det.set_tuning_cache(None)
+    both = make_input(SMALL)
+    # Both ranks meet `both`, measured so that they decide differently; rank 1 alone meets `one`.
+    choose(both, "kernels" if rank == 0 else "aten", [])
+    if rank == 1:
+        choose(make_input(OTHER), "kernels", [])
+    before = gn_det.autotune_decisions()
+    adopted = gn_det.synchronize_decisions()
+    gn_det.synchronize_decisions()  # nothing new: nothing changes, and nobody waits on anybody
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"before": before, "after": gn_det.autotune_decisions(), "adopted": adopted}, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_reach_the_same_decisions(tmp_path):
+    mp.start_processes(_rank_process, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    assert [r["path"] for r in ranks[0]["before"]] == ["aten"]
+    assert sorted(r["path"] for r in ranks[1]["before"]) == ["aten", "kernels"]
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "source"} for row in rows]  # noqa: E731
+    assert strip(ranks[0]["after"]) == strip(ranks[1]["after"]) and len(ranks[0]["after"]) == 2
+    by_shape = {tuple(r["shape"]): r for r in ranks[1]["after"]}
+    assert by_shape[SMALL]["path"] == "aten" and by_shape[SMALL]["source"] == "rank 0"
+    assert {tuple(r["shape"]): r["source"] for r in ranks[0]["after"]}[OTHER] == "rank 1"
+    assert (ranks[0]["adopted"], ranks[1]["adopted"]) == (1, 1)
