@@ -14,8 +14,10 @@ import torch.multiprocessing as mp
 
 import gn_det
 from gn_det.kernels import tuning
-from gn_det.kernels.activation import ACT_RELU
+from gn_det.kernels.activation import ACT_RELU, RESIDUAL_ADD
+from gn_det.kernels.autograd import GroupNormFunction
 from gn_det.kernels.dispatch import dispatch_path
+from gn_det.kernels.group_norm_op import aten_group_norm
 from gn_cases import make_affine, make_input, reference
 
 CL = torch.channels_last
@@ -37,8 +39,8 @@ def tuned(tmp_path):
 
 
 def runners(slow: str, calls: list):
-    """Both paths as group_norm gives them to tuning, ``slow`` made SLOW_S slower; each call
-    is appended to ``calls``."""
+    """Both paths as group_norm gives them to tuning (the op's own path, ATen's GroupNorm),
+    ``slow`` made SLOW_S slower; each call is appended to ``calls``."""
     def make(path, run):
         def runner(x, weight, bias, residual):
             calls.append(path)
@@ -47,8 +49,8 @@ def runners(slow: str, calls: list):
             return run(x, weight, bias, residual)
         return runner
     return {
-        "kernels": make("kernels", lambda x, w, b, r: gn_det.group_norm(x, 4, w, b, 1e-5, "relu", r)),
-        "aten": make("aten", lambda x, w, b, r: gn_det.kernels.group_norm_op.aten_group_norm(x, 4, w, b, 1e-5, ACT_RELU, r)),
+        "kernels": make("kernels", lambda x, w, b, r: GroupNormFunction.apply(x, w, b, 4, 1e-5, ACT_RELU, r, RESIDUAL_ADD)),
+        "aten": make("aten", lambda x, w, b, r: aten_group_norm(x, 4, w, b, 1e-5, ACT_RELU, r)),
     }
 
 
@@ -162,14 +164,13 @@ def test_an_unwritable_cache_warns_once_and_keeps_decisions_in_process(tuned):
     assert gn_det.autotune_decisions()[0]["path"] == "aten"
 
 
-def test_gn_det_autotune_is_read_once_at_import_and_checked():
-    code = "import gn_det; print(gn_det.kernels.tuning.autotune_enabled())"
-    for value, expected in (("0", "False"), ("1", "True"), ("", "True")):
-        env = dict(os.environ, GN_DET_AUTOTUNE=value)
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0 and out.stdout.split()[-1] == expected, out.stderr[-2000:]
+def test_gn_det_autotune_is_read_at_import_and_checked(monkeypatch):
+    for value, expected in (("0", False), ("1", True), ("", True), (" 1 ", True)):
+        monkeypatch.setenv("GN_DET_AUTOTUNE", value)
+        assert tuning.autotune_from_environment() is expected
+    # At import, into set_autotune: a bad value fails there, naming it and the choices.
     env = dict(os.environ, GN_DET_AUTOTUNE="yes")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", "import gn_det"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "GN_DET_AUTOTUNE='yes': use 1" in out.stderr
     with pytest.raises(TypeError, match="set_autotune takes booleans"):
         gn_det.set_autotune("1")
@@ -184,11 +185,15 @@ def _rank_process(rank: int, world: int, init_file: str, out_dir: str) -> None:
     choose(both, "kernels" if rank == 0 else "aten", [])
     if rank == 1:
         choose(make_input(OTHER), "kernels", [])
+    path_before = choose(both, "none", [])  # decided: looked up (and remembered by exact input)
     before = gn_det.autotune_decisions()
     adopted = gn_det.synchronize_decisions()
     gn_det.synchronize_decisions()  # nothing new: nothing changes, and nobody waits on anybody
+    calls = []
+    paths = [path_before, choose(both, "none", calls)]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"before": before, "after": gn_det.autotune_decisions(), "adopted": adopted}, f)
+        json.dump({"before": before, "after": gn_det.autotune_decisions(), "adopted": adopted, "paths": paths,
+                   "calls": calls}, f)
     torch.distributed.destroy_process_group()
 
 
@@ -203,3 +208,6 @@ def test_two_gloo_processes_reach_the_same_decisions(tmp_path):
     assert by_shape[SMALL]["path"] == "aten" and by_shape[SMALL]["source"] == "rank 0"
     assert {tuple(r["shape"]): r["source"] for r in ranks[0]["after"]}[OTHER] == "rank 1"
     assert (ranks[0]["adopted"], ranks[1]["adopted"]) == (1, 1)
+    # Rank 1 ran its own decision for the shared bucket until the exchange, then rank 0's.
+    assert ranks[0]["paths"] == ["aten", "aten"] and ranks[1]["paths"] == ["kernels", "aten"]
+    assert ranks[0]["calls"] == ranks[1]["calls"] == []

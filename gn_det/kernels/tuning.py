@@ -111,6 +111,7 @@ def set_autotune(enabled: bool, *, on_cpu: bool = False) -> Tuple[bool, bool]:
         raise TypeError(f"set_autotune takes booleans, got enabled={enabled!r}, on_cpu={on_cpu!r}")
     previous = (_enabled, _tune_cpu)
     _enabled, _tune_cpu = enabled, on_cpu
+    _by_input.clear()
     return previous
 
 
@@ -138,6 +139,7 @@ def set_tuning_cache(directory: Union[str, Path, None]) -> Optional[Path]:
     global _cache_dir
     previous, _cache_dir = _cache_dir, None if directory is None else Path(directory)
     _loaded.clear()
+    _by_input.clear()
     return previous
 
 
@@ -150,6 +152,10 @@ def tuning_cache() -> Optional[Path]:
 
 _decisions: Dict[TuneKey, Decision] = {}
 _unshared: Dict[TuneKey, Decision] = {}  # measured here, not yet offered to the other ranks
+# The decided path by exact input (device, dtype, shape, strides, G, activation, residual,
+# train): a lookup of ~1 us where the bucket's key takes several. Cleared with any change.
+_by_input: Dict[tuple, str] = {}
+_BY_INPUT_MAX = 1 << 16
 _loaded: set = set()  # device names whose cache file was read
 _warned: set = set()
 
@@ -160,6 +166,7 @@ def clear_decisions() -> None:
     _decisions.clear()
     _unshared.clear()
     _loaded.clear()
+    _by_input.clear()
 
 
 def autotune_decisions() -> List[dict]:
@@ -184,12 +191,19 @@ def choose_path(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tens
     and tuning is on for x (see the module docstring)."""
     if not autotune_enabled(x):
         return "aten" if aten_route(x, num_groups, activation) is not None else "kernels"
+    exact = (x.device, x.dtype, x.shape, x.stride(), num_groups, activation, residual is not None, train)
+    path = _by_input.get(exact)
+    if path is not None:
+        return path
     key = tune_key_of(x, num_groups, activation, residual is not None, train)
     decision = _decisions.get(key)
     if decision is None and key[0] not in _loaded:
         _load(key[0])
         decision = _decisions.get(key)
     if decision is not None:
+        if len(_by_input) >= _BY_INPUT_MAX:
+            _by_input.clear()
+        _by_input[exact] = decision.path
         return decision.path
     if aten_route(x, num_groups, activation) is not None:
         return "aten"  # a seed decision: not measured
@@ -198,6 +212,7 @@ def choose_path(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tens
     times = _measure(x, weight, bias, residual, train, runners)
     decision = Decision(key, min(PATHS, key=lambda p: times[p]), "measured", times, tuple(x.shape))
     _decisions[key] = _unshared[key] = decision
+    _by_input.clear()
     _save(key[0])
     return decision.path
 
@@ -380,6 +395,7 @@ def synchronize_decisions(group=None) -> int:
         for entry in entries:
             chosen.setdefault(tuple(entry[field] for field in TUNE_FIELDS), (rank, entry))
     adopted = 0
+    _by_input.clear()
     for key, (rank, entry) in chosen.items():
         source = "measured" if rank == me else f"rank {rank}"
         adopted += rank != me
