@@ -41,7 +41,8 @@ class GNSettings:
     recompute_output: bool = _key(
         False, "a GN output is not kept for the next layer's backward: it is recomputed then from what GN "
                "keeps anyway (x, gamma, beta; a fused block end's shortcut, itself recomputed), one GN forward "
-               "more per such use; gradients unchanged (`gn_det.set_recompute_output`).")
+               "more per such use; nor is a GN input made by a 1x1 projection (block shortcuts, FPN laterals): "
+               "the convolution runs again; gradients unchanged (`gn_det.set_recompute_output`).")
     channels_last: bool = _key(
         False, "the built model is put in channels_last (NHWC) memory format, so convolutions and GN "
                "run NHWC (fastest with mixed precision on GPU).", key="MODEL.CHANNELS_LAST")

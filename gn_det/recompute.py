@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from .kernels.autograd import GroupNormFunction
 from .kernels.dispatch import forward_impl
 
-__all__ = ["SavedTensorCount", "count_saved_tensors", "recompute_output_enabled", "recompute_outputs",
+__all__ = ["SavedTensorCount", "count_saved_tensors", "projection_convs", "recompute_output_enabled", "recompute_outputs",
            "record_output", "recording", "set_recompute_output"]
 
 # The outer saved-tensor hooks, if any, when ours are pushed (so ours chain to them).
@@ -58,6 +58,7 @@ class _State(threading.local):
         self.records: Optional[Dict[int, "_Record"]] = None  # storage data_ptr -> record, while recording
         self.recording_depth = 0
         self.counters: List["SavedTensorCount"] = []
+        self.conv_input: Optional[Tuple[nn.Module, Tensor]] = None  # a projection conv's input, until its GN runs
 
 
 _state = _State()
@@ -223,6 +224,59 @@ def record_output(output: Tensor, bias: Optional[Tensor], eps: float) -> None:
         _state.records[output.untyped_storage().data_ptr()] = _Record(output, *found)
 
 
+def _record_projection(x: Tensor, conv: nn.Module, conv_input: Tensor) -> None:
+    """Record a projection convolution's output x, the input of its GN, for recomputation:
+    GN's backward then gets it by running the convolution again, from the convolution's input
+    (held as the convolution holds it: a handle where it is itself a recorded output) and
+    weight, under the autocast state of the forward."""
+    held = _handle_for(conv_input)
+    kept = (conv.weight,) if held is not None else (conv.weight, conv_input)
+    source = held if held is not None else conv_input
+    device = x.device.type
+    autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+
+    def recompute() -> Tensor:
+        inp = source.unpack() if isinstance(source, _Handle) else source
+        with torch.autocast(device, dtype=autocast[1], enabled=autocast[0]):
+            return F.conv2d(inp, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    _state.records[x.untyped_storage().data_ptr()] = _Record(x, recompute, kept)
+
+
+def _note_projection_input(conv: nn.Module, args) -> None:
+    _state.conv_input = (conv, args[0]) if recording() else None
+
+
+def _record_projection_output(norm: nn.Module, args) -> None:
+    pending, _state.conv_input = _state.conv_input, None
+    x = args[0] if args else None
+    if (pending is None or pending[0].norm is not norm or not recording() or not isinstance(x, Tensor)
+            or x.numel() == 0 or type(x.grad_fn).__name__ != "ConvolutionBackward0"):
+        return  # not straight from the convolution's forward (another call path): GN saves x as usual
+    _record_projection(x, *pending)
+
+
+def projection_convs(model: nn.Module) -> List[nn.Module]:
+    """The convolutions of ``model`` whose output only a gn_det GN (without activation) reads,
+    cheap to run again: the 1x1 projection shortcuts of detectron2's residual blocks and the
+    1x1 lateral convolutions of its FPN (each feeds a sum). Those with frozen weights are left
+    out (they keep no input to recompute from)."""
+    from detectron2.layers import CNNBlockBase, Conv2d
+    from detectron2.modeling.backbone import FPN
+
+    from .layers import GroupNorm
+
+    found = []
+    for module in model.modules():
+        if isinstance(module, CNNBlockBase):
+            found.append(getattr(module, "shortcut", None))
+        elif isinstance(module, FPN):
+            found.extend(module.lateral_convs)
+    return [conv for conv in found
+            if isinstance(conv, Conv2d) and isinstance(conv.norm, GroupNorm) and conv.norm.activation is None
+            and conv.activation is None and tuple(conv.kernel_size) == (1, 1) and conv.weight.requires_grad]
+
+
 def _open_scope() -> None:
     if _state.recording_depth == 0:
         _state.records = {}
@@ -272,18 +326,29 @@ def _exit_scope(module: nn.Module, args, output) -> None:
 
 def set_recompute_output(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Turn output recomputation on (or off) for every forward of ``model``, in place: GN
-    outputs consumed inside ``model``'s forward are recomputed in backward instead of saved.
-    Gradients are bit-identical (fp32); memory drops by about one activation per GN whose
-    output feeds a layer that saves its input. Idempotent. Returns ``model``."""
+    outputs consumed inside ``model``'s forward are recomputed in backward instead of saved,
+    and so are the inputs of the GNs after detectron2's projection convolutions
+    (``projection_convs``: the convolution runs again). Gradients are bit-identical (fp32);
+    memory drops by about one activation per GN whose output feeds a layer that saves its
+    input, and one per projection. Idempotent. Returns ``model``."""
     handles = model.__dict__.pop("_gn_det_recompute_handles", None)
     for handle in handles or ():
         handle.remove()
     if enabled:
-        model.__dict__["_gn_det_recompute_handles"] = (
-            model.register_forward_pre_hook(_enter_scope),
-            model.register_forward_hook(_exit_scope, always_call=True),
-        )
+        handles = [model.register_forward_pre_hook(_enter_scope),
+                   model.register_forward_hook(_exit_scope, always_call=True)]
+        for conv in _projection_convs_if_detectron2(model):
+            handles += [conv.register_forward_pre_hook(_note_projection_input),
+                        conv.norm.register_forward_pre_hook(_record_projection_output)]
+        model.__dict__["_gn_det_recompute_handles"] = tuple(handles)
     return model
+
+
+def _projection_convs_if_detectron2(model: nn.Module) -> List[nn.Module]:
+    try:
+        return projection_convs(model)
+    except ImportError:  # without detectron2 there are none of its blocks
+        return []
 
 
 def recompute_output_enabled(model: nn.Module) -> bool:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,6 +65,7 @@ def test_one_group_is_layer_norm_and_c_groups_instance_norm():
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # two studies' quick runs: trainings of their own (make test-slow)
 def test_batch_size_study_tool_quick(tmp_path):
     for study in ("batch", "groups"):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "batch_size_study.py"), "--quick",
@@ -78,6 +80,7 @@ def test_batch_size_study_tool_quick(tmp_path):
     assert [(r["setting"], r["value"]) for r in groups["rows"]] == [("groups", 8), ("groups", 1), ("channels_per_group", 4)]
 
 
+@pytest.mark.slow  # two train_net runs with evaluation (make test-slow)
 def test_detection_norm_study_quick(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "detection_norm_study.py"), "--quick",
                            "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path)],
