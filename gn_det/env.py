@@ -75,6 +75,11 @@ def collect_env() -> List[Tuple[str, str]]:
             rows.append(("GPU", "none (gn_det runs its PyTorch path on CPU)"))
         rows.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset")))
         rows.append(("GN_DET_BACKEND", os.environ.get("GN_DET_BACKEND", "unset (auto: Triton kernels on CUDA)")))
+        from .kernels import tuning
+
+        cache = tuning.tuning_cache()
+        rows.append(("GN tuning", ("on (CUDA inputs)" if tuning.autotune_enabled() else "off")
+                     + f"; decisions kept in {cache if cache is not None else 'this process only'}"))
     except Exception as exc:
         rows.append(("CUDA", f"unknown ({exc})"))
     return rows

@@ -1,5 +1,6 @@
 """The installed stack is sound: detectron2's stock GN Mask R-CNN builds on CPU, trains a
 step and runs inference, with the detectron2 that make setup installed."""
+import os
 import subprocess
 import sys
 
@@ -32,6 +33,9 @@ def test_env_report_names_the_stack():
     for key in ("torch", "torchvision", "triton", "detectron2", "CUDA available", "GPU"):
         assert key in out, out
     assert "compiled ops" in out  # says whether detectron2's _C is there
+    # tuning's state and where its decisions go (tests/conftest.py points them to a folder of the run)
+    (line,) = [line for line in out.splitlines() if line.startswith("GN tuning ")]
+    assert line.endswith(f" on (CUDA inputs); decisions kept in {os.environ['GN_DET_CACHE_DIR']}"), out
 
 
 def test_stock_gn_mask_rcnn_trains_and_infers_on_cpu():
