@@ -12,7 +12,8 @@ import sys
 from gn_det.kernels import inspection
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNELS = {"_group_forward_kernel", "_group_backward_kernel", "_stats_partial_kernel", "_stats_finalize_kernel",
+KERNELS = {"_group_forward_kernel", "_group_backward_kernel", "_group_forward_flat_kernel", "_group_backward_flat_kernel",
+           "_stats_partial_kernel", "_stats_finalize_kernel",
            "_forward_apply_kernel", "_backward_partial_kernel", "_backward_finalize_kernel", "_backward_apply_kernel",
            "_param_grad_kernel"}
 KEYS = {"kernel", "shape", "dtype", "layout", "registers", "spills", "load_bytes_min", "store_bytes_min",
@@ -44,18 +45,20 @@ def test_kernels_compile_for_sm90_without_spills_json():
         if moves_activations:
             assert row["load_bytes_min"] in (element, 2 * element, 4 * element, 8, 16), row
         writes_activations = row["kernel"] in ("_group_forward_kernel", "_group_backward_kernel",
+                                               "_group_forward_flat_kernel", "_group_backward_flat_kernel",
                                                "_forward_apply_kernel", "_backward_apply_kernel")
         assert (row["store_bytes_min"] is not None) == writes_activations, row
         # Each global access's address was traced to exactly one pointer parameter.
         assert "?" not in row["load_bytes_by_pointer"] and "?" not in row["store_bytes_by_pointer"], row
     # Full-width (16-byte) accesses where the layout allows them: channels_last, and NCHW
-    # where S is a multiple of 8 (res2 here); one program per group at the box head's S = 49
-    # still scalar (its rows are 49 elements apart).
+    # where S is a multiple of 8 (res2 here); at the box head's S = 49 in NCHW each group is
+    # tiled flat (8 x 49 = 392 elements, a multiple of 8), so there too.
     for row in rows:
         if row["shape"] == "res2 N=2" and row["load_bytes_min"] is not None:
             assert row["load_bytes_min"] == 16 and row["store_bytes_min"] in (None, 16), row
-    box = [r for r in rows if r["shape"] == "box head" and r["dtype"] == "bfloat16" and r["kernel"].startswith("_group")]
-    assert box and all(r["load_bytes_min"] >= 2 for r in box)
+    box = [r for r in rows if r["shape"] == "box head" and r["kernel"].startswith("_group")]
+    assert {r["kernel"] for r in box if r["layout"] == "nchw"} == {"_group_forward_flat_kernel", "_group_backward_flat_kernel"}
+    assert box and all(r["load_bytes_min"] == r["store_bytes_min"] == 16 for r in box), box
     # dgamma/dbeta are summed (and cast) by the kernels: no torch op runs beside them.
     assert data["launches"] == {"split_forward": 3, "split_backward": 3, "group_forward": 1, "group_backward": 2}
     assert all(not name.startswith("torch") for entry in data["launch_detail"].values() for name in entry["launches"])

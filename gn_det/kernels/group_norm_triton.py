@@ -500,6 +500,85 @@ def _group_backward_kernel(
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _flat_group_tile(pid, S, G, cpg, ALIGN: tl.constexpr, BLOCK_F: tl.constexpr):
+    """The whole of one NCHW (n, group), one contiguous run of cpg * S elements, as a flat
+    tile: (element offsets, mask, each element's channel). ALIGN divides cpg * S, so every
+    group starts aligned and the accesses are as wide as ALIGN, however narrow S is."""
+    i = tl.arange(0, BLOCK_F)
+    size = cpg * S
+    mask = _below(i, size, ALIGN)
+    offs = tl.multiple_of(pid.to(tl.int64) * size, ALIGN) + i  # (n * C + g * cpg) * S, as C = G * cpg
+    channel = (pid % G) * cpg + i // S
+    return offs, mask, channel
+
+
+@triton.jit(do_not_specialize=["S", "G", "cpg"])
+def _group_forward_flat_kernel(
+    X, Y, W, B, MEAN, RSTD, R,
+    S, G, cpg, eps,
+    ACT: tl.constexpr, RES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """``_group_forward_kernel`` for NCHW groups whose rows (S elements) are too narrowly
+    aligned for wide accesses (the box head's 7 x 7): the group tiled flat, gamma and beta
+    gathered per element."""
+    pid = tl.program_id(0)
+    offs, mask, channel = _flat_group_tile(pid, S, G, cpg, ALIGN, BLOCK_F)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    count = tl.cast(cpg * S, tl.float32)
+    mean = tl.sum(x, axis=0) / count
+    dev = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=0) / count + eps)
+    w = tl.load(W + channel, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + channel, mask=mask, other=0.0).to(tl.float32)
+    z = (x - mean) * (w * rstd) + b
+    if RES == 1:
+        z += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + offs, _activation(z, ACT).to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + pid, mean)
+    tl.store(RSTD + pid, rstd)
+
+
+@triton.jit(do_not_specialize=["S", "G", "cpg"])
+def _group_backward_flat_kernel(
+    X, DY, DX, W, B, MEAN, RSTD, PART_DS, PART_DB, R, DR,
+    C, S, G, cpg,
+    ACT: tl.constexpr, RES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_CG: tl.constexpr,
+):
+    """``_group_backward_kernel`` on ``_group_forward_flat_kernel``'s flat tile: the
+    per-channel sums for dgamma and dbeta are taken over a (BLOCK_F, BLOCK_CG) channel mask."""
+    pid = tl.program_id(0)
+    offs, mask, channel = _flat_group_tile(pid, S, G, cpg, ALIGN, BLOCK_F)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(MEAN + pid)
+    rstd = tl.load(RSTD + pid)
+    w = tl.load(W + channel, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + channel, mask=mask, other=0.0).to(tl.float32)
+    xhat = (x - mean) * rstd
+    z = (x - mean) * (w * rstd) + b  # the forward's formula: the same ReLU mask
+    if RES == 1:
+        z += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+    elif RES == 2:
+        z = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+    dz = tl.where(mask, _activation_grad(z, dy, ACT), 0.0)
+    if RES != 0:
+        tl.store(DR + offs, dz.to(DR.dtype.element_ty), mask=mask)
+    cg = tl.arange(0, BLOCK_CG)
+    first = (pid % G) * cpg
+    mine = (channel - first)[:, None] == cg[None, :]  # element -> its channel within the group
+    ds = tl.sum(tl.where(mine, (dz * xhat)[:, None], 0.0), axis=0)  # per channel: dgamma's share
+    db = tl.sum(tl.where(mine, dz[:, None], 0.0), axis=0)
+    part = (pid // G).to(tl.int64) * C + first + cg
+    tl.store(PART_DS + part, ds, mask=cg < cpg)
+    tl.store(PART_DB + part, db, mask=cg < cpg)
+    scale = rstd / tl.cast(cpg * S, tl.float32)
+    sum_ds = tl.sum(dz * xhat * w, axis=0)
+    sum_db = tl.sum(dz * w, axis=0)
+    dx = (rstd * w) * dz - scale * (xhat * sum_ds + sum_db)
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------- launch plans
 
 _TILE_ELEMENTS = 4096  # elements per tile of the split kernels (16 per thread at 8 warps)
@@ -579,6 +658,23 @@ def _group_resident_blocks(cpg: int, s: int) -> Optional[Tuple[int, int]]:
     return (block_cg, block_s) if block_cg * block_s <= GROUP_RESIDENT_MAX_ELEMENTS else None
 
 
+# The flat backward's per-channel sums hold a (BLOCK_F, BLOCK_CG) tile: at most this many.
+FLAT_MAX_MASK_ELEMENTS = 8192
+
+
+def _flat_group_blocks(cpg: int, s: int, channels_last: bool, element_size: int) -> Optional[Tuple[int, int, int]]:
+    """(BLOCK_F, BLOCK_CG, ALIGN) when a resident NCHW group is better tiled flat: its rows
+    (S elements apart) allow narrower accesses than the group as a whole (cpg * S); else None."""
+    if channels_last:
+        return None
+    align = _alignment(cpg * s, False, element_size)
+    block_f, block_cg = triton.next_power_of_2(cpg * s), triton.next_power_of_2(cpg)
+    if (align <= _alignment(s, False, element_size) or block_f > GROUP_RESIDENT_MAX_ELEMENTS
+            or block_f * block_cg > FLAT_MAX_MASK_ELEMENTS):
+        return None
+    return block_f, block_cg, align
+
+
 def kernel_path(x: torch.Tensor, num_groups: int) -> str:
     """Which of the two kernel sets normalises x: "one program per group" or "split reduction"."""
     _, c, s, *_ = _as_ncs(x)
@@ -642,6 +738,14 @@ def _forward(x, weight, bias, num_groups, eps, activation, residual):
     rstd = torch.empty((n, g), dtype=torch.float32, device=x.device)
     r, res_mode = _residual_of(x, residual), RESIDUAL_NONE if residual is None else RESIDUAL_ADD
     resident = _group_resident_blocks(cpg, s)
+    flat = resident and _flat_group_blocks(cpg, s, channels_last, x.element_size())
+    if flat:
+        block_f, _, align = flat
+        _group_forward_flat_kernel[(n * g,)](
+            x, y, weight, bias, mean, rstd, r, s, g, cpg, eps,
+            ACT=activation, RES=res_mode, ALIGN=align, BLOCK_F=block_f, num_warps=_num_warps(block_f),
+        )
+        return y, mean, rstd
     if resident is not None:
         block_cg, block_s = resident
         layout["ALIGN"] = _alignment(s, channels_last, x.element_size(), cpg)
@@ -689,12 +793,21 @@ def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, resid
         layout["ALIGN"] = _alignment(s, channels_last, x.element_size(), cpg)
         part_ds = torch.empty((n, c), dtype=torch.float32, device=x.device)
         part_db = torch.empty_like(part_ds)
-        block_cg, block_s = resident
-        _group_backward_kernel[(n * g,)](
-            x, grad_y, dx, weight, bias, mean, rstd, part_ds, part_db, r, dr, c, s, g, cpg,
-            ACT=activation, RES=res_mode, **layout, BLOCK_CG=block_cg, BLOCK_S=block_s,
-            num_warps=_num_warps(block_cg * block_s),
-        )
+        flat = _flat_group_blocks(cpg, s, channels_last, x.element_size())
+        if flat:
+            block_f, block_cg, align = flat
+            _group_backward_flat_kernel[(n * g,)](
+                x, grad_y, dx, weight, bias, mean, rstd, part_ds, part_db, r, dr, c, s, g, cpg,
+                ACT=activation, RES=res_mode, ALIGN=align, BLOCK_F=block_f, BLOCK_CG=block_cg,
+                num_warps=_num_warps(block_f),
+            )
+        else:
+            block_cg, block_s = resident
+            _group_backward_kernel[(n * g,)](
+                x, grad_y, dx, weight, bias, mean, rstd, part_ds, part_db, r, dr, c, s, g, cpg,
+                ACT=activation, RES=res_mode, **layout, BLOCK_CG=block_cg, BLOCK_S=block_s,
+                num_warps=_num_warps(block_cg * block_s),
+            )
         dweight, dbias = torch.empty_like(weight), torch.empty_like(weight)
         _param_grad_kernel[(triton.cdiv(c, PARAM_BLOCK_C),)](
             part_ds, part_db, dweight, dbias, n, c, BLOCK_R=PARAM_BLOCK_R, BLOCK_C=PARAM_BLOCK_C,

@@ -36,6 +36,22 @@ def test_cpu_tensors_go_to_triton():
     assert triton_enabled_for(torch.zeros(2, 4, 3))
 
 
+@pytest.mark.parametrize("dtype,activation,residual", [
+    (torch.float32, "relu", None), (torch.bfloat16, "silu", None), (torch.float16, None, None),
+    (torch.float32, "relu", "output"), (torch.bfloat16, "relu", "residual"),
+])
+def test_flat_group_tiles(dtype, activation, residual):
+    # NCHW groups of 8 channels x 7 x 7 (detectron2's box head at 32 groups): rows 49 elements
+    # apart, so each group is tiled flat (_flat_group_blocks), in accesses as wide as 392
+    # elements allow; the per-channel dgamma/dbeta sums come from a channel mask.
+    shape = (3, 16, 7, 7)
+    assert group_norm_triton._flat_group_blocks(8, 49, False, torch.tensor([], dtype=dtype).element_size())
+    if residual is None:
+        check_forward_backward(shape, 2, dtype=dtype, activation=activation)
+    else:
+        check_residual(shape, 2, dtype=dtype, activation=activation, output_recomputed=residual == "residual")
+
+
 def test_kernel_path_follows_group_size(monkeypatch):
     box_head = torch.zeros(2, 64, 7, 7)  # 2 channels x 49 positions per group at 32 groups
     assert kernel_path(box_head, 32) == "one program per group"
