@@ -9,9 +9,10 @@ activation, ``floor(log2(C/G * S))``, ``floor(log2(N * G))``) plus whether a res
 and whether the call is recorded for backward ("train": forward + backward are timed) or not
 ("infer": forward only). The candidates are the op's own path ("kernels": the Triton kernels on
 CUDA) and ``group_norm_op.aten_group_norm`` ("aten"). Each is run once untimed (a first run
-compiles), then timed for about ``MEASURE_BUDGET_S`` (``MIN_TIMED_RUNS`` to ``MAX_TIMED_RUNS`` runs, CUDA events
-on a GPU, ``time.perf_counter`` on CPU), on detached copies of the call's inputs outside any
-saved-tensor hooks; the lower median wins. The two paths give the same results up to rounding.
+compiles), then timed for about ``MEASURE_BUDGET_S`` (``MIN_TIMED_RUNS`` to ``MAX_TIMED_RUNS``
+runs; CUDA events on a GPU, ``time.perf_counter`` on CPU), on detached copies of the call's
+inputs outside any saved-tensor hooks; the lower median wins. The two paths give the same
+results up to rounding.
 
 Where a decision comes from, in order: this process's decisions (measured, read from the disk
 cache, or adopted from rank 0 and the other ranks by ``synchronize_decisions``); the routes in
@@ -35,7 +36,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
 import re
 import statistics
@@ -48,7 +48,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .routing import ROUTE_FIELDS, _device_name, aten_route, route_key_of
+from .routing import ROUTE_FIELDS, aten_route, route_key_of
 
 __all__ = [
     "MAX_TIMED_RUNS", "MEASURE_BUDGET_S", "MIN_TIMED_RUNS", "PATHS", "TUNE_FIELDS", "Decision", "TuneKey", "autotune_decisions",
