@@ -96,15 +96,21 @@ def _affine_input(x, mean, rstd, w, b):
 
 
 @triton.jit
-def _activation_input(x, mean, rstd, w, b, R, offs, mask, RES: tl.constexpr):
-    """z = GN(x) [+ residual]: the one formula of every forward and backward kernel (with
-    RESIDUAL_OUTPUT, R is the ReLU output, which stands for z: the same sign)."""
-    z = _affine_input(x, mean, rstd, w, b)
+def _with_residual(z, R, offs, mask, RES: tl.constexpr):
+    """z [+ residual] (RESIDUAL_ADD); with RESIDUAL_OUTPUT, R is the ReLU output, which stands
+    for z (the same sign)."""
     if RES == 1:
         z += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
     elif RES == 2:
         z = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
     return z
+
+
+@triton.jit
+def _activation_input(x, mean, rstd, w, b, R, offs, mask, RES: tl.constexpr):
+    """z = GN(x) [+ residual]: the one formula of every forward and backward kernel on
+    (channels, positions) tiles."""
+    return _with_residual(_affine_input(x, mean, rstd, w, b), R, offs, mask, RES)
 
 
 @triton.jit
@@ -531,9 +537,7 @@ def _group_forward_flat_kernel(
     rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=0) / count + eps)
     w = tl.load(W + channel, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + channel, mask=mask, other=0.0).to(tl.float32)
-    z = (x - mean) * (w * rstd) + b
-    if RES == 1:
-        z += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+    z = _with_residual((x - mean) * (w * rstd) + b, R, offs, mask, RES)
     tl.store(Y + offs, _activation(z, ACT).to(Y.dtype.element_ty), mask=mask)
     tl.store(MEAN + pid, mean)
     tl.store(RSTD + pid, rstd)
@@ -556,11 +560,7 @@ def _group_backward_flat_kernel(
     w = tl.load(W + channel, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + channel, mask=mask, other=0.0).to(tl.float32)
     xhat = (x - mean) * rstd
-    z = (x - mean) * (w * rstd) + b  # the forward's formula: the same ReLU mask
-    if RES == 1:
-        z += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
-    elif RES == 2:
-        z = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+    z = _with_residual((x - mean) * (w * rstd) + b, R, offs, mask, RES)  # the forward's formula: the same ReLU mask
     dz = tl.where(mask, _activation_grad(z, dy, ACT), 0.0)
     if RES != 0:
         tl.store(DR + offs, dz.to(DR.dtype.element_ty), mask=mask)
