@@ -38,3 +38,16 @@ def test_unreachable_registry_names_step_and_package(tmp_path):
     assert "No matching distribution" in out or "Could not find a version" in out, out
     assert "full log:" in out
     assert len(out.splitlines()) < 20, "the failure should be a short message, not pip's whole output"
+
+
+def test_too_little_disk_fails_before_pip(tmp_path):
+    # A fresh venv cannot hold the torch pair: the free space is checked before pip unpacks it.
+    env = dict(os.environ, GN_DET_VENV=str(tmp_path / "venv"), GN_DET_TORCH_FREE_MB=str(10**12))
+    start = time.monotonic()
+    proc = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "FAILED at step 'torch'" in out and "MB free on the disk of" in out, out
+    assert "installing torch" not in out, out
+    assert not (tmp_path / "venv" / "setup-logs").exists(), "pip should not have run"
+    assert time.monotonic() - start < 60

@@ -13,7 +13,8 @@
 #
 # Environment: GN_DET_VENV (venv path), PYTHON (interpreter that creates the venv),
 # GN_DET_TORCH / GN_DET_TORCHVISION (the pins, default torch==2.14.1 / torchvision==0.29.1:
-# e.g. the versions of a GPU machine's image, to test against them).
+# e.g. the versions of a GPU machine's image, to test against them), GN_DET_TORCH_FREE_MB (the
+# free disk space, in MB, that installing them asks for first; default 6500).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -21,6 +22,7 @@ VENV=${GN_DET_VENV:-$ROOT/.venv}
 PYTHON=${PYTHON:-python3}
 TORCH_PIN=${GN_DET_TORCH:-torch==2.14.1}
 TORCHVISION_PIN=${GN_DET_TORCHVISION:-torchvision==0.29.1}
+TORCH_FREE_MB=${GN_DET_TORCH_FREE_MB:-6500}
 D2_GIT_URL="https://github.com/facebookresearch/detectron2.git"
 D2_PYPI_PIN="sal-detectron2==0.7.2"
 VPY="$VENV/bin/python"
@@ -67,6 +69,13 @@ EOF
 then
   say "torch/torchvision: in place ($TORCH_PIN, $TORCHVISION_PIN)"
 else
+  # The default pair is a CUDA build: about 5.6 GB in the venv. Fail early and clearly, not
+  # half-way through pip's unpacking with "No space left on device".
+  free_mb=$(df -Pm "$VENV" | awk 'NR == 2 {print $4}')
+  if [ -n "$free_mb" ] && [ "$free_mb" -lt "$TORCH_FREE_MB" ]; then
+    say "FAILED at step 'torch' (package: $TORCH_PIN $TORCHVISION_PIN): ${free_mb} MB free on the disk of $VENV; installing them needs about ${TORCH_FREE_MB} MB (GN_DET_TORCH_FREE_MB). Free some space, or point GN_DET_VENV elsewhere."
+    exit 1
+  fi
   say "installing $TORCH_PIN $TORCHVISION_PIN (several GB on a fresh machine)"
   run_step "torch" "$TORCH_PIN $TORCHVISION_PIN" pip_install "$TORCH_PIN" "$TORCHVISION_PIN"
 fi
