@@ -208,3 +208,18 @@ def test_first_use_tuning_on_cuda(tmp_path):
         gn_det.set_tuning_cache(previous)
         tuning.clear_decisions()
 
+
+
+def test_split_grids_fill_one_wave_cuda():
+    # The partial-sums kernels' grids come from their compiled occupancy on this GPU: the
+    # resident-program counts are whole SMs' worth, and the grid is at most one wave.
+    from gn_det.kernels import group_norm_triton, occupancy
+    x = torch.randn(2, 256, 200, 336, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(256, device="cuda", requires_grad=True)
+    gn_det.group_norm(x, 32, w, torch.zeros_like(w), activation="relu").sum().backward()
+    sms = occupancy.device_limits(x.device.index).sms
+    found = {key[1]: count for key, count in group_norm_triton._resident.items() if key[0] == x.device.index}
+    assert {"_stats_partial_kernel", "_backward_partial_kernel"} <= set(found), found
+    assert all(count % sms == 0 and count >= sms for count in found.values()), found
+    splits, _ = group_norm_triton._splits(2 * 64, 200 * 336, 1024, found["_stats_partial_kernel"])
+    assert 2 * 64 * splits <= found["_stats_partial_kernel"]

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from gn_det.kernels import inspection
+from gn_det.kernels import inspection, occupancy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = {"_group_forward_kernel", "_group_backward_kernel", "_group_forward_flat_kernel", "_group_backward_flat_kernel",
@@ -59,6 +59,9 @@ def test_kernels_compile_for_sm90_without_spills_json():
     box = [r for r in rows if r["shape"] == "box head" and r["kernel"].startswith("_group")]
     assert {r["kernel"] for r in box if r["layout"] == "nchw"} == {"_group_forward_flat_kernel", "_group_backward_flat_kernel"}
     assert box and all(r["load_bytes_min"] == r["store_bytes_min"] == 16 for r in box), box
+    # The partial-sums kernels' grids are one full wave at their own occupancy (no tail).
+    partial = [r for r in rows if r["shape"] == "res2 N=2" and r["kernel"].endswith("_partial_kernel")]
+    assert partial and all(0.9 <= r["waves"] <= 1.0 for r in partial), partial
     # dgamma/dbeta are summed (and cast) by the kernels: no torch op runs beside them.
     assert data["launches"] == {"split_forward": 3, "split_backward": 3, "group_forward": 1, "group_backward": 2}
     assert all(not name.startswith("torch") for entry in data["launch_detail"].values() for name in entry["launches"])
@@ -108,8 +111,23 @@ def test_ptx_access_widths_by_pointer():
 
 
 def test_occupancy_against_h100_limits():
-    assert inspection.blocks_per_sm(32, 4, 0) == 16  # 64 warps per SM
-    assert inspection.blocks_per_sm(128, 8, 0) == 2  # 128 x 256 threads = 32K registers per block
-    assert inspection.blocks_per_sm(20, 1, 0) == 32  # 32 blocks per SM
-    assert inspection.blocks_per_sm(32, 4, 100 * 1024) == 2  # shared memory (228 KB, 1 KB reserved per block)
-    assert inspection.waves(132 * 4, 4) == 1.0
+    assert occupancy.blocks_per_sm(32, 4, 0) == 16  # 64 warps per SM
+    assert occupancy.blocks_per_sm(128, 8, 0) == 2  # 128 x 256 threads = 32K registers per block
+    assert occupancy.blocks_per_sm(20, 1, 0) == 32  # 32 blocks per SM
+    assert occupancy.blocks_per_sm(32, 4, 100 * 1024) == 2  # shared memory (228 KB, 1 KB reserved per block)
+    assert occupancy.waves(132 * 4, 4) == 1.0
+
+
+def test_split_counts_fill_one_wave():
+    # 264 resident programs (2 per SM): rows x splits up to one full wave, never a tail.
+    assert occupancy.one_wave_splits(rows=128, tiles=66, resident=264, max_splits=512) == 2  # 256 programs
+    assert occupancy.one_wave_splits(rows=4, tiles=8400, resident=264, max_splits=512) == 66  # exactly 264
+    assert occupancy.one_wave_splits(rows=1, tiles=3, resident=264, max_splits=512) == 3  # a split is a tile at least
+    assert occupancy.one_wave_splits(rows=1, tiles=8400, resident=1056, max_splits=512) == 512
+    assert occupancy.one_wave_splits(rows=1024, tiles=2, resident=264, max_splits=512) == 1  # rows alone: 3.9 waves
+    # The launcher's splits are whole tiles; the last may be short, none is empty.
+    from gn_det.kernels import group_norm_triton
+    for s, block_s, rows, resident in ((67200, 1024, 64, 264), (1050, 1024, 1024, 264), (4200, 32, 2, 396)):
+        splits, chunk_s = group_norm_triton._splits(rows, s, block_s, resident)
+        assert chunk_s % block_s == 0 and (splits - 1) * chunk_s < s <= splits * chunk_s
+        assert rows * splits <= max(resident, rows)

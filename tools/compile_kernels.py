@@ -26,10 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
 from typing import Dict, List
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -38,10 +35,9 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 from gn_det.benchmark_shapes import COMPILE_EXTRA_SHAPES, MASK_RCNN_SHAPES  # noqa: E402
-from gn_det.kernels import inspection  # noqa: E402
+from gn_det.kernels import inspection, occupancy  # noqa: E402
 from gn_det.kernels.activation import ACT_NONE, ACT_RELU, ACT_SILU, RESIDUAL_ADD, RESIDUAL_OUTPUT  # noqa: E402
 
 SHAPES = {**MASK_RCNN_SHAPES, **COMPILE_EXTRA_SHAPES}
@@ -51,33 +47,6 @@ ACT_NAMES = {ACT_NONE: "none", ACT_RELU: "relu", ACT_SILU: "silu"}
 BLOCK_ENDS = {"relu+residual": RESIDUAL_ADD, "relu+residual, output kept": RESIDUAL_OUTPUT}
 # The shapes whose launches "launches" counts: one of each kernel path.
 LAUNCH_SHAPES = {"split": "res2 N=2", "group": "box head"}
-
-
-def compile_spec(launch: inspection.Launch, target: GPUTarget, ptxas: str) -> dict:
-    """Compile one specialisation to a cubin: registers and spill bytes (ptxas -v), shared
-    memory, warps, and the narrowest global load and store of each pointer (PTX)."""
-    c = launch.compile
-    source = ASTSource(launch.fn, c["signature"], c["constants"], c["configs"][0])
-    options = {"num_warps": c["num_warps"], "num_stages": c["num_stages"], "num_ctas": c["num_ctas"]}
-    compiled = triton.compile(source, target=target, options=options)
-    ptx = compiled.asm["ptx"]
-    arch = re.search(r"\.target\s+(\w+)", ptx).group(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        report = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
-                                capture_output=True, text=True, check=True).stderr
-    registers = int(re.search(r"Used (\d+) registers", report).group(1))
-    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
-    widths = inspection.access_widths(inspection.global_accesses(ptx, inspection.pointer_params(c["signature"])))
-    shared = compiled.metadata.shared
-    blocks = inspection.blocks_per_sm(registers, c["num_warps"], shared)
-    return {"kernel": launch.kernel, "warps": c["num_warps"], "registers": registers, "spills": spills,
-            "shared": shared, "blocks_per_sm": blocks, "warps_per_sm": blocks * c["num_warps"],
-            "load_bytes_min": inspection.activation_min(widths["load"]),
-            "store_bytes_min": inspection.activation_min(widths["store"]),
-            "load_bytes_by_pointer": widths["load"], "store_bytes_by_pointer": widths["store"]}
 
 
 def launch_counts() -> Dict[str, dict]:
@@ -166,7 +135,7 @@ def markdown(data: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
-    parser.add_argument("--sm-count", type=int, default=inspection.H100.sms, help="SMs of the target GPU (132: H100 SXM)")
+    parser.add_argument("--sm-count", type=int, default=occupancy.H100.sms, help="SMs of the target GPU (132: H100 SXM)")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}; float32 and bfloat16")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     parser.add_argument("--replay-multiscale", action="store_true",
@@ -183,7 +152,6 @@ def main() -> int:
     target = GPUTarget("cuda", args.arch, 32)
     shapes = {k: v for k, v in SHAPES.items() if k in QUICK} if args.quick else SHAPES
     dtypes = (torch.float32, torch.bfloat16) if args.quick else (torch.float32, torch.bfloat16, torch.float16)
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     recording = {"target": target, "sm_count": args.sm_count}
 
     # Every launch at every case, then each distinct specialisation compiled once.
@@ -210,7 +178,7 @@ def main() -> int:
     failures = 0
     for key, launch in specs.items():
         try:
-            row = compile_spec(launch, target, ptxas)
+            row = inspection.compile_specialisation(launch, target)
         except Exception as exc:  # report every failure, then exit 1
             failures += 1
             print(f"FAILED {launch.kernel} at {where[key]}: {type(exc).__name__}: {str(exc)[:2000]}", file=log)
@@ -232,7 +200,7 @@ def main() -> int:
                 "kernel": launch.kernel, "shape": shape_name, "dims": list(shape), "dtype": str(dtype)[6:],
                 "layout": layout, "activation": act, "registers": row["registers"], "spills": row["spills"],
                 "load_bytes_min": row["load_bytes_min"], "store_bytes_min": row["store_bytes_min"],
-                "blocks_per_sm": row["blocks_per_sm"], "waves": round(inspection.waves(launch.programs,
+                "blocks_per_sm": row["blocks_per_sm"], "waves": round(occupancy.waves(launch.programs,
                                                                                        row["blocks_per_sm"]), 3),
                 "grid": launch.programs, "warps": row["warps"], "shared": row["shared"],
                 "load_bytes_by_pointer": row["load_bytes_by_pointer"],
@@ -242,7 +210,7 @@ def main() -> int:
                         "arch": f"sm_{args.arch}", "sm_count": args.sm_count, "triton": triton.__version__,
                         "torch": torch.__version__, "specialisations": len(specs), "compiled": len(compiled),
                         "failed_or_spilled": failures,
-                        "limits": vars(inspection.H100) | {"sms": args.sm_count}},
+                        "limits": vars(occupancy.H100) | {"sms": args.sm_count}},
                "kernels": kernels,
                "launches": {name: entry["count"] for name, entry in counts.items()},
                "launch_detail": counts,

@@ -28,7 +28,8 @@ One program per (n, group), for groups that fit one program's registers (up to
 
 Split reduction, for larger groups: work is spread over the GPU even when ``N * G`` is
 small (1-2 images per GPU) by splitting each group's reduction over many programs along
-the spatial axis.
+the spatial axis: as many as fill one wave of the GPU at the partial-sums kernel's compiled
+occupancy (``_resident_programs``), each looping over its tiles, so no partial wave trails.
 Forward (3 launches, x is read twice, y written once):
   1. ``_stats_partial_kernel``: per (n, channel block, spatial split) the mean/M2 of each
      channel: per-lane Welford across the split's tiles, the lanes merged by Chan's formula
@@ -54,13 +55,13 @@ parameters depend on shapes only.
 from __future__ import annotations
 
 import contextlib
-import functools
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from . import occupancy
 from .activation import ACT_NONE, ACT_RELU, ACT_SILU, RESIDUAL_ADD, RESIDUAL_NONE, RESIDUAL_OUTPUT
 from .layout import memory_format_of
 
@@ -592,12 +593,29 @@ _MAX_SPLITS = 512
 GROUP_RESIDENT_MAX_ELEMENTS = 4096
 
 
-@functools.lru_cache(maxsize=None)
-def _target_programs(device_index: Optional[int]) -> int:
-    """About four waves of programs per SM; a small number when interpreting on CPU."""
-    if device_index is None:
-        return 8
-    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
+# Programs the interpreter's grids are sized for on CPU (no occupancy there): a few, so that
+# the tests cross several spatial splits.
+CPU_RESIDENT_PROGRAMS = 8
+_resident: Dict[tuple, int] = {}
+
+
+def _resident_programs(kernel, x: torch.Tensor, args: tuple, kwargs: dict) -> int:
+    """Programs of ``kernel``'s specialisation for these arguments that x's GPU holds at once
+    (a full wave): the compiled kernel's registers, warps and shared memory against the
+    device's limits. Compiles it if need be (the launch that follows would), once per
+    specialisation; a dict lookup after that."""
+    if not x.is_cuda:
+        return CPU_RESIDENT_PROGRAMS
+    key = (x.device.index, kernel.fn.__name__, x.dtype, x.data_ptr() % 16 == 0, x.shape[1] % 16 == 0,
+           tuple(sorted(kwargs.items())))
+    found = _resident.get(key)
+    if found is None:
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        compiled._init_handles()  # loads the binary: its register count
+        limits = occupancy.device_limits(x.device.index)
+        blocks = occupancy.blocks_per_sm(compiled.n_regs, compiled.metadata.num_warps, compiled.metadata.shared, limits)
+        found = _resident[key] = max(1, blocks) * limits.sms
+    return found
 
 
 def _as_ncs(x: torch.Tensor) -> Tuple[int, int, int, bool]:
@@ -627,21 +645,25 @@ def _dense_like(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
 
 
-def _plan(n: int, c: int, s: int, channels_last: bool, device: torch.device):
-    """Tile sizes and the spatial split of each reduction (depends on shapes only)."""
+def _tiles(n: int, c: int, s: int, channels_last: bool) -> Tuple[int, int, int, int]:
+    """(BLOCK_C, BLOCK_S, channel blocks, spatial tiles) of the split kernels' tiles."""
     if channels_last:  # contiguous along C: wide in C
         block_c = min(triton.next_power_of_2(c), 128)
         block_s = max(1, min(triton.next_power_of_2(s), _TILE_ELEMENTS // block_c))
     else:  # contiguous along S: long in S
         block_s = min(triton.next_power_of_2(s), 1024)
         block_c = max(1, min(triton.next_power_of_2(c), _TILE_ELEMENTS // block_s))
-    n_cblocks = triton.cdiv(c, block_c)
+    return block_c, block_s, triton.cdiv(c, block_c), triton.cdiv(s, block_s)
+
+
+def _splits(rows: int, s: int, block_s: int, resident: int) -> Tuple[int, int]:
+    """(splits, positions per split) of each of ``rows`` (n, channel block) reductions along S
+    for a partial-sums kernel of which ``resident`` programs fill the GPU: one full wave
+    (occupancy.one_wave_splits), each split whole tiles."""
     s_tiles = triton.cdiv(s, block_s)
-    target = _target_programs(device.index if device.type == "cuda" else None)
-    splits = max(1, min(s_tiles, _MAX_SPLITS, triton.cdiv(target, n * n_cblocks)))
+    splits = occupancy.one_wave_splits(rows, s_tiles, resident, _MAX_SPLITS)
     chunk_s = triton.cdiv(s_tiles, splits) * block_s
-    splits = triton.cdiv(s, chunk_s)
-    return block_c, block_s, n_cblocks, triton.cdiv(s, block_s), splits, chunk_s
+    return triton.cdiv(s, chunk_s), chunk_s
 
 
 def _num_warps(tile_elements: int) -> int:
@@ -755,23 +777,21 @@ def _forward(x, weight, bias, num_groups, eps, activation, residual):
             num_warps=_num_warps(block_cg * block_s),
         )
         return y, mean, rstd
-    block_c, block_s, n_cblocks, n_sblocks, splits, chunk_s = _plan(n, c, s, channels_last, x.device)
-    warps = _num_warps(block_c * block_s)
+    block_c, block_s, n_cblocks, n_sblocks = _tiles(n, c, s, channels_last)
+    consts = dict(layout, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s))
+    splits, chunk_s = _splits(n * n_cblocks, s, block_s, _resident_programs(
+        _stats_partial_kernel, x, (x, mean, mean, c, s, 2, 2, n_cblocks), consts))
     part_mean = torch.empty((n, splits, c), dtype=torch.float32, device=x.device)
     part_m2 = torch.empty_like(part_mean)
     _stats_partial_kernel[(n * n_cblocks * splits,)](
-        x, part_mean, part_m2, c, s, chunk_s // block_s, splits, n_cblocks,
-        **layout, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
-    )
+        x, part_mean, part_m2, c, s, chunk_s // block_s, splits, n_cblocks, **consts)
     block_k, block_cg = _finalize_blocks(splits, cpg)
     _stats_finalize_kernel[(n * g,)](
         part_mean, part_m2, mean, rstd, c, s, g, cpg, chunk_s, splits, eps,
         BLOCK_K=block_k, BLOCK_CG=block_cg,
     )
     _forward_apply_kernel[(n * n_cblocks * n_sblocks,)](
-        x, y, weight, bias, mean, rstd, r, c, s, g, cpg, n_cblocks, n_sblocks,
-        ACT=activation, RES=res_mode, **layout, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
-    )
+        x, y, weight, bias, mean, rstd, r, c, s, g, cpg, n_cblocks, n_sblocks, ACT=activation, RES=res_mode, **consts)
     return y, mean, rstd
 
 
@@ -813,14 +833,16 @@ def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, resid
             part_ds, part_db, dweight, dbias, n, c, BLOCK_R=PARAM_BLOCK_R, BLOCK_C=PARAM_BLOCK_C,
         )
         return dx, dweight, dbias, dres
-    block_c, block_s, n_cblocks, n_sblocks, splits, chunk_s = _plan(n, c, s, channels_last, x.device)
-    warps = _num_warps(block_c * block_s)
+    block_c, block_s, n_cblocks, n_sblocks = _tiles(n, c, s, channels_last)
+    consts = dict(layout, RES=res_mode, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s))
+    splits, chunk_s = _splits(n * n_cblocks, s, block_s, _resident_programs(
+        _backward_partial_kernel, x, (x, grad_y, weight, bias, mean, rstd, r, mean, mean, c, s, g, cpg, 2, 2, n_cblocks),
+        dict(consts, ACT=activation)))
     part_ds = torch.empty((n, splits, c), dtype=torch.float32, device=x.device)
     part_db = torch.empty_like(part_ds)
     _backward_partial_kernel[(n * n_cblocks * splits,)](
         x, grad_y, weight, bias, mean, rstd, r, part_ds, part_db, c, s, g, cpg, chunk_s // block_s, splits, n_cblocks,
-        ACT=activation, RES=res_mode, **layout, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
-    )
+        ACT=activation, **consts)
     coef_xhat = torch.empty((n, g), dtype=torch.float32, device=x.device)
     coef_const = torch.empty_like(coef_xhat)
     block_k, block_cg = _finalize_blocks(splits, cpg)
@@ -831,8 +853,7 @@ def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, resid
     )
     _backward_apply_kernel[(n * n_cblocks * n_sblocks,)](
         x, grad_y, dx, weight, bias, mean, rstd, coef_xhat, coef_const, r, dr, c, s, g, cpg, n_cblocks, n_sblocks,
-        ACT=activation, RES=res_mode, **layout, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps,
-    )
+        ACT=activation, **consts)
     return dx, dweight, dbias, dres
 
 

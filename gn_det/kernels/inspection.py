@@ -13,18 +13,23 @@ recorded by a dispatch mode.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import triton
+import triton.compiler
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
 from . import group_norm_triton as kernels
+from .occupancy import H100, blocks_per_sm
 
 # The kernels' pointer parameters that address activation-sized tensors (x, y, dy, dx, and a
 # block end's residual and its gradient); the others address per-channel gamma/beta,
@@ -33,21 +38,6 @@ ACTIVATION_POINTERS = frozenset({"X", "Y", "DY", "DX", "R", "DR"})
 
 # aten ops that launch no kernel: allocations and views.
 _NO_KERNEL_OPS = ("empty", "empty_like", "empty_strided", "detach", "view", "as_strided", "alias", "t", "expand")
-
-
-@dataclass(frozen=True)
-class GPULimits:
-    """Per-SM limits that bound how many blocks (programs) of a kernel an SM holds."""
-
-    sms: int = 132  # H100 SXM
-    registers: int = 65536
-    shared_bytes: int = 228 * 1024
-    shared_reserved_per_block: int = 1024  # the CUDA runtime's share of each block's shared memory
-    warps: int = 64
-    blocks: int = 32
-
-
-H100 = GPULimits()
 
 
 @dataclass
@@ -107,9 +97,14 @@ def jit_kernels() -> Dict[str, triton.runtime.JITFunction]:
 
 
 @contextlib.contextmanager
-def recording_launches(target: GPUTarget = GPUTarget("cuda", 90, 32), sm_count: int = H100.sms) -> Iterator[List[Launch]]:
+def recording_launches(target: GPUTarget = GPUTarget("cuda", 90, 32), sm_count: int = H100.sms,
+                       occupancy: bool = True) -> Iterator[List[Launch]]:
     """Within it, the launchers record their launches into the yielded list instead of
-    launching (call them on meta tensors); the plan sees ``sm_count`` SMs, as on that GPU."""
+    launching (call them on meta tensors). The split kernels' grids are sized, as on a GPU
+    with ``sm_count`` SMs, by the occupancy of their partial-sums kernel compiled for
+    ``target`` (``compile_specialisation``); with ``occupancy=False`` by a stand-in of two
+    programs per SM, compiling nothing (for counting specialisations, which grids don't
+    change)."""
     launches: List[Launch] = []
     current: List[Launch] = []
 
@@ -121,17 +116,25 @@ def recording_launches(target: GPUTarget = GPUTarget("cuda", 90, 32), sm_count: 
 
     def wrap(name, run):
         def recorded(*args, grid, warmup, **kwargs):
-            # The launchers pass a tuple grid; the one they compute is the one recorded.
-            launches.append(Launch(kernel=name, grid=tuple(grid)))
-            current.append(launches[-1])
+            # The launchers pass a tuple grid; the one they compute is the one recorded. A
+            # warmup (the launcher asking for the compiled kernel) is no launch.
+            current.append(Launch(kernel=name, grid=tuple(grid)))
+            if not warmup:
+                launches.append(current[-1])
             return run(*args, grid=grid, warmup=warmup, **kwargs)
         return recorded
 
-    saved_programs, saved_hook = kernels._target_programs, knobs.runtime.jit_cache_hook
+    def resident_programs(kernel, x, args, kwargs):
+        if not occupancy:
+            return 2 * sm_count
+        kernel.warmup(*args, grid=(1,), **kwargs)  # the hook records its specialisation
+        return max(1, compile_specialisation(current[-1], target)["blocks_per_sm"]) * sm_count
+
+    saved_resident, saved_hook = kernels._resident_programs, knobs.runtime.jit_cache_hook
     saved_driver = getattr(driver, "_active", None)  # (reset_active() would look for a GPU driver)
     jits = jit_kernels()
     driver.set_active(CompileOnlyDriver(target))
-    kernels._target_programs = lambda device_index: 4 * sm_count  # as the launcher computes it on a GPU
+    kernels._resident_programs = resident_programs
     knobs.runtime.jit_cache_hook = hook
     for name, jit in jits.items():
         jit.run = wrap(name, jit.run)
@@ -142,8 +145,44 @@ def recording_launches(target: GPUTarget = GPUTarget("cuda", 90, 32), sm_count: 
         for jit in jits.values():
             del jit.run  # back to the class's method
         knobs.runtime.jit_cache_hook = saved_hook
-        kernels._target_programs = saved_programs
+        kernels._resident_programs = saved_resident
         driver.set_active(saved_driver)
+
+
+_COMPILED: Dict[Tuple[str, str], dict] = {}
+
+
+def compile_specialisation(launch: Launch, target: GPUTarget) -> dict:
+    """Compile one recorded specialisation to a cubin for ``target`` (once per process):
+    registers and spill bytes (ptxas -v), shared memory, warps, blocks per SM on an H100, and
+    the narrowest global load and store of each pointer (PTX)."""
+    cache_key = (launch.key, str(target))
+    if cache_key in _COMPILED:
+        return _COMPILED[cache_key]
+    c = launch.compile
+    source = triton.compiler.ASTSource(launch.fn, c["signature"], c["constants"], c["configs"][0])
+    options = {"num_warps": c["num_warps"], "num_stages": c["num_stages"], "num_ctas": c["num_ctas"]}
+    compiled = triton.compile(source, target=target, options=options)
+    ptx = compiled.asm["ptx"]
+    arch = re.search(r"\.target\s+(\w+)", ptx).group(1)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        report = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+                                capture_output=True, text=True, check=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
+    widths = access_widths(global_accesses(ptx, pointer_params(c["signature"])))
+    shared = compiled.metadata.shared
+    blocks = blocks_per_sm(registers, c["num_warps"], shared)
+    out = _COMPILED[cache_key] = {
+        "kernel": launch.kernel, "warps": c["num_warps"], "registers": registers, "spills": spills, "shared": shared,
+        "blocks_per_sm": blocks, "warps_per_sm": blocks * c["num_warps"],
+        "load_bytes_min": activation_min(widths["load"]), "store_bytes_min": activation_min(widths["store"]),
+        "load_bytes_by_pointer": widths["load"], "store_bytes_by_pointer": widths["store"]}
+    return out
 
 
 def layer_launches(shape: Sequence[int], dtype: torch.dtype, memory_format: torch.memory_format, activation: int,
@@ -277,23 +316,6 @@ def activation_min(widths: Dict[str, int]) -> Optional[int]:
     return min(found) if found else None
 
 
-# ------------------------------------------------------------------------------ occupancy
-
-def blocks_per_sm(registers: int, warps: int, shared: int, limits: GPULimits = H100) -> int:
-    """Blocks (programs) of a kernel an SM holds at once: registers are allocated per warp in
-    units of 256, shared memory per block with the runtime's reserve, and warps and blocks per
-    SM are capped."""
-    per_warp = -(-registers * 32 // 256) * 256
-    by_registers = limits.registers // (per_warp * warps) if per_warp else limits.blocks
-    by_shared = limits.shared_bytes // (shared + limits.shared_reserved_per_block) if shared else limits.blocks
-    return max(0, min(limits.blocks, by_registers, limits.warps // warps, by_shared))
-
-
-def waves(programs: int, blocks: int, limits: GPULimits = H100) -> float:
-    """Programs over the blocks the whole GPU holds at once: 1.0 is one full wave."""
-    return programs / (blocks * limits.sms) if blocks else float("inf")
-
-
 # ------------------------------------------------------------------------------- replay
 
 def replay_compiles(iterations: int = 300, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
@@ -315,7 +337,7 @@ def replay_compiles(iterations: int = 300, seed: int = 0, dtype: torch.dtype = t
         layers.update(found)
     keys: Dict[str, str] = {}
     model_keys = set()
-    with recording_launches(**recording) as launches:
+    with recording_launches(**recording, occupancy=False) as launches:  # keys only: grids change none
         for shape, relu in sorted(layers):
             for _, fmt in memory_formats(len(shape)):
                 x = torch.empty(shape, dtype=dtype, device="meta").contiguous(memory_format=fmt)
@@ -364,11 +386,16 @@ def bytes_moved(shape: Sequence[int], element_bytes: int, num_groups: int = 32, 
         backward = 3 * numel * element_bytes + stats + params + partial + partial + params
     else:
         path = "split reduction"
-        with recording_launches(sm_count=sm_count):  # the plan sees the GPU's SM count
-            splits = kernels._plan(n, c, s, channels_last, torch.device("meta"))[4]
-        partial = 2 * n * splits * c * f32
+        # The split counts of the launches on that GPU (each partial-sums kernel fills one wave).
+        dtype = {2: torch.bfloat16, 4: torch.float32}[element_bytes]
+        fmt = torch.channels_last if channels_last and len(shape) == 4 else torch.contiguous_format
+        fwd, bwd = layer_launches(shape, dtype, fmt, 1, num_groups, sm_count=sm_count)
+        assert fwd[0].kernel == "_stats_partial_kernel" and bwd[0].kernel == "_backward_partial_kernel"
+        rows = n * kernels._tiles(n, c, s, channels_last)[2]  # grids: rows x splits
+        partial_fwd = 2 * n * (fwd[0].programs // rows) * c * f32  # (n, split, channel) partials, two of them
+        partial = 2 * n * (bwd[0].programs // rows) * c * f32
         # stats partial reads x; finalize reads PART_MEAN twice and PART_M2 once; apply reads x, writes y.
-        forward = 3 * numel * element_bytes + partial + 1.5 * partial + stats + stats + params
+        forward = 3 * numel * element_bytes + partial_fwd + 1.5 * partial_fwd + stats + stats + params
         # partial reads x, dy; finalize reads the partials, and its dgamma/dbeta programs read them
         # again; apply reads x, dy, writes dx.
         backward = (5 * numel * element_bytes + stats + params + partial + partial + stats + stats + stats
