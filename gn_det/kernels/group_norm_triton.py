@@ -10,7 +10,12 @@ are not specialised (``do_not_specialize``): multi-scale training compiles each 
 times, not once per image size. What their divisibility told the compiler is the ``ALIGN``
 constexpr instead: how many elements each row start is a multiple of (the largest power of
 two dividing S for NCHW rows, or channels per group for a group's channels in a
-channels_last row; up to one 16-byte access). The activation (``ACT``) is a runtime argument
+channels_last row; up to one 16-byte access). Where NCHW rows start misaligned (S not a
+multiple of 16 bytes' elements: res5 and P5's 25 x 42), the split kernels still move whole
+16-byte blocks: their tiles are windows shifted back to the aligned address before each
+row (``SHIFT``, ``_window``), the few elements of the neighbouring rows in the end blocks
+left out of the sums and, in the apply kernels, written with those rows' own parameters (the
+values their own tiles write). The activation (``ACT``) is a runtime argument
 of the split apply kernels, a branch that is the same for every element; it stays a
 constexpr where carrying every activation's code costs registers (``_backward_partial_kernel``:
 161 instead of 127 at most, one block of 8 warps per SM instead of two) or spilled (the
@@ -91,10 +96,11 @@ def _activation_grad(z, dy, ACT):
 
 @triton.jit
 def _affine_input(x, mean, rstd, w, b):
-    """z = (x - mean) * (gamma * rstd) + beta for a (BLOCK_C, BLOCK_S) tile. Centring first
-    keeps z exact when the mean is large against the spread (x * scale + shift would cancel),
-    and forward and backward share this one formula so ReLU's mask agrees between them."""
-    return (x - mean[:, None]) * (w * rstd)[:, None] + b[:, None]
+    """z = (x - mean) * (gamma * rstd) + beta, the parameters broadcastable to x (per row of a
+    tile as (BLOCK_C, 1) columns, per element, or scalars). Centring first keeps z exact when
+    the mean is large against the spread (x * scale + shift would cancel), and forward and
+    backward share this one formula so ReLU's mask agrees between them."""
+    return (x - mean) * (w * rstd) + b
 
 
 @triton.jit
@@ -126,14 +132,62 @@ def _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask):
 
 
 @triton.jit
-def _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr):
+def _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, SHIFT: tl.constexpr = False):
     """64-bit offset of each channel's first position in sample pid_n of a dense (N, C, S)
     tensor. NCHW rows are S elements apart; S is not specialised, so ALIGN says how aligned
-    they are (what lets the loads along them be vectorised)."""
+    they are (what lets the loads along them be vectorised), unless SHIFT (``_window``)."""
     base = pid_n.to(tl.int64) * C * S
     if CHANNELS_LAST:
         return base + c_offs.to(tl.int64)
+    if SHIFT:
+        return base + c_offs.to(tl.int64) * S
     return tl.multiple_of(base + c_offs.to(tl.int64) * S, ALIGN)
+
+
+@triton.jit
+def _window(rows, c_mask, j, lo, hi, C, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, SHIFT: tl.constexpr):
+    """A (BLOCK_C rows, BLOCK_S) tile along each row at window positions ``j``, covering the
+    row positions [lo, hi): (element offsets, access mask, exact mask).
+
+    Without SHIFT, window position j is row position j (row starts ALIGN-aligned; ALIGN
+    divides hi), and both masks are j in [.., hi) by whole ALIGN blocks.
+    With SHIFT (NCHW rows whose starts are not ALIGN-aligned: S not a multiple of ALIGN), the
+    windows start at the aligned address at or before each row's start: position j of row c
+    is its element j - delta_c, delta_c = (row start) mod ALIGN. The access mask takes the
+    whole ALIGN blocks that overlap [lo, hi), so that it is uniform over each block and the
+    accesses stay ALIGN wide; those blocks hold up to ALIGN - 1 elements of the neighbouring
+    rows at each end, which the exact mask (the row's own [lo, hi)) leaves out."""
+    if SHIFT:
+        delta = rows % ALIGN
+        offs = tl.multiple_of(rows - delta, ALIGN)[:, None] + j.to(tl.int64)[None, :]
+        pos = j[None, :] - delta[:, None]
+        block = (j // ALIGN * ALIGN)[None, :] - delta[:, None]  # each ALIGN block's first position
+        access = c_mask[:, None] & (block + ALIGN > lo) & (block < hi)
+        exact = c_mask[:, None] & (pos >= lo) & (pos < hi)
+        return offs, access, exact
+    mask = c_mask[:, None] & _below(j, hi, ALIGN)[None, :]
+    return _offsets(rows, j, C, CHANNELS_LAST), mask, mask
+
+
+@triton.jit
+def _row_side(rows, j, S, ALIGN: tl.constexpr):
+    """In a SHIFT window, which row each element is in: -1 the previous row, 0 its own, 1 the
+    next (int32, (BLOCK_C, BLOCK_S))."""
+    pos = j[None, :] - (rows % ALIGN)[:, None]
+    return (pos >= S).to(tl.int32) - (pos < 0).to(tl.int32)
+
+
+@triton.jit
+def _row_values(P, idx, idx_prev, idx_next, side, c_mask, SHIFT: tl.constexpr):
+    """A per-row float32 value, P[idx] for each row of a tile, for each element: a (BLOCK_C, 1)
+    column of the rows' own, or with SHIFT per element, from the row each element is in
+    (``_row_side``; idx_prev / idx_next index the rows before and after)."""
+    value = tl.load(P + idx, mask=c_mask, other=0.0).to(tl.float32)[:, None]
+    if SHIFT:  # (one return: Triton types every return of a function alike)
+        prev = tl.load(P + idx_prev, mask=c_mask, other=0.0).to(tl.float32)
+        nxt = tl.load(P + idx_next, mask=c_mask, other=0.0).to(tl.float32)
+        value = tl.where(side < 0, prev[:, None], tl.where(side > 0, nxt[:, None], value))
+    return value
 
 
 @triton.jit
@@ -153,28 +207,36 @@ def _below(s_offs, S, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _tile_offsets(pid, C, S, n_cblocks, n_sblocks, ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Decompose a 1-D program id into one tile's n, channel and spatial offsets, the
-    channel mask and the tile's mask."""
+def _apply_tile(MEAN, RSTD, W, B, C, S, G, cpg, n_rows, n_cblocks, n_sblocks, CHANNELS_LAST: tl.constexpr,
+                ALIGN: tl.constexpr, SHIFT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """An apply kernel's tile (``_window`` over [0, S)): element offsets and access mask; the
+    groups of its rows, of the rows before and after and each element's side (for
+    ``_row_values``; ``n_rows`` = N * C); each element's group mean and rstd, gamma and beta
+    (columns, or per element with SHIFT). With SHIFT a tile also writes the neighbouring rows'
+    elements in its end blocks, with those rows' parameters: the values their own tiles write."""
+    pid = tl.program_id(0)
     pid_s = pid % n_sblocks
     rest = pid // n_sblocks
+    pid_n = rest // n_cblocks
     c_offs = (rest % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    s_offs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     c_mask = c_offs < C
-    return rest // n_cblocks, c_offs, s_offs, c_mask, c_mask[:, None] & _below(s_offs, S, ALIGN)[None, :]
-
-
-@triton.jit
-def _apply_tile(MEAN, RSTD, W, B, C, S, G, cpg, n_cblocks, n_sblocks, CHANNELS_LAST: tl.constexpr,
-                ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """An apply kernel's tile: the groups of its channels, the channel mask, the element
-    offsets and mask, and per channel its group's mean and rstd, its gamma and beta."""
-    pid_n, c_offs, s_offs, c_mask, mask = _tile_offsets(tl.program_id(0), C, S, n_cblocks, n_sblocks, ALIGN, BLOCK_C,
-                                                        BLOCK_S)
+    j = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    rows = _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN, SHIFT)
+    offs, mask, _ = _window(rows, c_mask, j, 0, S, C, CHANNELS_LAST, ALIGN, SHIFT)
     grp = pid_n * G + c_offs // cpg
-    mean, rstd, w, b = _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask)
-    offs = _offsets(_row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN), s_offs, C, CHANNELS_LAST)
-    return grp, c_mask, offs, mask, mean, rstd, w, b
+    if SHIFT:
+        side = _row_side(rows, j, S, ALIGN)
+        row = pid_n * C + c_offs  # rows of the (N * C, S) tensor
+        prev, nxt = tl.maximum(row - 1, 0), tl.minimum(row + 1, n_rows - 1)
+        c_prev, c_next = prev % C, nxt % C
+        grp_prev, grp_next = (prev // C) * G + c_prev // cpg, (nxt // C) * G + c_next // cpg
+    else:
+        side, c_prev, c_next, grp_prev, grp_next = 0, c_offs, c_offs, grp, grp
+    mean = _row_values(MEAN, grp, grp_prev, grp_next, side, c_mask, SHIFT)
+    rstd = _row_values(RSTD, grp, grp_prev, grp_next, side, c_mask, SHIFT)
+    w = _row_values(W, c_offs, c_prev, c_next, side, c_mask, SHIFT)
+    b = _row_values(B, c_offs, c_prev, c_next, side, c_mask, SHIFT)
+    return grp, grp_prev, grp_next, side, c_mask, offs, mask, mean, rstd, w, b
 
 
 @triton.jit
@@ -195,40 +257,50 @@ def _welford_combine(mean_a, m2_a, count_a, mean_b, m2_b, count_b):
     return mean_a + delta * frac_b, m2_a + m2_b + delta * delta * count_a * frac_b, count
 
 
+@triton.jit
+def _lane_count(exact, j, split_end, ALIGN: tl.constexpr, SHIFT: tl.constexpr):
+    """1 where a tile's element counts: per lane, (1, BLOCK_S), when every row sees the same
+    positions, else (SHIFT) per element."""
+    count = _below(j, split_end, ALIGN).to(tl.float32)[None, :]
+    if SHIFT:
+        count = exact.to(tl.float32)
+    return count
+
+
 @triton.jit(do_not_specialize=["S", "split_tiles", "n_splits", "n_cblocks"])
 def _stats_partial_kernel(
     X, PART_MEAN, PART_M2,
     C, S, split_tiles, n_splits, n_cblocks,
-    CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, SHIFT: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     pid_n, pid_k, c_offs, c_mask = _split_program(tl.program_id(0), C, n_splits, n_cblocks, BLOCK_C)
-    rows = _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN)
+    rows = _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN, SHIFT)
     s_start = pid_k * split_tiles * BLOCK_S  # splits are whole tiles (which the compiler sees)
     split_end = tl.minimum(s_start + split_tiles * BLOCK_S, S)
     # Per-lane Welford accumulators, carried across the loop with no reduction inside it (so
     # nothing waits on the tile's other warps while the next loads are in flight); the
     # lanes are merged once, after the loop, by Chan's exact formula. On x - shift, shift the
     # first tile's mean of the channel: the running means stay small, so a mean large against
-    # the spread is rounded once (adding the shift back), not at every update.
-    s_offs = s_start + tl.arange(0, BLOCK_S)
-    s_mask = _below(s_offs, S, ALIGN)
-    mask = c_mask[:, None] & s_mask[None, :]
-    x = tl.load(X + _offsets(rows, s_offs, C, CHANNELS_LAST), mask=mask, other=0.0).to(tl.float32)
-    lane_count = s_mask.to(tl.float32)  # the same for every channel of a lane
-    shift = tl.sum(x, axis=1) / tl.maximum(tl.sum(lane_count, axis=0), 1.0)
-    lane_mean = tl.where(s_mask[None, :], x - shift[:, None], 0.0)
+    # the spread is rounded once (adding the shift back), not at every update. A lane's
+    # count is the same for every row, (1, BLOCK_S), or with SHIFT (rows see different
+    # positions) per element.
+    j = s_start + tl.arange(0, BLOCK_S)
+    offs, access, exact = _window(rows, c_mask, j, s_start, split_end, C, CHANNELS_LAST, ALIGN, SHIFT)
+    x = tl.where(exact, tl.load(X + offs, mask=access, other=0.0).to(tl.float32), 0.0)
+    lane_count = _lane_count(exact, j, split_end, ALIGN, SHIFT)
+    shift = tl.sum(x, axis=1) / tl.maximum(tl.sum(lane_count, axis=1), 1.0)
+    lane_mean = tl.where(exact, x - shift[:, None], 0.0)
     lane_m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    for s0 in range(s_start + BLOCK_S, split_end, BLOCK_S):
-        s_offs = s0 + tl.arange(0, BLOCK_S)
-        s_mask = _below(s_offs, S, ALIGN)
-        mask = c_mask[:, None] & s_mask[None, :]
-        x = tl.load(X + _offsets(rows, s_offs, C, CHANNELS_LAST), mask=mask, other=0.0).to(tl.float32)
-        x -= shift[:, None]
-        lane_count += s_mask.to(tl.float32)
-        delta = tl.where(s_mask[None, :], x - lane_mean, 0.0)
-        lane_mean += delta / tl.maximum(lane_count, 1.0)[None, :]
-        lane_m2 += delta * tl.where(s_mask[None, :], x - lane_mean, 0.0)
-    counts = tl.broadcast_to(lane_count[None, :], (BLOCK_C, BLOCK_S))
+    for s0 in range(s_start + BLOCK_S, split_end + SHIFT * (ALIGN - 1), BLOCK_S):
+        j = s0 + tl.arange(0, BLOCK_S)
+        offs, access, exact = _window(rows, c_mask, j, s_start, split_end, C, CHANNELS_LAST, ALIGN, SHIFT)
+        x = tl.load(X + offs, mask=access, other=0.0).to(tl.float32) - shift[:, None]
+        lane_count += _lane_count(exact, j, split_end, ALIGN, SHIFT)
+        delta = tl.where(exact, x - lane_mean, 0.0)
+        lane_mean += delta / tl.maximum(lane_count, 1.0)
+        lane_m2 += delta * tl.where(exact, x - lane_mean, 0.0)
+    counts = tl.broadcast_to(lane_count, (BLOCK_C, BLOCK_S))
     mean, m2, _ = tl.reduce((lane_mean, lane_m2, counts), 1, _welford_combine)
     mean += shift
     out = (pid_n.to(tl.int64) * n_splits + pid_k) * C + c_offs
@@ -285,15 +357,15 @@ def _stats_finalize_kernel(
     tl.store(RSTD + pid, 1.0 / tl.sqrt(var + eps))
 
 
-@triton.jit(do_not_specialize=["S", "G", "cpg", "n_cblocks", "n_sblocks", "ACT"])
+@triton.jit(do_not_specialize=["S", "G", "cpg", "n_rows", "n_cblocks", "n_sblocks", "ACT"])
 def _forward_apply_kernel(
     X, Y, W, B, MEAN, RSTD, R,
-    C, S, G, cpg, n_cblocks, n_sblocks,
-    ACT, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+    C, S, G, cpg, n_rows, n_cblocks, n_sblocks,
+    ACT, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, SHIFT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    grp, c_mask, offs, mask, mean, rstd, w, b = _apply_tile(
-        MEAN, RSTD, W, B, C, S, G, cpg, n_cblocks, n_sblocks, CHANNELS_LAST, ALIGN, BLOCK_C, BLOCK_S)
+    _, _, _, _, _, offs, mask, mean, rstd, w, b = _apply_tile(
+        MEAN, RSTD, W, B, C, S, G, cpg, n_rows, n_cblocks, n_sblocks, CHANNELS_LAST, ALIGN, SHIFT, BLOCK_C, BLOCK_S)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     y = _activation(_activation_input(x, mean, rstd, w, b, R, offs, mask, RES), ACT)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
@@ -304,26 +376,26 @@ def _backward_partial_kernel(
     X, DY, W, B, MEAN, RSTD, R, PART_DS, PART_DB,
     C, S, G, cpg, split_tiles, n_splits, n_cblocks,
     ACT: tl.constexpr, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    SHIFT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_n, pid_k, c_offs, c_mask = _split_program(tl.program_id(0), C, n_splits, n_cblocks, BLOCK_C)
     grp = pid_n * G + c_offs // cpg
     mean, rstd, w, b = _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask)
-    rows = _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN)
+    mean, rstd, w, b = mean[:, None], rstd[:, None], w[:, None], b[:, None]
+    rows = _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN, SHIFT)
     s_start = pid_k * split_tiles * BLOCK_S  # splits are whole tiles (which the compiler sees)
     split_end = tl.minimum(s_start + split_tiles * BLOCK_S, S)
     # Per-lane sums, reduced once after the loop.
     ds = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     db = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    for s0 in range(s_start, split_end, BLOCK_S):
-        s_offs = s0 + tl.arange(0, BLOCK_S)
-        mask = c_mask[:, None] & (_below(s_offs, S, ALIGN))[None, :]
-        offs = _offsets(rows, s_offs, C, CHANNELS_LAST)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        xhat = (x - mean[:, None]) * rstd[:, None]
-        z = _activation_input(x, mean, rstd, w, b, R, offs, mask, RES)
-        dz = tl.where(mask, _activation_grad(z, dy, ACT), 0.0)
+    for s0 in range(s_start, split_end + SHIFT * (ALIGN - 1), BLOCK_S):
+        j = s0 + tl.arange(0, BLOCK_S)
+        offs, access, exact = _window(rows, c_mask, j, s_start, split_end, C, CHANNELS_LAST, ALIGN, SHIFT)
+        x = tl.load(X + offs, mask=access, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=access, other=0.0).to(tl.float32)
+        xhat = (x - mean) * rstd
+        z = _activation_input(x, mean, rstd, w, b, R, offs, access, RES)
+        dz = tl.where(exact, _activation_grad(z, dy, ACT), 0.0)
         ds += dz * xhat
         db += dz
     out = (pid_n.to(tl.int64) * n_splits + pid_k) * C + c_offs
@@ -400,22 +472,22 @@ def _backward_finalize_kernel(
         _param_sums(PART_DS, PART_DB, DW, DB, pid - n_groups, rows, C, BLOCK_R, BLOCK_C)
 
 
-@triton.jit(do_not_specialize=["S", "G", "cpg", "n_cblocks", "n_sblocks", "ACT"])
+@triton.jit(do_not_specialize=["S", "G", "cpg", "n_rows", "n_cblocks", "n_sblocks", "ACT"])
 def _backward_apply_kernel(
     X, DY, DX, W, B, MEAN, RSTD, COEF_XHAT, COEF_CONST, R, DR,
-    C, S, G, cpg, n_cblocks, n_sblocks,
-    ACT, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+    C, S, G, cpg, n_rows, n_cblocks, n_sblocks,
+    ACT, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, SHIFT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    grp, c_mask, offs, mask, mean, rstd, w, b = _apply_tile(
-        MEAN, RSTD, W, B, C, S, G, cpg, n_cblocks, n_sblocks, CHANNELS_LAST, ALIGN, BLOCK_C, BLOCK_S)
-    coef_xhat = tl.load(COEF_XHAT + grp, mask=c_mask, other=0.0)
-    coef_const = tl.load(COEF_CONST + grp, mask=c_mask, other=0.0)
+    grp, grp_prev, grp_next, side, c_mask, offs, mask, mean, rstd, w, b = _apply_tile(
+        MEAN, RSTD, W, B, C, S, G, cpg, n_rows, n_cblocks, n_sblocks, CHANNELS_LAST, ALIGN, SHIFT, BLOCK_C, BLOCK_S)
+    coef_xhat = _row_values(COEF_XHAT, grp, grp_prev, grp_next, side, c_mask, SHIFT)
+    coef_const = _row_values(COEF_CONST, grp, grp_prev, grp_next, side, c_mask, SHIFT)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-    xhat = (x - mean[:, None]) * rstd[:, None]
+    xhat = (x - mean) * rstd
     dz = _activation_grad(_activation_input(x, mean, rstd, w, b, R, offs, mask, RES), dy, ACT)
-    dx = (rstd * w)[:, None] * dz + coef_xhat[:, None] * xhat + coef_const[:, None]
+    dx = (rstd * w) * dz + coef_xhat * xhat + coef_const
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
     if RES != 0:
         tl.store(DR + offs, dz.to(DR.dtype.element_ty), mask=mask)
@@ -462,11 +534,7 @@ def _group_forward_kernel(
     rstd = 1.0 / tl.sqrt(var + eps)
     w = tl.load(W + c_offs, mask=c_mask, other=0.0).to(tl.float32)
     b = tl.load(B + c_offs, mask=c_mask, other=0.0).to(tl.float32)
-    # Per-row copies of the scalars, so that _affine_input is the very formula of the split
-    # kernels and of this path's backward (the same z, the same ReLU mask).
-    mean_c = tl.zeros([BLOCK_CG], dtype=tl.float32) + mean
-    rstd_c = tl.zeros([BLOCK_CG], dtype=tl.float32) + rstd
-    y = _activation(_activation_input(x, mean_c, rstd_c, w, b, R, offs, mask, RES), ACT)
+    y = _activation(_activation_input(x, mean, rstd, w[:, None], b[:, None], R, offs, mask, RES), ACT)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(MEAN + pid, mean)
     tl.store(RSTD + pid, rstd)
@@ -489,10 +557,8 @@ def _group_backward_kernel(
     rstd = tl.load(RSTD + pid)
     w = tl.load(W + c_offs, mask=c_mask, other=0.0).to(tl.float32)
     b = tl.load(B + c_offs, mask=c_mask, other=0.0).to(tl.float32)
-    mean_c = tl.zeros([BLOCK_CG], dtype=tl.float32) + mean
-    rstd_c = tl.zeros([BLOCK_CG], dtype=tl.float32) + rstd
     xhat = (x - mean) * rstd
-    dz = _activation_grad(_activation_input(x, mean_c, rstd_c, w, b, R, offs, mask, RES), dy, ACT)
+    dz = _activation_grad(_activation_input(x, mean, rstd, w[:, None], b[:, None], R, offs, mask, RES), dy, ACT)
     dz = tl.where(mask, dz, 0.0)
     if RES != 0:
         tl.store(DR + offs, dz.to(DR.dtype.element_ty), mask=mask)
@@ -539,7 +605,7 @@ def _group_forward_flat_kernel(
     rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=0) / count + eps)
     w = tl.load(W + channel, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + channel, mask=mask, other=0.0).to(tl.float32)
-    z = _with_residual((x - mean) * (w * rstd) + b, R, offs, mask, RES)
+    z = _activation_input(x, mean, rstd, w, b, R, offs, mask, RES)
     tl.store(Y + offs, _activation(z, ACT).to(Y.dtype.element_ty), mask=mask)
     tl.store(MEAN + pid, mean)
     tl.store(RSTD + pid, rstd)
@@ -562,7 +628,7 @@ def _group_backward_flat_kernel(
     w = tl.load(W + channel, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + channel, mask=mask, other=0.0).to(tl.float32)
     xhat = (x - mean) * rstd
-    z = _with_residual((x - mean) * (w * rstd) + b, R, offs, mask, RES)  # the forward's formula: the same ReLU mask
+    z = _activation_input(x, mean, rstd, w, b, R, offs, mask, RES)
     dz = tl.where(mask, _activation_grad(z, dy, ACT), 0.0)
     if RES != 0:
         tl.store(DR + offs, dz.to(DR.dtype.element_ty), mask=mask)
@@ -653,15 +719,26 @@ def _dense_like(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
 
 
-def _tiles(n: int, c: int, s: int, channels_last: bool) -> Tuple[int, int, int, int]:
-    """(BLOCK_C, BLOCK_S, channel blocks, spatial tiles) of the split kernels' tiles."""
+def _tiles(n: int, c: int, s: int, channels_last: bool, element_size: int) -> Tuple[int, int, int, int, dict]:
+    """The split kernels' tiles: (BLOCK_C, BLOCK_S, channel blocks, spatial tiles of the apply
+    kernels, layout constexprs CHANNELS_LAST / ALIGN / SHIFT). NCHW rows whose starts are not
+    16-byte aligned (S not a multiple of 16 bytes' elements) are read and written in shifted
+    windows (``_window``: SHIFT), whole 16-byte blocks, where every sample's C * S elements
+    are whole blocks and S at least one block; one window more per row then covers the end."""
     if channels_last:  # contiguous along C: wide in C
         block_c = min(triton.next_power_of_2(c), 128)
         block_s = max(1, min(triton.next_power_of_2(s), _TILE_ELEMENTS // block_c))
     else:  # contiguous along S: long in S
         block_s = min(triton.next_power_of_2(s), 1024)
         block_c = max(1, min(triton.next_power_of_2(c), _TILE_ELEMENTS // block_s))
-    return block_c, block_s, triton.cdiv(c, block_c), triton.cdiv(s, block_s)
+    align, full = _alignment(s, channels_last, element_size), 16 // element_size
+    shift = not channels_last and align < full and s >= full and (c * s) % full == 0
+    if shift:  # half the tile: the apply kernels' parameters are per element, their registers twice
+        align = full
+        block_s = min(triton.next_power_of_2(s), 512)
+        block_c = max(1, min(triton.next_power_of_2(c), _TILE_ELEMENTS // 2 // block_s))
+    layout = {"CHANNELS_LAST": channels_last, "ALIGN": align, "SHIFT": shift}
+    return block_c, block_s, triton.cdiv(c, block_c), triton.cdiv(s + (align - 1) * shift, block_s), layout
 
 
 def _splits(rows: int, s: int, block_s: int, resident: int) -> Tuple[int, int]:
@@ -760,7 +837,6 @@ def triton_group_norm_backward(
 
 def _forward(x, weight, bias, num_groups, eps, activation, residual):
     n, c, s, channels_last = _as_ncs(x)
-    layout = {"CHANNELS_LAST": channels_last, "ALIGN": _alignment(s, channels_last, x.element_size())}
     g = num_groups
     cpg = c // g
     y = torch.empty_like(x)
@@ -778,14 +854,14 @@ def _forward(x, weight, bias, num_groups, eps, activation, residual):
         return y, mean, rstd
     if resident is not None:
         block_cg, block_s = resident
-        layout["ALIGN"] = _alignment(s, channels_last, x.element_size(), cpg)
+        layout = {"CHANNELS_LAST": channels_last, "ALIGN": _alignment(s, channels_last, x.element_size(), cpg)}
         _group_forward_kernel[(n * g,)](
             x, y, weight, bias, mean, rstd, r, c, s, g, cpg, eps,
             ACT=activation, RES=res_mode, **layout, BLOCK_CG=block_cg, BLOCK_S=block_s,
             num_warps=_num_warps(block_cg * block_s),
         )
         return y, mean, rstd
-    block_c, block_s, n_cblocks, n_sblocks = _tiles(n, c, s, channels_last)
+    block_c, block_s, n_cblocks, n_sblocks, layout = _tiles(n, c, s, channels_last, x.element_size())
     consts = dict(layout, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s))
     splits, chunk_s = _splits(n * n_cblocks, s, block_s, _resident_programs(
         _stats_partial_kernel, x, (x, mean, mean, c, s, 2, 2, n_cblocks), consts))
@@ -799,13 +875,13 @@ def _forward(x, weight, bias, num_groups, eps, activation, residual):
         BLOCK_K=block_k, BLOCK_CG=block_cg,
     )
     _forward_apply_kernel[(n * n_cblocks * n_sblocks,)](
-        x, y, weight, bias, mean, rstd, r, c, s, g, cpg, n_cblocks, n_sblocks, ACT=activation, RES=res_mode, **consts)
+        x, y, weight, bias, mean, rstd, r, c, s, g, cpg, n * c, n_cblocks, n_sblocks, ACT=activation, RES=res_mode,
+        **consts)
     return y, mean, rstd
 
 
 def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, residual, residual_mode):
     n, c, s, channels_last = _as_ncs(x)
-    layout = {"CHANNELS_LAST": channels_last, "ALIGN": _alignment(s, channels_last, x.element_size())}
     g = num_groups
     cpg = c // g
     grad_y = _dense_like(x, grad_y)
@@ -818,7 +894,7 @@ def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, resid
     dr = dx if dres is None else dres  # (an unwritten placeholder without a residual)
     resident = _group_resident_blocks(cpg, s)
     if resident is not None:
-        layout["ALIGN"] = _alignment(s, channels_last, x.element_size(), cpg)
+        layout = {"CHANNELS_LAST": channels_last, "ALIGN": _alignment(s, channels_last, x.element_size(), cpg)}
         part_ds = torch.empty((n, c), dtype=torch.float32, device=x.device)
         part_db = torch.empty_like(part_ds)
         flat = _flat_group_blocks(cpg, s, channels_last, x.element_size())
@@ -841,7 +917,7 @@ def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, resid
             part_ds, part_db, dweight, dbias, n, c, BLOCK_R=PARAM_BLOCK_R, BLOCK_C=PARAM_BLOCK_C,
         )
         return dx, dweight, dbias, dres
-    block_c, block_s, n_cblocks, n_sblocks = _tiles(n, c, s, channels_last)
+    block_c, block_s, n_cblocks, n_sblocks, layout = _tiles(n, c, s, channels_last, x.element_size())
     consts = dict(layout, RES=res_mode, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s))
     splits, chunk_s = _splits(n * n_cblocks, s, block_s, _resident_programs(
         _backward_partial_kernel, x, (x, grad_y, weight, bias, mean, rstd, r, mean, mean, c, s, g, cpg, 2, 2, n_cblocks),
@@ -860,8 +936,8 @@ def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, resid
         n * splits, BLOCK_K=block_k, BLOCK_CG=block_cg, BLOCK_R=PARAM_BLOCK_R, BLOCK_C=PARAM_BLOCK_C,
     )
     _backward_apply_kernel[(n * n_cblocks * n_sblocks,)](
-        x, grad_y, dx, weight, bias, mean, rstd, coef_xhat, coef_const, r, dr, c, s, g, cpg, n_cblocks, n_sblocks,
-        ACT=activation, **consts)
+        x, grad_y, dx, weight, bias, mean, rstd, coef_xhat, coef_const, r, dr, c, s, g, cpg, n * c, n_cblocks,
+        n_sblocks, ACT=activation, **consts)
     return dx, dweight, dbias, dres
 
 

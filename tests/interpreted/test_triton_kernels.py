@@ -52,6 +52,26 @@ def test_flat_group_tiles(dtype, activation, residual):
         check_residual(shape, 2, dtype=dtype, activation=activation, output_recomputed=residual == "residual")
 
 
+@pytest.mark.parametrize("shape,groups,dtype,activation", [
+    ((1, 4, 31, 49), 2, torch.float32, "silu"),  # S = 1519: 2 splits of 2 windows per row
+    ((2, 8, 9, 13), 4, torch.bfloat16, None),    # S = 117: windows cross into the next sample's rows
+])
+def test_shifted_windows(shape, groups, dtype, activation, monkeypatch):
+    # NCHW rows whose starts are not 16-byte aligned (S not a multiple of 4 float32 / 8 bf16
+    # elements) run the split kernels in windows shifted back to an aligned address: whole
+    # 16-byte blocks, the neighbouring rows' elements left out of the sums and, in the apply
+    # kernels, written with their own rows' parameters.
+    monkeypatch.setattr(group_norm_triton, "GROUP_RESIDENT_MAX_ELEMENTS", 0)
+    size = torch.tensor([], dtype=dtype).element_size()
+    n, c, s = shape[0], shape[1], shape[2] * shape[3]
+    assert group_norm_triton._tiles(n, c, s, False, size)[4] == {"CHANNELS_LAST": False, "ALIGN": 16 // size,
+                                                                  "SHIFT": True}
+    assert not group_norm_triton._tiles(2, 8, 3, False, size)[4]["SHIFT"]  # rows shorter than a block
+    assert not group_norm_triton._tiles(1, 3, 31 * 49, False, size)[4]["SHIFT"]  # C * S not whole blocks
+    check_forward_backward(shape, groups, dtype=dtype, activation=activation)
+    check_residual(shape, groups, dtype=dtype, activation="relu", output_recomputed=True)
+
+
 def test_kernel_path_follows_group_size(monkeypatch):
     box_head = torch.zeros(2, 64, 7, 7)  # 2 channels x 49 positions per group at 32 groups
     assert kernel_path(box_head, 32) == "one program per group"
