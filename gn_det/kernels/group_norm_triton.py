@@ -540,6 +540,18 @@ def _group_forward_kernel(
     tl.store(RSTD + pid, rstd)
 
 
+@triton.jit
+def _group_backward_inputs(X, DY, W, B, MEAN, RSTD, pid, offs, mask, w_offs, w_mask):
+    """What a one-program-per-group backward reads: x and dy at ``offs`` (float32), the
+    group's mean and rstd, gamma and beta at ``w_offs`` (per channel of a tile's rows, or per
+    element of a flat tile)."""
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + w_offs, mask=w_mask, other=0.0).to(tl.float32)
+    b = tl.load(B + w_offs, mask=w_mask, other=0.0).to(tl.float32)
+    return x, dy, tl.load(MEAN + pid), tl.load(RSTD + pid), w, b
+
+
 @triton.jit(do_not_specialize=["S", "G", "cpg"])
 def _group_backward_kernel(
     X, DY, DX, W, B, MEAN, RSTD, PART_DS, PART_DB, R, DR,
@@ -551,12 +563,7 @@ def _group_backward_kernel(
     once; the per-(n, channel) sums of dz * xhat and dz go out for dgamma and dbeta."""
     pid = tl.program_id(0)
     pid_n, c_offs, c_mask, offs, mask = _group_tile(pid, C, S, G, cpg, CHANNELS_LAST, ALIGN, BLOCK_CG, BLOCK_S)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(MEAN + pid)
-    rstd = tl.load(RSTD + pid)
-    w = tl.load(W + c_offs, mask=c_mask, other=0.0).to(tl.float32)
-    b = tl.load(B + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    x, dy, mean, rstd, w, b = _group_backward_inputs(X, DY, W, B, MEAN, RSTD, pid, offs, mask, c_offs, c_mask)
     xhat = (x - mean) * rstd
     dz = _activation_grad(_activation_input(x, mean, rstd, w[:, None], b[:, None], R, offs, mask, RES), dy, ACT)
     dz = tl.where(mask, dz, 0.0)
@@ -621,12 +628,7 @@ def _group_backward_flat_kernel(
     per-channel sums for dgamma and dbeta are taken over a (BLOCK_F, BLOCK_CG) channel mask."""
     pid = tl.program_id(0)
     offs, mask, channel = _flat_group_tile(pid, S, G, cpg, ALIGN, BLOCK_F)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(MEAN + pid)
-    rstd = tl.load(RSTD + pid)
-    w = tl.load(W + channel, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(B + channel, mask=mask, other=0.0).to(tl.float32)
+    x, dy, mean, rstd, w, b = _group_backward_inputs(X, DY, W, B, MEAN, RSTD, pid, offs, mask, channel, mask)
     xhat = (x - mean) * rstd
     z = _activation_input(x, mean, rstd, w, b, R, offs, mask, RES)
     dz = tl.where(mask, _activation_grad(z, dy, ACT), 0.0)
