@@ -794,6 +794,10 @@ def kernel_path(x: torch.Tensor, num_groups: int) -> str:
     return "one program per group" if _group_resident_blocks(c // num_groups, s) else "split reduction"
 
 
+# The statistics finalize's warps: with 4, triton 3.6's build spills (80 registers, 8 bytes).
+FINALIZE_WARPS = 8
+
+
 def _finalize_blocks(splits: int, cpg: int) -> Tuple[int, int]:
     """(BLOCK_K splits, BLOCK_CG channels) tiles of the finalize kernels' partials: 1024
     elements, whatever the split count (which varies with the image size) or channel count:
@@ -878,7 +882,7 @@ def _forward(x, weight, bias, num_groups, eps, activation, residual):
     block_k, block_cg = _finalize_blocks(splits, cpg)
     _stats_finalize_kernel[(n * g,)](
         part_mean, part_m2, mean, rstd, c, s, g, cpg, chunk_s, splits, eps,
-        BLOCK_K=block_k, BLOCK_CG=block_cg,
+        BLOCK_K=block_k, BLOCK_CG=block_cg, num_warps=FINALIZE_WARPS,
     )
     _forward_apply_kernel[(n * n_cblocks * n_sblocks,)](
         x, y, weight, bias, mean, rstd, r, c, s, g, cpg, n * c, n_cblocks, n_sblocks, ACT=activation, RES=res_mode,
