@@ -121,6 +121,18 @@ def test_more_than_2_to_31_elements():
     torch.testing.assert_close(y[:, -2:].float(), expected, atol=2e-2, rtol=2e-2)
 
 
+def test_one_group_of_more_than_2_to_31_elements():
+    # The group's size, cpg * S, is past int32: the finalize kernels count it in float32.
+    x = torch.randn(1, 2, 2**15, 2**15 + 8, device="cuda", dtype=torch.bfloat16)  # 2.15e9 elements, G = 1
+    x[0, 0] += 3.0  # group mean 1.5, variance 1 + 1.5^2
+    weight = torch.ones(2, device="cuda", requires_grad=True)
+    y = gn_det.group_norm(x, 1, weight, torch.zeros(2, device="cuda"))
+    assert abs(y[0, 0].float().mean().item() - 1.5 / 3.25 ** 0.5) < 2e-2
+    assert abs(y[0, 1].float().mean().item() + 1.5 / 3.25 ** 0.5) < 2e-2
+    y.float().square().sum().backward()  # dgamma summed = 2 * sum(xhat^2) = 2 * numel at gamma = 1
+    assert abs(weight.grad.sum().item() / (2 * x.numel()) - 1.0) < 2e-2
+
+
 def test_autocast_runs_in_bfloat16():
     m = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), gn_det.GroupNorm(32, 64, activation="relu")).cuda()
     x = torch.randn(2, 16, 64, 64, device="cuda")

@@ -334,7 +334,7 @@ def _stats_finalize_kernel(
     pid = tl.program_id(0)  # n * G + g
     pid_n = pid // G
     g = pid % G
-    total = tl.cast(cpg * S, tl.float32)
+    total = tl.cast(cpg, tl.float32) * tl.cast(S, tl.float32)  # (no int32 product: groups of 2^31+)
     row0 = pid_n.to(tl.int64) * n_splits
     # Pass 1: the group's mean, from the partial means weighted by their counts.
     acc = tl.zeros([BLOCK_K, BLOCK_CG], dtype=tl.float32)
@@ -396,6 +396,8 @@ def _backward_partial_kernel(
         xhat = (x - mean) * rstd
         z = _activation_input(x, mean, rstd, w, b, R, offs, access, RES)
         dz = tl.where(exact, _activation_grad(z, dy, ACT), 0.0)
+        if SHIFT:  # a neighbouring row's element may be inf or huge against this row's statistics: 0 * inf
+            xhat = tl.where(exact, xhat, 0.0)
         ds += dz * xhat
         db += dz
     out = (pid_n.to(tl.int64) * n_splits + pid_k) * C + c_offs
@@ -450,7 +452,7 @@ def _dx_coefficients(PART_DS, PART_DB, W, RSTD, COEF_XHAT, COEF_CONST, pid, C, S
     sum_ds = tl.sum(tl.sum(acc_ds, axis=1), axis=0)
     sum_db = tl.sum(tl.sum(acc_db, axis=1), axis=0)
     rstd = tl.load(RSTD + pid)
-    inv_m = 1.0 / tl.cast(cpg * S, tl.float32)
+    inv_m = 1.0 / (tl.cast(cpg, tl.float32) * tl.cast(S, tl.float32))
     tl.store(COEF_XHAT + pid, -rstd * sum_ds * inv_m)
     tl.store(COEF_CONST + pid, -rstd * sum_db * inv_m)
 
@@ -673,18 +675,30 @@ _FALLBACK_BLOCKS_PER_SM = 2  # what the partial-sums kernels' registers allow on
 _resident: Dict[tuple, int] = {}
 
 
+def _specialisation_of(arg) -> tuple:
+    """What Triton specialises a launch argument on: a tensor's dtype and 16-byte alignment,
+    an integer's being 1 or a multiple of 16 (None: a float32 buffer the launch allocates)."""
+    if arg is None:
+        return ("buffer",)
+    if isinstance(arg, torch.Tensor):
+        return (arg.dtype, arg.data_ptr() % 16 == 0)
+    return (arg == 1, arg % 16 == 0) if isinstance(arg, int) else (type(arg),)
+
+
 def _resident_programs(kernel, x: torch.Tensor, args: tuple, kwargs: dict) -> int:
     """Programs of ``kernel``'s specialisation for these arguments that x's GPU holds at once
     (a full wave): the compiled kernel's registers, warps and shared memory against the
-    device's limits. Compiles it if need be (the launch that follows would), once per
-    specialisation; a dict lookup after that."""
+    device's limits. ``args`` are the launch's, None for the float32 buffers it will allocate
+    by the result. Compiles the kernel if need be (the launch that follows would), once per
+    specialisation; after that, a dict lookup."""
     if not x.is_cuda:
         return CPU_RESIDENT_PROGRAMS
-    key = (x.device.index, kernel.fn.__name__, x.dtype, x.data_ptr() % 16 == 0, x.shape[1] % 16 == 0,
-           tuple(sorted(kwargs.items())))
+    key = (x.device.index, kernel.fn.__name__, tuple(map(_specialisation_of, args)), tuple(sorted(kwargs.items())))
     found = _resident.get(key)
     if found is None:
         limits = occupancy.device_limits(x.device.index)
+        buffer = torch.empty(4, dtype=torch.float32, device=x.device)  # stands for them: fresh, aligned
+        args = tuple(buffer if a is None else a for a in args)
         try:
             compiled = kernel.warmup(*args, grid=(1,), **kwargs)
             compiled._init_handles()  # loads the binary: its register count
@@ -874,7 +888,7 @@ def _forward(x, weight, bias, num_groups, eps, activation, residual):
     block_c, block_s, n_cblocks, n_sblocks, layout = _tiles(n, c, s, channels_last, x.element_size())
     consts = dict(layout, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s))
     splits, chunk_s = _splits(n * n_cblocks, s, block_s, _resident_programs(
-        _stats_partial_kernel, x, (x, mean, mean, c, s, 2, 2, n_cblocks), consts))
+        _stats_partial_kernel, x, (x, None, None, c, s, 2, 2, n_cblocks), consts))
     part_mean = torch.empty((n, splits, c), dtype=torch.float32, device=x.device)
     part_m2 = torch.empty_like(part_mean)
     _stats_partial_kernel[(n * n_cblocks * splits,)](
@@ -900,7 +914,8 @@ def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, resid
     res_mode = RESIDUAL_NONE if residual is None else residual_mode
     if res_mode == RESIDUAL_OUTPUT and activation != ACT_RELU:
         raise ValueError("RESIDUAL_OUTPUT stands for the activation's input by its sign: ReLU only")
-    dres = None if residual is None else torch.empty_like(residual)
+    # dR is written with x's offsets: dense in x's layout, in the residual's dtype.
+    dres = None if residual is None else torch.empty_like(r, dtype=residual.dtype)
     dr = dx if dres is None else dres  # (an unwritten placeholder without a residual)
     resident = _group_resident_blocks(cpg, s)
     if resident is not None:
@@ -930,7 +945,7 @@ def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, resid
     block_c, block_s, n_cblocks, n_sblocks, layout = _tiles(n, c, s, channels_last, x.element_size())
     consts = dict(layout, RES=res_mode, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s))
     splits, chunk_s = _splits(n * n_cblocks, s, block_s, _resident_programs(
-        _backward_partial_kernel, x, (x, grad_y, weight, bias, mean, rstd, r, mean, mean, c, s, g, cpg, 2, 2, n_cblocks),
+        _backward_partial_kernel, x, (x, grad_y, weight, bias, mean, rstd, r, None, None, c, s, g, cpg, 2, 2, n_cblocks),
         dict(consts, ACT=activation)))
     part_ds = torch.empty((n, splits, c), dtype=torch.float32, device=x.device)
     part_db = torch.empty_like(part_ds)

@@ -127,7 +127,8 @@ def recording_launches(target: GPUTarget = GPUTarget("cuda", 90, 32), sm_count: 
     def resident_programs(kernel, x, args, kwargs):
         if not occupancy:
             return 2 * sm_count
-        kernel.warmup(*args, grid=(1,), **kwargs)  # the hook records its specialisation
+        buffer = torch.empty(4, dtype=torch.float32, device="meta")  # for the buffers the launch allocates
+        kernel.warmup(*(buffer if a is None else a for a in args), grid=(1,), **kwargs)  # the hook records it
         return max(1, compile_specialisation(current[-1], target)["blocks_per_sm"]) * sm_count
 
     saved_resident, saved_hook = kernels._resident_programs, knobs.runtime.jit_cache_hook

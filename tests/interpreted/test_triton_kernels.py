@@ -9,7 +9,7 @@ import torch
 
 import gn_det
 from gn_det.kernels import routing
-from gn_det.kernels.activation import ACT_RELU
+from gn_det.kernels.activation import ACT_RELU, RESIDUAL_ADD
 from gn_det.kernels.dispatch import dispatch_path, triton_enabled_for
 from gn_det.kernels.group_norm_torch import torch_group_norm_backward, torch_group_norm_forward
 from gn_det.kernels import group_norm_triton
@@ -75,6 +75,35 @@ def test_shifted_windows(shape, groups, dtype, activation, monkeypatch):
         weight, bias = make_affine(c)
         ref = reference(x, groups, weight, bias, 1e-5, None)
         assert ((gn_det.group_norm(x, groups, weight, bias).double() - ref).norm() / ref.norm()).item() < 1e-3
+
+
+def test_shifted_windows_keep_a_neighbours_inf_out(monkeypatch):
+    # A shifted window's end block holds the next row's first elements. An inf there, in
+    # another group, must not reach this row's sums: 0 * inf would make its dgamma and its
+    # group's dx NaN.
+    monkeypatch.setattr(group_norm_triton, "GROUP_RESIDENT_MAX_ELEMENTS", 0)
+    x = make_input((1, 4, 5, 7))  # S = 35: rows 1-3 start misaligned (4-element float32 blocks)
+    x[0, 2, 0, 0] = float("inf")  # element 70: in row 1's last block [68, 72); channel 2 is group 1
+    x.requires_grad_()
+    weight, bias = make_affine(4)
+    weight.requires_grad_()
+    y = gn_det.group_norm(x, 2, weight, bias)
+    assert torch.isfinite(y[:, :2]).all() and not torch.isfinite(y[:, 2:]).all()
+    y[:, :2].sum().backward()  # only group 0's outputs reach the loss
+    assert torch.isfinite(x.grad[:, :2]).all() and torch.isfinite(weight.grad[:2]).all()
+
+
+def test_launcher_residual_gradient_in_x_layout(path):
+    # The launchers take a residual in any layout (read through a copy dense in x's layout);
+    # its gradient is written with x's offsets, so it comes back in x's layout, right.
+    x = make_input((2, 8, 5, 6))
+    r = make_input((2, 8, 5, 6), seed=3).contiguous(memory_format=CL)
+    weight, bias = make_affine(8)
+    y, mean, rstd = triton_group_norm_forward(x, weight, bias, 2, 1e-5, ACT_RELU, r)
+    dy = make_input((2, 8, 5, 6), seed=5)
+    dr = triton_group_norm_backward(dy, x, weight, bias, mean, rstd, 2, ACT_RELU, r, RESIDUAL_ADD)[3]
+    z = torch.nn.functional.group_norm(x.double(), 2, weight.double(), bias.double(), 1e-5) + r.double()
+    assert dr.is_contiguous() and torch.allclose(dr.double(), dy.double() * (z > 0), atol=1e-6)
 
 
 def test_kernel_path_follows_group_size(monkeypatch):
