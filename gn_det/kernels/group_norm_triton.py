@@ -123,12 +123,13 @@ def _activation_input(x, mean, rstd, w, b, R, offs, mask, RES: tl.constexpr):
 
 @triton.jit
 def _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask):
-    """Per channel of a tile: its group's mean and rstd, its gamma and beta (float32)."""
+    """Per channel of a tile: its group's mean and rstd, its gamma and beta (float32), as
+    (BLOCK_C, 1) columns along the tile's rows."""
     mean = tl.load(MEAN + grp, mask=c_mask, other=0.0)
     rstd = tl.load(RSTD + grp, mask=c_mask, other=0.0)
     w = tl.load(W + c_offs, mask=c_mask, other=0.0).to(tl.float32)
     b = tl.load(B + c_offs, mask=c_mask, other=0.0).to(tl.float32)
-    return mean, rstd, w, b
+    return mean[:, None], rstd[:, None], w[:, None], b[:, None]
 
 
 @triton.jit
@@ -381,7 +382,6 @@ def _backward_partial_kernel(
     pid_n, pid_k, c_offs, c_mask = _split_program(tl.program_id(0), C, n_splits, n_cblocks, BLOCK_C)
     grp = pid_n * G + c_offs // cpg
     mean, rstd, w, b = _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask)
-    mean, rstd, w, b = mean[:, None], rstd[:, None], w[:, None], b[:, None]
     rows = _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN, SHIFT)
     s_start = pid_k * split_tiles * BLOCK_S  # splits are whole tiles (which the compiler sees)
     split_end = tl.minimum(s_start + split_tiles * BLOCK_S, S)
