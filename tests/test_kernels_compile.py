@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from gn_det.kernels import inspection, occupancy
+from gn_det.kernels import group_norm_triton, inspection, occupancy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = {"_group_forward_kernel", "_group_backward_kernel", "_group_forward_flat_kernel", "_group_backward_flat_kernel",
@@ -131,7 +131,6 @@ def test_split_counts_fill_one_wave():
     assert occupancy.one_wave_splits(rows=1, tiles=8400, resident=1056, max_splits=512) == 512
     assert occupancy.one_wave_splits(rows=1024, tiles=2, resident=264, max_splits=512) == 1  # rows alone: 3.9 waves
     # The launcher's splits are whole tiles; the last may be short, none is empty.
-    from gn_det.kernels import group_norm_triton
     for s, block_s, rows, resident in ((67200, 1024, 64, 264), (1050, 1024, 1024, 264), (4200, 32, 2, 396)):
         splits, chunk_s = group_norm_triton._splits(rows, s, block_s, resident)
         assert chunk_s % block_s == 0 and (splits - 1) * chunk_s < s <= splits * chunk_s

@@ -745,18 +745,16 @@ def _tiles(n: int, c: int, s: int, channels_last: bool, element_size: int) -> Tu
     16-byte aligned (S not a multiple of 16 bytes' elements) are read and written in shifted
     windows (``_window``: SHIFT), whole 16-byte blocks, where every sample's C * S elements
     are whole blocks and S at least one block; one window more per row then covers the end."""
+    align, full = _alignment(s, channels_last, element_size), 16 // element_size
+    shift = not channels_last and align < full and s >= full and (c * s) % full == 0
     if channels_last:  # contiguous along C: wide in C
         block_c = min(triton.next_power_of_2(c), 128)
         block_s = max(1, min(triton.next_power_of_2(s), _TILE_ELEMENTS // block_c))
-    else:  # contiguous along S: long in S
-        block_s = min(triton.next_power_of_2(s), 1024)
-        block_c = max(1, min(triton.next_power_of_2(c), _TILE_ELEMENTS // block_s))
-    align, full = _alignment(s, channels_last, element_size), 16 // element_size
-    shift = not channels_last and align < full and s >= full and (c * s) % full == 0
-    if shift:  # half the tile: the apply kernels' parameters are per element, their registers twice
-        align = full
-        block_s = min(triton.next_power_of_2(s), 512)
-        block_c = max(1, min(triton.next_power_of_2(c), _TILE_ELEMENTS // 2 // block_s))
+    else:  # contiguous along S: long in S; half the tile when shifted (the apply kernels'
+        # parameters are then per element: twice the registers)
+        block_s = min(triton.next_power_of_2(s), 512 if shift else 1024)
+        block_c = max(1, min(triton.next_power_of_2(c), _TILE_ELEMENTS // (2 if shift else 1) // block_s))
+    align = full if shift else align
     layout = {"CHANNELS_LAST": channels_last, "ALIGN": align, "SHIFT": shift}
     return block_c, block_s, triton.cdiv(c, block_c), triton.cdiv(s + (align - 1) * shift, block_s), layout
 
