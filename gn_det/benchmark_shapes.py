@@ -35,6 +35,9 @@ CPU_SHAPES: Dict[str, Shape] = {
 COMPILE_EXTRA_SHAPES: Dict[str, Shape] = {
     "sequence": (3, 96, 1001), "volume": (2, 64, 9, 17, 23),
     "features, G = C": (8, 32),  # one channel per group and S = 1
+    # RegNet widths at 32 groups: 7 channels per group, across channels_last blocks of 128,
+    # over many splits: the forward's statistics take a finalize launch there (_stats_merge).
+    "7 channels per group": (2, 224, 100, 168),
 }
 
 

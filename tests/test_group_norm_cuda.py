@@ -113,6 +113,23 @@ def test_no_host_device_sync(shape):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.parametrize("shape,memory_format,stats", [
+    ((2, 256, 200, 336), CL, "lanes"), ((2, 256, 200, 336), CL, "gathered"), ((2, 256, 200, 336), CL, "finalized"),
+    ((2, 256, 200, 336), CF, "gathered"), ((2, 256, 200, 336), CF, "finalized"),
+    ((2, 2048, 25, 42), CF, "gathered"), ((2, 2048, 25, 42), CF, "finalized"),  # shifted windows
+])
+def test_forward_statistics_each_merge(shape, memory_format, stats, monkeypatch):
+    # Each of the forward apply's ways to its groups' statistics (STATS), forced where it is
+    # valid at detection shapes, whatever the launcher's cost rule would pick: the same
+    # results, at a mean large against the spread.
+    from gn_det.kernels import group_norm_triton
+    mode = {"lanes": group_norm_triton.STATS_BY_LANES, "gathered": group_norm_triton.STATS_GATHERED,
+            "finalized": group_norm_triton.STATS_FINALIZED}[stats]
+    monkeypatch.setattr(group_norm_triton, "_stats_merge", lambda *args: mode)
+    check_forward_backward(shape, 32, dtype=torch.bfloat16, memory_format=memory_format, activation="relu",
+                           device="cuda", mean=100.0)
+
+
 def test_more_than_2_to_31_elements():
     x = torch.randn(1, 64, 2**13, 2**12 + 1, device="cuda", dtype=torch.bfloat16)  # 2.15e9 elements
     y = gn_det.group_norm(x, 32)
@@ -122,7 +139,7 @@ def test_more_than_2_to_31_elements():
 
 
 def test_one_group_of_more_than_2_to_31_elements():
-    # The group's size, cpg * S, is past int32: the finalize kernels count it in float32.
+    # The group's size, cpg * S, is past int32: the statistics count it in float32.
     x = torch.randn(1, 2, 2**15, 2**15 + 8, device="cuda", dtype=torch.bfloat16)  # 2.15e9 elements, G = 1
     x[0, 0] += 3.0  # group mean 1.5, variance 1 + 1.5^2
     weight = torch.ones(2, device="cuda", requires_grad=True)

@@ -32,7 +32,13 @@ def test_kernels_compile_for_sm90_without_spills_json():
     rows = data["kernels"]
     assert {row["kernel"] for row in rows} == KERNELS
     assert all(KEYS <= set(row) for row in rows)
-    assert {row["shape"] for row in rows} == {"res2 N=2", "box head", "volume", "features, G = C"}
+    assert {row["shape"] for row in rows} == {"res2 N=2", "box head", "volume", "features, G = C",
+                                              "7 channels per group"}
+    # The split forward's statistics are merged by its apply programs (two launches) at the
+    # detection shapes; a finalize launch only where a channels_last block's lanes would each
+    # gather too many records (7 channels per group across blocks of 128, 66 splits).
+    finalized = {(r["shape"], r["layout"]) for r in rows if r["kernel"] == "_stats_finalize_kernel"}
+    assert finalized == {("7 channels per group", "channels_last")}, finalized
     for row in rows:
         assert 0 < row["registers"] <= 255 and row["spills"] == 0, row
         assert 1 <= row["blocks_per_sm"] <= 32 and row["waves"] > 0, row
@@ -68,7 +74,7 @@ def test_kernels_compile_for_sm90_without_spills_json():
     partial = [r for r in rows if r["shape"] == "res2 N=2" and r["kernel"].endswith("_partial_kernel")]
     assert partial and all(0.9 <= r["waves"] <= 1.0 for r in partial), partial
     # dgamma/dbeta are summed (and cast) by the kernels: no torch op runs beside them.
-    assert data["launches"] == {"split_forward": 3, "split_backward": 3, "group_forward": 1, "group_backward": 2}
+    assert data["launches"] == {"split_forward": 2, "split_backward": 3, "group_forward": 1, "group_backward": 2}
     assert all(not name.startswith("torch") for entry in data["launch_detail"].values() for name in entry["launches"])
     replay = data["replay_compiles"]
     assert replay["iterations"] == 30 and replay["gn_layer_calls"] > 0
@@ -135,3 +141,19 @@ def test_split_counts_fill_one_wave():
         splits, chunk_s = group_norm_triton._splits(rows, s, block_s, resident)
         assert chunk_s % block_s == 0 and (splits - 1) * chunk_s < s <= splits * chunk_s
         assert rows * splits <= max(resident, rows)
+
+
+def test_forward_statistics_merge_choice():
+    # How the split forward's apply programs get their groups' statistics (_stats_merge), at
+    # the split counts an H100 gives the partial-sums kernel (264 or 396 programs a wave).
+    k = group_norm_triton
+    # res2 channels_last, N=2: 2 x 2 blocks of 128 channels, 66 splits: lanes of whole groups of 8.
+    assert k._stats_merge(8, 66, 128, False) == k.STATS_BY_LANES
+    # res2 NCHW: blocks of 4 rows, groups of 8 across two blocks, 3 splits: 24 records a lane.
+    assert k._stats_merge(8, 3, 4, False) == k.STATS_GATHERED
+    # res5 NCHW, shifted windows (S = 1050): one split, 64 records for each of three rows.
+    assert k._stats_merge(64, 1, 4, True) == k.STATS_GATHERED
+    # 7 channels per group, channels_last, 66 splits: 462 records a lane; a launch is cheaper.
+    assert k._stats_merge(7, 66, 128, False) == k.STATS_FINALIZED
+    # ...but not over 3 splits (21 records: three loads of 8).
+    assert k._stats_merge(7, 3, 128, False) == k.STATS_GATHERED

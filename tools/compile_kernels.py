@@ -41,7 +41,7 @@ from gn_det.kernels import inspection, occupancy  # noqa: E402
 from gn_det.kernels.activation import ACT_NONE, ACT_RELU, ACT_SILU, RESIDUAL_ADD, RESIDUAL_OUTPUT  # noqa: E402
 
 SHAPES = {**MASK_RCNN_SHAPES, **COMPILE_EXTRA_SHAPES}
-QUICK = ("res2 N=2", "box head", "volume", "features, G = C")
+QUICK = ("res2 N=2", "box head", "volume", "features, G = C", "7 channels per group")
 ACT_NAMES = {ACT_NONE: "none", ACT_RELU: "relu", ACT_SILU: "silu"}
 # --block-ends: the residual blocks' ends, relu(GN(x) + residual), with what backward reads.
 BLOCK_ENDS = {"relu+residual": RESIDUAL_ADD, "relu+residual, output kept": RESIDUAL_OUTPUT}

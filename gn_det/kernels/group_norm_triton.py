@@ -35,13 +35,21 @@ Split reduction, for larger groups: work is spread over the GPU even when ``N * 
 small (1-2 images per GPU) by splitting each group's reduction over many programs along
 the spatial axis: as many as fill one wave of the GPU at the partial-sums kernel's compiled
 occupancy (``_resident_programs``), each looping over its tiles, so no partial wave trails.
-Forward (3 launches, x is read twice, y written once):
+Forward (2 launches, x is read twice, y written once):
   1. ``_stats_partial_kernel``: per (n, channel block, spatial split) the mean/M2 of each
      channel: per-lane Welford across the split's tiles, the lanes merged by Chan's formula
      after the loop, so a large mean against the standard deviation costs no accuracy (no
      E[x^2] - E[x]^2).
-  2. ``_stats_finalize_kernel``: per (n, group) merges its channels' partials -> mean, rstd.
-  3. ``_forward_apply_kernel``: y = act(x * scale_c + shift_c).
+  2. ``_forward_apply_kernel``: per (n, channel block, spatial split), the statistics of its
+     rows' groups merged from those records (``_group_mean_rstd``: Chan's formula in a fixed
+     order, the same bits in every program; split 0's programs store them for backward),
+     then y = act(GN(x)) over the split's tiles. No launch finalizes in between, and no
+     atomics order anything: each program reads the few records its groups have (a group's
+     cpg x splits; in channels_last, where a block holds whole groups, its channels' splits,
+     merged across the group's lanes in registers), a small fraction of the tiles it moves.
+     Where that would take more loads than a launch (``_stats_merge``: channels_last groups
+     whose size is not a power of two, over many splits), ``_stats_finalize_kernel`` merges
+     them per (n, group) in a launch between (3 launches).
 Backward (3 launches; x and dy read twice, dx written once):
   1. ``_backward_partial_kernel``: per channel partial sums of dz * xhat and dz.
   2. ``_backward_finalize_kernel``: per (n, group) the two coefficients of dx, and in the
@@ -179,16 +187,26 @@ def _row_side(rows, j, S, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _row_values(P, idx, idx_prev, idx_next, side, c_mask, SHIFT: tl.constexpr):
-    """A per-row float32 value, P[idx] for each row of a tile, for each element: a (BLOCK_C, 1)
-    column of the rows' own, or with SHIFT per element, from the row each element is in
-    (``_row_side``; idx_prev / idx_next index the rows before and after)."""
-    value = tl.load(P + idx, mask=c_mask, other=0.0).to(tl.float32)[:, None]
+def _by_side(own, prev, nxt, side, SHIFT: tl.constexpr):
+    """A per-row value for each element of a tile: the (BLOCK_C,) ``own`` as a (BLOCK_C, 1)
+    column, or with SHIFT per element, from the row each element is in (``_row_side``: the
+    rows before and after hold ``prev`` / ``nxt``)."""
+    value = own[:, None]
     if SHIFT:  # (one return: Triton types every return of a function alike)
-        prev = tl.load(P + idx_prev, mask=c_mask, other=0.0).to(tl.float32)
-        nxt = tl.load(P + idx_next, mask=c_mask, other=0.0).to(tl.float32)
         value = tl.where(side < 0, prev[:, None], tl.where(side > 0, nxt[:, None], value))
     return value
+
+
+@triton.jit
+def _row_values(P, idx, idx_prev, idx_next, side, c_mask, SHIFT: tl.constexpr):
+    """A per-row float32 value, P[idx] for each row of a tile, for each element (``_by_side``;
+    idx_prev / idx_next index the rows before and after)."""
+    own = tl.load(P + idx, mask=c_mask, other=0.0).to(tl.float32)
+    prev, nxt = own, own
+    if SHIFT:
+        prev = tl.load(P + idx_prev, mask=c_mask, other=0.0).to(tl.float32)
+        nxt = tl.load(P + idx_next, mask=c_mask, other=0.0).to(tl.float32)
+    return _by_side(own, prev, nxt, side, SHIFT)
 
 
 @triton.jit
@@ -205,6 +223,13 @@ def _below(s_offs, S, ALIGN: tl.constexpr):
     """s_offs < S, told what the launcher knows of S (ALIGN divides it): the mask is then
     constant over ALIGN positions, so the masked accesses along S stay vectorised."""
     return (s_offs // ALIGN) < (S // ALIGN)  # (s < S, in whole ALIGN-blocks: the compiler sees them)
+
+
+@triton.jit
+def _neighbour_rows(row, n_rows):
+    """The rows before and after each of ``row`` in the (N * C, S) tensor (clamped at its
+    ends), whose elements share a shifted window's end blocks (``_window``)."""
+    return tl.maximum(row - 1, 0), tl.minimum(row + 1, n_rows - 1)
 
 
 @triton.jit
@@ -227,8 +252,7 @@ def _apply_tile(MEAN, RSTD, W, B, C, S, G, cpg, n_rows, n_cblocks, n_sblocks, CH
     grp = pid_n * G + c_offs // cpg
     if SHIFT:
         side = _row_side(rows, j, S, ALIGN)
-        row = pid_n * C + c_offs  # rows of the (N * C, S) tensor
-        prev, nxt = tl.maximum(row - 1, 0), tl.minimum(row + 1, n_rows - 1)
+        prev, nxt = _neighbour_rows(pid_n * C + c_offs, n_rows)
         c_prev, c_next = prev % C, nxt % C
         grp_prev, grp_next = (prev // C) * G + c_prev // cpg, (nxt // C) * G + c_next // cpg
     else:
@@ -332,6 +356,8 @@ def _stats_finalize_kernel(
     C, S, G, cpg, chunk_s, n_splits, eps,
     BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr,
 ):
+    """Per (n, group): its channels' records merged -> mean, rstd (a launch of its own where the
+    forward apply's programs would each merge too many: ``_stats_merge``)."""
     pid = tl.program_id(0)  # n * G + g
     pid_n = pid // G
     g = pid % G
@@ -358,18 +384,145 @@ def _stats_finalize_kernel(
     tl.store(RSTD + pid, 1.0 / tl.sqrt(var + eps))
 
 
-@triton.jit(do_not_specialize=["S", "G", "cpg", "n_rows", "n_cblocks", "n_sblocks", "ACT"])
+@triton.jit
+def _merge_along(delta, m2, count, axis: tl.constexpr):
+    """Chan's merge of (mean - ref, M2, count) statistics along ``axis`` of a tile whose entries
+    share one ref along it, by sums: M2 = sum(M2_i + n_i (mean_i - mean)^2), exact, the means
+    entering as deltas small against a mean that is large against the spread."""
+    total = tl.sum(count, axis)
+    merged = tl.sum(count * delta, axis) / tl.maximum(total, 1.0)
+    spread = delta - tl.expand_dims(merged, axis)
+    return merged, tl.sum(m2 + count * spread * spread, axis), total
+
+
+@triton.jit
+def _as_pairs(lanes, BLOCK_L: tl.constexpr, LEVEL: tl.constexpr):
+    """(BLOCK_L,) lanes as (pairs, 2, 2^LEVEL): adjacent runs of 2^LEVEL lanes side by side."""
+    return tl.reshape(lanes, (BLOCK_L // (2 << LEVEL), 2, 1 << LEVEL))
+
+
+@triton.jit
+def _to_both_runs(merged, BLOCK_L: tl.constexpr, LEVEL: tl.constexpr):
+    """A (pairs, 2^LEVEL) value of each pair of runs back on the lanes of both runs, (BLOCK_L,)."""
+    return tl.reshape(tl.broadcast_to(merged[:, None, :], (BLOCK_L // (2 << LEVEL), 2, 1 << LEVEL)), (BLOCK_L,))
+
+
+@triton.jit
+def _merge_lane_runs(ref, delta, m2, count, cpg, BLOCK_L: tl.constexpr):
+    """Chan's merge of each lane's statistics (mean = ref + delta, M2, count) with the other
+    lanes of its run: runs of ``cpg`` consecutive lanes, cpg a power of two dividing BLOCK_L.
+    log2(BLOCK_L) steps, step l merging adjacent runs of 2^l lanes where 2^l < cpg (reshapes
+    of constant shape: cpg is a runtime value, so one compilation serves every group size),
+    relative to the first run's ref; every lane ends with its run's statistics, the same bits
+    in each."""
+    for level in tl.static_range(12):  # BLOCK_L <= 4096
+        if (2 << level) <= BLOCK_L:
+            ref_pair = _as_pairs(ref, BLOCK_L, level)
+            first = tl.sum(tl.where(tl.arange(0, 2)[None, :, None] == 0, ref_pair, 0.0), 1)
+            first_lanes = _to_both_runs(first, BLOCK_L, level)
+            merged = _merge_along(_as_pairs(delta + (ref - first_lanes), BLOCK_L, level),
+                                  _as_pairs(m2, BLOCK_L, level), _as_pairs(count, BLOCK_L, level), 1)
+            merge = (1 << level) < cpg
+            ref = tl.where(merge, first_lanes, ref)
+            delta = tl.where(merge, _to_both_runs(merged[0], BLOCK_L, level), delta)
+            m2 = tl.where(merge, _to_both_runs(merged[1], BLOCK_L, level), m2)
+            count = tl.where(merge, _to_both_runs(merged[2], BLOCK_L, level), count)
+    return ref, delta, m2, count
+
+
+@triton.jit
+def _group_mean_rstd(PART_MEAN, PART_M2, MEAN, RSTD, row, lane_mask, C, S, G, cpg, chunk_s, n_splits, eps,
+                     STATS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The mean and rstd of the group of each lane's row (``row`` = n * C + channel, (BLOCK_L,)),
+    from ``_stats_partial_kernel``'s (n, split, channel) mean/M2 records, merged by Chan's
+    formula in a fixed order (every program that needs a group computes the same bits),
+    relative to each lane's first record (exact when the mean is large against the spread).
+
+    STATS_BY_LANES (the lanes are BLOCK_L consecutive channels from a multiple of BLOCK_L,
+    holding whole groups: cpg a power of two up to BLOCK_L): each lane merges its own
+    channel's records over the splits, (BLOCK_L, BLOCK_K) at a time, then the lanes of each
+    group are merged (``_merge_lane_runs``). STATS_GATHERED: each lane merges its group's
+    cpg x n_splits records itself (any group size, groups across channel blocks, a shifted
+    window's neighbouring rows). STATS_FINALIZED: read from MEAN / RSTD, where
+    ``_stats_finalize_kernel`` stored them."""
+    lane_n = (row // C).to(tl.int64)
+    channel = row % C
+    if STATS == 2:
+        grp = lane_n * G + channel // cpg
+        return (tl.load(MEAN + grp, mask=lane_mask, other=0.0), tl.load(RSTD + grp, mask=lane_mask, other=0.0))
+    first = channel // cpg * cpg  # the group's first channel
+    if STATS == 0:
+        first = channel
+    records = n_splits if STATS == 0 else n_splits * cpg
+    ref = tl.load(PART_MEAN + lane_n * n_splits * C + first, mask=lane_mask, other=0.0)
+    delta = tl.zeros([BLOCK_L], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_L], dtype=tl.float32)
+    count = tl.zeros([BLOCK_L], dtype=tl.float32)
+    for t0 in range(0, records, BLOCK_K):
+        t = t0 + tl.arange(0, BLOCK_K)
+        if STATS == 0:
+            k = t
+            ch = channel[:, None]
+        else:  # record t of a group: split t // cpg, channel t % cpg of the group
+            k = t // cpg
+            ch = first[:, None] + (t - k * cpg)[None, :]
+        valid = lane_mask[:, None] & (t < records)[None, :]
+        offs = (lane_n[:, None] * n_splits + k[None, :]) * C + ch
+        part_delta = tl.where(valid, tl.load(PART_MEAN + offs, mask=valid, other=0.0) - ref[:, None], 0.0)
+        part_m2 = tl.load(PART_M2 + offs, mask=valid, other=0.0)
+        part_count = tl.where(valid, _split_counts(k, S, chunk_s)[None, :], 0.0)
+        tile_delta, tile_m2, tile_count = _merge_along(part_delta, part_m2, part_count, 1)
+        delta, m2, count = _welford_combine(delta, m2, count, tile_delta, tile_m2, tile_count)
+    if STATS == 0:
+        ref, delta, m2, count = _merge_lane_runs(ref, delta, m2, count, cpg, BLOCK_L)
+    return ref + delta, 1.0 / tl.sqrt(m2 / tl.maximum(count, 1.0) + eps)
+
+
+@triton.jit(do_not_specialize=["S", "G", "cpg", "n_rows", "n_cblocks", "chunk_s", "stat_splits", "split_tiles",
+                               "n_splits", "n_sblocks", "ACT"])
 def _forward_apply_kernel(
-    X, Y, W, B, MEAN, RSTD, R,
-    C, S, G, cpg, n_rows, n_cblocks, n_sblocks,
+    X, Y, W, B, PART_MEAN, PART_M2, MEAN, RSTD, R,
+    C, S, G, cpg, eps, n_rows, n_cblocks, chunk_s, stat_splits, split_tiles, n_splits, n_sblocks,
     ACT, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, SHIFT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    STATS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    _, _, _, _, _, offs, mask, mean, rstd, w, b = _apply_tile(
-        MEAN, RSTD, W, B, C, S, G, cpg, n_rows, n_cblocks, n_sblocks, CHANNELS_LAST, ALIGN, SHIFT, BLOCK_C, BLOCK_S)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    y = _activation(_activation_input(x, mean, rstd, w, b, R, offs, mask, RES), ACT)
-    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    """y = act(GN(x) [+ R]) over one (n, channel block, spatial split): the statistics of its
+    rows' groups (and, with SHIFT, of the neighbouring rows') from ``_stats_partial_kernel``'s
+    records (``_group_mean_rstd``; unless finalized, the programs of split 0 store them for
+    backward), then a loop over the split's tiles (``_window`` over [0, S), ``n_sblocks`` in
+    all)."""
+    pid_n, pid_k, c_offs, c_mask = _split_program(tl.program_id(0), C, n_splits, n_cblocks, BLOCK_C)
+    row = pid_n * C + c_offs
+    mean, rstd = _group_mean_rstd(PART_MEAN, PART_M2, MEAN, RSTD, row, c_mask, C, S, G, cpg, chunk_s, stat_splits,
+                                  eps, STATS, BLOCK_C, BLOCK_K)
+    if STATS != 2:
+        first = c_mask & (c_offs % cpg == 0) & (pid_k == 0)  # one lane per group stores its statistics
+        tl.store(MEAN + pid_n * G + c_offs // cpg, mean, mask=first)
+        tl.store(RSTD + pid_n * G + c_offs // cpg, rstd, mask=first)
+    w = tl.load(W + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    b = tl.load(B + c_offs, mask=c_mask, other=0.0).to(tl.float32)
+    mean_p, rstd_p, w_p, b_p, mean_n, rstd_n, w_n, b_n = mean, rstd, w, b, mean, rstd, w, b
+    if SHIFT:  # the neighbouring rows' parameters, for their elements in the end blocks
+        prev, nxt = _neighbour_rows(row, n_rows)
+        mean_p, rstd_p = _group_mean_rstd(PART_MEAN, PART_M2, MEAN, RSTD, prev, c_mask, C, S, G, cpg, chunk_s,
+                                          stat_splits, eps, STATS, BLOCK_C, BLOCK_K)
+        mean_n, rstd_n = _group_mean_rstd(PART_MEAN, PART_M2, MEAN, RSTD, nxt, c_mask, C, S, G, cpg, chunk_s,
+                                          stat_splits, eps, STATS, BLOCK_C, BLOCK_K)
+        w_p = tl.load(W + prev % C, mask=c_mask, other=0.0).to(tl.float32)
+        b_p = tl.load(B + prev % C, mask=c_mask, other=0.0).to(tl.float32)
+        w_n = tl.load(W + nxt % C, mask=c_mask, other=0.0).to(tl.float32)
+        b_n = tl.load(B + nxt % C, mask=c_mask, other=0.0).to(tl.float32)
+    rows = _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN, SHIFT)
+    for tile in range(pid_k * split_tiles, tl.minimum(pid_k * split_tiles + split_tiles, n_sblocks)):
+        j = tile * BLOCK_S + tl.arange(0, BLOCK_S)
+        offs, mask, _ = _window(rows, c_mask, j, 0, S, C, CHANNELS_LAST, ALIGN, SHIFT)
+        side = 0
+        if SHIFT:
+            side = _row_side(rows, j, S, ALIGN)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        z = _activation_input(x, _by_side(mean, mean_p, mean_n, side, SHIFT), _by_side(rstd, rstd_p, rstd_n, side, SHIFT),
+                              _by_side(w, w_p, w_n, side, SHIFT), _by_side(b, b_p, b_n, side, SHIFT), R, offs, mask, RES)
+        tl.store(Y + offs, _activation(z, ACT).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["S", "G", "cpg", "split_tiles", "n_splits", "n_cblocks"])
@@ -806,12 +959,46 @@ def kernel_path(x: torch.Tensor, num_groups: int) -> str:
     return "one program per group" if _group_resident_blocks(c // num_groups, s) else "split reduction"
 
 
+# How the forward apply gets its groups' statistics (its STATS constexpr; _group_mean_rstd).
+STATS_BY_LANES, STATS_GATHERED, STATS_FINALIZED = 0, 1, 2
+# The forward apply's statistics: records merged (BLOCK_C lanes, BLOCK_K records) at a time,
+# this many elements (twice with SHIFT). Chosen by the sm_90 compile's registers (triton 3.8,
+# bf16): res2 64 (NCHW) / 80 (channels_last) at 1024, 77 / 100 at 2048; res5's shifted
+# windows 80 at 2048, 127 at 1024.
+_STATS_TILE_ELEMENTS = 1024
+# A launch's cost in dependent loads from L2 (~0.5 us each on an H100: a launch gap of 2-3 us),
+# for choosing between the forward apply merging the records itself and a finalize launch.
+# Unmeasured: a GPU is to tune it.
+LAUNCH_IN_LOADS = 4
 # The statistics finalize's warps: with 4, triton 3.6's build spills (80 registers, 8 bytes).
 FINALIZE_WARPS = 8
 
 
+def _stats_block_k(block_c: int, shift: bool) -> int:
+    return max(1, _STATS_TILE_ELEMENTS * (2 if shift else 1) // block_c)
+
+
+def _stats_merge(cpg: int, splits: int, block_c: int, shift: bool) -> int:
+    """The forward apply's STATS: by lanes where its channel blocks hold whole groups (channels
+    per group a power of two up to BLOCK_C; not with SHIFT, whose neighbouring rows can be
+    outside the block): each lane merges its channel's ``splits`` records, the group's lanes
+    merge in registers. Else each lane gathers its group's cpg x splits records (three times
+    with SHIFT: its row's and its neighbours'). Either, where its dependent tile loads are no
+    more than a finalize launch's two passes plus the launch (LAUNCH_IN_LOADS); else finalized
+    by a launch of its own: channels_last groups whose size is not a power of two over many
+    splits, groups wider than a channel block."""
+    block_k = _stats_block_k(block_c, shift)
+    finalize_k, finalize_cg = _finalize_blocks(splits, cpg)
+    budget = 2 * -(-splits // finalize_k) * -(-cpg // finalize_cg) + LAUNCH_IN_LOADS
+    if not shift and cpg & (cpg - 1) == 0 and cpg <= block_c and -(-splits // block_k) <= budget:
+        return STATS_BY_LANES
+    if -(-splits * cpg // block_k) * (3 if shift else 1) <= budget:
+        return STATS_GATHERED
+    return STATS_FINALIZED
+
+
 def _finalize_blocks(splits: int, cpg: int) -> Tuple[int, int]:
-    """(BLOCK_K splits, BLOCK_CG channels) tiles of the finalize kernels' partials: 1024
+    """(BLOCK_K splits, BLOCK_CG channels) tiles of the backward finalize's partials: 1024
     elements, whatever the split count (which varies with the image size) or channel count:
     a tile shaped to them would compile anew for each."""
     return 16, 64  # one shape, not one per split count or channel count
@@ -885,20 +1072,30 @@ def _forward(x, weight, bias, num_groups, eps, activation, residual):
         return y, mean, rstd
     block_c, block_s, n_cblocks, n_sblocks, layout = _tiles(n, c, s, channels_last, x.element_size())
     consts = dict(layout, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s))
-    splits, chunk_s = _splits(n * n_cblocks, s, block_s, _resident_programs(
+    rows = n * n_cblocks
+    splits, chunk_s = _splits(rows, s, block_s, _resident_programs(
         _stats_partial_kernel, x, (x, None, None, c, s, 2, 2, n_cblocks), consts))
     part_mean = torch.empty((n, splits, c), dtype=torch.float32, device=x.device)
     part_m2 = torch.empty_like(part_mean)
-    _stats_partial_kernel[(n * n_cblocks * splits,)](
+    _stats_partial_kernel[(rows * splits,)](
         x, part_mean, part_m2, c, s, chunk_s // block_s, splits, n_cblocks, **consts)
-    block_k, block_cg = _finalize_blocks(splits, cpg)
-    _stats_finalize_kernel[(n * g,)](
-        part_mean, part_m2, mean, rstd, c, s, g, cpg, chunk_s, splits, eps,
-        BLOCK_K=block_k, BLOCK_CG=block_cg, num_warps=FINALIZE_WARPS,
-    )
-    _forward_apply_kernel[(n * n_cblocks * n_sblocks,)](
-        x, y, weight, bias, mean, rstd, r, c, s, g, cpg, n * c, n_cblocks, n_sblocks, ACT=activation, RES=res_mode,
-        **consts)
+    # The apply programs merge the records into their groups' statistics themselves (no
+    # launch between) unless that takes too many loads each (_stats_merge); each loops over
+    # its split of the row's tiles, as many splits as fill one wave at its occupancy.
+    stats = _stats_merge(cpg, splits, block_c, layout["SHIFT"])
+    if stats == STATS_FINALIZED:
+        block_k, block_cg = _finalize_blocks(splits, cpg)
+        _stats_finalize_kernel[(n * g,)](
+            part_mean, part_m2, mean, rstd, c, s, g, cpg, chunk_s, splits, eps,
+            BLOCK_K=block_k, BLOCK_CG=block_cg, num_warps=FINALIZE_WARPS,
+        )
+    consts = dict(consts, RES=res_mode, STATS=stats, BLOCK_K=_stats_block_k(block_c, layout["SHIFT"]))
+    args = [x, y, weight, bias, part_mean, part_m2, mean, rstd, r, c, s, g, cpg, eps, n * c, n_cblocks, chunk_s,
+            splits, 2, 2, n_sblocks, activation]
+    apply_splits, apply_chunk = _splits(rows, n_sblocks * block_s, block_s,
+                                        _resident_programs(_forward_apply_kernel, x, tuple(args), consts))
+    args[18:20] = apply_chunk // block_s, apply_splits
+    _forward_apply_kernel[(rows * apply_splits,)](*args, **consts)
     return y, mean, rstd
 
 

@@ -395,8 +395,9 @@ def bytes_moved(shape: Sequence[int], element_bytes: int, num_groups: int = 32, 
         rows = n * kernels._tiles(n, c, s, channels_last, element_bytes)[2]  # grids: rows x splits
         partial_fwd = 2 * n * (fwd[0].programs // rows) * c * f32  # (n, split, channel) partials, two of them
         partial = 2 * n * (bwd[0].programs // rows) * c * f32
-        # stats partial reads x; finalize reads PART_MEAN twice and PART_M2 once; apply reads x, writes y.
-        forward = 3 * numel * element_bytes + partial_fwd + 1.5 * partial_fwd + stats + stats + params
+        # stats partial reads x, writes its records; apply reads the records (once from DRAM: each
+        # program reads its groups', from L2 after the first), reads x, writes y and the statistics.
+        forward = 3 * numel * element_bytes + partial_fwd + partial_fwd + stats + params
         # partial reads x, dy; finalize reads the partials, and its dgamma/dbeta programs read them
         # again; apply reads x, dy, writes dx.
         backward = (5 * numel * element_bytes + stats + params + partial + partial + stats + stats + stats

@@ -93,6 +93,38 @@ def test_shifted_windows_keep_a_neighbours_inf_out(monkeypatch):
     assert torch.isfinite(x.grad[:, :2]).all() and torch.isfinite(weight.grad[:2]).all()
 
 
+@pytest.mark.parametrize("shape,groups,memory_format,stats", [
+    ((1, 256, 8, 8), 2, CL, "lanes"),      # 128 channels per group: all 7 merge steps across a block's lanes
+    ((1, 8, 32, 64), 2, CF, "lanes"),      # NCHW blocks of 4 rows holding whole groups of 4, 2 splits
+    ((1, 192, 8, 12), 32, CL, "gathered"),  # 6 channels per group: group 21 spans both 128-channel blocks
+    ((1, 24, 32, 64), 8, CF, "gathered"),  # NCHW 3 channels per group: blocks of 4 rows straddle groups
+    ((1, 256, 8, 8), 1, CL, "finalized"),  # a group wider than a block: 512 records a lane, a launch instead
+])
+def test_forward_statistics_merged_by_the_apply(shape, groups, memory_format, stats, monkeypatch):
+    # The split forward is two launches: the apply programs merge the partial-sums kernel's
+    # records into their groups' statistics themselves, by lanes of whole groups or by reading
+    # each group's records, across several spatial splits of both kernels; split 0's programs
+    # store the statistics that backward reads. Where that would take more loads than a
+    # launch, a finalize kernel merges them (three launches). At a mean large against the
+    # spread: no accuracy lost in the merge.
+    monkeypatch.setattr(group_norm_triton, "GROUP_RESIDENT_MAX_ELEMENTS", 0)
+    n, c, s = shape[0], shape[1], shape[2] * shape[3]
+    block_c, block_s, n_cblocks, _, layout = group_norm_triton._tiles(n, c, s, memory_format == CL, 4)
+    splits, _ = group_norm_triton._splits(n * n_cblocks, s, block_s, group_norm_triton.CPU_RESIDENT_PROGRAMS)
+    assert splits > 1 or stats == "gathered"
+    expected = {"lanes": group_norm_triton.STATS_BY_LANES, "gathered": group_norm_triton.STATS_GATHERED,
+                "finalized": group_norm_triton.STATS_FINALIZED}[stats]
+    assert group_norm_triton._stats_merge(c // groups, splits, block_c, layout["SHIFT"]) == expected
+    x = make_input(shape, memory_format=memory_format, mean=1e3, std=1.0)
+    weight, bias = make_affine(c)
+    y, mean, rstd = triton_group_norm_forward(x, weight, bias, groups, 1e-5, ACT_RELU)
+    x64 = x.double().reshape(n, groups, -1)
+    torch.testing.assert_close(mean.double(), x64.mean(-1), rtol=2e-7, atol=0)
+    torch.testing.assert_close(rstd.double(), (x64.var(-1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-4, atol=0)
+    ref = reference(x, groups, weight, bias, 1e-5, "relu")
+    assert y.is_contiguous(memory_format=memory_format) and (y.double() - ref).abs().max().item() < 1e-3
+
+
 def test_launcher_residual_gradient_in_x_layout(path):
     # The launchers take a residual in any layout (read through a copy dense in x's layout);
     # its gradient is written with x's offsets, so it comes back in x's layout, right.
