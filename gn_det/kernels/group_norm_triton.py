@@ -470,7 +470,9 @@ def _group_mean_rstd(PART_MEAN, PART_M2, MEAN, RSTD, row, lane_mask, C, S, G, cp
         offs = (lane_n[:, None] * n_splits + k[None, :]) * C + ch
         part_delta = tl.where(valid, tl.load(PART_MEAN + offs, mask=valid, other=0.0) - ref[:, None], 0.0)
         part_m2 = tl.load(PART_M2 + offs, mask=valid, other=0.0)
-        part_count = tl.where(valid, _split_counts(k, S, chunk_s)[None, :], 0.0)
+        # Counts as one row for every lane (fewer registers; a masked lane's zero deltas and M2
+        # make its count moot).
+        part_count = tl.where(t < records, _split_counts(k, S, chunk_s), 0.0)[None, :]
         tile_delta, tile_m2, tile_count = _merge_along(part_delta, part_m2, part_count, 1)
         delta, m2, count = _welford_combine(delta, m2, count, tile_delta, tile_m2, tile_count)
     if STATS == 0:
