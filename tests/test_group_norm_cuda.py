@@ -130,6 +130,18 @@ def test_forward_statistics_each_merge(shape, memory_format, stats, monkeypatch)
                            device="cuda", mean=100.0)
 
 
+@pytest.mark.parametrize("shape,memory_format", [((2, 2048, 25, 42), CF), ((2, 256, 200, 336), CL)])
+def test_forward_bitwise_run_to_run(shape, memory_format):
+    # The split forward's apply programs each merge their groups' statistics; with shifted
+    # windows (res5's S = 1050 in NCHW) two programs write a row's end elements, with what they
+    # merged separately. Deterministic only if they merged the same bits: five runs agree.
+    x = make_input(shape, torch.bfloat16, memory_format, "cuda", mean=3.0)
+    weight, bias = make_affine(shape[1], "cuda")
+    first = gn_det.group_norm(x, 32, weight, bias, activation="relu")
+    for _ in range(4):
+        assert torch.equal(gn_det.group_norm(x, 32, weight, bias, activation="relu"), first)
+
+
 def test_more_than_2_to_31_elements():
     x = torch.randn(1, 64, 2**13, 2**12 + 1, device="cuda", dtype=torch.bfloat16)  # 2.15e9 elements
     y = gn_det.group_norm(x, 32)

@@ -415,7 +415,8 @@ def _merge_lane_runs(ref, delta, m2, count, cpg, BLOCK_L: tl.constexpr):
     of constant shape: cpg is a runtime value, so one compilation serves every group size),
     relative to the first run's ref; every lane ends with its run's statistics, the same bits
     in each."""
-    for level in tl.static_range(12):  # BLOCK_L <= 4096
+    tl.static_assert(BLOCK_L <= 4096, "_merge_lane_runs merges up to 4096 lanes (12 steps)")
+    for level in tl.static_range(12):
         if (2 << level) <= BLOCK_L:
             ref_pair = _as_pairs(ref, BLOCK_L, level)
             first = tl.sum(tl.where(tl.arange(0, 2)[None, :, None] == 0, ref_pair, 0.0), 1)
@@ -493,6 +494,8 @@ def _forward_apply_kernel(
     records (``_group_mean_rstd``; unless finalized, the programs of split 0 store them for
     backward), then a loop over the split's tiles (``_window`` over [0, S), ``n_sblocks`` in
     all)."""
+    # By lanes, a lane's neighbouring row is another lane's: not with shifted windows.
+    tl.static_assert(not (SHIFT and STATS == 0), "STATS_BY_LANES with SHIFT")
     pid_n, pid_k, c_offs, c_mask = _split_program(tl.program_id(0), C, n_splits, n_cblocks, BLOCK_C)
     row = pid_n * C + c_offs
     mean, rstd = _group_mean_rstd(PART_MEAN, PART_M2, MEAN, RSTD, row, c_mask, C, S, G, cpg, chunk_s, stat_splits,
@@ -1085,6 +1088,9 @@ def _forward(x, weight, bias, num_groups, eps, activation, residual):
     # launch between) unless that takes too many loads each (_stats_merge); each loops over
     # its split of the row's tiles, as many splits as fill one wave at its occupancy.
     stats = _stats_merge(cpg, splits, block_c, layout["SHIFT"])
+    if stats == STATS_BY_LANES and not (cpg & (cpg - 1) == 0 and cpg <= block_c and not layout["SHIFT"]):
+        raise ValueError(f"STATS_BY_LANES needs channel blocks of whole groups: {cpg} channels per group, "
+                         f"blocks of {block_c}, shifted windows {layout['SHIFT']}")
     if stats == STATS_FINALIZED:
         block_k, block_cg = _finalize_blocks(splits, cpg)
         _stats_finalize_kernel[(n * g,)](

@@ -77,6 +77,23 @@ def test_shifted_windows(shape, groups, dtype, activation, monkeypatch):
         assert ((gn_det.group_norm(x, groups, weight, bias).double() - ref).norm() / ref.norm()).item() < 1e-3
 
 
+@pytest.mark.parametrize("shape,groups", [((1, 4, 31, 49), 2), ((3, 8, 9, 13), 8)])
+def test_shifted_windows_write_neighbours_with_their_own_statistics(shape, groups, monkeypatch):
+    # A shifted window's end blocks hold the neighbouring rows' elements (another group's, or
+    # the next sample's), which the forward apply writes with statistics it merged itself:
+    # they must be the very bits the row's own programs merge and store (else two writes of
+    # one element would differ). y is exactly the stored statistics' formula, element by element.
+    monkeypatch.setattr(group_norm_triton, "GROUP_RESIDENT_MAX_ELEMENTS", 0)
+    x = make_input(shape, mean=50.0)
+    weight, bias = make_affine(shape[1])
+    n, c = shape[0], shape[1]
+    assert group_norm_triton._tiles(n, c, shape[2] * shape[3], False, 4)[4]["SHIFT"]
+    y, mean, rstd = triton_group_norm_forward(x, weight, bias, groups, 1e-5, 0)
+    per_channel = lambda t: t.repeat_interleave(c // groups, dim=1)[:, :, None, None]  # noqa: E731
+    expected = (x - per_channel(mean)) * (weight[None, :, None, None] * per_channel(rstd)) + bias[None, :, None, None]
+    assert torch.equal(y, expected)
+
+
 def test_shifted_windows_keep_a_neighbours_inf_out(monkeypatch):
     # A shifted window's end block holds the next row's first elements. An inf there, in
     # another group, must not reach this row's sums: 0 * inf would make its dgamma and its
