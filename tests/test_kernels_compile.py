@@ -155,5 +155,5 @@ def test_forward_statistics_merge_choice():
     assert k._stats_merge(64, 1, 4, True) == k.STATS_GATHERED
     # 7 channels per group, channels_last, 66 splits: 462 records a lane; a launch is cheaper.
     assert k._stats_merge(7, 66, 128, False) == k.STATS_FINALIZED
-    # ...but not over 3 splits (21 records: three loads of 8).
+    # ...but not over 3 splits (21 records: six loads of 4, no more than a launch).
     assert k._stats_merge(7, 3, 128, False) == k.STATS_GATHERED

@@ -967,10 +967,11 @@ def kernel_path(x: torch.Tensor, num_groups: int) -> str:
 # How the forward apply gets its groups' statistics (its STATS constexpr; _group_mean_rstd).
 STATS_BY_LANES, STATS_GATHERED, STATS_FINALIZED = 0, 1, 2
 # The forward apply's statistics: records merged (BLOCK_C lanes, BLOCK_K records) at a time,
-# this many elements (twice with SHIFT). Chosen by the sm_90 compile's registers (triton 3.8,
-# bf16): res2 64 (NCHW) / 80 (channels_last) at 1024, 77 / 100 at 2048; res5's shifted
-# windows 80 at 2048, 127 at 1024.
-_STATS_TILE_ELEMENTS = 1024
+# this many elements, by lanes / gathered / gathered in shifted windows. Chosen by the sm_90
+# compile's registers and spills with triton 3.8 and 3.6 (the GPU image's), whose register
+# allocation moves in steps: 1024 gathered spilled 12 bytes in float32 NCHW res2 with 3.6, 1024
+# with shifted windows 24 bytes in bf16 res5; 2048 by lanes 20 bytes in bf16 channels_last res2.
+_STATS_TILE_ELEMENTS = {"by lanes": 1024, "gathered": 512, "shifted": 2048}
 # A launch's cost in dependent loads from L2 (~0.5 us each on an H100: a launch gap of 2-3 us),
 # for choosing between the forward apply merging the records itself and a finalize launch.
 # Unmeasured: a GPU is to tune it.
@@ -979,8 +980,10 @@ LAUNCH_IN_LOADS = 4
 FINALIZE_WARPS = 8
 
 
-def _stats_block_k(block_c: int, shift: bool) -> int:
-    return max(1, _STATS_TILE_ELEMENTS * (2 if shift else 1) // block_c)
+def _stats_block_k(block_c: int, stats: int, shift: bool) -> int:
+    """BLOCK_K of the forward apply's record tiles (``_STATS_TILE_ELEMENTS``)."""
+    kind = "shifted" if shift else "by lanes" if stats == STATS_BY_LANES else "gathered"
+    return max(1, _STATS_TILE_ELEMENTS[kind] // block_c)
 
 
 def _stats_merge(cpg: int, splits: int, block_c: int, shift: bool) -> int:
@@ -992,12 +995,12 @@ def _stats_merge(cpg: int, splits: int, block_c: int, shift: bool) -> int:
     more than a finalize launch's two passes plus the launch (LAUNCH_IN_LOADS); else finalized
     by a launch of its own: channels_last groups whose size is not a power of two over many
     splits, groups wider than a channel block."""
-    block_k = _stats_block_k(block_c, shift)
     finalize_k, finalize_cg = _finalize_blocks(splits, cpg)
     budget = 2 * -(-splits // finalize_k) * -(-cpg // finalize_cg) + LAUNCH_IN_LOADS
-    if not shift and cpg & (cpg - 1) == 0 and cpg <= block_c and -(-splits // block_k) <= budget:
+    by_lanes = _stats_block_k(block_c, STATS_BY_LANES, shift)
+    if not shift and cpg & (cpg - 1) == 0 and cpg <= block_c and -(-splits // by_lanes) <= budget:
         return STATS_BY_LANES
-    if -(-splits * cpg // block_k) * (3 if shift else 1) <= budget:
+    if -(-splits * cpg // _stats_block_k(block_c, STATS_GATHERED, shift)) * (3 if shift else 1) <= budget:
         return STATS_GATHERED
     return STATS_FINALIZED
 
@@ -1097,7 +1100,7 @@ def _forward(x, weight, bias, num_groups, eps, activation, residual):
             part_mean, part_m2, mean, rstd, c, s, g, cpg, chunk_s, splits, eps,
             BLOCK_K=block_k, BLOCK_CG=block_cg, num_warps=FINALIZE_WARPS,
         )
-    consts = dict(consts, RES=res_mode, STATS=stats, BLOCK_K=_stats_block_k(block_c, layout["SHIFT"]))
+    consts = dict(consts, RES=res_mode, STATS=stats, BLOCK_K=_stats_block_k(block_c, stats, layout["SHIFT"]))
     args = [x, y, weight, bias, part_mean, part_m2, mean, rstd, r, c, s, g, cpg, eps, n * c, n_cblocks, chunk_s,
             splits, 2, 2, n_sblocks, activation]
     apply_splits, apply_chunk = _splits(rows, n_sblocks * block_s, block_s,
