@@ -1174,3 +1174,4 @@ def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, resid
 
 assert (ACT_NONE, ACT_RELU, ACT_SILU) == (0, 1, 2)  # the kernels' ACT constexpr encoding
 assert (RESIDUAL_NONE, RESIDUAL_ADD, RESIDUAL_OUTPUT) == (0, 1, 2)  # and RES's
+assert (STATS_BY_LANES, STATS_GATHERED, STATS_FINALIZED) == (0, 1, 2)  # and STATS's
