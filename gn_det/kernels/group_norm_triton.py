@@ -986,10 +986,16 @@ def _stats_block_k(block_c: int, stats: int, shift: bool) -> int:
     return max(1, _STATS_TILE_ELEMENTS[kind] // block_c)
 
 
+def _groups_whole_in_blocks(cpg: int, block_c: int, shift: bool) -> bool:
+    """Whether STATS_BY_LANES may run: every channel block holds whole groups as aligned runs of
+    lanes (channels per group a power of two up to BLOCK_C), and no shifted window reaches a row
+    outside the block."""
+    return not shift and cpg & (cpg - 1) == 0 and cpg <= block_c
+
+
 def _stats_merge(cpg: int, splits: int, block_c: int, shift: bool) -> int:
-    """The forward apply's STATS: by lanes where its channel blocks hold whole groups (channels
-    per group a power of two up to BLOCK_C; not with SHIFT, whose neighbouring rows can be
-    outside the block): each lane merges its channel's ``splits`` records, the group's lanes
+    """The forward apply's STATS: by lanes where its channel blocks hold whole groups
+    (``_groups_whole_in_blocks``): each lane merges its channel's ``splits`` records, the group's lanes
     merge in registers. Else each lane gathers its group's cpg x splits records (three times
     with SHIFT: its row's and its neighbours'). Either, where its dependent tile loads are no
     more than a finalize launch's two passes plus the launch (LAUNCH_IN_LOADS); else finalized
@@ -998,7 +1004,7 @@ def _stats_merge(cpg: int, splits: int, block_c: int, shift: bool) -> int:
     finalize_k, finalize_cg = _finalize_blocks(splits, cpg)
     budget = 2 * -(-splits // finalize_k) * -(-cpg // finalize_cg) + LAUNCH_IN_LOADS
     by_lanes = _stats_block_k(block_c, STATS_BY_LANES, shift)
-    if not shift and cpg & (cpg - 1) == 0 and cpg <= block_c and -(-splits // by_lanes) <= budget:
+    if _groups_whole_in_blocks(cpg, block_c, shift) and -(-splits // by_lanes) <= budget:
         return STATS_BY_LANES
     if -(-splits * cpg // _stats_block_k(block_c, STATS_GATHERED, shift)) * (3 if shift else 1) <= budget:
         return STATS_GATHERED
@@ -1091,7 +1097,7 @@ def _forward(x, weight, bias, num_groups, eps, activation, residual):
     # launch between) unless that takes too many loads each (_stats_merge); each loops over
     # its split of the row's tiles, as many splits as fill one wave at its occupancy.
     stats = _stats_merge(cpg, splits, block_c, layout["SHIFT"])
-    if stats == STATS_BY_LANES and not (cpg & (cpg - 1) == 0 and cpg <= block_c and not layout["SHIFT"]):
+    if stats == STATS_BY_LANES and not _groups_whole_in_blocks(cpg, block_c, layout["SHIFT"]):
         raise ValueError(f"STATS_BY_LANES needs channel blocks of whole groups: {cpg} channels per group, "
                          f"blocks of {block_c}, shifted windows {layout['SHIFT']}")
     if stats == STATS_FINALIZED:
