@@ -5,6 +5,7 @@ accepts them, which the interpreter does not (it never folds arguments equal to 
 constants, for one), and that the tool's GPU-free evidence (--json: registers, access widths,
 occupancy, launches, the multi-scale replay's compilation count) is well formed."""
 import collections
+import functools
 import json
 import math
 import os
@@ -169,12 +170,17 @@ def _docstring_table_cases():
     return {name: int(cases) for name, cases in rows}
 
 
+@functools.lru_cache(maxsize=None)
+def _committed_sm90_compile():
+    with open(os.path.join(ROOT, "benchmarks", "results", "kernels_sm90_compile.json")) as f:
+        return json.load(f)
+
+
 def _kernel_sets_at_h100_splits(shapes):
     """(shape name, dtype, layout) -> kernel_set for every case of ``shapes``, at the split counts
     of the committed sm_90 compile (its partial-sums kernel's occupancy on 132 SMs); the grids
     it recorded are checked to be those splits."""
-    with open(os.path.join(ROOT, "benchmarks", "results", "kernels_sm90_compile.json")) as f:
-        data = json.load(f)
+    data = _committed_sm90_compile()
     partial = {(r["shape"], r["dtype"], r["layout"]): r for r in data["kernels"] if r["kernel"] == "_stats_partial_kernel"}
     sms, k = data["meta"]["sm_count"], group_norm_triton
     out = {}

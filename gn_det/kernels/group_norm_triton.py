@@ -717,7 +717,7 @@ def _forward_apply_kernel(
 @triton.jit(do_not_specialize=["S", "G", "cpg", "split_tiles", "n_splits", "n_cblocks"])
 def _backward_partial_kernel(
     X,  # x, (N, C, S) dense in x's layout (NCHW or channels_last); float32, float16 or bfloat16
-    DY,  # dL/dy, x's shape, dense in x's layout
+    DY,  # dL/dy, x's shape, dense in x's layout, any float dtype
     W,  # gamma, (C,), any float dtype (computed in float32)
     B,  # beta, (C,)
     MEAN,  # each (n, group)'s mean, (N, G) float32
@@ -864,7 +864,7 @@ def _apply_tile(MEAN, RSTD, W, B, C, S, G, cpg, n_rows, n_cblocks, n_sblocks, CH
 @triton.jit(do_not_specialize=["S", "G", "cpg", "n_rows", "n_cblocks", "n_sblocks", "ACT"])
 def _backward_apply_kernel(
     X,  # x, (N, C, S) dense in x's layout (NCHW or channels_last); float32, float16 or bfloat16
-    DY,  # dL/dy, x's shape, dense in x's layout
+    DY,  # dL/dy, x's shape, dense in x's layout, any float dtype
     DX,  # out: dL/dx, x's shape, dtype and layout
     W,  # gamma, (C,), any float dtype (computed in float32)
     B,  # beta, (C,)
@@ -987,7 +987,7 @@ def _group_backward_inputs(X, DY, W, B, MEAN, RSTD, pid, offs, mask, w_offs, w_m
 @triton.jit(do_not_specialize=["S", "G", "cpg"])
 def _group_backward_kernel(
     X,  # x, (N, C, S) dense in x's layout (NCHW or channels_last); float32, float16 or bfloat16
-    DY,  # dL/dy, x's shape, dense in x's layout
+    DY,  # dL/dy, x's shape, dense in x's layout, any float dtype
     DX,  # out: dL/dx, x's shape, dtype and layout
     W,  # gamma, (C,), any float dtype (computed in float32)
     B,  # beta, (C,)
@@ -1099,7 +1099,7 @@ def _group_forward_flat_kernel(
 @triton.jit(do_not_specialize=["S", "G", "cpg"])
 def _group_backward_flat_kernel(
     X,  # x, (N, C, S) contiguous (NCHW); float32, float16 or bfloat16
-    DY,  # dL/dy, x's shape, dense in x's layout
+    DY,  # dL/dy, x's shape, dense in x's layout, any float dtype
     DX,  # out: dL/dx, x's shape, dtype and layout
     W,  # gamma, (C,), any float dtype (computed in float32)
     B,  # beta, (C,)
