@@ -912,7 +912,7 @@ def _group_tile(pid, C, S, G, cpg, CHANNELS_LAST: tl.constexpr, ALIGN: tl.conste
                 BLOCK_S: tl.constexpr):
     """The whole of one (n, group) as a (BLOCK_CG channels, BLOCK_S positions) tile:
     (n, channel offsets, channel mask, element offsets, element mask). ALIGN divides S in
-    NCHW (rows run along S) and channels per group in channels_last (rows run along C)."""
+    NCHW (accesses run along S) and channels per group in channels_last (accesses run along C)."""
     pid_n = pid // G
     g = pid % G
     cg = tl.arange(0, BLOCK_CG)
@@ -1408,7 +1408,7 @@ def _forward(x, weight, bias, num_groups, eps, activation, residual):
         x, part_mean, part_m2, c, s, chunk_s // block_s, splits, n_cblocks, **consts)
     # The apply programs merge the records into their groups' statistics themselves (no
     # launch between) unless that takes too many loads each (_stats_merge); each loops over
-    # its split of the row's tiles, as many splits as fill one wave at its occupancy.
+    # its split of the row block's tiles, as many splits as fill one wave at its occupancy.
     stats = _stats_merge(cpg, splits, block_c, layout["SHIFT"])
     if stats == STATS_BY_LANES and not _groups_whole_in_blocks(cpg, block_c, layout["SHIFT"]):
         raise ValueError(f"STATS_BY_LANES needs channel blocks of whole groups: {cpg} channels per group, "
