@@ -4,11 +4,16 @@ The interpreter tests check what the kernels compute; this checks that the GPU c
 accepts them, which the interpreter does not (it never folds arguments equal to 1 into
 constants, for one), and that the tool's GPU-free evidence (--json: registers, access widths,
 occupancy, launches, the multi-scale replay's compilation count) is well formed."""
+import collections
+import functools
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
+from gn_det.benchmark_shapes import COMPILE_EXTRA_SHAPES, MASK_RCNN_SHAPES
 from gn_det.kernels import group_norm_triton, inspection, occupancy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,3 +162,64 @@ def test_forward_statistics_merge_choice():
     assert k._stats_merge(7, 66, 128, False) == k.STATS_FINALIZED
     # ...but not over 3 splits (21 records: six loads of 4, no more than a launch).
     assert k._stats_merge(7, 3, 128, False) == k.STATS_GATHERED
+
+
+def _docstring_table_cases():
+    """kernel set -> the cases column of group_norm_triton's docstring table."""
+    rows = re.findall(r"^ *([a-z][a-z ]*?) *\| *(\d+) *\|", group_norm_triton.__doc__, re.MULTILINE)
+    return {name: int(cases) for name, cases in rows}
+
+
+@functools.lru_cache(maxsize=None)
+def _committed_sm90_compile():
+    with open(os.path.join(ROOT, "benchmarks", "results", "kernels_sm90_compile.json")) as f:
+        return json.load(f)
+
+
+def _kernel_sets_at_h100_splits(shapes):
+    """(shape name, dtype, layout) -> kernel_set for every case of ``shapes``, at the split counts
+    of the committed sm_90 compile (its partial-sums kernel's occupancy on 132 SMs); the grids
+    it recorded are checked to be those splits."""
+    data = _committed_sm90_compile()
+    partial = {(r["shape"], r["dtype"], r["layout"]): r for r in data["kernels"] if r["kernel"] == "_stats_partial_kernel"}
+    sms, k = data["meta"]["sm_count"], group_norm_triton
+    out = {}
+    for name, shape in shapes.items():
+        s = math.prod(shape[2:])
+        for dtype, size in (("bfloat16", 2), ("float32", 4)):
+            for layout in ("nchw", "channels_last") if len(shape) >= 4 else ("nchw",):
+                row = partial.get((name, dtype, layout))
+                programs = row["blocks_per_sm"] * sms if row else 0
+                kernel_set = k.kernel_set(shape, size, layout == "channels_last", 32, programs)
+                assert (row is None) == (kernel_set in ("flat", "one program per group")), (name, dtype, layout)
+                if row:  # the launcher's recorded grid is (n, channel block) x the splits kernel_set assumed
+                    block_s, n_cblocks = k._tiles(shape[1], s, layout == "channels_last", size)[1:3]
+                    assert row["grid"] == shape[0] * n_cblocks * k._splits(shape[0] * n_cblocks, s, block_s, programs)[0]
+                out[name, dtype, layout] = kernel_set
+    return out
+
+
+def test_kernel_sets_match_the_docstring_table(monkeypatch):
+    # The 60 Mask R-CNN cases (15 shapes x 2 dtypes x 2 layouts) per kernel set, as the module
+    # docstring's table says: a changed tile, knob or choice that moves a case fails here.
+    sets = _kernel_sets_at_h100_splits(MASK_RCNN_SHAPES)
+    assert len(sets) == 60
+    counted = collections.Counter(sets.values())
+    table = _docstring_table_cases()
+    assert set(table) == set(group_norm_triton.KERNEL_SETS)
+    assert {name: counted.get(name, 0) for name in table} == table
+    # "finalized" earns its place at the compile check's RegNet-width shape (7 channels per
+    # group in channels_last, many splits), and nowhere else it compiles.
+    extra = _kernel_sets_at_h100_splits(COMPILE_EXTRA_SHAPES)
+    assert {key for key, name in extra.items() if name == "finalized"} == {
+        ("7 channels per group", "bfloat16", "channels_last"), ("7 channels per group", "float32", "channels_last")}
+    # LAUNCH_IN_LOADS (unmeasured) decides no case: any value from 1 to 105 gives the same sets.
+    everything = {**sets, **extra}
+    for loads in (1, 105):
+        monkeypatch.setattr(group_norm_triton, "LAUNCH_IN_LOADS", loads)
+        assert {**_kernel_sets_at_h100_splits(MASK_RCNN_SHAPES),
+                **_kernel_sets_at_h100_splits(COMPILE_EXTRA_SHAPES)} == everything
+    for loads in (0, 106):  # ...and the range is tight: outside it a case moves
+        monkeypatch.setattr(group_norm_triton, "LAUNCH_IN_LOADS", loads)
+        assert {**_kernel_sets_at_h100_splits(MASK_RCNN_SHAPES),
+                **_kernel_sets_at_h100_splits(COMPILE_EXTRA_SHAPES)} != everything

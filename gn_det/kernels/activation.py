@@ -5,7 +5,8 @@ constexpr, branched on in group_norm_triton.py's ``_activation``/``_activation_g
 PyTorch forward (in place on a fresh temporary), its gradient (ATen's own backward kernel,
 written over the recomputed input) and its standard-operator form (what tracing and ONNX
 export record). Names accepted by the layer, route keys and error messages come from
-``ACTIVATION_TABLE``. Adding an activation: a row here and a branch in the two Triton helpers.
+``ACTIVATION_TABLE``. Adding an activation: a row here, and in group_norm_triton.py its named
+constexpr (``_ACT_*``) and a branch in the two Triton helpers.
 """
 from __future__ import annotations
 

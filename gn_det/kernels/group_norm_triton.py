@@ -1,35 +1,62 @@
-"""Triton kernels for Group Normalization with a fused activation, forward and backward.
+"""Triton kernels for Group Normalization with a fused activation and residual, forward and
+backward, and their launchers (``triton_group_norm_forward`` / ``triton_group_norm_backward``).
 
-Every input ``(N, C, *)`` is seen as a dense ``(N, C, S)``, NCHW or channels_last (the
-``CHANNELS_LAST`` constexpr): one set of kernels serves both, addressing each layout from its
-sizes, so loads run along whichever axis is contiguous. dy, the residual and their gradients
-are dense in x's layout (the launchers copy anything else), so one offset serves them all.
+Words used throughout. Every input ``(N, C, *)`` is seen as a dense ``(N, C, S)``, NCHW or
+channels_last. A *row* is one (n, channel): S positions; there are ``n_rows`` = N * C of them
+(``row`` = n * C + channel) and ``row_start`` is the offset of a row's first element. A *row
+block* is BLOCK_C consecutive rows of one sample (an (n, channel block)); a *split* is a run of
+whole spatial tiles of a row block that one program loops over. A *record* is what a
+partial-sums program stores per (n, split, channel): a mean and M2 (forward) or the sums of
+dz * xhat and dz (backward); the *partials* are those arrays, ``(N, splits, C)``, or ``(N, C)``
+after the one-program-per-group backward: ``n_partials`` vectors of C.
 
-Sizes that change from image to image (S, the split lengths and counts, channels per group)
-are not specialised (``do_not_specialize``): multi-scale training compiles each kernel a few
-times, not once per image size. What their divisibility told the compiler is the ``ALIGN``
-constexpr instead: how many elements each row start is a multiple of (the largest power of
-two dividing S for NCHW rows, or channels per group for a group's channels in a
-channels_last row; up to one 16-byte access). Where NCHW rows start misaligned (S not a
-multiple of 16 bytes' elements: res5 and P5's 25 x 42), the split kernels still move whole
-16-byte blocks: their tiles are windows shifted back to the aligned address before each
-row (``SHIFT``, ``_window``), the few elements of the neighbouring rows in the end blocks
-left out of the sums and, in the apply kernels, written with those rows' own parameters (the
-values their own tiles write). The activation (``ACT``) is a runtime argument
-of the split apply kernels, a branch that is the same for every element; it stays a
-constexpr where carrying every activation's code costs registers (``_backward_partial_kernel``:
-161 instead of 127 at most, one block of 8 warps per SM instead of two) or spilled (the
-one-program-per-group kernels at some shapes).
+Kernel sets, by the size of a group (``cpg * S``, channels per group times spatial size) and,
+in the split reduction, by how the forward apply gets its groups' statistics (``STATS``).
+``kernel_set`` names the set of a shape; ``test_kernel_sets_match_the_docstring_table``
+(tests/test_kernels_compile.py) classifies the 60 Mask R-CNN cases of gn_det.benchmark_shapes
+(15 layer shapes x bfloat16/float32 x NCHW/channels_last, 32 groups) at the split counts of an
+H100 (the sm_90 compile's occupancy, benchmarks/results/kernels_sm90_compile.json) and checks
+the cases column::
 
-Two kernel sets, chosen by the size of a group (``cpg * S``, channels per group times
-spatial size):
+    kernel set            | cases | shapes that reach it                      | launches forward; backward
+    ----------------------+-------+-------------------------------------------+---------------------------
+    flat                  |     2 | box head (7 x 7) NCHW: rows of 49         | 1 _group_forward_flat_kernel;
+                          |       | elements allow no wide access, the group  | 2 _group_backward_flat_kernel,
+                          |       | (8 x 49) allows 16 bytes                  |   _param_grad_kernel
+    one program per group |     6 | box head channels_last, mask head (14 x   | 1 _group_forward_kernel;
+                          |       | 14) both layouts: groups of up to 4096    | 2 _group_backward_kernel,
+                          |       | elements (GROUP_RESIDENT_MAX_ELEMENTS)    |   _param_grad_kernel
+    by lanes              |    30 | every larger shape in channels_last, the  | 2 _stats_partial_kernel,
+                          |       | stem in NCHW: channel blocks hold whole   |   _forward_apply_kernel;
+                          |       | groups (cpg a power of two <= BLOCK_C)    | 3 _backward_partial_kernel,
+                          |       |                                           |   _backward_finalize_kernel,
+                          |       |                                           |   _backward_apply_kernel
+    gathered              |    18 | res2-res4, P2-P4 in NCHW: groups of 8-32  | 2 as by lanes; 3 as by lanes
+                          |       | rows across blocks of 4 rows              |
+    shifted windows       |     4 | res5, P5 in NCHW (25 x 42: rows start off | 2 as by lanes (SHIFT,
+                          |       | 16-byte boundaries): gathered, with the   |   gathered); 3 as by lanes
+                          |       | neighbouring rows' statistics (SHIFT)     |   (SHIFT)
+    finalized             |     0 | no Mask R-CNN case; see below             | 3 _stats_partial_kernel,
+                          |       |                                           |   _stats_finalize_kernel,
+                          |       |                                           |   _forward_apply_kernel; 3
 
-One program per (n, group), for groups that fit one program's registers (up to
-``GROUP_RESIDENT_MAX_ELEMENTS``; detectron2's box and mask heads, the small FPN levels):
+Why "finalized" stays: channels_last groups whose channel count is not a power of two over
+many splits (the compile check's "7 channels per group", RegNet widths at 32 groups: 66 splits
+in bfloat16, 88 in float32). Gathering would have each lane merge 462-616 records, 116-154
+dependent loads, against the finalize launch's 10-12 (two passes over 16 x 64 record tiles)
+plus the launch (``LAUNCH_IN_LOADS`` = 4 loads: an estimate no GPU has measured). The choice
+does not rest on that estimate: any value from 1 to 105 makes the same choice at every shape
+the compile check covers (the same test checks it).
+
+One program per (n, group), for groups that fit one program's registers:
   forward  ``_group_forward_kernel``: x read once, exact two-pass statistics in registers,
            y written once, one launch;
   backward ``_group_backward_kernel``: x and dy read once, dx written once, per-(n, channel)
            partial sums for dgamma/dbeta; ``_param_grad_kernel`` sums them over n: two launches.
+  The flat variants (``_group_forward_flat_kernel``, ``_group_backward_flat_kernel``) do the
+  same on an NCHW group tiled as one contiguous run of cpg * S elements, gamma and beta
+  gathered per element, where that run allows wider accesses than its rows do
+  (``_flat_group_blocks``).
 
 Split reduction, for larger groups: work is spread over the GPU even when ``N * G`` is
 small (1-2 images per GPU) by splitting each group's reduction over many programs along
@@ -45,48 +72,168 @@ Forward (2 launches, x is read twice, y written once):
      order, the same bits in every program; split 0's programs store them for backward),
      then y = act(GN(x)) over the split's tiles. No launch finalizes in between, and no
      atomics order anything: each program reads the few records its groups have (a group's
-     cpg x splits; in channels_last, where a block holds whole groups, its channels' splits,
-     merged across the group's lanes in registers), a small fraction of the tiles it moves.
-     Where that would take more loads than a launch (``_stats_merge``: channels_last groups
-     whose size is not a power of two, over many splits), ``_stats_finalize_kernel`` merges
-     them per (n, group) in a launch between (3 launches).
+     cpg x splits, STATS_GATHERED; in channels_last, where a block holds whole groups, its
+     channels' splits, merged across the group's lanes in registers, STATS_BY_LANES), a small
+     fraction of the tiles it moves. Where that would take more loads than a launch
+     (``_stats_merge``), ``_stats_finalize_kernel`` merges them per (n, group) in a launch
+     between (STATS_FINALIZED, 3 launches).
 Backward (3 launches; x and dy read twice, dx written once):
   1. ``_backward_partial_kernel``: per channel partial sums of dz * xhat and dz.
   2. ``_backward_finalize_kernel``: per (n, group) the two coefficients of dx, and in the
      same launch dgamma, dbeta: the partials summed over (n, split), in the weight's dtype.
   3. ``_backward_apply_kernel``: dx = rstd * gamma * dz + c_xhat * xhat + c_0.
 
-With an activation, its input z is recomputed in backward from x and the statistics by
-the same formula as in forward, so nothing but x and the per-group statistics is saved.
-With a residual (``RES``, R dense with x's strides): RESIDUAL_ADD, z = GN(x) + R: the
-forward reads R once more, the backward reads it where it reads x and writes dR = dz beside
-dx; RESIDUAL_OUTPUT (backward, ReLU only): R is the layer's output, whose sign is z's, read
-instead of the residual.
+Layouts and alignment. One set of kernels serves NCHW and channels_last (the
+``CHANNELS_LAST`` constexpr), addressing each layout from its sizes, so loads run along
+whichever axis is contiguous. dy, the residual and their gradients are dense in x's layout (the
+launchers copy anything else), so one offset serves them all. Sizes that change from image to
+image (S, the split lengths and counts, channels per group) are not specialised
+(``do_not_specialize``): multi-scale training compiles each kernel a few times, not once per
+image size. What their divisibility told the compiler is the ``ALIGN`` constexpr instead: how
+many elements each row start is a multiple of (the largest power of two dividing S for NCHW
+rows, or channels per group for a group's channels in a channels_last row; up to one 16-byte
+access). Where NCHW rows start misaligned (S not a multiple of 16 bytes' elements: res5 and
+P5's 25 x 42), the split kernels still move whole 16-byte blocks: their tiles are windows
+shifted back to the aligned address before each row (``SHIFT``, ``_window``), the few elements
+of the neighbouring rows in the end blocks left out of the sums and, in the apply kernels,
+written with those rows' own parameters (the values their own tiles write).
+
+Modes (named constants below; one definition of each code). The activation (``ACT``:
+activation.ACT_*) is a runtime argument of the split apply kernels, a branch that is the same
+for every element; it stays a constexpr where carrying every activation's code costs registers
+(``_backward_partial_kernel``: 161 instead of 127 at most, one block of 8 warps per SM instead
+of two) or spilled (the one-program-per-group kernels at some shapes). With an activation, its
+input z is recomputed in backward from x and the statistics by the same formula as in forward,
+so nothing but x and the per-group statistics is saved. With a residual (``RES``:
+activation.RESIDUAL_*, R dense with x's strides): RESIDUAL_ADD, z = GN(x) + R: the forward reads
+R once more, the backward reads it where it reads x and writes dR = dz beside dx;
+RESIDUAL_OUTPUT (backward, ReLU only): R is the layer's output, whose sign is z's, read instead
+of the residual. ``STATS``: STATS_BY_LANES / STATS_GATHERED / STATS_FINALIZED, above.
+
 All offsets into x/y/dy/dx are 64-bit. No host-device synchronisation anywhere: launch
 parameters depend on shapes only.
+
+The file, in order: modes; tuning knobs (every size the launchers choose, with why); shared
+jit helpers; the split-reduction kernels (forward, then backward); the one-program-per-group
+kernels (tiled, then flat); launch plans; which kernel set; the launchers.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from . import occupancy
-from .activation import ACT_NONE, ACT_RELU, ACT_SILU, RESIDUAL_ADD, RESIDUAL_NONE, RESIDUAL_OUTPUT
+from .activation import ACT_RELU, ACT_SILU, RESIDUAL_ADD, RESIDUAL_NONE, RESIDUAL_OUTPUT
 from .layout import memory_format_of
 
-__all__ = ["kernel_path", "triton_group_norm_backward", "triton_group_norm_forward"]
+__all__ = ["kernel_path", "kernel_set", "triton_group_norm_backward", "triton_group_norm_forward"]
 
+
+# ---------------------------------------------------------------------------------- modes
+# The launchers pass these Python ints; the kernels compare their constexprs against the
+# tl.constexpr twins (Triton kernels read module globals only as tl.constexpr), made from the
+# same ints: each code is defined once (activation.py for ACT and RES).
+
+# ACT: the fused activation (activation.ACT_*).
+_ACT_RELU, _ACT_SILU = tl.constexpr(ACT_RELU), tl.constexpr(ACT_SILU)
+# RES: the residual (activation.RESIDUAL_*): none; z = GN(x) + R; R is the ReLU output.
+_RES_NONE, _RES_ADD = tl.constexpr(RESIDUAL_NONE), tl.constexpr(RESIDUAL_ADD)
+_RES_OUTPUT = tl.constexpr(RESIDUAL_OUTPUT)
+# STATS: how the forward apply gets its groups' statistics (``_group_mean_rstd``, ``_stats_merge``):
+# each lane merges its channel's records and the group's lanes merge in registers; each lane
+# gathers its group's records; read from MEAN / RSTD, stored by ``_stats_finalize_kernel``.
+STATS_BY_LANES, STATS_GATHERED, STATS_FINALIZED = 0, 1, 2
+_STATS_BY_LANES, _STATS_FINALIZED = tl.constexpr(STATS_BY_LANES), tl.constexpr(STATS_FINALIZED)
+# (SHIFT and CHANNELS_LAST are booleans: shifted windows, ``_window``; the layout.)
+
+
+# ---------------------------------------------------------------------------- tuning knobs
+# Every size the launchers choose from, in one place, with why. None was chosen by timing on a
+# GPU: they follow the rules given beside them, and the tile sizes the sm_90 compile's
+# registers and spills (tools/compile_kernels.py; benchmarks/results/kernels_sm90_compile.json:
+# 0 spills at every specialisation with triton 3.8, and with 3.6, the lent GPU machine's).
+
+# The widest global access of a thread (ld.global.v4.b32): ALIGN is at most this many bytes'
+# elements; more alignment would change nothing but add compilations.
+ACCESS_BYTES = 16
+
+# Groups of up to this many elements (padded to powers of two) are normalised by one program
+# each, in one launch forward and one backward (detectron2's box and mask heads: 8 x 49 and
+# 8 x 196 elements per group at 32 groups, N = hundreds of ROIs). Larger groups take the
+# split reduction, which spreads each group over many programs.
+GROUP_RESIDENT_MAX_ELEMENTS = 4096
+# The flat backward's per-channel sums hold a (BLOCK_F, BLOCK_CG) tile: at most this many.
+FLAT_MAX_MASK_ELEMENTS = 8192
+
+# Elements per tile of the split kernels: 16 per thread at 8 warps.
+_TILE_ELEMENTS = 4096
+# Channels_last split tiles: up to 128 channels wide along the contiguous C (512 bytes of
+# float32: one warp's 16-byte accesses side by side; and groups of up to 128 channels lie
+# whole in a block, for STATS_BY_LANES), the rest of the tile along S. Untimed.
+_CL_MAX_BLOCK_C = 128
+# NCHW split tiles: up to 1024 positions along the contiguous S, the rest of the tile in
+# channels. With shifted windows, 512 positions and half the tile's elements: the apply
+# kernels' parameters are then per element (twice the registers).
+_NCHW_MAX_BLOCK_S, _SHIFTED_MAX_BLOCK_S = 1024, 512
+_SHIFTED_TILE_ELEMENTS = _TILE_ELEMENTS // 2
+
+# Warps: one per 256 tile elements, 1 to 8 (the Triton layer-norm tutorial's rule), so that at
+# most 16 elements of each of the backward's live tiles (x, dy, xhat, dz) sit in a thread's
+# registers. Untuned: no GPU has measured the alternatives yet.
+_ELEMENTS_PER_WARP, _MAX_WARPS = 256, 8
+
+# Spatial splits of one row block at most: bounds the partials (N x splits x C float32) and
+# the records a forward apply lane merges on GPUs that hold many programs; the Mask R-CNN
+# shapes on an H100 take at most 382.
+_MAX_SPLITS = 512
+
+# dgamma/dbeta: a program sums the partials of PARAM_BLOCK_C channels, PARAM_BLOCK_R partial
+# vectors at a time (1024-element tiles).
+PARAM_BLOCK_R, PARAM_BLOCK_C = 32, 32
+# The finalize kernels' (BLOCK_K splits, BLOCK_CG channels) tiles of a group's partials: 1024
+# elements, whatever the split count (which varies with the image size) or channel count: a
+# tile shaped to them would compile anew for each.
+FINALIZE_BLOCK_K, FINALIZE_BLOCK_CG = 16, 64
+# The statistics finalize's warps: with 4, triton 3.6's build spills (80 registers, 8 bytes).
+FINALIZE_WARPS = 8
+
+# The forward apply's statistics: records merged (BLOCK_C lanes, BLOCK_K records) at a time,
+# this many elements, by lanes / gathered / gathered in shifted windows. Chosen by the sm_90
+# compile's registers and spills with triton 3.8 and 3.6 (the GPU image's), whose register
+# allocation moves in steps: 1024 gathered spilled 12 bytes in float32 NCHW res2 with 3.6, 1024
+# with shifted windows 24 bytes in bf16 res5; 2048 by lanes 20 bytes in bf16 channels_last res2.
+_STATS_TILE_ELEMENTS = {"by lanes": 1024, "gathered": 512, "shifted": 2048}
+# A launch's cost in dependent loads from L2 (~0.5 us each on an H100: a launch gap of 2-3 us),
+# for choosing between the forward apply merging the records itself and a finalize launch
+# (``_stats_merge``). Unmeasured: a GPU is to tune it. Any value from 1 to 105 makes the same
+# choices at every shape the compile check covers (the module docstring; tested).
+LAUNCH_IN_LOADS = 4
+
+# Programs the interpreter's grids are sized for on CPU (no occupancy there): a few, so that
+# the tests cross several spatial splits.
+CPU_RESIDENT_PROGRAMS = 8
+# What the partial-sums kernels' registers allow on an H100 (compile_kernels), for a Triton
+# whose compiled kernels do not say their registers.
+_FALLBACK_BLOCKS_PER_SM = 2
+# A split length or count that the occupancy query passes before the splits are known: neither
+# 1 nor a multiple of 16, the values Triton would specialise on (those arguments are
+# do_not_specialize anyway), so the query compiles the launch's own specialisation.
+_UNSIZED = 2
+
+
+# ------------------------------------------------------------------ shared jit helpers
 
 @triton.jit
 def _activation(z, ACT):
-    if ACT == 1:  # relu
+    if ACT == _ACT_RELU:
         z = tl.maximum(z, 0.0)
-    elif ACT == 2:  # silu
+    elif ACT == _ACT_SILU:
         z = z * tl.sigmoid(z)
     return z
 
@@ -94,9 +241,9 @@ def _activation(z, ACT):
 @triton.jit
 def _activation_grad(z, dy, ACT):
     """d act(z) / dz * dy."""
-    if ACT == 1:
+    if ACT == _ACT_RELU:
         dy = tl.where(z > 0.0, dy, 0.0)
-    elif ACT == 2:
+    elif ACT == _ACT_SILU:
         sig = tl.sigmoid(z)
         dy = dy * sig * (1.0 + z * (1.0 - sig))
     return dy
@@ -115,9 +262,9 @@ def _affine_input(x, mean, rstd, w, b):
 def _with_residual(z, R, offs, mask, RES: tl.constexpr):
     """z [+ residual] (RESIDUAL_ADD); with RESIDUAL_OUTPUT, R is the ReLU output, which stands
     for z (the same sign)."""
-    if RES == 1:
+    if RES == _RES_ADD:
         z += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
-    elif RES == 2:
+    elif RES == _RES_OUTPUT:
         z = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
     return z
 
@@ -154,7 +301,7 @@ def _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST: tl.constexpr, ALIGN: tl.cons
 
 
 @triton.jit
-def _window(rows, c_mask, j, lo, hi, C, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, SHIFT: tl.constexpr):
+def _window(row_start, c_mask, j, lo, hi, C, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, SHIFT: tl.constexpr):
     """A (BLOCK_C rows, BLOCK_S) tile along each row at window positions ``j``, covering the
     row positions [lo, hi): (element offsets, access mask, exact mask).
 
@@ -167,22 +314,22 @@ def _window(rows, c_mask, j, lo, hi, C, CHANNELS_LAST: tl.constexpr, ALIGN: tl.c
     accesses stay ALIGN wide; those blocks hold up to ALIGN - 1 elements of the neighbouring
     rows at each end, which the exact mask (the row's own [lo, hi)) leaves out."""
     if SHIFT:
-        delta = rows % ALIGN
-        offs = tl.multiple_of(rows - delta, ALIGN)[:, None] + j.to(tl.int64)[None, :]
+        delta = row_start % ALIGN
+        offs = tl.multiple_of(row_start - delta, ALIGN)[:, None] + j.to(tl.int64)[None, :]
         pos = j[None, :] - delta[:, None]
         block = (j // ALIGN * ALIGN)[None, :] - delta[:, None]  # each ALIGN block's first position
         access = c_mask[:, None] & (block + ALIGN > lo) & (block < hi)
         exact = c_mask[:, None] & (pos >= lo) & (pos < hi)
         return offs, access, exact
     mask = c_mask[:, None] & _below(j, hi, ALIGN)[None, :]
-    return _offsets(rows, j, C, CHANNELS_LAST), mask, mask
+    return _offsets(row_start, j, C, CHANNELS_LAST), mask, mask
 
 
 @triton.jit
-def _row_side(rows, j, S, ALIGN: tl.constexpr):
+def _row_side(row_start, j, S, ALIGN: tl.constexpr):
     """In a SHIFT window, which row each element is in: -1 the previous row, 0 its own, 1 the
     next (int32, (BLOCK_C, BLOCK_S))."""
-    pos = j[None, :] - (rows % ALIGN)[:, None]
+    pos = j[None, :] - (row_start % ALIGN)[:, None]
     return (pos >= S).to(tl.int32) - (pos < 0).to(tl.int32)
 
 
@@ -210,12 +357,12 @@ def _row_values(P, idx, idx_prev, idx_next, side, c_mask, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _offsets(rows, s_offs, C, CHANNELS_LAST: tl.constexpr):
+def _offsets(row_start, s_offs, C, CHANNELS_LAST: tl.constexpr):
     """(BLOCK_C, BLOCK_S) element offsets from the row starts and spatial positions: positions
     are C apart in channels_last, adjacent in NCHW."""
     if CHANNELS_LAST:
-        return rows[:, None] + s_offs.to(tl.int64)[None, :] * C
-    return rows[:, None] + s_offs.to(tl.int64)[None, :]
+        return row_start[:, None] + s_offs.to(tl.int64)[None, :] * C
+    return row_start[:, None] + s_offs.to(tl.int64)[None, :]
 
 
 @triton.jit
@@ -230,38 +377,6 @@ def _neighbour_rows(row, n_rows):
     """The rows before and after each of ``row`` in the (N * C, S) tensor (clamped at its
     ends), whose elements share a shifted window's end blocks (``_window``)."""
     return tl.maximum(row - 1, 0), tl.minimum(row + 1, n_rows - 1)
-
-
-@triton.jit
-def _apply_tile(MEAN, RSTD, W, B, C, S, G, cpg, n_rows, n_cblocks, n_sblocks, CHANNELS_LAST: tl.constexpr,
-                ALIGN: tl.constexpr, SHIFT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """An apply kernel's tile (``_window`` over [0, S)): element offsets and access mask; the
-    groups of its rows, of the rows before and after and each element's side (for
-    ``_row_values``; ``n_rows`` = N * C); each element's group mean and rstd, gamma and beta
-    (columns, or per element with SHIFT). With SHIFT a tile also writes the neighbouring rows'
-    elements in its end blocks, with those rows' parameters: the values their own tiles write."""
-    pid = tl.program_id(0)
-    pid_s = pid % n_sblocks
-    rest = pid // n_sblocks
-    pid_n = rest // n_cblocks
-    c_offs = (rest % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c_offs < C
-    j = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    rows = _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN, SHIFT)
-    offs, mask, _ = _window(rows, c_mask, j, 0, S, C, CHANNELS_LAST, ALIGN, SHIFT)
-    grp = pid_n * G + c_offs // cpg
-    if SHIFT:
-        side = _row_side(rows, j, S, ALIGN)
-        prev, nxt = _neighbour_rows(pid_n * C + c_offs, n_rows)
-        c_prev, c_next = prev % C, nxt % C
-        grp_prev, grp_next = (prev // C) * G + c_prev // cpg, (nxt // C) * G + c_next // cpg
-    else:
-        side, c_prev, c_next, grp_prev, grp_next = 0, c_offs, c_offs, grp, grp
-    mean = _row_values(MEAN, grp, grp_prev, grp_next, side, c_mask, SHIFT)
-    rstd = _row_values(RSTD, grp, grp_prev, grp_next, side, c_mask, SHIFT)
-    w = _row_values(W, c_offs, c_prev, c_next, side, c_mask, SHIFT)
-    b = _row_values(B, c_offs, c_prev, c_next, side, c_mask, SHIFT)
-    return grp, grp_prev, grp_next, side, c_mask, offs, mask, mean, rstd, w, b
 
 
 @triton.jit
@@ -283,6 +398,43 @@ def _welford_combine(mean_a, m2_a, count_a, mean_b, m2_b, count_b):
 
 
 @triton.jit
+def _merge_along(delta, m2, count, axis: tl.constexpr):
+    """Chan's merge of (mean - ref, M2, count) statistics along ``axis`` of a tile whose entries
+    share one ref along it, by sums: M2 = sum(M2_i + n_i (mean_i - mean)^2), exact, the means
+    entering as deltas small against a mean that is large against the spread."""
+    total = tl.sum(count, axis)
+    merged = tl.sum(count * delta, axis) / tl.maximum(total, 1.0)
+    spread = delta - tl.expand_dims(merged, axis)
+    return merged, tl.sum(m2 + count * spread * spread, axis), total
+
+
+@triton.jit
+def _split_counts(k_offs, S, chunk_s):
+    """Number of spatial positions in each split (the last one may be short)."""
+    return tl.minimum(tl.maximum(S - k_offs * chunk_s, 0), chunk_s).to(tl.float32)
+
+
+@triton.jit
+def _param_sums(PART_DS, PART_DB, DW, DB, pid_c, n_partials, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dgamma and dbeta of one block of channels: their ``n_partials`` partial sums (one per n,
+    or per (n, split)) added in a fixed order (deterministic), stored in the parameters' dtype."""
+    c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    acc_ds = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    acc_db = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for r0 in range(0, n_partials, BLOCK_R):
+        r_offs = r0 + tl.arange(0, BLOCK_R)
+        mask = (r_offs < n_partials)[:, None] & c_mask[None, :]
+        offs = r_offs.to(tl.int64)[:, None] * C + c_offs[None, :]
+        acc_ds += tl.load(PART_DS + offs, mask=mask, other=0.0)
+        acc_db += tl.load(PART_DB + offs, mask=mask, other=0.0)
+    tl.store(DW + c_offs, tl.sum(acc_ds, axis=0).to(DW.dtype.element_ty), mask=c_mask)
+    tl.store(DB + c_offs, tl.sum(acc_db, axis=0).to(DB.dtype.element_ty), mask=c_mask)
+
+
+# ------------------------------------------------------------ split reduction: forward
+
+@triton.jit
 def _lane_count(exact, j, split_end, ALIGN: tl.constexpr, SHIFT: tl.constexpr):
     """1 where a tile's element counts: per lane, (1, BLOCK_S), when every row sees the same
     positions, else (SHIFT) per element."""
@@ -294,13 +446,24 @@ def _lane_count(exact, j, split_end, ALIGN: tl.constexpr, SHIFT: tl.constexpr):
 
 @triton.jit(do_not_specialize=["S", "split_tiles", "n_splits", "n_cblocks"])
 def _stats_partial_kernel(
-    X, PART_MEAN, PART_M2,
-    C, S, split_tiles, n_splits, n_cblocks,
-    CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, SHIFT: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    X,  # x, (N, C, S) dense in x's layout (NCHW or channels_last); float32, float16 or bfloat16
+    PART_MEAN,  # out: records: each (n, split, channel)'s mean, (N, n_splits, C) float32
+    PART_M2,  # out: records: each (n, split, channel)'s M2 (squared deviations summed), (N, n_splits, C) float32
+    C,  # channels (specialised: fixed per layer)
+    S,  # positions per channel, the product of the spatial sizes
+    split_tiles,  # tiles per split (each split whole BLOCK_S tiles; the last may be short)
+    n_splits,  # splits per row block: the grid is N * n_cblocks * n_splits
+    n_cblocks,  # channel blocks per sample, cdiv(C, BLOCK_C)
+    CHANNELS_LAST: tl.constexpr,  # layout: positions C elements apart (channels_last) or rows S apart (NCHW)
+    ALIGN: tl.constexpr,  # row starts are multiples of ALIGN elements (channels_last groups: their first channels)
+    SHIFT: tl.constexpr,  # shifted windows: NCHW rows not ALIGN-aligned, read in whole ALIGN blocks (``_window``)
+    BLOCK_C: tl.constexpr,  # channels (rows) per tile
+    BLOCK_S: tl.constexpr,  # positions per tile
 ):
+    """Per (n, channel block, spatial split): each channel's mean and M2 over the split's
+    positions, one record each (forward step 1)."""
     pid_n, pid_k, c_offs, c_mask = _split_program(tl.program_id(0), C, n_splits, n_cblocks, BLOCK_C)
-    rows = _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN, SHIFT)
+    row_start = _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN, SHIFT)
     s_start = pid_k * split_tiles * BLOCK_S  # splits are whole tiles (which the compiler sees)
     split_end = tl.minimum(s_start + split_tiles * BLOCK_S, S)
     # Per-lane Welford accumulators, carried across the loop with no reduction inside it (so
@@ -311,7 +474,7 @@ def _stats_partial_kernel(
     # count is the same for every row, (1, BLOCK_S), or with SHIFT (rows see different
     # positions) per element.
     j = s_start + tl.arange(0, BLOCK_S)
-    offs, access, exact = _window(rows, c_mask, j, s_start, split_end, C, CHANNELS_LAST, ALIGN, SHIFT)
+    offs, access, exact = _window(row_start, c_mask, j, s_start, split_end, C, CHANNELS_LAST, ALIGN, SHIFT)
     x = tl.where(exact, tl.load(X + offs, mask=access, other=0.0).to(tl.float32), 0.0)
     lane_count = _lane_count(exact, j, split_end, ALIGN, SHIFT)
     shift = tl.sum(x, axis=1) / tl.maximum(tl.sum(lane_count, axis=1), 1.0)
@@ -319,7 +482,7 @@ def _stats_partial_kernel(
     lane_m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for s0 in range(s_start + BLOCK_S, split_end + SHIFT * (ALIGN - 1), BLOCK_S):
         j = s0 + tl.arange(0, BLOCK_S)
-        offs, access, exact = _window(rows, c_mask, j, s_start, split_end, C, CHANNELS_LAST, ALIGN, SHIFT)
+        offs, access, exact = _window(row_start, c_mask, j, s_start, split_end, C, CHANNELS_LAST, ALIGN, SHIFT)
         x = tl.load(X + offs, mask=access, other=0.0).to(tl.float32) - shift[:, None]
         lane_count += _lane_count(exact, j, split_end, ALIGN, SHIFT)
         delta = tl.where(exact, x - lane_mean, 0.0)
@@ -331,12 +494,6 @@ def _stats_partial_kernel(
     out = (pid_n.to(tl.int64) * n_splits + pid_k) * C + c_offs
     tl.store(PART_MEAN + out, mean, mask=c_mask)
     tl.store(PART_M2 + out, m2, mask=c_mask)
-
-
-@triton.jit
-def _split_counts(k_offs, S, chunk_s):
-    """Number of spatial positions in each split (the last one may be short)."""
-    return tl.minimum(tl.maximum(S - k_offs * chunk_s, 0), chunk_s).to(tl.float32)
 
 
 @triton.jit
@@ -352,9 +509,19 @@ def _partials_tile(k0, c0, row0, g, C, S, cpg, chunk_s, n_splits, BLOCK_K: tl.co
 
 @triton.jit(do_not_specialize=["S", "G", "cpg", "chunk_s", "n_splits"])
 def _stats_finalize_kernel(
-    PART_MEAN, PART_M2, MEAN, RSTD,
-    C, S, G, cpg, chunk_s, n_splits, eps,
-    BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr,
+    PART_MEAN,  # records: each (n, split, channel)'s mean, (N, n_splits, C) float32
+    PART_M2,  # records: each (n, split, channel)'s M2 (squared deviations summed), (N, n_splits, C) float32
+    MEAN,  # out: each (n, group)'s mean, (N, G) float32
+    RSTD,  # out: each (n, group)'s 1 / sqrt(var + eps), (N, G) float32
+    C,  # channels (specialised: fixed per layer)
+    S,  # positions per channel, the product of the spatial sizes
+    G,  # groups
+    cpg,  # channels per group, C // G
+    chunk_s,  # positions per split of the partial-sums kernel: each record's count follows from it
+    n_splits,  # splits of the partial-sums kernel: records per (n, channel)
+    eps,  # added to the variance, float
+    BLOCK_K: tl.constexpr,  # splits per record tile (FINALIZE_BLOCK_K)
+    BLOCK_CG: tl.constexpr,  # channels per record tile (FINALIZE_BLOCK_CG)
 ):
     """Per (n, group): its channels' records merged -> mean, rstd (a launch of its own where the
     forward apply's programs would each merge too many: ``_stats_merge``)."""
@@ -382,17 +549,6 @@ def _stats_finalize_kernel(
     var = tl.sum(tl.sum(acc, axis=1), axis=0) / total
     tl.store(MEAN + pid, mean)
     tl.store(RSTD + pid, 1.0 / tl.sqrt(var + eps))
-
-
-@triton.jit
-def _merge_along(delta, m2, count, axis: tl.constexpr):
-    """Chan's merge of (mean - ref, M2, count) statistics along ``axis`` of a tile whose entries
-    share one ref along it, by sums: M2 = sum(M2_i + n_i (mean_i - mean)^2), exact, the means
-    entering as deltas small against a mean that is large against the spread."""
-    total = tl.sum(count, axis)
-    merged = tl.sum(count * delta, axis) / tl.maximum(total, 1.0)
-    spread = delta - tl.expand_dims(merged, axis)
-    return merged, tl.sum(m2 + count * spread * spread, axis), total
 
 
 @triton.jit
@@ -448,20 +604,20 @@ def _group_mean_rstd(PART_MEAN, PART_M2, MEAN, RSTD, row, lane_mask, C, S, G, cp
     ``_stats_finalize_kernel`` stored them."""
     lane_n = (row // C).to(tl.int64)
     channel = row % C
-    if STATS == 2:
+    if STATS == _STATS_FINALIZED:
         grp = lane_n * G + channel // cpg
         return (tl.load(MEAN + grp, mask=lane_mask, other=0.0), tl.load(RSTD + grp, mask=lane_mask, other=0.0))
     first = channel // cpg * cpg  # the group's first channel
-    if STATS == 0:
+    if STATS == _STATS_BY_LANES:
         first = channel
-    records = n_splits if STATS == 0 else n_splits * cpg
+    records = n_splits if STATS == _STATS_BY_LANES else n_splits * cpg
     ref = tl.load(PART_MEAN + lane_n * n_splits * C + first, mask=lane_mask, other=0.0)
     delta = tl.zeros([BLOCK_L], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_L], dtype=tl.float32)
     count = tl.zeros([BLOCK_L], dtype=tl.float32)
     for t0 in range(0, records, BLOCK_K):
         t = t0 + tl.arange(0, BLOCK_K)
-        if STATS == 0:
+        if STATS == _STATS_BY_LANES:
             k = t
             ch = channel[:, None]
         else:  # record t of a group: split t // cpg, channel t % cpg of the group
@@ -476,7 +632,7 @@ def _group_mean_rstd(PART_MEAN, PART_M2, MEAN, RSTD, row, lane_mask, C, S, G, cp
         part_count = tl.where(t < records, _split_counts(k, S, chunk_s), 0.0)[None, :]
         tile_delta, tile_m2, tile_count = _merge_along(part_delta, part_m2, part_count, 1)
         delta, m2, count = _welford_combine(delta, m2, count, tile_delta, tile_m2, tile_count)
-    if STATS == 0:
+    if STATS == _STATS_BY_LANES:
         ref, delta, m2, count = _merge_lane_runs(ref, delta, m2, count, cpg, BLOCK_L)
     return ref + delta, 1.0 / tl.sqrt(m2 / tl.maximum(count, 1.0) + eps)
 
@@ -484,10 +640,36 @@ def _group_mean_rstd(PART_MEAN, PART_M2, MEAN, RSTD, row, lane_mask, C, S, G, cp
 @triton.jit(do_not_specialize=["S", "G", "cpg", "n_rows", "n_cblocks", "chunk_s", "stat_splits", "split_tiles",
                                "n_splits", "n_sblocks", "ACT"])
 def _forward_apply_kernel(
-    X, Y, W, B, PART_MEAN, PART_M2, MEAN, RSTD, R,
-    C, S, G, cpg, eps, n_rows, n_cblocks, chunk_s, stat_splits, split_tiles, n_splits, n_sblocks,
-    ACT, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, SHIFT: tl.constexpr,
-    STATS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+    X,  # x, (N, C, S) dense in x's layout (NCHW or channels_last); float32, float16 or bfloat16
+    Y,  # out: y, x's shape, dtype and layout
+    W,  # gamma, (C,), any float dtype (computed in float32)
+    B,  # beta, (C,)
+    PART_MEAN,  # records: each (n, split, channel)'s mean, (N, n_splits, C) float32
+    PART_M2,  # records: each (n, split, channel)'s M2 (squared deviations summed), (N, n_splits, C) float32
+    MEAN,  # out, or in with STATS_FINALIZED: each (n, group)'s mean, (N, G) float32
+    RSTD,  # out, or in with STATS_FINALIZED: each (n, group)'s 1 / sqrt(var + eps), (N, G) float32
+    R,  # the residual (RES_ADD) or the ReLU output (RES_OUTPUT), dense like x, any float dtype (RES_NONE: x, unread)
+    C,  # channels (specialised: fixed per layer)
+    S,  # positions per channel, the product of the spatial sizes
+    G,  # groups
+    cpg,  # channels per group, C // G
+    eps,  # added to the variance, float
+    n_rows,  # rows, N * C (a shifted window's neighbouring rows are clamped to [0, n_rows))
+    n_cblocks,  # channel blocks per sample, cdiv(C, BLOCK_C)
+    chunk_s,  # positions per split of the partial-sums kernel: each record's count follows from it
+    stat_splits,  # splits of the partial-sums kernel: records per (n, channel)
+    split_tiles,  # tiles per split of this kernel's own grid
+    n_splits,  # this kernel's splits per row block: the grid is N * n_cblocks * n_splits
+    n_sblocks,  # spatial tiles per row, cdiv(S, BLOCK_S) (SHIFT: of S + ALIGN - 1 window positions)
+    ACT,  # activation code (activation.ACT_*), a runtime value: one compilation serves every activation
+    RES: tl.constexpr,  # RESIDUAL_NONE or RESIDUAL_ADD
+    CHANNELS_LAST: tl.constexpr,  # layout: positions C elements apart (channels_last) or rows S apart (NCHW)
+    ALIGN: tl.constexpr,  # row starts are multiples of ALIGN elements (channels_last groups: their first channels)
+    SHIFT: tl.constexpr,  # shifted windows: NCHW rows not ALIGN-aligned, read in whole ALIGN blocks (``_window``)
+    STATS: tl.constexpr,  # how the groups' statistics are got: STATS_BY_LANES, STATS_GATHERED, STATS_FINALIZED
+    BLOCK_C: tl.constexpr,  # channels (rows) per tile
+    BLOCK_S: tl.constexpr,  # positions per tile
+    BLOCK_K: tl.constexpr,  # records per lane per merge step (_STATS_TILE_ELEMENTS // BLOCK_C)
 ):
     """y = act(GN(x) [+ R]) over one (n, channel block, spatial split): the statistics of its
     rows' groups (and, with SHIFT, of the neighbouring rows') from ``_stats_partial_kernel``'s
@@ -495,12 +677,12 @@ def _forward_apply_kernel(
     backward), then a loop over the split's tiles (``_window`` over [0, S), ``n_sblocks`` in
     all)."""
     # By lanes, a lane's neighbouring row is another lane's: not with shifted windows.
-    tl.static_assert(not (SHIFT and STATS == 0), "STATS_BY_LANES with SHIFT")
+    tl.static_assert(not (SHIFT and STATS == _STATS_BY_LANES), "STATS_BY_LANES with SHIFT")
     pid_n, pid_k, c_offs, c_mask = _split_program(tl.program_id(0), C, n_splits, n_cblocks, BLOCK_C)
     row = pid_n * C + c_offs
     mean, rstd = _group_mean_rstd(PART_MEAN, PART_M2, MEAN, RSTD, row, c_mask, C, S, G, cpg, chunk_s, stat_splits,
                                   eps, STATS, BLOCK_C, BLOCK_K)
-    if STATS != 2:
+    if STATS != _STATS_FINALIZED:
         first = c_mask & (c_offs % cpg == 0) & (pid_k == 0)  # one lane per group stores its statistics
         tl.store(MEAN + pid_n * G + c_offs // cpg, mean, mask=first)
         tl.store(RSTD + pid_n * G + c_offs // cpg, rstd, mask=first)
@@ -517,30 +699,53 @@ def _forward_apply_kernel(
         b_p = tl.load(B + prev % C, mask=c_mask, other=0.0).to(tl.float32)
         w_n = tl.load(W + nxt % C, mask=c_mask, other=0.0).to(tl.float32)
         b_n = tl.load(B + nxt % C, mask=c_mask, other=0.0).to(tl.float32)
-    rows = _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN, SHIFT)
+    row_start = _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN, SHIFT)
     for tile in range(pid_k * split_tiles, tl.minimum(pid_k * split_tiles + split_tiles, n_sblocks)):
         j = tile * BLOCK_S + tl.arange(0, BLOCK_S)
-        offs, mask, _ = _window(rows, c_mask, j, 0, S, C, CHANNELS_LAST, ALIGN, SHIFT)
+        offs, mask, _ = _window(row_start, c_mask, j, 0, S, C, CHANNELS_LAST, ALIGN, SHIFT)
         side = 0
         if SHIFT:
-            side = _row_side(rows, j, S, ALIGN)
+            side = _row_side(row_start, j, S, ALIGN)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         z = _activation_input(x, _by_side(mean, mean_p, mean_n, side, SHIFT), _by_side(rstd, rstd_p, rstd_n, side, SHIFT),
                               _by_side(w, w_p, w_n, side, SHIFT), _by_side(b, b_p, b_n, side, SHIFT), R, offs, mask, RES)
         tl.store(Y + offs, _activation(z, ACT).to(Y.dtype.element_ty), mask=mask)
 
 
+# ----------------------------------------------------------- split reduction: backward
+
 @triton.jit(do_not_specialize=["S", "G", "cpg", "split_tiles", "n_splits", "n_cblocks"])
 def _backward_partial_kernel(
-    X, DY, W, B, MEAN, RSTD, R, PART_DS, PART_DB,
-    C, S, G, cpg, split_tiles, n_splits, n_cblocks,
-    ACT: tl.constexpr, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
-    SHIFT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    X,  # x, (N, C, S) dense in x's layout (NCHW or channels_last); float32, float16 or bfloat16
+    DY,  # dL/dy, x's shape, dense in x's layout, any float dtype
+    W,  # gamma, (C,), any float dtype (computed in float32)
+    B,  # beta, (C,)
+    MEAN,  # each (n, group)'s mean, (N, G) float32
+    RSTD,  # each (n, group)'s 1 / sqrt(var + eps), (N, G) float32
+    R,  # the residual (RES_ADD) or the ReLU output (RES_OUTPUT), dense like x, any float dtype (RES_NONE: x, unread)
+    PART_DS,  # out: partials: sum of dz * xhat per (n, split, channel), (N, n_splits, C) float32
+    PART_DB,  # out: partials: sum of dz per (n, split, channel), (N, n_splits, C) float32
+    C,  # channels (specialised: fixed per layer)
+    S,  # positions per channel, the product of the spatial sizes
+    G,  # groups
+    cpg,  # channels per group, C // G
+    split_tiles,  # tiles per split (each split whole BLOCK_S tiles; the last may be short)
+    n_splits,  # splits per row block: the grid is N * n_cblocks * n_splits
+    n_cblocks,  # channel blocks per sample, cdiv(C, BLOCK_C)
+    ACT: tl.constexpr,  # activation code (activation.ACT_*): none, ReLU, SiLU
+    RES: tl.constexpr,  # residual mode (activation.RESIDUAL_*): none, add R, R is the ReLU output
+    CHANNELS_LAST: tl.constexpr,  # layout: positions C elements apart (channels_last) or rows S apart (NCHW)
+    ALIGN: tl.constexpr,  # row starts are multiples of ALIGN elements (channels_last groups: their first channels)
+    SHIFT: tl.constexpr,  # shifted windows: NCHW rows not ALIGN-aligned, read in whole ALIGN blocks (``_window``)
+    BLOCK_C: tl.constexpr,  # channels (rows) per tile
+    BLOCK_S: tl.constexpr,  # positions per tile
 ):
+    """Per (n, channel block, spatial split): each channel's sums of dz * xhat and dz over the
+    split's positions, dz = d act(z)/dz * dy with z recomputed (backward step 1)."""
     pid_n, pid_k, c_offs, c_mask = _split_program(tl.program_id(0), C, n_splits, n_cblocks, BLOCK_C)
     grp = pid_n * G + c_offs // cpg
     mean, rstd, w, b = _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask)
-    rows = _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN, SHIFT)
+    row_start = _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN, SHIFT)
     s_start = pid_k * split_tiles * BLOCK_S  # splits are whole tiles (which the compiler sees)
     split_end = tl.minimum(s_start + split_tiles * BLOCK_S, S)
     # Per-lane sums, reduced once after the loop.
@@ -548,7 +753,7 @@ def _backward_partial_kernel(
     db = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for s0 in range(s_start, split_end + SHIFT * (ALIGN - 1), BLOCK_S):
         j = s0 + tl.arange(0, BLOCK_S)
-        offs, access, exact = _window(rows, c_mask, j, s_start, split_end, C, CHANNELS_LAST, ALIGN, SHIFT)
+        offs, access, exact = _window(row_start, c_mask, j, s_start, split_end, C, CHANNELS_LAST, ALIGN, SHIFT)
         x = tl.load(X + offs, mask=access, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=access, other=0.0).to(tl.float32)
         xhat = (x - mean) * rstd
@@ -561,30 +766,6 @@ def _backward_partial_kernel(
     out = (pid_n.to(tl.int64) * n_splits + pid_k) * C + c_offs
     tl.store(PART_DS + out, tl.sum(ds, axis=1), mask=c_mask)
     tl.store(PART_DB + out, tl.sum(db, axis=1), mask=c_mask)
-
-
-@triton.jit
-def _param_sums(PART_DS, PART_DB, DW, DB, pid_c, rows, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dgamma and dbeta of one block of channels: their partial sums over ``rows`` rows (n, or
-    n x split) added in a fixed order (deterministic), stored in the parameters' dtype."""
-    c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c_offs < C
-    acc_ds = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    acc_db = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    for r0 in range(0, rows, BLOCK_R):
-        r_offs = r0 + tl.arange(0, BLOCK_R)
-        mask = (r_offs < rows)[:, None] & c_mask[None, :]
-        offs = r_offs.to(tl.int64)[:, None] * C + c_offs[None, :]
-        acc_ds += tl.load(PART_DS + offs, mask=mask, other=0.0)
-        acc_db += tl.load(PART_DB + offs, mask=mask, other=0.0)
-    tl.store(DW + c_offs, tl.sum(acc_ds, axis=0).to(DW.dtype.element_ty), mask=c_mask)
-    tl.store(DB + c_offs, tl.sum(acc_db, axis=0).to(DB.dtype.element_ty), mask=c_mask)
-
-
-@triton.jit(do_not_specialize=["rows"])
-def _param_grad_kernel(PART_DS, PART_DB, DW, DB, rows, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dgamma, dbeta from the one-program-per-group backward's per-(n, channel) sums."""
-    _param_sums(PART_DS, PART_DB, DW, DB, tl.program_id(0), rows, C, BLOCK_R, BLOCK_C)
 
 
 @triton.jit
@@ -615,11 +796,27 @@ def _dx_coefficients(PART_DS, PART_DB, W, RSTD, COEF_XHAT, COEF_CONST, pid, C, S
     tl.store(COEF_CONST + pid, -rstd * sum_db * inv_m)
 
 
-@triton.jit(do_not_specialize=["S", "G", "cpg", "n_splits", "n_groups", "rows"])
+@triton.jit(do_not_specialize=["S", "G", "cpg", "n_splits", "n_groups", "n_partials"])
 def _backward_finalize_kernel(
-    PART_DS, PART_DB, W, RSTD, COEF_XHAT, COEF_CONST, DW, DB,
-    C, S, G, cpg, n_splits, n_groups, rows,
-    BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    PART_DS,  # partials: sum of dz * xhat per (n, split, channel), (N, n_splits, C) float32
+    PART_DB,  # partials: sum of dz per (n, split, channel), (N, n_splits, C) float32
+    W,  # gamma, (C,), any float dtype (computed in float32)
+    RSTD,  # each (n, group)'s 1 / sqrt(var + eps), (N, G) float32
+    COEF_XHAT,  # out: each (n, group)'s coefficient of xhat in dx, (N, G) float32
+    COEF_CONST,  # out: each (n, group)'s constant term of dx, (N, G) float32
+    DW,  # out: dgamma, (C,), gamma's dtype
+    DB,  # out: dbeta, (C,), beta's dtype
+    C,  # channels (specialised: fixed per layer)
+    S,  # positions per channel, the product of the spatial sizes
+    G,  # groups
+    cpg,  # channels per group, C // G
+    n_splits,  # splits per (n, channel) of the partials
+    n_groups,  # N * G: programs below it compute dx's coefficients, the rest dgamma/dbeta
+    n_partials,  # partial vectors of C to sum for dgamma/dbeta: N * n_splits
+    BLOCK_K: tl.constexpr,  # splits per partials tile (FINALIZE_BLOCK_K)
+    BLOCK_CG: tl.constexpr,  # channels per partials tile (FINALIZE_BLOCK_CG)
+    BLOCK_R: tl.constexpr,  # partial vectors per step of the dgamma/dbeta sums (PARAM_BLOCK_R)
+    BLOCK_C: tl.constexpr,  # channels per dgamma/dbeta program (PARAM_BLOCK_C)
 ):
     """Programs [0, N*G): dx's coefficients of one (n, group) each. Programs from N*G on:
     dgamma and dbeta of BLOCK_C channels each. Both read only the partial sums, so they share
@@ -629,16 +826,71 @@ def _backward_finalize_kernel(
         _dx_coefficients(PART_DS, PART_DB, W, RSTD, COEF_XHAT, COEF_CONST, pid, C, S, G, cpg, n_splits,
                          BLOCK_K, BLOCK_CG)
     else:
-        _param_sums(PART_DS, PART_DB, DW, DB, pid - n_groups, rows, C, BLOCK_R, BLOCK_C)
+        _param_sums(PART_DS, PART_DB, DW, DB, pid - n_groups, n_partials, C, BLOCK_R, BLOCK_C)
+
+
+@triton.jit
+def _apply_tile(MEAN, RSTD, W, B, C, S, G, cpg, n_rows, n_cblocks, n_sblocks, CHANNELS_LAST: tl.constexpr,
+                ALIGN: tl.constexpr, SHIFT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """An apply kernel's tile (``_window`` over [0, S)): element offsets and access mask; the
+    groups of its rows, of the rows before and after and each element's side (for
+    ``_row_values``; ``n_rows`` = N * C); each element's group mean and rstd, gamma and beta
+    (columns, or per element with SHIFT). With SHIFT a tile also writes the neighbouring rows'
+    elements in its end blocks, with those rows' parameters: the values their own tiles write."""
+    pid = tl.program_id(0)
+    pid_s = pid % n_sblocks
+    rest = pid // n_sblocks
+    pid_n = rest // n_cblocks
+    c_offs = (rest % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    j = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    row_start = _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN, SHIFT)
+    offs, mask, _ = _window(row_start, c_mask, j, 0, S, C, CHANNELS_LAST, ALIGN, SHIFT)
+    grp = pid_n * G + c_offs // cpg
+    if SHIFT:
+        side = _row_side(row_start, j, S, ALIGN)
+        prev, nxt = _neighbour_rows(pid_n * C + c_offs, n_rows)
+        c_prev, c_next = prev % C, nxt % C
+        grp_prev, grp_next = (prev // C) * G + c_prev // cpg, (nxt // C) * G + c_next // cpg
+    else:
+        side, c_prev, c_next, grp_prev, grp_next = 0, c_offs, c_offs, grp, grp
+    mean = _row_values(MEAN, grp, grp_prev, grp_next, side, c_mask, SHIFT)
+    rstd = _row_values(RSTD, grp, grp_prev, grp_next, side, c_mask, SHIFT)
+    w = _row_values(W, c_offs, c_prev, c_next, side, c_mask, SHIFT)
+    b = _row_values(B, c_offs, c_prev, c_next, side, c_mask, SHIFT)
+    return grp, grp_prev, grp_next, side, c_mask, offs, mask, mean, rstd, w, b
 
 
 @triton.jit(do_not_specialize=["S", "G", "cpg", "n_rows", "n_cblocks", "n_sblocks", "ACT"])
 def _backward_apply_kernel(
-    X, DY, DX, W, B, MEAN, RSTD, COEF_XHAT, COEF_CONST, R, DR,
-    C, S, G, cpg, n_rows, n_cblocks, n_sblocks,
-    ACT, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, SHIFT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    X,  # x, (N, C, S) dense in x's layout (NCHW or channels_last); float32, float16 or bfloat16
+    DY,  # dL/dy, x's shape, dense in x's layout, any float dtype
+    DX,  # out: dL/dx, x's shape, dtype and layout
+    W,  # gamma, (C,), any float dtype (computed in float32)
+    B,  # beta, (C,)
+    MEAN,  # each (n, group)'s mean, (N, G) float32
+    RSTD,  # each (n, group)'s 1 / sqrt(var + eps), (N, G) float32
+    COEF_XHAT,  # each (n, group)'s coefficient of xhat in dx, (N, G) float32
+    COEF_CONST,  # each (n, group)'s constant term of dx, (N, G) float32
+    R,  # the residual (RES_ADD) or the ReLU output (RES_OUTPUT), dense like x, any float dtype (RES_NONE: x, unread)
+    DR,  # out: dL/dR = dz, dense like x, in the residual's dtype (RES_NONE: dx, unwritten)
+    C,  # channels (specialised: fixed per layer)
+    S,  # positions per channel, the product of the spatial sizes
+    G,  # groups
+    cpg,  # channels per group, C // G
+    n_rows,  # rows, N * C (a shifted window's neighbouring rows are clamped to [0, n_rows))
+    n_cblocks,  # channel blocks per sample, cdiv(C, BLOCK_C)
+    n_sblocks,  # spatial tiles per row, cdiv(S, BLOCK_S) (SHIFT: of S + ALIGN - 1 window positions)
+    ACT,  # activation code (activation.ACT_*), a runtime value: one compilation serves every activation
+    RES: tl.constexpr,  # residual mode (activation.RESIDUAL_*): none, add R, R is the ReLU output
+    CHANNELS_LAST: tl.constexpr,  # layout: positions C elements apart (channels_last) or rows S apart (NCHW)
+    ALIGN: tl.constexpr,  # row starts are multiples of ALIGN elements (channels_last groups: their first channels)
+    SHIFT: tl.constexpr,  # shifted windows: NCHW rows not ALIGN-aligned, read in whole ALIGN blocks (``_window``)
+    BLOCK_C: tl.constexpr,  # channels (rows) per tile
+    BLOCK_S: tl.constexpr,  # positions per tile
 ):
+    """dx (and dR) over one (n, channel block, spatial tile), from the (n, group) coefficients
+    (backward step 3); with SHIFT, the end blocks' neighbouring-row elements with their own rows'."""
     grp, grp_prev, grp_next, side, c_mask, offs, mask, mean, rstd, w, b = _apply_tile(
         MEAN, RSTD, W, B, C, S, G, cpg, n_rows, n_cblocks, n_sblocks, CHANNELS_LAST, ALIGN, SHIFT, BLOCK_C, BLOCK_S)
     coef_xhat = _row_values(COEF_XHAT, grp, grp_prev, grp_next, side, c_mask, SHIFT)
@@ -649,16 +901,18 @@ def _backward_apply_kernel(
     dz = _activation_grad(_activation_input(x, mean, rstd, w, b, R, offs, mask, RES), dy, ACT)
     dx = (rstd * w) * dz + coef_xhat * xhat + coef_const
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-    if RES != 0:
+    if RES != _RES_NONE:
         tl.store(DR + offs, dz.to(DR.dtype.element_ty), mask=mask)
 
+
+# --------------------------------------------------------------- one program per group
 
 @triton.jit
 def _group_tile(pid, C, S, G, cpg, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, BLOCK_CG: tl.constexpr,
                 BLOCK_S: tl.constexpr):
     """The whole of one (n, group) as a (BLOCK_CG channels, BLOCK_S positions) tile:
     (n, channel offsets, channel mask, element offsets, element mask). ALIGN divides S in
-    NCHW (rows run along S) and channels per group in channels_last (rows run along C)."""
+    NCHW (accesses run along S) and channels per group in channels_last (accesses run along C)."""
     pid_n = pid // G
     g = pid % G
     cg = tl.arange(0, BLOCK_CG)
@@ -677,10 +931,24 @@ def _group_tile(pid, C, S, G, cpg, CHANNELS_LAST: tl.constexpr, ALIGN: tl.conste
 
 @triton.jit(do_not_specialize=["S", "G", "cpg"])
 def _group_forward_kernel(
-    X, Y, W, B, MEAN, RSTD, R,
-    C, S, G, cpg, eps,
-    ACT: tl.constexpr, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
-    BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
+    X,  # x, (N, C, S) dense in x's layout (NCHW or channels_last); float32, float16 or bfloat16
+    Y,  # out: y, x's shape, dtype and layout
+    W,  # gamma, (C,), any float dtype (computed in float32)
+    B,  # beta, (C,)
+    MEAN,  # out: each (n, group)'s mean, (N, G) float32
+    RSTD,  # out: each (n, group)'s 1 / sqrt(var + eps), (N, G) float32
+    R,  # the residual (RES_ADD) or the ReLU output (RES_OUTPUT), dense like x, any float dtype (RES_NONE: x, unread)
+    C,  # channels (specialised: fixed per layer)
+    S,  # positions per channel, the product of the spatial sizes
+    G,  # groups
+    cpg,  # channels per group, C // G
+    eps,  # added to the variance, float
+    ACT: tl.constexpr,  # activation code (activation.ACT_*): none, ReLU, SiLU
+    RES: tl.constexpr,  # residual mode (activation.RESIDUAL_*): none, add R, R is the ReLU output
+    CHANNELS_LAST: tl.constexpr,  # layout: positions C elements apart (channels_last) or rows S apart (NCHW)
+    ALIGN: tl.constexpr,  # row starts are multiples of ALIGN elements (channels_last groups: their first channels)
+    BLOCK_CG: tl.constexpr,  # channels of a group per tile (next power of two of cpg)
+    BLOCK_S: tl.constexpr,  # positions per tile: next power of two of S (the whole group in one tile)
 ):
     """One program per (n, group) that fits in registers: x is read once, statistics are an
     exact two-pass over the registers, y is written once, in a single launch."""
@@ -718,10 +986,27 @@ def _group_backward_inputs(X, DY, W, B, MEAN, RSTD, pid, offs, mask, w_offs, w_m
 
 @triton.jit(do_not_specialize=["S", "G", "cpg"])
 def _group_backward_kernel(
-    X, DY, DX, W, B, MEAN, RSTD, PART_DS, PART_DB, R, DR,
-    C, S, G, cpg,
-    ACT: tl.constexpr, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
-    BLOCK_CG: tl.constexpr, BLOCK_S: tl.constexpr,
+    X,  # x, (N, C, S) dense in x's layout (NCHW or channels_last); float32, float16 or bfloat16
+    DY,  # dL/dy, x's shape, dense in x's layout, any float dtype
+    DX,  # out: dL/dx, x's shape, dtype and layout
+    W,  # gamma, (C,), any float dtype (computed in float32)
+    B,  # beta, (C,)
+    MEAN,  # each (n, group)'s mean, (N, G) float32
+    RSTD,  # each (n, group)'s 1 / sqrt(var + eps), (N, G) float32
+    PART_DS,  # out: sum of dz * xhat per (n, channel), (N, C) float32
+    PART_DB,  # out: sum of dz per (n, channel), (N, C) float32
+    R,  # the residual (RES_ADD) or the ReLU output (RES_OUTPUT), dense like x, any float dtype (RES_NONE: x, unread)
+    DR,  # out: dL/dR = dz, dense like x, in the residual's dtype (RES_NONE: dx, unwritten)
+    C,  # channels (specialised: fixed per layer)
+    S,  # positions per channel, the product of the spatial sizes
+    G,  # groups
+    cpg,  # channels per group, C // G
+    ACT: tl.constexpr,  # activation code (activation.ACT_*): none, ReLU, SiLU
+    RES: tl.constexpr,  # residual mode (activation.RESIDUAL_*): none, add R, R is the ReLU output
+    CHANNELS_LAST: tl.constexpr,  # layout: positions C elements apart (channels_last) or rows S apart (NCHW)
+    ALIGN: tl.constexpr,  # row starts are multiples of ALIGN elements (channels_last groups: their first channels)
+    BLOCK_CG: tl.constexpr,  # channels of a group per tile (next power of two of cpg)
+    BLOCK_S: tl.constexpr,  # positions per tile: next power of two of S (the whole group in one tile)
 ):
     """One program per (n, group) that fits in registers: x and dy are read once, dx written
     once; the per-(n, channel) sums of dz * xhat and dz go out for dgamma and dbeta."""
@@ -731,7 +1016,7 @@ def _group_backward_kernel(
     xhat = (x - mean) * rstd
     dz = _activation_grad(_activation_input(x, mean, rstd, w[:, None], b[:, None], R, offs, mask, RES), dy, ACT)
     dz = tl.where(mask, dz, 0.0)
-    if RES != 0:
+    if RES != _RES_NONE:
         tl.store(DR + offs, dz.to(DR.dtype.element_ty), mask=mask)
     ds = tl.sum(dz * xhat, axis=1)  # per channel: dgamma's share of this (n, group)
     db = tl.sum(dz, axis=1)
@@ -744,6 +1029,23 @@ def _group_backward_kernel(
     dx = (rstd * w)[:, None] * dz - scale * (xhat * sum_ds + sum_db)
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
+
+@triton.jit(do_not_specialize=["n_partials"])
+def _param_grad_kernel(
+    PART_DS,  # sum of dz * xhat per (n, channel), (N, C) float32
+    PART_DB,  # sum of dz per (n, channel), (N, C) float32
+    DW,  # out: dgamma, (C,), gamma's dtype
+    DB,  # out: dbeta, (C,), beta's dtype
+    n_partials,  # partial vectors of C to sum: N
+    C,  # channels (specialised: fixed per layer)
+    BLOCK_R: tl.constexpr,  # partial vectors per step (PARAM_BLOCK_R)
+    BLOCK_C: tl.constexpr,  # channels per program (PARAM_BLOCK_C)
+):
+    """dgamma, dbeta from the one-program-per-group backward's per-(n, channel) sums."""
+    _param_sums(PART_DS, PART_DB, DW, DB, tl.program_id(0), n_partials, C, BLOCK_R, BLOCK_C)
+
+
+# --------------------------------------------------------- one program per group, flat
 
 @triton.jit
 def _flat_group_tile(pid, S, G, cpg, ALIGN: tl.constexpr, BLOCK_F: tl.constexpr):
@@ -760,9 +1062,21 @@ def _flat_group_tile(pid, S, G, cpg, ALIGN: tl.constexpr, BLOCK_F: tl.constexpr)
 
 @triton.jit(do_not_specialize=["S", "G", "cpg"])
 def _group_forward_flat_kernel(
-    X, Y, W, B, MEAN, RSTD, R,
-    S, G, cpg, eps,
-    ACT: tl.constexpr, RES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_F: tl.constexpr,
+    X,  # x, (N, C, S) contiguous (NCHW); float32, float16 or bfloat16
+    Y,  # out: y, x's shape, dtype and layout
+    W,  # gamma, (C,), any float dtype (computed in float32)
+    B,  # beta, (C,)
+    MEAN,  # out: each (n, group)'s mean, (N, G) float32
+    RSTD,  # out: each (n, group)'s 1 / sqrt(var + eps), (N, G) float32
+    R,  # the residual (RES_ADD) or the ReLU output (RES_OUTPUT), dense like x, any float dtype (RES_NONE: x, unread)
+    S,  # positions per channel, the product of the spatial sizes
+    G,  # groups
+    cpg,  # channels per group, C // G
+    eps,  # added to the variance, float
+    ACT: tl.constexpr,  # activation code (activation.ACT_*): none, ReLU, SiLU
+    RES: tl.constexpr,  # residual mode (activation.RESIDUAL_*): none, add R, R is the ReLU output
+    ALIGN: tl.constexpr,  # elements a group's size cpg * S (and so every group's start) is a multiple of
+    BLOCK_F: tl.constexpr,  # elements per tile: next power of two of cpg * S (the whole group)
 ):
     """``_group_forward_kernel`` for NCHW groups whose rows (S elements) are too narrowly
     aligned for wide accesses (the box head's 7 x 7): the group tiled flat, gamma and beta
@@ -784,9 +1098,26 @@ def _group_forward_flat_kernel(
 
 @triton.jit(do_not_specialize=["S", "G", "cpg"])
 def _group_backward_flat_kernel(
-    X, DY, DX, W, B, MEAN, RSTD, PART_DS, PART_DB, R, DR,
-    C, S, G, cpg,
-    ACT: tl.constexpr, RES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_CG: tl.constexpr,
+    X,  # x, (N, C, S) contiguous (NCHW); float32, float16 or bfloat16
+    DY,  # dL/dy, x's shape, dense in x's layout, any float dtype
+    DX,  # out: dL/dx, x's shape, dtype and layout
+    W,  # gamma, (C,), any float dtype (computed in float32)
+    B,  # beta, (C,)
+    MEAN,  # each (n, group)'s mean, (N, G) float32
+    RSTD,  # each (n, group)'s 1 / sqrt(var + eps), (N, G) float32
+    PART_DS,  # out: sum of dz * xhat per (n, channel), (N, C) float32
+    PART_DB,  # out: sum of dz per (n, channel), (N, C) float32
+    R,  # the residual (RES_ADD) or the ReLU output (RES_OUTPUT), dense like x, any float dtype (RES_NONE: x, unread)
+    DR,  # out: dL/dR = dz, dense like x, in the residual's dtype (RES_NONE: dx, unwritten)
+    C,  # channels (specialised: fixed per layer)
+    S,  # positions per channel, the product of the spatial sizes
+    G,  # groups
+    cpg,  # channels per group, C // G
+    ACT: tl.constexpr,  # activation code (activation.ACT_*): none, ReLU, SiLU
+    RES: tl.constexpr,  # residual mode (activation.RESIDUAL_*): none, add R, R is the ReLU output
+    ALIGN: tl.constexpr,  # elements a group's size cpg * S (and so every group's start) is a multiple of
+    BLOCK_F: tl.constexpr,  # elements per tile: next power of two of cpg * S (the whole group)
+    BLOCK_CG: tl.constexpr,  # channels of the per-channel sums' (BLOCK_F, BLOCK_CG) mask: next power of two of cpg
 ):
     """``_group_backward_kernel`` on ``_group_forward_flat_kernel``'s flat tile: the
     per-channel sums for dgamma and dbeta are taken over a (BLOCK_F, BLOCK_CG) channel mask."""
@@ -796,7 +1127,7 @@ def _group_backward_flat_kernel(
     xhat = (x - mean) * rstd
     z = _activation_input(x, mean, rstd, w, b, R, offs, mask, RES)
     dz = tl.where(mask, _activation_grad(z, dy, ACT), 0.0)
-    if RES != 0:
+    if RES != _RES_NONE:
         tl.store(DR + offs, dz.to(DR.dtype.element_ty), mask=mask)
     cg = tl.arange(0, BLOCK_CG)
     first = (pid % G) * cpg
@@ -813,24 +1144,9 @@ def _group_backward_flat_kernel(
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-# ----------------------------------------------------------------------------- launch plans
+# ------------------------------------------------------------------------ launch plans
 
-_TILE_ELEMENTS = 4096  # elements per tile of the split kernels (16 per thread at 8 warps)
-# dgamma/dbeta: a program sums the partials of PARAM_BLOCK_C channels, PARAM_BLOCK_R rows at a time.
-PARAM_BLOCK_R, PARAM_BLOCK_C = 32, 32
-_MAX_SPLITS = 512
-# Groups of up to this many elements (padded to powers of two) are normalised by one program
-# each, in one launch forward and one backward (detectron2's box and mask heads: 8 x 49 and
-# 8 x 196 elements per group at 32 groups, N = hundreds of ROIs). Larger groups take the
-# split reduction, which spreads each group over many programs.
-GROUP_RESIDENT_MAX_ELEMENTS = 4096
-
-
-# Programs the interpreter's grids are sized for on CPU (no occupancy there): a few, so that
-# the tests cross several spatial splits.
-CPU_RESIDENT_PROGRAMS = 8
-_FALLBACK_BLOCKS_PER_SM = 2  # what the partial-sums kernels' registers allow on an H100 (compile_kernels)
-_resident: Dict[tuple, int] = {}
+_resident: Dict[tuple, int] = {}  # (device, kernel, specialisation) -> programs a wave holds
 
 
 def _specialisation_of(arg) -> tuple:
@@ -886,7 +1202,7 @@ def _alignment(s: int, channels_last: bool, element_size: int, cpg: int = 0) -> 
     along C (which is specialised), 1 for the split kernels, and for the one-program-per-group
     kernels (a group's channels in a row) the largest power of two dividing ``cpg``."""
     align = (cpg & -cpg) if channels_last else (s & -s)
-    return max(1, min(align, 16 // element_size))
+    return max(1, min(align, ACCESS_BYTES // element_size))
 
 
 def _dense_like(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -897,52 +1213,45 @@ def _dense_like(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
 
 
-def _tiles(n: int, c: int, s: int, channels_last: bool, element_size: int) -> Tuple[int, int, int, int, dict]:
+def _tiles(c: int, s: int, channels_last: bool, element_size: int) -> Tuple[int, int, int, int, dict]:
     """The split kernels' tiles: (BLOCK_C, BLOCK_S, channel blocks, spatial tiles of the apply
     kernels, layout constexprs CHANNELS_LAST / ALIGN / SHIFT). NCHW rows whose starts are not
     16-byte aligned (S not a multiple of 16 bytes' elements) are read and written in shifted
     windows (``_window``: SHIFT), whole 16-byte blocks, where every sample's C * S elements
     are whole blocks and S at least one block; one window more per row then covers the end."""
-    align, full = _alignment(s, channels_last, element_size), 16 // element_size
+    align, full = _alignment(s, channels_last, element_size), ACCESS_BYTES // element_size
     shift = not channels_last and align < full and s >= full and (c * s) % full == 0
     if channels_last:  # contiguous along C: wide in C
-        block_c = min(triton.next_power_of_2(c), 128)
+        block_c = min(triton.next_power_of_2(c), _CL_MAX_BLOCK_C)
         block_s = max(1, min(triton.next_power_of_2(s), _TILE_ELEMENTS // block_c))
-    else:  # contiguous along S: long in S; half the tile when shifted (the apply kernels'
-        # parameters are then per element: twice the registers)
-        block_s = min(triton.next_power_of_2(s), 512 if shift else 1024)
-        block_c = max(1, min(triton.next_power_of_2(c), _TILE_ELEMENTS // (2 if shift else 1) // block_s))
+    else:  # contiguous along S: long in S
+        block_s = min(triton.next_power_of_2(s), _SHIFTED_MAX_BLOCK_S if shift else _NCHW_MAX_BLOCK_S)
+        tile_elements = _SHIFTED_TILE_ELEMENTS if shift else _TILE_ELEMENTS
+        block_c = max(1, min(triton.next_power_of_2(c), tile_elements // block_s))
     align = full if shift else align
     layout = {"CHANNELS_LAST": channels_last, "ALIGN": align, "SHIFT": shift}
     return block_c, block_s, triton.cdiv(c, block_c), triton.cdiv(s + (align - 1) * shift, block_s), layout
 
 
-def _splits(rows: int, s: int, block_s: int, resident: int) -> Tuple[int, int]:
-    """(splits, positions per split) of each of ``rows`` (n, channel block) reductions along S
+def _splits(n_row_blocks: int, s: int, block_s: int, resident: int) -> Tuple[int, int]:
+    """(splits, positions per split) of each of ``n_row_blocks`` (n, channel block) reductions along S
     for a partial-sums kernel of which ``resident`` programs fill the GPU: one full wave
     (occupancy.one_wave_splits), each split whole tiles."""
     s_tiles = triton.cdiv(s, block_s)
-    splits = occupancy.one_wave_splits(rows, s_tiles, resident, _MAX_SPLITS)
+    splits = occupancy.one_wave_splits(n_row_blocks, s_tiles, resident, _MAX_SPLITS)
     chunk_s = triton.cdiv(s_tiles, splits) * block_s
     return triton.cdiv(s, chunk_s), chunk_s
 
 
 def _num_warps(tile_elements: int) -> int:
-    """Warps for a kernel over tiles of this many elements: one per 256 elements, 1 to 8
-    (the Triton layer-norm tutorial's rule), so that at most 16 elements of each of the
-    backward's live tiles (x, dy, xhat, dz) sit in a thread's registers. Untuned: no GPU
-    has measured the alternatives yet."""
-    return min(max(tile_elements // 256, 1), 8)
+    """Warps for a kernel over tiles of this many elements (``_ELEMENTS_PER_WARP``)."""
+    return min(max(tile_elements // _ELEMENTS_PER_WARP, 1), _MAX_WARPS)
 
 
 def _group_resident_blocks(cpg: int, s: int) -> Optional[Tuple[int, int]]:
     """(BLOCK_CG, BLOCK_S) when a whole group fits one program's tile, else None."""
     block_cg, block_s = triton.next_power_of_2(cpg), triton.next_power_of_2(s)
     return (block_cg, block_s) if block_cg * block_s <= GROUP_RESIDENT_MAX_ELEMENTS else None
-
-
-# The flat backward's per-channel sums hold a (BLOCK_F, BLOCK_CG) tile: at most this many.
-FLAT_MAX_MASK_ELEMENTS = 8192
 
 
 def _flat_group_blocks(cpg: int, s: int, channels_last: bool, element_size: int) -> Optional[Tuple[int, int, int]]:
@@ -956,28 +1265,6 @@ def _flat_group_blocks(cpg: int, s: int, channels_last: bool, element_size: int)
             or block_f * block_cg > FLAT_MAX_MASK_ELEMENTS):
         return None
     return block_f, block_cg, align
-
-
-def kernel_path(x: torch.Tensor, num_groups: int) -> str:
-    """Which of the two kernel sets normalises x: "one program per group" or "split reduction"."""
-    _, c, s, *_ = _as_ncs(x)
-    return "one program per group" if _group_resident_blocks(c // num_groups, s) else "split reduction"
-
-
-# How the forward apply gets its groups' statistics (its STATS constexpr; _group_mean_rstd).
-STATS_BY_LANES, STATS_GATHERED, STATS_FINALIZED = 0, 1, 2
-# The forward apply's statistics: records merged (BLOCK_C lanes, BLOCK_K records) at a time,
-# this many elements, by lanes / gathered / gathered in shifted windows. Chosen by the sm_90
-# compile's registers and spills with triton 3.8 and 3.6 (the GPU image's), whose register
-# allocation moves in steps: 1024 gathered spilled 12 bytes in float32 NCHW res2 with 3.6, 1024
-# with shifted windows 24 bytes in bf16 res5; 2048 by lanes 20 bytes in bf16 channels_last res2.
-_STATS_TILE_ELEMENTS = {"by lanes": 1024, "gathered": 512, "shifted": 2048}
-# A launch's cost in dependent loads from L2 (~0.5 us each on an H100: a launch gap of 2-3 us),
-# for choosing between the forward apply merging the records itself and a finalize launch.
-# Unmeasured: a GPU is to tune it.
-LAUNCH_IN_LOADS = 4
-# The statistics finalize's warps: with 4, triton 3.6's build spills (80 registers, 8 bytes).
-FINALIZE_WARPS = 8
 
 
 def _stats_block_k(block_c: int, stats: int, shift: bool) -> int:
@@ -1001,8 +1288,7 @@ def _stats_merge(cpg: int, splits: int, block_c: int, shift: bool) -> int:
     more than a finalize launch's two passes plus the launch (LAUNCH_IN_LOADS); else finalized
     by a launch of its own: channels_last groups whose size is not a power of two over many
     splits, groups wider than a channel block."""
-    finalize_k, finalize_cg = _finalize_blocks(splits, cpg)
-    budget = 2 * -(-splits // finalize_k) * -(-cpg // finalize_cg) + LAUNCH_IN_LOADS
+    budget = 2 * -(-splits // FINALIZE_BLOCK_K) * -(-cpg // FINALIZE_BLOCK_CG) + LAUNCH_IN_LOADS
     by_lanes = _stats_block_k(block_c, STATS_BY_LANES, shift)
     if _groups_whole_in_blocks(cpg, block_c, shift) and -(-splits // by_lanes) <= budget:
         return STATS_BY_LANES
@@ -1011,12 +1297,39 @@ def _stats_merge(cpg: int, splits: int, block_c: int, shift: bool) -> int:
     return STATS_FINALIZED
 
 
-def _finalize_blocks(splits: int, cpg: int) -> Tuple[int, int]:
-    """(BLOCK_K splits, BLOCK_CG channels) tiles of the backward finalize's partials: 1024
-    elements, whatever the split count (which varies with the image size) or channel count:
-    a tile shaped to them would compile anew for each."""
-    return 16, 64  # one shape, not one per split count or channel count
+# -------------------------------------------------------------------- which kernel set
 
+def kernel_path(x: torch.Tensor, num_groups: int) -> str:
+    """Which of the two kernel sets normalises x: "one program per group" or "split reduction"."""
+    _, c, s, *_ = _as_ncs(x)
+    return "one program per group" if _group_resident_blocks(c // num_groups, s) else "split reduction"
+
+
+KERNEL_SETS = ("flat", "one program per group", "by lanes", "gathered", "shifted windows", "finalized")
+
+
+def kernel_set(shape: Sequence[int], element_size: int, channels_last: bool, num_groups: int,
+               partial_programs: int) -> str:
+    """The kernel set (one of ``KERNEL_SETS``: the module docstring's table) that normalises a
+    dense ``(N, C, *)`` input of this shape, element size in bytes and layout. The split
+    reduction's sets depend on its split count: ``partial_programs`` is how many programs of
+    its partial-sums kernel a wave holds (on a GPU, ``_resident_programs``; ignored for the
+    one-program-per-group sets). Decided by the launchers' own plan functions."""
+    n, c = shape[0], shape[1]
+    s, cpg = math.prod(shape[2:]), c // num_groups
+    if _group_resident_blocks(cpg, s) is not None:
+        return "flat" if _flat_group_blocks(cpg, s, channels_last, element_size) else "one program per group"
+    block_c, block_s, n_cblocks, _, layout = _tiles(c, s, channels_last, element_size)
+    splits, _ = _splits(n * n_cblocks, s, block_s, partial_programs)
+    stats = _stats_merge(cpg, splits, block_c, layout["SHIFT"])
+    if stats == STATS_FINALIZED:
+        return "finalized"
+    if layout["SHIFT"]:
+        return "shifted windows"
+    return "by lanes" if stats == STATS_BY_LANES else "gathered"
+
+
+# --------------------------------------------------------------------------- launchers
 
 def _on_device_of(x: torch.Tensor):
     """Triton launches on the current CUDA device: make that x's device for the launches
@@ -1084,35 +1397,38 @@ def _forward(x, weight, bias, num_groups, eps, activation, residual):
             num_warps=_num_warps(block_cg * block_s),
         )
         return y, mean, rstd
-    block_c, block_s, n_cblocks, n_sblocks, layout = _tiles(n, c, s, channels_last, x.element_size())
+    block_c, block_s, n_cblocks, n_sblocks, layout = _tiles(c, s, channels_last, x.element_size())
     consts = dict(layout, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s))
-    rows = n * n_cblocks
-    splits, chunk_s = _splits(rows, s, block_s, _resident_programs(
-        _stats_partial_kernel, x, (x, None, None, c, s, 2, 2, n_cblocks), consts))
+    n_row_blocks = n * n_cblocks
+    splits, chunk_s = _splits(n_row_blocks, s, block_s, _resident_programs(
+        _stats_partial_kernel, x, (x, None, None, c, s, _UNSIZED, _UNSIZED, n_cblocks), consts))
     part_mean = torch.empty((n, splits, c), dtype=torch.float32, device=x.device)
     part_m2 = torch.empty_like(part_mean)
-    _stats_partial_kernel[(rows * splits,)](
+    _stats_partial_kernel[(n_row_blocks * splits,)](
         x, part_mean, part_m2, c, s, chunk_s // block_s, splits, n_cblocks, **consts)
     # The apply programs merge the records into their groups' statistics themselves (no
     # launch between) unless that takes too many loads each (_stats_merge); each loops over
-    # its split of the row's tiles, as many splits as fill one wave at its occupancy.
+    # its split of the row block's tiles, as many splits as fill one wave at its occupancy.
     stats = _stats_merge(cpg, splits, block_c, layout["SHIFT"])
     if stats == STATS_BY_LANES and not _groups_whole_in_blocks(cpg, block_c, layout["SHIFT"]):
         raise ValueError(f"STATS_BY_LANES needs channel blocks of whole groups: {cpg} channels per group, "
                          f"blocks of {block_c}, shifted windows {layout['SHIFT']}")
     if stats == STATS_FINALIZED:
-        block_k, block_cg = _finalize_blocks(splits, cpg)
         _stats_finalize_kernel[(n * g,)](
             part_mean, part_m2, mean, rstd, c, s, g, cpg, chunk_s, splits, eps,
-            BLOCK_K=block_k, BLOCK_CG=block_cg, num_warps=FINALIZE_WARPS,
+            BLOCK_K=FINALIZE_BLOCK_K, BLOCK_CG=FINALIZE_BLOCK_CG, num_warps=FINALIZE_WARPS,
         )
     consts = dict(consts, RES=res_mode, STATS=stats, BLOCK_K=_stats_block_k(block_c, stats, layout["SHIFT"]))
-    args = [x, y, weight, bias, part_mean, part_m2, mean, rstd, r, c, s, g, cpg, eps, n * c, n_cblocks, chunk_s,
-            splits, 2, 2, n_sblocks, activation]
-    apply_splits, apply_chunk = _splits(rows, n_sblocks * block_s, block_s,
-                                        _resident_programs(_forward_apply_kernel, x, tuple(args), consts))
-    args[18:20] = apply_chunk // block_s, apply_splits
-    _forward_apply_kernel[(rows * apply_splits,)](*args, **consts)
+
+    def apply_args(split_tiles: int, apply_splits: int) -> tuple:
+        """The forward apply's arguments; its own splits (of the apply's tiles) are known only
+        after its occupancy, which the query takes with ``_UNSIZED``."""
+        return (x, y, weight, bias, part_mean, part_m2, mean, rstd, r, c, s, g, cpg, eps, n * c, n_cblocks, chunk_s,
+                splits, split_tiles, apply_splits, n_sblocks, activation)
+
+    apply_splits, apply_chunk = _splits(n_row_blocks, n_sblocks * block_s, block_s, _resident_programs(
+        _forward_apply_kernel, x, apply_args(_UNSIZED, _UNSIZED), consts))
+    _forward_apply_kernel[(n_row_blocks * apply_splits,)](*apply_args(apply_chunk // block_s, apply_splits), **consts)
     return y, mean, rstd
 
 
@@ -1154,30 +1470,26 @@ def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, resid
             part_ds, part_db, dweight, dbias, n, c, BLOCK_R=PARAM_BLOCK_R, BLOCK_C=PARAM_BLOCK_C,
         )
         return dx, dweight, dbias, dres
-    block_c, block_s, n_cblocks, n_sblocks, layout = _tiles(n, c, s, channels_last, x.element_size())
+    block_c, block_s, n_cblocks, n_sblocks, layout = _tiles(c, s, channels_last, x.element_size())
     consts = dict(layout, RES=res_mode, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s))
-    splits, chunk_s = _splits(n * n_cblocks, s, block_s, _resident_programs(
-        _backward_partial_kernel, x, (x, grad_y, weight, bias, mean, rstd, r, None, None, c, s, g, cpg, 2, 2, n_cblocks),
+    n_row_blocks = n * n_cblocks
+    splits, chunk_s = _splits(n_row_blocks, s, block_s, _resident_programs(
+        _backward_partial_kernel, x,
+        (x, grad_y, weight, bias, mean, rstd, r, None, None, c, s, g, cpg, _UNSIZED, _UNSIZED, n_cblocks),
         dict(consts, ACT=activation)))
     part_ds = torch.empty((n, splits, c), dtype=torch.float32, device=x.device)
     part_db = torch.empty_like(part_ds)
-    _backward_partial_kernel[(n * n_cblocks * splits,)](
+    _backward_partial_kernel[(n_row_blocks * splits,)](
         x, grad_y, weight, bias, mean, rstd, r, part_ds, part_db, c, s, g, cpg, chunk_s // block_s, splits, n_cblocks,
         ACT=activation, **consts)
     coef_xhat = torch.empty((n, g), dtype=torch.float32, device=x.device)
     coef_const = torch.empty_like(coef_xhat)
-    block_k, block_cg = _finalize_blocks(splits, cpg)
     dweight, dbias = torch.empty_like(weight), torch.empty_like(weight)
     _backward_finalize_kernel[(n * g + triton.cdiv(c, PARAM_BLOCK_C),)](
         part_ds, part_db, weight, rstd, coef_xhat, coef_const, dweight, dbias, c, s, g, cpg, splits, n * g,
-        n * splits, BLOCK_K=block_k, BLOCK_CG=block_cg, BLOCK_R=PARAM_BLOCK_R, BLOCK_C=PARAM_BLOCK_C,
+        n * splits, BLOCK_K=FINALIZE_BLOCK_K, BLOCK_CG=FINALIZE_BLOCK_CG, BLOCK_R=PARAM_BLOCK_R, BLOCK_C=PARAM_BLOCK_C,
     )
-    _backward_apply_kernel[(n * n_cblocks * n_sblocks,)](
+    _backward_apply_kernel[(n_row_blocks * n_sblocks,)](
         x, grad_y, dx, weight, bias, mean, rstd, coef_xhat, coef_const, r, dr, c, s, g, cpg, n * c, n_cblocks,
         n_sblocks, ACT=activation, **consts)
     return dx, dweight, dbias, dres
-
-
-assert (ACT_NONE, ACT_RELU, ACT_SILU) == (0, 1, 2)  # the kernels' ACT constexpr encoding
-assert (RESIDUAL_NONE, RESIDUAL_ADD, RESIDUAL_OUTPUT) == (0, 1, 2)  # and RES's
-assert (STATS_BY_LANES, STATS_GATHERED, STATS_FINALIZED) == (0, 1, 2)  # and STATS's

@@ -392,9 +392,9 @@ def bytes_moved(shape: Sequence[int], element_bytes: int, num_groups: int = 32, 
         fmt = torch.channels_last if channels_last and len(shape) == 4 else torch.contiguous_format
         fwd, bwd = layer_launches(shape, dtype, fmt, 1, num_groups, sm_count=sm_count)
         assert fwd[0].kernel == "_stats_partial_kernel" and bwd[0].kernel == "_backward_partial_kernel"
-        rows = n * kernels._tiles(n, c, s, channels_last, element_bytes)[2]  # grids: rows x splits
-        partial_fwd = 2 * n * (fwd[0].programs // rows) * c * f32  # (n, split, channel) partials, two of them
-        partial = 2 * n * (bwd[0].programs // rows) * c * f32
+        n_row_blocks = n * kernels._tiles(c, s, channels_last, element_bytes)[2]  # grids: row blocks x splits
+        partial_fwd = 2 * n * (fwd[0].programs // n_row_blocks) * c * f32  # (n, split, channel) partials, two of them
+        partial = 2 * n * (bwd[0].programs // n_row_blocks) * c * f32
         # stats partial reads x, writes its records; apply reads the records (once from DRAM: each
         # program reads its groups', from L2 after the first), reads x, writes y and the statistics.
         forward = 3 * numel * element_bytes + partial_fwd + partial_fwd + stats + params

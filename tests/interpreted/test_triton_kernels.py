@@ -63,11 +63,11 @@ def test_shifted_windows(shape, groups, dtype, activation, monkeypatch):
     # kernels, written with their own rows' parameters.
     monkeypatch.setattr(group_norm_triton, "GROUP_RESIDENT_MAX_ELEMENTS", 0)
     size = torch.tensor([], dtype=dtype).element_size()
-    n, c, s = shape[0], shape[1], shape[2] * shape[3]
-    assert group_norm_triton._tiles(n, c, s, False, size)[4] == {"CHANNELS_LAST": False, "ALIGN": 16 // size,
-                                                                  "SHIFT": True}
-    assert not group_norm_triton._tiles(2, 8, 3, False, size)[4]["SHIFT"]  # rows shorter than a block
-    assert not group_norm_triton._tiles(1, 3, 31 * 49, False, size)[4]["SHIFT"]  # C * S not whole blocks
+    c, s = shape[1], shape[2] * shape[3]
+    assert group_norm_triton._tiles(c, s, False, size)[4] == {"CHANNELS_LAST": False, "ALIGN": 16 // size,
+                                                               "SHIFT": True}
+    assert not group_norm_triton._tiles(8, 3, False, size)[4]["SHIFT"]  # rows shorter than a block
+    assert not group_norm_triton._tiles(3, 31 * 49, False, size)[4]["SHIFT"]  # C * S not whole blocks
     check_forward_backward(shape, groups, dtype=dtype, activation=activation)
     check_residual(shape, groups, dtype=dtype, activation="relu", output_recomputed=True)
     if dtype == torch.float32:  # the per-element lane counts keep the shifted Welford exact
@@ -86,8 +86,8 @@ def test_shifted_windows_write_neighbours_with_their_own_statistics(shape, group
     monkeypatch.setattr(group_norm_triton, "GROUP_RESIDENT_MAX_ELEMENTS", 0)
     x = make_input(shape, mean=50.0)
     weight, bias = make_affine(shape[1])
-    n, c = shape[0], shape[1]
-    assert group_norm_triton._tiles(n, c, shape[2] * shape[3], False, 4)[4]["SHIFT"]
+    c = shape[1]
+    assert group_norm_triton._tiles(c, shape[2] * shape[3], False, 4)[4]["SHIFT"]
     y, mean, rstd = triton_group_norm_forward(x, weight, bias, groups, 1e-5, 0)
     per_channel = lambda t: t.repeat_interleave(c // groups, dim=1)[:, :, None, None]  # noqa: E731
     expected = (x - per_channel(mean)) * (weight[None, :, None, None] * per_channel(rstd)) + bias[None, :, None, None]
@@ -126,7 +126,7 @@ def test_forward_statistics_merged_by_the_apply(shape, groups, memory_format, st
     # spread: no accuracy lost in the merge.
     monkeypatch.setattr(group_norm_triton, "GROUP_RESIDENT_MAX_ELEMENTS", 0)
     n, c, s = shape[0], shape[1], shape[2] * shape[3]
-    block_c, block_s, n_cblocks, _, layout = group_norm_triton._tiles(n, c, s, memory_format == CL, 4)
+    block_c, block_s, n_cblocks, _, layout = group_norm_triton._tiles(c, s, memory_format == CL, 4)
     splits, _ = group_norm_triton._splits(n * n_cblocks, s, block_s, group_norm_triton.CPU_RESIDENT_PROGRAMS)
     assert splits > 1 or stats == "gathered"
     expected = {"lanes": group_norm_triton.STATS_BY_LANES, "gathered": group_norm_triton.STATS_GATHERED,
