@@ -744,7 +744,7 @@ def _list(value: str, allowed: Sequence[str], what: str, aliases: Optional[Dict[
     items = [aliases.get(v, v) if aliases else v for v in (s.strip().lower() for s in value.split(",")) if v]
     bad = [v for v in items if v not in allowed]
     if bad or not items:
-        raise argparse.ArgumentTypeError(f"{what} {','.join(bad) or value!r}: choose from {','.join(allowed)}")
+        raise argparse.ArgumentTypeError(f"{what} {','.join(bad) or repr(value)}: choose from {','.join(allowed)}")
     return items
 
 
@@ -806,15 +806,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the check (see the module docstring); returns the exit status: 1 if any case failed."""
     args = parse_args(argv)
+    # Decisions in this process only (the user's tuning cache is neither read nor written), and
+    # the kernels checked whatever GN_DET_BACKEND says; both restored for a caller in-process.
+    previous_cache = gn_det.set_tuning_cache(None)
+    previous_backend = dispatch.set_backend("auto")
+    try:
+        return _run(args, argv, previous_backend)
+    finally:
+        gn_det.set_tuning_cache(previous_cache)
+        dispatch.set_backend(previous_backend)
+
+
+def _run(args: argparse.Namespace, argv: Optional[Sequence[str]], backend_in_use: str) -> int:
     device = args.device
     cuda = device.type == "cuda"
     started = time.monotonic()
     deadline = started + args.time_limit if args.time_limit else None
     rows: List[dict] = []
     not_run: List[str] = []
-    gn_det.set_tuning_cache(None)  # decisions in this process only: the user's cache is neither read nor written
-
     if args.rows_out:  # the interpreter subprocess: rows only, for the parent
         run_part("interpreter", args, device, DeviceTimer(device), deadline, rows, not_run)
         with open(args.rows_out, "w") as f:
@@ -824,9 +835,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     info = machine_info(device)
     timer = DeviceTimer(device)
     notes = []
-    previous_backend = dispatch.set_backend("auto")  # checked whatever GN_DET_BACKEND says
-    if previous_backend != "auto":
-        notes.append(f"GN_DET_BACKEND={previous_backend} turns the kernels off in this environment; checked anyway")
+    if backend_in_use != "auto":
+        notes.append(f"GN_DET_BACKEND={backend_in_use} turns the kernels off in this environment; checked anyway")
     if cuda:
         torch.cuda.set_device(device)
         parts = ["cuda"]
@@ -855,7 +865,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(notes[-1])
         else:
             run_part(part, args, device, timer, deadline, rows, not_run)
-    dispatch.set_backend(previous_backend)
 
     line, counts = summary(rows, not_run, cuda)
     failed = [r for r in rows if r["status"] != "ok"]
