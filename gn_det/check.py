@@ -253,7 +253,8 @@ def gn_det_op(x: Tensor, groups: int, weight: Tensor, bias: Tensor, op: Op, resi
     return GroupNormFunction.apply(x, weight, bias, groups, EPS, code, residual, mode)
 
 
-def gn_det_as_called(x: Tensor, groups: int, weight: Tensor, bias: Tensor, op: Op, residual: Optional[Tensor]) -> Tensor:
+def gn_det_as_called(x: Tensor, groups: int, weight: Tensor, bias: Tensor, op: Op,
+                     residual: Optional[Tensor]) -> Tensor:
     """``gn_det.group_norm`` as a user calls it: routes, tuning and everything else included."""
     return gn_det.group_norm(x, groups, weight, bias, EPS, op.activation, residual=residual,
                              output_recomputed=op.output_recomputed)
@@ -503,16 +504,20 @@ def check_case(case: Case, op: Op, settings: Settings, x0: Tensor, dy0: Tensor, 
         row["errors"]["pytorch"] = errors(run_and_grad(pytorch_op, *args), ref)
     except Exception as exc:  # PyTorch's own failure is reported, not held against gn_det
         row["pytorch_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    raised = []  # stages after the kernels' own run that raised: the case fails, the others still run
     if settings.tune:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            called = run_and_grad(gn_det_as_called, *args)
-            _sync(settings.device)
-        row["errors"]["gn_det as called"] = errors(called, ref)
-        # (PyTorch's GroupNorm, where tuning picks it, gives dx in its own layout)
-        problems += _contract_problems("gn_det.group_norm", called, x, residual, check_dx_format=False)
-        del called
-        row["warnings"] = [str(w.message) for w in caught]
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                called = run_and_grad(gn_det_as_called, *args)
+                _sync(settings.device)
+            row["errors"]["gn_det as called"] = errors(called, ref)
+            # (PyTorch's GroupNorm, where tuning picks it, gives dx in its own layout)
+            problems += _contract_problems("gn_det.group_norm", called, x, residual, check_dx_format=False)
+            del called
+            row["warnings"] = [str(w.message) for w in caught]
+        except Exception as exc:
+            raised.append(f"gn_det.group_norm raised {type(exc).__name__}: {exc}"[:500])
         if settings.device.type == "cuda":
             row["tuning"] = tuning_entries(x, case.groups, op)
             if not row["tuning"]:
@@ -522,15 +527,17 @@ def check_case(case: Case, op: Op, settings: Settings, x0: Tensor, dy0: Tensor, 
             limit = tol["forward"] if key == "forward" else tol["backward"]
             if not err <= limit:  # (NaN fails too)
                 problems.append(f"{who}: {key} error {err:.3g} > {limit:g}")
-    if settings.timed:
-        row["time_ms"] = time_side_by_side(settings.timer, {
-            "gn_det": lambda: run_and_grad(under_test, *args),
-            "pytorch": lambda: run_and_grad(pytorch_op, *args),
-        }, settings.warmup, settings.reps) if "pytorch" in row["errors"] else None
-        if row["time_ms"]:
+    if settings.timed and "pytorch" in row["errors"]:
+        try:
+            row["time_ms"] = time_side_by_side(settings.timer, {
+                "gn_det": lambda: run_and_grad(under_test, *args),
+                "pytorch": lambda: run_and_grad(pytorch_op, *args),
+            }, settings.warmup, settings.reps)
             row["speedup"] = row["time_ms"]["pytorch"] / row["time_ms"]["gn_det"]
-    row["status"] = "incorrect" if problems else "ok"
-    row["problems"] = problems
+        except Exception as exc:
+            raised.append(f"timing raised {type(exc).__name__}: {exc}"[:500])
+    row["status"] = "error" if raised else "incorrect" if problems else "ok"
+    row["problems"] = raised + problems
     return row
 
 
@@ -577,17 +584,22 @@ def _err(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.1e}"
 
 
+def _worst_gradient(errs: Dict[str, float]) -> Optional[float]:
+    """The largest of the gradients' errors (NaN first: it is the worst)."""
+    values = [v for k, v in errs.items() if k != "forward"]
+    return max(values, key=lambda v: (v != v, v if v == v else 0.0), default=None)
+
+
 def format_row(row: dict) -> str:
     errs = row.get("errors", {})
     ours, theirs = errs.get("gn_det", {}), errs.get("pytorch", {})
-    worst = lambda e: max((v for k, v in e.items() if k != "forward"), default=None, key=lambda v: (v == v, v))  # noqa: E731
     times = row.get("time_ms") or {}
     tol = row.get("tolerance")
     cells = {
         "case": row["case"], "shape": "x".join(map(str, row["dims"])), "G": str(row["groups"]),
         "dtype": row["dtype"], "layout": row["layout"], "op": row["op"],
         "fwd err gn_det/torch": f"{_err(ours.get('forward'))}/{_err(theirs.get('forward'))}" if errs else "-",
-        "bwd err gn_det/torch": f"{_err(worst(ours))}/{_err(worst(theirs))}" if errs else "-",
+        "bwd err gn_det/torch": f"{_err(_worst_gradient(ours))}/{_err(_worst_gradient(theirs))}" if errs else "-",
         "tol fwd/bwd": f"{tol['forward']:g}/{tol['backward']:g}" if tol else "-",
         "gn_det ms": f"{times['gn_det']:.3f}" if times else "-",
         "torch ms": f"{times['pytorch']:.3f}" if times else "-",
@@ -653,6 +665,10 @@ def _json_safe(value):
     return value
 
 
+WHAT_RUNS_ON_CPU = {
+    "cpu path": "gn_det's PyTorch path on CPU (timed against PyTorch on CPU)",
+    "interpreter": "the Triton kernels under Triton's interpreter at small shapes (not timed)",
+}
 PART_TITLES = {
     "cuda": "gn_det's Triton kernels on the GPU (errors against float64; time against PyTorch's ops)",
     "cpu path": "gn_det's PyTorch path on CPU (errors against float64; time against PyTorch's ops on CPU)",
@@ -727,13 +743,17 @@ def summary(rows: List[dict], not_run: List[str], cuda: bool) -> Tuple[str, dict
         verdict = f"all {len(rows)} cases correct"
     else:
         incorrect = sum(r["status"] == "incorrect" for r in rows)
-        verdict = (f"{len(failed)} failures in {len(rows)} cases ({incorrect} incorrect, "
-                   f"{len(failed) - incorrect} raised)")
+        verdict = (f"{len(failed)} failure{'s' if len(failed) > 1 else ''} in {len(rows)} cases ({incorrect} "
+                   f"incorrect, {len(failed) - incorrect} raised)")
     if median is None:
         speed = "speed not measured"
     else:
-        against = "PyTorch's GN (+ ReLU, + shortcut)" + ("" if cuda else " on CPU, gn_det's CPU path")
-        speed = f"median speed-up {median:.2f}x over {against}, fwd+bwd, {len(speedups)} cases timed"
+        who = "gn_det's kernels vs PyTorch's ops" if cuda else "gn_det's CPU path vs PyTorch's ops on CPU"
+        speed = f"median speed-up {median:.2f}x ({who}, forward + backward, {len(speedups)} cases timed)"
+    if cuda:
+        decisions = gn_det.autotune_decisions()
+        to_aten = sum(entry.get("path") == "aten" for entry in decisions)
+        speed += f"; tuning runs PyTorch's GroupNorm in {to_aten} of {len(decisions)} buckets"
     line = f"gn_det check: {verdict}; {speed}" + (f"; {len(not_run)} cases not run (time limit)" if not_run else "")
     return line, {"cases": len(rows), "failed": len(failed), "incorrect": sum(r["status"] == "incorrect" for r in rows),
                   "raised": sum(r["status"] == "error" for r in rows), "not_run": not_run,
@@ -840,16 +860,15 @@ def _run(args: argparse.Namespace, argv: Optional[Sequence[str]], backend_in_use
     if cuda:
         torch.cuda.set_device(device)
         parts = ["cuda"]
-        print(f"gn_det check on {info['gpu']} (compute capability {info['compute_capability']}), torch {info['torch']}, "
-              f"triton {info['triton']}, gn_det {info['gn_det']}")
+        print(f"gn_det check on {info['gpu']} (compute capability {info['compute_capability']}), "
+              f"torch {info['torch']}, triton {info['triton']}, gn_det {info['gn_det']}")
     else:
-        parts = {"all": ["cpu path", "interpreter"], "cpu-path": ["cpu path"], "interpreter": ["interpreter"]}[args.part]
+        parts = {"all": ["cpu path", "interpreter"], "cpu-path": ["cpu path"],
+                 "interpreter": ["interpreter"]}[args.part]
         print((f"CUDA is not available here (torch {info['torch']}, built with CUDA {torch.version.cuda})"
                if not torch.cuda.is_available() else "Checking on CPU (--device cpu)")
               + ": the Triton kernels do not run on a GPU. Checking what runs here: "
-              + " and ".join({"cpu path": "gn_det's PyTorch path on CPU (timed against PyTorch on CPU)",
-                              "interpreter": "the Triton kernels under Triton's interpreter at small shapes (not timed)"}[p]
-                             for p in parts) + ".")
+              + " and ".join(WHAT_RUNS_ON_CPU[p] for p in parts) + ".")
     for note in notes:
         print(note)
     print(header(), flush=True)

@@ -74,7 +74,8 @@ def test_cpu_mode_runs_what_it_can_and_reports(tmp_path):
         tol = row["tolerance"]
         ours = row["errors"]["gn_det"]
         assert set(ours) == {"forward", "dx", "dweight", "dbias"} | ({"dresidual"} if row["op"] == "block" else set())
-        assert ours["forward"] <= tol["forward"] and max(v for k, v in ours.items() if k != "forward") <= tol["backward"]
+        assert ours["forward"] <= tol["forward"]
+        assert max(v for k, v in ours.items() if k != "forward") <= tol["backward"]
         assert row["errors"]["pytorch"]["forward"] < 0.1  # PyTorch's own, measured alike
         assert row["implementation"] == "PyTorch path" if row["part"] == "cpu path" else \
             row["implementation"].startswith("Triton kernels (interpreter): ")
@@ -99,7 +100,8 @@ def test_kernels_made_wrong_or_raising_fail_the_check_and_the_run_goes_on(tmp_pa
     assert set(by_label) == {("odd 5x7", "gn"), ("odd 5x7", "block"), ("volume", "gn"), ("volume", "block")}
     wrong_output = by_label["odd 5x7", "gn"]
     assert wrong_output["status"] == "incorrect" and wrong_output["errors"]["gn_det"]["forward"] > 0.1
-    assert wrong_output["problems"] == [f"gn_det: forward error {wrong_output['errors']['gn_det']['forward']:.3g} > 1e-05"]
+    error = wrong_output["errors"]["gn_det"]["forward"]
+    assert wrong_output["problems"] == [f"gn_det: forward error {error:.3g} > 1e-05"]
     assert wrong_output["errors"]["gn_det"]["dx"] <= GRAD_TOLERANCE[torch.float32]  # only what was corrupted
     raised = by_label["odd 5x7", "block"]
     assert raised["status"] == "error" and "fault injected by --inject-fault raise" in raised["problems"][0]
@@ -122,7 +124,8 @@ def test_cpu_path_made_wrong_fails_only_where_injected(tmp_path, capsys):
     rows = json.loads(report.read_text())["rows"]
     failed = [(r["layout"], r["op"]) for r in rows if r["status"] != "ok"]
     assert failed == [("channels_last", "relu")] and len(rows) == 4
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("gn_det check: 1 failures in 4 cases")
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line.startswith("gn_det check: 1 failure in 4 cases (1 incorrect, 0 raised)")
     # main restores what it changed for its run
     assert gn_det.kernels.backend() == "auto" and gn_det.kernels.tuning.tuning_cache() is not None
 
@@ -221,3 +224,25 @@ def test_gpu_kernels_made_wrong_fail_the_check(tmp_path):
     assert len(rows) == 1 and rows[0]["status"] == "incorrect" and rows[0]["errors"]["gn_det"]["forward"] > 0.1
     # gn_det.group_norm as called (tuning included) is not corrupted by the hook: still correct
     assert rows[0]["errors"]["gn_det as called"]["forward"] <= TOLERANCE[torch.bfloat16]
+
+
+def test_no_module_of_the_package_imports_the_check():
+    # `import gn_det` must not load the check (it is imported by `python -m gn_det.check` only).
+    import ast
+
+    package = os.path.join(ROOT, "gn_det")
+    importers = []
+    for folder, _, files in os.walk(package):
+        for name in files:
+            path = os.path.join(folder, name)
+            if not name.endswith(".py") or path == check.__file__:
+                continue
+            for node in ast.walk(ast.parse(open(path).read())):
+                names = []
+                if isinstance(node, ast.ImportFrom):
+                    names = [f"{node.module or ''}.{a.name}" for a in node.names] + [node.module or ""]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                if any(n.split(".")[-1] == "check" or n.endswith("gn_det.check") for n in names):
+                    importers.append(os.path.relpath(path, ROOT))
+    assert importers == []
