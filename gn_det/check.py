@@ -2,8 +2,8 @@
 
 On a CUDA GPU it runs gn_det's Triton kernels at every GN shape of a Mask R-CNN R50-FPN step
 (``benchmark_shapes.MASK_RCNN_SHAPES``, the benchmark's table) and a few others (odd sizes,
-G = 1, G = C, a sequence, a 3-D volume), in float32, float16 and bfloat16, NCHW and
-channels_last, as plain GN, GN + ReLU, and a residual block's end (GN + shortcut + ReLU, with
+G = 1, G = C, a sequence, a 3-D volume, (N, C) features), in float32, float16 and bfloat16,
+NCHW and channels_last, as plain GN, GN + ReLU, and a residual block's end (GN + shortcut + ReLU, with
 the output kept, and with it recomputed in backward as ``MODEL.GN.RECOMPUTE_OUTPUT`` does).
 For each case (a row) it reports:
 
