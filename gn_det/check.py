@@ -452,8 +452,10 @@ def implementation_name(x: Tensor, groups: int) -> str:
     return "PyTorch path"
 
 
-def check_group(cases_here: List[Case], settings: Settings) -> Iterator[dict]:
-    """Rows of the cases of one shape and dtype (inputs and references made once for them)."""
+def check_group(cases_here: List[Case], settings: Settings, deadline: Optional[float] = None
+                ) -> Iterator[Tuple[Case, Optional[dict]]]:
+    """(case, row) for the cases of one shape and dtype (inputs and references made once for
+    them); row None for a case not started because the deadline (time.monotonic) had passed."""
     first = cases_here[0]
     device = settings.device
     dtype = DTYPES[first.dtype]
@@ -461,10 +463,13 @@ def check_group(cases_here: List[Case], settings: Settings) -> Iterator[dict]:
         x0, dy0, r0, weight0, bias0 = _tensors(first.shape, dtype, device)
     except Exception as exc:  # (e.g. out of memory): every case of the group fails with it
         for case in cases_here:
-            yield _error_row(case, exc)
+            yield case, _error_row(case, exc)
         return
     refs: Dict[Tuple, Dict[str, Tensor]] = {}
     for case in cases_here:
+        if deadline is not None and time.monotonic() > deadline:
+            yield case, None
+            continue
         started = time.perf_counter()
         try:
             op = OPS[case.op]
@@ -475,7 +480,7 @@ def check_group(cases_here: List[Case], settings: Settings) -> Iterator[dict]:
         except Exception as exc:
             row = _error_row(case, exc)
         row["seconds"] = round(time.perf_counter() - started, 3)
-        yield row
+        yield case, row
     del refs
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -695,7 +700,10 @@ def run_part(part: str, args: argparse.Namespace, device: torch.device, timer: D
         if deadline is not None and time.monotonic() > deadline:
             not_run.extend(case.label for case in group)
             continue
-        for row in check_group(group, settings):
+        for case, row in check_group(group, settings, deadline):
+            if row is None:
+                not_run.append(case.label)
+                continue
             rows.append(row)
             print(format_row(row), flush=True)
 
@@ -708,6 +716,10 @@ def run_interpreter_subprocess(args: argparse.Namespace, deadline: Optional[floa
         import triton  # noqa: F401
     except Exception as exc:
         return f"triton is not importable ({type(exc).__name__}: {exc})"
+    if deadline is not None and time.monotonic() > deadline:
+        not_run.extend(case.label for case in cases("interpreter", args.quick, args.dtypes, args.layouts, args.ops,
+                                                    args.shapes))
+        return None
     fd, rows_file = tempfile.mkstemp(prefix="gn_det_check_", suffix=".json")
     os.close(fd)
     command = [sys.executable, "-m", "gn_det.check", "--device", "cpu", "--part", "interpreter",
@@ -718,7 +730,7 @@ def run_interpreter_subprocess(args: argparse.Namespace, deadline: Optional[floa
     for fault in args.inject_fault:
         command += ["--inject-fault", fault]
     if deadline is not None:
-        command += ["--time-limit", str(max(1.0, deadline - time.monotonic()))]
+        command += ["--time-limit", str(deadline - time.monotonic())]  # (the child's clock starts later)
     env = dict(os.environ, TRITON_INTERPRET="1", GN_DET_TRITON_ON_CPU="1")
     try:
         proc = subprocess.run(command, env=env, stdout=None, stderr=subprocess.PIPE, text=True)
@@ -744,7 +756,9 @@ def summary(rows: List[dict], not_run: List[str], cuda: bool) -> Tuple[str, dict
     failed = [r for r in rows if r["status"] != "ok"]
     speedups = [r["speedup"] for r in rows if "speedup" in r]
     median = statistics.median(speedups) if speedups else None
-    if not failed:
+    if not rows:
+        verdict = "no case checked"
+    elif not failed:
         verdict = f"all {len(rows)} cases correct"
     else:
         incorrect = sum(r["status"] == "incorrect" for r in rows)
@@ -826,6 +840,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     cuda = device.type == "cuda"
     args.warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
     args.reps = args.reps if args.reps is not None else ((5 if args.quick else 7) if cuda else 3)
+    if args.time_limit < 0:
+        parser.error(f"--time-limit {args.time_limit:g}: seconds >= 0 (0: no limit)")
     if args.warmup < 0 or args.reps < 1:
         parser.error(f"--warmup {args.warmup} / --reps {args.reps}: need warmup >= 0 and reps >= 1")
     return args
@@ -875,6 +891,12 @@ def _run(args: argparse.Namespace, argv: Optional[Sequence[str]], backend_in_use
                if not torch.cuda.is_available() else "Checking on CPU (--device cpu)")
               + ": the Triton kernels do not run on a GPU. Checking what runs here: "
               + " and ".join(WHAT_RUNS_ON_CPU[p] for p in parts) + ".")
+    for text in args.shapes:  # a filter that selects nothing is a mistake, not an empty run
+        names = [name for part in parts for name in shape_table(part, args.quick)]
+        if not any(text.lower() in name.lower() for name in names):
+            print(f"python -m gn_det.check: error: --shapes {text!r} matches no case here; the names "
+                  f"{'(with --quick) ' if args.quick else ''}are: {', '.join(dict.fromkeys(names))}", file=sys.stderr)
+            return 2
     for note in notes:
         print(note)
     print(header(), flush=True)

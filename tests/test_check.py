@@ -145,6 +145,26 @@ def test_bad_arguments_exit_2_naming_what_is_wrong(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_cases_past_the_time_limit_are_listed_not_run(tmp_path, capsys):
+    report = tmp_path / "limited.json"
+    assert check.main(["--device", "cpu", "--part", "cpu-path", "--quick", "--dtypes", "fp32", "--ops", "gn",
+                       "--time-limit", "1e-9", "--json", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["rows"] == [] and data["summary"]["not_run"] == [
+        "cpu path | box head (small) 8x64x7x7 G=32 | float32 | nchw | gn",
+        "cpu path | box head (small) 8x64x7x7 G=32 | float32 | channels_last | gn",
+        "cpu path | volume (small) 2x12x3x5x4 G=3 | float32 | nchw | gn",
+        "cpu path | volume (small) 2x12x3x5x4 G=3 | float32 | channels_last | gn"]
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line == "gn_det check: no case checked; speed not measured; 4 cases not run (time limit)"
+
+
+def test_a_shape_filter_that_selects_nothing_is_an_error(capsys):
+    assert check.main(["--device", "cpu", "--quick", "--shapes", "box,res9"]) == 2
+    err = capsys.readouterr().err
+    assert "--shapes 'res9' matches no case here; the names (with --quick) are: box head (small), volume" in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: --device cuda is valid")
 def test_asking_for_cuda_without_it_says_so(capsys):
     with pytest.raises(SystemExit) as exit_info:
