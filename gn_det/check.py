@@ -735,6 +735,7 @@ def run_interpreter_subprocess(args: argparse.Namespace, deadline: Optional[floa
     if deadline is not None:
         command += ["--time-limit", str(deadline - time.monotonic())]  # (the child's clock starts later)
     env = dict(os.environ, TRITON_INTERPRET="1", GN_DET_TRITON_ON_CPU="1")
+    proc = None
     try:
         proc = subprocess.run(command, env=env, stdout=None, stderr=subprocess.PIPE, text=True)
         with open(rows_file) as f:
@@ -746,7 +747,7 @@ def run_interpreter_subprocess(args: argparse.Namespace, deadline: Optional[floa
     except Exception as exc:  # the interpreter process died: one failed row says how
         case = Case("interpreter", "interpreter process", (0,), 0, "-", "-", "-")
         row = _error_row(case, exc)
-        row["stderr"] = (proc.stderr if "proc" in locals() else "")[-3000:]
+        row["stderr"] = (proc.stderr or "")[-3000:] if proc is not None else ""
         row["problems"].append("stderr: " + row["stderr"][-500:])
         rows.append(row)
         print(format_row(row), flush=True)

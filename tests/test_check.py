@@ -145,6 +145,21 @@ def test_bad_arguments_exit_2_naming_what_is_wrong(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_an_interpreter_process_that_dies_is_a_failed_row(monkeypatch, capsys):
+    # A real failure of the process the check starts: gn_det refuses to import with a bad
+    # GN_DET_BACKEND (read at import), so the process exits 1 with a traceback and no rows.
+    monkeypatch.setenv("GN_DET_BACKEND", "bogus")
+    args = check.parse_args(["--device", "cpu", "--quick", "--dtypes", "fp32", "--ops", "gn"])
+    rows, not_run = [], []
+    assert check.run_interpreter_subprocess(args, None, rows, not_run) is None
+    assert not_run == [] and len(rows) == 1
+    row = rows[0]
+    assert row["status"] == "error" and row["case"] == "interpreter process"
+    assert row["problems"][0].startswith("raised ")  # no rows written / exit status 1
+    assert "GN_DET_BACKEND='bogus' is not a gn_det backend" in row["stderr"]
+    assert "ERROR" in capsys.readouterr().out
+
+
 def test_cases_past_the_time_limit_are_listed_not_run(tmp_path, capsys):
     report = tmp_path / "limited.json"
     assert check.main(["--device", "cpu", "--part", "cpu-path", "--quick", "--dtypes", "fp32", "--ops", "gn",
