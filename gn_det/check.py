@@ -51,6 +51,7 @@ exits 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -265,7 +266,7 @@ def pytorch_op(x: Tensor, groups: int, weight: Tensor, bias: Tensor, op: Op, res
     upcasts GroupNorm: its output is float32): ``nn.GroupNorm`` [+ ReLU], or a residual
     block's end as detectron2's BottleneckBlock writes it (``out += shortcut; relu_``)."""
     half = x.dtype in (torch.float16, torch.bfloat16)
-    with torch.autocast(x.device.type, dtype=x.dtype, enabled=half):
+    with torch.autocast(x.device.type, dtype=x.dtype) if half else contextlib.nullcontext():
         y = F.group_norm(x, groups, weight, bias, EPS)
         if residual is not None:
             y += residual
@@ -835,6 +836,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here (torch {torch.__version__}, "
                      f"built with CUDA {torch.version.cuda}); run without --device to check the CPU path")
+    if device.type == "cuda":
+        if device.index is None:  # (torch.cuda.set_device wants an index)
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            parser.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device.type == "cuda" and args.part != "all":
         parser.error("--part applies without CUDA (--device cpu): on a GPU the kernels are checked themselves")
     if args.part == "interpreter" and not args.rows_out and not dispatch.triton_on_cpu():
