@@ -960,7 +960,7 @@ def _run(args: argparse.Namespace, argv: Optional[Sequence[str]], backend_in_use
     with open(path, "w") as f:
         json.dump(_json_safe(report), f, indent=1, default=str)
         f.write("\n")
-    print(f"\nReport written to {path} (attach it to a bug report)")
+    print(f"\nChecked in {report['seconds']:.0f} s. Report written to {path} (attach it to a bug report)")
     print(line, flush=True)
     return 1 if failed else 0
 

@@ -51,7 +51,7 @@ def test_cpu_mode_runs_what_it_can_and_reports(tmp_path):
     assert check.header().splitlines()[0] in out
     # The last line says it all; the report's path is printed before it.
     assert lines[-1].startswith("gn_det check: all ") and "cases correct; median speed-up " in lines[-1]
-    assert f"Report written to {report}" in out
+    assert f"Report written to {report} (attach it to a bug report)" in out
 
     data = json.loads(report.read_text())
     rows = data["rows"]
