@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# The GPU work of gn_det in as few device calls as possible: the CUDA tests, the layer
-# benchmark and the training benchmark, each writing its files into one folder.
+# The GPU work of gn_det in as few device calls as possible: the self-check, the CUDA tests,
+# the layer benchmark and the training benchmark, each writing its files into one folder.
 #
-#   tools/gpu_checks.sh [STAGE ...]      STAGE: tests | norm | norm-bf16 | norm-rest | train | ncu
+#   tools/gpu_checks.sh [STAGE ...]      STAGE: check | tests | norm | norm-bf16 | norm-rest | train | ncu
 #
-# With no stage it runs tests, norm and train; ncu (Nsight Compute metrics of the Triton
-# kernels, tools/profile_kernels.py) runs only when named. Results go to $GPU_RESULTS, else
-# $OUT (the device tool's return folder), else benchmarks/results/. Every stage runs even
-# when an earlier one failed; the exit status is the number of stages that failed.
+# With no stage it runs check, tests, norm and train; ncu (Nsight Compute metrics of the Triton
+# kernels, tools/profile_kernels.py) runs only when named. The check stage is
+# `python -m gn_det.check` (every Mask R-CNN shape and a few others, each dtype, layout and
+# fused op: errors against float64, time against PyTorch, tuning's decisions): its report
+# check_<gpu>.json and its printed table check_<gpu>.txt name the GPU; it starts no new case
+# after $CHECK_TIME_LIMIT seconds (default 480; the report lists the cases it left out).
+# Results go to $GPU_RESULTS, else $OUT (the device tool's return folder), else
+# benchmarks/results/. Every stage runs even when an earlier one failed; the exit status is
+# the number of stages that failed.
 # A device call may run 10 minutes: the tests stop at $TESTS_TIME_LIMIT seconds (default
 # 540) and a layer benchmark starts no new row after $NORM_TIME_LIMIT (default 420; the
 # table is still written, listing what it left out); the training benchmark stops at
@@ -46,11 +51,17 @@ set -o pipefail
 routes="$results/routes.json"
 [ -f "$routes" ] || cp gn_det/kernels/routes.json "$routes"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$results/gpu_checks.log"
-[ $# -eq 0 ] && set -- tests norm train
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | tr -c 'A-Za-z0-9\n' '_' \
+      | tr 'A-Z' 'a-z' | sed 's/^_*//; s/_*$//')
+gpu="${gpu:-gpu}"  # as gn_det.check names its report: the GPU's name, lower case, _ for the rest
+[ $# -eq 0 ] && set -- check tests norm train
 for what in "$@"; do
     case "$what" in
-        tests) stage tests timeout "${TESTS_TIME_LIMIT:-540}" python -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
-                   tests/test_group_norm_cuda.py tests/test_cuda_training.py tests/test_group_norm.py ;;
+        check) stage check bash -o pipefail -c 'python -m gn_det.check --time-limit "$1" --json "$2" | tee "$3"' _ \
+                   "${CHECK_TIME_LIMIT:-480}" "$results/check_$gpu.json" "$results/check_$gpu.txt" ;;
+        tests) stage tests timeout "${TESTS_TIME_LIMIT:-540}" python -m pytest -q -p no:cacheprovider \
+                   -m "gpu or not slow" tests/test_group_norm_cuda.py tests/test_cuda_training.py \
+                   tests/test_group_norm.py tests/test_check.py ;;
         norm) stage norm python tools/benchmark_norm.py --time-limit "$norm_limit" --out-dir "$results" \
                   --write-routes "$routes" ;;
         norm-bf16) stage norm-bf16 python tools/benchmark_norm.py --dtypes bfloat16 --suffix bf16 \
@@ -62,7 +73,8 @@ for what in "$@"; do
                  --metrics "$ncu_metrics" python tools/profile_kernels.py ;;
         train) stage train timeout "${TRAIN_TIME_LIMIT:-560}" python tools/benchmark_train.py --profile \
                    --out-dir "$results" ;;
-        *) echo "unknown stage '$what' (tests, norm, norm-bf16, norm-rest, train, ncu)" >&2; failed=$((failed + 1)) ;;
+        *) echo "unknown stage '$what' (check, tests, norm, norm-bf16, norm-rest, train, ncu)" >&2
+           failed=$((failed + 1)) ;;
     esac
 done
 exit "$failed"

@@ -1,0 +1,42 @@
+"""How close gn_det's GN must be to a float64 reference, per dtype: the one table that the
+tests (tests/gn_cases.py) and ``python -m gn_det.check`` judge results by.
+
+The error is ``scaled_error(actual, reference)``: max|actual - reference| over the tensor,
+divided by max(1, max|reference|), the reference computed in float64 from the same (rounded)
+inputs. A result is correct when that is at most the dtype's tolerance. Justification per dtype:
+
+- float32: outputs are O(1); float32 accumulation over up to ~1e5 elements per group gives
+  ~1e-6..1e-5 relative error.
+- float16: the output itself is rounded to 11 significant bits (ulp(1) = 9.8e-4): 2 ulps.
+- bfloat16: the output is rounded to 8 significant bits (ulp(1) = 7.8e-3): 2 ulps.
+
+Gradients (``GRAD_TOLERANCE``) sum dy * xhat over the whole group before they reach dx: one
+more rounding of the output dtype, and for dweight/dbias sums of N*S rounded products. A
+gradient rounded to another dtype than x's (d residual, in the residual's dtype) is held to
+the coarser of the two tolerances.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+__all__ = ["GRAD_TOLERANCE", "TOLERANCE", "scaled_error"]
+
+TOLERANCE: Dict[torch.dtype, float] = {
+    torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-10,
+}
+GRAD_TOLERANCE: Dict[torch.dtype, float] = {
+    torch.float32: 5e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-10,
+}
+
+
+def scaled_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """max|actual - reference| / max(1, max|reference|), in float64 on reference's device
+    (0 for empty tensors; NaN or inf wherever actual has a NaN or inf)."""
+    if reference.numel() == 0:
+        return 0.0
+    reference = reference.detach().double()
+    actual = actual.detach().to(device=reference.device, dtype=torch.float64)
+    err = (actual - reference).abs().max().item()
+    return err / max(1.0, reference.abs().max().item())
