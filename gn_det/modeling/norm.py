@@ -25,13 +25,16 @@ from torch import nn
 
 from ..config import GNSettings
 from ..errors import ConfigError
+from ..layers.weight_std import request_weight_standardization
 
 __all__ = [
-    "NORM_NAME", "NORM_REGISTRY", "building_from", "current_gn_settings", "get_norm", "gn_settings",
+    "NORM_NAME", "NORM_REGISTRY", "WS_NORM_NAME", "building_from", "current_gn_settings", "get_norm", "gn_settings",
     "register_norm", "validate_gn_config",
 ]
 
 NORM_NAME = "FastGN"
+# gn_det's GN whose convolution standardizes its weight (one layer's way to Weight Standardization)
+WS_NORM_NAME = "FastGNWS"
 # Names detectron2's get_norm knows itself: they are not ours to redefine.
 DETECTRON2_NORMS = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
 
@@ -177,6 +180,15 @@ def fast_group_norm(channels: int) -> nn.Module:
     except ConfigError as exc:
         where = _module_being_built()
         raise ConfigError(f"{exc} (in {where})" if where else str(exc)) from None
+
+
+@register_norm(WS_NORM_NAME)
+def fast_group_norm_ws(channels: int) -> nn.Module:
+    """``"FastGN"``, asking the detectron2 ``Conv2d`` it is the ``norm=`` of to standardize its
+    weight: with the scope's ``weight_standardization``, or mmcv's definition when that is off
+    (``gn_det.modeling.weight_std``)."""
+    norm = fast_group_norm(channels)
+    return request_weight_standardization(norm, current_gn_settings().weight_standardization or "mmcv")
 
 
 def _detectron2_get_norm():
