@@ -108,7 +108,10 @@ def save_detectron2_weights(weights: Mapping[str, np.ndarray], path: str, author
     """Write ``weights`` as detectron2's model-zoo ``.pkl`` (``{"model", "__author__",
     "matching_heuristics"}``, what its torchvision converter writes): loadable as
     ``MODEL.WEIGHTS``, names matched to the model's (``backbone.bottom_up.`` prefixed) by
-    detectron2's heuristics."""
+    detectron2's heuristics. ``path`` must end in ``.pkl`` (detectron2 reads the format by it)."""
+    if not path.endswith(".pkl"):
+        raise ConfigError(f"output {path!r}: write a .pkl (detectron2's model-zoo format, chosen by the suffix), "
+                          "e.g. weights/R-50-GN-WS.pkl")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
         pickle.dump({"model": dict(weights), "__author__": author, "matching_heuristics": True}, f)

@@ -18,12 +18,12 @@ from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResN
 import gn_det
 from gn_det.errors import ConfigError
 from gn_det.layers.weight_std import standardize_weight
-from gn_det.lazy import build_lazy_model, lazy_gn_settings
+from gn_det.lazy import build_lazy_model, lazy_gn_settings, load_lazy_config
 from gn_det.modeling.weight_std import WSConv2d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo", "mask_rcnn_gn_shapes.yaml")
-LAZY_R50 = os.path.join(ROOT, "configs", "lazy", "mask_rcnn_gn_R_50_FPN_3x.py")
+LAZY_WS = os.path.join(ROOT, "configs", "lazy", "mask_rcnn_gn_ws_R_50_FPN_2x.py")
 
 
 def mmcv_reference(weight):
@@ -137,9 +137,11 @@ def test_yaml_config_build_standardizes_every_conv_feeding_a_gn_and_keeps_keys()
 
 
 def test_lazy_config_build_with_timm_variant():
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(LAZY_R50),
-                                     ["train.device=cpu", "gn.weight_standardization=timm"])
-    model = build_lazy_model(cfg).eval()
+    # the GN+WS LazyConfig (its training steps are a slow test): mmcv's WS, RGB input everywhere
+    cfg = load_lazy_config(LAZY_WS)
+    assert lazy_gn_settings(cfg).weight_standardization == "mmcv"
+    assert cfg.model.input_format == cfg.dataloader.train.mapper.image_format == cfg.dataloader.test.mapper.image_format == "RGB"
+    model = build_lazy_model(LazyConfig.apply_overrides(cfg, ["train.device=cpu", "gn.weight_standardization=timm"])).eval()
     convs = standardized_convs(model)
     assert set(convs) == gn_convs(model) and len(convs) == 69  # every GN's conv: 53 + 8 FPN + 4 box + 4 mask
     assert {c.weight_standardization.name for c in convs.values()} == {"timm"}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from gn_det.errors import ConfigError, exit_on_user_error
+from gn_det.errors import exit_on_user_error
 from gn_det.mmdet_weights import convert_mmdet_resnet, load_mmdet_checkpoint, save_detectron2_weights
 
 
@@ -24,9 +24,6 @@ def main() -> None:
                         help="read the checkpoint with torch.load(weights_only=False) (runs code a file may hold)")
     args = parser.parse_args()
     with exit_on_user_error("convert_mmdet_backbone"):
-        if not args.output.endswith(".pkl"):
-            raise ConfigError(f"output {args.output!r}: write a .pkl (detectron2's model-zoo format), e.g. "
-                              "weights/R-50-GN-WS.pkl")
         weights, dropped = convert_mmdet_resnet(load_mmdet_checkpoint(args.source, trust_file=args.trust_file))
         save_detectron2_weights(weights, args.output)
     left_out = f"; left out {', '.join(dropped)} (the ImageNet classifier)" if dropped else ""
