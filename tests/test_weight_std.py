@@ -202,20 +202,35 @@ def test_a_projects_own_conv_with_a_norm_under_settings():
 # ----------------------------------------------------------------------------- training, cache
 
 
-def test_gradient_through_the_standardization_matches_float64():
+@pytest.mark.parametrize("variant", ["mmcv", "timm"])
+def test_gradient_through_the_standardization_matches_float64(variant):
+    # the hand-written backward against autograd through the float64 reference definitions
     torch.manual_seed(0)
-    conv = WSConv2d(4, 8, 3, bias=False, weight_standardization="mmcv")
+    conv = WSConv2d(4, 8, 3, bias=False, weight_standardization=variant)
     x = torch.randn(2, 4, 7, 7)
     conv(x).square().sum().backward()
     w64 = conv.weight.detach().double().requires_grad_()
-    F.conv2d(x.double(), mmcv_reference_with_grad(w64)).square().sum().backward()
+    reference = mmcv_reference_with_grad(w64) if variant == "mmcv" else timm_reference_with_grad(w64)
+    F.conv2d(x.double(), reference).square().sum().backward()
     # the gradient is a difference of terms of the size of its largest elements: tolerance relative to those
     torch.testing.assert_close(conv.weight.grad.double(), w64.grad, rtol=0, atol=1e-5 * w64.grad.abs().max().item())
+
+
+def test_gradient_of_a_constant_channel_is_finite():
+    w = torch.ones(2, 3, 3, 3)
+    w[1] = torch.randn(3, 3, 3)
+    w.requires_grad_()
+    standardize_weight(w, "mmcv").mul(torch.randn(2, 3, 3, 3)).sum().backward()
+    assert torch.isfinite(w.grad).all()  # autograd through the std of a constant would give NaN
 
 
 def mmcv_reference_with_grad(w):
     flat = w.reshape(w.shape[0], -1)
     return (w - flat.mean(1).view(-1, 1, 1, 1)) / (flat.std(1).view(-1, 1, 1, 1) + 1e-5)
+
+
+def timm_reference_with_grad(w):
+    return F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, training=True, momentum=0.0, eps=1e-6).reshape_as(w)
 
 
 def test_cached_without_gradient_and_renewed_when_the_weight_changes():

@@ -30,15 +30,11 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..layers.group_norm import GroupNorm
-from ..layers.weight_std import (REQUEST_ATTR, WEIGHT_STANDARDIZATIONS, WSVariant, remove_unstandardized_guard,
-                                  request_weight_standardization, resolve_weight_standardization, standardize_weight)
+from ..layers.weight_std import (REQUEST_ATTR, WEIGHT_STANDARDIZATIONS, WSVariant, in_graph_capture,
+                                  remove_unstandardized_guard, request_weight_standardization,
+                                  resolve_weight_standardization, standardize_weight)
 
 __all__ = ["WSConv2d", "request_weight_standardization", "standardize_weights", "ws_norm"]
-
-def _in_graph_capture() -> bool:
-    """Compiling, tracing or exporting: the standardization belongs in the graph, not a cache."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-
 
 class WSConv2d(Conv2d):
     """detectron2's ``Conv2d`` with its weight standardized in every forward (``variant``:
@@ -82,7 +78,7 @@ class WSConv2d(Conv2d):
         gradient reaches the weight or in a graph being captured, else cached per weight
         version."""
         weight = self.weight if weight is None else weight
-        if (weight.requires_grad and torch.is_grad_enabled()) or _in_graph_capture():
+        if (weight.requires_grad and torch.is_grad_enabled()) or in_graph_capture():
             return standardize_weight(weight, self.weight_standardization)
         key = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
         cache = self.__dict__.get("_ws_cache")
