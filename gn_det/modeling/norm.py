@@ -8,6 +8,10 @@ detectron2 resolves norm names (``MODEL.RESNETS.NORM``, ``MODEL.FPN.NORM``, the 
 hands any other name (or a callable) to detectron2's unchanged, so "BN", "FrozenBN",
 "SyncBN", "GN", ... keep their meaning. ``gn_det.modeling.hooks`` puts it in place.
 
+gn_det registers ``"FastGN"`` (``NORM_NAME``: its GN with the scope's settings) and
+``"FastGNWS"`` (``WS_NORM_NAME``: the same GN, asking the detectron2 ``Conv2d`` it is the norm
+of to standardize its weight; ``gn_det.modeling.weight_std``).
+
 Settings travel in one context variable: ``building_from(cfg)`` (entered by every detectron2
 build function, see ``hooks``) holds the config's ``GNSettings``, checked once per model;
 ``gn_settings(settings)`` does the same for Python code without a config. Outside both,
