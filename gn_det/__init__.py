@@ -20,10 +20,12 @@ __all__ = ["GroupNorm", "autotune_decisions", "count_saved_tensors", "group_norm
 if importlib.util.find_spec("detectron2") is not None:
     from .config import GNSettings, add_gn_config, get_config
     from .modeling import (NORM_NAME, ConversionReport, build_model, building_from, convert_to_group_norm,
-                           fuse_norm_activation, gn_settings, install, register_norm, validate_gn_config)
+                           fuse_norm_activation, gn_settings, install, register_norm, standardize_weights,
+                           validate_gn_config, ws_norm)
 
     install()
     __all__ += [
         "NORM_NAME", "ConversionReport", "GNSettings", "add_gn_config", "build_model", "building_from", "get_config",
-        "convert_to_group_norm", "fuse_norm_activation", "gn_settings", "register_norm", "validate_gn_config",
+        "convert_to_group_norm", "fuse_norm_activation", "gn_settings", "register_norm", "standardize_weights",
+        "validate_gn_config", "ws_norm",
     ]

@@ -15,13 +15,15 @@ from detectron2.config import CfgNode as CN
 
 from .errors import ConfigError
 from .layers.group_norm import GroupNorm, resolve_num_groups
+from .layers.weight_std import WEIGHT_STANDARDIZATIONS, request_weight_standardization
 
 __all__ = ["GNSettings", "add_gn_config", "get_config"]
 
 
-def _key(default, meaning: str, key: str = ""):
-    """A settings field: its config key (``MODEL.GN.<FIELD>`` when not given) and meaning."""
-    return dataclasses.field(default=default, metadata={"meaning": meaning, "key": key})
+def _key(default, meaning: str, key: str = "", choices: tuple = ()):
+    """A settings field: its config key (``MODEL.GN.<FIELD>`` when not given), meaning and,
+    for a field with a fixed set of values, those values."""
+    return dataclasses.field(default=default, metadata={"meaning": meaning, "key": key, "choices": choices})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,12 @@ class GNSettings:
                "keeps anyway (x, gamma, beta; a fused block end's shortcut, itself recomputed), one GN forward "
                "more per such use; nor is a GN input made by a 1x1 projection (block shortcuts, FPN laterals): "
                "the convolution runs again; gradients unchanged (`gn_det.set_recompute_output`).")
+    weight_standardization: str = _key(
+        "", "\"mmcv\" or \"timm\": every convolution whose output feeds a gn_det GN (ResNet stem and blocks, FPN, "
+            "box and mask head convs, a project's own `Conv2d(norm=...)`) uses its weight standardized per output "
+            "channel: mmcv's `ConvWS2d` `(w - mean) / (std_unbiased + 1e-5)` (mmdetection's GN+WS weights) or timm's "
+            "`StdConv2d` `(w - mean) / sqrt(var_population + 1e-6)`; \"\" is off. State_dict keys unchanged.",
+        choices=("", *WEIGHT_STANDARDIZATIONS))
     channels_last: bool = _key(
         False, "the built model is put in channels_last (NHWC) memory format, so convolutions and GN "
                "run NHWC (fastest with mixed precision on GPU).", key="MODEL.CHANNELS_LAST")
@@ -59,6 +67,9 @@ class GNSettings:
             value, kind = getattr(self, field.name), types[field.name]
             if kind is float and type(value) is int:  # YAML's 1 for 1.0
                 object.__setattr__(self, field.name, float(value))
+            elif field.metadata["choices"] and (type(value) is not kind or value not in field.metadata["choices"]):
+                choices = ", ".join(repr(c) for c in field.metadata["choices"])
+                raise ConfigError(f"{self.key(field.name)}={value!r}: expected one of {choices}")
             elif type(value) is not kind:
                 raise ConfigError(f"{self.key(field.name)}={value!r}: expected a {kind.__name__}")
         if not self.eps > 0:
@@ -103,8 +114,10 @@ class GNSettings:
                               f"choose a divisor of {channels}, or set {other} instead") from None
 
     def norm(self, channels: int, **kwargs) -> GroupNorm:
-        """A gn_det GroupNorm over ``channels`` with these settings."""
-        return GroupNorm(self.groups_for(channels), channels, eps=self.eps, **kwargs)
+        """A gn_det GroupNorm over ``channels`` with these settings (asking the convolution
+        before it to standardize its weight, with ``weight_standardization``)."""
+        norm = GroupNorm(self.groups_for(channels), channels, eps=self.eps, **kwargs)
+        return request_weight_standardization(norm, self.weight_standardization)
 
     @classmethod
     def keys_markdown(cls) -> str:

@@ -238,7 +238,7 @@ def _record_projection(x: Tensor, conv: nn.Module, conv_input: Tensor) -> None:
     def recompute() -> Tensor:
         inp = source.unpack() if isinstance(source, _Handle) else source
         with torch.autocast(device, dtype=autocast[1], enabled=autocast[0]):
-            return F.conv2d(inp, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            return conv._conv_forward(inp, conv.weight, conv.bias)  # as the forward ran it (a WSConv2d standardizes)
 
     _state.records[x.untyped_storage().data_ptr()] = _Record(x, recompute, kept)
 

@@ -64,6 +64,8 @@ SMALL = [
 TRAIN_SIZE = {  # the first augmentation's size keys, per config
     "mask_rcnn_gn_R_50_FPN_3x.py": ["dataloader.train.mapper.augmentations.0.short_edge_length=[128]",
                                     "dataloader.train.mapper.augmentations.0.max_size=192"],
+    "mask_rcnn_gn_ws_R_50_FPN_2x.py": ["dataloader.train.mapper.augmentations.0.short_edge_length=[128]",
+                                       "dataloader.train.mapper.augmentations.0.max_size=192"],
     "mask_rcnn_gn_R_50_FPN_50ep_LSJ_1024.py": ["train.amp.enabled=False",  # AMPTrainer needs CUDA
                                                "dataloader.train.mapper.augmentations.0.target_height=128",
                                                "dataloader.train.mapper.augmentations.0.target_width=128",
@@ -100,7 +102,13 @@ def test_train_net_names_a_mistyped_lazy_override(tmp_path):
     assert "unknown config key train.max_iters" in proc.stderr and "did you mean train.max_iter?" in proc.stderr
 
 
-@pytest.mark.parametrize("path", [p for p in LAZY_CONFIGS if p != R50], ids=lambda p: os.path.basename(p))
+# The GN+WS config is the R50 one with weight standardization and RGB input: its two steps are slow
+# (tests/test_weight_std.py builds it and checks what it adds, in the default suite).
+SLOW_TO_TRAIN = ("mask_rcnn_gn_ws_R_50_FPN_2x.py",)
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if os.path.basename(p) in SLOW_TO_TRAIN else p
+                                  for p in LAZY_CONFIGS if p != R50], ids=lambda p: os.path.basename(p))
 def test_every_other_lazy_config_trains_on_the_embedded_dataset(path, tmp_path):
     """In process, without the evaluation (the test above covers it): every config steps."""
     register_shapes_dataset()

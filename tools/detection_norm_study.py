@@ -1,103 +1,268 @@
 #!/usr/bin/env python
-"""The GN paper's detection claim at small scale: the demo Mask R-CNN
-(configs/demo/mask_rcnn_gn_shapes.yaml, from scratch, embedded shapes dataset) trained with
-gn_det's GN, with detectron2's "BN" (batch statistics, which with 1-2 images are computed on
-1-2 images), and with frozen BN (no pretraining: a fixed identity affine), at 2 and 1 images
-per batch. The same number of epochs everywhere: iterations scale as 1/batch, the learning
-rate linearly with the batch. Reports box and mask AP (COCOEvaluator) as a markdown table and
-JSON; each run is a real tools/train_net.py run.
+"""The GN paper's detection claims at small scale, with several seeds per row: the demo Mask
+R-CNN (configs/demo/mask_rcnn_gn_shapes.yaml: R18-FPN, from scratch, embedded shapes dataset)
+trained with the same norm in backbone, FPN, box and mask heads:
 
-    python tools/detection_norm_study.py            # ~30 min on 2 CPU cores
-    python tools/detection_norm_study.py --quick    # a few iterations per row, for tests
+  FastGN@1, @2, @4     gn_det's GN (the demo's 16 groups) at 1, 2 and 4 images per batch
+  FastGNWS@1, @2       GN + Weight Standardization (MODEL.GN.WEIGHT_STANDARDIZATION mmcv)
+  BN@1, @2             detectron2's "BN" (batch statistics of the 1-2 images)
+  FrozenBN@2           frozen BN with no pretraining (a fixed identity affine: no normalization)
+  G1@2, G8@2, G32@2    the group sweep at 2 images: G = 1 (layer norm), 8, 32 (16 is FastGN@2)
+  CPG1@2, CPG16@2      ... and by channels per group: 1 (instance norm), 16
+
+The same number of epochs everywhere: iterations scale as 1/batch, the learning rate linearly
+with the batch. Each run is a real tools/train_net.py run (SEED set per run) evaluated by
+COCOEvaluator. Writes detection_study.{json,md,png}: every run, and per row the mean, sample
+std and range of box and mask AP over the seeds, in two tables (norms by batch size; the group
+sweep) and a plot. Finished runs are kept under --work-dir and reused with --resume, so a long
+study can be stopped and continued.
+
+    python tools/detection_norm_study.py --seeds 7,8 --resume   # every row, 2 seeds (~4 h on 2 CPU cores)
+    python tools/detection_norm_study.py --rows FastGN@1,FastGNWS@1 --seeds 7,8,9
+    python tools/detection_norm_study.py --quick                # 1% of the iterations, for tests
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
+from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from gn_det.engine import final_ap  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "demo", "mask_rcnn_gn_shapes.yaml")
 NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM")
-# (label, norm name, images per batch)
-ROWS = [
-    ("gn_det GN", "FastGN", 2),
-    ("gn_det GN", "FastGN", 1),
-    ('detectron2 "BN" (batch statistics)', "BN", 2),
-    ('detectron2 "BN" (batch statistics)', "BN", 1),
-    ("frozen BN, no pretraining", "FrozenBN", 2),
-]
 REFERENCE = {"ims": 4, "lr": 0.02, "iters": 500, "steps": (380, 460)}  # the demo config's schedule
+DEMO_GROUPS = 16  # the demo config's MODEL.GN.NUM_GROUPS: FastGN@2 is the sweep's G = 16 point
 
 
-def run(label: str, norm: str, ims: int, out_dir: str, scale_iters: float, extra) -> dict:
-    factor = REFERENCE["ims"] / ims
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of the study: a norm, its settings and the images per batch."""
+
+    name: str  # what --rows takes, e.g. "FastGN@2"
+    label: str
+    norm: str  # the norm name in every NORM key
+    ims: int
+    opts: Tuple[str, ...] = ()  # further config overrides (KEY VALUE ...)
+    table: str = "norms"  # "norms" (by batch size) or "groups" (the sweep at 2 images)
+    groups: str = ""  # the sweep's setting, e.g. "G = 8"
+
+
+def _gn(name: str, ims: int, label: str = "gn_det GN", opts: Tuple[str, ...] = (), table: str = "norms",
+        groups: str = "") -> Row:
+    return Row(name, label, "FastGN", ims, opts, table, groups)
+
+
+ROWS: List[Row] = [
+    _gn("FastGN@1", 1), _gn("FastGN@2", 2), _gn("FastGN@4", 4),
+    _gn("FastGNWS@1", 1, "gn_det GN + WS (mmcv)", ("MODEL.GN.WEIGHT_STANDARDIZATION", "mmcv")),
+    _gn("FastGNWS@2", 2, "gn_det GN + WS (mmcv)", ("MODEL.GN.WEIGHT_STANDARDIZATION", "mmcv")),
+    Row("BN@1", 'detectron2 "BN" (batch statistics)', "BN", 1),
+    Row("BN@2", 'detectron2 "BN" (batch statistics)', "BN", 2),
+    Row("FrozenBN@2", "frozen BN, no pretraining", "FrozenBN", 2),
+    _gn("G1@2", 2, "GN, G = 1 (layer norm)", ("MODEL.GN.NUM_GROUPS", "1"), "groups", "G = 1"),
+    _gn("G8@2", 2, "GN, G = 8", ("MODEL.GN.NUM_GROUPS", "8"), "groups", "G = 8"),
+    _gn("G32@2", 2, "GN, G = 32", ("MODEL.GN.NUM_GROUPS", "32"), "groups", "G = 32"),
+    _gn("CPG1@2", 2, "GN, 1 channel per group (instance norm)",
+        ("MODEL.GN.NUM_GROUPS", "0", "MODEL.GN.CHANNELS_PER_GROUP", "1"), "groups", "C/G = 1"),
+    _gn("CPG16@2", 2, "GN, 16 channels per group",
+        ("MODEL.GN.NUM_GROUPS", "0", "MODEL.GN.CHANNELS_PER_GROUP", "16"), "groups", "C/G = 16"),
+]
+ROWS_BY_NAME = {row.name: row for row in ROWS}
+QUICK_ROWS = ("FastGN@2", "BN@1")
+
+
+def config_overrides(row: Row, seed: int, out_dir: str, scale_iters: float = 1.0) -> Tuple[List[str], int]:
+    """tools/train_net.py's ``KEY VALUE`` overrides for one run of ``row`` and its iterations:
+    the demo's epochs at ``row.ims`` images (times ``scale_iters``), lr linear in the batch."""
+    factor = REFERENCE["ims"] / row.ims
     iters = max(2, int(REFERENCE["iters"] * factor * scale_iters))
     steps = tuple(int(s * factor * scale_iters) for s in REFERENCE["steps"])
-    opts = [f"{key} {norm}" for key in NORM_KEYS]
+    opts = [item for key in NORM_KEYS for item in (key, row.norm)] + list(row.opts)
     opts += [
-        f"SOLVER.IMS_PER_BATCH {ims}", f"SOLVER.BASE_LR {REFERENCE['lr'] * ims / REFERENCE['ims']}",
-        f"SOLVER.MAX_ITER {iters}", f"SOLVER.STEPS {steps if scale_iters == 1 else '()'}",
-        f"SOLVER.WARMUP_ITERS {min(int(100 * factor), iters)}", f"SOLVER.CHECKPOINT_PERIOD {10 * iters}",
-        f"OUTPUT_DIR {out_dir}",
+        "SOLVER.IMS_PER_BATCH", str(row.ims), "SOLVER.BASE_LR", str(REFERENCE["lr"] * row.ims / REFERENCE["ims"]),
+        "SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", str(steps if scale_iters == 1 else "()"),
+        "SOLVER.WARMUP_ITERS", str(min(int(100 * factor), iters)), "SOLVER.CHECKPOINT_PERIOD", str(10 * iters),
+        "SEED", str(seed), "OUTPUT_DIR", out_dir,
     ]
-    args = [a for opt in opts for a in opt.split(" ", 1)] + list(extra)
+    return opts, iters
+
+
+def run(row: Row, seed: int, out_dir: str, scale_iters: float, extra: Sequence[str], resume: bool) -> dict:
+    """One train_net run of ``row`` with ``seed`` (or, with ``resume``, its record from an
+    earlier finished run in ``out_dir``)."""
+    record_path = os.path.join(out_dir, "study_run.json")
+    if resume and os.path.isfile(record_path):
+        with open(record_path) as f:
+            return json.load(f)
+    opts, iters = config_overrides(row, seed, out_dir, scale_iters)
     start = time.time()
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config", CONFIG, *args],
-                          cwd=ROOT, capture_output=True, text=True)
-    row = {"norm": label, "norm_name": norm, "images_per_batch": ims, "iterations": iters, "seconds": time.time() - start}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config", CONFIG,
+                           *opts, *extra], cwd=ROOT, capture_output=True, text=True)
+    record = {"row": row.name, "norm": row.label, "norm_name": row.norm, "images_per_batch": row.ims,
+              "settings": " ".join(row.opts), "seed": seed, "iterations": iters, "seconds": time.time() - start}
     if proc.returncode != 0:
-        row["error"] = proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else f"exit {proc.returncode}"
-        return row
-    row.update(final_ap(out_dir))
-    return row
+        record["error"] = proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else f"exit {proc.returncode}"
+        return record
+    record.update(final_ap(out_dir))
+    with open(record_path, "w") as f:
+        json.dump(record, f)
+    return record
 
 
-def main() -> None:
+def summarize(runs: Sequence[dict]) -> List[dict]:
+    """Per row (in ROWS' order): seeds run, and box/mask AP mean, sample std (NaN for one
+    seed), min and max over the runs that finished; failed runs are counted apart."""
+    summary = []
+    for row in ROWS:
+        mine = [r for r in runs if r["row"] == row.name]
+        if not mine:
+            continue
+        done = [r for r in mine if "error" not in r]
+        entry = {"row": row.name, "norm": row.label, "images_per_batch": row.ims, "table": row.table,
+                 "groups": row.groups, "iterations": mine[0]["iterations"], "seeds": [r["seed"] for r in done],
+                 "failed": [r["seed"] for r in mine if "error" in r]}
+        for metric in ("box_AP", "mask_AP"):
+            values = [r[metric] for r in done if not math.isnan(r[metric])]
+            entry[metric] = {
+                "mean": statistics.fmean(values) if values else math.nan,
+                "std": statistics.stdev(values) if len(values) > 1 else math.nan,
+                "min": min(values, default=math.nan), "max": max(values, default=math.nan), "n": len(values)}
+        summary.append(entry)
+    return summary
+
+
+def _cell(stat: dict) -> str:
+    if not stat["n"]:
+        return "n/a"
+    if stat["n"] == 1:
+        return f"{stat['mean']:.1f} (1 seed)"
+    return f"{stat['mean']:.1f} ± {stat['std']:.1f} ({stat['min']:.1f}–{stat['max']:.1f})"
+
+
+def markdown(summary: Sequence[dict], meta: dict) -> str:
+    """The study's tables: norms by images per batch, and the group sweep at 2 images."""
+    lines = [f"# Detection norm study ({meta['machine']}, {meta['date']})", "",
+             f"Command: `{meta['command']}`; demo Mask R-CNN R18-FPN from scratch on gn_det_shapes, the same epochs "
+             f"for every row; total run time {meta['total_seconds'] / 60:.0f} min. AP: mean ± sample std over the "
+             "seeds (min–max).", ""]
+    header = ["| row | norm | images per batch | iterations | seeds | box AP | mask AP |",
+              "|---|---|---|---|---|---|---|"]
+    for table, title in (("norms", "Norms by images per batch"), ("groups", "Group sweep at 2 images per batch")):
+        entries = [e for e in summary if e["table"] == table]
+        if table == "groups":  # the demo's own 16 groups belong to the sweep too
+            entries = [e for e in summary if e["row"] == "FastGN@2"] + entries
+        if not entries:
+            continue
+        lines += [f"## {title}", ""] + header
+        for e in entries:
+            label = e["norm"] if table == "norms" else (e["groups"] or f"G = {DEMO_GROUPS} (the demo's)")
+            seeds = ", ".join(map(str, e["seeds"])) + (f"; failed: {e['failed']}" if e["failed"] else "")
+            lines.append(f"| {e['row']} | {label} | {e['images_per_batch']} | {e['iterations']} | {seeds} "
+                         f"| {_cell(e['box_AP'])} | {_cell(e['mask_AP'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(summary: Sequence[dict], runs: Sequence[dict], path: str) -> Optional[str]:
+    """Box AP against images per batch (GN, GN+WS, BN; frozen BN), and the group sweep, each
+    seed a dot and the mean with its std as an error bar. Returns the path, or None without
+    matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for norm, marker in (("FastGN", "o"), ("FastGNWS", "s"), ("BN", "^"), ("FrozenBN", "x")):
+        entries = [e for e in summary if e["table"] == "norms" and e["row"].split("@")[0] == norm]
+        if not entries:
+            continue
+        xs = [e["images_per_batch"] for e in entries]
+        means = [e["box_AP"]["mean"] for e in entries]
+        stds = [0 if math.isnan(e["box_AP"]["std"]) else e["box_AP"]["std"] for e in entries]
+        left.errorbar(xs, means, yerr=stds, marker=marker, capsize=3, label=entries[0]["norm"])
+        dots = [(r["images_per_batch"], r["box_AP"]) for r in runs if r["row"] in {e["row"] for e in entries}
+                and "error" not in r]
+        left.scatter([d[0] for d in dots], [d[1] for d in dots], s=8, color="gray", zorder=3)
+    left.set(xlabel="images per batch", ylabel="box AP", title="Norms by batch size", xticks=[1, 2, 4])
+    left.legend(fontsize=7)
+    sweep = [e for e in summary if e["row"] == "FastGN@2"] + [e for e in summary if e["table"] == "groups"]
+    if sweep:
+        labels = [e["groups"] or f"G = {DEMO_GROUPS}" for e in sweep]
+        means = [e["box_AP"]["mean"] for e in sweep]
+        stds = [0 if math.isnan(e["box_AP"]["std"]) else e["box_AP"]["std"] for e in sweep]
+        right.bar(range(len(sweep)), means, yerr=stds, capsize=3, color="tab:blue", alpha=0.7)
+        for i, e in enumerate(sweep):
+            values = [r["box_AP"] for r in runs if r["row"] == e["row"] and "error" not in r]
+            right.scatter([i] * len(values), values, s=8, color="black", zorder=3)
+        right.set_xticks(range(len(sweep)))
+        right.set_xticklabels(labels, fontsize=8)
+    right.set(ylabel="box AP", title="Group sweep, 2 images per batch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def parse_rows(text: str) -> List[Row]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ROWS_BY_NAME]
+    if unknown:
+        raise SystemExit(f"detection_norm_study: error: unknown rows {', '.join(unknown)}; rows: "
+                         f"{', '.join(ROWS_BY_NAME)}")
+    return [ROWS_BY_NAME[n] for n in names]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rows", default="", help="run only these rows, e.g. 'FastGN@2,BN@1' (default: all)")
+    parser.add_argument("--quick", action="store_true", help="1%% of the iterations, rows FastGN@2,BN@1, one seed")
+    parser.add_argument("--rows", default="", help=f"run only these rows (default: all): {','.join(ROWS_BY_NAME)}")
+    parser.add_argument("--seeds", default="", help="comma-separated SEED values, each row runs with each "
+                                                    "(default 7,8; --quick: 7)")
+    parser.add_argument("--resume", action="store_true", help="reuse runs that finished in --work-dir")
     parser.add_argument("--work-dir", default=os.path.join(ROOT, "output", "detection_norm_study"))
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "docs", "reproduction"))
-    args = parser.parse_args()
-    rows_to_run = ROWS[:1] + ROWS[3:4] if args.quick else ROWS
-    if args.rows:
-        wanted = args.rows.split(",")
-        rows_to_run = [r for r in ROWS if f"{r[1]}@{r[2]}" in wanted]
+    args = parser.parse_args(argv)
+    rows = parse_rows(args.rows) if args.rows else (parse_rows(",".join(QUICK_ROWS)) if args.quick else ROWS)
+    seeds = [int(s) for s in (args.seeds or ("7" if args.quick else "7,8")).split(",")]
     scale = 0.01 if args.quick else 1.0
     extra = ["DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TEST", "128"] if args.quick else []
     start = time.time()
-    rows = []
-    for label, norm, ims in rows_to_run:
-        out = os.path.join(args.work_dir, f"{norm}_{ims}img")
-        row = run(label, norm, ims, out, scale, extra)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    command = "python tools/detection_norm_study.py" + (" --quick" if args.quick else "") + (f" --rows {args.rows}" if args.rows else "")
+    runs = []
+    for row in rows:
+        for seed in seeds:
+            out = os.path.join(args.work_dir, row.name.replace("@", "_") + ("_quick" if args.quick else ""), f"seed{seed}")
+            record = run(row, seed, out, scale, extra, args.resume)
+            runs.append(record)
+            print(json.dumps(record), flush=True)
+    command = "python tools/detection_norm_study.py" + " ".join(
+        [""] + (["--quick"] if args.quick else []) + ([f"--rows {args.rows}"] if args.rows else [])
+        + ([f"--seeds {args.seeds}"] if args.seeds else []))
     meta = {"machine": f"CPU {platform.machine()} x{os.cpu_count()}", "date": time.strftime("%Y-%m-%d"),
-            "command": command, "total_seconds": time.time() - start}
+            "command": command, "total_seconds": time.time() - start, "seeds": seeds}
+    summary = summarize(runs)
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, "detection_study" + ("_quick" if args.quick else ""))
     with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    lines = [f"# Detection norm study ({meta['machine']}, {meta['date']})", "",
-             f"Command: `{command}`; demo Mask R-CNN R18-FPN from scratch on gn_det_shapes, the same epochs for every "
-             f"row; total run time {meta['total_seconds'] / 60:.0f} min.", "",
-             "| norm | images per batch | iterations | box AP | mask AP |", "|---|---|---|---|---|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['norm']} | {r['images_per_batch']} | {r['iterations']} | failed: {r['error']} | |")
-        else:
-            lines.append(f"| {r['norm']} | {r['images_per_batch']} | {r['iterations']} | {r['box_AP']:.1f} | {r['mask_AP']:.1f} |")
+        json.dump({"meta": meta, "rows": runs, "summary": summary}, f, indent=1)
+    text = markdown(summary, meta)
+    figure = plot(summary, runs, stem + ".png")
+    if figure:
+        text += f"\nPlot: `{os.path.basename(figure)}`.\n"
     with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        f.write(text)
+    print(text)
 
 
 if __name__ == "__main__":

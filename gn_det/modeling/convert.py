@@ -11,6 +11,7 @@ from torch import nn
 
 from ..layers.group_norm import GroupNorm, resolve_num_groups
 from .fuse import fuse_norm_activation
+from .weight_std import standardize_weights
 
 __all__ = ["ConversionReport", "convert_to_group_norm"]
 
@@ -25,6 +26,7 @@ class ConversionReport:
     added: List[str] = dataclasses.field(default_factory=list)  # convs that got a GN
     dropped_bias: List[str] = dataclasses.field(default_factory=list)  # convs whose bias GN made redundant
     fused_activations: int = 0
+    standardized: List[str] = dataclasses.field(default_factory=list)  # convs whose weights are standardized
 
     def __str__(self) -> str:
         kinds = {}
@@ -33,7 +35,8 @@ class ConversionReport:
         replaced = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "nothing"
         return (
             f"replaced {replaced} with gn_det GroupNorm; added GN to {len(self.added)} convs "
-            f"(dropped {len(self.dropped_bias)} conv biases); fused {self.fused_activations} ReLUs"
+            f"(dropped {len(self.dropped_bias)} conv biases); fused {self.fused_activations} ReLUs; "
+            f"{len(self.standardized)} convs with standardized weights"
         )
 
 
@@ -52,6 +55,7 @@ def convert_to_group_norm(
     add_to_norm_free_convs: bool = False,
     add_within: Sequence[str] = ("backbone.", "roi_heads."),
     fuse_activation: bool = True,
+    weight_standardization: str = "",
 ) -> ConversionReport:
     """Replace, in place, ``FrozenBatchNorm2d``, ``BatchNorm2d`` and ``nn.GroupNorm`` modules
     with gn_det's ``GroupNorm``.
@@ -69,6 +73,8 @@ def convert_to_group_norm(
             configs; the RPN head is left alone), dropping the conv's bias, which GN's beta
             makes redundant.
         fuse_activation: move the ReLUs that follow the new GN layers into their kernels.
+        weight_standardization: "mmcv" or "timm": every detectron2 ``Conv2d`` whose norm is
+            now a gn_det GN standardizes its weight (``gn_det.standardize_weights``); "" off.
     Returns:
         A ``ConversionReport``; it is also logged. New layers take the device and dtype of
         what they replace; where the conv before a norm is frozen (``requires_grad=False``,
@@ -115,5 +121,7 @@ def convert_to_group_norm(
                 report.dropped_bias.append(name)
     if fuse_activation:
         report.fused_activations = fuse_norm_activation(model)
+    if weight_standardization:  # after fusing, which matches detectron2's Conv2d exactly
+        report.standardized = standardize_weights(model, weight_standardization)
     logger.info("convert_to_group_norm: %s", report)
     return report

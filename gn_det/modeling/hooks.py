@@ -39,6 +39,7 @@ from ..errors import ConfigError
 from ..recompute import set_recompute_output
 from .fuse import fuse_norm_activation
 from .norm import NORM_REGISTRY, building_from, config_norm_names, get_norm, gn_settings, resolve_norm_name
+from .weight_std import standardize_weights
 
 __all__ = ["BUILD_FUNCTIONS", "build_model", "finish_model", "install"]
 
@@ -56,11 +57,13 @@ def _gn_norm_keys(cfg: CfgNode, settings: GNSettings) -> str:
 
 def finish_model(module: nn.Module, settings: GNSettings, whole_model: bool = True) -> nn.Module:
     """What ``settings`` ask of a built module, in place: ReLUs fused into the GN layers before
-    them (``fuse_activation``), GN outputs recomputed in backward in its forwards
+    them (``fuse_activation``), weights standardized in the convolutions before its GN layers
+    (``weight_standardization``, and wherever a norm asks for it), GN outputs recomputed in backward in its forwards
     (``recompute_output``) and, for a whole model, channels_last (``channels_last``).
     Returns the module."""
     if settings.fuse_activation:
         fuse_norm_activation(module)
+    standardize_weights(module, settings.weight_standardization)  # after fusing: it matches Conv2d exactly
     if settings.recompute_output:
         set_recompute_output(module, True)
     if whole_model and settings.channels_last:

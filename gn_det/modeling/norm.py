@@ -8,6 +8,10 @@ detectron2 resolves norm names (``MODEL.RESNETS.NORM``, ``MODEL.FPN.NORM``, the 
 hands any other name (or a callable) to detectron2's unchanged, so "BN", "FrozenBN",
 "SyncBN", "GN", ... keep their meaning. ``gn_det.modeling.hooks`` puts it in place.
 
+gn_det registers ``"FastGN"`` (``NORM_NAME``: its GN with the scope's settings) and
+``"FastGNWS"`` (``WS_NORM_NAME``: the same GN, asking the detectron2 ``Conv2d`` it is the norm
+of to standardize its weight; ``gn_det.modeling.weight_std``).
+
 Settings travel in one context variable: ``building_from(cfg)`` (entered by every detectron2
 build function, see ``hooks``) holds the config's ``GNSettings``, checked once per model;
 ``gn_settings(settings)`` does the same for Python code without a config. Outside both,
@@ -25,13 +29,16 @@ from torch import nn
 
 from ..config import GNSettings
 from ..errors import ConfigError
+from ..layers.weight_std import request_weight_standardization
 
 __all__ = [
-    "NORM_NAME", "NORM_REGISTRY", "building_from", "current_gn_settings", "get_norm", "gn_settings",
+    "NORM_NAME", "NORM_REGISTRY", "WS_NORM_NAME", "building_from", "current_gn_settings", "get_norm", "gn_settings",
     "register_norm", "validate_gn_config",
 ]
 
 NORM_NAME = "FastGN"
+# gn_det's GN whose convolution standardizes its weight (one layer's way to Weight Standardization)
+WS_NORM_NAME = "FastGNWS"
 # Names detectron2's get_norm knows itself: they are not ours to redefine.
 DETECTRON2_NORMS = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
 
@@ -177,6 +184,15 @@ def fast_group_norm(channels: int) -> nn.Module:
     except ConfigError as exc:
         where = _module_being_built()
         raise ConfigError(f"{exc} (in {where})" if where else str(exc)) from None
+
+
+@register_norm(WS_NORM_NAME)
+def fast_group_norm_ws(channels: int) -> nn.Module:
+    """``"FastGN"``, asking the detectron2 ``Conv2d`` it is the ``norm=`` of to standardize its
+    weight: with the scope's ``weight_standardization``, or mmcv's definition when that is off
+    (``gn_det.modeling.weight_std``)."""
+    norm = fast_group_norm(channels)
+    return request_weight_standardization(norm, current_gn_settings().weight_standardization or "mmcv")
 
 
 def _detectron2_get_norm():
