@@ -430,7 +430,7 @@ def _read(device_name: str) -> List[Union[Decision, "Verification"]]:
         return []
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (nothing decided yet; the write will say what is wrong)
         return []
     except OSError as exc:
         _warn_once(path, f"cannot be read ({exc}); decisions are measured and verified again in this process")
@@ -499,8 +499,8 @@ def _append(device_name: str, records: List[Union[Decision, "Verification"]]) ->
         finally:
             os.close(fd)
     except OSError as exc:
-        if path not in _warned:
-            _warned.add(path)
+        if (path, "write") not in _warned:
+            _warned.add((path, "write"))
             warnings.warn(f"gn_det decisions cache {path} cannot be written ({exc}): decisions are kept in this "
                           "process only", RuntimeWarning, stacklevel=4)
         return
