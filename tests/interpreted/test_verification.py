@@ -132,6 +132,7 @@ def _rank_process(rank: int, world: int, init_file: str, out_dir: str) -> None:
         adopted = gn_det.synchronize_decisions()
         gn_det.synchronize_decisions()  # nothing new: nobody waits on anybody
         path = dispatch.dispatch_path(make_input(SHAPE), GROUPS, "relu")
+        _step("eager")  # the next step: the PyTorch path on both ranks (rank 0 warns now, naming rank 1)
     rows = [r for r in tuning.decisions() if r["check"] == "forward" and r["shape"] == list(SHAPE)]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"rows": rows, "adopted": adopted, "path": path,
@@ -155,4 +156,5 @@ def test_two_gloo_processes_agree_when_one_ranks_kernels_fail(tmp_path):
         assert rank["path"].startswith("PyTorch: gn_det's PyTorch path")
         assert len(rank["warnings"]) == 1
     assert ranks[0]["rows"][0]["source"] == "rank 1" and ranks[1]["rows"][0]["source"] == "verified"
+    assert "verification (rank 1: output: largest difference" in ranks[0]["warnings"][0]
     assert ranks[0]["adopted"] == 1 and ranks[1]["adopted"] >= 1  # rank 1 adopts rank 0's passes
