@@ -16,8 +16,8 @@ real tensors, when the graph runs), output recomputation (``recompute.py`` rerun
   (dx, dgamma, dbeta, dresidual, with the residual kept) and "backward, output kept" (the same
   with ReLU's output kept in the residual's place). Each check runs at the first call that
   needs it, on that call's inputs.
-- **Cost**: one extra PyTorch-path call per check and bucket, its comparison (one host-device
-  synchronisation), then a dictionary lookup by exact input per call (``tuning._checked_by_input``),
+- **Cost**: one extra PyTorch-path call per check and bucket, its comparison (a few host-device
+  synchronisations), then a dictionary lookup by exact input per call (``tuning._checked_by_input``),
   no synchronisation. Outcomes that passed are verified again in each new process; failures are
   read from the disk cache (``tuning.py``), so a failed bucket is not tried again until triton,
   torch or gn_det's kernels change (each reads another cache file).
@@ -28,7 +28,9 @@ real tensors, when the graph runs), output recomputation (``recompute.py`` rerun
   warning per bucket and process names the GPU, compute capability, versions, bucket and
   failure, and the outcome is recorded (``tuning.record_verification``: in the process,
   offered to the other ranks by ``synchronize_decisions``, where a failure on any rank wins,
-  and in the disk cache). ``torch.cuda.OutOfMemoryError`` is not a kernel fault: it is raised.
+  and in the disk cache). A forward that ran the kernels before its bucket failed (in backward)
+  keeps their output; its recomputation, if any, then gets the PyTorch path's (equal up to
+  rounding, not bitwise). ``torch.cuda.OutOfMemoryError`` is not a kernel fault: it is raised.
   A kernel that corrupts the CUDA context (an illegal memory access is sticky: every later CUDA
   call of the process fails) cannot be recovered from inside the process.
 - **Not verified**: during CUDA-graph capture nothing can be compared (no synchronisation is
@@ -55,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+from types import ModuleType
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -97,7 +100,7 @@ def verification_enabled(x: Tensor) -> bool:
     return _enabled and (x.is_cuda or (_on_cpu and x.device.type == "cpu"))
 
 
-def verify_key_of(kernels, x: Tensor, num_groups: int, activation: int, residual: bool) -> VerifyKey:
+def verify_key_of(kernels: ModuleType, x: Tensor, num_groups: int, activation: int, residual: bool) -> VerifyKey:
     """The verification bucket of a non-empty dense input x ``(N, C, *)``."""
     return route_key_of(x, num_groups, activation) + (bool(residual), kernels.kernel_path(x, num_groups))
 
@@ -160,13 +163,13 @@ def _with_fault(kernel_set: str, run, *args):
     return out
 
 
-def _kernels_forward(kernels, *args):
+def _kernels_forward(kernels: ModuleType, *args):
     if _faults and "forward" in _faults:
         return _with_fault("forward", kernels.triton_group_norm_forward, *args)
     return kernels.triton_group_norm_forward(*args)
 
 
-def _kernels_backward(kernels, *args):
+def _kernels_backward(kernels: ModuleType, *args):
     if _faults and "backward" in _faults:
         return _with_fault("backward", kernels.triton_group_norm_backward, *args)
     return kernels.triton_group_norm_backward(*args)
@@ -175,7 +178,7 @@ def _kernels_backward(kernels, *args):
 # ----------------------------------------------------------------------------- the paths
 
 def verified_forward(
-    kernels, x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, eps: float, activation: int,
+    kernels: ModuleType, x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, eps: float, activation: int,
     residual: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``triton_group_norm_forward``'s result (``kernels`` is group_norm_triton) where the
@@ -203,7 +206,7 @@ def verified_forward(
 
 
 def verified_backward(
-    kernels, grad_y: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, num_groups: int,
+    kernels: ModuleType, grad_y: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, num_groups: int,
     eps: float, activation: int, residual: Optional[Tensor], residual_mode: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """``triton_group_norm_backward``'s result where the bucket's kernels passed verification,
@@ -232,7 +235,7 @@ def verified_backward(
     return _conclude(key, check, x, exact, problem, got if problem is None else want)
 
 
-def _first_use(kernels, exact: tuple, x: Tensor, num_groups: int, activation: int, residual: bool,
+def _first_use(kernels: ModuleType, exact: tuple, x: Tensor, num_groups: int, activation: int, residual: bool,
                check: str) -> Optional[bool]:
     """Whether a call without a remembered outcome runs the kernels (True) or the PyTorch path
     (False) without verifying, or None: verify now."""
