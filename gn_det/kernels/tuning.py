@@ -18,7 +18,8 @@ Where a decision comes from, in order: this process's decisions (measured, read 
 cache, or adopted from rank 0 and the other ranks by ``synchronize_decisions``); the routes in
 use (``routes.json``: seed decisions, never measured again); a measurement. Nothing is measured
 inside ``torch.compile`` graphs (``group_norm`` gives them the custom op before asking) or
-during CUDA-graph capture (there a bucket without a decision runs the kernels). Once a bucket
+during CUDA-graph capture (there a bucket without a decision runs the op's own path: the
+kernels where verified, ``verification.py``). Once a bucket
 is decided, choosing its path is a dictionary lookup: no host-device synchronisation.
 
 Kernel verification (``verification.py``) keeps its outcomes here too, one ``Verification`` per
@@ -30,7 +31,8 @@ version) under ``cache_directory()`` (``GN_DET_CACHE_DIR``, else ``$XDG_CACHE_HO
 else ``~/.cache/gn_det``; ``set_tuning_cache``), one decision per line, each line appended under
 an exclusive lock when the decision is made (processes deciding at once lose nothing; a new
 decision costs one line, never a rewrite; no temporary file). A new version of triton, torch or
-gn_det's kernels reads another file: everything is measured and verified again. Every line is
+gn_det's kernels reads another file: everything is measured again, and kernels that failed
+verification are tried again. Every line is
 checked when read: lines that are not a valid decision (malformed, cut short, too deeply
 nested, not UTF-8) are skipped with one warning naming the file; a file that cannot be read at
 all is ignored with one warning. Read once per process and device, at the first decision needed.
@@ -489,7 +491,10 @@ def _append(device_name: str, records: List[Union[Decision, "Verification"]]) ->
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed
+                except OSError:  # a file system without locks (some network mounts): O_APPEND alone
+                    pass
             end = os.lseek(fd, 0, os.SEEK_END)
             if end and os.pread(fd, 1, end - 1) != b"\n":
                 text = "\n" + text  # a writer killed mid-line: its fragment stays a line of its own
