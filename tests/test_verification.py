@@ -58,10 +58,28 @@ def test_statistics_compare_relative_to_their_spread_and_condition():
 def test_backward_differences_name_the_gradient():
     x, weight, (y, mean, rstd) = _forward()
     bias = torch.zeros(8)
-    grads = torch_group_norm_backward(torch.randn_like(x), x, weight, bias, mean, rstd, 2, ACT_RELU)
-    assert verification._backward_difference(grads, grads, torch.float32, mean, rstd, None) is None
+    dy = torch.randn_like(x)
+    grads = torch_group_norm_backward(dy, x, weight, bias, mean, rstd, 2, ACT_RELU)
+    assert verification._backward_difference(grads, grads, dy, x, weight, mean, rstd, None) is None
     wrong = (grads[0], grads[1] * 1.01, grads[2], None)
-    assert verification._backward_difference(wrong, grads, torch.float32, mean, rstd, None).startswith("dgamma:")
+    assert verification._backward_difference(wrong, grads, dy, x, weight, mean, rstd, None).startswith("dgamma:")
+    wrong = (grads[0] + 1e-3 * dy, grads[1], grads[2], None)
+    assert verification._backward_difference(wrong, grads, dy, x, weight, mean, rstd, None).startswith("dx:")
+
+
+def test_gradients_that_cancel_are_judged_against_their_terms():
+    # Groups of two elements: dx cancels to rounding (|dx| ~ 1e-3 of its terms), so float32
+    # rounding of the terms, 1e-6 of them, is 1e-3 of the result: not a fault.
+    x = make_input((2, 6))
+    weight, bias = make_affine(6)
+    y, mean, rstd = torch_group_norm_forward(x, weight, bias, 3, 1e-5, 0)
+    dy = make_input((2, 6), seed=5)
+    grads = torch_group_norm_backward(dy, x, weight, bias, mean, rstd, 3, 0)
+    rounded = (grads[0] + 1e-6 * dy.abs().max() * weight.abs().max() * rstd.max(), *grads[1:3], None)
+    assert rounded[0].sub(grads[0]).abs().max() > 1e-4 * grads[0].abs().max()  # large against the result
+    assert verification._backward_difference(rounded, grads, dy, x, weight, mean, rstd, None) is None
+    wrong = (grads[0] * 3, *grads[1:3], None)  # cancels wrong: caught
+    assert verification._backward_difference(wrong, grads, dy, x, weight, mean, rstd, None)
 
 
 def test_switches_and_hook_check_their_arguments():
