@@ -396,7 +396,7 @@ def _check_value(row: dict, field: str, allowed: tuple) -> None:
         raise ValueError(f"{field} must be one of {', '.join(map(repr, allowed))}, got {row.get(field)!r}")
 
 
-def _record_of(row: object, device_name: str) -> Union[Decision, "Verification"]:
+def _record_of(row: object, device_name: str) -> Union[Decision, Verification]:
     """The decision a cache line holds, every field checked (ValueError naming the field)."""
     if not isinstance(row, dict):
         raise ValueError(f"a line must hold an object, got {type(row).__name__}")
@@ -422,7 +422,7 @@ def _record_of(row: object, device_name: str) -> Union[Decision, "Verification"]
     raise ValueError(f"kind must be 'tuning' or 'verification', got {row.get('kind')!r}")
 
 
-def _read(device_name: str) -> List[Union[Decision, "Verification"]]:
+def _read(device_name: str) -> List[Union[Decision, Verification]]:
     """The decisions in a device's cache file, in the order written ([] when there is none).
     Whatever cannot be read is skipped with one warning per file: the whole file (permissions,
     not a file), or each line that is not UTF-8 JSON of a valid decision (nesting too deep for
@@ -469,13 +469,13 @@ def _load(device_name: str) -> None:
     _checked_by_input.clear()
 
 
-def _disk_key(record: Union[Decision, "Verification"]) -> tuple:
+def _disk_key(record: Union[Decision, Verification]) -> tuple:
     if isinstance(record, Decision):
         return ("tuning", record.key, record.path)
     return ("verification", record.key, record.check, record.passed)
 
 
-def _append(device_name: str, records: List[Union[Decision, "Verification"]]) -> None:
+def _append(device_name: str, records: List[Union[Decision, Verification]]) -> None:
     """Add decisions to the device's cache file: one line each, appended under an exclusive
     lock (``fcntl.flock``; concurrent writers queue and none overwrites another's lines), in
     one write. Costs the new lines only, never a rewrite; no temporary file. A cache that

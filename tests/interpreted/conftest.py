@@ -1,5 +1,6 @@
 import pytest
 
+import gn_det
 from gn_det.kernels import tuning, verification
 
 
@@ -12,10 +13,11 @@ def kernels_verified_without_a_false_alarm(request):
     if request.module.__name__.endswith("test_verification"):
         yield
         return
-    previous = verification.set_verification(True, on_cpu=True)
+    previous = verification.set_verification(True, on_cpu=True), gn_det.set_tuning_cache(None)  # (this test's own)
     tuning.clear_decisions()
     yield
     failed = [row for row in tuning.decisions() if row["kind"] == "verification" and not row["passed"]]
     tuning.clear_decisions()
-    verification.set_verification(previous[0], on_cpu=previous[1])
+    verification.set_verification(previous[0][0], on_cpu=previous[0][1])
+    gn_det.set_tuning_cache(previous[1])
     assert not failed, f"the kernels failed verification: {failed}"
