@@ -118,3 +118,17 @@ def test_outcomes_are_recorded_listed_and_failures_reloaded_from_disk(tmp_path):
     finally:
         tuning.clear_decisions()
         gn_det.set_tuning_cache(previous)
+
+
+def test_gradients_of_groups_of_one_value_are_judged_against_the_gradient_they_sum():
+    # G = C: xhat is 0, dgamma is the rounding of x * scale + shift (rstd = 1/sqrt(eps)) times dy:
+    # 1e-5 where PyTorch's is 0. Judged against sum |dy| (xhat's RMS is 1 in a group): not a fault.
+    x = make_input((4, 8))
+    weight, bias = make_affine(8)
+    y, mean, rstd = torch_group_norm_forward(x, weight, bias, 8, 1e-5, 2)
+    dy = make_input((4, 8), seed=2)
+    grads = torch_group_norm_backward(dy, x, weight, bias, mean, rstd, 8, 2)
+    rounded = (grads[0], grads[1] + 1.2e-5, grads[2], None)
+    assert verification._backward_difference(rounded, grads, dy, x, weight, mean, rstd, None) is None
+    wrong = (grads[0], grads[1] + 0.5, grads[2], None)
+    assert verification._backward_difference(wrong, grads, dy, x, weight, mean, rstd, None).startswith("dgamma:")

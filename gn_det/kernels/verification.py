@@ -331,7 +331,9 @@ def _backward_difference(got, want, grad_y: Tensor, x: Tensor, weight: Tensor, m
     """The gradients compared, each against the magnitude of the terms it is made of, not only of
     its result: dx = gamma * rstd * (dy - mean(dy) - xhat * mean(dy * xhat)) cancels to almost
     nothing in a group of two elements (where both paths' roundings are all that is left), and
-    dgamma, dbeta are sums over N * S of terms of either sign."""
+    dgamma, dbeta are sums over N * S of terms of either sign. dgamma's terms count |xhat| + 1:
+    xhat has RMS 1 over a group, but is 0 in a group of one value (or constant), where its
+    rounding (``x * scale + shift`` with rstd = 1/sqrt(eps)) is all dgamma holds."""
     tol = TOLERANCE[x.dtype][1] * _condition(mean, rstd)
     res_tol = tol if residual is None else max(tol, TOLERANCE.get(residual.dtype, TOLERANCE[x.dtype])[1])
     n, c = x.shape[:2]
@@ -342,7 +344,7 @@ def _backward_difference(got, want, grad_y: Tensor, x: Tensor, weight: Tensor, m
     xhat = (x.float() - channel_mean).mul_(channel_rstd).abs_()
     sums = [d for d in range(x.dim()) if d != 1]
     scales = torch.stack([(dy * (weight.float().abs().view(1, c, *per_channel[2:]) * channel_rstd)).amax(),
-                          (dy * xhat).sum(sums).amax(), dy.sum(sums).amax()]).tolist()
+                          (dy * xhat.add_(1.0)).sum(sums).amax(), dy.sum(sums).amax()]).tolist()
     names = ("dx", "dgamma", "dbeta", "dresidual")
     return _differences([(name, g, w, res_tol if name == "dresidual" else tol, TINY if i == 3 else 1.1 * scales[i])
                          for i, (name, g, w) in enumerate(zip(names, got, want))])
