@@ -42,7 +42,8 @@ __all__ = ["AutotuneSync", "Trainer", "final_ap"]
 
 class AutotuneSync(HookBase):
     """After each step of a distributed run, every process adopts the same GN tuning
-    decisions (``gn_det.synchronize_decisions``: per bucket, the lowest rank's measurement).
+    decisions and kernel verifications (``gn_det.synchronize_decisions``: per bucket, the
+    lowest rank's measurement; a verification that failed on any rank).
     The exchange happens where every rank arrives, between steps, never inside a forward, so
     ranks that met different shapes cannot deadlock; it travels over gloo (no CUDA sync).
     For a trainer of one's own: ``trainer.register_hooks([AutotuneSync()])``."""

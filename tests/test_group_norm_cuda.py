@@ -23,11 +23,19 @@ CF, CL = torch.contiguous_format, torch.channels_last
 
 @pytest.fixture(autouse=True)
 def kernels_everywhere():
-    """These tests are of the kernels: no route or tuning sends a shape to PyTorch's GroupNorm."""
+    """These tests are of the kernels: no route or tuning sends a shape to PyTorch's GroupNorm,
+    and no verification failed (verification runs at each bucket's first use, as in any run: a
+    failure would send the bucket to the PyTorch path, so it fails the test here; and this
+    shows that the kernels pass verification at every shape these tests run: no false alarm)."""
+    from gn_det.kernels import tuning as decisions
     previous, tuning = routing.set_routes(None), gn_det.set_autotune(False)
+    decisions.clear_decisions()
     yield
+    failed = [row for row in decisions.decisions() if row["kind"] == "verification" and not row["passed"]]
+    decisions.clear_decisions()
     routing.set_routes(previous)
     gn_det.set_autotune(*tuning[:1], on_cpu=tuning[1])
+    assert not failed, f"the kernels failed verification: {failed}"
 
 
 def test_cuda_tensors_go_to_triton():
@@ -244,10 +252,51 @@ def test_first_use_tuning_on_cuda(tmp_path):
         layer(make_input((2, 256, 52, 80), torch.bfloat16, CL, device="cuda").requires_grad_())  # same bucket
         assert len(gn_det.autotune_decisions()) == 1
         (path,) = tmp_path.iterdir()
-        assert json.loads(path.read_text())["decisions"][0]["path"] == row["path"]
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [r["path"] for r in lines if r["kind"] == "tuning"] == [row["path"]]
     finally:
         gn_det.set_tuning_cache(previous)
         tuning.clear_decisions()
+
+
+@pytest.mark.parametrize("fault", ["compile", "launch", "wrong"])
+@pytest.mark.parametrize("kernel_set", ["forward", "backward"])
+@pytest.mark.parametrize("output_recomputed", [False, True])
+def test_failing_kernels_fall_back_to_pytorch_on_cuda(tmp_path, fault, kernel_set, output_recomputed):
+    # CUDA twin of tests/interpreted/test_verification.py: a real Triton compile error, triton's
+    # OutOfResources, a wrong element; a residual block's end (the fused residual, with and
+    # without output recomputation): PyTorch's result, one warning naming the GPU, recorded.
+    import warnings
+    from gn_det.kernels import dispatch, tuning, verification
+    from gn_cases import GRAD_TOLERANCE, assert_close
+    previous = gn_det.set_tuning_cache(tmp_path)
+    verification._warned.clear()
+
+    def step():
+        x = make_input((2, 64, 24, 20), device="cuda").requires_grad_()
+        residual = make_input((2, 64, 24, 20), device="cuda", seed=3).requires_grad_()
+        weight, bias = (t.requires_grad_() for t in make_affine(64, device="cuda"))
+        y = gn_det.group_norm(x, 32, weight, bias, activation="relu", residual=residual,
+                              output_recomputed=output_recomputed)
+        return [y.detach()] + list(torch.autograd.grad(y, [x, weight, bias, residual], torch.ones_like(y)))
+
+    try:
+        backend = dispatch.set_backend("torch")
+        expected = step()
+        dispatch.set_backend(backend)
+        with warnings.catch_warnings(record=True) as caught, verification.inject_fault(kernel_set, fault):
+            warnings.simplefilter("always")
+            got, again = step(), step()
+        ours = [str(w.message) for w in caught if "kernels are not used" in str(w.message)]
+        assert len(ours) == 1 and torch.cuda.get_device_name() in ours[0] and "compute capability" in ours[0]
+        for a, b, c in zip(got, again, expected):
+            assert_close(a, c, GRAD_TOLERANCE[torch.float32], f"{kernel_set} {fault}")
+            assert_close(b, c, GRAD_TOLERANCE[torch.float32], f"{kernel_set} {fault}, second step")
+        (row,) = [r for r in tuning.decisions() if r["kind"] == "verification" and not r["passed"]]
+        assert row["check"].startswith(kernel_set) and row["device"] == torch.cuda.get_device_name()
+    finally:
+        tuning.clear_decisions()  # (the fixture's check is for the real kernels)
+        gn_det.set_tuning_cache(previous)
 
 
 

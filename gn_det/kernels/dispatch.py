@@ -18,7 +18,8 @@ from .activation import ACT_NONE, RESIDUAL_ADD, activation_code
 from .group_norm_torch import compute_dtype, torch_group_norm_backward, torch_group_norm_forward
 from .layout import flat_spatial_stride, memory_format_of, to_dense
 from .routing import aten_route
-from .tuning import decided_path
+from .tuning import decided_path, failed_verification
+from .verification import verified_backward, verified_forward, verify_key_of
 
 __all__ = ["BACKENDS", "backend", "backend_from_environment", "backward_impl", "dispatch_path", "forward_impl",
            "set_backend", "triton_enabled_for", "triton_on_cpu"]
@@ -91,7 +92,8 @@ def triton_enabled_for(x: Tensor) -> bool:
 def dispatch_path(x: Tensor, num_groups: int, activation: Optional[str] = None, residual: bool = False,
                   train: bool = True) -> str:
     """Which implementation ``group_norm`` runs for x (for benchmark tables and debugging), as
-    decided so far: a bucket that tuning has not measured yet shows the kernels' path."""
+    decided so far: a bucket that tuning has not measured, or verification not checked, yet
+    shows the kernels' path."""
     if x.numel() == 0:
         return "nothing (empty input)"
     x = to_dense(x)
@@ -101,6 +103,9 @@ def dispatch_path(x: Tensor, num_groups: int, activation: Optional[str] = None, 
         times = ", ".join(f"{path} {ms:.3g} ms" for path, ms in decision.times_ms.items())
         return f"PyTorch: ATen GroupNorm, tuned ({decision.source}: {times})"
     if triton_enabled_for(x):
+        failed = failed_verification(verify_key_of(_triton_module(), x, num_groups, code, residual))
+        if failed is not None:
+            return f"PyTorch: gn_det's PyTorch path (the kernels failed verification here: {failed.detail})"
         if decision is None and aten_route(x, num_groups, code) is not None:
             return "PyTorch: ATen GroupNorm, routed (Triton measured slower here)"
         return "Triton: " + _triton_module().kernel_path(x, num_groups)
@@ -117,8 +122,8 @@ def forward_impl(
     if x.numel() == 0:  # N = 0 (no ROIs) or an empty spatial size: launch nothing
         stats = x.new_zeros((x.shape[0], num_groups), dtype=compute_dtype(x))
         return torch.empty_like(x), stats, stats.clone()
-    if triton_enabled_for(x):
-        return _triton_module().triton_group_norm_forward(x, weight, bias, num_groups, eps, activation, residual)
+    if triton_enabled_for(x):  # (verified at the bucket's first use: the PyTorch path where the kernels failed)
+        return verified_forward(_triton_module(), x, weight, bias, num_groups, eps, activation, residual)
     return torch_group_norm_forward(x, weight, bias, num_groups, eps, activation, residual)
 
 
@@ -135,7 +140,7 @@ def backward_impl(
     if flat_spatial_stride(grad_y) is None:
         grad_y = grad_y.contiguous(memory_format=memory_format_of(x))
     if triton_enabled_for(x):
-        return _triton_module().triton_group_norm_backward(
-            grad_y, x, weight, bias, mean, rstd, num_groups, activation, residual, residual_mode)
+        return verified_backward(_triton_module(), grad_y, x, weight, bias, mean, rstd, num_groups, eps, activation,
+                                 residual, residual_mode)
     return torch_group_norm_backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, eps, residual,
                                      residual_mode)

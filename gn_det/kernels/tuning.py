@@ -18,17 +18,27 @@ Where a decision comes from, in order: this process's decisions (measured, read 
 cache, or adopted from rank 0 and the other ranks by ``synchronize_decisions``); the routes in
 use (``routes.json``: seed decisions, never measured again); a measurement. Nothing is measured
 inside ``torch.compile`` graphs (``group_norm`` gives them the custom op before asking) or
-during CUDA-graph capture (there a bucket without a decision runs the kernels). Once a bucket
+during CUDA-graph capture (there a bucket without a decision runs the op's own path: the
+kernels where verified, ``verification.py``). Once a bucket
 is decided, choosing its path is a dictionary lookup: no host-device synchronisation.
 
-The disk cache: one JSON file per (GPU model, kernel version, triton version, torch version)
-under ``cache_directory()`` (``GN_DET_CACHE_DIR``, else ``$XDG_CACHE_HOME/gn_det``, else
-``~/.cache/gn_det``; ``set_tuning_cache``), written atomically after each new decision (merged
-with what another process wrote meanwhile). A file that is not valid, or made for another
-GPU or version, is ignored with one warning and written anew.
+Kernel verification (``verification.py``) keeps its outcomes here too, one ``Verification`` per
+(``VerifyKey``, check): the tuning bucket without train/infer, plus which kernel set runs it.
+``decisions()`` lists both kinds.
+
+The disk cache: one JSON-lines file per (GPU model, kernel version, triton version, torch
+version) under ``cache_directory()`` (``GN_DET_CACHE_DIR``, else ``$XDG_CACHE_HOME/gn_det``,
+else ``~/.cache/gn_det``; ``set_tuning_cache``), one decision per line, each line appended under
+an exclusive lock when the decision is made (processes deciding at once lose nothing; a new
+decision costs one line, never a rewrite; no temporary file). A new version of triton, torch or
+gn_det's kernels reads another file: everything is measured again, and kernels that failed
+verification are tried again. Every line is
+checked when read: lines that are not a valid decision (malformed, cut short, too deeply
+nested, not UTF-8) are skipped with one warning naming the file; a file that cannot be read at
+all is ignored with one warning. Read once per process and device, at the first decision needed.
 
 Switches, read once: ``GN_DET_AUTOTUNE=0|1`` (default 1: tune CUDA inputs) at import into
-``set_autotune``; ``autotune_decisions()`` lists the decisions with their measured times.
+``set_autotune``; ``autotune_decisions()`` lists the tuning decisions with their measured times.
 """
 from __future__ import annotations
 
@@ -36,10 +46,10 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import statistics
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -48,18 +58,24 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .routing import ROUTE_FIELDS, aten_route, route_key_of
+from .routing import ROUTE_FIELDS, _check_route, aten_route, route_key_of
+
+try:
+    import fcntl  # the cache file's lock (POSIX); elsewhere appends are left to O_APPEND alone
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 __all__ = [
-    "MAX_TIMED_RUNS", "MEASURE_BUDGET_S", "MIN_TIMED_RUNS", "PATHS", "TUNE_FIELDS", "Decision", "TuneKey", "autotune_decisions",
-    "autotune_enabled", "autotune_from_environment", "cache_directory", "cache_file", "choose_path", "clear_decisions", "decided_path",
-    "set_autotune", "set_tuning_cache", "synchronize_decisions", "tune_key_of", "tuning_cache",
+    "CHECKS", "KERNEL_SETS", "MAX_TIMED_RUNS", "MEASURE_BUDGET_S", "MIN_TIMED_RUNS", "PATHS", "TUNE_FIELDS", "VERIFY_FIELDS",
+    "Decision", "TuneKey", "Verification", "VerifyKey", "autotune_decisions", "autotune_enabled", "autotune_from_environment",
+    "cache_directory", "cache_file", "choose_path", "clear_decisions", "decided_path", "decisions", "failed_verification",
+    "record_verification", "set_autotune", "set_tuning_cache", "synchronize_decisions", "tune_key_of", "tuning_cache",
 ]
 
 PATHS = ("kernels", "aten")  # the op's own path; PyTorch's GroupNorm (group_norm_op.aten_group_norm)
 MEASURE_BUDGET_S = 2e-3  # timed runs of each candidate last about this long, after one untimed run
 MIN_TIMED_RUNS, MAX_TIMED_RUNS = 3, 10  # a median of at least 3: one slow run decides nothing
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # (1: one JSON object rewritten per decision, in a .json file)
 
 TUNE_FIELDS = ROUTE_FIELDS + ("residual", "passes")
 TuneKey = Tuple[str, str, str, str, int, int, bool, str]
@@ -76,8 +92,31 @@ class Decision:
     shape: Tuple[int, ...] = ()  # the input the bucket was measured at
 
     def as_dict(self) -> dict:
-        return dict(zip(TUNE_FIELDS, self.key), path=self.path, source=self.source, times_ms=dict(self.times_ms),
-                    shape=list(self.shape))
+        return dict(zip(TUNE_FIELDS, self.key), kind="tuning", path=self.path, source=self.source,
+                    times_ms=dict(self.times_ms), shape=list(self.shape))
+
+
+VERIFY_FIELDS = ROUTE_FIELDS + ("residual", "kernels")
+VerifyKey = Tuple[str, str, str, str, int, int, bool, str]
+KERNEL_SETS = ("one program per group", "split reduction")  # group_norm_triton.kernel_path
+# What is compared: the forward (y, mean, rstd), and the backward (dx, dgamma, dbeta, dresidual)
+# as it runs with the residual (or nothing) kept, or with ReLU's output kept in its place.
+CHECKS = ("forward", "backward", "backward, output kept")
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    """Whether the kernels agreed with PyTorch's path on one check of a bucket (verification.py)."""
+    key: VerifyKey
+    check: str  # one of CHECKS
+    passed: bool
+    detail: str  # the largest difference against its tolerance, or the error the kernels raised
+    source: str  # "verified" (here), "disk cache", "rank N"
+    shape: Tuple[int, ...] = ()  # the input it was verified at
+
+    def as_dict(self) -> dict:
+        return dict(zip(VERIFY_FIELDS, self.key), kind="verification", check=self.check, passed=self.passed,
+                    detail=self.detail, source=self.source, shape=list(self.shape))
 
 
 def tune_key_of(x: Tensor, num_groups: int, activation: int, residual: bool, train: bool) -> TuneKey:
@@ -139,7 +178,9 @@ def set_tuning_cache(directory: Union[str, Path, None]) -> Optional[Path]:
     global _cache_dir
     previous, _cache_dir = _cache_dir, None if directory is None else Path(directory)
     _loaded.clear()
+    _on_disk.clear()
     _by_input.clear()
+    _checked_by_input.clear()
     return previous
 
 
@@ -157,23 +198,63 @@ _unshared: Dict[TuneKey, Decision] = {}  # measured here, not yet offered to the
 _by_input: Dict[tuple, str] = {}
 _BY_INPUT_MAX = 1 << 16
 _loaded: set = set()  # device names whose cache file was read
+_on_disk: set = set()  # what the cache files read or written hold (not written again)
 _warned: set = set()
+# Verification outcomes (verification.py): by (bucket, check); the first failure of each bucket
+# (its kernels are then not used); whether the kernels run, by exact input and check (True: they
+# passed; False: the bucket failed or verification is off), a ~1 us lookup per call.
+_verifications: Dict[Tuple[VerifyKey, str], Verification] = {}
+_unshared_verifications: Dict[Tuple[VerifyKey, str], Verification] = {}
+_failed: Dict[VerifyKey, Verification] = {}
+_checked_by_input: Dict[tuple, bool] = {}
 
 
 def clear_decisions() -> None:
-    """Forget every decision of this process (the next call of each bucket measures again,
-    or reads the disk cache)."""
-    _decisions.clear()
-    _unshared.clear()
-    _loaded.clear()
-    _by_input.clear()
+    """Forget every decision of this process, tuning and verification (the next call of each
+    bucket measures and verifies again, or reads the disk cache)."""
+    for store in (_decisions, _unshared, _loaded, _on_disk, _by_input, _verifications, _unshared_verifications,
+                  _failed, _checked_by_input):
+        store.clear()
 
 
 def autotune_decisions() -> List[dict]:
-    """The decisions of this process, one dict each: the bucket's fields (``TUNE_FIELDS``),
-    ``path``, ``source``, ``times_ms`` (median time of each path, forward [+ backward]) and
-    the ``shape`` measured; sorted by bucket."""
+    """The tuning decisions of this process, one dict each: ``kind`` ("tuning"), the bucket's
+    fields (``TUNE_FIELDS``), ``path``, ``source``, ``times_ms`` (median time of each path,
+    forward [+ backward]) and the ``shape`` measured; sorted by bucket. ``decisions()`` also
+    lists the kernels' verifications."""
     return [_decisions[key].as_dict() for key in sorted(_decisions)]
+
+
+def decisions() -> List[dict]:
+    """Every decision of this process, one dict each: the tuning decisions
+    (``autotune_decisions``), then the verifications of the kernels against PyTorch's path
+    (``kind`` "verification"): the bucket's fields (``VERIFY_FIELDS``: the tuning bucket
+    without train/infer, plus ``kernels``, the kernel set that ran), ``check`` (one of
+    ``CHECKS``), ``passed``, ``detail`` (the largest difference found against its tolerance, or
+    the error the kernels raised), ``source`` ("verified", "disk cache" or "rank N") and the
+    ``shape`` verified at; sorted by bucket and check."""
+    return autotune_decisions() + [_verifications[slot].as_dict() for slot in sorted(_verifications)]
+
+
+def failed_verification(key: VerifyKey) -> Optional[Verification]:
+    """The failed verification that keeps the kernels off bucket ``key``, if any (the disk
+    cache of its device read first)."""
+    if key[0] not in _loaded:
+        _load(key[0])
+    return _failed.get(key)
+
+
+def record_verification(verification: Verification) -> None:
+    """Keep a verification's outcome: in this process, offered to the other ranks at the next
+    ``synchronize_decisions``, and in the disk cache."""
+    slot = (verification.key, verification.check)
+    if verification.key[0] not in _loaded:
+        _load(verification.key[0])
+    _verifications[slot] = _unshared_verifications[slot] = verification
+    if not verification.passed:
+        _failed.setdefault(verification.key, verification)
+        _checked_by_input.clear()
+    _append(verification.key[0], [verification])
 
 
 def decided_path(x: Tensor, num_groups: int, activation: int, residual: bool = False, train: bool = True) -> Optional[Decision]:
@@ -213,7 +294,7 @@ def choose_path(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tens
     decision = Decision(key, min(PATHS, key=lambda p: times[p]), "measured", times, tuple(x.shape))
     _decisions[key] = _unshared[key] = decision
     _by_input.clear()
-    _save(key[0])
+    _append(key[0], [decision])
     return decision.path
 
 
@@ -283,82 +364,152 @@ def _versions() -> Dict[str, str]:
 
 
 def cache_file(device_name: str) -> Optional[Path]:
-    """The tuning file of a device name in the cache directory (None: no disk cache)."""
+    """The decisions file of a device name in the cache directory (None: no disk cache)."""
     if _cache_dir is None:
         return None
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-") or "device"
     versions = _versions()
-    return _cache_dir / f"{slug}-k{versions['kernel_version']}-triton{versions['triton']}-torch{versions['torch']}.json"
+    return _cache_dir / f"{slug}-k{versions['kernel_version']}-triton{versions['triton']}-torch{versions['torch']}.jsonl"
 
 
 def _warn_once(path: Path, why: str) -> None:
     if path not in _warned:
         _warned.add(path)
-        warnings.warn(f"gn_det tuning cache {path}: {why}; ignored, and written anew from this run's measurements",
-                      RuntimeWarning, stacklevel=4)
+        warnings.warn(f"gn_det decisions cache {path}: {why}", RuntimeWarning, stacklevel=5)
 
 
-def _read(device_name: str) -> List[Decision]:
-    """The decisions in a device's cache file ([] when there is none, or it is not valid or
-    not this GPU's and versions': one warning)."""
+def _check_times(times: object) -> Dict[str, float]:
+    if not isinstance(times, dict) or set(times) != set(PATHS) or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0 for t in times.values()):
+        raise ValueError(f"times_ms must map {', '.join(PATHS)} to milliseconds, got {times!r}")
+    return {path: float(t) for path, t in times.items()}
+
+
+def _check_shape(shape: object) -> Tuple[int, ...]:
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ValueError(f"shape must be a list of sizes, got {shape!r}")
+    return tuple(shape)
+
+
+def _check_value(row: dict, field: str, allowed: tuple) -> None:
+    if row.get(field) not in allowed or type(row.get(field)) is not type(allowed[0]):
+        raise ValueError(f"{field} must be one of {', '.join(map(repr, allowed))}, got {row.get(field)!r}")
+
+
+def _record_of(row: object, device_name: str) -> Union[Decision, Verification]:
+    """The decision a cache line holds, every field checked (ValueError naming the field)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"a line must hold an object, got {type(row).__name__}")
+    _check_value(row, "cache_format", (CACHE_FORMAT,))
+    route = _check_route(row, "a decision")
+    if route[0] != device_name:
+        raise ValueError(f"device {route[0]!r} in the file of {device_name!r}")
+    _check_value(row, "residual", (False, True))
+    shape = _check_shape(row.get("shape"))
+    if row.get("kind") == "tuning":
+        _check_value(row, "passes", ("train", "infer"))
+        _check_value(row, "path", PATHS)
+        return Decision(route + (row["residual"], row["passes"]), row["path"], "disk cache", _check_times(row.get("times_ms")),
+                        shape)
+    if row.get("kind") == "verification":
+        _check_value(row, "kernels", KERNEL_SETS)
+        _check_value(row, "check", CHECKS)
+        _check_value(row, "passed", (False, True))
+        if not isinstance(row.get("detail"), str):
+            raise ValueError(f"detail must be a string, got {row.get('detail')!r}")
+        return Verification(route + (row["residual"], row["kernels"]), row["check"], row["passed"], row["detail"],
+                            "disk cache", shape)
+    raise ValueError(f"kind must be 'tuning' or 'verification', got {row.get('kind')!r}")
+
+
+def _read(device_name: str) -> List[Union[Decision, Verification]]:
+    """The decisions in a device's cache file, in the order written ([] when there is none).
+    Whatever cannot be read is skipped with one warning per file: the whole file (permissions,
+    not a file), or each line that is not UTF-8 JSON of a valid decision (nesting too deep for
+    the parser, a list where a string belongs, a line cut short by a writer that was killed)."""
     path = cache_file(device_name)
-    if path is None or not path.exists():
+    if path is None:
         return []
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        _warn_once(path, f"not readable JSON ({exc})")
+        data = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):  # (nothing decided yet; the write will say what is wrong)
         return []
-    header = dict(format=CACHE_FORMAT, device=device_name, **_versions())
-    if not isinstance(data, dict) or any(data.get(k) != v for k, v in header.items()):
-        got = {k: data.get(k) for k in header} if isinstance(data, dict) else type(data).__name__
-        _warn_once(path, f"made for {got}, not {header}")
+    except OSError as exc:
+        _warn_once(path, f"cannot be read ({exc}); decisions are measured and verified again in this process")
         return []
-    decisions = []
-    try:
-        for entry in data["decisions"]:
-            key = tuple(entry[field] for field in TUNE_FIELDS)
-            valid = (key[0] == device_name and entry["path"] in PATHS and isinstance(entry["times_ms"], dict)
-                     and all(isinstance(key[i], int) for i in (4, 5)) and key[7] in ("train", "infer"))
-            if not valid:
-                raise ValueError(f"entry {entry!r}")
-            decisions.append(Decision(key, entry["path"], "disk cache", {k: float(v) for k, v in entry["times_ms"].items()},
-                                      tuple(entry.get("shape", ()))))
-    except (KeyError, TypeError, ValueError) as exc:
-        _warn_once(path, f"a malformed decision ({exc})")
-        return []
-    return decisions
+    records, bad = [], []
+    for number, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(_record_of(json.loads(line.decode("utf-8")), device_name))
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:  # (JSON and Unicode errors are ValueErrors)
+            bad.append(f"line {number}: {type(exc).__name__}: {str(exc)[:200]}")
+    if bad:
+        _warn_once(path, f"{len(bad)} unreadable line(s) skipped (first: {bad[0]}); the other decisions are used")
+    return records
 
 
 def _load(device_name: str) -> None:
+    """Read a device's cache file into this process (once): tuning decisions (the last line of a
+    bucket wins: decisions adopted from rank 0 are written after one's own) and failed
+    verifications. Decisions this process holds already stay."""
     _loaded.add(device_name)
-    for decision in _read(device_name):
-        _decisions.setdefault(decision.key, decision)
+    last: Dict[TuneKey, Decision] = {}
+    for record in _read(device_name):
+        if isinstance(record, Decision):
+            last[record.key] = record
+        elif not record.passed:
+            _verifications.setdefault((record.key, record.check), record)
+            _failed.setdefault(record.key, record)
+        _on_disk.add(_disk_key(record))
+    for key, decision in last.items():
+        _decisions.setdefault(key, decision)
+    _by_input.clear()
+    _checked_by_input.clear()
 
 
-def _save(device_name: str) -> None:
-    """Write the device's decisions (this process's measured and adopted ones, over what the
-    file holds now) to its cache file, atomically; a cache that cannot be written warns once."""
+def _disk_key(record: Union[Decision, Verification]) -> tuple:
+    if isinstance(record, Decision):
+        return ("tuning", record.key, record.path)
+    return ("verification", record.key, record.check, record.passed)
+
+
+def _append(device_name: str, records: List[Union[Decision, Verification]]) -> None:
+    """Add decisions to the device's cache file: one line each, appended under an exclusive
+    lock (``fcntl.flock``; concurrent writers queue and none overwrites another's lines), in
+    one write. Costs the new lines only, never a rewrite; no temporary file. A cache that
+    cannot be written warns once; the decisions stay in this process."""
     path = cache_file(device_name)
-    if path is None:
+    records = [r for r in records if _disk_key(r) not in _on_disk]
+    if path is None or not records:
         return
-    entries = {d.key: d for d in _read(device_name)}
-    entries.update((k, d) for k, d in _decisions.items() if k[0] == device_name)
-    rows = [entries[k].as_dict() for k in sorted(entries)]
-    for row in rows:
-        del row["source"]  # read back as "disk cache"
-    data = dict(format=CACHE_FORMAT, device=device_name, **_versions(), decisions=rows)
+    rows = [{k: v for k, v in dict(r.as_dict(), cache_format=CACHE_FORMAT).items() if k != "source"} for r in records]
+    text = "".join(json.dumps(row) + "\n" for row in rows)  # (read back as "disk cache")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed
+                except OSError:  # a file system without locks (some network mounts): O_APPEND alone
+                    pass
+            end = os.lseek(fd, 0, os.SEEK_END)
+            if end and os.pread(fd, 1, end - 1) != b"\n":
+                text = "\n" + text  # a writer killed mid-line: its fragment stays a line of its own
+            data = text.encode("utf-8")
+            while data:
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)
     except OSError as exc:
-        if path not in _warned:
-            _warned.add(path)
-            warnings.warn(f"gn_det tuning cache {path} cannot be written ({exc}): decisions are kept in this "
-                          "process only", RuntimeWarning, stacklevel=3)
+        if (path, "write") not in _warned:
+            _warned.add((path, "write"))
+            warnings.warn(f"gn_det decisions cache {path} cannot be written ({exc}): decisions are kept in this "
+                          "process only", RuntimeWarning, stacklevel=4)
+        return
+    _on_disk.update(_disk_key(r) for r in records)
 
 
 # ----------------------------------------------------------------------------- several processes
@@ -368,12 +519,14 @@ _gloo_group = None
 
 def synchronize_decisions(group=None) -> int:
     """Make every process of a distributed run hold the same decisions: each offers those it
-    measured since the last call, and for each bucket every process adopts the offer of the
-    lowest rank. A collective: every rank calls it at the same point (gn_det's trainers after
-    each step), never from inside a forward, so ranks that meet different shapes cannot
-    deadlock. Objects travel over a gloo group (created on the first call when the default
-    group is not gloo): no CUDA synchronisation. Returns how many decisions were adopted from
-    other ranks; 0 outside a distributed run."""
+    made since the last call (tuning measurements, kernel verifications), and for each bucket
+    every process adopts the offer of the lowest rank, but that a verification that failed on
+    any rank wins over one that passed (the kernels are then used on no rank for that bucket).
+    A collective: every rank calls it at the same point (gn_det's trainers after each step),
+    never from inside a forward, so ranks that meet different shapes, or whose kernels fail
+    where others' pass, cannot deadlock. Objects travel over a gloo group (created on the
+    first call when the default group is not gloo): no CUDA synchronisation. Returns how many
+    decisions were adopted from other ranks; 0 outside a distributed run."""
     global _gloo_group
     import torch.distributed as dist
 
@@ -387,21 +540,38 @@ def synchronize_decisions(group=None) -> int:
     if world == 1:
         return 0
     offers: List[Optional[list]] = [None] * world
-    dist.all_gather_object(offers, [d.as_dict() for d in _unshared.values()], group=group)
+    mine = [d.as_dict() for d in _unshared.values()] + [v.as_dict() for v in _unshared_verifications.values()]
+    dist.all_gather_object(offers, mine, group=group)
     _unshared.clear()
+    _unshared_verifications.clear()
     me = dist.get_rank(group)
-    chosen: Dict[TuneKey, Tuple[int, dict]] = {}
-    for rank, entries in enumerate(offers):  # ascending: the lowest rank's offer of a bucket wins
-        for entry in entries:
-            chosen.setdefault(tuple(entry[field] for field in TUNE_FIELDS), (rank, entry))
+    chosen: Dict[tuple, Tuple[int, Union[Decision, Verification]]] = {}
+    for rank, rows in enumerate(offers):  # ascending: the lowest rank's offer of a bucket wins
+        for row in rows:
+            record = _record_of(dict(row, cache_format=CACHE_FORMAT), row["device"])
+            slot = record.key if isinstance(record, Decision) else (record.key, record.check)
+            held = chosen.get(slot)
+            if held is None or isinstance(record, Verification) and held[1].passed and not record.passed:
+                chosen[slot] = (rank, record)
     adopted = 0
-    _by_input.clear()
-    for key, (rank, entry) in chosen.items():
-        source = "measured" if rank == me else f"rank {rank}"
+    new_rows: Dict[str, list] = {}
+    for slot, (rank, record) in chosen.items():
+        own = "measured" if isinstance(record, Decision) else "verified"
+        source = own if rank == me else f"rank {rank}"
         adopted += rank != me
-        _decisions[key] = Decision(key, entry["path"], source, entry["times_ms"], tuple(entry["shape"]))
-    for device_name in {key[0] for key in chosen}:
-        _save(device_name)
+        record = dataclasses.replace(record, source=source)
+        if isinstance(record, Decision):
+            _decisions[slot] = record
+        else:
+            _verifications[slot] = record
+            if not record.passed:
+                _failed.setdefault(record.key, record)
+        if rank != me:
+            new_rows.setdefault(record.key[0], []).append(record)
+    _by_input.clear()
+    _checked_by_input.clear()
+    for device_name, records in new_rows.items():
+        _append(device_name, records)
     return adopted
 
 
