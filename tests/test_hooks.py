@@ -7,7 +7,7 @@ import inspect
 import re
 import sys
 
-import gn_det  # noqa: F401  (runs install())
+import gn_det  # runs install()
 from gn_det.modeling import hooks
 
 # "- ``detectron2.<module>.<function>(<signature>)``" rows of the docstring's list
