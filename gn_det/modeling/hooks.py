@@ -28,10 +28,11 @@ signature written here):
   -> the same function run inside ``building_from(cfg)`` (``BUILD_FUNCTIONS``): a
   project's registered backbone or head that is not ``@configurable`` (``__init__(cfg,
   ...)``, a builder function) calls ``get_norm`` with no config in reach, so the scope
-  carries its settings. The outermost call finishes the module (``finish_model``: ReLUs
-  fused into GN with ``MODEL.GN.FUSE_ACTIVATION``, output recomputation, and for
-  ``build_model`` channels_last with ``MODEL.CHANNELS_LAST``), and a ``ConfigError`` raised
-  inside gets the config's gn_det norm keys added.
+  carries its settings. The outermost call finishes the module with what the settings ask
+  of a built module (``finish_model``: ReLUs fused into GN with
+  ``MODEL.GN.FUSE_ACTIVATION``, ...; for ``build_model``, channels_last with
+  ``MODEL.CHANNELS_LAST``), and a ``ConfigError`` raised inside gets the config's gn_det
+  norm keys added.
 
 Where: ``install()``, run once by ``import gn_det``, re-binds every attribute, in every module
 then loaded, whose value is one of these functions (with detectron2 0.7.2 and gn_det's own
