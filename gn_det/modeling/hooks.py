@@ -2,21 +2,62 @@
 from a config: by detectron2's ``build_model``, ``DefaultTrainer`` and its subclasses, a
 project's own trainer, meta-architecture, backbone or heads.
 
-``install()`` (run by ``import gn_det``) re-binds, in every loaded module that holds them by
-name (detectron2's, and a project's own modules imported before gn_det):
+What is patched, and why (the one list; ``tests/test_hooks.py`` checks that it names exactly
+the functions ``install()`` replaces, and that each detectron2 function still has the
+signature written here):
 
-- ``get_norm`` -> ``gn_det.modeling.norm.get_norm`` (gn_det's norm names);
-- detectron2's build functions (``build_model``, ``build_backbone``, the heads' builders,
-  the list in ``BUILD_FUNCTIONS``) -> the same function run inside ``building_from(cfg)``.
-  The outermost one then fuses ReLUs into GN (``MODEL.GN.FUSE_ACTIVATION``), and
-  ``build_model`` puts the model in channels_last (``MODEL.CHANNELS_LAST``). A ``ConfigError``
-  raised inside (a group count that does not divide a layer's channels, an unknown norm)
-  gets the config's gn_det norm keys added;
-- ``detectron2.config.config._get_args_from_config`` (what every ``@configurable``
-  constructor called with a config runs): the config's scope is open while its
-  ``from_config`` runs, and the gn_det norm names among the arguments it returns become
-  factories bound to the config's settings, so ``FastRCNNConvFCHead(cfg, shape)`` built
-  directly gets them too.
+- ``detectron2.layers.batch_norm.get_norm(norm, out_channels)``
+  -> ``gn_det.modeling.norm.get_norm``: detectron2's table of norm names is a literal inside
+  the function, so "FastGN" (and "GN" with ``MODEL.GN.REPLACE_GN``) can only become a norm
+  name wherever detectron2 takes one (``MODEL.*.NORM``, a project's keys, LazyConfig
+  ``norm=``) by replacing the function. Other names and callables go to detectron2's.
+- ``detectron2.config.config._get_args_from_config(from_config_func, *args, **kwargs)``
+  -> runs inside ``building_from(cfg)``; the gn_det norm names among the arguments it
+  returns become factories bound to the config's settings: a ``@configurable`` module built
+  directly from a config (``FastRCNNConvFCHead(cfg, shape)``) gets them. Every
+  ``@configurable`` constructor called with a config runs it, by this global name.
+- ``detectron2.modeling.meta_arch.build.build_model(cfg)``
+- ``detectron2.modeling.backbone.build.build_backbone(cfg, input_shape=None)``
+- ``detectron2.modeling.proposal_generator.build.build_proposal_generator(cfg, input_shape)``
+- ``detectron2.modeling.proposal_generator.rpn.build_rpn_head(cfg, input_shape)``
+- ``detectron2.modeling.roi_heads.roi_heads.build_roi_heads(cfg, input_shape)``
+- ``detectron2.modeling.roi_heads.box_head.build_box_head(cfg, input_shape)``
+- ``detectron2.modeling.roi_heads.mask_head.build_mask_head(cfg, input_shape)``
+- ``detectron2.modeling.roi_heads.keypoint_head.build_keypoint_head(cfg, input_shape)``
+- ``detectron2.modeling.meta_arch.semantic_seg.build_sem_seg_head(cfg, input_shape)``
+  -> the same function run inside ``building_from(cfg)`` (``BUILD_FUNCTIONS``): a
+  project's registered backbone or head that is not ``@configurable`` (``__init__(cfg,
+  ...)``, a builder function) calls ``get_norm`` with no config in reach, so the scope
+  carries its settings. The outermost call finishes the module with what the settings ask
+  of a built module (``finish_model``: ReLUs fused into GN with
+  ``MODEL.GN.FUSE_ACTIVATION``, ...; for ``build_model``, channels_last with
+  ``MODEL.CHANNELS_LAST``), and a ``ConfigError`` raised inside gets the config's gn_det
+  norm keys added.
+
+Where: ``install()``, run once by ``import gn_det``, re-binds every attribute, in every module
+then loaded, whose value is one of these functions (with detectron2 0.7.2 and gn_det's own
+imports: 51 attributes in 28 detectron2 modules, e.g. ``detectron2.modeling.build_model`` and
+the ``get_norm`` that ``resnet.py`` imported), and any module of a project imported before
+gn_det that holds one (``from detectron2.layers import get_norm``); ``rebound_attributes()``
+lists them. A module imported later takes gn_det's functions from those re-bound modules, so
+nothing is rescanned at build time (importing all 313 further detectron2 modules after
+gn_det leaves ``install()`` nothing to re-bind). Nothing else of detectron2 is patched: no
+class or method (``builders.py`` adds four names to detectron2's registries; ``fuse.py``
+changes the class of built block instances, not detectron2's classes).
+
+Checked against: detectron2 v0.6 (2021-11, upstream tag), PyPI's sal-detectron2 0.7.2 (the
+installed one: an upstream snapshot of 2024) and upstream 02b5c4e (2026-06). The signatures
+above are those of all three; the bodies of these functions are identical in 0.7.2 and
+02b5c4e (v0.6's ``get_norm`` lacks "LN", a detectron2 name either way).
+
+Not patched, so looked up on the stack: a project's plain builder called directly with a
+config (``build_my_backbone(cfg, shape)`` outside every build function) reaches ``get_norm``
+with no scope open and no config passed; gn_det's code is nowhere on that path, so nothing
+can set a flag there. ``gn_det.modeling.norm._check_no_config_bypassed`` therefore looks up
+the callers' frames for a local ``cfg`` (only then: a gn_det norm built outside every scope)
+and refuses to build with the defaults when that config has other ``MODEL.GN`` settings,
+naming the fix (``with gn_det.building_from(cfg):``). (The other stack lookup,
+``norm._module_being_built``, only names the layer being built in an error.)
 
 A module built without a config (Python, LazyConfig) uses ``gn_settings(...)``'s settings,
 or ``GroupNorm.factory(...)`` as its ``norm=``; by default GNSettings()'s.
@@ -25,7 +66,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 import detectron2.modeling
 import torch
@@ -41,7 +82,7 @@ from .fuse import fuse_norm_activation
 from .norm import NORM_REGISTRY, building_from, config_norm_names, get_norm, gn_settings, resolve_norm_name
 from .weight_std import standardize_weights
 
-__all__ = ["BUILD_FUNCTIONS", "build_model", "finish_model", "install"]
+__all__ = ["BUILD_FUNCTIONS", "build_model", "finish_model", "install", "rebound_attributes"]
 
 # detectron2.modeling's functions that build modules from a config (their first argument).
 BUILD_FUNCTIONS = (
@@ -81,8 +122,6 @@ def _under_config(build: Callable) -> Callable:
         if not isinstance(cfg, CfgNode):
             return build(cfg, *args, **kwargs)
         with building_from(cfg) as (settings, outermost):
-            if outermost:
-                install()  # modules imported since the last build may hold detectron2's originals
             try:
                 module = build(cfg, *args, **kwargs)
             except ConfigError as exc:
@@ -123,16 +162,26 @@ def _args_from_config_under(get_args: Callable) -> Callable:
     return get_args_under_config
 
 
-_original = lambda fn: getattr(fn, "__wrapped__", fn)  # noqa: E731  (detectron2's function behind a wrapper)
+def _original(fn: Callable) -> Callable:
+    """detectron2's function behind gn_det's replacement (``__wrapped__``), or ``fn``."""
+    return getattr(fn, "__wrapped__", fn)
 
-# detectron2's function -> gn_det's replacement; made once, so install() is idempotent.
-_REPLACEMENTS: Dict[Callable, Callable] = {_original(batch_norm.get_norm): get_norm}
-get_norm.__wrapped__ = _original(batch_norm.get_norm)
-for _name in BUILD_FUNCTIONS:
-    _build = _original(getattr(detectron2.modeling, _name))
-    _REPLACEMENTS[_build] = _under_config(_build)
-_get_args = _original(d2_config._get_args_from_config)
-_REPLACEMENTS[_get_args] = _args_from_config_under(_get_args)
+
+def _replacements() -> Dict[Callable, Callable]:
+    """detectron2's function -> gn_det's replacement (the module docstring's list), made once
+    so that ``install()`` is idempotent."""
+    replacements: Dict[Callable, Callable] = {_original(batch_norm.get_norm): get_norm}
+    get_norm.__wrapped__ = _original(batch_norm.get_norm)
+    for name in BUILD_FUNCTIONS:
+        build = _original(getattr(detectron2.modeling, name))
+        replacements[build] = _under_config(build)
+    get_args = _original(d2_config._get_args_from_config)
+    replacements[get_args] = _args_from_config_under(get_args)
+    return replacements
+
+
+_REPLACEMENTS = _replacements()
+_REBOUND: List[str] = []  # "module.attribute" re-bound by install(), in order
 
 build_model = _REPLACEMENTS[_original(detectron2.modeling.build_model)]
 build_model.__doc__ = (
@@ -143,10 +192,12 @@ build_model.__doc__ = (
 
 def install() -> int:
     """Re-bind detectron2's ``get_norm``, build functions and ``_get_args_from_config`` to
-    gn_det's in every loaded module that holds them; idempotent. Returns how many module
-    attributes it re-bound (0 when all were already)."""
+    gn_det's in every loaded module that holds them (the module docstring's list); run by
+    ``import gn_det``; idempotent. Returns how many module attributes it re-bound (0 when all
+    were already). Needed again only for a module that got one of detectron2's originals
+    other than by import (a copy kept from before ``import gn_det``)."""
     rebound = 0
-    for module in list(sys.modules.values()):
+    for name, module in list(sys.modules.items()):
         # vars() avoids lazy modules' __getattr__; any attribute name (``import ... as``) counts.
         namespace = getattr(module, "__dict__", None)
         if not isinstance(namespace, dict):
@@ -158,5 +209,11 @@ def install() -> int:
                 continue
             if replacement is not None:
                 namespace[attr] = replacement
+                _REBOUND.append(f"{name}.{attr}")
                 rebound += 1
     return rebound
+
+
+def rebound_attributes() -> List[str]:
+    """Every ``module.attribute`` that ``install()`` has re-bound to gn_det's function."""
+    return list(_REBOUND)
