@@ -11,6 +11,6 @@ from .projections import projection_convs  # registers detectron2's projections 
 
 __all__ = [
     "NORM_NAME", "NORM_REGISTRY", "ConversionReport", "build_model", "building_from", "convert_to_group_norm",
-    "current_gn_settings", "finish_model", "fuse_norm_activation", "get_norm", "gn_settings", "install", "projection_convs",
-    "register_norm", "validate_gn_config",
+    "current_gn_settings", "finish_model", "fuse_norm_activation", "get_norm", "gn_settings", "install",
+    "projection_convs", "register_norm", "validate_gn_config",
 ]
