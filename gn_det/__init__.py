@@ -10,10 +10,10 @@ import importlib.util
 
 from .kernels import autotune_decisions, decisions, group_norm, set_autotune, set_tuning_cache, synchronize_decisions
 from .layers import GroupNorm, resolve_num_groups
-from .recompute import count_saved_tensors, recompute_output_enabled, recompute_outputs, set_recompute_output
+from .recompute import recompute_output_enabled, recompute_outputs, set_recompute_output
 
 __version__ = "0.1.0"
-__all__ = ["GroupNorm", "autotune_decisions", "count_saved_tensors", "decisions", "group_norm", "recompute_output_enabled",
+__all__ = ["GroupNorm", "autotune_decisions", "decisions", "group_norm", "recompute_output_enabled",
            "recompute_outputs", "resolve_num_groups", "set_autotune", "set_recompute_output", "set_tuning_cache",
            "synchronize_decisions", "__version__"]
 

@@ -1,7 +1,7 @@
 """``python -m gn_det.check``: a self-check of gn_det on this machine, for users and bug reports.
 
 On a CUDA GPU it runs gn_det's Triton kernels at every GN shape of a Mask R-CNN R50-FPN step
-(``benchmark_shapes.MASK_RCNN_SHAPES``, the benchmark's table) and a few others (odd sizes,
+(``gn_det.bench.layer_shapes.MASK_RCNN_SHAPES``, the benchmark's table) and a few others (odd sizes,
 G = 1, G = C, a sequence, a 3-D volume, (N, C) features), in float32, float16 and bfloat16,
 NCHW and channels_last, as plain GN, GN + ReLU, and a residual block's end (GN + shortcut + ReLU, with
 the output kept, and with it recomputed in backward as ``MODEL.GN.RECOMPUTE_OUTPUT`` does).
@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import gn_det
-from gn_det.benchmark_shapes import CPU_SHAPES, MASK_RCNN_SHAPES, Shape
+from gn_det.bench.layer_shapes import CPU_SHAPES, MASK_RCNN_SHAPES, Shape
 from gn_det.kernels import dispatch, routing, tuning
 from gn_det.kernels.activation import activation_code
 from gn_det.kernels.autograd import GroupNormFunction, residual_mode_for
@@ -98,7 +98,7 @@ GPU_EXTRA_SHAPES: Dict[str, Tuple[Shape, int]] = {
 GPU_QUICK = ("stem N=1", "res5", "FPN P3", "box head", "odd 37x53 (3 ch/group)", "G = 1 (layer norm)",
              "G = C (instance norm)", "volume")
 
-# The CPU path at smaller stand-ins of the same layers (benchmark_shapes.CPU_SHAPES) and others.
+# The CPU path at smaller stand-ins of the same layers (layer_shapes.CPU_SHAPES) and others.
 CPU_EXTRA_SHAPES: Dict[str, Tuple[Shape, int]] = {
     "odd 13x11 (3 ch/group)": ((2, 96, 13, 11), 32),
     "G = 1 (layer norm)": ((2, 64, 25, 42), 1),

@@ -13,8 +13,11 @@ deterministic forward, so the tensor it gets is bit-identical to the one it woul
   gradient accumulation work: each forward's handles hold that forward's tensors). What
   ``MODEL.GN.RECOMPUTE_OUTPUT`` turns on for built models.
 - ``recompute_outputs()``: the same scope as a context manager, around any forward.
-- ``count_saved_tensors()``: bytes that autograd stores for backward, by unique storage
-  (handles cost nothing; what they hold is counted where GN saves it).
+- ``observe_saved_tensors(observer)``: ``observer(tensor)`` for each tensor autograd saves as
+  is (not the GN outputs stored as handles): what the benchmarks' counter
+  (``gn_det.bench.memory.count_saved_tensors``) counts with.
+- ``register_projection_finder(finder)``: how ``set_recompute_output`` finds, in a model, the
+  convolutions whose output only a gn_det GN reads (gn_det.modeling registers detectron2's).
 
 Saved normally instead: an output modified in place before it is saved (its version
 changed: a residual ``+=``, an unfused ``relu_``), an output whose GN saved nothing (no
@@ -44,8 +47,8 @@ import torch.nn.functional as F
 from .kernels.autograd import GroupNormFunction
 from .kernels.dispatch import forward_impl
 
-__all__ = ["SavedTensorCount", "count_saved_tensors", "projection_convs", "recompute_output_enabled", "recompute_outputs",
-           "record_output", "recording", "set_recompute_output"]
+__all__ = ["observe_saved_tensors", "recompute_output_enabled", "recompute_outputs", "record_output", "recording",
+           "register_projection_finder", "set_recompute_output"]
 
 # The outer saved-tensor hooks, if any, when ours are pushed (so ours chain to them).
 _top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
@@ -57,7 +60,7 @@ class _State(threading.local):
         self.users = 0
         self.records: Optional[Dict[int, "_Record"]] = None  # storage data_ptr -> record, while recording
         self.recording_depth = 0
-        self.counters: List["SavedTensorCount"] = []
+        self.observers: List[Callable[[Tensor], None]] = []  # see observe_saved_tensors
         self.conv_input: Optional[Tuple[nn.Module, Tensor]] = None  # a projection conv's input, until its GN runs
 
 
@@ -147,8 +150,8 @@ class _Hooks:
         handle = _handle_for(tensor)
         if handle is not None:
             return handle
-        for counter in _state.counters:
-            counter.add(tensor)
+        for observe in _state.observers:
+            observe(tensor)
         if self.outer_pack is not None:
             return _Outer(self.outer_pack(tensor), self.outer_unpack)
         return tensor
@@ -256,25 +259,23 @@ def _record_projection_output(norm: nn.Module, args) -> None:
     _record_projection(x, *pending)
 
 
-def projection_convs(model: nn.Module) -> List[nn.Module]:
-    """The convolutions of ``model`` whose output only a gn_det GN (without activation) reads,
-    cheap to run again: the 1x1 projection shortcuts of detectron2's residual blocks and the
-    1x1 lateral convolutions of its FPN (each feeds a sum). Those with frozen weights are left
-    out (they keep no input to recompute from)."""
-    from detectron2.layers import CNNBlockBase, Conv2d
-    from detectron2.modeling.backbone import FPN
+# Functions ``finder(model) -> convolutions`` whose results set_recompute_output also covers:
+# detectron2 Conv2d-like modules (``weight``, ``bias``, ``stride``..., ``norm`` a gn_det GroupNorm
+# without activation) whose output only that GN reads. Added by register_projection_finder only.
+_projection_finders: List[Callable[[nn.Module], List[nn.Module]]] = []
 
-    from .layers import GroupNorm
 
-    found = []
-    for module in model.modules():
-        if isinstance(module, CNNBlockBase):
-            found.append(getattr(module, "shortcut", None))
-        elif isinstance(module, FPN):
-            found.extend(module.lateral_convs)
-    return [conv for conv in found
-            if isinstance(conv, Conv2d) and isinstance(conv.norm, GroupNorm) and conv.norm.activation is None
-            and conv.activation is None and tuple(conv.kernel_size) == (1, 1) and conv.weight.requires_grad]
+def register_projection_finder(
+    finder: Callable[[nn.Module], List[nn.Module]]
+) -> Callable[[nn.Module], List[nn.Module]]:
+    """Add ``finder``: ``finder(model)`` returns the convolutions of ``model`` whose output only
+    their ``norm`` (a gn_det ``GroupNorm`` without activation) reads, cheap to run again; under
+    ``set_recompute_output`` such a GN's input is recomputed (the convolution runs again) instead
+    of saved. ``gn_det.modeling`` registers detectron2's (``projection_convs``) when imported.
+    Returns ``finder`` (usable as a decorator)."""
+    if finder not in _projection_finders:
+        _projection_finders.append(finder)
+    return finder
 
 
 def _open_scope() -> None:
@@ -327,8 +328,9 @@ def _exit_scope(module: nn.Module, args, output) -> None:
 def set_recompute_output(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Turn output recomputation on (or off) for every forward of ``model``, in place: GN
     outputs consumed inside ``model``'s forward are recomputed in backward instead of saved,
-    and so are the inputs of the GNs after detectron2's projection convolutions
-    (``projection_convs``: the convolution runs again). Gradients are bit-identical (fp32);
+    and so are the inputs of the GNs after the convolutions the registered finders return
+    (``register_projection_finder``; with detectron2, its blocks' projection shortcuts and
+    FPN laterals: the convolution runs again). Gradients are bit-identical (fp32);
     memory drops by about one activation per GN whose output feeds a layer that saves its
     input, and one per projection. Idempotent. Returns ``model``."""
     handles = model.__dict__.pop("_gn_det_recompute_handles", None)
@@ -337,18 +339,11 @@ def set_recompute_output(model: nn.Module, enabled: bool = True) -> nn.Module:
     if enabled:
         handles = [model.register_forward_pre_hook(_enter_scope),
                    model.register_forward_hook(_exit_scope, always_call=True)]
-        for conv in _projection_convs_if_detectron2(model):
+        for conv in (conv for find in _projection_finders for conv in find(model)):
             handles += [conv.register_forward_pre_hook(_note_projection_input),
                         conv.norm.register_forward_pre_hook(_record_projection_output)]
         model.__dict__["_gn_det_recompute_handles"] = tuple(handles)
     return model
-
-
-def _projection_convs_if_detectron2(model: nn.Module) -> List[nn.Module]:
-    try:
-        return projection_convs(model)
-    except ImportError:  # without detectron2 there are none of its blocks
-        return []
 
 
 def recompute_output_enabled(model: nn.Module) -> bool:
@@ -356,45 +351,14 @@ def recompute_output_enabled(model: nn.Module) -> bool:
     return bool(model.__dict__.get("_gn_det_recompute_handles"))
 
 
-class SavedTensorCount:
-    """What autograd stored for backward while counting: unique storages and their bytes.
-
-    ``label`` (optional) names each storage when it is first saved, from the tensor (e.g.
-    the module that made it and the one saving it); ``bytes_by_label`` sums by it. Storages in ``exclude`` (e.g. the parameters')
-    are counted in ``excluded_bytes`` only."""
-
-    def __init__(self, label: Optional[Callable[[Tensor], str]] = None, exclude: Tuple[int, ...] = ()) -> None:
-        self.label = label
-        self.exclude = set(exclude)
-        self.seen: Dict[int, int] = {}
-        self.bytes = 0
-        self.excluded_bytes = 0
-        self.bytes_by_label: Dict[str, int] = {}
-
-    def add(self, tensor: Tensor) -> None:
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key in self.seen or tensor.device.type == "meta":
-            return
-        self.seen[key] = nbytes = storage.nbytes()
-        if key in self.exclude:
-            self.excluded_bytes += nbytes
-            return
-        self.bytes += nbytes
-        if self.label is not None:
-            name = self.label(tensor)
-            self.bytes_by_label[name] = self.bytes_by_label.get(name, 0) + nbytes
-
-
 @contextlib.contextmanager
-def count_saved_tensors(label: Optional[Callable[[Tensor], str]] = None,
-                        exclude: Tuple[int, ...] = ()) -> Iterator[SavedTensorCount]:
-    """Count the unique storages autograd saves for backward inside the block (forwards run
-    inside it; recomputed GN outputs are not saved, so not counted)."""
-    count = SavedTensorCount(label, exclude)
+def observe_saved_tensors(observer: Callable[[Tensor], None]) -> Iterator[None]:
+    """Call ``observer(tensor)`` for each tensor autograd saves for backward inside the block
+    (forwards run inside it), before the hooks active outside see it; not for recomputed GN
+    outputs (stored as handles, not saved)."""
     with _hooks_pushed():
-        _state.counters.append(count)
+        _state.observers.append(observer)
         try:
-            yield count
+            yield
         finally:
-            _state.counters.remove(count)
+            _state.observers.remove(observer)

@@ -15,7 +15,7 @@ import torch
 
 import gn_det
 from gn_det import check
-from gn_det.benchmark_shapes import MASK_RCNN_SHAPES
+from gn_det.bench.layer_shapes import MASK_RCNN_SHAPES
 from gn_det.tolerances import GRAD_TOLERANCE, TOLERANCE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,7 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import coco_evaluation
 from detectron2.structures import Boxes, BoxMode, Instances
 
-from gn_det.cocoeval_benchmark import synthetic_coco
+from gn_det.bench.cocoeval import synthetic_coco
 from gn_det.evaluation import FastCOCOEvaluator, cocoeval_class
 
 try:

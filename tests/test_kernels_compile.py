@@ -13,8 +13,9 @@ import re
 import subprocess
 import sys
 
-from gn_det.benchmark_shapes import COMPILE_EXTRA_SHAPES, MASK_RCNN_SHAPES
-from gn_det.kernels import group_norm_triton, inspection, occupancy
+from gn_det.bench import inspection
+from gn_det.bench.layer_shapes import COMPILE_EXTRA_SHAPES, MASK_RCNN_SHAPES
+from gn_det.kernels import group_norm_triton, occupancy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = {"_group_forward_kernel", "_group_backward_kernel", "_group_forward_flat_kernel", "_group_backward_flat_kernel",

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 import gn_det
+from gn_det import recompute
+from gn_det.bench.memory import count_saved_tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +26,7 @@ def conv_gn_stack(activation, seed: int = 0) -> nn.Sequential:
 
 def grads(model: nn.Module, *inputs: torch.Tensor, autocast: bool = False):
     model.zero_grad(set_to_none=True)
-    with gn_det.count_saved_tensors() as count:
+    with count_saved_tensors() as count:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = sum(model(x).float().square().sum() for x in inputs)
     loss.backward()
@@ -148,7 +150,7 @@ def test_resnet_fpn_backbone_gradients_bit_identical(monkeypatch):
     def run(model):
         params = tuple(p.untyped_storage().data_ptr() for p in model.parameters())
         model.zero_grad(set_to_none=True)
-        with gn_det.count_saved_tensors(exclude=params) as count:
+        with count_saved_tensors(exclude=params) as count:
             out = model(x)
             loss = sum(f.square().sum() for f in out.values())
         loss.backward()
@@ -168,14 +170,16 @@ def test_resnet_fpn_backbone_gradients_bit_identical(monkeypatch):
     assert saved_recomputed < 0.55 * saved_unfused
     # The projections' GN inputs (4 block shortcuts, 4 FPN laterals: 1x1 convolutions) are
     # among what is not kept: each is its convolution's output, run again in backward.
-    convs = gn_det.recompute.projection_convs(fused)
+    from gn_det.modeling.projections import projection_convs
+
+    convs = projection_convs(fused)
     assert len(convs) == 8 and all(tuple(c.kernel_size) == (1, 1) for c in convs)
     sizes = []
     hooks = [c.register_forward_hook(lambda m, i, o: sizes.append(o.numel() * o.element_size())) for c in convs]
     _, got, saved_with_projections = run(fused)
     for hook in hooks:
         hook.remove()
-    monkeypatch.setattr(gn_det.recompute, "projection_convs", lambda model: [])
+    monkeypatch.setattr(recompute, "_projection_finders", [])  # no finder: detectron2's not registered
     gn_det.set_recompute_output(fused, True)  # again, now without the projections
     _, got_without, saved_without_projections = run(fused)
     assert all(torch.equal(a, b) for a, b in zip(expected, got)) and saved_with_projections == saved_recomputed
@@ -188,9 +192,11 @@ def test_projection_shortcut_recomputed_under_bf16_autocast():
     # the same bf16 output, so the same gradients as saving it.
     from detectron2.modeling.backbone.resnet import BottleneckBlock
 
+    from gn_det.modeling.projections import projection_convs
+
     torch.manual_seed(0)
     block = BottleneckBlock(32, 64, bottleneck_channels=16, stride=2, norm=gn_det.GroupNorm.factory(num_groups=4))
-    assert gn_det.recompute.projection_convs(block) == [block.shortcut]
+    assert projection_convs(block) == [block.shortcut]
     x = torch.randn(2, 32, 12, 10)
     expected, saved = grads(block, x, autocast=True)
     gn_det.set_recompute_output(block, True)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gn_det
-from gn_det.data.classification import CLASSES, make_shapes_classification
+from gn_det.bench.classification import CLASSES, make_shapes_classification
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NormFactory = Callable[[int], nn.Module]

@@ -34,7 +34,7 @@ from benchmark_train import MODELS, calibrate_frozen_bn
 from detectron2.utils.events import EventStorage
 
 import gn_det
-from gn_det import memory_benchmark as mb
+from gn_det.bench import memory as mb
 from gn_det.data import synthetic_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -36,7 +36,7 @@ from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
 import gn_det
-from gn_det.benchmark_shapes import CPU_SHAPES, MASK_RCNN_SHAPES
+from gn_det.bench.layer_shapes import CPU_SHAPES, MASK_RCNN_SHAPES
 from gn_det.kernels import routing
 from gn_det.kernels.activation import activation_code
 from gn_det.kernels.dispatch import dispatch_path

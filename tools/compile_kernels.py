@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Compile every Triton kernel gn_det launches, for an NVIDIA GPU, on a machine without one.
 
-gn_det's launchers run at the benchmark shapes (gn_det.benchmark_shapes: the GN layers of a
+gn_det's launchers run at the benchmark shapes (gn_det.bench.layer_shapes: the GN layers of a
 Mask R-CNN R50-FPN step, plus a sequence, a volume and G = C), in every dtype, layout and
-activation, with a stand-in for Triton's GPU driver (gn_det.kernels.inspection): the kernels
+activation, with a stand-in for Triton's GPU driver (gn_det.bench.inspection): the kernels
 are specialised exactly as a real launch would specialise them (block sizes, warps, arguments
 equal to 1 or divisible by 16), then compiled to a cubin for the target (default sm_90, the
 H100/H200) instead of launched. ptxas reports each kernel's registers and spills; the PTX gives
@@ -36,8 +36,9 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from gn_det.benchmark_shapes import COMPILE_EXTRA_SHAPES, MASK_RCNN_SHAPES  # noqa: E402
-from gn_det.kernels import inspection, occupancy  # noqa: E402
+from gn_det.bench.layer_shapes import COMPILE_EXTRA_SHAPES, MASK_RCNN_SHAPES  # noqa: E402
+from gn_det.bench import inspection  # noqa: E402
+from gn_det.kernels import occupancy  # noqa: E402
 from gn_det.kernels.activation import ACT_NONE, ACT_RELU, ACT_SILU, RESIDUAL_ADD, RESIDUAL_OUTPUT  # noqa: E402
 
 SHAPES = {**MASK_RCNN_SHAPES, **COMPILE_EXTRA_SHAPES}
@@ -63,7 +64,7 @@ def launch_counts() -> Dict[str, dict]:
 
 
 def bytes_model(sm_count: int) -> List[dict]:
-    """The bytes-moved model (gn_det.kernels.inspection.bytes_moved) at the Mask R-CNN shapes,
+    """The bytes-moved model (gn_det.bench.inspection.bytes_moved) at the Mask R-CNN shapes,
     bfloat16 and float32, NCHW (the split count, the only layout-dependent term, barely moves it)."""
     return [{"shape": name, "dims": list(shape), "dtype": dtype, **inspection.bytes_moved(shape, size, sm_count=sm_count)}
             for name, shape in MASK_RCNN_SHAPES.items() for dtype, size in (("bfloat16", 2), ("float32", 4))]

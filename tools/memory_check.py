@@ -21,7 +21,7 @@ from detectron2.engine import HookBase
 import gn_det
 from gn_det.data import register_shapes_dataset
 from gn_det.engine import Trainer
-from gn_det.memory_benchmark import rss_mib
+from gn_det.bench.memory import rss_mib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import gn_det
+from gn_det.bench.memory import count_saved_tensors
 from gn_det.kernels import routing
 from gn_det.kernels.activation import ACT_RELU, RESIDUAL_ADD
 from gn_det.kernels.dispatch import dispatch_path, triton_enabled_for
@@ -300,7 +301,7 @@ def test_output_recomputation_reruns_the_kernels_bit_identically(memory_format, 
     assert dispatch_path(x, 2, "relu").startswith("Triton")
 
     def run():
-        with gn_det.count_saved_tensors() as count:
+        with count_saved_tensors() as count:
             loss = conv(gn(x)).square().sum()
         return torch.autograd.grad(loss, (x, conv.weight, gn.weight, gn.bias)), count.bytes
 

@@ -28,8 +28,8 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
-from . import group_norm_triton as kernels
-from .occupancy import H100, blocks_per_sm
+from ..kernels import group_norm_triton as kernels
+from ..kernels.occupancy import H100, blocks_per_sm
 
 # The kernels' pointer parameters that address activation-sized tensors (x, y, dy, dx, and a
 # block end's residual and its gradient); the others address per-channel gamma/beta,
@@ -322,13 +322,13 @@ def activation_min(widths: Dict[str, int]) -> Optional[int]:
 def replay_compiles(iterations: int = 300, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
                     activations: Sequence[int] = (0, 1), **recording) -> dict:
     """Distinct kernel compilations of detectron2 multi-scale training of a GN Mask R-CNN
-    R50-FPN (gn_det.benchmark_shapes.multiscale_training_batches: short side 640-800 in steps
+    R50-FPN (gn_det.bench.layer_shapes.multiscale_training_batches: short side 640-800 in steps
     of 32, aspect 1.2-1.8, padding to 32, 1-200 mask-head ROIs), every GN layer's forward and
     backward in both layouts and with each of ``activations``: the distinct specialisation
     keys of the Triton JIT (what it compiles once per process), counted without compiling.
     ``model_activations`` counts the same with each layer's own activation only (ReLU where
     the model's GN is followed by one, none before a residual add or in the FPN)."""
-    from ..benchmark_shapes import mask_rcnn_gn_layers, multiscale_training_batches
+    from .layer_shapes import mask_rcnn_gn_layers, multiscale_training_batches
 
     layers = set()
     calls = 0

@@ -1,5 +1,8 @@
 """Activation memory of a training step, measured without a device (``tools/benchmark_memory.py``).
 
+- ``count_saved_tensors()``: bytes that autograd stores for backward, by unique storage
+  (GN outputs under output recomputation cost nothing; what they are recomputed from is
+  counted where GN saves it);
 - ``saved_bytes(model, batch)``: one forward's unique storages saved for backward
   (saved-tensor hooks, deduplicated by storage), split into parameters and activations,
   and the activations by the module that made each tensor and the module that saved it;
@@ -16,16 +19,57 @@ import gc
 import statistics
 import time
 import weakref
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .recompute import count_saved_tensors
+from ..recompute import observe_saved_tensors
 
-__all__ = ["held_after_forward", "return_freed_memory_to_os", "rss_mib", "saved_bytes", "step_times", "cuda_peak"]
+__all__ = ["SavedTensorCount", "count_saved_tensors", "held_after_forward", "return_freed_memory_to_os", "rss_mib",
+           "saved_bytes", "step_times", "cuda_peak"]
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+class SavedTensorCount:
+    """What autograd stored for backward while counting: unique storages and their bytes.
+
+    ``label`` (optional) names each storage when it is first saved, from the tensor (e.g.
+    the module that made it and the one saving it); ``bytes_by_label`` sums by it. Storages in ``exclude`` (e.g. the parameters')
+    are counted in ``excluded_bytes`` only."""
+
+    def __init__(self, label: Optional[Callable[[Tensor], str]] = None, exclude: Tuple[int, ...] = ()) -> None:
+        self.label = label
+        self.exclude = set(exclude)
+        self.seen: Dict[int, int] = {}
+        self.bytes = 0
+        self.excluded_bytes = 0
+        self.bytes_by_label: Dict[str, int] = {}
+
+    def add(self, tensor: Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in self.seen or tensor.device.type == "meta":
+            return
+        self.seen[key] = nbytes = storage.nbytes()
+        if key in self.exclude:
+            self.excluded_bytes += nbytes
+            return
+        self.bytes += nbytes
+        if self.label is not None:
+            name = self.label(tensor)
+            self.bytes_by_label[name] = self.bytes_by_label.get(name, 0) + nbytes
+
+
+@contextlib.contextmanager
+def count_saved_tensors(label: Optional[Callable[[Tensor], str]] = None,
+                        exclude: Tuple[int, ...] = ()) -> Iterator[SavedTensorCount]:
+    """Count the unique storages autograd saves for backward inside the block (forwards run
+    inside it; recomputed GN outputs are not saved, so not counted)."""
+    count = SavedTensorCount(label, exclude)
+    with observe_saved_tensors(count.add):
+        yield count
 
 
 def rss_mib() -> float:
