@@ -6,22 +6,31 @@ reads, and never leaves a half-written checkpoint where ``--resume`` would pick 
   dicts, lists and tuples (which pickle builds without naming a class). Anything else (a
   function, a class) is refused with an ``UntrustedWeightsError`` (an ``UnpicklingError``)
   naming it.
-- ``.pth``/``.pt`` checkpoints are read with ``torch.load(weights_only=True)``; what it
-  refuses is an ``UntrustedWeightsError`` too.
+- Every other file (``.pth``, ``.pt``, pycls' ``.pyth``, any extension) is read with
+  ``torch.load(weights_only=True)``, which ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot turn off
+  (it overrides only calls that leave ``weights_only`` unset, as detectron2's ``.pyth`` loader
+  does); what it refuses is an ``UntrustedWeightsError`` too.
 - A weights file that is missing (``MissingFileError``), refused, truncated or corrupt
   (``WeightsError``) is a ``UserError`` whose message names the file and what set it:
   ``MODEL.WEIGHTS``, or ``OUTPUT_DIR/last_checkpoint`` with ``--resume``.
   ``check_weights_exist`` checks the first cheaply, before worker processes start.
 - ``save`` writes ``<name>.pth.tmp``, flushes it to disk, then renames it over ``<name>.pth``
   (an atomic step); ``last_checkpoint`` is replaced the same way, after the checkpoint. A
-  crash at any point leaves the previous checkpoint and the pointer to it intact.
+  crash at any point leaves the previous checkpoint and the pointer to it intact; an exception
+  (SIGINT, SIGTERM) during the write removes the ``.tmp``, and ``remove_stale_temporaries``
+  removes those a SIGKILL left (the Trainer calls it at start).
+- A corrupt checkpoint named by ``last_checkpoint`` is reported with the newest readable
+  checkpoint before it, and how to resume from that one.
 """
 from __future__ import annotations
 
+import glob
 import io
 import os
 import pickle
-from typing import Any, Dict
+import re
+import zipfile
+from typing import Any, Dict, List
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -32,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .errors import MissingFileError, UntrustedWeightsError, WeightsError
 
-__all__ = ["SafeCheckpointer", "check_weights_exist", "safe_load_pickle"]
+__all__ = ["SafeCheckpointer", "check_weights_exist", "previous_checkpoints", "safe_load_pickle"]
 
 # (module, name) pairs a Detectron weights pickle may name: numpy's array rebuild machinery.
 _ALLOWED_GLOBALS = {
@@ -139,8 +148,15 @@ class SafeCheckpointer(DetectionCheckpointer):
             self._parsed_url_during_load = None  # detectron2 resets it on success only: a later load would assert
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
+        if filename.endswith(".pyth"):  # pycls; detectron2 reads these with a plain torch.load
+            data = self._torch_load(filename)
+            if not isinstance(data, dict) or "model_state" not in data:
+                raise WeightsError(f"{self._describe(filename)}: a .pyth file is read as a pycls checkpoint, which "
+                                   "holds 'model_state'; this one does not")
+            state = {k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")}
+            return {"model": state, "__author__": "pycls", "matching_heuristics": True}
         if not filename.endswith(".pkl"):
-            return super()._load_file(filename)  # .pth goes through _torch_load below
+            return super()._load_file(filename)  # .pth and the rest go through _torch_load below
         data = safe_load_pickle(filename, what=self._describe(filename))
         if not isinstance(data, dict):
             raise WeightsError(f"{self._describe(filename)}: expected a dict of weights, found {type(data).__name__}")
@@ -161,7 +177,7 @@ class SafeCheckpointer(DetectionCheckpointer):
                 if detail is None:  # refused an opcode, not a class: not a checkpoint at all
                     reason = lines[-2] if len(lines) > 2 else str(exc)
                     raise WeightsError(f"{self._describe(filename)}: not a readable checkpoint ({reason}); is it a "
-                                       ".pth written by torch.save, and complete?") from None
+                                       f".pth written by torch.save, and complete?{self._previous_hint(filename)}") from None
                 raise UntrustedWeightsError(
                     f"{self._describe(filename)}: not loaded: it holds objects beyond tensors and plain containers, "
                     f"and torch.load(weights_only=True) refuses to run them ({detail}). Load only checkpoints from "
@@ -174,7 +190,33 @@ class SafeCheckpointer(DetectionCheckpointer):
                     raise
                 raise WeightsError(f"{self._describe(filename)}: not a readable checkpoint ({type(exc).__name__}: "
                                    f"{str(exc).split('. ')[0] if str(exc) else 'empty file'}); is it truncated or "
-                                   "corrupt?") from None
+                                   f"corrupt?{self._previous_hint(filename)}") from None
+
+    def _previous_hint(self, filename: str) -> str:
+        """For a checkpoint named by last_checkpoint: how to resume from the newest readable one
+        before it ("" for a file named otherwise)."""
+        if self._source == self.weights_key or not self.save_dir:
+            return ""
+        pointer = os.path.join(self.save_dir, "last_checkpoint")
+        previous = previous_checkpoints(self.save_dir, before=filename)
+        if not previous:
+            return f" No readable checkpoint precedes it in {self.save_dir}: delete {pointer} to start over."
+        name = os.path.basename(previous[0])
+        return (f" The previous checkpoint, {name}, is readable: resume from it with `echo {name} > {pointer}` "
+                "and --resume again (the iterations since it are trained again).")
+
+    def remove_stale_temporaries(self) -> List[str]:
+        """Remove the ``*.tmp`` files a killed save left in the save folder (a SIGKILL during
+        ``save``); returns their paths, each logged."""
+        removed = []
+        for path in glob.glob(os.path.join(glob.escape(self.save_dir or "."), "*.tmp")) if self.save_dir else []:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+            self.logger.warning("Removed %s, left by a save that was interrupted", path)
+        return removed
 
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -196,14 +238,35 @@ class SafeCheckpointer(DetectionCheckpointer):
         _atomic_write(path, lambda f: f.write(last_filename_basename.encode()))
 
 
+_ITERATION = re.compile(r"_(\d+)\.pth$")
+
+
+def previous_checkpoints(save_dir: str, before: str = "") -> List[str]:
+    """The readable periodic checkpoints (``model_XXXXXXX.pth``: a complete zip) in
+    ``save_dir``, newest first; with ``before``, only those of earlier iterations than it."""
+    limit = _ITERATION.search(before) if before else None
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(save_dir), "*.pth")):
+        match = _ITERATION.search(path)
+        if match and (limit is None or int(match.group(1)) < int(limit.group(1))) and zipfile.is_zipfile(path):
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
 def _atomic_write(path: str, write) -> None:
-    """Write to ``path + '.tmp'``, sync it to disk, then rename it over ``path``."""
+    """Write to ``path + '.tmp'``, sync it to disk, then rename it over ``path``. An exception
+    (KeyboardInterrupt included) during the write removes the ``.tmp``."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     try:
         os.fsync(directory)  # make the rename itself durable

@@ -129,8 +129,12 @@ class GNSettings:
 
 
 def add_gn_config(cfg: CN) -> CN:
-    """Add gn_det's keys (``GNSettings``' fields, with their defaults) to ``cfg``, in place.
-    Returns cfg. Adding twice is harmless."""
+    """Add gn_det's keys (``GNSettings``' fields, with their defaults, and the data checks'
+    ``gn_det.data.checks.DataSettings`` fields) to ``cfg``, in place. Returns cfg. Adding
+    twice is harmless."""
+    from .data.checks import add_data_config
+
+    add_data_config(cfg)
     for field in dataclasses.fields(GNSettings):
         node = cfg
         *parents, leaf = GNSettings.key(field.name).split(".")

@@ -10,9 +10,19 @@ events, ``--resume``) except that:
   installed (``gn_det.evaluation.FastCOCOEvaluator``: detectron2's C++ one, else faster-coco-eval's);
 - the training mapper drops annotations that have no mask when masks are trained
   (``gn_det.data.mapper.MaskSafeDatasetMapper``) instead of crashing the mask loss;
-- checkpoints are written atomically and read safely (``gn_det.checkpoint.SafeCheckpointer``).
+- checkpoints are written atomically and read safely (``gn_det.checkpoint.SafeCheckpointer``);
+  ``*.tmp`` files a killed save left are removed at start;
+- resume is exact (``ExactResume``): the training loader is ``gn_det.data.ResumableTrainLoader``
+  and each checkpoint holds, per process, its data position and the Python, NumPy, torch CPU
+  and CUDA random states (the AMP grad scaler is in detectron2's AMPTrainer state already);
+  evaluation leaves the random state as it found it. A resumed run reaches the uninterrupted
+  run's weights bit for bit on CPU; one that cannot (other batch size, world size or dataset,
+  a checkpoint from an older gn_det) says so in one line and goes on;
+- a resumed run with nothing left to train writes ``model_final.pth`` if it is missing (a kill
+  during the final save), and says so;
 - a diverged step (a NaN/Inf loss, or NaN/Inf boxes detectron2 catches earlier) stops the run
-  with a ``FloatingPointError`` that names the iteration and the last recorded losses;
+  with a one-line ``DivergenceError`` (a ``UserError`` and a ``FloatingPointError``) that names
+  the iteration and the last recorded losses, without detectron2's logged traceback;
 - in a distributed run, every process holds the same GN tuning decisions after each step
   (``AutotuneSync``).
 """
@@ -22,22 +32,116 @@ import json
 import logging
 import math
 import os
+import random
 import weakref
+from typing import Any, Callable, Dict, Optional
 
+import numpy as np
 import torch
 from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, SimpleTrainer, TrainerBase
 from detectron2.engine.defaults import create_ddp_model
-from detectron2.data import build_detection_train_loader
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import SafeCheckpointer
+from .data.loader import ResumableTrainLoader, build_resumable_train_loader
 from .data.mapper import MaskSafeDatasetMapper
+from .errors import DivergenceError, UserError
 from .evaluation import FastCOCOEvaluator
 from .kernels.tuning import synchronize_decisions
 
-__all__ = ["AutotuneSync", "Trainer", "final_ap"]
+__all__ = ["AutotuneSync", "ExactResume", "Trainer", "final_ap", "random_state", "set_random_state", "keeping_random_state"]
+
+logger = logging.getLogger(__name__)
+
+
+def random_state() -> Dict[str, Any]:
+    """This process's Python, NumPy, torch CPU and CUDA random states, in types
+    ``torch.load(weights_only=True)`` reads back."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {"python": [version, list(internal), gauss], "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
+            has_gauss, cached], "torch": torch.random.get_rng_state(), "cuda": list(cuda)}
+
+
+def set_random_state(state: Dict[str, Any]) -> None:
+    """Put back what ``random_state`` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.random.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def keeping_random_state(func: Callable) -> Callable:
+    """``func`` run so that the random state afterwards is the one before (evaluation inside a
+    training run: its data loader draws a seed from torch's generator)."""
+    def wrapped(*args, **kwargs):
+        state = random_state()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            set_random_state(state)
+    return wrapped
+
+
+class ExactResume(HookBase):
+    """What a checkpoint needs beyond model, optimizer, scheduler and iteration for a resumed
+    run to continue as the uninterrupted one: each process's data position
+    (``ResumableTrainLoader.state_dict``) and random state, gathered on the main process at
+    the iterations a checkpoint is written (every process takes part: place it before the
+    ``PeriodicCheckpointer``, which runs on the main process only). Saved as this hook's state
+    in the trainer's checkpoint; ``restore`` puts it back after loading."""
+
+    def __init__(self, loader: ResumableTrainLoader, period: int) -> None:
+        self.loader, self.period = loader, period
+        self._state: Dict[str, Any] = {}
+        self._loaded: Optional[Dict[str, Any]] = None
+
+    def after_step(self) -> None:
+        it = self.trainer.iter
+        if (it + 1) % self.period == 0 or it >= self.trainer.max_iter - 1:
+            local = {"data": self.loader.state_dict(), "random": random_state()}
+            gathered = comm.gather(local, dst=0)
+            self._state = {"world_size": comm.get_world_size(), "ranks": gathered} if comm.is_main_process() else {}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self._state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self._loaded = self._state = state
+
+    def restore(self, iteration: int) -> None:
+        """After a checkpoint of ``iteration`` is loaded: continue the data and the random
+        state where it left them, or say in one line why that cannot be exact."""
+        rank, state = comm.get_rank(), self._loaded
+        reason = None
+        if not state:
+            reason = "the checkpoint holds no data position or random state (written by an older gn_det)"
+        elif rank >= len(state["ranks"]):
+            reason = f"it was written by {state['world_size']} processes, and this is process {rank}"
+        if reason is None:
+            mine = state["ranks"][rank]
+            set_random_state(mine["random"])
+            changed = self.loader.load_state_dict(mine["data"])
+            if changed or state["world_size"] != comm.get_world_size():
+                reason = f"the data differs from the checkpoint's ({changed or 'world size changed'})"
+        if reason is not None:
+            position = (iteration + 1) * self.loader.batch_size
+            self.loader.load_state_dict({**self.loader.state_dict(), "next_position": position, "pending": []})
+            if comm.is_main_process():
+                logger.warning("Resume is not exact: %s; continuing with the data stream at image %d of each process, "
+                               "fresh random state", reason, position)
+
+
+def _drop_logged_user_errors(record: logging.LogRecord) -> bool:
+    """detectron2's training loop logs every exception with its traceback before raising it;
+    a ``UserError`` is reported once, as one line, by whoever catches it."""
+    return not (record.exc_info and isinstance(record.exc_info[1], UserError))
 
 
 class AutotuneSync(HookBase):
@@ -71,14 +175,43 @@ class Trainer(DefaultTrainer):
         self._trainer = trainer_class(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = SafeCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        if comm.is_main_process():
+            self.checkpointer.remove_stale_temporaries()
+        train_loop_logger = logging.getLogger("detectron2.engine.train_loop")
+        if _drop_logged_user_errors not in train_loop_logger.filters:
+            train_loop_logger.addFilter(_drop_logged_user_errors)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
+        from detectron2.engine import hooks as d2_hooks
+
         hooks = super().build_hooks()
+        for hook in hooks:
+            if isinstance(hook, d2_hooks.EvalHook):
+                hook._func = keeping_random_state(hook._func)  # evaluation must not move training's random state
+        self.exact_resume = ExactResume(self.data_loader, self.cfg.SOLVER.CHECKPOINT_PERIOD)
+        at = next((i for i, h in enumerate(hooks) if isinstance(h, d2_hooks.PeriodicCheckpointer)), len(hooks))
+        hooks.insert(at, self.exact_resume)  # before the checkpoint it feeds (on every process)
         return hooks[:1] + [AutotuneSync()] + hooks[1:]  # after the IterationTimer, before the writers
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        super().resume_or_load(resume=resume)
+        if resume and self.checkpointer.has_checkpoint():
+            self.exact_resume.restore(self.iter)
+
+    def train(self):
+        if self.start_iter >= self.max_iter and comm.is_main_process():
+            final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
+            if not os.path.exists(final):  # the run was stopped during its final save
+                self.checkpointer.save("model_final", iteration=self.start_iter - 1)
+                logger.warning("Nothing left to train (the checkpoint is of iteration %d, SOLVER.MAX_ITER is %d): "
+                               "wrote %s, which the run had not", self.start_iter - 1, self.max_iter, final)
+            else:
+                logger.info("Nothing left to train: %s exists", final)
+        return super().train()
 
     def run_step(self) -> None:
         try:
@@ -86,15 +219,16 @@ class Trainer(DefaultTrainer):
         except FloatingPointError as exc:
             histories = self.storage.histories()
             losses = {k: round(h.latest(), 5) for k, h in histories.items() if "loss" in k and len(h.values())}
-            raise FloatingPointError(
-                f"training diverged at iteration {self.iter}: {exc}\n"
-                f"last recorded losses: {losses or 'none recorded yet'}; lower SOLVER.BASE_LR, raise "
-                "SOLVER.WARMUP_ITERS, or check the inputs (MODEL.PIXEL_MEAN/PIXEL_STD, annotations)"
-            ) from exc
+            cause = " ".join(str(exc).split())
+            raise DivergenceError(
+                f"training diverged at iteration {self.iter}: {cause}; last recorded losses: "
+                f"{losses or 'none recorded yet'}; lower SOLVER.BASE_LR, raise SOLVER.WARMUP_ITERS, or check the inputs "
+                "(MODEL.PIXEL_MEAN/PIXEL_STD, annotations)"
+            ) from None
 
     @classmethod
-    def build_train_loader(cls, cfg: CfgNode):
-        return build_detection_train_loader(cfg, mapper=MaskSafeDatasetMapper(cfg, is_train=True))
+    def build_train_loader(cls, cfg: CfgNode) -> ResumableTrainLoader:
+        return build_resumable_train_loader(cfg, MaskSafeDatasetMapper(cfg, is_train=True))
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str = None):

@@ -18,7 +18,8 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 
 __all__ = [
     "EXIT_USER_ERROR", "UserError", "ConfigError", "MissingFileError", "UnknownDatasetError", "DatasetError",
-    "WeightsError", "UntrustedWeightsError", "close_matches", "config_merge_error", "exit_on_user_error",
+    "WeightsError", "UntrustedWeightsError", "DivergenceError", "ENVIRONMENT_VARIABLES", "check_environment",
+    "close_matches", "config_merge_error", "exit_on_user_error",
 ]
 
 EXIT_USER_ERROR = 2  # argparse's status for a bad command line: "you asked for something that cannot work"
@@ -57,6 +58,33 @@ class WeightsError(UserError, ValueError):
 
 class UntrustedWeightsError(WeightsError, pickle.UnpicklingError):
     """A weights file that names Python code to run when loaded; gn_det refuses to load it."""
+
+
+class DivergenceError(UserError, FloatingPointError):
+    """Training diverged (a NaN/Inf loss or prediction): the message names the iteration, the
+    last losses and what to change. A ``UserError``, so tools print its one line, no traceback."""
+
+
+# Every GN_DET_* environment variable gn_det or its tools read, and what reads it: any other
+# GN_DET_ name is a typo that would be silently ignored.
+ENVIRONMENT_VARIABLES = {
+    "GN_DET_BACKEND": "gn_det.kernels.dispatch", "GN_DET_TRITON_ON_CPU": "gn_det.kernels.dispatch",
+    "GN_DET_AUTOTUNE": "gn_det.kernels.tuning", "GN_DET_CACHE_DIR": "gn_det.kernels.tuning",
+    "GN_DET_ROUTES": "gn_det.kernels.routing", "GN_DET_VENV": "tools/setup_env.sh", "GN_DET_TORCH": "tools/setup_env.sh",
+    "GN_DET_TORCHVISION": "tools/setup_env.sh", "GN_DET_TORCH_FREE_MB": "tools/setup_env.sh",
+}
+
+
+def check_environment(environ: Optional[Mapping[str, str]] = None) -> None:
+    """``ConfigError`` for a ``GN_DET_*`` variable gn_det does not read (with the closest names)."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    for name in sorted(environ):
+        if name.startswith("GN_DET_") and name not in ENVIRONMENT_VARIABLES:
+            raise ConfigError(f"environment variable {name}={environ[name]!r} is not one gn_det reads"
+                              f"{close_matches(name, ENVIRONMENT_VARIABLES)} (known: {', '.join(ENVIRONMENT_VARIABLES)}); "
+                              f"unset it or correct its name")
 
 
 def close_matches(name: str, known: Iterable[str], n: int = 3) -> str:

@@ -202,3 +202,23 @@ def test_missing_coco_says_where_and_what_to_do(tmp_path):
     assert "dataset 'coco_2017_train'" in err or "dataset 'coco_2017_val'" in err, err[-3000:]
     assert str(tmp_path) in err and "cocodataset.org" in err
     assert "configs/demo/mask_rcnn_gn_shapes.yaml" in err
+
+
+# ----------------------------------------------------------------------------- flags, paths and variables
+
+
+@pytest.mark.parametrize("args,env,fragments", [
+    (["--num-gpus", "0", "OUTPUT_DIR", "{out}"], {}, ["--num-gpus 0: give the number of processes per machine, 1 or more"]),
+    (["OUTPUT_DIR", "{out}", "--resume"], {}, ["--resume comes after the config's KEY VALUE pairs", "put the flags first"]),
+    (["SOLVER.IMS_PER_BATCH", "0", "OUTPUT_DIR", "{out}"], {}, ["SOLVER.IMS_PER_BATCH=0: the images per step",
+                                                                "positive multiple"]),
+    (["OUTPUT_DIR", "/proc/gn_det_cannot_be_here"], {}, ["OUTPUT_DIR='/proc/gn_det_cannot_be_here' cannot be created"]),
+    (["OUTPUT_DIR", "{out}"], {"GN_DET_BACKEND": "fast"}, ["GN_DET_BACKEND='fast' is not a gn_det backend"]),
+    (["OUTPUT_DIR", "{out}"], {"GN_DET_BAKEND": "torch"}, ["environment variable GN_DET_BAKEND='torch' is not one gn_det "
+                                                           "reads", "did you mean GN_DET_BACKEND"]),
+])
+def test_bad_flag_path_or_variable_exits_2(tmp_path, args, env, fragments):
+    # (--num-gpus -1 takes the branch of 0: `< 1`.)
+    proc = run_train_net("--config", DEMO_CONFIG, *[a.format(out=tmp_path) for a in args], env=env, check=False)
+    assert_user_error(proc, *fragments)
+    assert not os.path.exists(tmp_path / "metrics.json")

@@ -10,21 +10,67 @@
 `--config-file` is accepted too, as in detectron2; trailing KEY VALUE pairs override the config.
 COCO is read from $DETECTRON2_DATASETS/coco (default ./datasets/coco).
 A mistake in what you gave (a config key or value, a missing dataset or weights file, weights
-that are refused, an unknown norm) ends with "train_net: error: <what, where, the fix>" and
-exit status 2, before training starts; any other error keeps its traceback.
+that are refused, an unknown norm, a bad or broken image, a bad flag, an OUTPUT_DIR that cannot
+be created, a GN_DET_* variable gn_det does not read or whose value it refuses) ends with
+"train_net: error: <what, where, the fix>" and exit status 2, before training starts; so does a
+diverged run, at the iteration it diverged. Any other error keeps its traceback.
+SIGINT (Ctrl-C) and SIGTERM stop training cleanly: one line saying where the last checkpoint is,
+exit status 130 / 143.
 """
-from detectron2.engine import default_argument_parser, default_setup, launch
-from detectron2.evaluation import verify_results
-
-import gn_det
-from gn_det.checkpoint import SafeCheckpointer, check_weights_exist
-from gn_det.data import check_datasets_exist, register_shapes_dataset
-from gn_det.engine import Trainer
-from gn_det.errors import exit_on_user_error
-from gn_det.lazy import build_lazy_model, lazy_dataset_names, lazy_test, lazy_train, load_lazy_config
-from gn_det.modeling import validate_gn_config
+import multiprocessing
+import os
+import signal
+import sys
 
 PROG = "train_net"
+
+try:
+    from detectron2.engine import default_argument_parser, default_setup, launch
+    from detectron2.evaluation import verify_results
+    from detectron2.utils import comm
+
+    import gn_det
+    from gn_det.checkpoint import SafeCheckpointer, check_weights_exist
+    from gn_det.data import check_datasets_exist, register_shapes_dataset
+    from gn_det.data.checks import DataSettings
+    from gn_det.engine import Trainer
+    from gn_det.errors import ConfigError, check_environment, exit_on_user_error
+    from gn_det.lazy import build_lazy_model, lazy_dataset_names, lazy_test, lazy_train, load_lazy_config
+    from gn_det.modeling import validate_gn_config
+except (ValueError, OSError) as exc:  # gn_det reads its GN_DET_* variables at import, and names a bad one
+    if "GN_DET_" not in str(exc):
+        raise
+    print(f"{PROG}: error: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: training stops where it is."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # once: a second signal must not interrupt the clean stop
+        signal.signal(sig, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+def _forward(signum, frame):
+    """In the parent of worker processes: they stop (each cleanly), the parent waits for them."""
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signum)
+
+
+def last_checkpoint_note(output_dir: str) -> str:
+    pointer = os.path.join(output_dir, "last_checkpoint")
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            name = f.read().strip()
+        return f"the last checkpoint is {os.path.join(output_dir, name)}; continue with --resume"
+    return f"no checkpoint was written yet in {output_dir}"
 
 
 def is_lazy(args) -> bool:
@@ -42,13 +88,34 @@ def setup(args):
     return cfg
 
 
+def output_dir(cfg, args) -> str:
+    return cfg.train.output_dir if is_lazy(args) else cfg.OUTPUT_DIR
+
+
 def check_inputs(cfg, args):
-    """What the run will read exists: its datasets and the weights it loads (once, in the
-    parent: a COCO annotation file takes seconds to parse)."""
+    """What the run will read exists: its datasets (their images' headers too) and the weights
+    it loads (once, in the parent: a COCO annotation file takes seconds to parse); the output
+    folder can be written; the batch splits over the processes."""
+    out = output_dir(cfg, args)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"OUTPUT_DIR={out!r} cannot be created ({exc.strerror}: {exc.filename}); choose a folder "
+                          "you can write to") from None
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"OUTPUT_DIR={out!r} is not writable; choose a folder you can write to")
     if is_lazy(args):
         check_datasets_exist(lazy_dataset_names(cfg, args.eval_only))
     else:
-        check_datasets_exist(list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN)))
+        world = args.num_gpus * args.num_machines
+        batch = cfg.SOLVER.IMS_PER_BATCH
+        if not args.eval_only and (batch < 1 or batch % world):
+            raise ConfigError(f"SOLVER.IMS_PER_BATCH={batch}: the images per step, over all {world} process(es), must "
+                              f"be a positive multiple of the number of processes (e.g. {2 * world})")
+        settings = DataSettings.from_cfg(cfg)
+        train = [] if args.eval_only else list(cfg.DATASETS.TRAIN)
+        check_datasets_exist(list(cfg.DATASETS.TEST) + train, images=settings.check_images,
+                             skip_bad=train if settings.bad_images == "skip" else ())
     check_weights_exist(cfg, resume=args.resume)
 
 
@@ -62,25 +129,35 @@ def main_lazy(cfg, args):
 
 
 def main(args):
-    with exit_on_user_error(PROG):  # in each worker process, for what only loading finds (refused weights)
-        register_shapes_dataset()
-        cfg = setup(args)
-        default_setup(cfg, args)  # logging, config.yaml (or .py) in the output folder, seeds
-        if is_lazy(args):
-            return main_lazy(cfg, args)
-        if args.eval_only:
-            model = Trainer.build_model(cfg)
-            SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-            results = Trainer.test(cfg, model)
-            verify_results(cfg, results)
-            return results
-        trainer = Trainer(cfg)
-        trainer.resume_or_load(resume=args.resume)
-        return trainer.train()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop)
+    cfg = None
+    try:
+        with exit_on_user_error(PROG):  # in each worker process, for what only loading finds (refused weights)
+            register_shapes_dataset()
+            cfg = setup(args)
+            default_setup(cfg, args)  # logging, config.yaml (or .py) in the output folder, seeds
+            if is_lazy(args):
+                return main_lazy(cfg, args)
+            if args.eval_only:
+                model = Trainer.build_model(cfg)
+                SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+                results = Trainer.test(cfg, model)
+                verify_results(cfg, results)
+                return results
+            trainer = Trainer(cfg)
+            trainer.resume_or_load(resume=args.resume)
+            return trainer.train()
+    except Stopped as stop:
+        if comm.get_rank() == 0:
+            where = last_checkpoint_note(output_dir(cfg, args)) if cfg is not None else "before training started"
+            print(f"{PROG}: stopped by {stop}; {where}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + stop.signum) from None
 
 
 def argument_parser():
     parser = default_argument_parser(epilog=__doc__)
+    parser.prog = PROG
     parser.add_argument("--config", dest="config_file", metavar="FILE", help="alias of --config-file")
     parser.add_argument("--allow-unsafe-yaml", action="store_true",
                         help="read configs with YAML tags that construct Python objects (only for files you trust)")
@@ -92,15 +169,32 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if not args.config_file:
         parser.error("give a config: --config configs/mask_rcnn_gn.yaml")
+    if args.num_gpus < 1:
+        parser.error(f"--num-gpus {args.num_gpus}: give the number of processes per machine, 1 or more (one per GPU; "
+                     "on CPU, processes)")
+    flags = [opt for opt in args.opts if opt in parser._option_string_actions]
+    if flags:
+        parser.error(f"{flags[0]} comes after the config's KEY VALUE pairs, where it would be read as one; put the flags "
+                     f"first: train_net.py --config FILE {flags[0]} KEY VALUE ...")
     print("Command Line Args:", args)
     with exit_on_user_error(PROG):  # and a worker's exit with status 2: its message is printed
+        check_environment()
         register_shapes_dataset()  # generate the embedded dataset once, before worker processes start
         check_inputs(setup(args), args)  # a user error ends here, once, before any worker starts
-        launch(
-            main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
+        if args.num_gpus * args.num_machines > 1:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, _forward)  # the workers stop cleanly and say where; this process waits
+        try:
+            launch(
+                main,
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(args,),
+            )
+        except Exception as exc:
+            code = getattr(exc, "exit_code", None)  # a worker stopped by a signal: it said where the checkpoint is
+            if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+                raise SystemExit(code) from None
+            raise

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Iterable
 
 from ..errors import DatasetError, MissingFileError, UnknownDatasetError, close_matches
+from .checks import check_images
 from .shapes import CLASSES, ensure_shapes_dataset
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["SHAPES_TRAIN", "SHAPES_VAL", "datasets_root", "register_shapes_dataset", "check_datasets_exist"]
 
@@ -37,13 +41,18 @@ def register_shapes_dataset(root: str = "") -> None:
         register_coco_instances(name, {"thing_classes": list(CLASSES)}, json_file, image_root)
 
 
-def check_datasets_exist(names: Iterable[str]) -> None:
+def check_datasets_exist(names: Iterable[str], images: str = "headers", skip_bad: Iterable[str] = ()) -> None:
     """Check that each dataset is registered and its files are there and readable (before
-    any training or worker process starts). Raises ``UnknownDatasetError`` (a
+    any training or worker process starts): its annotations (COCO sections, every
+    ``category_id`` among the categories) and its images (``images``: ``headers``, ``decode``
+    or ``none``, as ``DATALOADER.CHECK_IMAGES``; see ``gn_det.data.checks``). Bad images of a
+    dataset named in ``skip_bad`` are logged, not raised (training leaves them out). Raises ``UnknownDatasetError`` (a
     ``KeyError``) for a name that is not registered, with the closest registered names;
     ``MissingFileError`` (a ``FileNotFoundError``) naming what is missing, where it was looked
     for, how to get COCO, and how to run on the embedded dataset instead; ``DatasetError`` (a
-    ``ValueError``) for an annotation file that is not COCO JSON."""
+    ``ValueError``) for an annotation file that is not COCO JSON, an unknown category id, or
+    images that cannot be used."""
+    skip_bad = set(skip_bad)
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     for name in names:
@@ -61,7 +70,7 @@ def check_datasets_exist(names: Iterable[str]) -> None:
         missing = [p for p in (json_file, image_root) if p and not os.path.exists(p)]
         if not missing:
             if json_file:
-                _check_coco_json(name, json_file, image_root)
+                _check_coco_json(name, json_file, image_root, images, name in skip_bad)
             continue
         hint = ""
         if name.startswith("coco_"):
@@ -79,8 +88,9 @@ def check_datasets_exist(names: Iterable[str]) -> None:
         )
 
 
-def _check_coco_json(name: str, json_file: str, image_root: str) -> None:
-    """The annotation file parses, has COCO's sections, and every image it lists exists."""
+def _check_coco_json(name: str, json_file: str, image_root: str, images: str = "headers", skip_bad: bool = False) -> None:
+    """The annotation file parses, has COCO's sections and known category ids, and every
+    image it lists is there and usable (``images``: how closely to look)."""
     try:
         with open(json_file) as f:
             coco = json.load(f)
@@ -92,10 +102,28 @@ def _check_coco_json(name: str, json_file: str, image_root: str) -> None:
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco.get(key), list):
             raise DatasetError(f"dataset '{name}': {json_file} has no '{key}' list, which COCO format requires")
-    missing = [img.get("file_name", "?") for img in coco["images"]
-               if not os.path.exists(os.path.join(image_root or "", img.get("file_name", "")))]
+    known = {c.get("id") for c in coco["categories"] if isinstance(c, dict)}
+    unknown = [a for a in coco["annotations"] if isinstance(a, dict) and a.get("category_id") not in known]
+    if unknown:
+        first = unknown[0]
+        raise DatasetError(
+            f"dataset '{name}': {len(unknown)} annotation(s) in {json_file} have a category_id that is not among its "
+            f"'categories' (ids {sorted(known, key=str)[:20]}): annotation id {first.get('id')} of image "
+            f"{first.get('image_id')} has category_id {first.get('category_id')!r}; fix the ids, or add the category")
+    bad = check_images(coco["images"], image_root, images)
+    missing = [file for file, problem in bad if problem == "missing"]
     if missing:
         raise MissingFileError(
             f"dataset '{name}': {len(missing)} of {len(coco['images'])} images listed in {json_file} are missing "
             f"under {image_root}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
         )
+    if bad:
+        listed = "; ".join(f"{file}: {problem}" for file, problem in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        if skip_bad:
+            logger.warning("dataset '%s': %d of %d images under %s cannot be used and will be skipped "
+                           "(DATALOADER.BAD_IMAGES skip): %s", name, len(bad), len(coco["images"]), image_root, listed)
+            return
+        raise DatasetError(
+            f"dataset '{name}': {len(bad)} of {len(coco['images'])} images listed in {json_file} cannot be used: "
+            f"{listed}; replace or remove them (or, for training data, set DATALOADER.BAD_IMAGES skip to leave "
+            "them out with a warning)")

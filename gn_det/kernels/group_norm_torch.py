@@ -31,8 +31,9 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _channels_last_stats(x: torch.Tensor, num_groups: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(mean, rstd), each ``(N, G)``, of a channels_last-dense x ``(N, C, *)``."""
+def _channels_last_moments(x: torch.Tensor, num_groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mean, m2), each ``(N, G)``: the mean and the sum of squared deviations of each group of a
+    channels_last-dense x ``(N, C, *)``."""
     n, c = x.shape[:2]
     rows = x.movedim(1, -1).reshape(n, -1, c)  # (N, S, C): a view, channels innermost
     s = rows.shape[1]
@@ -43,7 +44,47 @@ def _channels_last_stats(x: torch.Tensor, num_groups: int, eps: float) -> Tuple[
     mean = channel_mean.mean(dim=-1)
     m2 = channel_m2.view(n, num_groups, -1).sum(dim=-1)
     m2 += (channel_mean - mean.unsqueeze(-1)).square_().sum(dim=-1) * s
-    return mean, torch.rsqrt(m2 / (s * c // num_groups) + eps)
+    return mean, m2
+
+
+def _channels_last_stats(x: torch.Tensor, num_groups: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rstd), each ``(N, G)``, of a channels_last-dense x ``(N, C, *)``."""
+    n, c = x.shape[:2]
+    mean, m2 = _channels_last_moments(x, num_groups)
+    return mean, torch.rsqrt(m2 / (x.numel() // (n * num_groups)) + eps)
+
+
+def _rescaled_stats(x: torch.Tensor, num_groups: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rstd), each ``(N, G)``, of x ``(N, C, *)`` (NCHW or channels_last), measured on x
+    divided by each group's largest magnitude, so no square overflows."""
+    n, c = x.shape[:2]
+    count = x.numel() // (n * num_groups)
+    scale = x.abs().amax(dim=tuple(range(2, x.dim()))).view(n, num_groups, -1).amax(dim=-1)  # (N, G)
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+    xs = x / scale.repeat_interleave(c // num_groups, dim=1).view((n, c) + (1,) * (x.dim() - 2))
+    if memory_format_of(x) is torch.contiguous_format:
+        groups = xs.reshape(n, num_groups, -1)
+        mean = groups.mean(dim=-1)
+        m2 = (groups - mean.unsqueeze(-1)).square_().sum(dim=-1)
+    else:
+        mean, m2 = _channels_last_moments(xs, num_groups)
+    # var = scale^2 var(xs): rstd = 1 / (scale sqrt(var(xs) + eps / scale^2)); eps / scale^2 may be 0.
+    return mean * scale, torch.rsqrt(m2 / count + eps / scale.square()) / scale
+
+
+def _overflow_guarded(x: torch.Tensor, num_groups: int, eps: float, mean: torch.Tensor,
+                      rstd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """(mean, rstd, remeasured). Squared deviations beyond ~1.8e19 overflow float32: the sum of
+    squares is inf, rstd = rsqrt(inf) = 0, and the output would be beta, finite and wrong. On
+    CPU such groups are measured again, scaled (accurate; the extra passes only then); on other
+    devices, where looking would synchronise with the host, their rstd is NaN: non-finite."""
+    overflowed = (rstd == 0) & torch.isfinite(mean)  # rsqrt(var + eps) is 0 only for an infinite var
+    if x.device.type != "cpu":
+        return mean, rstd.masked_fill(overflowed, float("nan")), False
+    if not bool(overflowed.any()):
+        return mean, rstd, False
+    scaled_mean, scaled_rstd = _rescaled_stats(x, num_groups, eps)
+    return torch.where(overflowed, scaled_mean, mean), torch.where(overflowed, scaled_rstd, rstd), True
 
 
 def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
@@ -65,9 +106,12 @@ def _activation_input(
     """z = GN(x) [+ residual] in the compute dtype, recomputed in backward by the forward's own
     kernels: bit-identical to the forward's, so ReLU's mask agrees with it."""
     n, c = x.shape[:2]
+    z = None
     if memory_format_of(x) is torch.contiguous_format:
-        z = torch.native_group_norm(x, weight, bias, n, c, x.numel() // (n * c), num_groups, eps)[0]
-    else:
+        z, _, native_rstd = torch.native_group_norm(x, weight, bias, n, c, x.numel() // (n * c), num_groups, eps)
+        if x.device.type == "cpu" and not torch.equal(native_rstd, rstd):  # the forward remeasured (overflow)
+            z = None
+    if z is None:
         z = _affine(x, weight, bias, mean, rstd)
     return z if residual is None else z.add_(residual)
 
@@ -85,8 +129,13 @@ def torch_group_norm_forward(
     # (The native GroupNorm ops are on none of autocast's lists: no need to leave autocast.)
     if fmt is torch.contiguous_format:
         y, mean, rstd = torch.native_group_norm(xc, w, b, n, c, x.numel() // (n * c), num_groups, eps)
+        mean, rstd, remeasured = _overflow_guarded(xc, num_groups, eps, mean, rstd)
+        if remeasured or x.device.type != "cpu":  # (off CPU: a NaN rstd must reach y, without a host check)
+            y = _affine(xc, w, b, mean, rstd) if remeasured else y.add_(
+                (rstd - rstd).repeat_interleave(c // num_groups, dim=1).view((n, c) + (1,) * (x.dim() - 2)))
     else:
         mean, rstd = _channels_last_stats(xc, num_groups, eps)
+        mean, rstd, _ = _overflow_guarded(xc, num_groups, eps, mean, rstd)
         y = _affine(xc, w, b, mean, rstd)
     if residual is not None:
         y += residual  # in the compute dtype, as _activation_input recomputes it

@@ -250,6 +250,14 @@ def _activation_grad(z, dy, ACT):
 
 
 @triton.jit
+def _rstd(var, eps):
+    """1 / sqrt(var + eps), NaN where var is infinite (squares of deviations beyond ~1.8e19
+    overflow float32): rstd = 0 there would make the output beta, finite and wrong."""
+    rstd = 1.0 / tl.sqrt(var + eps)
+    return tl.where(rstd > 0.0, rstd, rstd / rstd)  # 0 / 0: NaN (and a NaN var stays NaN)
+
+
+@triton.jit
 def _affine_input(x, mean, rstd, w, b):
     """z = (x - mean) * (gamma * rstd) + beta, the parameters broadcastable to x (per row of a
     tile as (BLOCK_C, 1) columns, per element, or scalars). Centring first keeps z exact when
@@ -548,7 +556,7 @@ def _stats_finalize_kernel(
             acc += tl.where(mask, part_m2 + counts[:, None] * delta * delta, 0.0)
     var = tl.sum(tl.sum(acc, axis=1), axis=0) / total
     tl.store(MEAN + pid, mean)
-    tl.store(RSTD + pid, 1.0 / tl.sqrt(var + eps))
+    tl.store(RSTD + pid, _rstd(var, eps))
 
 
 @triton.jit
@@ -634,7 +642,7 @@ def _group_mean_rstd(PART_MEAN, PART_M2, MEAN, RSTD, row, lane_mask, C, S, G, cp
         delta, m2, count = _welford_combine(delta, m2, count, tile_delta, tile_m2, tile_count)
     if STATS == _STATS_BY_LANES:
         ref, delta, m2, count = _merge_lane_runs(ref, delta, m2, count, cpg, BLOCK_L)
-    return ref + delta, 1.0 / tl.sqrt(m2 / tl.maximum(count, 1.0) + eps)
+    return ref + delta, _rstd(m2 / tl.maximum(count, 1.0), eps)
 
 
 @triton.jit(do_not_specialize=["S", "G", "cpg", "n_rows", "n_cblocks", "chunk_s", "stat_splits", "split_tiles",
@@ -959,7 +967,7 @@ def _group_forward_kernel(
     mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
     dev = tl.where(mask, x - mean, 0.0)
     var = tl.sum(tl.sum(dev * dev, axis=1), axis=0) / count
-    rstd = 1.0 / tl.sqrt(var + eps)
+    rstd = _rstd(var, eps)
     w = tl.load(W + c_offs, mask=c_mask, other=0.0).to(tl.float32)
     b = tl.load(B + c_offs, mask=c_mask, other=0.0).to(tl.float32)
     # Per-row copies of the scalars (the same values): ptxas allocates the broadcast scalars
@@ -1087,7 +1095,7 @@ def _group_forward_flat_kernel(
     count = tl.cast(cpg * S, tl.float32)
     mean = tl.sum(x, axis=0) / count
     dev = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=0) / count + eps)
+    rstd = _rstd(tl.sum(dev * dev, axis=0) / count, eps)
     w = tl.load(W + channel, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + channel, mask=mask, other=0.0).to(tl.float32)
     z = _activation_input(x, mean, rstd, w, b, R, offs, mask, RES)

@@ -329,3 +329,16 @@ def test_tuning_measures_the_kernels_against_aten():
         gn_det.set_tuning_cache(previous[1])
         from gn_det.kernels import tuning
         tuning.clear_decisions()
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e30), (torch.bfloat16, 1e30), (torch.float16, 2e4)])
+@pytest.mark.parametrize("memory_format", [CF, CL])
+def test_values_at_the_dtype_limits_are_accurate_or_non_finite(dtype, scale, memory_format, path):
+    # float32/bfloat16 deviations near 1e30: their squares overflow; rstd = rsqrt(inf) = 0 gave
+    # an output of beta, finite and wrong. float16's largest values square well within float32.
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 4, 4) * scale
+    x = (x.clamp(-6e4, 6e4) if dtype is torch.float16 else x).to(dtype).contiguous(memory_format=memory_format)
+    y = triton_group_norm_forward(x, torch.ones(8, dtype=dtype), torch.zeros(8, dtype=dtype), 4, 1e-5, 0)[0]
+    error = (y.double() - torch.nn.functional.group_norm(x.double(), 4)).abs().max()
+    assert not torch.isfinite(y).all() if scale > 1e20 else error < 1e-2
