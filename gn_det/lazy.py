@@ -72,7 +72,8 @@ def settings_from_gn(gn: Optional[Mapping]) -> GNSettings:
     given = dict(gn or {})
     unknown = sorted(set(given) - set(_GN_FIELDS))
     if unknown:
-        raise ConfigError(f"gn.{unknown[0]} is not a gn_det setting{close_matches(f'gn.{unknown[0]}', [f'gn.{f}' for f in _GN_FIELDS])}; "
+        hint = close_matches(f"gn.{unknown[0]}", [f"gn.{name}" for name in _GN_FIELDS])
+        raise ConfigError(f"gn.{unknown[0]} is not a gn_det setting{hint}; "
                           f"the gn dict takes: {', '.join(_GN_FIELDS)}")
     try:
         return GNSettings(**given)
@@ -109,7 +110,8 @@ def lazy_norm(gn: Optional[Mapping], name: str = NORM_NAME) -> Callable[[int], n
     naming ``gn.<key>``."""
     settings = settings_from_gn(gn)
     if not isinstance(name, str) or (name != "GN" and name not in NORM_REGISTRY):
-        raise ConfigError(f"lazy_norm(name={name!r}): not a gn_det norm; registered: {', '.join(NORM_REGISTRY.names())}")
+        raise ConfigError(f"lazy_norm(name={name!r}): not a gn_det norm; registered: "
+                          f"{', '.join(NORM_REGISTRY.names())}")
     return _LazyNorm(name, settings)
 
 
@@ -139,7 +141,8 @@ def gn_model(model: DictConfig) -> DictConfig:
     its keys (``model.backbone...``: overrides keep their paths); its ``_target_`` moves to
     ``model._gn_target_``, and ``model._gn_`` is ``"${gn}"``. In place; returns the node."""
     if not isinstance(model, DictConfig) or "_target_" not in model:
-        raise ConfigError(f"gn_model(model): expected a LazyCall node (L(GeneralizedRCNN)(...)), got {type(model).__name__}")
+        raise ConfigError("gn_model(model): expected a LazyCall node (L(GeneralizedRCNN)(...)), got "
+                          f"{type(model).__name__}")
     if _builds_itself(model):
         return model
     target = model._target_

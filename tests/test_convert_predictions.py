@@ -36,7 +36,7 @@ def test_retinanet_score_and_box_convs_keep_no_norm():
     """detectron2's RetinaNet LazyConfig: the head's cls_score and bbox_pred are left alone."""
     cfg = model_zoo.get_config("COCO-Detection/retinanet_R_50_FPN_1x.py")
     model = instantiate(cfg.model)
-    weights = {name: m.weight.detach().clone() for name, m in model.head.named_modules() if name in ("cls_score", "bbox_pred")}
+    weights = {name: getattr(model.head, name).weight.detach().clone() for name in ("cls_score", "bbox_pred")}
     report = gn_det.convert_to_group_norm(model, add_to_norm_free_convs=True, add_within=("backbone.", "head."))
     skipped = dict(report.skipped)
     assert set(skipped) == {"head.cls_score", "head.bbox_pred"}
@@ -44,7 +44,7 @@ def test_retinanet_score_and_box_convs_keep_no_norm():
     for name, weight in weights.items():
         layer = getattr(model.head, name)
         assert type(layer) is torch.nn.Conv2d and layer.bias is not None and torch.equal(layer.weight, weight)
-    assert all(isinstance(m, Conv2d) for m in (model.backbone.fpn_lateral3,)) and "backbone.fpn_lateral3" in report.added
+    assert isinstance(model.backbone.fpn_lateral3, Conv2d) and "backbone.fpn_lateral3" in report.added
     model.eval()
     with torch.no_grad():  # the converted model still predicts
         (out,) = model([{"image": torch.zeros(3, 64, 64), "height": 64, "width": 64}])

@@ -11,7 +11,10 @@ hands any other name (or a callable) to detectron2's unchanged, so "BN", "Frozen
 Settings travel in one context variable: ``building_from(cfg)`` (entered by every detectron2
 build function, see ``hooks``) holds the config's ``GNSettings``, checked once per model;
 ``gn_settings(settings)`` does the same for Python code without a config. Outside both,
-gn_det's norms use ``GNSettings()``'s defaults.
+gn_det's norms use ``GNSettings()``'s defaults, except where that would silently ignore a
+config up the stack (a YAML ``cfg`` with other ``MODEL.GN`` settings, a LazyConfig with a
+``gn`` dict built by detectron2's ``instantiate``: ``gn_det.lazy.fast_gn`` is the way there),
+which raises.
 """
 from __future__ import annotations
 
