@@ -6,7 +6,12 @@ time (tests/test_dependencies.py checks it). torch/torchvision/triton/detectron2
 deliberately not install_requires: a detectron2 project adding gn_det must keep its own builds
 (detectron2 is not on PyPI, and pip would otherwise replace a CUDA torch and its triton).
 `make setup` (tools/setup_env.sh) builds a complete environment.
+
+torch >= MIN_TORCH (gn_det/requirements.py, read here as text) is stated in the description
+and checked by `import gn_det`, which refuses an older torch in one line; it is not a pip
+requirement for the reason above. Tested versions: README, Compatibility.
 """
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -19,10 +24,13 @@ def read_requirements(name: str) -> list:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
+MIN_TORCH = re.search(r'^MIN_TORCH = "([0-9.]+)"', (HERE / "gn_det" / "requirements.py").read_text(), re.M).group(1)
+
 setup(
     name="gn_det",
     version="0.1.0",
-    description="Group Normalization for detectron2: fused Triton GN layers, a norm registry, GN Mask R-CNN configs",
+    description=("Group Normalization for detectron2: fused Triton GN layers, a norm registry, GN Mask R-CNN configs "
+                 f"(needs torch >= {MIN_TORCH} and detectron2, installed beforehand)"),
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["gn_det", "gn_det.*"]),

@@ -8,9 +8,14 @@
 """
 import importlib.util
 
-from .kernels import autotune_decisions, decisions, group_norm, set_autotune, set_tuning_cache, synchronize_decisions
-from .layers import GroupNorm, resolve_num_groups
-from .recompute import recompute_output_enabled, recompute_outputs, set_recompute_output
+from .requirements import check_torch
+
+check_torch()  # first: an older torch fails here in one line, not inside torch
+
+# (imported after the check)
+from .kernels import autotune_decisions, decisions, group_norm, set_autotune, set_tuning_cache, synchronize_decisions  # noqa: E402,E501
+from .layers import GroupNorm, resolve_num_groups  # noqa: E402
+from .recompute import recompute_output_enabled, recompute_outputs, set_recompute_output  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["GroupNorm", "autotune_decisions", "decisions", "group_norm", "recompute_output_enabled",

@@ -26,7 +26,8 @@ of the routed ATen path that cast, and everything under ``torch.compile``, ``tor
 and ONNX export (the graph made there saves its own tensors). An output modified in place *after* being saved makes the
 consumer's backward raise, as autograd does for saved tensors. Saved-tensor hooks
 installed outside (``torch.autograd.graph.save_on_cpu``, a counter) still see every
-tensor that is saved as is.
+tensor that is saved as is (torch 2.8+, which can hand them over; on older torch a recompute
+scope opened inside them raises, naming that version, rather than bypass them).
 
 Under autocast the GN op runs in its input's dtype (bf16 in, bf16 out), so the next
 convolution receives the GN output itself, not a cast copy: the handle applies there too.
@@ -50,8 +51,26 @@ from .kernels.dispatch import forward_impl
 __all__ = ["observe_saved_tensors", "recompute_output_enabled", "recompute_outputs", "record_output", "recording",
            "register_projection_finder", "set_recompute_output"]
 
-# The outer saved-tensor hooks, if any, when ours are pushed (so ours chain to them).
+# The outer saved-tensor hooks, if any, when ours are pushed (so ours chain to them). torch
+# 2.8 added this reader; before it, outer hooks can only be detected (_outer_hooks_active).
 _top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+_TOP_HOOKS_TORCH = "2.8"
+
+
+def _outer_hooks_active() -> bool:
+    """Whether saved-tensor default hooks are active here (for torch without ``_top_hooks``):
+    a tensor saved by a probe op then already has hooks, and registering others raises."""
+    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        return False  # nothing is saved here, so no hook would be bypassed
+    probe = torch.zeros((), requires_grad=True)
+    square = probe * probe  # kept alive: its node holds the saved tensor
+    try:
+        square.grad_fn._raw_saved_self.register_hooks(lambda tensor: tensor, lambda tensor: tensor)
+    except RuntimeError as exc:
+        if "already been set" in str(exc):
+            return True
+        raise
+    return False
 
 
 class _State(threading.local):
@@ -143,6 +162,12 @@ class _Hooks:
     """The pack/unpack pair gn_det pushes, chained to the hooks active outside it."""
 
     def __init__(self) -> None:
+        if _top_hooks is None and _outer_hooks_active():
+            raise RuntimeError(
+                "gn_det output recomputation (recompute_output) is on inside saved-tensor hooks set outside it (e.g. "
+                f"torch.autograd.graph.save_on_cpu); torch {torch.__version__} cannot hand them to gn_det's, so they "
+                f"would be bypassed. torch >= {_TOP_HOOKS_TORCH} chains them; else turn output recomputation off "
+                "(gn_det.set_recompute_output(model, False), gn.recompute_output / MODEL.GN.RECOMPUTE_OUTPUT False)")
         outer = _top_hooks(False) if _top_hooks is not None else None
         self.outer_pack, self.outer_unpack = outer if outer is not None else (None, None)
 

@@ -1,6 +1,9 @@
 """LazyConfig (Python) configs with gn_det: the ``gn`` settings dict and the norm factory in
-``norm=`` arguments, and each config under configs/lazy/ instantiated and trained for a few
-steps on the embedded dataset (CPU-sized by overrides; the architecture as written)."""
+``norm=`` arguments, the ``gn`` settings applied when detectron2's own way builds the model
+(``lazyconfig_train_net.py``: load, apply_overrides, ``instantiate(cfg.model)``) for
+detectron2's own configs and ours, and each config under configs/lazy/ instantiated and
+trained for a few steps on the embedded dataset (CPU-sized by overrides; the architecture as
+written)."""
 import glob
 import json
 import os
@@ -8,14 +11,17 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
+from omegaconf import OmegaConf
 from detectron2.modeling.backbone import BasicStem, BottleneckBlock
 
 import gn_det
 from gn_det.data import register_shapes_dataset
 from gn_det.errors import ConfigError
-from gn_det.lazy import build_lazy_model, lazy_gn_settings, lazy_train, load_lazy_config
+from gn_det.lazy import build_lazy_model, fast_gn, gn_model, lazy_gn_settings, lazy_train, load_lazy_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAZY_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "lazy", "*.py")))
@@ -48,6 +54,104 @@ def test_gn_dict_sets_every_fastgn_norm_and_is_checked():
         lazy_gn_settings(LazyConfig.apply_overrides(LazyConfig.load(R50), ["+gn.group_count=4"]))
     with pytest.raises(ConfigError, match=r"gn.eps=0.0: eps must be > 0"):
         lazy_gn_settings(LazyConfig.apply_overrides(LazyConfig.load(R50), ["gn.eps=0.0"]))
+
+
+# ------------------------------------------------ gn applied however the model is built
+
+
+def d2_lazyconfig_train_net_model(path, opts):
+    """The model as detectron2's tools/lazyconfig_train_net.py builds it (main -> do_train)."""
+    cfg = LazyConfig.load(path)
+    cfg = LazyConfig.apply_overrides(cfg, opts)
+    return instantiate(cfg.model)
+
+
+# A project's config on detectron2's new_baselines (SyncBN there), GN by gn_det's nodes.
+NEW_BASELINES_GN = """
+from detectron2 import model_zoo
+from gn_det.lazy import fast_gn, gn_model
+
+_base = model_zoo.get_config("new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py")
+dataloader, optimizer, train, lr_multiplier = _base.dataloader, _base.optimizer, _base.train, _base.lr_multiplier
+gn = dict(num_groups=16, eps=1e-6, recompute_output=True)
+model = gn_model(_base.model)
+model.backbone.bottom_up.stem.norm = model.backbone.bottom_up.stages.norm = model.backbone.norm = {norm}
+model.roi_heads.box_head.conv_norm = model.roi_heads.mask_head.conv_norm = {norm}
+"""
+
+
+def project_config(tmp_path, norm="fast_gn()"):
+    path = tmp_path / "project_config.py"
+    path.write_text(NEW_BASELINES_GN.format(norm=norm))
+    return str(path)
+
+
+def test_lazyconfig_train_net_builds_new_baselines_with_gn_and_its_overrides(tmp_path):
+    """detectron2's way of building, on its new_baselines Mask R-CNN: every GN with the config's
+    gn and the command line's gn.* (16 groups -> 8, eps), ReLUs fused, output recomputation
+    and channels_last on; the config saves as YAML (default_setup does) and builds the same."""
+    model = d2_lazyconfig_train_net_model(project_config(tmp_path), ["gn.num_groups=8", "gn.channels_last=True"])
+    layers = gn_layers(model)
+    assert len(layers) == 69 and {(m.num_groups, m.eps) for m in layers} == {(8, 1e-6)}
+    assert model.backbone.bottom_up.stem.conv1.norm.activation == "relu"  # fused
+    assert gn_det.recompute_output_enabled(model)
+    assert model.backbone.fpn_output2.weight.is_contiguous(memory_format=torch.channels_last)
+    cfg = LazyConfig.load(project_config(tmp_path))
+    LazyConfig.save(cfg, str(tmp_path / "config.yaml"))
+    saved = LazyConfig.apply_overrides(LazyConfig.load(str(tmp_path / "config.yaml")), ["gn.eps=1e-3"])
+    assert {(m.num_groups, m.eps) for m in gn_layers(instantiate(saved.model))} == {(16, 1e-3)}
+
+
+class Project:
+    """A project's own object that takes the model (a node referring to cfg.model)."""
+
+    def __init__(self, model):
+        self.model = model
+
+
+def test_common_mask_rcnn_in_a_projects_own_loop_and_nested_nodes():
+    """detectron2's common/models Mask R-CNN edited in Python (not a file), built by
+    instantiate(cfg.model) and as part of a larger node that refers to it."""
+    cfg = model_zoo.get_config("common/models/mask_rcnn_fpn.py")
+    cfg.gn = dict(channels_per_group=16, num_groups=0)
+    cfg.model = gn_model(cfg.model)
+    cfg.model.backbone.norm = cfg.model.roi_heads.mask_head.conv_norm = fast_gn()
+    cfg.project = L(Project)(model="${model}")
+    for model in (instantiate(cfg.model), instantiate(cfg.project).model):
+        groups = {(m.num_channels, m.num_groups) for m in gn_layers(model)}
+        assert groups == {(256, 16)} and len(gn_layers(model)) == 8 + 4  # FPN lateral + output, 4 mask convs
+
+
+def test_gn_dict_errors_name_gn_keys_at_build_time(tmp_path):
+    path = project_config(tmp_path)
+    with pytest.raises(ConfigError, match=r"^gn.num_groups=7 does not divide the 64 channels .* \(in BasicStem\)"):
+        d2_lazyconfig_train_net_model(path, ["gn.num_groups=7"])
+    with pytest.raises(ConfigError, match=r"^gn.num_group is not a gn_det setting; did you mean gn.num_groups\?"):
+        d2_lazyconfig_train_net_model(path, ["gn.num_group=8"])  # apply_overrides adds it silently
+    with pytest.raises(ConfigError, match=r"^gn.eps=-1.0: eps must be > 0"):
+        d2_lazyconfig_train_net_model(path, ["gn.eps=-1.0"])
+
+
+def test_plain_norm_names_fail_loudly_where_they_cannot_see_gn(tmp_path):
+    """norm="FastGN" strings with a gn dict: detectron2's instantiate cannot give them gn, so
+    building raises saying what to write; build_lazy_model gives them gn; and a node taken
+    out of its config (its "${gn}" unresolved) says so."""
+    path = project_config(tmp_path, norm='"FastGN"')
+    with pytest.raises(ConfigError, match=r"norm='FastGN' is built by detectron2's instantiate\(\) from a LazyConfig "
+                                          r"with a `gn` dict.*norm=gn_det.lazy.fast_gn\(\)"):
+        d2_lazyconfig_train_net_model(path, [])
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(path), ["gn.num_groups=8", "+train.device=cpu"])
+    assert {(m.num_groups, m.eps) for m in gn_layers(build_lazy_model(cfg))} == {(8, 1e-6)}
+    detached = OmegaConf.to_container(LazyConfig.load(project_config(tmp_path)).model.backbone.bottom_up.stem)
+    with pytest.raises(ConfigError, match=r"gn='\$\{gn\}' was not resolved: this node was built apart"):
+        instantiate(detached)
+
+
+@pytest.mark.parametrize("path", LAZY_CONFIGS, ids=lambda p: os.path.basename(p))
+def test_our_lazy_configs_build_with_gn_the_d2_way(path):
+    overrides = ["gn.num_groups=16", "gn.eps=1e-4"]
+    layers = gn_layers(d2_lazyconfig_train_net_model(path, overrides))
+    assert len(layers) == 69 and {(m.num_groups, m.eps) for m in layers} == {(16, 1e-4)}
 
 
 # Overrides that keep each config's architecture and make it CPU-sized on the embedded dataset.

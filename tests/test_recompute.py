@@ -114,10 +114,32 @@ def test_views_of_the_output_and_outer_hooks():
 
     expected = run()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        if gn_det.recompute._top_hooks is None:  # torch < 2.8: they cannot be chained, and are not dropped
+            with pytest.raises(RuntimeError, match=r"hooks set outside it .* torch >= 2\.8 chains them"):
+                with gn_det.recompute_outputs():
+                    pass
+            return
         with gn_det.recompute_outputs():
             got = run()
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
     assert packed and not any(t.shape == (2, 8, 5, 5) for t in packed)  # outer hooks see what is saved as is
+
+
+def test_outer_hooks_refused_where_torch_cannot_chain_them(monkeypatch):
+    """torch < 2.8 has no reader for the active saved-tensor hooks (run for real by
+    tools/compat_check.sh); here, that torch stood in for by hiding the reader: save_on_cpu
+    around a recomputing model raises, naming the torch that chains them, instead of being
+    bypassed; without outer hooks, or without grad, nothing changes."""
+    monkeypatch.setattr(gn_det.recompute, "_top_hooks", None)
+    model = gn_det.set_recompute_output(conv_gn_stack("relu"), True)
+    x = torch.randn(2, 3, 8, 8)
+    model(x).sum().backward()
+    with torch.no_grad(), torch.autograd.graph.save_on_cpu():
+        model(x)
+    with torch.autograd.graph.save_on_cpu(), pytest.raises(RuntimeError) as info:
+        model(x)
+    assert "torch.autograd.graph.save_on_cpu" in str(info.value) and f"torch {torch.__version__} cannot" in str(
+        info.value) and "torch >= 2.8 chains them" in str(info.value)
 
 
 def test_torch_compile_leaves_it_off():

@@ -2,17 +2,20 @@
 the backbone, the FPN, a 4conv1fc box head and the mask head; ImageNet R-50-GN.pkl; 3x, 16
 images per batch). Train with ``python tools/train_net.py --config configs/lazy/mask_rcnn_gn_R_50_FPN_3x.py``.
 
-Every ``norm="FastGN"`` builds with the ``gn`` settings below (``gn_det.GNSettings``' fields,
-YAML's ``MODEL.GN.*``). For one layer with its own settings use a factory instead:
+Every ``norm=fast_gn()`` builds with the ``gn`` settings below (``gn_det.GNSettings``' fields,
+YAML's ``MODEL.GN.*``), and ``gn_model`` finishes the model with them (fused ReLUs, output
+recomputation, channels_last), however it is built: detectron2's own
+``tools/lazyconfig_train_net.py`` (``instantiate(cfg.model)``) too; ``gn.num_groups=16`` on
+the command line counts. For one layer with its own settings use a factory instead:
 ``norm=L(gn_det.GroupNorm.factory)(num_groups=16, eps=1e-6)``.
 """
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
-import gn_det  # noqa: F401  (registers the "FastGN" norm name)
 from gn_det.evaluation import FastCOCOEvaluator
+from gn_det.lazy import fast_gn, gn_model
 
-model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
+model = gn_model(model_zoo.get_config("common/models/mask_rcnn_fpn.py").model)  # finished with `gn`
 dataloader = model_zoo.get_config("common/data/coco.py").dataloader
 optimizer = model_zoo.get_config("common/optim.py").SGD
 lr_multiplier = model_zoo.get_config("common/coco_schedule.py").lr_multiplier_3x
@@ -28,7 +31,7 @@ model.backbone.bottom_up.stem.norm = \
     model.backbone.bottom_up.stages.norm = \
     model.backbone.norm = \
     model.roi_heads.box_head.conv_norm = \
-    model.roi_heads.mask_head.conv_norm = "FastGN"
+    model.roi_heads.mask_head.conv_norm = fast_gn()
 # fmt: on
 model.backbone.bottom_up.stages.stride_in_1x1 = False  # FAIR's GN weights: stride in the 3x3
 model.backbone.bottom_up.freeze_at = 2  # stem and res2 frozen, as detectron2's ResNet default

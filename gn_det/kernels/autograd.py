@@ -14,8 +14,8 @@ through ``GroupNormFunction``, which skips the custom op's per-call Python dispa
 Custom ops are on none of autocast's lists, so under autocast the op runs in its input's
 dtype (float32 statistics) rather than being upcast to float32 as ``F.group_norm`` is.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch.library.custom_op reads the ops' type
+# hints, and torch < 2.7 cannot read them as strings.
 from typing import Optional, Tuple
 
 import torch

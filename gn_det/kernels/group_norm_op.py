@@ -27,6 +27,10 @@ from .group_norm_torch import compute_dtype
 from .layout import memory_format_of, to_dense
 from .tuning import autotune_enabled, choose_path
 
+# torch.export, which ONNX's dynamo=True exporter runs, sets this (torch 2.6+; the TorchScript
+# exporter sets is_in_onnx_export() instead). Without it (torch 2.5), see README: Compatibility.
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
 __all__ = ["aten_group_norm", "export_group_norm", "group_norm"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -141,7 +145,7 @@ def group_norm(
         # so also right under tracing, ONNX export and torch.compile. First, because at small
         # shapes every Python check shows in the time.
         return F.group_norm(input, num_groups, weight, bias, eps)
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _is_exporting():
         return export_group_norm(input, num_groups, weight, bias, eps, code, residual)
     x = to_dense(input)
     if residual is not None:  # read with x's offsets by the kernels: dense in x's layout (a copy if not)

@@ -13,9 +13,22 @@ from ..layers.group_norm import GroupNorm, resolve_num_groups
 from .fuse import fuse_norm_activation
 from .weight_std import standardize_weights
 
-__all__ = ["ConversionReport", "convert_to_group_norm"]
+__all__ = ["PREDICTION_LAYERS", "ConversionReport", "convert_to_group_norm"]
 
 logger = logging.getLogger(__name__)
+
+# Attribute names of the layers whose outputs are a head's predictions, in detectron2's heads
+# (and the projects built on them), with what each predicts. A norm there would normalize the
+# logits/regressions themselves (and its groups would have to divide e.g. 80 classes).
+PREDICTION_LAYERS = {
+    "predictor": "mask logits (mask head) / class logits per pixel (semantic-segmentation head)",
+    "cls_score": "class logits (box predictor; RetinaNet/FCOS head)",
+    "bbox_pred": "box deltas (box predictor; RetinaNet/FCOS head)",
+    "objectness_logits": "RPN objectness logits",
+    "anchor_deltas": "RPN box deltas",
+    "ctrness": "FCOS centerness",
+    "score_lowres": "keypoint heatmap logits",
+}
 
 
 @dataclasses.dataclass
@@ -25,6 +38,7 @@ class ConversionReport:
     replaced: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, old type)
     added: List[str] = dataclasses.field(default_factory=list)  # convs that got a GN
     dropped_bias: List[str] = dataclasses.field(default_factory=list)  # convs whose bias GN made redundant
+    skipped: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, why it got no GN)
     fused_activations: int = 0
     standardized: List[str] = dataclasses.field(default_factory=list)  # convs whose weights are standardized
 
@@ -37,6 +51,7 @@ class ConversionReport:
             f"replaced {replaced} with gn_det GroupNorm; added GN to {len(self.added)} convs "
             f"(dropped {len(self.dropped_bias)} conv biases); fused {self.fused_activations} ReLUs; "
             f"{len(self.standardized)} convs with standardized weights"
+            + "".join(f"; skipped {name}: {why}" for name, why in self.skipped)
         )
 
 
@@ -71,7 +86,10 @@ def convert_to_group_norm(
         add_to_norm_free_convs: also give a GN to each detectron2 ``Conv2d`` without a norm
             whose name starts with one of ``add_within`` (the FPN and the heads in stock
             configs; the RPN head is left alone), dropping the conv's bias, which GN's beta
-            makes redundant.
+            makes redundant. Prediction layers never get one: a conv named as in
+            ``PREDICTION_LAYERS`` (mask/box/keypoint/sem-seg predictors, RPN objectness and
+            deltas, RetinaNet/FCOS score, box and centerness convs) is left as it is and
+            listed in ``report.skipped`` with what it predicts.
         fuse_activation: move the ReLUs that follow the new GN layers into their kernels.
         weight_standardization: "mmcv" or "timm": every detectron2 ``Conv2d`` whose norm is
             now a gn_det GN standardizes its weight (``gn_det.standardize_weights``); "" off.
@@ -110,7 +128,13 @@ def convert_to_group_norm(
             report.replaced.append((name, type(child).__name__))
     if add_to_norm_free_convs:
         for name, conv in model.named_modules():
-            if type(conv) is not Conv2d or conv.norm is not None or not name.startswith(tuple(add_within)):
+            if not isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) or not name.startswith(tuple(add_within)):
+                continue
+            predicts = PREDICTION_LAYERS.get(name.rsplit(".", 1)[-1])
+            if predicts is not None:
+                report.skipped.append((name, f"prediction layer ({predicts})"))
+                continue
+            if type(conv) is not Conv2d or conv.norm is not None:  # torch's convs have no norm to give
                 continue
             groups = resolve_num_groups(conv.out_channels, num_groups, channels_per_group, layer=name)
             conv.norm = GroupNorm(groups, conv.out_channels, eps=eps).to(conv.weight.device, conv.weight.dtype)

@@ -15,7 +15,10 @@ of to standardize its weight; ``gn_det.modeling.weight_std``).
 Settings travel in one context variable: ``building_from(cfg)`` (entered by every detectron2
 build function, see ``hooks``) holds the config's ``GNSettings``, checked once per model;
 ``gn_settings(settings)`` does the same for Python code without a config. Outside both,
-gn_det's norms use ``GNSettings()``'s defaults.
+gn_det's norms use ``GNSettings()``'s defaults, except where that would silently ignore a
+config up the stack (a YAML ``cfg`` with other ``MODEL.GN`` settings, a LazyConfig with a
+``gn`` dict built by detectron2's ``instantiate``: ``gn_det.lazy.fast_gn`` is the way there),
+which raises.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ import inspect
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from detectron2.config import CfgNode
+from detectron2.config.instantiate import instantiate as _d2_instantiate
+from omegaconf import DictConfig
 from torch import nn
 
 from ..config import GNSettings
@@ -43,6 +48,7 @@ WS_NORM_NAME = "FastGNWS"
 DETECTRON2_NORMS = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
 
 NormFactory = Callable[[int], nn.Module]
+_D2_INSTANTIATE_CODE = _d2_instantiate.__code__  # frames of detectron2's LazyConfig instantiate()
 
 
 class NormRegistry:
@@ -146,15 +152,35 @@ def building_from(cfg: CfgNode) -> Iterator[Tuple[GNSettings, bool]]:
         _SCOPE.reset(token)
 
 
-def _check_no_config_bypassed() -> None:
+def _lazy_config_gn(frame) -> Optional[DictConfig]:
+    """The top-level ``gn`` dict of the LazyConfig that detectron2's ``instantiate`` is
+    building in ``frame`` (None if it is not such a frame, or the config has none)."""
+    if frame.f_code is not _D2_INSTANTIATE_CODE:
+        return None
+    node = frame.f_locals.get("cfg")  # the node whose arguments are being built
+    if not isinstance(node, DictConfig):
+        return None
+    root = node._get_root()
+    return root.get("gn") if isinstance(root, DictConfig) and "gn" in root else None
+
+
+def _check_no_config_bypassed(norm: str) -> None:
     """Outside every scope, gn_det's norms use the default settings: right for code without
     a config, silently wrong for a module built from a config by a path detectron2's build
-    functions don't cover (a plain builder function called directly). Such a config, found
-    as a ``cfg`` up the stack, with other settings is refused."""
+    functions don't cover (a plain builder function called directly), or from a LazyConfig
+    with a ``gn`` dict by detectron2's ``instantiate`` (a plain name cannot see ``gn``).
+    Such a config, found up the stack, with other settings is refused."""
     if _SCOPE.get() is not _NO_SCOPE:
         return
     frame = inspect.currentframe()
     while frame is not None:
+        gn = _lazy_config_gn(frame)
+        if gn is not None and (norm != "GN" or gn.get("replace_gn", False)):
+            raise ConfigError(
+                f"norm={norm!r} is built by detectron2's instantiate() from a LazyConfig with a `gn` dict, which a "
+                f"plain norm name cannot see (it would build with GNSettings' defaults, not gn); in the config write "
+                f"norm=gn_det.lazy.fast_gn() for it and model = gn_det.lazy.gn_model(model), or build with "
+                f"gn_det.lazy.build_lazy_model(cfg)")
         cfg = frame.f_locals.get("cfg")
         if isinstance(cfg, CfgNode) and "MODEL" in cfg and GNSettings.from_cfg(cfg) != _NO_SCOPE[1]:
             raise ConfigError(
@@ -213,7 +239,7 @@ def get_norm(norm, out_channels: int) -> Optional[nn.Module]:
     """detectron2's ``get_norm`` extended with gn_det's registry (see the module docstring)."""
     if isinstance(norm, str):
         if norm in NORM_REGISTRY or norm == "GN":
-            _check_no_config_bypassed()
+            _check_no_config_bypassed(norm)
         name = resolve_norm_name(norm, current_gn_settings())
         if name is not None:
             return NORM_REGISTRY.get(name)(out_channels)

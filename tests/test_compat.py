@@ -1,0 +1,29 @@
+"""The stated torch minimum: one value (gn_det/requirements.py) that import checks, setup.py's
+metadata and README state; tools/compat_check.sh's usage. The check itself on an older torch
+runs for real in tools/compat_check.sh (README: Compatibility)."""
+import os
+import subprocess
+import sys
+
+import torch
+
+from gn_det.requirements import MIN_TORCH, check_torch, version_tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_this_torch_passes_and_the_minimum_is_stated_where_users_look():
+    check_torch()
+    assert version_tuple(torch.__version__) >= version_tuple(MIN_TORCH)
+    assert version_tuple("2.5.1+cu124") == (2, 5) and version_tuple("2.10.0a0") == (2, 10)
+    description = subprocess.run([sys.executable, "setup.py", "--description"], cwd=ROOT, capture_output=True,
+                                 text=True, check=True).stdout
+    assert f"needs torch >= {MIN_TORCH}" in description
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert f"torch >= {MIN_TORCH}" in f.read()
+
+
+def test_compat_check_usage():
+    proc = subprocess.run(["bash", os.path.join(ROOT, "tools", "compat_check.sh"), "2.5.1"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "usage: bash tools/compat_check.sh TORCH TORCHVISION" in proc.stderr
