@@ -501,7 +501,9 @@ def _forward_apply_kernel(
     mean, rstd = _group_mean_rstd(PART_MEAN, PART_M2, MEAN, RSTD, row, c_mask, C, S, G, cpg, chunk_s, stat_splits,
                                   eps, STATS, BLOCK_C, BLOCK_K)
     if STATS != 2:
-        first = c_mask & (c_offs % cpg == 0) & (pid_k == 0)  # one lane per group stores its statistics
+        # One lane per group stores its statistics, in split 0. (pid_k's test is a block, not a
+        # scalar: triton 3.9's interpreter rejects a mask made of a block & a scalar.)
+        first = c_mask & (c_offs % cpg == 0) & (c_offs * 0 + pid_k == 0)
         tl.store(MEAN + pid_n * G + c_offs // cpg, mean, mask=first)
         tl.store(RSTD + pid_n * G + c_offs // cpg, rstd, mask=first)
     w = tl.load(W + c_offs, mask=c_mask, other=0.0).to(tl.float32)
