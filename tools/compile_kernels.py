@@ -22,6 +22,7 @@ register spills. It measures no speed.
     python tools/compile_kernels.py --markdown out.json            # that JSON as markdown tables
     python tools/compile_kernels.py --arch 80,86,89,100,120 --json --no-launches   # several at once
     python tools/compile_kernels.py --arch all --quick             # every supported architecture
+    python tools/compile_kernels.py --compact out.json             # a row per compiled variant, not per case
 
 Exits 1 if a kernel fails to compile, spills or exceeds the architecture's limits (registers
 per thread, shared memory per block, one block per SM).
@@ -82,6 +83,74 @@ def _span(values: List) -> str:
     lo, hi = min(values), max(values)
     fmt = (lambda v: f"{v:.2f}") if isinstance(lo, float) else str
     return fmt(lo) if lo == hi else f"{fmt(lo)}-{fmt(hi)}"
+
+
+def compact(data: dict) -> dict:
+    """One architecture's --json output without its per-case rows: each distinct compiled
+    variant (kernel, dtype, layout, warps, registers, spills, shared memory) once, with how
+    many cases launch it, at which shapes and activations, and its grids' and waves' ranges."""
+    if "variants" in data:
+        return data
+    variants: Dict[tuple, dict] = {}
+    for r in data["kernels"]:
+        key = (r["kernel"], r["dtype"], r["layout"], r["warps"], r["registers"], r["spills"], r["shared"])
+        v = variants.setdefault(key, {
+            "kernel": r["kernel"], "dtype": r["dtype"], "layout": r["layout"], "warps": r["warps"],
+            "registers": r["registers"], "spills": r["spills"], "shared": r["shared"],
+            "blocks_per_sm": r["blocks_per_sm"], "over_limits": r.get("over_limits", []),
+            "load_bytes_min": r["load_bytes_min"], "store_bytes_min": r["store_bytes_min"],
+            "cases": 0, "shapes": [], "activations": [], "grid": [r["grid"], r["grid"]],
+            "waves": [r["waves"], r["waves"]]})
+        v["cases"] += 1
+        for name, value in (("shapes", r["shape"]), ("activations", r["activation"])):
+            if value not in v[name]:
+                v[name].append(value)
+        v["grid"] = [min(v["grid"][0], r["grid"]), max(v["grid"][1], r["grid"])]
+        v["waves"] = [min(v["waves"][0], r["waves"]), max(v["waves"][1], r["waves"])]
+    out = {k: v for k, v in data.items() if k not in ("kernels", "bytes_model")}
+    out["variants"] = list(variants.values())
+    return out
+
+
+def markdown_architectures(runs: List[dict]) -> str:
+    """Several architectures' --json (or --compact) outputs as markdown: one line per
+    architecture, then per architecture the per-kernel ranges over every shape."""
+    runs = [compact(r) for r in runs]
+    lines = [f"# Triton kernels compiled for {', '.join(r['meta']['arch'] for r in runs)} "
+             f"(triton {runs[0]['meta']['triton']}, torch {runs[0]['meta']['torch']})", "",
+             f"Command: `{runs[0]['meta']['command']}`. Each architecture's limits and SM count are those of the "
+             "GPU named (gn_det.kernels.occupancy.ARCHITECTURES); its grids are sized as on that GPU. A failure is a "
+             "kernel that does not compile, spills, or exceeds the architecture's limits (registers per thread, "
+             "shared memory per block, one block per SM).", "",
+             "| arch | GPU (SMs) | dtypes | specialisations | compiled | failed, spilled or over limits | "
+             "registers | max shared B | blocks/SM | waves |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        m, vs = r["meta"], r["variants"]
+        lines.append(f"| {m['arch']} | {m.get('gpu', '?')} ({m['sm_count']}) | {', '.join(m.get('dtypes', []))} | "
+                     f"{m['specialisations']} | {m['compiled']} | {m['failed_or_spilled']} | "
+                     f"{_span([v['registers'] for v in vs])} | {max(v['shared'] for v in vs)} | "
+                     f"{_span([v['blocks_per_sm'] for v in vs])} | "
+                     f"{_span([v['waves'][0] for v in vs] + [v['waves'][1] for v in vs])} |")
+    for r in runs:
+        m = r["meta"]
+        left_out = "".join(f" {dtype} left out: {why}." for dtype, why in m.get("dtypes_left_out", {}).items())
+        lines += ["", f"## {m['arch']}: {m.get('gpu', '?')} limits, {m['sm_count']} SMs", "",
+                  f"{m['limits']['registers']} registers, {m['limits']['shared_bytes'] // 1024} KB shared memory, "
+                  f"{m['limits']['warps']} warps and {m['limits']['blocks']} blocks per SM. ptxas: `{m.get('ptxas')}`."
+                  f"{left_out}", "",
+                  "| kernel | dtype | layout | registers | spills | shared B | blocks/SM | waves | over limits |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        groups: Dict[tuple, List[dict]] = {}
+        for v in r["variants"]:
+            groups.setdefault((v["kernel"], v["dtype"], v["layout"]), []).append(v)
+        for (kernel, dtype, layout), vs in groups.items():
+            over = sorted({o for v in vs for o in v["over_limits"]})
+            lines.append(f"| {kernel} | {dtype} | {layout} | {_span([v['registers'] for v in vs])} | "
+                         f"{_span([v['spills'] for v in vs])} | {_span([v['shared'] for v in vs])} | "
+                         f"{_span([v['blocks_per_sm'] for v in vs])} | "
+                         f"{_span([v['waves'][0] for v in vs] + [v['waves'][1] for v in vs])} | "
+                         f"{'; '.join(over) or '-'} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(data: dict) -> str:
@@ -274,14 +343,23 @@ def main() -> int:
     parser.add_argument("--replay-multiscale", action="store_true",
                         help="also count the compilations of detectron2 multi-scale training (replay_compiles)")
     parser.add_argument("--replay-iterations", type=int, default=300)
-    parser.add_argument("--markdown", metavar="JSON", help="print the markdown report of a --json output and exit")
+    parser.add_argument("--markdown", metavar="JSON", help="print the markdown report of a --json output and exit "
+                        "(of several architectures: a line per architecture and per-kernel ranges)")
+    parser.add_argument("--compact", metavar="JSON", help="print a --json output with each distinct compiled variant "
+                        "once instead of a row per case, and exit")
     parser.add_argument("--block-ends", action="store_true",
                         help="also the residual block ends (GN + residual + ReLU), both of their backward modes")
     args = parser.parse_args()
-    if args.markdown:
-        with open(args.markdown) as f:
+    if args.markdown or args.compact:
+        with open(args.markdown or args.compact) as f:
             data = json.load(f)
-        print("\n".join(markdown(d) for d in data.get("architectures", [data])))
+        if args.compact:
+            runs = [compact(d) for d in data.get("architectures", [data])]
+            print(json.dumps(runs[0] if len(runs) == 1 else {"architectures": runs}, indent=1))
+        elif "architectures" in data:
+            print(markdown_architectures(data["architectures"]))
+        else:
+            print(markdown(data))
         return 0
     failures, outs = 0, []
     for arch in args.arch:
