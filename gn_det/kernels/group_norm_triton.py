@@ -974,6 +974,10 @@ STATS_BY_LANES, STATS_GATHERED, STATS_FINALIZED = 0, 1, 2
 # allocation moves in steps: 1024 gathered spilled 12 bytes in float32 NCHW res2 with 3.6, 1024
 # with shifted windows 24 bytes in bf16 res5; 2048 by lanes 20 bytes in bf16 channels_last res2.
 _STATS_TILE_ELEMENTS = {"by lanes": 1024, "gathered": 512, "shifted": 2048}
+# Where an architecture's ptxas spills at those (compute capability x 10, by tools/compile_kernels.py
+# --arch all): sm_75's (T4) shifted windows at 2048 kept 64 registers and spilled 12-20 bytes
+# (res5, float32 with a residual, float16), none at 1024 (127 registers).
+_STATS_TILE_ELEMENTS_BY_ARCH = {75: {"shifted": 1024}}
 # A launch's cost in dependent loads from L2 (~0.5 us each on an H100: a launch gap of 2-3 us),
 # for choosing between the forward apply merging the records itself and a finalize launch.
 # Unmeasured: a GPU is to tune it.
@@ -982,10 +986,24 @@ LAUNCH_IN_LOADS = 4
 FINALIZE_WARPS = 8
 
 
-def _stats_block_k(block_c: int, stats: int, shift: bool) -> int:
-    """BLOCK_K of the forward apply's record tiles (``_STATS_TILE_ELEMENTS``)."""
+def _stats_block_k(block_c: int, stats: int, shift: bool, arch: int = 0) -> int:
+    """BLOCK_K of the forward apply's record tiles (``_STATS_TILE_ELEMENTS``, or the target
+    architecture's own, ``_STATS_TILE_ELEMENTS_BY_ARCH``)."""
     kind = "shifted" if shift else "by lanes" if stats == STATS_BY_LANES else "gathered"
-    return max(1, _STATS_TILE_ELEMENTS[kind] // block_c)
+    return max(1, _STATS_TILE_ELEMENTS_BY_ARCH.get(arch, _STATS_TILE_ELEMENTS).get(kind, _STATS_TILE_ELEMENTS[kind])
+               // block_c)
+
+
+def _target_arch(x: torch.Tensor) -> int:
+    """Compute capability x 10 of the GPU x's kernels are compiled for: x's device's; for meta
+    tensors (tools/compile_kernels.py) its target, from its stand-in for Triton's driver; 0 on
+    CPU (the interpreter)."""
+    if x.is_cuda:
+        major, minor = torch.cuda.get_device_capability(x.device)
+        return 10 * major + minor
+    if x.device.type == "meta":
+        return triton.runtime.driver.active.get_current_target().arch
+    return 0
 
 
 def _groups_whole_in_blocks(cpg: int, block_c: int, shift: bool) -> bool:
@@ -995,7 +1013,7 @@ def _groups_whole_in_blocks(cpg: int, block_c: int, shift: bool) -> bool:
     return not shift and cpg & (cpg - 1) == 0 and cpg <= block_c
 
 
-def _stats_merge(cpg: int, splits: int, block_c: int, shift: bool) -> int:
+def _stats_merge(cpg: int, splits: int, block_c: int, shift: bool, arch: int = 0) -> int:
     """The forward apply's STATS: by lanes where its channel blocks hold whole groups
     (``_groups_whole_in_blocks``): each lane merges its channel's ``splits`` records, the group's lanes
     merge in registers. Else each lane gathers its group's cpg x splits records (three times
@@ -1005,10 +1023,10 @@ def _stats_merge(cpg: int, splits: int, block_c: int, shift: bool) -> int:
     splits, groups wider than a channel block."""
     finalize_k, finalize_cg = _finalize_blocks(splits, cpg)
     budget = 2 * -(-splits // finalize_k) * -(-cpg // finalize_cg) + LAUNCH_IN_LOADS
-    by_lanes = _stats_block_k(block_c, STATS_BY_LANES, shift)
+    by_lanes = _stats_block_k(block_c, STATS_BY_LANES, shift, arch)
     if _groups_whole_in_blocks(cpg, block_c, shift) and -(-splits // by_lanes) <= budget:
         return STATS_BY_LANES
-    if -(-splits * cpg // _stats_block_k(block_c, STATS_GATHERED, shift)) * (3 if shift else 1) <= budget:
+    if -(-splits * cpg // _stats_block_k(block_c, STATS_GATHERED, shift, arch)) * (3 if shift else 1) <= budget:
         return STATS_GATHERED
     return STATS_FINALIZED
 
@@ -1098,7 +1116,8 @@ def _forward(x, weight, bias, num_groups, eps, activation, residual):
     # The apply programs merge the records into their groups' statistics themselves (no
     # launch between) unless that takes too many loads each (_stats_merge); each loops over
     # its split of the row's tiles, as many splits as fill one wave at its occupancy.
-    stats = _stats_merge(cpg, splits, block_c, layout["SHIFT"])
+    arch = _target_arch(x)
+    stats = _stats_merge(cpg, splits, block_c, layout["SHIFT"], arch)
     if stats == STATS_BY_LANES and not _groups_whole_in_blocks(cpg, block_c, layout["SHIFT"]):
         raise ValueError(f"STATS_BY_LANES needs channel blocks of whole groups: {cpg} channels per group, "
                          f"blocks of {block_c}, shifted windows {layout['SHIFT']}")
@@ -1108,7 +1127,7 @@ def _forward(x, weight, bias, num_groups, eps, activation, residual):
             part_mean, part_m2, mean, rstd, c, s, g, cpg, chunk_s, splits, eps,
             BLOCK_K=block_k, BLOCK_CG=block_cg, num_warps=FINALIZE_WARPS,
         )
-    consts = dict(consts, RES=res_mode, STATS=stats, BLOCK_K=_stats_block_k(block_c, stats, layout["SHIFT"]))
+    consts = dict(consts, RES=res_mode, STATS=stats, BLOCK_K=_stats_block_k(block_c, stats, layout["SHIFT"], arch))
     args = [x, y, weight, bias, part_mean, part_m2, mean, rstd, r, c, s, g, cpg, eps, n * c, n_cblocks, chunk_s,
             splits, 2, 2, n_sblocks, activation]
     apply_splits, apply_chunk = _splits(rows, n_sblocks * block_s, block_s,
