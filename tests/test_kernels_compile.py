@@ -121,16 +121,17 @@ def test_one_specialisation_per_supported_architecture():
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for the GPU: not under the interpreter")
-def test_t4_shifted_forward_apply_tiles_do_not_spill():
-    # sm_75's ptxas spilled 20 bytes in res5's shifted forward apply (float16) at the record
-    # tiles of the others (2048 elements); the launcher sizes them by the target's own
-    # (_STATS_TILE_ELEMENTS_BY_ARCH: 1024), which compiles without.
+@pytest.mark.parametrize("arch,dtype", [(75, torch.float16), (80, torch.float32)])
+def test_shifted_forward_apply_tiles_sized_per_architecture(arch, dtype):
+    # sm_75's and sm_80's ptxas spilled (20 and 36 bytes) in res5's shifted forward apply at
+    # the record tiles of the others (2048 elements); the launcher sizes them by the target's
+    # own (_STATS_TILE_ELEMENTS_BY_ARCH: 1024), which compiles without.
     from triton.backends.compiler import GPUTarget
 
     k = group_norm_triton
-    assert k._stats_block_k(4, k.STATS_GATHERED, True, 75) == 256 and k._stats_block_k(4, k.STATS_GATHERED, True) == 512
-    target = GPUTarget("cuda", 75, 32)
-    forward, _ = inspection.layer_launches(SHAPES["res5"], torch.float16, torch.contiguous_format, 0, target=target)
+    assert k._stats_block_k(4, k.STATS_GATHERED, True, arch) == 256 and k._stats_block_k(4, k.STATS_GATHERED, True) == 512
+    target = GPUTarget("cuda", arch, 32)
+    forward, _ = inspection.layer_launches(SHAPES["res5"], dtype, torch.contiguous_format, 0, target=target)
     assert forward[-1].kernel == "_forward_apply_kernel"
     row = inspection.compile_specialisation(forward[-1], target)
     assert row["spills"] == 0 and row["over_limits"] == [], row

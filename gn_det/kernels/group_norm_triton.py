@@ -975,9 +975,10 @@ STATS_BY_LANES, STATS_GATHERED, STATS_FINALIZED = 0, 1, 2
 # with shifted windows 24 bytes in bf16 res5; 2048 by lanes 20 bytes in bf16 channels_last res2.
 _STATS_TILE_ELEMENTS = {"by lanes": 1024, "gathered": 512, "shifted": 2048}
 # Where an architecture's ptxas spills at those (compute capability x 10, by tools/compile_kernels.py
-# --arch all): sm_75's (T4) shifted windows at 2048 kept 64 registers and spilled 12-20 bytes
-# (res5, float32 with a residual, float16), none at 1024 (127 registers).
-_STATS_TILE_ELEMENTS_BY_ARCH = {75: {"shifted": 1024}}
+# --arch all, triton 3.8): shifted windows at 2048 kept 64-80 registers and spilled at res5 on
+# sm_75 (T4: 12-20 bytes, float32 with a residual, float16) and sm_80 (A100: 12 bytes in half
+# precision, 36 in float32); none at 1024 (117-127 registers).
+_STATS_TILE_ELEMENTS_BY_ARCH = {75: {"shifted": 1024}, 80: {"shifted": 1024}}
 # A launch's cost in dependent loads from L2 (~0.5 us each on an H100: a launch gap of 2-3 us),
 # for choosing between the forward apply merging the records itself and a finalize launch.
 # Unmeasured: a GPU is to tune it.
