@@ -118,7 +118,7 @@ def markdown_architectures(runs: List[dict]) -> str:
     runs = [compact(r) for r in runs]
     lines = [f"# Triton kernels compiled for {', '.join(r['meta']['arch'] for r in runs)} "
              f"(triton {runs[0]['meta']['triton']}, torch {runs[0]['meta']['torch']})", "",
-             f"Command: `{runs[0]['meta']['command']}`. Each architecture's limits and SM count are those of the "
+             "Each architecture's command is in its section. Each architecture's limits and SM count are those of the "
              "GPU named (gn_det.kernels.occupancy.ARCHITECTURES); its grids are sized as on that GPU. A failure is a "
              "kernel that does not compile, spills, or exceeds the architecture's limits (registers per thread, "
              "shared memory per block, one block per SM).", "",
@@ -137,7 +137,7 @@ def markdown_architectures(runs: List[dict]) -> str:
         lines += ["", f"## {m['arch']}: {m.get('gpu', '?')} limits, {m['sm_count']} SMs", "",
                   f"{m['limits']['registers']} registers, {m['limits']['shared_bytes'] // 1024} KB shared memory, "
                   f"{m['limits']['warps']} warps and {m['limits']['blocks']} blocks per SM. ptxas: `{m.get('ptxas')}`."
-                  f"{left_out}", "",
+                  f"{left_out} Command: `{m['command']}`.", "",
                   "| kernel | dtype | layout | registers | spills | shared B | blocks/SM | waves | over limits |",
                   "|---|---|---|---|---|---|---|---|---|"]
         groups: Dict[tuple, List[dict]] = {}
