@@ -1,8 +1,7 @@
 """What gn_det's Triton kernels are, measured without a GPU: the launches a layer call makes,
 the specialisations they compile to, the width of their global memory accesses in PTX, and
-their occupancy on each GPU architecture (``occupancy.ARCHITECTURES``). tools/compile_kernels.py
-drives this; nothing here runs on the
-import path of the layers.
+their occupancy on each GPU architecture (``occupancy.ARCHITECTURES``).
+tools/compile_kernels.py drives this; nothing here runs on the import path of the layers.
 
 Launches are recorded by running the launchers (``triton_group_norm_forward`` / ``_backward``)
 on ``meta`` tensors with a stand-in for Triton's GPU driver: every Triton launch goes through
@@ -31,8 +30,8 @@ from triton.runtime import driver
 from . import group_norm_triton as kernels
 from .occupancy import ARCHITECTURES, H100, GPULimits, blocks_per_sm, limit_violations
 
-try:  # triton >= 3.4 keeps its settings and hooks in triton.knobs; before, the JIT cache hook
-    from triton import knobs  # was a class attribute of JITFunction
+try:  # triton 3.8 and 3.9 keep their settings and hooks in triton.knobs; 3.3 and older have none:
+    from triton import knobs  # their JIT cache hook is a class attribute of JITFunction
 except ImportError:
     knobs = None
 
@@ -107,9 +106,9 @@ def recording_launches(target: GPUTarget = GPUTarget("cuda", 90, 32), sm_count: 
     """Within it, the launchers record their launches into the yielded list instead of
     launching (call them on meta tensors). The split kernels' grids are sized, as on a GPU
     with ``sm_count`` SMs (default: ``limits_of(target)``'s), by the occupancy of their
-    partial-sums kernel compiled for ``target`` (``compile_specialisation``); with ``occupancy=False`` by a stand-in of two
-    programs per SM, compiling nothing (for counting specialisations, which grids don't
-    change)."""
+    partial-sums kernel compiled for ``target`` (``compile_specialisation``); with
+    ``occupancy=False`` by a stand-in of two programs per SM, compiling nothing (for counting
+    specialisations, which grids don't change)."""
     if sm_count is None:
         sm_count = limits_of(target).sms
     launches: List[Launch] = []
