@@ -12,9 +12,9 @@ spills and within its limits, benchmarks/results/kernels_*_compile*):
   and conversions in hardware; torch's own bfloat16 kernels need it too);
 - triton ``MIN_TRITON`` or newer (torch 2.5's triton 3.1 is older: see ``MIN_TRITON``).
 
-Below 7.0 (Pascal and older), triton itself does not compile (torch's inductor refuses them
-too), and a capability above 12.x is one nobody has compiled gn_det's kernels for: both run
-PyTorch's path. ``kernels_support(device, dtype)`` says which and why, once per device and
+Below 7.0 (Pascal and older) triton does not support the GPU (torch's inductor refuses it as
+"too old to be supported by the triton GPU compiler") and gn_det's kernels were never compiled
+for it; a capability above 12.x is one nobody has compiled them for: both run PyTorch's path. ``kernels_support(device, dtype)`` says which and why, once per device and
 dtype (one warning where the kernels are off); ``python -m gn_det.env`` prints it per GPU.
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ def architecture_support(arch: int, dtype: torch.dtype) -> Optional[str]:
     else why not. Device-free: tools/compile_kernels.py uses it to choose what to compile."""
     name = f"sm_{arch} (compute capability {arch // 10}.{arch % 10})"
     if arch < MIN_ARCH:
-        return f"{name} is older than 7.0, the oldest GPU triton compiles for"
+        return f"{name} is older than 7.0: triton does not support it and gn_det's kernels were never compiled for it"
     if arch > MAX_ARCH:
         return f"{name} is newer than any gn_det's kernels were compiled for (up to 12.x)"
     if dtype == torch.bfloat16 and arch < BF16_MIN_ARCH:
