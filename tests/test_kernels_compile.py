@@ -137,6 +137,24 @@ def test_shifted_forward_apply_tiles_sized_per_architecture(arch, dtype):
     assert row["spills"] == 0 and row["over_limits"] == [], row
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for the GPU: not under the interpreter")
+def test_b200_backward_partial_register_cap():
+    # sm_100's ptxas capped the backward partial sums at 128 registers and spilled 8 bytes
+    # (res2 N=1, float32 channels_last, SiLU); the launcher asks for a cap of 168 there
+    # (_BACKWARD_PARTIAL_MAXNREG_BY_ARCH), which compiles without, and sm_90 gets none.
+    from triton.backends.compiler import GPUTarget
+
+    for arch in (100, 90):
+        target = GPUTarget("cuda", arch, 32)
+        _, backward = inspection.layer_launches((1, 256, 200, 336), torch.float32, torch.channels_last, 2,
+                                                target=target)
+        assert backward[0].kernel == "_backward_partial_kernel"
+        options = json.loads(backward[0].compile["specialization_data"])["options"]
+        assert options.get("maxnreg") == (168 if arch == 100 else None), options.get("maxnreg")
+        row = inspection.compile_specialisation(backward[0], target)
+        assert row["spills"] == 0 and row["over_limits"] == [], (arch, row)
+
+
 def test_limit_violations():
     t4 = occupancy.ARCHITECTURES[75]
     assert occupancy.limit_violations(128, 8, 4096, t4) == []

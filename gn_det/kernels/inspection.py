@@ -13,6 +13,7 @@ recorded by a dispatch mode.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -200,6 +201,9 @@ def compile_specialisation(launch: Launch, target: GPUTarget, limits: Optional[G
     c = launch.compile
     source = triton.compiler.ASTSource(launch.fn, c["signature"], c["constants"], c["configs"][0])
     options = {"num_warps": c["num_warps"], "num_stages": c["num_stages"], "num_ctas": c["num_ctas"]}
+    maxnreg = json.loads(c.get("specialization_data") or "{}").get("options", {}).get("maxnreg")
+    if maxnreg:  # a register cap the launcher asked for (group_norm_triton._BACKWARD_PARTIAL_MAXNREG_BY_ARCH)
+        options["maxnreg"] = maxnreg
     compiled = triton.compile(source, target=target, options=options)
     ptx = compiled.asm["ptx"]
     arch = re.search(r"\.target\s+(\w+)", ptx).group(1)
