@@ -977,8 +977,9 @@ _STATS_TILE_ELEMENTS = {"by lanes": 1024, "gathered": 512, "shifted": 2048}
 # Where an architecture's ptxas spills at those (compute capability x 10, by tools/compile_kernels.py
 # --arch all, triton 3.8): shifted windows at 2048 kept 64-80 registers and spilled at res5 on
 # sm_75 (T4: 12-20 bytes, float32 with a residual, float16) and sm_80 (A100: 12 bytes in half
-# precision, 36 in float32); none at 1024 (117-127 registers).
-_STATS_TILE_ELEMENTS_BY_ARCH = {75: {"shifted": 1024}, 80: {"shifted": 1024}}
+# precision, 36 in float32), and with triton 3.9 on sm_120 (RTX 50: 28 bytes in float32, res5 and
+# the volume); none at 1024 (117-128 registers, with 3.8 and 3.9 on sm_120).
+_STATS_TILE_ELEMENTS_BY_ARCH = {75: {"shifted": 1024}, 80: {"shifted": 1024}, 120: {"shifted": 1024}}
 # The backward partial sums' register cap (Triton's ``maxnreg``) where an architecture's ptxas
 # otherwise caps itself too low: sm_100's (B200, triton 3.8) took 128 registers and spilled 8
 # bytes at res2 N=1, float32 channels_last SiLU; with a cap of 168 it takes 157, no spill.
