@@ -50,6 +50,36 @@ def cocoeval_in_use() -> str:
         return f"unknown ({type(exc).__name__}: {exc})"
 
 
+def kernel_support_line(index: int) -> str:
+    """Where gn_det's Triton kernels run on CUDA device ``index``, per dtype, and why not
+    (gn_det.kernels.support)."""
+    import warnings
+
+    import torch
+
+    from .kernels.support import kernels_support
+
+    parts = []
+    with warnings.catch_warnings():  # the reason is printed here instead
+        warnings.simplefilter("ignore")
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            found = kernels_support(torch.device("cuda", index), dtype)
+            name = str(dtype).replace("torch.", "")
+            parts.append(f"{name} Triton" if found.ok else f"{name} PyTorch path ({found.reason.split(': ', 1)[-1]})")
+    return "; ".join(parts)
+
+
+def supported_line() -> str:
+    """What the kernels support (gn_det.kernels.support), and whether this triton is one."""
+    from .kernels import support
+
+    archs = ", ".join(f"sm_{a}" for a in support.SUPPORTED_ARCHITECTURES)
+    why = support.triton_support()
+    return (f"compiled for {archs} (compute capability 7.0-12.x), bfloat16 from sm_80, triton "
+            f"{'.'.join(map(str, support.MIN_TRITON))}+; "
+            + ("this triton runs them" if why is None else f"off here: {why}"))
+
+
 def collect_env() -> List[Tuple[str, str]]:
     rows = [
         ("sys.platform", sys.platform),
@@ -71,8 +101,10 @@ def collect_env() -> List[Tuple[str, str]]:
             for i in range(torch.cuda.device_count()):
                 props = torch.cuda.get_device_properties(i)
                 rows.append((f"GPU {i}", f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)"))
+                rows.append((f"GPU {i} kernels", kernel_support_line(i)))
         else:
             rows.append(("GPU", "none (gn_det runs its PyTorch path on CPU)"))
+        rows.append(("gn_det kernels", supported_line()))
         rows.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset")))
         rows.append(("GN_DET_BACKEND", os.environ.get("GN_DET_BACKEND", "unset (auto: Triton kernels on CUDA)")))
         from .kernels import tuning

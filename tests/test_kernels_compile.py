@@ -1,5 +1,7 @@
-"""The Triton kernels compile for the H100/H200 (sm_90) on a machine without a GPU, at the
-specialisations real launches produce, without register spills (tools/compile_kernels.py).
+"""The Triton kernels compile for the H100/H200 (sm_90), and one specialisation for each
+supported architecture (gn_det.kernels.support), on a machine without a GPU, at the
+specialisations real launches produce, without register spills and within each
+architecture's limits (tools/compile_kernels.py).
 The interpreter tests check what the kernels compute; this checks that the GPU compiler
 accepts them, which the interpreter does not (it never folds arguments equal to 1 into
 constants, for one), and that the tool's GPU-free evidence (--json: registers, access widths,
@@ -13,9 +15,15 @@ import re
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from gn_det.bench import inspection
 from gn_det.bench.layer_shapes import COMPILE_EXTRA_SHAPES, MASK_RCNN_SHAPES
-from gn_det.kernels import group_norm_triton, occupancy
+from gn_det.kernels import group_norm_triton, occupancy, support
+from gn_det.kernels.activation import ACT_RELU
+
+SHAPES = {**MASK_RCNN_SHAPES, **COMPILE_EXTRA_SHAPES}
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = {"_group_forward_kernel", "_group_backward_kernel", "_group_forward_flat_kernel", "_group_backward_flat_kernel",
@@ -89,6 +97,80 @@ def test_kernels_compile_for_sm90_without_spills_json():
     # benchmarks/results/kernels_sm90_compile.json; 297 before S and the split sizes were
     # unspecialised).
     assert replay["compiles"] <= 50, replay["by_kernel"]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for the GPU: not under the interpreter")
+def test_one_specialisation_per_supported_architecture():
+    # The box head's forward (one launch: the flat one-program-per-group kernel), compiled for
+    # every architecture gn_det supports, in float32 and, where supported, bfloat16, with the
+    # ptxas triton itself picks for it: no spill, within that architecture's limits. (The
+    # full sweep per architecture: tools/compile_kernels.py --arch all,
+    # benchmarks/results/kernels_archs_compile_triton*.)
+    from triton.backends.compiler import GPUTarget
+
+    shape = SHAPES["box head"]
+    for arch in support.SUPPORTED_ARCHITECTURES:
+        target = GPUTarget("cuda", arch, 32)
+        assert os.path.isfile(inspection.ptxas_path(arch)), arch
+        for dtype in (torch.float32, torch.bfloat16):
+            if support.architecture_support(arch, dtype) is not None:
+                assert arch < 80 and dtype == torch.bfloat16
+                continue
+            forward, _ = inspection.layer_launches(shape, dtype, torch.contiguous_format, ACT_RELU, target=target)
+            assert [launch.kernel for launch in forward] == ["_group_forward_flat_kernel"]
+            row = inspection.compile_specialisation(forward[0], target)
+            assert row["spills"] == 0 and row["over_limits"] == [], (arch, dtype, row)
+            assert 1 <= row["blocks_per_sm"] <= occupancy.ARCHITECTURES[arch].blocks, (arch, row)
+            # The grid is one program per (n, group): independent of the architecture.
+            assert forward[0].programs == shape[0] * 32
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for the GPU: not under the interpreter")
+@pytest.mark.parametrize("arch,dtype", [(75, torch.float16), (80, torch.float32), (120, torch.float32)])
+def test_shifted_forward_apply_tiles_sized_per_architecture(arch, dtype):
+    # sm_75's and sm_80's ptxas spilled (20 and 36 bytes; sm_120's 28 with triton 3.9) in res5's
+    # shifted forward apply at the record tiles of the others (2048 elements); the launcher sizes them by the target's
+    # own (_STATS_TILE_ELEMENTS_BY_ARCH: 1024), which compiles without.
+    from triton.backends.compiler import GPUTarget
+
+    k = group_norm_triton
+    assert k._stats_block_k(4, k.STATS_GATHERED, True, arch) == 256 and k._stats_block_k(4, k.STATS_GATHERED, True) == 512
+    target = GPUTarget("cuda", arch, 32)
+    forward, _ = inspection.layer_launches(SHAPES["res5"], dtype, torch.contiguous_format, 0, target=target)
+    assert forward[-1].kernel == "_forward_apply_kernel"
+    row = inspection.compile_specialisation(forward[-1], target)
+    assert row["spills"] == 0 and row["over_limits"] == [], row
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for the GPU: not under the interpreter")
+def test_b200_backward_partial_register_cap():
+    # sm_100's ptxas capped the backward partial sums at 128 registers and spilled 8 bytes
+    # (res2 N=1, float32 channels_last, SiLU); the launcher asks for a cap of 168 there
+    # (_BACKWARD_PARTIAL_MAXNREG_BY_ARCH), which compiles without, and sm_90 gets none.
+    from triton.backends.compiler import GPUTarget
+
+    for arch in (100, 90):
+        target = GPUTarget("cuda", arch, 32)
+        _, backward = inspection.layer_launches((1, 256, 200, 336), torch.float32, torch.channels_last, 2,
+                                                target=target)
+        assert backward[0].kernel == "_backward_partial_kernel"
+        options = json.loads(backward[0].compile["specialization_data"])["options"]
+        assert options.get("maxnreg") == (168 if arch == 100 else None), options.get("maxnreg")
+        row = inspection.compile_specialisation(backward[0], target)
+        assert row["spills"] == 0 and row["over_limits"] == [], (arch, row)
+
+
+def test_limit_violations():
+    t4 = occupancy.ARCHITECTURES[75]
+    assert occupancy.limit_violations(128, 8, 4096, t4) == []
+    assert occupancy.limit_violations(255, 8, 0, t4) == []  # 255 x 256 threads: one block on 65536
+    assert "registers per thread" in occupancy.limit_violations(256, 4, 0, t4)[0]
+    assert "shared memory" in occupancy.limit_violations(32, 4, 65 * 1024, t4)[0]
+    assert "threads per block" in occupancy.limit_violations(32, 64, 0, t4)[0]
+    # 8 warps of 32 registers: 8 blocks on the H100 (64 warps per SM), 4 on the T4 (32 warps).
+    assert occupancy.blocks_per_sm(32, 8, 0, occupancy.H100) == 8
+    assert occupancy.blocks_per_sm(32, 8, 0, t4) == 4
+    assert occupancy.blocks_per_sm(32, 4, 0, occupancy.ARCHITECTURES[86]) == 12  # 48 warps per SM
 
 
 PTX = """

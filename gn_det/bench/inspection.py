@@ -1,7 +1,7 @@
 """What gn_det's Triton kernels are, measured without a GPU: the launches a layer call makes,
 the specialisations they compile to, the width of their global memory accesses in PTX, and
-their occupancy on an H100. tools/compile_kernels.py drives this; nothing here runs on the
-import path of the layers.
+their occupancy on each GPU architecture (``occupancy.ARCHITECTURES``).
+tools/compile_kernels.py drives this; nothing here runs on the import path of the layers.
 
 Launches are recorded by running the launchers (``triton_group_norm_forward`` / ``_backward``)
 on ``meta`` tensors with a stand-in for Triton's GPU driver: every Triton launch goes through
@@ -13,6 +13,7 @@ recorded by a dispatch mode.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -24,12 +25,16 @@ import torch
 import triton
 import triton.compiler
 from torch.utils._python_dispatch import TorchDispatchMode
-from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
 from ..kernels import group_norm_triton as kernels
-from ..kernels.occupancy import H100, blocks_per_sm
+from ..kernels.occupancy import ARCHITECTURES, H100, GPULimits, blocks_per_sm, limit_violations
+
+try:  # triton 3.8 and 3.9 keep their settings and hooks in triton.knobs; 3.3 and older have none:
+    from triton import knobs  # their JIT cache hook is a class attribute of JITFunction
+except ImportError:
+    knobs = None
 
 # The kernels' pointer parameters that address activation-sized tensors (x, y, dy, dx, and a
 # block end's residual and its gradient); the others address per-channel gamma/beta,
@@ -97,14 +102,16 @@ def jit_kernels() -> Dict[str, triton.runtime.JITFunction]:
 
 
 @contextlib.contextmanager
-def recording_launches(target: GPUTarget = GPUTarget("cuda", 90, 32), sm_count: int = H100.sms,
+def recording_launches(target: GPUTarget = GPUTarget("cuda", 90, 32), sm_count: Optional[int] = None,
                        occupancy: bool = True) -> Iterator[List[Launch]]:
     """Within it, the launchers record their launches into the yielded list instead of
     launching (call them on meta tensors). The split kernels' grids are sized, as on a GPU
-    with ``sm_count`` SMs, by the occupancy of their partial-sums kernel compiled for
-    ``target`` (``compile_specialisation``); with ``occupancy=False`` by a stand-in of two
-    programs per SM, compiling nothing (for counting specialisations, which grids don't
-    change)."""
+    with ``sm_count`` SMs (default: ``limits_of(target)``'s), by the occupancy of their
+    partial-sums kernel compiled for ``target`` (``compile_specialisation``); with
+    ``occupancy=False`` by a stand-in of two programs per SM, compiling nothing (for counting
+    specialisations, which grids don't change)."""
+    if sm_count is None:
+        sm_count = limits_of(target).sms
     launches: List[Launch] = []
     current: List[Launch] = []
 
@@ -131,12 +138,12 @@ def recording_launches(target: GPUTarget = GPUTarget("cuda", 90, 32), sm_count: 
         kernel.warmup(*(buffer if a is None else a for a in args), grid=(1,), **kwargs)  # the hook records it
         return max(1, compile_specialisation(current[-1], target)["blocks_per_sm"]) * sm_count
 
-    saved_resident, saved_hook = kernels._resident_programs, knobs.runtime.jit_cache_hook
+    saved_resident, saved_hook = kernels._resident_programs, _cache_hook()
     saved_driver = getattr(driver, "_active", None)  # (reset_active() would look for a GPU driver)
     jits = jit_kernels()
     driver.set_active(CompileOnlyDriver(target))
     kernels._resident_programs = resident_programs
-    knobs.runtime.jit_cache_hook = hook
+    _set_cache_hook(hook)
     for name, jit in jits.items():
         jit.run = wrap(name, jit.run)
     try:
@@ -145,28 +152,62 @@ def recording_launches(target: GPUTarget = GPUTarget("cuda", 90, 32), sm_count: 
     finally:
         for jit in jits.values():
             del jit.run  # back to the class's method
-        knobs.runtime.jit_cache_hook = saved_hook
+        _set_cache_hook(saved_hook)
         kernels._resident_programs = saved_resident
         driver.set_active(saved_driver)
+
+
+def _cache_hook():
+    return knobs.runtime.jit_cache_hook if knobs is not None else triton.runtime.JITFunction.cache_hook
+
+
+def _set_cache_hook(hook) -> None:
+    if knobs is not None:
+        knobs.runtime.jit_cache_hook = hook
+    else:
+        triton.runtime.JITFunction.cache_hook = hook
+
+
+def limits_of(target: GPUTarget) -> GPULimits:
+    """The per-SM limits (and SM count) compile_kernels sizes grids and occupancy by for this
+    target: ``occupancy.ARCHITECTURES``' entry, or an H100's for an architecture not listed."""
+    return ARCHITECTURES.get(target.arch, H100)
+
+
+def ptxas_path(arch: int) -> str:
+    """The ptxas triton itself runs for this compute capability (x 10): its backend's
+    ``get_ptxas`` (triton >= 3.3: which of its bundled ptxas serves which architecture changes
+    between versions: 3.9 takes the newer one from sm_90 on) or, before that, its one ptxas."""
+    from triton.backends.nvidia import compiler as nvidia
+
+    if hasattr(nvidia, "get_ptxas"):
+        tool = nvidia.get_ptxas(arch)
+        return tool.path if hasattr(tool, "path") else tool[0]  # knobs.NvidiaTool (>= 3.4), or (path, version)
+    return nvidia._path_to_binary("ptxas")[0]
 
 
 _COMPILED: Dict[Tuple[str, str], dict] = {}
 
 
-def compile_specialisation(launch: Launch, target: GPUTarget) -> dict:
+def compile_specialisation(launch: Launch, target: GPUTarget, limits: Optional[GPULimits] = None) -> dict:
     """Compile one recorded specialisation to a cubin for ``target`` (once per process):
-    registers and spill bytes (ptxas -v), shared memory, warps, blocks per SM on an H100, and
-    the narrowest global load and store of each pointer (PTX)."""
+    registers and spill bytes (ptxas -v, the ptxas triton uses for the target), shared memory,
+    warps, blocks per SM against ``limits`` (default ``limits_of(target)``) and what exceeds
+    them, and the narrowest global load and store of each pointer (PTX)."""
+    limits = limits or limits_of(target)
     cache_key = (launch.key, str(target))
     if cache_key in _COMPILED:
         return _COMPILED[cache_key]
     c = launch.compile
     source = triton.compiler.ASTSource(launch.fn, c["signature"], c["constants"], c["configs"][0])
     options = {"num_warps": c["num_warps"], "num_stages": c["num_stages"], "num_ctas": c["num_ctas"]}
+    maxnreg = json.loads(c.get("specialization_data") or "{}").get("options", {}).get("maxnreg")
+    if maxnreg:  # a register cap the launcher asked for (group_norm_triton._BACKWARD_PARTIAL_MAXNREG_BY_ARCH)
+        options["maxnreg"] = maxnreg
     compiled = triton.compile(source, target=target, options=options)
     ptx = compiled.asm["ptx"]
     arch = re.search(r"\.target\s+(\w+)", ptx).group(1)
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptxas = ptxas_path(target.arch)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as f:
@@ -177,10 +218,11 @@ def compile_specialisation(launch: Launch, target: GPUTarget) -> dict:
     spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
     widths = access_widths(global_accesses(ptx, pointer_params(c["signature"])))
     shared = compiled.metadata.shared
-    blocks = blocks_per_sm(registers, c["num_warps"], shared)
+    blocks = blocks_per_sm(registers, c["num_warps"], shared, limits)
     out = _COMPILED[cache_key] = {
         "kernel": launch.kernel, "warps": c["num_warps"], "registers": registers, "spills": spills, "shared": shared,
         "blocks_per_sm": blocks, "warps_per_sm": blocks * c["num_warps"],
+        "over_limits": limit_violations(registers, c["num_warps"], shared, limits),
         "load_bytes_min": activation_min(widths["load"]), "store_bytes_min": activation_min(widths["store"]),
         "load_bytes_by_pointer": widths["load"], "store_bytes_by_pointer": widths["store"]}
     return out

@@ -18,6 +18,7 @@ from .activation import ACT_NONE, RESIDUAL_ADD, activation_code
 from .group_norm_torch import compute_dtype, torch_group_norm_backward, torch_group_norm_forward
 from .layout import flat_spatial_stride, memory_format_of, to_dense
 from .routing import aten_route
+from .support import kernels_support
 from .tuning import decided_path, failed_verification
 from .verification import verified_backward, verified_forward, verify_key_of
 
@@ -84,8 +85,8 @@ def triton_enabled_for(x: Tensor) -> bool:
     the kernels off."""
     if x.dtype == torch.float64 or backend() == "torch":
         return False  # (float64 is for reference checks: the exact PyTorch path)
-    if x.is_cuda:
-        return _triton_module() is not None
+    if x.is_cuda:  # (support: the GPU's architecture, the dtype there, the triton installed)
+        return kernels_support(x.device, x.dtype).ok and _triton_module() is not None
     return x.device.type == "cpu" and triton_on_cpu()
 
 

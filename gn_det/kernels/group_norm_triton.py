@@ -209,6 +209,14 @@ FINALIZE_WARPS = 8
 # allocation moves in steps: 1024 gathered spilled 12 bytes in float32 NCHW res2 with 3.6, 1024
 # with shifted windows 24 bytes in bf16 res5; 2048 by lanes 20 bytes in bf16 channels_last res2.
 _STATS_TILE_ELEMENTS = {"by lanes": 1024, "gathered": 512, "shifted": 2048}
+# Where an architecture's ptxas spills at those (compute capability x 10, by tools/compile_kernels.py
+# --arch all, triton 3.8): shifted windows at 2048 spilled at res5 on sm_75 (T4: 12-20 bytes) and
+# sm_80 (A100: 12-36 bytes), and with triton 3.9 on sm_120 (28 bytes); none at 1024.
+_STATS_TILE_ELEMENTS_BY_ARCH = {75: {"shifted": 1024}, 80: {"shifted": 1024}, 120: {"shifted": 1024}}
+# The backward partial sums' register cap (Triton's ``maxnreg``) where an architecture's ptxas
+# otherwise caps itself too low: sm_100 (B200, triton 3.8) took 128 registers and spilled 8 bytes
+# at res2 N=1, float32 channels_last SiLU; with a cap of 168 it takes 157, no spill.
+_BACKWARD_PARTIAL_MAXNREG_BY_ARCH = {100: 168}
 # A launch's cost in dependent loads from L2 (~0.5 us each on an H100: a launch gap of 2-3 us),
 # for choosing between the forward apply merging the records itself and a finalize launch
 # (``_stats_merge``). Unmeasured: a GPU is to tune it. Any value from 1 to 105 makes the same
@@ -1277,10 +1285,24 @@ def _flat_group_blocks(cpg: int, s: int, channels_last: bool, element_size: int)
     return block_f, block_cg, align
 
 
-def _stats_block_k(block_c: int, stats: int, shift: bool) -> int:
-    """BLOCK_K of the forward apply's record tiles (``_STATS_TILE_ELEMENTS``)."""
+def _stats_block_k(block_c: int, stats: int, shift: bool, arch: int = 0) -> int:
+    """BLOCK_K of the forward apply's record tiles (``_STATS_TILE_ELEMENTS``, or the target
+    architecture's own, ``_STATS_TILE_ELEMENTS_BY_ARCH``)."""
     kind = "shifted" if shift else "by lanes" if stats == STATS_BY_LANES else "gathered"
-    return max(1, _STATS_TILE_ELEMENTS[kind] // block_c)
+    return max(1, _STATS_TILE_ELEMENTS_BY_ARCH.get(arch, _STATS_TILE_ELEMENTS).get(kind, _STATS_TILE_ELEMENTS[kind])
+               // block_c)
+
+
+def _target_arch(x: torch.Tensor) -> int:
+    """Compute capability x 10 of the GPU x's kernels are compiled for: x's device's; for meta
+    tensors (tools/compile_kernels.py) its target, from its stand-in for Triton's driver; 0 on
+    CPU (the interpreter)."""
+    if x.is_cuda:
+        major, minor = torch.cuda.get_device_capability(x.device)
+        return 10 * major + minor
+    if x.device.type == "meta":
+        return triton.runtime.driver.active.get_current_target().arch
+    return 0
 
 
 def _groups_whole_in_blocks(cpg: int, block_c: int, shift: bool) -> bool:
@@ -1290,7 +1312,7 @@ def _groups_whole_in_blocks(cpg: int, block_c: int, shift: bool) -> bool:
     return not shift and cpg & (cpg - 1) == 0 and cpg <= block_c
 
 
-def _stats_merge(cpg: int, splits: int, block_c: int, shift: bool) -> int:
+def _stats_merge(cpg: int, splits: int, block_c: int, shift: bool, arch: int = 0) -> int:
     """The forward apply's STATS: by lanes where its channel blocks hold whole groups
     (``_groups_whole_in_blocks``): each lane merges its channel's ``splits`` records, the group's lanes
     merge in registers. Else each lane gathers its group's cpg x splits records (three times
@@ -1299,10 +1321,10 @@ def _stats_merge(cpg: int, splits: int, block_c: int, shift: bool) -> int:
     by a launch of its own: channels_last groups whose size is not a power of two over many
     splits, groups wider than a channel block."""
     budget = 2 * -(-splits // FINALIZE_BLOCK_K) * -(-cpg // FINALIZE_BLOCK_CG) + LAUNCH_IN_LOADS
-    by_lanes = _stats_block_k(block_c, STATS_BY_LANES, shift)
+    by_lanes = _stats_block_k(block_c, STATS_BY_LANES, shift, arch)
     if _groups_whole_in_blocks(cpg, block_c, shift) and -(-splits // by_lanes) <= budget:
         return STATS_BY_LANES
-    if -(-splits * cpg // _stats_block_k(block_c, STATS_GATHERED, shift)) * (3 if shift else 1) <= budget:
+    if -(-splits * cpg // _stats_block_k(block_c, STATS_GATHERED, shift, arch)) * (3 if shift else 1) <= budget:
         return STATS_GATHERED
     return STATS_FINALIZED
 
@@ -1419,7 +1441,8 @@ def _forward(x, weight, bias, num_groups, eps, activation, residual):
     # The apply programs merge the records into their groups' statistics themselves (no
     # launch between) unless that takes too many loads each (_stats_merge); each loops over
     # its split of the row block's tiles, as many splits as fill one wave at its occupancy.
-    stats = _stats_merge(cpg, splits, block_c, layout["SHIFT"])
+    arch = _target_arch(x)
+    stats = _stats_merge(cpg, splits, block_c, layout["SHIFT"], arch)
     if stats == STATS_BY_LANES and not _groups_whole_in_blocks(cpg, block_c, layout["SHIFT"]):
         raise ValueError(f"STATS_BY_LANES needs channel blocks of whole groups: {cpg} channels per group, "
                          f"blocks of {block_c}, shifted windows {layout['SHIFT']}")
@@ -1428,7 +1451,7 @@ def _forward(x, weight, bias, num_groups, eps, activation, residual):
             part_mean, part_m2, mean, rstd, c, s, g, cpg, chunk_s, splits, eps,
             BLOCK_K=FINALIZE_BLOCK_K, BLOCK_CG=FINALIZE_BLOCK_CG, num_warps=FINALIZE_WARPS,
         )
-    consts = dict(consts, RES=res_mode, STATS=stats, BLOCK_K=_stats_block_k(block_c, stats, layout["SHIFT"]))
+    consts = dict(consts, RES=res_mode, STATS=stats, BLOCK_K=_stats_block_k(block_c, stats, layout["SHIFT"], arch))
 
     def apply_args(split_tiles: int, apply_splits: int) -> tuple:
         """The forward apply's arguments; its own splits (of the apply's tiles) are known only
@@ -1483,15 +1506,17 @@ def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, resid
     block_c, block_s, n_cblocks, n_sblocks, layout = _tiles(c, s, channels_last, x.element_size())
     consts = dict(layout, RES=res_mode, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s))
     n_row_blocks = n * n_cblocks
+    maxnreg = _BACKWARD_PARTIAL_MAXNREG_BY_ARCH.get(_target_arch(x))
+    partial_consts = dict(consts, ACT=activation, **({"maxnreg": maxnreg} if maxnreg else {}))
     splits, chunk_s = _splits(n_row_blocks, s, block_s, _resident_programs(
         _backward_partial_kernel, x,
         (x, grad_y, weight, bias, mean, rstd, r, None, None, c, s, g, cpg, _UNSIZED, _UNSIZED, n_cblocks),
-        dict(consts, ACT=activation)))
+        partial_consts))
     part_ds = torch.empty((n, splits, c), dtype=torch.float32, device=x.device)
     part_db = torch.empty_like(part_ds)
     _backward_partial_kernel[(n_row_blocks * splits,)](
         x, grad_y, weight, bias, mean, rstd, r, part_ds, part_db, c, s, g, cpg, chunk_s // block_s, splits, n_cblocks,
-        ACT=activation, **consts)
+        **partial_consts)
     coef_xhat = torch.empty((n, g), dtype=torch.float32, device=x.device)
     coef_const = torch.empty_like(coef_xhat)
     dweight, dbias = torch.empty_like(weight), torch.empty_like(weight)
