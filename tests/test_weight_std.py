@@ -299,7 +299,7 @@ def test_output_recomputation_reruns_the_standardized_projection_bit_identically
     expected = grads(_ws_block())
     block = _ws_block()
     gn_det.set_recompute_output(block, True)
-    assert gn_det.recompute.projection_convs(block) == [block.shortcut] and isinstance(block.shortcut, WSConv2d)
+    assert gn_det.modeling.projections.projection_convs(block) == [block.shortcut] and isinstance(block.shortcut, WSConv2d)
     got = grads(block)
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
 
