@@ -52,6 +52,18 @@ def test_every_row_builds_the_demo_model_it_names(row, tmp_path):
         assert any(type(m) is kind for m in model.modules())
 
 
+def test_a_run_stopped_part_way_continues_from_its_checkpoint(tmp_path):
+    row = study.ROWS_BY_NAME["FastGN@1"]
+    command, iters = study.train_command(row, 7, str(tmp_path), 1.0, [], resume=True)
+    assert "--resume" not in command  # nothing to continue from: a fresh run
+    period = command[command.index("SOLVER.CHECKPOINT_PERIOD") + 1]
+    assert int(period) * study.CHECKPOINTS_PER_RUN == iters  # at most a fifth of a run is lost to a kill
+    (tmp_path / "last_checkpoint").write_text("model_0000399.pth")
+    command, _ = study.train_command(row, 7, str(tmp_path), 1.0, [], resume=True)
+    assert command.index("--resume") < command.index("SOLVER.CHECKPOINT_PERIOD")  # train_net wants flags first
+    assert "--resume" not in study.train_command(row, 7, str(tmp_path), 1.0, [], resume=False)[0]
+
+
 def _run(row, seed, box, mask):
     return {"row": row, "seed": seed, "iterations": 1000, "images_per_batch": study.ROWS_BY_NAME[row].ims,
             "box_AP": box, "mask_AP": mask}
