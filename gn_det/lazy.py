@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .checkpoint import SafeCheckpointer
-from .config import GNSettings
+from .config import GNSettings, SettingError, lazy_key
 from .engine import AutotuneSync
 from .errors import ConfigError, MissingFileError, close_matches
 from .modeling import NORM_NAME, finish_model, gn_settings
@@ -52,13 +52,6 @@ logger = logging.getLogger(__name__)
 
 
 _GN_FIELDS = [f.name for f in dataclasses.fields(GNSettings)]
-
-
-def _in_lazy_terms(message: str) -> str:
-    """A settings error's message with YAML's keys (``MODEL.GN.<KEY>``) as a LazyConfig's (``gn.<key>``)."""
-    for name in _GN_FIELDS:
-        message = message.replace(GNSettings.key(name), f"gn.{name}")
-    return message
 
 
 def settings_from_gn(gn: Optional[Mapping]) -> GNSettings:
@@ -77,8 +70,8 @@ def settings_from_gn(gn: Optional[Mapping]) -> GNSettings:
                           f"the gn dict takes: {', '.join(_GN_FIELDS)}")
     try:
         return GNSettings(**given)
-    except ConfigError as exc:  # its message names MODEL.GN.<KEY>; here the key is gn.<key>
-        raise ConfigError(_in_lazy_terms(str(exc))) from None
+    except SettingError as exc:  # named in YAML's terms (MODEL.GN.<KEY>); here the key is gn.<key>
+        raise exc.in_terms(lazy_key) from None
 
 
 def lazy_gn_settings(cfg) -> GNSettings:
@@ -93,11 +86,8 @@ class _LazyNorm:
         self.name, self.settings = name, settings
 
     def __call__(self, channels: int) -> nn.Module:
-        with gn_settings(self.settings):
-            try:
-                return get_norm(self.name, channels)
-            except ConfigError as exc:
-                raise ConfigError(_in_lazy_terms(str(exc))) from None
+        with gn_settings(self.settings, lazy_key):
+            return get_norm(self.name, channels)
 
     def __repr__(self) -> str:
         return f"{self.name}({self.settings})"
@@ -130,7 +120,7 @@ def build_gn_model(_gn_target_: Any, _gn_: Optional[Mapping], **kwargs) -> nn.Mo
     target = locate(_gn_target_) if isinstance(_gn_target_, str) else _gn_target_
     if not callable(target):
         raise ConfigError(f"model._gn_target_={_gn_target_!r} does not name a callable (the model class)")
-    with gn_settings(settings):
+    with gn_settings(settings, lazy_key):
         model = target(**kwargs)
     return finish_model(model, settings)
 
@@ -207,7 +197,7 @@ def build_lazy_model(cfg) -> nn.Module:
     device = cfg.train.get("device", "cuda")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={device!r}, but CUDA is not available here; set train.device=cpu")
-    with gn_settings(settings):
+    with gn_settings(settings, lazy_key):
         model = instantiate(cfg.model)
     if not _builds_itself(cfg.model):
         finish_model(model, settings)
