@@ -172,7 +172,16 @@ def _check_no_config_bypassed(norm: str) -> None:
     a config, silently wrong for a module built from a config by a path detectron2's build
     functions don't cover (a plain builder function called directly), or from a LazyConfig
     with a ``gn`` dict by detectron2's ``instantiate`` (a plain name cannot see ``gn``).
-    Such a config, found up the stack, with other settings is refused."""
+    Such a config, found up the stack, with other settings is refused.
+
+    Why a stack search, and why it stays beside the scopes that carry settings (``fast_gn()``
+    nodes, ``gn_model``, ``build_lazy_model``, the build functions): on both paths it guards,
+    no gn_det code runs between the config and ``get_norm`` (detectron2's ``instantiate``
+    calling a block with ``norm="FastGN"``; a project's builder called directly), so nothing
+    can open a scope or set a flag there; the config is only reachable as a caller's local.
+    Making it apply the settings instead of refusing would make a frame search the way settings
+    travel; replacing it would take patching ``instantiate`` and every project builder. It runs
+    only for a gn_det norm built outside every scope, and only decides whether to refuse."""
     if _SCOPE.get() is not _NO_SCOPE:
         return
     frame = inspect.currentframe()
