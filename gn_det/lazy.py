@@ -31,10 +31,11 @@ string gets ``gn`` there; a plain string under detectron2's own ``instantiate`` 
 code above it, so ``gn_det.modeling.norm._check_no_config_bypassed`` finds the config on the
 stack and refuses (it cannot apply ``gn`` without patching ``instantiate``). Dropping any of the
 three breaks a tested path (``tests/test_lazy_config.py``: d2's ``instantiate`` with nested
-``fast_gn()`` nodes, ``build_lazy_model`` with plain strings, the refusal). A layer that wants its own
-settings takes ``norm=L(gn_det.GroupNorm.factory)(num_groups=16)``. The rest follows
-``lazyconfig_train_net.py``'s conventions: ``model``, ``dataloader`` (``train``, ``test``,
-``evaluator``), ``optimizer``, ``lr_multiplier`` and ``train``.
+``fast_gn()`` nodes, ``build_lazy_model`` with plain strings, the refusal).
+
+A layer that wants its own settings takes ``norm=L(gn_det.GroupNorm.factory)(num_groups=16)``.
+The rest follows ``lazyconfig_train_net.py``'s conventions: ``model``, ``dataloader``
+(``train``, ``test``, ``evaluator``), ``optimizer``, ``lr_multiplier`` and ``train``.
 """
 from __future__ import annotations
 
