@@ -137,8 +137,9 @@ def _weight_standardizations() -> tuple:
 
 @dataclasses.dataclass(frozen=True)
 class GNSettings:
-    """How gn_det builds GN layers from a config. Values are checked when constructed
-    (``ConfigError`` naming the key, the value and the fix)."""
+    """How gn_det builds GN layers from a config. Values are checked when constructed, by each
+    field's ``rule`` and the rules across fields (``SettingError``, a ``ConfigError``, naming the
+    key, the value and the fix)."""
 
     num_groups: int = _key(32, "groups per GN layer.",
                            rule=(lambda v: v >= 0, "may not be negative (0: {channels_per_group} sets the groups)"))
