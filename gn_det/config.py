@@ -1,41 +1,154 @@
-"""gn_det's config keys, declared once: the fields of ``GNSettings``.
+"""gn_det's config keys, declared once: the fields of ``GNSettings``, each with its rule.
 
-Each field is one key (``MODEL.GN.<FIELD>`` unless it names another) with its default, type
-and meaning. ``add_gn_config`` declares the keys from it (detectron2's ``add_<thing>_config``
-way), ``GNSettings.from_cfg`` reads and checks them, and README's key list is
+Each field is one key (``MODEL.GN.<FIELD>`` unless it names another) with its default, type,
+meaning and rule. ``add_gn_config`` declares the keys from it (detectron2's ``add_<thing>_config``
+way), ``GNSettings.from_cfg`` reads them, ``GNSettings`` checks them, and README's key list is
 ``GNSettings.keys_markdown()``. Adding a key is one field here.
+
+One validation, one rule per setting. A field's ``rule`` (and, across fields, ``__post_init__``)
+is the only place a value is judged; ``groups_for`` is the only rule that needs a layer's
+channels. Every input that carries these settings checks them with these functions and reports
+a broken rule as a ``SettingError``, whose message names the setting in the terms of that input
+(``Terms``): ``MODEL.GN.EPS`` for YAML (``yaml_key``), ``gn.eps`` for a LazyConfig's ``gn`` dict
+(``lazy_key``), ``eps`` for a Python argument (``argument_key``: ``GroupNorm(...)``,
+``GroupNorm.factory(...)``, ``gn_det.group_norm(...)``). So eps=0 gets the same decision on every
+path (refused: a group of equal values would divide by zero), and a group count that does not
+divide a layer's channels one error, naming the key and the layer.
+
+When each rule runs: the settings' rules once per model (``GNSettings(...)``, when the outermost
+build scope opens or a LazyConfig's ``gn`` is read) and once per ``GroupNorm.factory``; the
+layer's rules (``groups_for``: the group count divides the channels; eps) once per GN layer
+built, in ``GroupNorm.__init__`` (``from_channels`` first resolves ``channels_per_group`` by its
+rule). ``gn_det.group_norm`` checks its own arguments per call (eps by the same rule; its input
+tensor's channels against ``num_groups``: a check of the tensor, which a layer built right can
+still be given wrong).
+
+How ``MODEL.GN.NUM_GROUPS`` and ``MODEL.GN.EPS`` reach a layer and the op. A hop is a call
+that receives the value (or the ``GNSettings``/scope holding it); detectron2's own build chain
+(``build_model`` down to a block's ``__init__``, which calls ``get_norm``) is the same for any
+norm key and not counted. detectron2's own ``GN`` key takes 3: YAML -> ``get_norm(norm, C)`` ->
+``nn.GroupNorm(32, C)``.
+
+- config to settings, once per model (6, unchanged): ``get_config`` (the YAML merged) ->
+  ``build_model`` (``hooks``) -> ``building_from`` -> ``validate_gn_config`` ->
+  ``GNSettings.from_cfg`` -> ``GNSettings(...)`` (the settings' rules) -> the scope.
+- settings to layer, per layer: before (9): ``get_norm`` (``current_gn_settings``) ->
+  ``resolve_norm_name`` -> ``fast_group_norm`` (``current_gn_settings``) -> ``GNSettings.norm`` ->
+  ``GNSettings.groups_for`` -> ``resolve_num_groups`` (divisibility check 1) ->
+  ``GroupNorm.__init__`` -> ``resolve_num_groups`` (check 2) -> ``nn.GroupNorm.__init__``
+  (torch's, check 3); now (7): ``get_norm`` (``current_gn_settings``) -> ``resolve_norm_name`` ->
+  ``fast_group_norm`` (reads the scope) -> ``GroupNorm.from_channels`` -> ``GroupNorm.__init__``
+  -> ``groups_for`` and ``check_setting`` (the one divisibility and eps check) ->
+  ``nn.GroupNorm.__init__`` (torch's check, which ours has already passed).
+- layer to kernel, per call (7, unchanged; ``gn_det.kernels`` chooses the path):
+  ``GroupNorm.forward`` -> ``group_norm`` -> ``_check_inputs`` (its input tensor's channels:
+  check 4 before, and now; eps by ``check_setting``) -> ``kernels`` ->
+  ``GroupNormFunction.forward`` -> ``dispatch.forward_impl`` -> the Triton launcher or PyTorch
+  path -> the kernel.
+
+Before: 22 hops in 8 files (config.py, hooks.py, norm.py, layers/group_norm.py, and the op's
+group_norm_op.py, autograd.py, dispatch.py, the kernel file), divisibility checked 4 times per
+layer (2 by gn_det and 1 by torch at build, 1 per call), eps ``> 0`` in ``GNSettings`` and
+``GroupNorm.factory`` but ``>= 0`` in ``GroupNorm.__init__`` and ``group_norm``. Now: 20 hops
+in the same files, gn_det's divisibility rule run once per layer built (torch's own check
+after it, and the op's per-call check of the tensor it is given), eps by one rule (``> 0``)
+everywhere. What is left is structural: the scope (a context variable, because detectron2's
+builders pass no settings to ``get_norm``), the norm registry, and the op's own layers.
+Measured with a profiler on ``configs/mask_rcnn_gn.yaml`` (``tests/test_settings.py`` checks
+the rules' counts).
+
+This module imports nothing of gn_det but ``errors`` (and detectron2 only inside the functions
+that take a ``CfgNode``), so the layer and the op can use its rules.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import typing
-
-from detectron2.config import CfgNode as CN
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .errors import ConfigError
-from .layers.group_norm import GroupNorm, resolve_num_groups
-from .layers.weight_std import WEIGHT_STANDARDIZATIONS, request_weight_standardization
 
-__all__ = ["GNSettings", "add_gn_config", "get_config"]
+if TYPE_CHECKING:
+    from detectron2.config import CfgNode as CN
+
+__all__ = ["GNSettings", "SettingError", "Terms", "add_gn_config", "argument_key", "check_setting", "get_config",
+           "groups_for", "lazy_key", "yaml_key"]
+
+# How an input names a setting (a GNSettings field name -> the key as the user wrote it).
+Terms = Callable[[str], str]
 
 
-def _key(default, meaning: str, key: str = "", choices: tuple = ()):
-    """A settings field: its config key (``MODEL.GN.<FIELD>`` when not given), meaning and,
-    for a field with a fixed set of values, those values."""
-    return dataclasses.field(default=default, metadata={"meaning": meaning, "key": key, "choices": choices})
+def yaml_key(name: str) -> str:
+    """YAML's key of setting ``name``: ``MODEL.GN.NUM_GROUPS``."""
+    return GNSettings.key(name)
+
+
+def lazy_key(name: str) -> str:
+    """A LazyConfig's key of setting ``name``: ``gn.num_groups``."""
+    return f"gn.{name}"
+
+
+def argument_key(name: str) -> str:
+    """A Python argument's name for setting ``name``: ``num_groups``."""
+    return name
+
+
+def _v(value: Any) -> str:
+    """``repr(value)`` safe inside a ``SettingError`` template (braces doubled)."""
+    return repr(value).replace("{", "{{").replace("}", "}}")
+
+
+class SettingError(ConfigError):
+    """A setting that breaks its rule. ``template`` names settings as ``{field}`` (filled in by
+    ``terms``: ``MODEL.GN.EPS``, ``gn.eps`` or ``eps``); ``where`` (a layer, a function) is added
+    in parentheses. ``in_terms`` gives the same error for another input's terms."""
+
+    def __init__(self, template: str, terms: Terms = argument_key, where: str = "") -> None:
+        self.template, self.terms, self.where = template, terms, where
+        text = template.format_map({f.name: terms(f.name) for f in dataclasses.fields(GNSettings)})
+        super().__init__(f"{text} ({where})" if where else text)
+
+    def in_terms(self, terms: Terms, where: Optional[str] = None) -> "SettingError":
+        """This error with its settings named by ``terms`` (and ``where``, if given)."""
+        return SettingError(self.template, terms, self.where if where is None else where)
+
+
+def _no_groups(num_groups: Any, channels_per_group: Any) -> str:
+    """The rule across the two group settings: one of them says how many groups."""
+    return (f"{{num_groups}}={_v(num_groups)} and {{channels_per_group}}={_v(channels_per_group)}: set one of them "
+            "(e.g. {num_groups}=32)")
+
+
+def _key(default, meaning: str, key: str = "", choices: tuple = (), rule: Optional[tuple] = None):
+    """A settings field: its config key (``MODEL.GN.<FIELD>`` when not given), meaning, for a
+    field with a fixed set of values those values, and its rule: ``(test, why)``, a value passes
+    when ``test(value)``; ``why`` says what is wrong otherwise (``{field}`` names a setting)."""
+    return dataclasses.field(default=default, metadata={"meaning": meaning, "key": key, "choices": choices,
+                                                        "rule": rule})
+
+
+def _weight_standardizations() -> tuple:
+    # (read when checked: gn_det.layers imports this module, so this module cannot import it first)
+    from .layers.weight_std import WEIGHT_STANDARDIZATIONS
+
+    return ("", *WEIGHT_STANDARDIZATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
 class GNSettings:
-    """How gn_det builds GN layers from a config. Values are checked when constructed
-    (``ConfigError`` naming the key, the value and the fix)."""
+    """How gn_det builds GN layers from a config. Values are checked when constructed, by each
+    field's ``rule`` and the rules across fields (``SettingError``, a ``ConfigError``, naming the
+    key, the value and the fix)."""
 
-    num_groups: int = _key(32, "groups per GN layer.")
+    num_groups: int = _key(32, "groups per GN layer.",
+                           rule=(lambda v: v >= 0, "may not be negative (0: {channels_per_group} sets the groups)"))
     channels_per_group: int = _key(
         0, "when > 0, each layer's group count is its channels divided by this, instead of NUM_GROUPS "
-           "(the GN paper's other way to set its one hyperparameter).")
-    eps: float = _key(1e-5, "added to the variance.")
+           "(the GN paper's other way to set its one hyperparameter).",
+        rule=(lambda v: v >= 0, "may not be negative (0: {num_groups} sets the groups)"))
+    eps: float = _key(1e-5, "added to the variance.",
+                      rule=(lambda v: v > 0, "eps must be > 0 (e.g. 1e-5), or a constant group divides by zero"))
     fuse_activation: bool = _key(
         True, "a ReLU that follows a GN runs inside the GN kernels, and so does a residual block's end "
               "(GN, shortcut add, ReLU).")
@@ -50,7 +163,7 @@ class GNSettings:
             "box and mask head convs, a project's own `Conv2d(norm=...)`) uses its weight standardized per output "
             "channel: mmcv's `ConvWS2d` `(w - mean) / (std_unbiased + 1e-5)` (mmdetection's GN+WS weights) or timm's "
             "`StdConv2d` `(w - mean) / sqrt(var_population + 1e-6)`; \"\" is off. State_dict keys unchanged.",
-        choices=("", *WEIGHT_STANDARDIZATIONS))
+        choices=_weight_standardizations)
     channels_last: bool = _key(
         False, "the built model is put in channels_last (NHWC) memory format, so convolutions and GN "
                "run NHWC (fastest with mixed precision on GPU).", key="MODEL.CHANNELS_LAST")
@@ -62,62 +175,47 @@ class GNSettings:
         return field.metadata["key"] or f"MODEL.GN.{name.upper()}"
 
     def __post_init__(self) -> None:
+        """The settings' rules: each field's type and rule, then the rules across fields.
+        ``SettingError`` in YAML's terms (``in_terms`` for another input's)."""
         types = typing.get_type_hints(GNSettings)
         for field in dataclasses.fields(self):
             value, kind = getattr(self, field.name), types[field.name]
+            choices = field.metadata["choices"]
+            choices = choices() if callable(choices) else choices
             if kind is float and type(value) is int:  # YAML's 1 for 1.0
-                object.__setattr__(self, field.name, float(value))
-            elif field.metadata["choices"] and (type(value) is not kind or value not in field.metadata["choices"]):
-                choices = ", ".join(repr(c) for c in field.metadata["choices"])
-                raise ConfigError(f"{self.key(field.name)}={value!r}: expected one of {choices}")
-            elif type(value) is not kind:
-                raise ConfigError(f"{self.key(field.name)}={value!r}: expected a {kind.__name__}")
-        if not self.eps > 0:
-            raise ConfigError(f"{self.key('eps')}={self.eps}: eps must be > 0 (e.g. 1e-5), or a constant group "
-                              "divides by zero")
-        if self.num_groups < 0 or self.channels_per_group < 0:
-            raise ConfigError(f"{self.key('num_groups')}={self.num_groups}, {self.key('channels_per_group')}="
-                              f"{self.channels_per_group}: neither may be negative")
+                value = float(value)
+                object.__setattr__(self, field.name, value)
+            if choices and (type(value) is not kind or value not in choices):
+                raise SettingError(f"{{{field.name}}}={_v(value)}: expected one of {', '.join(map(_v, choices))}",
+                                   yaml_key)
+            if type(value) is not kind:
+                raise SettingError(f"{{{field.name}}}={_v(value)}: expected a {kind.__name__}", yaml_key)
+            check_setting(field.name, value, yaml_key)
         if not (self.num_groups or self.channels_per_group):
-            raise ConfigError(f"{self.key('num_groups')}=0 and {self.key('channels_per_group')}=0: set one of them "
-                              "(e.g. NUM_GROUPS 32)")
+            raise SettingError(_no_groups(self.num_groups, self.channels_per_group), yaml_key)
         default_groups = GNSettings.__dataclass_fields__["num_groups"].default
         if self.channels_per_group and self.num_groups not in (0, default_groups):
-            raise ConfigError(
-                f"{self.key('num_groups')}={self.num_groups} and {self.key('channels_per_group')}="
-                f"{self.channels_per_group} disagree: CHANNELS_PER_GROUP sets every layer's group count, so "
-                "NUM_GROUPS would be ignored; set only one of them (NUM_GROUPS 0 to use CHANNELS_PER_GROUP)")
+            raise SettingError(
+                f"{{num_groups}}={self.num_groups} and {{channels_per_group}}={self.channels_per_group} disagree: "
+                "{channels_per_group} sets every layer's group count, so {num_groups} would be ignored; set only one "
+                "of them ({num_groups}=0 to use {channels_per_group})", yaml_key)
 
     @classmethod
-    def from_cfg(cls, cfg: CN) -> "GNSettings":
+    def from_cfg(cls, cfg: "CN") -> "GNSettings":
         """The settings a config asks for (a key the config lacks keeps its default)."""
         values = {}
         for field in dataclasses.fields(cls):
             node, *path = cls.key(field.name).split(".")
             value = cfg.get(node)
             for part in path:
-                value = value.get(part) if isinstance(value, CN) else None
+                value = value.get(part) if isinstance(value, dict) else None  # (a CfgNode is a dict)
             if value is not None:
                 values[field.name] = value
         return cls(**values)
 
     def groups_for(self, channels: int) -> int:
-        """The group count of a GN layer over ``channels``; ``ConfigError`` naming the key
-        whose value does not divide them."""
-        name = "channels_per_group" if self.channels_per_group else "num_groups"
-        try:
-            return resolve_num_groups(channels, self.num_groups, self.channels_per_group)
-        except ValueError:
-            divisor = getattr(self, name)
-            other = self.key("num_groups" if self.channels_per_group else "channels_per_group")
-            raise ConfigError(f"{self.key(name)}={divisor} does not divide the {channels} channels of a GN layer; "
-                              f"choose a divisor of {channels}, or set {other} instead") from None
-
-    def norm(self, channels: int, **kwargs) -> GroupNorm:
-        """A gn_det GroupNorm over ``channels`` with these settings (asking the convolution
-        before it to standardize its weight, with ``weight_standardization``)."""
-        norm = GroupNorm(self.groups_for(channels), channels, eps=self.eps, **kwargs)
-        return request_weight_standardization(norm, self.weight_standardization)
+        """The group count of a GN layer over ``channels`` (``groups_for``, in YAML's terms)."""
+        return groups_for(channels, self.num_groups, self.channels_per_group, yaml_key)
 
     @classmethod
     def keys_markdown(cls) -> str:
@@ -128,11 +226,42 @@ class GNSettings:
         return "\n".join(lines)
 
 
-def add_gn_config(cfg: CN) -> CN:
+def check_setting(name: str, value: Any, terms: Terms = argument_key, where: str = "") -> None:
+    """Setting ``name``'s rule (its field's ``rule``) on ``value``; ``SettingError`` naming the
+    setting by ``terms`` (``where``: a layer or function, added to the message)."""
+    rule = GNSettings.__dataclass_fields__[name].metadata["rule"]
+    if rule is not None and not rule[0](value):
+        raise SettingError(f"{{{name}}}={_v(value)}: {rule[1]}", terms, where)
+
+
+def groups_for(channels: int, num_groups: int, channels_per_group: int = 0, terms: Terms = argument_key,
+               where: str = "") -> int:
+    """The rule that needs a layer's channels: the group count of a GN layer over ``channels``,
+    ``channels // channels_per_group`` when that is set (> 0), else ``num_groups``, which must
+    divide the channels. ``SettingError`` naming the setting by ``terms``, the channels and the fix."""
+    if channels_per_group:
+        check_setting("channels_per_group", channels_per_group, terms, where)
+        if channels % channels_per_group:
+            raise SettingError(f"{{channels_per_group}}={channels_per_group} does not divide the {channels} channels "
+                               f"of a GN layer; choose a divisor of {channels}, or set {{num_groups}} instead",
+                               terms, where)
+        return channels // channels_per_group
+    if not num_groups:
+        raise SettingError(_no_groups(num_groups, channels_per_group), terms, where)
+    check_setting("num_groups", num_groups, terms, where)
+    if channels % num_groups:
+        raise SettingError(f"{{num_groups}}={num_groups} does not divide the {channels} channels of a GN layer; "
+                           f"choose a divisor of {channels}, or set {{channels_per_group}} instead", terms, where)
+    return num_groups
+
+
+def add_gn_config(cfg: "CN") -> "CN":
     """Add gn_det's keys (``GNSettings``' fields, with their defaults, and the data checks'
     ``gn_det.data.checks.DataSettings`` fields) to ``cfg``, in place. Returns cfg. Adding
     twice is harmless."""
     from .data.checks import add_data_config
+
+    from detectron2.config import CfgNode as CN
 
     add_data_config(cfg)
     for field in dataclasses.fields(GNSettings):
@@ -147,7 +276,7 @@ def add_gn_config(cfg: CN) -> CN:
     return cfg
 
 
-def get_config(config_file: str = "", opts=None, allow_unsafe: bool = False) -> CN:
+def get_config(config_file: str = "", opts=None, allow_unsafe: bool = False) -> "CN":
     """detectron2's default config with gn_det's keys, merged with ``config_file`` (a YAML
     file, ``_BASE_`` inheritance resolved) and ``opts`` (``["KEY", value, ...]``).
 

@@ -16,10 +16,26 @@ itself carries them to the model, so they apply however it is built (detectron2'
 
 A plain ``norm="FastGN"`` string cannot see ``gn`` when detectron2's ``instantiate`` builds
 it: there, in a config with a ``gn`` dict, building it raises saying to use ``fast_gn()``
-(``build_lazy_model`` applies ``gn`` to such strings too). A layer that wants its own
-settings takes ``norm=L(gn_det.GroupNorm.factory)(num_groups=16)``. The rest follows
-``lazyconfig_train_net.py``'s conventions: ``model``, ``dataloader`` (``train``, ``test``,
-``evaluator``), ``optimizer``, ``lr_multiplier`` and ``train``.
+(``build_lazy_model`` applies ``gn`` to such strings too).
+
+Why these are not one mechanism: every one of them ends in the same scope
+(``gn_det.modeling.gn_settings(settings, lazy_key)``: ``_LazyNorm`` per norm,
+``_build_with_gn`` for ``build_gn_model`` and ``build_lazy_model``), which is what gives a layer
+its settings and an error its ``gn.<key>``; they differ in what the scope can cover.
+detectron2's ``instantiate`` builds a node's arguments before calling its target, so the
+``gn_model`` node's scope opens after the backbone and heads are built: nested norms get ``gn``
+only from their own ``fast_gn()`` node (interpolating ``${gn}``, which keeps ``model.*``
+override paths, as wrapping the children would not). Only a builder gn_det calls,
+``build_lazy_model``, can open the scope before ``instantiate`` starts, which is how a plain
+string gets ``gn`` there; a plain string under detectron2's own ``instantiate`` has no gn_det
+code above it, so ``gn_det.modeling.norm._check_no_config_bypassed`` finds the config on the
+stack and refuses (it cannot apply ``gn`` without patching ``instantiate``). Dropping any of the
+three breaks a tested path (``tests/test_lazy_config.py``: d2's ``instantiate`` with nested
+``fast_gn()`` nodes, ``build_lazy_model`` with plain strings, the refusal).
+
+A layer that wants its own settings takes ``norm=L(gn_det.GroupNorm.factory)(num_groups=16)``.
+The rest follows ``lazyconfig_train_net.py``'s conventions: ``model``, ``dataloader``
+(``train``, ``test``, ``evaluator``), ``optimizer``, ``lr_multiplier`` and ``train``.
 """
 from __future__ import annotations
 
@@ -39,7 +55,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .checkpoint import SafeCheckpointer
-from .config import GNSettings
+from .config import GNSettings, SettingError, lazy_key
 from .engine import AutotuneSync
 from .errors import ConfigError, MissingFileError, close_matches
 from .modeling import NORM_NAME, finish_model, gn_settings
@@ -52,13 +68,6 @@ logger = logging.getLogger(__name__)
 
 
 _GN_FIELDS = [f.name for f in dataclasses.fields(GNSettings)]
-
-
-def _in_lazy_terms(message: str) -> str:
-    """A settings error's message with YAML's keys (``MODEL.GN.<KEY>``) as a LazyConfig's (``gn.<key>``)."""
-    for name in _GN_FIELDS:
-        message = message.replace(GNSettings.key(name), f"gn.{name}")
-    return message
 
 
 def settings_from_gn(gn: Optional[Mapping]) -> GNSettings:
@@ -77,8 +86,8 @@ def settings_from_gn(gn: Optional[Mapping]) -> GNSettings:
                           f"the gn dict takes: {', '.join(_GN_FIELDS)}")
     try:
         return GNSettings(**given)
-    except ConfigError as exc:  # its message names MODEL.GN.<KEY>; here the key is gn.<key>
-        raise ConfigError(_in_lazy_terms(str(exc))) from None
+    except SettingError as exc:  # named in YAML's terms (MODEL.GN.<KEY>); here the key is gn.<key>
+        raise exc.in_terms(lazy_key) from None
 
 
 def lazy_gn_settings(cfg) -> GNSettings:
@@ -93,11 +102,8 @@ class _LazyNorm:
         self.name, self.settings = name, settings
 
     def __call__(self, channels: int) -> nn.Module:
-        with gn_settings(self.settings):
-            try:
-                return get_norm(self.name, channels)
-            except ConfigError as exc:
-                raise ConfigError(_in_lazy_terms(str(exc))) from None
+        with gn_settings(self.settings, lazy_key):
+            return get_norm(self.name, channels)
 
     def __repr__(self) -> str:
         return f"{self.name}({self.settings})"
@@ -130,9 +136,16 @@ def build_gn_model(_gn_target_: Any, _gn_: Optional[Mapping], **kwargs) -> nn.Mo
     target = locate(_gn_target_) if isinstance(_gn_target_, str) else _gn_target_
     if not callable(target):
         raise ConfigError(f"model._gn_target_={_gn_target_!r} does not name a callable (the model class)")
-    with gn_settings(settings):
-        model = target(**kwargs)
-    return finish_model(model, settings)
+    return _build_with_gn(settings, lambda: target(**kwargs))
+
+
+def _build_with_gn(settings: GNSettings, build: Callable[[], nn.Module], finish: bool = True) -> nn.Module:
+    """``build()`` with gn_det's norms built with ``settings`` (errors naming ``gn.<key>``),
+    then finished by them (unless not ``finish``): what ``build_gn_model`` (a node's target) and
+    ``build_lazy_model`` (a builder) both do, so the two differ only in what the scope covers."""
+    with gn_settings(settings, lazy_key):
+        model = build()
+    return finish_model(model, settings) if finish else model
 
 
 def gn_model(model: DictConfig) -> DictConfig:
@@ -207,10 +220,8 @@ def build_lazy_model(cfg) -> nn.Module:
     device = cfg.train.get("device", "cuda")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={device!r}, but CUDA is not available here; set train.device=cpu")
-    with gn_settings(settings):
-        model = instantiate(cfg.model)
-    if not _builds_itself(cfg.model):
-        finish_model(model, settings)
+    # (a gn_model node finishes the model itself)
+    model = _build_with_gn(settings, lambda: instantiate(cfg.model), finish=not _builds_itself(cfg.model))
     return model.to(device)
 
 

@@ -312,11 +312,11 @@ def test_num_groups_from_groups_or_channels_per_group():
     assert resolve_num_groups(256, num_groups=32, channels_per_group=64) == 4  # channels_per_group wins
     m = gn_det.GroupNorm.from_channels(64, channels_per_group=8)
     assert m.num_groups == 8 and m.num_channels == 64
-    with pytest.raises(ValueError, match=r"layer 'res2.conv1'.*num_channels=48.*num_groups=32"):
+    with pytest.raises(ValueError, match=r"^num_groups=32 does not divide the 48 channels .*\(in layer 'res2.conv1'\)$"):
         resolve_num_groups(48, num_groups=32, layer="res2.conv1")
-    with pytest.raises(ValueError, match=r"num_channels=50 is not divisible by channels_per_group=16"):
+    with pytest.raises(ValueError, match=r"^channels_per_group=16 does not divide the 50 channels of a GN layer"):
         resolve_num_groups(50, channels_per_group=16)
-    with pytest.raises(ValueError, match="num_channels=10 is not divisible by num_groups=4"):
+    with pytest.raises(ValueError, match=r"^num_groups=4 does not divide the 10 channels .*\(in GroupNorm\)$"):
         gn_det.GroupNorm(4, 10)
 
 
@@ -332,7 +332,7 @@ def test_bad_inputs_have_clear_errors():
         m(torch.zeros(2, 8, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="Unknown GN activation 'gelu'"):
         gn_det.GroupNorm(4, 8, activation="gelu")
-    with pytest.raises(ValueError, match="eps must be >= 0"):
+    with pytest.raises(ValueError, match=r"^eps=-1.0: eps must be > 0"):
         gn_det.GroupNorm(4, 8, eps=-1.0)
 
 

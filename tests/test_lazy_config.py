@@ -39,7 +39,7 @@ def test_group_norm_factory_as_a_lazy_norm_argument():
     block = instantiate(L(BottleneckBlock)(in_channels=64, out_channels=256, bottleneck_channels=64,
                                            norm=L(gn_det.GroupNorm.factory)(channels_per_group=16)))
     assert sorted(m.num_groups for m in gn_layers(block)) == [4, 4, 16, 16]  # 64, 64, 256 and the 256 shortcut
-    with pytest.raises(ValueError, match="num_groups=0, channels_per_group=0"):
+    with pytest.raises(ValueError, match=r"^num_groups=0 and channels_per_group=0: set one of them"):
         gn_det.GroupNorm.factory(num_groups=0)
 
 

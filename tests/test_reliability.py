@@ -44,7 +44,7 @@ QUICK = ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS"
     (["MODEL.FPN.NORM", "FastGNN"], r"MODEL.FPN.NORM='FastGNN' is not a registered norm; registered: FastGN, .*FrozenBN"),
     (["MODEL.GN.EPS", 0.0], r"MODEL.GN.EPS=0.0: eps must be > 0"),
     (["MODEL.GN.EPS", -1e-5], r"MODEL.GN.EPS=-1e-05: eps must be > 0"),
-    (["MODEL.GN.NUM_GROUPS", -2], r"MODEL.GN.NUM_GROUPS=-2, MODEL.GN.CHANNELS_PER_GROUP=0: neither may be negative"),
+    (["MODEL.GN.NUM_GROUPS", -2], r"MODEL.GN.NUM_GROUPS=-2: may not be negative"),
     (["MODEL.ROI_BOX_HEAD.CONV_DIM", 100], r"NUM_GROUPS=32 does not divide the 100 channels of a GN layer; .*\(in FastRCNNConvFCHead\)"
                                            r"\n\(raised in build_box_head"),
 ])

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import check_setting
 from .activation import ACT_NONE, activation_code, apply_activation, export_activation
 from .autograd import GroupNormFunction, residual_mode_for
 from .dispatch import triton_enabled_for, triton_on_cpu
@@ -63,8 +64,7 @@ def _check_inputs(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Op
             )
         if param.device != x.device:
             raise ValueError(f"gn_det group_norm: {name} is on {param.device} but the input is on {x.device}")
-    if not eps >= 0:
-        raise ValueError(f"gn_det group_norm: eps must be >= 0, got {eps}")
+    check_setting("eps", eps, where="in gn_det group_norm")  # the one eps rule (gn_det.config), as a layer's
     if residual is not None:
         if not isinstance(residual, Tensor) or residual.shape != x.shape:
             got = tuple(residual.shape) if isinstance(residual, Tensor) else type(residual).__name__

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 from torch.nn import init
 
-from ..kernels.activation import ACTIVATION_NAMES, activation_code
 from .. import recompute as _recompute
+from ..config import GNSettings, SettingError, argument_key, check_setting, groups_for
+from ..kernels.activation import ACTIVATION_NAMES, activation_code
 from ..kernels.group_norm_op import group_norm
 
 __all__ = ["GroupNorm", "resolve_num_groups"]
@@ -30,24 +31,14 @@ def resolve_num_groups(
     a number of channels per group (the GN paper's two ways to set its hyperparameter).
 
     ``channels_per_group`` wins when it is a positive number; otherwise ``num_groups`` is
-    used. Raises ``ValueError`` naming the layer and its channels when they don't divide.
+    used. The rule is ``gn_det.config.groups_for``'s: a ``SettingError`` (a ``ValueError``)
+    naming the argument, the layer (``layer``) and its channels when they don't divide.
     """
-    where = f" of layer '{layer}'" if layer else ""
-    if channels_per_group:
-        if channels_per_group < 0 or num_channels % channels_per_group != 0:
-            raise ValueError(
-                f"GroupNorm{where}: num_channels={num_channels} is not divisible by "
-                f"channels_per_group={channels_per_group}"
-            )
-        return num_channels // channels_per_group
-    if not num_groups or num_groups < 0:
-        raise ValueError(f"GroupNorm{where}: give num_groups or channels_per_group as a positive number")
-    if num_channels % num_groups != 0:
-        raise ValueError(
-            f"GroupNorm{where}: num_channels={num_channels} is not divisible by num_groups={num_groups}; "
-            f"choose a group count that divides {num_channels}"
-        )
-    return num_groups
+    return groups_for(num_channels, num_groups, channels_per_group or 0, where=_where(layer))
+
+
+def _where(layer: str) -> str:
+    return f"in layer {layer!r}" if layer else ""
 
 
 class GroupNorm(nn.GroupNorm):
@@ -65,7 +56,8 @@ class GroupNorm(nn.GroupNorm):
     Args:
         num_groups: number of groups G; C must be divisible by G.
         num_channels: C.
-        eps: added to the variance.
+        eps: added to the variance; > 0 (``gn_det.config``'s rule for every input: torch's own
+            accepts 0, which makes a group of equal values 0 / 0).
         affine: learn a per-channel scale (and shift, see ``bias``).
         device, dtype: of the parameters, as for any torch module.
         bias: with ``affine``, also learn the per-channel shift; False: a scale without a
@@ -86,9 +78,10 @@ class GroupNorm(nn.GroupNorm):
         bias: bool = True,
         activation: Optional[str] = None,
     ) -> None:
-        resolve_num_groups(num_channels, num_groups=num_groups)
-        if not eps >= 0:
-            raise ValueError(f"GroupNorm: eps must be >= 0, got {eps}")
+        # The layer's rules, checked once per layer built (``gn_det.config``; ``SettingError``
+        # naming the argument: a caller with other terms, a config's key, re-words it).
+        groups_for(num_channels, num_groups, where="in GroupNorm")
+        check_setting("eps", eps, where="in GroupNorm")
         code = activation_code(activation)  # an unknown name fails before any allocation
         if _NN_GROUP_NORM_HAS_BIAS:
             super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype, bias=bias)
@@ -118,9 +111,14 @@ class GroupNorm(nn.GroupNorm):
         layer: str = "",
         **kwargs,
     ) -> "GroupNorm":
-        """Build over ``num_channels`` with G from ``num_groups`` or ``channels_per_group``."""
-        groups = resolve_num_groups(num_channels, num_groups, channels_per_group, layer=layer)
-        return cls(groups, num_channels, **kwargs)
+        """Build over ``num_channels`` with G from ``num_groups`` or ``channels_per_group``
+        (which wins when > 0); a broken rule's ``SettingError`` names ``layer``."""
+        try:
+            if channels_per_group:  # its rule here; num_groups' (and eps') in __init__
+                num_groups = groups_for(num_channels, 0, channels_per_group)
+            return cls(num_groups, num_channels, **kwargs)
+        except SettingError as exc:
+            raise exc.in_terms(argument_key, _where(layer) or exc.where) from None
 
     @classmethod
     def factory(
@@ -140,11 +138,10 @@ class GroupNorm(nn.GroupNorm):
         ``device``, ``dtype``. The settings are checked here, each layer's channels when it
         is built.
         """
-        if num_groups < 0 or channels_per_group < 0 or not (num_groups or channels_per_group):
-            raise ValueError(f"GroupNorm.factory: num_groups={num_groups}, channels_per_group={channels_per_group}: "
-                             "give a positive number of groups or of channels per group")
-        if not eps > 0:
-            raise ValueError(f"GroupNorm.factory: eps={eps}: eps must be > 0 (e.g. 1e-5)")
+        try:  # the settings' rules, as for a config's (gn_det.config.GNSettings), in argument terms
+            GNSettings(num_groups=num_groups, channels_per_group=channels_per_group, eps=eps)
+        except SettingError as exc:
+            raise exc.in_terms(argument_key, "in GroupNorm.factory") from None
         activation_code(activation)  # an unknown activation fails here, not at every layer
         return functools.partial(cls.from_channels, num_groups=num_groups, channels_per_group=channels_per_group,
                                  eps=eps, activation=activation, **kwargs)

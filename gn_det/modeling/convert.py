@@ -9,7 +9,7 @@ import torch
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from torch import nn
 
-from ..layers.group_norm import GroupNorm, resolve_num_groups
+from ..layers.group_norm import GroupNorm
 from .fuse import fuse_norm_activation
 from .weight_std import standardize_weights
 
@@ -108,9 +108,7 @@ def convert_to_group_norm(
                 new = GroupNorm(child.num_groups, child.num_channels, eps=child.eps, affine=child.affine,
                                 bias=child.affine and child.bias is not None)
             else:
-                channels = child.num_features
-                groups = resolve_num_groups(channels, num_groups, channels_per_group, layer=name)
-                new = GroupNorm(groups, channels, eps=eps)
+                new = GroupNorm.from_channels(child.num_features, num_groups, channels_per_group, layer=name, eps=eps)
             weight, bias = _norm_affine(child)
             reference = weight if weight is not None else next(iter(child.buffers()), None)
             if reference is not None:
@@ -136,8 +134,8 @@ def convert_to_group_norm(
                 continue
             if type(conv) is not Conv2d or conv.norm is not None:  # torch's convs have no norm to give
                 continue
-            groups = resolve_num_groups(conv.out_channels, num_groups, channels_per_group, layer=name)
-            conv.norm = GroupNorm(groups, conv.out_channels, eps=eps).to(conv.weight.device, conv.weight.dtype)
+            conv.norm = GroupNorm.from_channels(conv.out_channels, num_groups, channels_per_group, layer=name,
+                                                eps=eps).to(conv.weight.device, conv.weight.dtype)
             conv.norm.requires_grad_(conv.weight.requires_grad)
             report.added.append(name)
             if conv.bias is not None:

@@ -32,8 +32,9 @@ from detectron2.config.instantiate import instantiate as _d2_instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from ..config import GNSettings
+from ..config import GNSettings, SettingError, Terms, yaml_key
 from ..errors import ConfigError
+from ..layers.group_norm import GroupNorm
 from ..layers.weight_std import request_weight_standardization
 
 __all__ = [
@@ -94,10 +95,10 @@ class NormRegistry:
 NORM_REGISTRY = NormRegistry()
 register_norm = NORM_REGISTRY.register
 
-# (the config being built or None, its settings)
-_NO_SCOPE: Tuple[Optional[CfgNode], GNSettings] = (None, GNSettings())
-_SCOPE: contextvars.ContextVar[Tuple[Optional[CfgNode], GNSettings]] = contextvars.ContextVar(
-    "gn_det_settings", default=_NO_SCOPE)
+# (the config being built or None, its settings, how errors name them: the input's terms)
+_Scope = Tuple[Optional[CfgNode], GNSettings, Terms]
+_NO_SCOPE: _Scope = (None, GNSettings(), yaml_key)
+_SCOPE: contextvars.ContextVar[_Scope] = contextvars.ContextVar("gn_det_settings", default=_NO_SCOPE)
 
 
 def current_gn_settings() -> GNSettings:
@@ -106,9 +107,11 @@ def current_gn_settings() -> GNSettings:
 
 
 @contextlib.contextmanager
-def gn_settings(settings: GNSettings) -> Iterator[GNSettings]:
-    """Within this scope, gn_det's norms build with ``settings`` (for code without a config)."""
-    token = _SCOPE.set((None, settings))
+def gn_settings(settings: GNSettings, terms: Terms = yaml_key) -> Iterator[GNSettings]:
+    """Within this scope, gn_det's norms build with ``settings`` (for code without a config);
+    a layer's broken rule names the setting by ``terms`` (YAML's keys unless given:
+    ``gn_det.config.lazy_key`` for a LazyConfig's ``gn``)."""
+    token = _SCOPE.set((None, settings, terms))
     try:
         yield settings
     finally:
@@ -140,12 +143,12 @@ def building_from(cfg: CfgNode) -> Iterator[Tuple[GNSettings, bool]]:
     """Scope in which gn_det's norms build with ``cfg``'s settings. Yields ``(settings,
     outermost)``: the config is checked when its outermost scope opens; a scope nested in
     one for the same config reuses it (one check per model, however many builders)."""
-    scope_cfg, settings = _SCOPE.get()
+    scope_cfg, settings, _ = _SCOPE.get()
     if scope_cfg is cfg:
         yield settings, False
         return
     settings = validate_gn_config(cfg)
-    token = _SCOPE.set((cfg, settings))
+    token = _SCOPE.set((cfg, settings, yaml_key))
     try:
         yield settings, True
     finally:
@@ -169,7 +172,16 @@ def _check_no_config_bypassed(norm: str) -> None:
     a config, silently wrong for a module built from a config by a path detectron2's build
     functions don't cover (a plain builder function called directly), or from a LazyConfig
     with a ``gn`` dict by detectron2's ``instantiate`` (a plain name cannot see ``gn``).
-    Such a config, found up the stack, with other settings is refused."""
+    Such a config, found up the stack, with other settings is refused.
+
+    Why a stack search, and why it stays beside the scopes that carry settings (``fast_gn()``
+    nodes, ``gn_model``, ``build_lazy_model``, the build functions): on both paths it guards,
+    no gn_det code runs between the config and ``get_norm`` (detectron2's ``instantiate``
+    calling a block with ``norm="FastGN"``; a project's builder called directly), so nothing
+    can open a scope or set a flag there; the config is only reachable as a caller's local.
+    Making it apply the settings instead of refusing would make a frame search the way settings
+    travel; replacing it would take patching ``instantiate`` and every project builder. It runs
+    only for a gn_det norm built outside every scope, and only decides whether to refuse."""
     if _SCOPE.get() is not _NO_SCOPE:
         return
     frame = inspect.currentframe()
@@ -204,12 +216,17 @@ def _module_being_built() -> str:
 
 @register_norm(NORM_NAME)
 def fast_group_norm(channels: int) -> nn.Module:
-    """gn_det's GroupNorm over ``channels``, with the current scope's settings."""
+    """gn_det's GroupNorm over ``channels``, with the current scope's settings (asking the
+    convolution before it to standardize its weight, with ``weight_standardization``). The
+    layer checks them (``gn_det.config``'s rules); a broken one is named in the scope's terms,
+    with the module being built."""
+    _, settings, terms = _SCOPE.get()
     try:
-        return current_gn_settings().norm(channels)
-    except ConfigError as exc:
+        norm = GroupNorm.from_channels(channels, settings.num_groups, settings.channels_per_group, eps=settings.eps)
+    except SettingError as exc:
         where = _module_being_built()
-        raise ConfigError(f"{exc} (in {where})" if where else str(exc)) from None
+        raise exc.in_terms(terms, f"in {where}" if where else "") from None
+    return request_weight_standardization(norm, settings.weight_standardization)
 
 
 @register_norm(WS_NORM_NAME)
