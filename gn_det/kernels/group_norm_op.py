@@ -28,7 +28,8 @@ from .layout import memory_format_of, to_dense
 from .tuning import autotune_enabled, choose_path
 
 # torch.export, which ONNX's dynamo=True exporter runs, sets this (torch 2.6+; the TorchScript
-# exporter sets is_in_onnx_export() instead). Without it (torch 2.5), see README: Compatibility.
+# exporter sets is_in_onnx_export() instead). Without it (torch 2.5) the exported graph holds the
+# custom op, which ONNX export replaces by its decomposition (autograd.py).
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 __all__ = ["aten_group_norm", "export_group_norm", "group_norm"]
