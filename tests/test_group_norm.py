@@ -372,6 +372,22 @@ def test_torch_compile_fullgraph(bias):
     assert model[1].bias is None or model[1].bias.grad is not None
 
 
+def test_torch_compile_records_the_op_not_the_export_path():
+    # The compiled graph holds gn_det's op (the Triton kernels on CUDA), not group_norm's export
+    # path: torch 2.6 to 2.7 (at least)'s dynamo folds torch.compiler.is_exporting() to True in
+    # every torch.compile trace.
+    targets = []
+
+    def recording_backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(_conv_gn(), backend=recording_backend, fullgraph=True)(make_input((2, 3, 9, 9)))
+    assert any("gn_det.group_norm_forward" in t for t in targets) and not any("group_norm" in t and "gn_det" not in t
+                                                                            for t in targets), targets
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_jit_trace_records_standard_ops(bias):
     model = _conv_gn(bias=bias)

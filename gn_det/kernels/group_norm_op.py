@@ -32,6 +32,13 @@ from .tuning import autotune_enabled, choose_path
 # custom op, which ONNX export replaces by its decomposition (autograd.py).
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
+
+def _exporting_outside_dynamo() -> bool:
+    # Under dynamo only the op: torch 2.6-2.7's dynamo folds is_exporting() to True in every
+    # torch.compile trace (the graph then lost the op, so the kernels). Non-strict export (the ONNX
+    # exporter's first try, torch.export's default) runs no dynamo; strict export keeps the op.
+    return _is_exporting() and not torch.compiler.is_dynamo_compiling()
+
 __all__ = ["aten_group_norm", "export_group_norm", "group_norm"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -146,7 +153,7 @@ def group_norm(
         # so also right under tracing, ONNX export and torch.compile. First, because at small
         # shapes every Python check shows in the time.
         return F.group_norm(input, num_groups, weight, bias, eps)
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _is_exporting():
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _exporting_outside_dynamo():
         return export_group_norm(input, num_groups, weight, bias, eps, code, residual)
     x = to_dense(input)
     if residual is not None:  # read with x's offsets by the kernels: dense in x's layout (a copy if not)
