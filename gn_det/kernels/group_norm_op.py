@@ -34,9 +34,9 @@ _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
 def _exporting_outside_dynamo() -> bool:
-    # Under dynamo only the op: torch 2.6-2.7's dynamo folds is_exporting() to True in every
-    # torch.compile trace (the graph then lost the op, so the kernels). Non-strict export (the ONNX
-    # exporter's first try, torch.export's default) runs no dynamo; strict export keeps the op.
+    # Under dynamo only the op: torch 2.7's dynamo (2.7.1 measured; 2.14.1 reads the flag) folds
+    # is_exporting() to True in every torch.compile trace (the graph then lost the op, so the
+    # kernels). Non-strict export (the ONNX exporter's first try) runs no dynamo; strict export keeps the op.
     return _is_exporting() and not torch.compiler.is_dynamo_compiling()
 
 __all__ = ["aten_group_norm", "export_group_norm", "group_norm"]
