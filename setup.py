@@ -27,8 +27,8 @@ def read_requirements(name: str) -> list:
 
 
 MIN_TORCH = re.search(r'^MIN_TORCH = "([0-9.]+)"', (HERE / "gn_det" / "requirements.py").read_text(), re.M).group(1)
-MIN_TRITON = ".".join(re.search(r"^MIN_TRITON = \((\d+), (\d+)\)", (HERE / "gn_det" / "kernels" / "support.py").read_text(),
-                                re.M).groups())
+SUPPORT_PY = (HERE / "gn_det" / "kernels" / "support.py").read_text()
+MIN_TRITON = ".".join(re.search(r"^MIN_TRITON = \((\d+), (\d+)\)", SUPPORT_PY, re.M).groups())
 
 setup(
     name="gn_det",

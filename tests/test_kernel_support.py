@@ -86,8 +86,9 @@ def test_old_triton_turns_the_kernels_off_with_one_warning():
 
 
 def test_architecture_refusals_warn_once_per_gpu_and_dtype():
-    calls = [("GPU 0 (Tesla T4 (sm_75))", 75, torch.bfloat16, None), ("GPU 0 (Tesla T4 (sm_75))", 75, torch.float16, None),
-             ("GPU 1 (Tesla P100 (sm_60))", 60, torch.float32, None), ("GPU 1 (Tesla P100 (sm_60))", 60, torch.float16, None)]
+    t4, p100 = "GPU 0 (Tesla T4 (sm_75))", "GPU 1 (Tesla P100 (sm_60))"
+    calls = [(t4, 75, torch.bfloat16, None), (t4, 75, torch.float16, None),
+             (p100, 60, torch.float32, None), (p100, 60, torch.float16, None)]
     found, said = _decisions_and_warnings(calls * 2)
     assert [f.ok for f in found[:4]] == [False, True, False, False]
     assert len(said) == 3 and all("Triton kernels off for this GPU and dtype (GPU" in s for s in said), said
