@@ -9,7 +9,9 @@ deliberately not install_requires: a detectron2 project adding gn_det must keep 
 
 torch >= MIN_TORCH (gn_det/requirements.py, read here as text) is stated in the description
 and checked by `import gn_det`, which refuses an older torch in one line; it is not a pip
-requirement for the reason above. Tested versions: README, Compatibility.
+requirement for the reason above. So is the triton the Triton kernels need, MIN_TRITON
+(gn_det/kernels/support.py, read as text): an older one (torch 2.5's 3.1) turns them off, with
+one warning and the reason in `python -m gn_det.env`. Tested versions: README, Compatibility.
 """
 import re
 from pathlib import Path
@@ -25,12 +27,15 @@ def read_requirements(name: str) -> list:
 
 
 MIN_TORCH = re.search(r'^MIN_TORCH = "([0-9.]+)"', (HERE / "gn_det" / "requirements.py").read_text(), re.M).group(1)
+SUPPORT_PY = (HERE / "gn_det" / "kernels" / "support.py").read_text()
+MIN_TRITON = ".".join(re.search(r"^MIN_TRITON = \((\d+), (\d+)\)", SUPPORT_PY, re.M).groups())
 
 setup(
     name="gn_det",
     version="0.1.0",
     description=("Group Normalization for detectron2: fused Triton GN layers, a norm registry, GN Mask R-CNN configs "
-                 f"(needs torch >= {MIN_TORCH} and detectron2, installed beforehand)"),
+                 f"(needs torch >= {MIN_TORCH} and detectron2, installed beforehand; the Triton kernels need triton >= "
+                 f"{MIN_TRITON}, which torch 2.6+ brings: with an older one GN runs PyTorch's path)"),
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["gn_det", "gn_det.*"]),

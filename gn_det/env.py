@@ -6,7 +6,7 @@ import importlib.metadata as metadata
 import os
 import platform
 import sys
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 
 def _version(module: str) -> str:
@@ -73,8 +73,14 @@ def supported_line() -> str:
     """What the kernels support (gn_det.kernels.support), and whether this triton is one."""
     from .kernels import support
 
+    return supported_line_for(support.triton_support())
+
+
+def supported_line_for(why: Optional[str]) -> str:
+    """``supported_line`` given ``support.triton_support()``'s answer (None: this triton runs them)."""
+    from .kernels import support
+
     archs = ", ".join(f"sm_{a}" for a in support.SUPPORTED_ARCHITECTURES)
-    why = support.triton_support()
     return (f"compiled for {archs} (compute capability 7.0-12.x), bfloat16 from sm_80, triton "
             f"{'.'.join(map(str, support.MIN_TRITON))}+; "
             + ("this triton runs them" if why is None else f"off here: {why}"))

@@ -5,8 +5,9 @@ traceback from inside torch (torch is not a pip requirement: see setup.py).
 Why 2.5: ``torch.library.custom_op`` with fake implementations and registered autograd (the
 GN operator, ``gn_det.kernels.autograd``) is complete from 2.5 on (2.4 introduced it).
 Features newer than the minimum are checked where used and say which torch has them:
-ONNX export with ``dynamo=True`` needs 2.6 (``torch.compiler.is_exporting``); output
-recomputation inside outer saved-tensor hooks (``save_on_cpu``) needs 2.8.
+output recomputation inside outer saved-tensor hooks (``save_on_cpu``) needs 2.8. (ONNX
+export with ``dynamo=True`` works from 2.5: there the exported graph holds gn_det's op, which
+the exporter replaces by its decomposition, ``gn_det.kernels.autograd``.)
 """
 import re
 from typing import Tuple

@@ -1,12 +1,14 @@
 """The stated torch minimum: one value (gn_det/requirements.py) that import checks, setup.py's
-metadata and README state; tools/compat_check.sh's usage. The check itself on an older torch
-runs for real in tools/compat_check.sh (README: Compatibility)."""
+metadata and README state; likewise the kernels' triton minimum (gn_det/kernels/support.py);
+tools/compat_check.sh's usage. The check itself on an older torch runs for real in
+tools/compat_check.sh (README: Compatibility)."""
 import os
 import subprocess
 import sys
 
 import torch
 
+from gn_det.kernels.support import MIN_TRITON
 from gn_det.requirements import MIN_TORCH, check_torch, version_tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,9 +20,12 @@ def test_this_torch_passes_and_the_minimum_is_stated_where_users_look():
     assert version_tuple("2.5.1+cu124") == (2, 5) and version_tuple("2.10.0a0") == (2, 10)
     description = subprocess.run([sys.executable, "setup.py", "--description"], cwd=ROOT, capture_output=True,
                                  text=True, check=True).stdout
+    min_triton = ".".join(map(str, MIN_TRITON))
     assert f"needs torch >= {MIN_TORCH}" in description
+    assert f"the Triton kernels need triton >= {min_triton}" in description
     with open(os.path.join(ROOT, "README.md")) as f:
-        assert f"torch >= {MIN_TORCH}" in f.read()
+        readme = f.read()
+    assert f"torch >= {MIN_TORCH}" in readme and f"The Triton kernels need **triton >= {min_triton}**" in readme
 
 
 def test_compat_check_usage():

@@ -372,6 +372,22 @@ def test_torch_compile_fullgraph(bias):
     assert model[1].bias is None or model[1].bias.grad is not None
 
 
+def test_torch_compile_records_the_op_not_the_export_path():
+    # The compiled graph holds gn_det's op (the Triton kernels on CUDA), not group_norm's export
+    # path: torch 2.7's dynamo (2.7.1 measured) folds torch.compiler.is_exporting() to True in
+    # every torch.compile trace.
+    targets = []
+
+    def recording_backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(_conv_gn(), backend=recording_backend, fullgraph=True)(make_input((2, 3, 9, 9)))
+    assert any("gn_det.group_norm_forward" in t for t in targets) and not any("group_norm" in t and "gn_det" not in t
+                                                                            for t in targets), targets
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_jit_trace_records_standard_ops(bias):
     model = _conv_gn(bias=bias)
@@ -392,11 +408,7 @@ def test_onnx_export_uses_standard_ops(dynamo, bias):
     x = make_input((2, 3, 9, 9))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if dynamo and not hasattr(torch.compiler, "is_exporting"):  # torch < 2.6: export looks like compile
-            with pytest.raises(Exception, match="gn_det.group_norm_forward"):  # README: Compatibility
-                torch.onnx.export(model, (x,), dynamo=True, verbose=False)
-            return
-        if dynamo:
+        if dynamo:  # (torch 2.5: through the op's decomposition, test_onnx_exports_a_graph_holding_the_op)
             proto = torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto
         else:
             buffer = io.BytesIO()
@@ -405,6 +417,60 @@ def test_onnx_export_uses_standard_ops(dynamo, bias):
     ops = {node.op_type for node in proto.graph.node}
     assert {"InstanceNormalization", "Relu"} <= ops or {"GroupNormalization", "Relu"} <= ops, ops
     assert all(node.domain in ("", "ai.onnx") for node in proto.graph.node)
+    _check_onnx_runs_like(proto, model, x)
+
+
+def _check_onnx_runs_like(proto, model: nn.Module, x: torch.Tensor) -> None:
+    """The ONNX model, run by onnx's reference evaluator, gives the module's output."""
+    reference_evaluator = pytest.importorskip("onnx.reference")
+    (out,) = reference_evaluator.ReferenceEvaluator(proto).run(None, {proto.graph.input[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+_FORWARD_OP = torch.ops.gn_det.group_norm_forward.default
+
+
+@pytest.mark.parametrize("dtype,activation,residual,memory_format", [
+    (torch.float32, None, False, CF), (torch.float32, "relu", True, CL), (torch.float32, "silu", True, CF),
+    (torch.float16, "relu", True, CL), (torch.bfloat16, "silu", False, CF), (torch.float64, None, True, CF)])
+def test_forward_op_decomposition_matches_the_op(dtype, activation, residual, memory_format):
+    # What ONNX's dynamo=True exporter puts in place of the op (torch._decomp's table).
+    from gn_det.kernels.activation import activation_code
+    decomposition = torch._decomp.decomposition_table[_FORWARD_OP]
+    x = make_input((2, 8, 5, 6), dtype=dtype, memory_format=memory_format)
+    weight, bias = make_affine(8)
+    res = make_input((2, 8, 5, 6), dtype=dtype, seed=3) if residual else None
+    args = (x, weight, bias, 4, 1e-5, activation_code(activation), res)
+    expected, got = _FORWARD_OP(*args), decomposition(*args)
+    for name, e, g in zip(("output", "mean", "rstd"), expected, got):
+        assert g.dtype == e.dtype and g.shape == e.shape, name
+        assert_close(g, e, TOLERANCE[dtype], f"decomposition's {name}")
+
+
+def test_onnx_exports_a_graph_holding_the_op():
+    # torch 2.5 cannot tell export from torch.compile (no torch.compiler.is_exporting), so
+    # the graphs it exports hold gn_det's op: ONNX export decomposes it into standard ops.
+    onnx = pytest.importorskip("onnx")
+
+    class HoldsTheOp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.gn = _conv_gn(activation="silu")
+
+        def forward(self, x):
+            y = self.conv(x)
+            return _FORWARD_OP(y, self.gn.weight, self.gn.bias, 2, 1e-5, 2, y)[0]
+
+    model = HoldsTheOp().eval()
+    x = make_input((2, 3, 9, 9))
+    program = torch.export.export(model, (x,))
+    assert _FORWARD_OP in {node.target for node in program.graph.nodes}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = torch.onnx.export(program, dynamo=True, verbose=False).model_proto
+    assert {"Sigmoid"} <= {node.op_type for node in proto.graph.node}
+    assert all(node.domain in ("", "ai.onnx") for node in proto.graph.node), onnx.helper.printable_graph(proto.graph)
+    _check_onnx_runs_like(proto, model, x)
 
 
 # ----------------------------------------------------------------------------- memory

@@ -1,5 +1,7 @@
 """Which GPUs, dtypes and tritons the Triton kernels run on (gn_det.kernels.support), decided
 before anything compiles; what `python -m gn_det.env` says about it."""
+import warnings
+
 import pytest
 import torch
 import triton
@@ -42,10 +44,57 @@ def test_every_supported_architecture_has_limits():
         assert limits.warps * 32 >= 1024  # a block of 32 warps fits: the kernels use 8 at most
 
 
+OLD_TRITON = support._version_tuple(triton.__version__) < support.MIN_TRITON  # (compat_check's torch 2.5 venv)
+
+
+@pytest.mark.skipif(OLD_TRITON, reason="this triton is older than the kernels need (test_triton_version_gate)")
 def test_installed_triton_is_supported():
     # The set-up's triton (3.8) is within the range; the check reads its version.
-    assert support._version_tuple(triton.__version__) >= support.MIN_TRITON
     assert support.triton_support() is None
+
+
+def test_installed_triton_is_judged_by_its_version():
+    assert support.triton_support() == support.triton_version_support(triton.__version__)
+
+
+@pytest.mark.parametrize("version,runs", [("3.0.0", False), ("3.1.0", False), ("3.1.1+gitabc", False),
+                                          ("3.2.0", True), ("3.3.1", True), ("3.8.0", True), ("3.10.1+git4f2e", True)])
+def test_triton_version_gate(version, runs):
+    # torch 2.5 brings triton 3.1, whose interpreter cannot run the kernels (README: Compatibility).
+    reason = support.triton_version_support(version)
+    assert (reason is None) == runs, reason
+    if not runs:  # names the triton found, the one needed and the torch that brings it
+        assert f"triton {version} is older than 3.2" in reason and "torch (2.6 or newer" in reason, reason
+
+
+def _decisions_and_warnings(calls):
+    support._warn_once.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = [support.decide_support(*call) for call in calls]
+    return found, [str(w.message) for w in caught]
+
+
+def test_old_triton_turns_the_kernels_off_with_one_warning():
+    why = support.triton_version_support("3.1.0")
+    calls = [(f"GPU {i} (NVIDIA H100 (sm_90))", 90, dtype, why)
+             for i in (0, 1) for dtype in (torch.float32, torch.float16, torch.bfloat16)] * 2
+    found, said = _decisions_and_warnings(calls)
+    assert not any(f.ok for f in found) and all(f.reason.endswith(why) for f in found)
+    assert found[0].reason.startswith("GPU 0 (NVIDIA H100 (sm_90)), float32: triton 3.1.0 is older than 3.2")
+    assert len(said) == 1 and "triton 3.1.0 is older than 3.2" in said[0] and "every GPU" in said[0], said
+
+
+def test_architecture_refusals_warn_once_per_gpu_and_dtype():
+    t4, p100 = "GPU 0 (Tesla T4 (sm_75))", "GPU 1 (Tesla P100 (sm_60))"
+    calls = [(t4, 75, torch.bfloat16, None), (t4, 75, torch.float16, None),
+             (p100, 60, torch.float32, None), (p100, 60, torch.float16, None)]
+    found, said = _decisions_and_warnings(calls * 2)
+    assert [f.ok for f in found[:4]] == [False, True, False, False]
+    assert len(said) == 3 and all("Triton kernels off for this GPU and dtype (GPU" in s for s in said), said
+
+
+def test_version_tuple():
     assert support._version_tuple("3.1.0") < support.MIN_TRITON <= support._version_tuple("3.2.0")
     assert support._version_tuple("3.10.1+git4f2e") == (3, 10)
 
@@ -62,9 +111,15 @@ def test_cpu_tensors_stay_off_the_kernels_without_the_interpreter():
 def test_env_reports_support():
     line = env.supported_line()
     assert "sm_70" in line and "sm_120" in line and "bfloat16 from sm_80" in line
-    assert "this triton runs them" in line
+    assert ("this triton runs them" in line) == (not OLD_TRITON)
     rows = dict(env.collect_env())
     assert rows["gn_det kernels"] == line
+
+
+def test_env_reports_an_old_triton_with_the_reason():
+    line = env.supported_line_for(support.triton_version_support("3.1.0"))
+    assert line.endswith("triton 3.2+; off here: triton 3.1.0 is older than 3.2, the oldest gn_det's kernels are "
+                         "checked with: upgrade torch (2.6 or newer brings triton 3.2+)"), line
 
 
 @pytest.mark.gpu

@@ -56,6 +56,23 @@ def test_gn_dict_sets_every_fastgn_norm_and_is_checked():
         lazy_gn_settings(LazyConfig.apply_overrides(LazyConfig.load(R50), ["gn.eps=0.0"]))
 
 
+@pytest.mark.parametrize("name,yaml", [("mask_rcnn_gn_R_50_FPN_3x.py", "Misc/mask_rcnn_R_50_FPN_3x_gn.yaml")])
+def test_lazy_schedule_is_the_one_its_name_says(name, yaml):
+    # detectron2's own YAML of that schedule: its SOLVER.MAX_ITER and STEPS at SOLVER.IMS_PER_BATCH,
+    # here scaled to the config's batch; the LR evaluated as detectron2's LRMultiplier does
+    # (multiplier(iteration / max_iter)), so a max_iter left at common/train.py's 90000 fails.
+    cfg, solver = LazyConfig.load(os.path.join(ROOT, "configs", "lazy", name)), model_zoo.get_config(yaml).SOLVER
+    scale = solver.IMS_PER_BATCH / cfg.dataloader.train.total_batch_size
+    max_iter, steps = round(solver.MAX_ITER * scale), [round(step * scale) for step in solver.STEPS]
+    assert cfg.train.max_iter == max_iter
+    multiplier = instantiate(cfg.lr_multiplier)
+    lr = lambda iteration: multiplier(iteration / cfg.train.max_iter)  # noqa: E731
+    assert lr(steps[0] - 1) == pytest.approx(1.0)  # (warm-up long over)
+    for step in steps:
+        assert lr(step) == pytest.approx(0.1 * lr(step - 1)), step
+    assert lr(max_iter - 1) == pytest.approx(solver.GAMMA ** len(steps))
+
+
 # ------------------------------------------------ gn applied however the model is built
 
 

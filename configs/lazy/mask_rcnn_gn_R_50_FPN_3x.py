@@ -18,8 +18,12 @@ from gn_det.lazy import fast_gn, gn_model
 model = gn_model(model_zoo.get_config("common/models/mask_rcnn_fpn.py").model)  # finished with `gn`
 dataloader = model_zoo.get_config("common/data/coco.py").dataloader
 optimizer = model_zoo.get_config("common/optim.py").SGD
-lr_multiplier = model_zoo.get_config("common/coco_schedule.py").lr_multiplier_3x
+lr_multiplier = model_zoo.get_config("common/coco_schedule.py").lr_multiplier_3x  # milestones relative to max_iter
 train = model_zoo.get_config("common/train.py").train
+# 3x at 16 images per batch (common/data/coco.py's total_batch_size), as detectron2's 3x YAMLs'
+# SOLVER.MAX_ITER: common/train.py's 90000 is 1x, and the scheduler only scales to max_iter (LR
+# drops at 210000 and 250000, their STEPS). Scale both with dataloader.train.total_batch_size.
+train.max_iter = 270000
 
 # COCOEvaluator with a compiled COCOeval (detectron2's, else faster-coco-eval's)
 dataloader.evaluator = L(FastCOCOEvaluator)(dataset_name="${..test.dataset.names}")

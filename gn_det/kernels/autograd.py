@@ -11,18 +11,26 @@ the residual or, with ReLU, the output, which the next layer keeps anyway
 (``activation.RESIDUAL_*``). In eager mode ``group_norm`` calls the same implementations
 through ``GroupNormFunction``, which skips the custom op's per-call Python dispatch.
 
+The forward op also has a decomposition into standard ATen operators (registered with
+``torch._decomp``, whose table the ONNX ``dynamo=True`` exporter applies before translating):
+an exported graph that holds the op still exports to ONNX. On torch 2.6+ ``group_norm`` takes
+its standard-operator path under export anyway (``torch.compiler.is_exporting``); torch 2.5
+cannot tell export from ``torch.compile``, so its exported graphs hold the op.
+
 Custom ops are on none of autocast's lists, so under autocast the op runs in its input's
 dtype (float32 statistics) rather than being upcast to float32 as ``F.group_norm`` is.
 """
 # No `from __future__ import annotations` here: torch.library.custom_op reads the ops' type
 # hints, and torch < 2.7 cannot read them as strings.
+import math
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch._decomp import register_decomposition
 from torch.autograd.function import once_differentiable
 
-from .activation import ACT_RELU, RESIDUAL_ADD, RESIDUAL_NONE, RESIDUAL_OUTPUT
+from .activation import ACT_RELU, RESIDUAL_ADD, RESIDUAL_NONE, RESIDUAL_OUTPUT, export_activation
 from .dispatch import backward_impl, forward_impl
 from .group_norm_torch import compute_dtype
 
@@ -41,6 +49,20 @@ def _group_norm_forward(
 def _group_norm_forward_fake(x, weight, bias, num_groups, eps, activation, residual=None):
     stats = x.new_empty((x.shape[0], num_groups), dtype=compute_dtype(x))
     return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@register_decomposition(torch.ops.gn_det.group_norm_forward.default)
+def _group_norm_forward_decomposition(x, weight, bias, num_groups, eps, activation, residual=None):
+    """The forward op in standard ATen operators, for exporters that decompose (ONNX dynamo=True):
+    ATen's GroupNorm in the statistics' dtype (float32 for half inputs, as the kernels compute),
+    the residual, the activation, the output in x's dtype; mean and rstd ``(N, G)`` as the op's."""
+    n, channels = x.shape[:2]
+    dtype = compute_dtype(x)
+    y, mean, rstd = torch.ops.aten.native_group_norm(x.to(dtype), weight.to(dtype), bias.to(dtype), n, channels,
+                                                     math.prod(x.shape[2:]), num_groups, eps)
+    if residual is not None:
+        y = y + residual.to(dtype)
+    return export_activation(y, activation).to(x.dtype), mean, rstd
 
 
 @torch.library.custom_op("gn_det::group_norm_backward", mutates_args=())

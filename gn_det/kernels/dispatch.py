@@ -18,7 +18,7 @@ from .activation import ACT_NONE, RESIDUAL_ADD, activation_code
 from .group_norm_torch import compute_dtype, torch_group_norm_backward, torch_group_norm_forward
 from .layout import flat_spatial_stride, memory_format_of, to_dense
 from .routing import aten_route
-from .support import kernels_support
+from .support import kernels_support, triton_support
 from .tuning import decided_path, failed_verification
 from .verification import verified_backward, verified_forward, verify_key_of
 
@@ -71,11 +71,15 @@ def backend_from_environment() -> str:
 def triton_on_cpu() -> bool:
     """Whether CPU tensors go to the Triton interpreter (read once: TRITON_INTERPRET must be
     set before triton is imported anyway)."""
-    return (
+    asked = (
         os.environ.get("GN_DET_TRITON_ON_CPU") == "1"
         and os.environ.get("TRITON_INTERPRET") == "1"
         and _triton_module() is not None
     )
+    if asked and triton_support() is not None:  # (a triton whose interpreter cannot run the kernels: support.py)
+        raise RuntimeError(f"GN_DET_TRITON_ON_CPU=1 asks for gn_det's Triton kernels under triton's interpreter, but "
+                           f"{triton_support()}; or unset GN_DET_TRITON_ON_CPU")
+    return asked
 
 
 def triton_enabled_for(x: Tensor) -> bool:

@@ -29,8 +29,16 @@ from .layout import memory_format_of, to_dense
 from .tuning import autotune_enabled, choose_path
 
 # torch.export, which ONNX's dynamo=True exporter runs, sets this (torch 2.6+; the TorchScript
-# exporter sets is_in_onnx_export() instead). Without it (torch 2.5), see README: Compatibility.
+# exporter sets is_in_onnx_export() instead). Without it (torch 2.5) the exported graph holds the
+# custom op, which ONNX export replaces by its decomposition (autograd.py).
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+def _exporting_outside_dynamo() -> bool:
+    # Under dynamo only the op: torch 2.7's dynamo (2.7.1 measured; 2.14.1 reads the flag) folds
+    # is_exporting() to True in every torch.compile trace (the graph then lost the op, so the
+    # kernels). Non-strict export (the ONNX exporter's first try) runs no dynamo; strict export keeps the op.
+    return _is_exporting() and not torch.compiler.is_dynamo_compiling()
 
 __all__ = ["aten_group_norm", "export_group_norm", "group_norm"]
 
@@ -145,7 +153,7 @@ def group_norm(
         # so also right under tracing, ONNX export and torch.compile. First, because at small
         # shapes every Python check shows in the time.
         return F.group_norm(input, num_groups, weight, bias, eps)
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _is_exporting():
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _exporting_outside_dynamo():
         return export_group_norm(input, num_groups, weight, bias, eps, code, residual)
     x = to_dense(input)
     if residual is not None:  # read with x's offsets by the kernels: dense in x's layout (a copy if not)

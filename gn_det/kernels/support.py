@@ -15,7 +15,9 @@ spills and within its limits, benchmarks/results/kernels_*_compile*):
 Below 7.0 (Pascal and older) triton does not support the GPU (torch's inductor refuses it as
 "too old to be supported by the triton GPU compiler") and gn_det's kernels were never compiled
 for it; a capability above 12.x is one nobody has compiled them for: both run PyTorch's path. ``kernels_support(device, dtype)`` says which and why, once per device and
-dtype (one warning where the kernels are off); ``python -m gn_det.env`` prints it per GPU.
+dtype: one warning for each GPU and dtype they are off for, or a single one when the
+triton installed is the reason (it is for every GPU); ``python -m gn_det.env`` prints it per GPU
+and for the triton installed.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 __all__ = ["MIN_TRITON", "SUPPORTED_ARCHITECTURES", "Support", "architecture_support", "describe_device",
-           "kernels_support", "triton_support"]
+           "kernels_support", "triton_support", "triton_version_support"]
 
 # Compute capabilities x 10 the kernels are compiled for and checked at (tools/compile_kernels.py).
 SUPPORTED_ARCHITECTURES = (70, 75, 80, 86, 89, 90, 100, 120)
@@ -50,6 +52,16 @@ def _version_tuple(version: str) -> Tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", version)[:2])
 
 
+def triton_version_support(version: str) -> Optional[str]:
+    """None when triton ``version`` (e.g. "3.1.0") runs the kernels, else why not, naming it,
+    the triton needed and the torch that brings it."""
+    if _version_tuple(version) < MIN_TRITON:
+        need = ".".join(map(str, MIN_TRITON))
+        return (f"triton {version} is older than {need}, the oldest gn_det's kernels are checked with: "
+                f"upgrade torch (2.6 or newer brings triton {need}+)")
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def triton_support() -> Optional[str]:
     """None when the installed triton runs the kernels, else why not (not installed, too old)."""
@@ -57,11 +69,7 @@ def triton_support() -> Optional[str]:
         import triton
     except ImportError as exc:
         return f"triton is not importable ({exc}): install the triton that your torch names"
-    if _version_tuple(triton.__version__) < MIN_TRITON:
-        need = ".".join(map(str, MIN_TRITON))
-        return (f"triton {triton.__version__} is older than {need}, the oldest gn_det's kernels are checked with: "
-                f"upgrade torch (2.6 or newer brings triton {need}+)")
-    return None
+    return triton_version_support(triton.__version__)
 
 
 def architecture_support(arch: int, dtype: torch.dtype) -> Optional[str]:
@@ -86,17 +94,33 @@ def describe_device(index: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_support(index: int, dtype: torch.dtype) -> Support:
-    reason = triton_support()
-    if reason is None:
-        major, minor = torch.cuda.get_device_capability(index)
-        reason = architecture_support(10 * major + minor, dtype)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=5)  # (kernels_support's caller)
+
+
+def decide_support(where: str, arch: int, dtype: torch.dtype, triton_reason: Optional[str]) -> Support:
+    """The decision for ``dtype`` on the GPU ``where`` ("GPU 0", naming it) of compute
+    capability ``arch`` (x 10), given ``triton_support()``'s answer; warns once per GPU and
+    dtype the kernels are off for, once in all when triton is why (device-free: tests give it
+    a triton's answer)."""
+    name = str(dtype).replace("torch.", "")
+    if triton_reason is not None:  # the same for every GPU and dtype: said once
+        _warn_once(f"gn_det: Triton kernels off ({triton_reason}); GroupNorm runs PyTorch's path on every GPU "
+                   "(same results, no fused kernels)")
+        return Support(False, f"{where}, {name}: {triton_reason}")
+    reason = architecture_support(arch, dtype)
     if reason is None:
         return Support(True, None)
-    reason = f"{describe_device(index)}, {str(dtype).replace('torch.', '')}: {reason}"
-    warnings.warn(f"gn_det: Triton kernels off on GPU {index} for this dtype ({reason}); GroupNorm runs PyTorch's "
-                  "path there (same results, no fused kernels)", stacklevel=3)
+    reason = f"{where}, {name}: {reason}"
+    _warn_once(f"gn_det: Triton kernels off for this GPU and dtype ({reason}); GroupNorm runs PyTorch's path there "
+               "(same results, no fused kernels)")
     return Support(False, reason)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_support(index: int, dtype: torch.dtype) -> Support:
+    major, minor = torch.cuda.get_device_capability(index)
+    return decide_support(f"GPU {index} ({describe_device(index)})", 10 * major + minor, dtype, triton_support())
 
 
 def kernels_support(device: torch.device, dtype: torch.dtype) -> Support:
