@@ -40,7 +40,8 @@ from torch import nn
 
 from .checkpoint import SafeCheckpointer
 from .config import GNSettings
-from .engine import AutotuneSync
+from .data.loader import ResumableTrainLoader, resumable_train_loader
+from .engine import AutotuneSync, ExactResume, keeping_random_state
 from .errors import ConfigError, MissingFileError, close_matches
 from .modeling import NORM_NAME, finish_model, gn_settings
 from .modeling.norm import NORM_REGISTRY, get_norm
@@ -223,6 +224,23 @@ def lazy_test(cfg, model: nn.Module) -> Optional[Dict[str, Any]]:
     return results
 
 
+def _resumable_lazy_train_loader(cfg):
+    """``cfg.dataloader.train``; when it is detectron2's ``build_detection_train_loader`` without a
+    ``collate_fn`` (its configs' loader), the same arguments build a ``ResumableTrainLoader``,
+    whose position a checkpoint holds (exact resume; the stream's seed ``train.seed``, when the
+    config sets one >= 0). Any other loader is built as written."""
+    from detectron2.data import build_detection_train_loader
+
+    node = cfg.dataloader.train
+    target = node.get("_target_")
+    target = locate(target) if isinstance(target, str) else target
+    if target is not build_detection_train_loader or node.get("collate_fn") is not None:
+        return instantiate(node)
+    args = OmegaConf.to_container(node, resolve=True)  # (resolved where it stands: its ${..} interpolations)
+    args.pop("collate_fn", None)
+    return instantiate({**args, "_target_": resumable_train_loader, "seed": int(cfg.train.get("seed", -1))})
+
+
 def lazy_train(cfg, resume: bool = False) -> Dict[str, Any]:
     """Train as detectron2's lazyconfig_train_net does (hooks, periodic checkpoints and
     evaluation, metrics.json), with gn_det's model building, safe checkpoints, and DDP for
@@ -235,7 +253,7 @@ def lazy_train(cfg, resume: bool = False) -> Dict[str, Any]:
     logger.info("Model:\n%s", model)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
-    train_loader = instantiate(cfg.dataloader.train)
+    train_loader = _resumable_lazy_train_loader(cfg)
     ddp = dict(cfg.train.get("ddp") or {})
     if next(model.parameters()).device.type != "cuda":
         ddp["device_ids"] = None  # detectron2 would pass the local rank, which DDP refuses for CPU modules
@@ -249,16 +267,27 @@ def lazy_train(cfg, resume: bool = False) -> Dict[str, Any]:
         last_results.update(lazy_test(cfg, model) or {})
         return dict(last_results)
 
+    # The data position and random state, for exact resume (as tools/train_net.py's Trainer):
+    # gathered on every process before the checkpoint it goes into.
+    exact_resume = (ExactResume(train_loader, cfg.train.checkpointer.period)
+                    if isinstance(train_loader, ResumableTrainLoader) else None)
     trainer.register_hooks([
         hooks.IterationTimer(),
         AutotuneSync(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+        exact_resume,
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
-        hooks.EvalHook(cfg.train.eval_period, evaluate),
+        hooks.EvalHook(cfg.train.eval_period, keeping_random_state(evaluate)),  # not moving training's random state
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
         if comm.is_main_process() else None,
     ])
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+    if start_iter:
+        if exact_resume is not None:
+            exact_resume.restore(trainer.iter)
+        elif comm.is_main_process():
+            logger.warning("Resume is not exact: dataloader.train is not detectron2's build_detection_train_loader "
+                           "(without a collate_fn), whose data position a checkpoint can hold")
     trainer.train(start_iter, cfg.train.max_iter)
     return last_results
