@@ -41,7 +41,7 @@ from torch import nn
 from .checkpoint import SafeCheckpointer
 from .config import GNSettings
 from .data.loader import ResumableTrainLoader, resumable_train_loader
-from .engine import AutotuneSync, ExactResume, keeping_random_state
+from .engine import AutotuneSync, ExactResume, keeping_random_state, save_final_if_nothing_left
 from .errors import ConfigError, MissingFileError, close_matches
 from .modeling import NORM_NAME, finish_model, gn_settings
 from .modeling.norm import NORM_REGISTRY, get_norm
@@ -243,8 +243,10 @@ def _resumable_lazy_train_loader(cfg):
 
 def lazy_train(cfg, resume: bool = False) -> Dict[str, Any]:
     """Train as detectron2's lazyconfig_train_net does (hooks, periodic checkpoints and
-    evaluation, metrics.json), with gn_det's model building, safe checkpoints, and DDP for
-    CPU models too. Returns the last evaluation's results ({} when none ran), as
+    evaluation, metrics.json), with gn_det's model building, safe checkpoints, exact resume
+    (each checkpoint holds the data position and random state, restored on resume, as in
+    tools/train_net.py's Trainer; see ``_resumable_lazy_train_loader``), and DDP for CPU
+    models too. Returns the last evaluation's results ({} when none ran), as
     ``DefaultTrainer.train`` does."""
     if cfg.train.amp.enabled and not str(cfg.train.get("device", "cuda")).startswith("cuda"):
         raise ConfigError(f"train.amp.enabled=True on train.device={cfg.train.device!r}: detectron2's AMPTrainer needs "
@@ -260,6 +262,8 @@ def lazy_train(cfg, resume: bool = False) -> Dict[str, Any]:
     model = create_ddp_model(model, **ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
     checkpointer = SafeCheckpointer(model, cfg.train.output_dir, trainer=trainer, weights_key="train.init_checkpoint")
+    if comm.is_main_process():
+        checkpointer.remove_stale_temporaries()  # a killed save's *.tmp
     last_results: Dict[str, Any] = {}
 
     def evaluate() -> Dict[str, Any]:
@@ -289,5 +293,6 @@ def lazy_train(cfg, resume: bool = False) -> Dict[str, Any]:
         elif comm.is_main_process():
             logger.warning("Resume is not exact: dataloader.train is not detectron2's build_detection_train_loader "
                            "(without a collate_fn), whose data position a checkpoint can hold")
+    save_final_if_nothing_left(checkpointer, start_iter, cfg.train.max_iter, "train.max_iter")
     trainer.train(start_iter, cfg.train.max_iter)
     return last_results

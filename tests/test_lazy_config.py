@@ -236,7 +236,8 @@ def test_lazy_resume_is_bit_identical_to_the_uninterrupted_run(tmp_path, workers
     """lazy_train saves the data position and random state with each checkpoint (ExactResume,
     ResumableTrainLoader) and puts them back on resume: 2 steps uninterrupted, and the same run
     resumed from its checkpoint of iteration 0 (in a fresh output folder, after the random state
-    has moved on), end with the same weights, bit for bit on CPU."""
+    has moved on), end with the same weights, bit for bit on CPU. A run stopped during its final
+    save writes model_final.pth when resumed."""
     register_shapes_dataset()
     exact = ["train.max_iter=2", "train.checkpointer.period=1", f"dataloader.train.num_workers={workers}"]
     whole, part = tmp_path / "whole", tmp_path / "part"
@@ -254,3 +255,16 @@ def test_lazy_resume_is_bit_identical_to_the_uninterrupted_run(tmp_path, workers
     resumed, reference = final_weights(part), final_weights(whole)
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[k], reference[k]) for k in reference), "the resumed run's weights differ"
+    # Stopped during its final save: last_checkpoint names iteration max_iter - 1, model_final.pth
+    # is missing and its .tmp left. Resumed, the run writes model_final.pth and removes the .tmp.
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "model_0000001.pth").write_bytes((whole / "model_0000001.pth").read_bytes())
+    (done / "last_checkpoint").write_text("model_0000001.pth")
+    (done / "model_final.pth.tmp").write_bytes(b"half a checkpoint")
+    cfg = load_lazy_config(R50, small_overrides(R50, done) + exact)
+    del cfg.dataloader.evaluator
+    lazy_train(cfg, resume=True)
+    assert not (done / "model_final.pth.tmp").exists()
+    final = final_weights(done)
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
