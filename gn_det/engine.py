@@ -51,7 +51,8 @@ from .errors import DivergenceError, UserError
 from .evaluation import FastCOCOEvaluator
 from .kernels.tuning import synchronize_decisions
 
-__all__ = ["AutotuneSync", "ExactResume", "Trainer", "final_ap", "random_state", "set_random_state", "keeping_random_state"]
+__all__ = ["AutotuneSync", "ExactResume", "Trainer", "final_ap", "random_state", "set_random_state", "keeping_random_state",
+           "save_final_if_nothing_left"]
 
 logger = logging.getLogger(__name__)
 

@@ -107,8 +107,8 @@ def main() -> None:
              f"{os.cpu_count()} cores shared with other work. Command: `{meta['command']}`.", "",
              "| page cache | seconds | µs per image | images per second |", "|---|---|---|---|"]
     lines += [f"| {r['cache']} | {r['seconds']:.1f} | {r['us_per_image']:.0f} | {r['images_per_s']:,.0f} |" for r in rows]
-    lines += ["", "cold: these files' pages evicted (posix_fadvise DONTNEED after a sync) before the check; the "
-              "virtual disk's host may still cache them. warm: the same check again at once."]
+    lines += ["", ("cold: these files' pages evicted (posix_fadvise DONTNEED after a sync) before the check; the "
+                   "virtual disk's host may still cache them. warm: the same check again at once.")]
     print(write_result_files(result_stem(args.out_dir, "image_checks", machine), meta, rows, "\n".join(lines)))
 
 
