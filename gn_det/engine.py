@@ -51,7 +51,8 @@ from .errors import DivergenceError, UserError
 from .evaluation import FastCOCOEvaluator
 from .kernels.tuning import synchronize_decisions
 
-__all__ = ["AutotuneSync", "ExactResume", "Trainer", "final_ap", "random_state", "set_random_state", "keeping_random_state"]
+__all__ = ["AutotuneSync", "ExactResume", "Trainer", "final_ap", "random_state", "set_random_state", "keeping_random_state",
+           "save_final_if_nothing_left"]
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +158,20 @@ class AutotuneSync(HookBase):
             synchronize_decisions()
 
 
+def save_final_if_nothing_left(checkpointer: SafeCheckpointer, start_iter: int, max_iter: int, max_iter_key: str) -> None:
+    """A resumed run with nothing left to train (``start_iter >= max_iter``: it was stopped during
+    its final save) writes ``model_final.pth`` if it is missing, and says so (main process)."""
+    if start_iter < max_iter or not comm.is_main_process():
+        return
+    final = os.path.join(checkpointer.save_dir, "model_final.pth")
+    if not os.path.exists(final):
+        checkpointer.save("model_final", iteration=start_iter - 1)
+        logger.warning("Nothing left to train (the checkpoint is of iteration %d, %s is %d): wrote %s, which the run "
+                       "had not", start_iter - 1, max_iter_key, max_iter, final)
+    else:
+        logger.info("Nothing left to train: %s exists", final)
+
+
 class Trainer(DefaultTrainer):
     def __init__(self, cfg: CfgNode) -> None:  # DefaultTrainer.__init__'s steps, DDP made CPU-aware
         TrainerBase.__init__(self)
@@ -203,14 +218,7 @@ class Trainer(DefaultTrainer):
             self.exact_resume.restore(self.iter)
 
     def train(self):
-        if self.start_iter >= self.max_iter and comm.is_main_process():
-            final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
-            if not os.path.exists(final):  # the run was stopped during its final save
-                self.checkpointer.save("model_final", iteration=self.start_iter - 1)
-                logger.warning("Nothing left to train (the checkpoint is of iteration %d, SOLVER.MAX_ITER is %d): "
-                               "wrote %s, which the run had not", self.start_iter - 1, self.max_iter, final)
-            else:
-                logger.info("Nothing left to train: %s exists", final)
+        save_final_if_nothing_left(self.checkpointer, self.start_iter, self.max_iter, "SOLVER.MAX_ITER")
         return super().train()
 
     def run_step(self) -> None:

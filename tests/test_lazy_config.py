@@ -242,3 +242,46 @@ def test_every_other_lazy_config_trains_on_the_embedded_dataset(path, tmp_path):
     steps = losses(tmp_path)
     assert len(steps) == 2 and all(loss == loss and loss < 1e4 for loss in steps)  # two finite steps
     assert os.path.exists(tmp_path / "model_final.pth")
+
+
+def final_weights(output_dir):
+    return torch.load(os.path.join(output_dir, "model_final.pth"), map_location="cpu", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_lazy_resume_is_bit_identical_to_the_uninterrupted_run(tmp_path, workers, caplog):
+    """lazy_train saves the data position and random state with each checkpoint (ExactResume,
+    ResumableTrainLoader) and puts them back on resume: 2 steps uninterrupted, and the same run
+    resumed from its checkpoint of iteration 0 (in a fresh output folder, after the random state
+    has moved on), end with the same weights, bit for bit on CPU. A run stopped during its final
+    save writes model_final.pth when resumed."""
+    register_shapes_dataset()
+    exact = ["train.max_iter=2", "train.checkpointer.period=1", f"dataloader.train.num_workers={workers}"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    cfg = load_lazy_config(R50, small_overrides(R50, whole) + exact)
+    del cfg.dataloader.evaluator
+    lazy_train(cfg)
+    part.mkdir()
+    (part / "model_0000000.pth").write_bytes((whole / "model_0000000.pth").read_bytes())
+    (part / "last_checkpoint").write_text("model_0000000.pth")
+    torch.manual_seed(12345)  # what a fresh process would not have: the resumed run must set its own
+    cfg = load_lazy_config(R50, small_overrides(R50, part) + exact)
+    del cfg.dataloader.evaluator
+    lazy_train(cfg, resume=True)
+    assert "Resume is not exact" not in caplog.text
+    resumed, reference = final_weights(part), final_weights(whole)
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference), "the resumed run's weights differ"
+    # Stopped during its final save: last_checkpoint names iteration max_iter - 1, model_final.pth
+    # is missing and its .tmp left. Resumed, the run writes model_final.pth and removes the .tmp.
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "model_0000001.pth").write_bytes((whole / "model_0000001.pth").read_bytes())
+    (done / "last_checkpoint").write_text("model_0000001.pth")
+    (done / "model_final.pth.tmp").write_bytes(b"half a checkpoint")
+    cfg = load_lazy_config(R50, small_overrides(R50, done) + exact)
+    del cfg.dataloader.evaluator
+    lazy_train(cfg, resume=True)
+    assert not (done / "model_final.pth.tmp").exists()
+    final = final_weights(done)
+    assert all(torch.equal(final[k], reference[k]) for k in reference)

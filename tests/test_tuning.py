@@ -54,9 +54,36 @@ def runners(slow: str, calls: list):
     }
 
 
-def choose(x, slow, calls, train=True):
+def choose(x, slow, calls, train=True, make_runners=None):
     weight, bias = make_affine(x.shape[1])
-    return tuning.choose_path(x, weight, bias, None, 4, ACT_RELU, train, runners(slow, calls))
+    return tuning.choose_path(x, weight, bias, None, 4, ACT_RELU, train, (make_runners or runners)(slow, calls))
+
+
+def runners_slower_by_construction(slow: str, calls: list):
+    """``runners``, but ``slow`` (measured second: tuning times the paths in tuning.PATHS' order)
+    is slower whatever the machine's load, not by a fixed sleep: each of its calls lasts longer
+    than the longest span between the other path's call starts i-1 and i+1 (the last one's
+    successor: the slow path's first call), which holds the other path's whole timed run i
+    (forward, backward and the timer's own steps). So each of its timed runs is longer than
+    each of the other's, and so is its median. Real clocks, no margin to guess."""
+    assert tuning.PATHS.index(slow) == 1, "the slow path must be the one measured second"
+    starts, bound = [], []  # the other path's call starts; the bound, fixed at the slow path's first call
+
+    def make(path, run):
+        def runner(x, weight, bias, residual):
+            start = time.perf_counter()
+            calls.append(path)
+            if path != slow:
+                starts.append(start)
+            else:
+                if not bound:
+                    spans = starts + [start]
+                    bound.append(max(spans[i + 1] - spans[i - 1] for i in range(1, len(spans) - 1)))
+                while time.perf_counter() - start <= bound[0]:
+                    time.sleep(bound[0] / 4)
+            return run(x, weight, bias, residual)
+        return runner
+    return {path: make(path, run) for path, run in runners("none", []).items()}
 
 
 def test_the_faster_path_is_kept_and_measured_once(tuned):
@@ -255,12 +282,15 @@ def test_gn_det_autotune_is_read_at_import_and_checked(monkeypatch):
 def _rank_process(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     gn_det.set_autotune(True, on_cpu=True)
-    gn_det.set_tuning_cache(None)
+    gn_det.set_tuning_cache(os.path.join(out_dir, "rank1_cache") if rank == 1 else None)
     both = make_input(SMALL)
-    # Both ranks meet `both`, measured so that they decide differently; rank 1 alone meets `one`.
-    choose(both, "kernels" if rank == 0 else "aten", [])
-    if rank == 1:
-        choose(make_input(OTHER), "kernels", [])
+    # Both ranks meet `both` and hold different decisions for it: rank 0 measures it ("aten"
+    # slower by construction: "kernels"), rank 1 finds "aten" in its decisions cache (written by
+    # the test). Rank 1 alone meets OTHER, measured ("kernels").
+    if rank == 0:
+        choose(both, "aten", [], make_runners=runners_slower_by_construction)
+    else:
+        choose(make_input(OTHER), "aten", [], make_runners=runners_slower_by_construction)
     path_before = choose(both, "none", [])  # decided: looked up (and remembered by exact input)
     before = gn_det.autotune_decisions()
     adopted = gn_det.synchronize_decisions()
@@ -273,17 +303,35 @@ def _rank_process(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+def write_cached_decision(cache_dir, shape, path):
+    """A decisions-cache line for a bucket of ``shape`` (what choose() would measure), as a process
+    that decided ``path`` there earlier would have left it."""
+    x = make_input(shape)
+    decision = tuning.Decision(tuning.tune_key_of(x, 4, ACT_RELU, False, True), path, "measured",
+                               {"kernels": 1.0, "aten": 1.0}, tuple(shape))
+    previous = gn_det.set_tuning_cache(cache_dir)
+    try:
+        cache = tuning.cache_file(decision.key[0])
+    finally:
+        gn_det.set_tuning_cache(previous)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    row = {k: v for k, v in dict(decision.as_dict(), cache_format=tuning.CACHE_FORMAT).items() if k != "source"}
+    cache.write_text(json.dumps(row) + "\n")
+
+
 def test_two_gloo_processes_reach_the_same_decisions(tmp_path):
+    write_cached_decision(tmp_path / "rank1_cache", SMALL, "aten")
     mp.start_processes(_rank_process, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
-    assert [r["path"] for r in ranks[0]["before"]] == ["aten"]
-    assert sorted(r["path"] for r in ranks[1]["before"]) == ["aten", "kernels"]
+    assert [(tuple(r["shape"]), r["path"], r["source"]) for r in ranks[0]["before"]] == [(SMALL, "kernels", "measured")]
+    assert sorted((tuple(r["shape"]), r["path"], r["source"]) for r in ranks[1]["before"]) == [
+        (OTHER, "kernels", "measured"), (SMALL, "aten", "disk cache")]
     strip = lambda rows: [{k: v for k, v in row.items() if k != "source"} for row in rows]  # noqa: E731
     assert strip(ranks[0]["after"]) == strip(ranks[1]["after"]) and len(ranks[0]["after"]) == 2
     by_shape = {tuple(r["shape"]): r for r in ranks[1]["after"]}
-    assert by_shape[SMALL]["path"] == "aten" and by_shape[SMALL]["source"] == "rank 0"
+    assert by_shape[SMALL]["path"] == "kernels" and by_shape[SMALL]["source"] == "rank 0"
     assert {tuple(r["shape"]): r["source"] for r in ranks[0]["after"]}[OTHER] == "rank 1"
     assert (ranks[0]["adopted"], ranks[1]["adopted"]) == (1, 1)
-    # Rank 1 ran its own decision for the shared bucket until the exchange, then rank 0's.
-    assert ranks[0]["paths"] == ["aten", "aten"] and ranks[1]["paths"] == ["kernels", "aten"]
+    # Rank 1 ran its own (cached) decision for the shared bucket until the exchange, then rank 0's.
+    assert ranks[0]["paths"] == ["kernels", "kernels"] and ranks[1]["paths"] == ["aten", "kernels"]
     assert ranks[0]["calls"] == ranks[1]["calls"] == []

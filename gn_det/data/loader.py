@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import UserError
 
-__all__ = ["ResumableTrainLoader", "build_resumable_train_loader"]
+__all__ = ["ResumableTrainLoader", "build_resumable_train_loader", "resumable_train_loader"]
 
 logger = logging.getLogger(__name__)
 
@@ -169,18 +169,32 @@ def build_resumable_train_loader(cfg, mapper) -> ResumableTrainLoader:
     the sampler ``DATALOADER.SAMPLER_TRAIN``) as a ``ResumableTrainLoader`` for this process.
     The stream's seed: ``cfg.SEED`` when >= 0, else one shared by all processes."""
     from detectron2.data.build import _train_loader_from_config
-    from detectron2.data.common import DatasetFromList
-    from detectron2.utils import comm
 
     parts = _train_loader_from_config(cfg, mapper=mapper)
+    return resumable_train_loader(parts["dataset"], mapper=parts["mapper"], sampler=parts["sampler"],
+                                  total_batch_size=parts["total_batch_size"],
+                                  aspect_ratio_grouping=parts["aspect_ratio_grouping"],
+                                  num_workers=parts["num_workers"], seed=cfg.SEED)
+
+
+def resumable_train_loader(dataset, *, mapper, sampler=None, total_batch_size: int, aspect_ratio_grouping: bool = True,
+                           num_workers: int = 0, seed: int = -1) -> ResumableTrainLoader:
+    """``detectron2.data.build_detection_train_loader``'s arguments (a LazyConfig's
+    ``dataloader.train``; no ``collate_fn``: batches are lists, as detectron2's default) as a
+    ``ResumableTrainLoader`` for this process. ``dataset``: a list of dataset dicts or a
+    map-style dataset; ``sampler``: None for detectron2's ``TrainingSampler``. The stream's
+    seed: ``seed`` when >= 0, else one shared by all processes."""
+    from detectron2.data.common import DatasetFromList
+    from detectron2.data.samplers import TrainingSampler
+    from detectron2.utils import comm
+
     world_size = comm.get_world_size()
-    seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
-    sampler = parts["sampler"]
-    if hasattr(sampler, "_seed"):
-        sampler._seed = int(seed)
-    dataset = parts["dataset"]
+    seed = seed if seed >= 0 else comm.shared_random_seed()
     if isinstance(dataset, list):
         dataset = DatasetFromList(dataset, copy=False)
-    items = _PositionedItems(dataset, sampler, parts["mapper"], comm.get_rank())
-    return ResumableTrainLoader(items, parts["total_batch_size"] // world_size, parts["num_workers"],
-                                parts["aspect_ratio_grouping"], int(seed), world_size)
+    sampler = TrainingSampler(len(dataset)) if sampler is None else sampler
+    if hasattr(sampler, "_seed"):
+        sampler._seed = int(seed)
+    items = _PositionedItems(dataset, sampler, mapper, comm.get_rank())
+    return ResumableTrainLoader(items, total_batch_size // world_size, num_workers, aspect_ratio_grouping, int(seed),
+                                world_size)

@@ -14,6 +14,7 @@ picks.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import check_setting
-from .activation import ACT_NONE, activation_code, apply_activation, export_activation
+from .activation import ACT_NONE, RESIDUAL_NONE, activation_code, apply_activation, export_activation
 from .autograd import GroupNormFunction, residual_mode_for
 from .dispatch import triton_enabled_for, triton_on_cpu
 from .group_norm_torch import compute_dtype
@@ -103,6 +104,30 @@ def aten_group_norm(
     return apply_activation(y, code).to(dtype=x.dtype, memory_format=memory_format_of(x))
 
 
+def _plain_cpu_group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                         eps: float) -> Tensor:
+    """Plain GN of a contiguous float32/float64 CPU x ``(N, C, *)``: ATen's native GroupNorm, its
+    kernels and autograd (second order included), unless its variance overflowed. ATen squares
+    the deviations in x's dtype: beyond ~1.8e19 in float32 the variance is inf, rstd =
+    rsqrt(inf) = 0 and the output would be beta, finite and wrong. rstd is 0 for nothing else
+    (a NaN rstd is not 0), so the check reads the ``(N, G)`` rstd, never x; such a call is
+    computed again by the op's own PyTorch path, which remeasures those groups scaled
+    (accurate; first-order gradients only, as everywhere on that path)."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _is_exporting():
+        return F.group_norm(x, num_groups, weight, bias, eps)  # the standard operator is what is recorded
+    n, c = x.shape[:2]
+    y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, math.prod(x.shape[2:]), num_groups, eps)
+    if torch.compiler.is_compiling():  # no host check in a graph: an overflowed group's output is NaN instead
+        overflowed = (rstd == 0) & torch.isfinite(mean)
+        nan = torch.where(overflowed, float("nan"), 0.0).repeat_interleave(c // num_groups, dim=1)
+        return y + nan.view((n, c) + (1,) * (x.dim() - 2))
+    if bool(rstd.all()):
+        return y
+    weight = torch.ones(c, dtype=x.dtype) if weight is None else weight.contiguous()
+    bias = torch.zeros(c, dtype=weight.dtype) if bias is None else bias.contiguous()
+    return GroupNormFunction.apply(x, weight, bias, num_groups, float(eps), ACT_NONE, None, RESIDUAL_NONE)
+
+
 def export_group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                       code: int, residual: Optional[Tensor] = None) -> Tensor:
     """Standard operators only: what tracing and ONNX export record."""
@@ -149,10 +174,11 @@ def group_norm(
     if (code == ACT_NONE and residual is None and input.dtype in _ATEN_EXACT_DTYPES and input.device.type == "cpu"
             and input.is_contiguous() and not triton_on_cpu()):
         # Plain GN on NCHW CPU tensors: ATen's own kernels and autograd, nn.GroupNorm's speed
-        # (accurate in NCHW; channels_last goes through our path below). A standard operator,
-        # so also right under tracing, ONNX export and torch.compile. First, because at small
-        # shapes every Python check shows in the time.
-        return F.group_norm(input, num_groups, weight, bias, eps)
+        # (accurate in NCHW, an overflowed variance aside, which _plain_cpu_group_norm
+        # recomputes; channels_last goes through our path below). Standard operators, so also
+        # right under tracing, ONNX export and torch.compile. First, because at small shapes
+        # every Python check shows in the time.
+        return _plain_cpu_group_norm(input, num_groups, weight, bias, eps)
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _exporting_outside_dynamo():
         return export_group_norm(input, num_groups, weight, bias, eps, code, residual)
     x = to_dense(input)

@@ -26,6 +26,11 @@ from .activation import ACT_NONE, RESIDUAL_ADD, RESIDUAL_OUTPUT, activation_grad
 from .layout import memory_format_of
 
 
+# Below this rstd (groups whose values reach ~1e18), ATen's GroupNorm backward is fed a
+# rescaled group instead (torch_group_norm_backward).
+_SMALLEST_RSTD_ATEN_BACKWARD_TAKES = 2.0 ** -60
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float32 (float64 for float64 x): the dtype of GN's statistics, and of this path's arithmetic."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -165,7 +170,17 @@ def torch_group_norm_backward(
                                 activation)
     # d(residual) is the activation's gradient itself (taken before GN's backward reads it).
     dres = None if residual is None else grad.to(dtype=residual.dtype, memory_format=fmt, copy=True)
-    dx, dweight, dbias = torch.ops.aten.native_group_norm_backward(
-        grad, xc, mean, rstd, w, n, c, hxw, num_groups, [True, True, True]
-    )
+    if x.device.type == "cpu" and bool((rstd < _SMALLEST_RSTD_ATEN_BACKWARD_TAKES).any()):
+        # Groups of huge values (remeasured after their variance overflowed): ATen's backward
+        # multiplies powers of rstd, which underflow to a finite, wrong dx. GN's gradient is
+        # scale-invariant: dx(x) = rstd * dx(x * rstd) with the scaled group's rstd = 1. (On
+        # CUDA such a group's forward is NaN already: no host check there.)
+        per_channel = rstd.repeat_interleave(c // num_groups, dim=1).view((n, c) + (1,) * (x.dim() - 2))
+        dx, dweight, dbias = torch.ops.aten.native_group_norm_backward(
+            grad, xc * per_channel, mean * rstd, torch.ones_like(rstd), w, n, c, hxw, num_groups, [True, True, True])
+        dx *= per_channel
+    else:
+        dx, dweight, dbias = torch.ops.aten.native_group_norm_backward(
+            grad, xc, mean, rstd, w, n, c, hxw, num_groups, [True, True, True]
+        )
     return dx.to(dtype=x.dtype, memory_format=fmt), dweight.to(weight.dtype), dbias.to(weight.dtype), dres
