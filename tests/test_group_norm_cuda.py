@@ -270,7 +270,7 @@ def test_failing_kernels_fall_back_to_pytorch_on_cuda(tmp_path, fault, kernel_se
     from gn_det.kernels import dispatch, tuning, verification
     from gn_cases import GRAD_TOLERANCE, assert_close
     previous = gn_det.set_tuning_cache(tmp_path)
-    verification._warned.clear()
+    tuning.STORE.warned.clear()
 
     def step():
         x = make_input((2, 64, 24, 20), device="cuda").requires_grad_()
