@@ -116,8 +116,10 @@ def _kernels_off(x: Tensor) -> Optional[str]:
         return None if triton_module() is not None else "triton is not importable"
     if x.device.type == "cpu" and triton_on_cpu():
         return None
-    return f"{x.device.type} tensor (the Triton kernels run on CUDA, or on CPU under TRITON_INTERPRET=1 " \
-           "GN_DET_TRITON_ON_CPU=1)"
+    return _NOT_CUDA if x.device.type == "cpu" else f"{x.device.type} tensor{_NOT_CUDA[len('cpu tensor'):]}"
+
+
+_NOT_CUDA = "cpu tensor (the Triton kernels run on CUDA, or on CPU under TRITON_INTERPRET=1 GN_DET_TRITON_ON_CPU=1)"
 
 
 def triton_enabled_for(x: Tensor) -> bool:
@@ -128,9 +130,9 @@ def triton_enabled_for(x: Tensor) -> bool:
     return _kernels_off(x) is None
 
 
-def _op_path(x: Tensor, num_groups: int, activation: int, residual: bool, explain: bool, why: str = "") -> Choice:
-    """Steps 6-8: the op's own implementation for x (dense)."""
-    off = _kernels_off(x)
+def _op_path(x: Tensor, num_groups: int, activation: int, residual: bool, explain: bool, off: Optional[str],
+             why: str = "") -> Choice:
+    """Steps 6-8: the op's own implementation for x (dense); ``off`` is ``_kernels_off(x)``."""
     if off is not None:
         return Choice(TORCH, why + off)
     if not explain or x.numel() == 0:
@@ -144,6 +146,11 @@ def _op_path(x: Tensor, num_groups: int, activation: int, residual: bool, explai
     return Choice(KERNELS, why + kernels.kernel_path(x, num_groups))
 
 
+# The choices whose reason is a constant, made once (decide runs at every call).
+_PLAIN_CPU = Choice(ATEN, "plain GN on a contiguous CPU tensor: ATen's GroupNorm and autograd")
+_EXPORTING = Choice(EXPORT, "tracing or export: standard operators only")
+_COMPILING = Choice(CUSTOM_OP, "inside torch.compile: the graph holds the custom op")
+_TUNED = Choice(ATEN_TUNED, "tuned: ATen's GroupNorm measured faster for this bucket")
 _ROUTED = Choice(ATEN_TUNED, "routed (Triton measured slower here)")
 
 
@@ -176,18 +183,18 @@ def decide(
     has_residual = residual is not None and residual is not False
     if (activation == ACT_NONE and not has_residual and x.dtype in _ATEN_EXACT_DTYPES and x.device.type == "cpu"
             and x.is_contiguous() and not triton_on_cpu()):
-        return Choice(ATEN, "plain GN on a contiguous CPU tensor: ATen's GroupNorm and autograd")
+        return _PLAIN_CPU
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _is_exporting():
-        return Choice(EXPORT, "tracing or export: standard operators only")
+        return _EXPORTING
     if torch.compiler.is_compiling():
-        return Choice(CUSTOM_OP, "inside torch.compile: the graph holds the custom op")
+        return _COMPILING
     x = to_dense(x)
+    off = _kernels_off(x)
     if x.numel() == 0:
-        return _op_path(x, num_groups, activation, has_residual, explain, "empty input, nothing to compute: ")
-    kernels = triton_enabled_for(x)
+        return _op_path(x, num_groups, activation, has_residual, explain, off, "empty input, nothing to compute: ")
     tuned = tuning.autotune_enabled(x)
-    if output_recomputed or not (kernels or (tuned and x.device.type == "cpu")):
-        return _op_path(x, num_groups, activation, has_residual, explain)
+    if output_recomputed or not (off is None or (tuned and x.device.type == "cpu")):
+        return _op_path(x, num_groups, activation, has_residual, explain, off)
     if tuned:
         if train is None:
             train = torch.is_grad_enabled() and (
@@ -198,17 +205,17 @@ def decide(
             if routing.aten_route(x, num_groups, activation) is not None:
                 return _ROUTED
             if measure is None or _is_capturing(x):  # (no measuring inside a CUDA graph: decided later, outside)
-                return _op_path(x, num_groups, activation, has_residual, explain, "not tuned yet: ")
+                return _op_path(x, num_groups, activation, has_residual, explain, off, "not tuned yet: ")
             decision = measure(train)
         if decision.path == "aten":
             if not explain:
-                return Choice(ATEN_TUNED, "tuned: ATen's GroupNorm measured faster for this bucket")
+                return _TUNED
             times = ", ".join(f"{path} {ms:.3g} ms" for path, ms in decision.times_ms.items())
             return Choice(ATEN_TUNED, f"tuned ({decision.source}: {times})")
-        return _op_path(x, num_groups, activation, has_residual, explain)
+        return _op_path(x, num_groups, activation, has_residual, explain, off)
     if routing.aten_route(x, num_groups, activation) is not None:
         return _ROUTED
-    return _op_path(x, num_groups, activation, has_residual, explain)
+    return _op_path(x, num_groups, activation, has_residual, explain, off)
 
 
 def dispatch_path(x: Tensor, num_groups: int, activation: Optional[str] = None, residual: bool = False,
