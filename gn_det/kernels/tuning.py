@@ -57,7 +57,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .routing import ROUTE_FIELDS, _check_route, route_key_of
+from .routing import ROUTE_FIELDS, check_route, route_key_of
 from .switches import SWITCHES, autotune_from_environment, set_autotune
 
 try:
@@ -389,7 +389,7 @@ def _record_of(row: object, device_name: str) -> Union[Decision, Verification]:
     if not isinstance(row, dict):
         raise ValueError(f"a line must hold an object, got {type(row).__name__}")
     _check_value(row, "cache_format", (CACHE_FORMAT,))
-    route = _check_route(row, "a decision")
+    route = check_route(row, "a decision")
     if route[0] != device_name:
         raise ValueError(f"device {route[0]!r} in the file of {device_name!r}")
     _check_value(row, "residual", (False, True))
