@@ -2,6 +2,7 @@
 module docstring) on CPU, with the path and the reason it gives, and group_norm running what
 it chose. The Triton kernels' steps (kernels, verification fallback) run under the interpreter:
 tests/interpreted/test_paths.py; an unsupported GPU: tests/test_kernel_support.py."""
+import dataclasses
 import json
 import time
 
@@ -135,3 +136,22 @@ def test_the_torch_backend_and_float64_take_the_pytorch_path():
     assert paths.dispatch_path(x, 4, "relu") == "PyTorch: channels_last statistics + ATen backward"
     assert paths.dispatch_path(x.contiguous(), 4, "relu") == "PyTorch: ATen GroupNorm + activation"
     assert paths.dispatch_path(x[:0], 4, "relu") == "nothing (empty input)"
+
+
+def test_the_switches_are_one_object_written_by_their_setters():
+    before = dataclasses.replace(switches.SWITCHES)
+    try:
+        assert switches.set_backend("torch") == before.backend and switches.SWITCHES.backend == "torch"
+        assert gn_det.set_autotune(False, on_cpu=True) == (before.autotune, before.autotune_on_cpu)
+        assert switches.set_verification(False) == (before.verify, before.verify_on_cpu)
+        assert switches.SWITCHES == switches.Switches(backend="torch", autotune=False, autotune_on_cpu=True,
+                                                      verify=False, verify_on_cpu=False)
+        assert gn_det.kernels.backend() == "torch" and not tuning.autotune_enabled()
+        with pytest.raises(ValueError, match="'cuda' is not a gn_det backend"):
+            switches.set_backend("cuda")
+        assert switches.SWITCHES.backend == "torch"  # a refused value changes nothing
+    finally:
+        switches.set_backend(before.backend)
+        gn_det.set_autotune(before.autotune, on_cpu=before.autotune_on_cpu)
+        switches.set_verification(before.verify, on_cpu=before.verify_on_cpu)
+    assert switches.SWITCHES == before

@@ -5,24 +5,23 @@ or once, at import, from its environment variable; per call it is read from ``SW
 (timm's ``set_fast_norm`` style: nothing reads the environment per call, and nothing else
 writes these values). ``paths.decide`` reads them to choose a call's path.
 
-==================  ========================  ===============================================
-switch              set by                    environment (read once, at import)
-==================  ========================  ===============================================
-backend             ``set_backend``           ``GN_DET_BACKEND`` (auto | torch)
-autotune            ``set_autotune``          ``GN_DET_AUTOTUNE`` (1 | 0)
-autotune_on_cpu     ``set_autotune(on_cpu=)`` (tests only)
-verify              ``set_verification``      (on by default)
-verify_on_cpu       ``set_verification(on_cpu=)``  (tests only)
-==================  ========================  ===============================================
+- ``backend``: ``set_backend``; ``GN_DET_BACKEND`` (auto | torch) at import.
+- ``autotune``, ``autotune_on_cpu``: ``set_autotune(enabled, on_cpu=)``; ``GN_DET_AUTOTUNE``
+  (1 | 0) at import; CPU inputs are tuned for tests only.
+- ``verify``, ``verify_on_cpu``: ``set_verification(enabled, on_cpu=)``; on by default for
+  CUDA; the interpreter on CPU is verified for tests only.
 
-Module-level mutable state read per call, before and after issue 25 (item 5): 17 objects
-before (dispatch ``_backend``; routing ``_IN_USE``; tuning ``_enabled``, ``_tune_cpu``,
-``_cache_dir``, ``_decisions``, ``_unshared``, ``_by_input``, ``_loaded``, ``_on_disk``,
-``_warned``, ``_verifications``, ``_unshared_verifications``, ``_failed``,
-``_checked_by_input``, ``_gloo_group``; verification ``_enabled``/``_on_cpu``, ``_warned``,
-``_faults``), 4 after: ``SWITCHES`` here, ``tuning.STORE`` (decisions, verifications and
-their caches), ``routing``'s routes in use, and ``verification``'s test hook (``_faults``,
-empty but inside ``inject_fault``).
+Module-level mutable state of the call path (dispatch, routing, tuning, verification), before
+and after issue 25's item 5: 20 objects before, each a module global of its own (dispatch
+``_backend``; routing ``_IN_USE``; tuning ``_enabled``, ``_tune_cpu``, ``_cache_dir``,
+``_decisions``, ``_unshared``, ``_by_input``, ``_loaded``, ``_on_disk``, ``_warned``,
+``_verifications``, ``_unshared_verifications``, ``_failed``, ``_checked_by_input``,
+``_gloo_group``; verification ``_enabled``, ``_on_cpu``, ``_warned``, ``_faults``), 4 after,
+each with one owner: ``SWITCHES`` here (the settings: explicit setters, environment read
+once), ``tuning.STORE`` (decisions, verification outcomes and their lookups, written by
+tuning's and verification's functions), ``routing``'s routes in use (``set_routes``), and
+``verification._faults`` (the tests' fault hook, empty but inside ``inject_fault``).
+Read-once caches (``functools.lru_cache``: the triton module, GPU support) are not settings.
 """
 from __future__ import annotations
 
