@@ -144,7 +144,8 @@ def cache_directory() -> Path:
 
 class Store:
     """Everything this module keeps between calls, in one object (``STORE``), written by this
-    module's functions only (and ``verification.py``'s, through ``remember_checked``)."""
+    module's functions and by ``verification.py``'s (its outcomes, warnings and per-input
+    lookups: ``verified_forward`` / ``verified_backward``)."""
 
     def __init__(self, cache_dir: Optional[Path]) -> None:
         self.cache_dir = cache_dir  # where the decision files go (None: this process only); set_tuning_cache
