@@ -7,7 +7,7 @@ from .activation import ACTIVATIONS, activation_code
 from .group_norm_op import group_norm
 from .paths import triton_enabled_for
 from .routing import set_routes
-from .switches import backend, backend_from_environment, set_autotune, set_backend
+from .switches import backend, set_autotune, set_backend
 from .tuning import autotune_decisions, decisions, set_tuning_cache, synchronize_decisions
 
 __all__ = ["ACTIVATIONS", "activation_code", "autotune_decisions", "backend", "decisions", "group_norm", "set_autotune", "set_backend",

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .activation import ACT_NONE, activation_code, apply_activation, export_activation
+from .activation import activation_code, apply_activation, export_activation
 from .autograd import GroupNormFunction, residual_mode_for
 from . import paths, tuning
 from .group_norm_torch import compute_dtype

@@ -55,7 +55,7 @@ from . import routing, tuning
 from .activation import ACT_NONE, activation_code
 from .layout import memory_format_of, to_dense
 from .support import kernels_support
-from .switches import SWITCHES, backend
+from .switches import SWITCHES
 
 __all__ = ["ATEN", "ATEN_TUNED", "CUSTOM_OP", "Choice", "EXPORT", "FALLBACK", "KERNELS", "PATHS", "TORCH", "decide",
            "dispatch_path", "triton_enabled_for", "triton_module", "triton_on_cpu"]
