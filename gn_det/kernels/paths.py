@@ -56,6 +56,7 @@ from .activation import ACT_NONE, activation_code
 from .layout import memory_format_of, to_dense
 from .support import kernels_support
 from .switches import SWITCHES
+from .verification import verify_key_of
 
 __all__ = ["ATEN", "ATEN_TUNED", "CUSTOM_OP", "Choice", "EXPORT", "FALLBACK", "KERNELS", "PATHS", "TORCH", "decide",
            "dispatch_path", "triton_enabled_for", "triton_module", "triton_on_cpu"]
@@ -138,8 +139,6 @@ def _op_path(x: Tensor, num_groups: int, activation: int, residual: bool, explai
     if not explain or x.numel() == 0:
         return Choice(KERNELS, why + "the Triton kernels (verified at the bucket's first use)")
     kernels = triton_module()
-    from .verification import verify_key_of  # (verification imports this module's callers)
-
     failed = tuning.failed_verification(verify_key_of(kernels, x, num_groups, activation, residual))
     if failed is not None:
         return Choice(FALLBACK, why + f"the kernels failed verification here: {failed.detail}")
