@@ -68,8 +68,8 @@ class DivergenceError(UserError, FloatingPointError):
 # Every GN_DET_* environment variable gn_det or its tools read, and what reads it: any other
 # GN_DET_ name is a typo that would be silently ignored.
 ENVIRONMENT_VARIABLES = {
-    "GN_DET_BACKEND": "gn_det.kernels.dispatch", "GN_DET_TRITON_ON_CPU": "gn_det.kernels.dispatch",
-    "GN_DET_AUTOTUNE": "gn_det.kernels.tuning", "GN_DET_CACHE_DIR": "gn_det.kernels.tuning",
+    "GN_DET_BACKEND": "gn_det.kernels.switches", "GN_DET_TRITON_ON_CPU": "gn_det.kernels.paths",
+    "GN_DET_AUTOTUNE": "gn_det.kernels.switches", "GN_DET_CACHE_DIR": "gn_det.kernels.tuning",
     "GN_DET_ROUTES": "gn_det.kernels.routing", "GN_DET_VENV": "tools/setup_env.sh", "GN_DET_TORCH": "tools/setup_env.sh",
     "GN_DET_TORCHVISION": "tools/setup_env.sh", "GN_DET_TORCH_FREE_MB": "tools/setup_env.sh",
 }

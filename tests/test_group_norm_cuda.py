@@ -270,7 +270,7 @@ def test_failing_kernels_fall_back_to_pytorch_on_cuda(tmp_path, fault, kernel_se
     from gn_det.kernels import dispatch, tuning, verification
     from gn_cases import GRAD_TOLERANCE, assert_close
     previous = gn_det.set_tuning_cache(tmp_path)
-    verification._warned.clear()
+    tuning.STORE.warned.clear()
 
     def step():
         x = make_input((2, 64, 24, 20), device="cuda").requires_grad_()
@@ -313,3 +313,17 @@ def test_split_grids_fill_one_wave_cuda():
     assert all(count % sms == 0 and count >= sms for count in found.values()), found
     splits, _ = group_norm_triton._splits(2 * 64, 200 * 336, 1024, found["_stats_partial_kernel"])
     assert 2 * 64 * splits <= found["_stats_partial_kernel"]
+
+
+def test_decide_names_the_kernels_and_the_pytorch_path_on_cuda():
+    # GPU twin of tests/test_paths.py's backend and float64 cases (tuning off: kernels_everywhere).
+    from gn_det.kernels import paths
+    x = torch.zeros(2, 64, 8, 8, device="cuda")
+    assert paths.decide(x, 32, ACT_RELU) == (paths.KERNELS, "the Triton kernels (verified at the bucket's first use)")
+    previous = gn_det.kernels.set_backend("torch")
+    try:
+        assert paths.decide(x, 32, ACT_RELU) == (paths.TORCH, "the backend is 'torch' (set_backend / GN_DET_BACKEND)")
+    finally:
+        gn_det.kernels.set_backend(previous)
+    assert paths.decide(x.double(), 32, ACT_RELU).path == paths.TORCH
+    assert paths.decide(x[:0], 32, ACT_RELU).reason.startswith("empty input, nothing to compute: ")

@@ -51,7 +51,7 @@ def test_route_keys_bucket_group_size_and_group_count():
 
 def test_package_routes_file_is_valid():
     assert routing.routes_file() == routing.ROUTES_FILE or os.environ.get("GN_DET_ROUTES")
-    routing.read_routes(routing.ROUTES_FILE)  # raises if a route is malformed
+    routing.read_routes_file(routing.ROUTES_FILE)  # raises if a route is malformed
     assert "routes" in json.loads(routing.ROUTES_FILE.read_text())
 
 
@@ -94,20 +94,21 @@ def test_unreadable_routes_files_are_named(monkeypatch, tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text('{"routes": [')
     with pytest.raises(ValueError, match=r"broken.json is not valid JSON"):
-        routing.read_routes(broken)
+        routing.read_routes_file(broken)
     broken.write_text('[]')
     with pytest.raises(ValueError, match=r'broken.json: expected an object with a list under "routes"'):
-        routing.read_routes(broken)
+        routing.read_routes_file(broken)
     with pytest.raises(FileNotFoundError, match=r"missing.json does not exist \(GN_DET_ROUTES names it\?\)"):
-        routing.read_routes(tmp_path / "missing.json")
+        routing.read_routes_file(tmp_path / "missing.json")
 
 
 def test_merge_adds_replaces_and_removes_measured_buckets_only():
+    merge_routes = _benchmark_norm().merge_routes
     kept = _route(dtype="float16")
     stale = _route()
     won = routing.route_key(H100, "float32", "nchw", "none", 2, 256, 1050, 32)
     lost = routing.route_key(H100, "bfloat16", "nchw", "relu", 2, 256, 1050, 32)  # = stale's key
-    merged = routing.merge_routes([kept, stale, _route(dtype="float32", activation="none")],
+    merged = merge_routes([kept, stale, _route(dtype="float32", activation="none")],
                                   {lost: "FPN P5 1.10x (new run)", won: None})
     assert [(r["dtype"], r["activation"], r["measured"]) for r in merged] == [
         ("bfloat16", "relu", "FPN P5 1.10x (new run)"), ("float16", "relu", "FPN P5 1.20x")]
@@ -119,12 +120,20 @@ def _rows(triton_ms, aten_ms, impl="gn_det GN+ReLU (fused)", dims=(2, 256, 25, 4
             dict(base, impl=impl + " (ATen path)", path="PyTorch: ATen GroupNorm (forced)", **{"fwd+bwd ms": aten_ms})]
 
 
-def test_benchmark_routes_the_buckets_the_kernels_lose(tmp_path):
+def _benchmark_norm():
+    """tools/benchmark_norm.py, the writer of routes files."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     try:
-        from benchmark_norm import mark_routed_rows, route_decisions, target_checks, write_routes
+        import benchmark_norm
     finally:
         sys.path.pop(0)
+    return benchmark_norm
+
+
+def test_benchmark_routes_the_buckets_the_kernels_lose(tmp_path):
+    tool = _benchmark_norm()
+    mark_routed_rows, route_decisions, target_checks, write_routes = (
+        tool.mark_routed_rows, tool.route_decisions, tool.target_checks, tool.write_routes)
     rows = (_rows(0.12, 0.10)                                  # fused ReLU at P5: the kernels lose
             + _rows(0.05, 0.10, impl="gn_det GN")              # plain GN at P5: the kernels win
             + _rows(0.20, 0.30, dims=(2, 256, 24, 43), shape="P5'")  # same bucket as the first, a win
@@ -142,7 +151,7 @@ def test_benchmark_routes_the_buckets_the_kernels_lose(tmp_path):
     data = json.loads(path.read_text())
     assert data["about"] == "kept"
     assert [(r["group_elements_log2"], r["batch_groups_log2"]) for r in data["routes"]] == [(8, 14)]
-    assert routing.read_routes(path)  # the file it writes is one gn_det reads
+    assert routing.read_routes_file(path)["routes"]  # the file it writes is one gn_det reads
 
     # The table says which rows are now routed, and the "never slower" target holds them to
     # the time of the path they will run from now on.

@@ -189,7 +189,7 @@ def test_malformed_lines_are_skipped_with_one_warning_naming_the_file(tuned):
         f.write(b"\xff\xfe not utf-8 \x80\n")
         f.write((json.dumps(other) + "\n" + "\n".join(damaged[5:]) + "\n" + json.dumps(good)).encode())  # no final newline
     tuning.clear_decisions()
-    tuning._warned.clear()
+    tuning.STORE.warned.clear()
     calls = []
     with pytest.warns(RuntimeWarning, match=r"gn_det decisions cache .*\.jsonl: 12 unreadable line\(s\) skipped") as record:
         assert choose(x, "kernels", calls) == "aten" and calls == []  # the valid line is used: nothing measured
@@ -213,7 +213,7 @@ def test_an_unreadable_cache_file_is_ignored_with_one_warning(tuned, damage):
             pytest.skip("root reads any file")
         path.write_text("")
         path.chmod(0)
-    tuning._warned.clear()
+    tuning.STORE.warned.clear()
     with pytest.warns(RuntimeWarning, match="gn_det decisions cache") as record:
         assert choose(x, "kernels", []) == "aten"  # measured, and kept in this process
     assert gn_det.autotune_decisions()[0]["source"] == "measured"
@@ -261,7 +261,7 @@ def test_an_unwritable_cache_warns_once_and_keeps_decisions_in_process(tuned):
     blocker = tuned / "not_a_folder"
     blocker.write_text("a file where the cache folder would go")
     gn_det.set_tuning_cache(blocker / "gn_det")
-    tuning._warned.clear()
+    tuning.STORE.warned.clear()
     with pytest.warns(RuntimeWarning, match="cannot be written"):
         assert choose(make_input(SMALL), "kernels", []) == "aten"
     assert gn_det.autotune_decisions()[0]["path"] == "aten"

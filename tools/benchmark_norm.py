@@ -329,12 +329,25 @@ def mark_routed_rows(rows: List[dict], device: str, decisions: Dict[routing.Rout
             row["path"] += "; now routed to PyTorch's GroupNorm (time: its ATen path row)"
 
 
+def merge_routes(routes: Sequence[dict], decisions: Dict[routing.RouteKey, Optional[str]]) -> List[dict]:
+    """routes updated by measured decisions: key -> the measurement to route it by, or None to
+    remove its route (the kernels won there). Routes of keys not decided are kept; the result
+    is sorted, so that the file's diffs are readable."""
+    by_key = {routing.check_route(route, "routes"): route for route in routes}
+    for key, measured in decisions.items():
+        if measured is None:
+            by_key.pop(key, None)
+        else:
+            by_key[key] = dict(zip(routing.ROUTE_FIELDS, key), measured=measured)
+    return [by_key[key] for key in sorted(by_key)]
+
+
 def write_routes(path: str, decisions: Dict[routing.RouteKey, Optional[str]]) -> None:
     """Merges the decisions into the routes file at path (created if missing)."""
     data = routing.read_routes_file(path) if os.path.exists(path) else {"routes": []}
     data = {"about": data.get("about", "Shapes where gn_det's Triton kernels were measured slower than PyTorch's "
                                        "GroupNorm; written by tools/benchmark_norm.py --write-routes."),
-            "routes": routing.merge_routes(data["routes"], decisions)}
+            "routes": merge_routes(data["routes"], decisions)}
     with open(path + ".tmp", "w") as f:
         json.dump(data, f, indent=1)
         f.write("\n")

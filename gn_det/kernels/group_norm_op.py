@@ -1,16 +1,16 @@
-"""``group_norm``, the functional form of gn_det's GN: its input checks and which path a call
-takes. Three of those paths are PyTorch's own operators, each named by what it is for:
+"""``group_norm``, the functional form of gn_det's GN: its input checks, and the path that
+``paths.decide`` chooses for the call (the order is documented there, once). Two of those
+paths are PyTorch's own operators, each named by what it is for:
 
 - ``export_group_norm``: standard operators only (``F.group_norm``, the residual add, the
   activation), what ``torch.jit.trace`` and ONNX export record;
 - ``aten_group_norm``: ATen's GroupNorm with its own autograd, for the inputs where it was
   measured faster on this GPU model (first-use tuning, ``tuning.py``, or a route in
-  ``routing.py``);
-- the PyTorch path of the op itself (``group_norm_torch``), on CPU and under the "torch"
-  backend, through the same autograd as the Triton kernels (``autograd.py``).
+  ``routing.py``).
 
-Everything else runs the custom op (``autograd.py``), whose implementation ``dispatch.py``
-picks.
+The others run the op (``autograd.py``: the custom op inside ``torch.compile``,
+``GroupNormFunction`` in eager mode), whose implementation, the Triton kernels or the PyTorch
+path (``group_norm_torch``), ``dispatch.py`` runs as ``paths.py`` decides.
 """
 from __future__ import annotations
 
@@ -24,27 +24,14 @@ from torch import Tensor
 from ..config import check_setting
 from .activation import ACT_NONE, RESIDUAL_NONE, activation_code, apply_activation, export_activation
 from .autograd import GroupNormFunction, residual_mode_for
-from .dispatch import triton_enabled_for, triton_on_cpu
+from . import paths, tuning
 from .group_norm_torch import compute_dtype
 from .layout import memory_format_of, to_dense
-from .tuning import autotune_enabled, choose_path
 
-# torch.export, which ONNX's dynamo=True exporter runs, sets this (torch 2.6+; the TorchScript
-# exporter sets is_in_onnx_export() instead). Without it (torch 2.5) the exported graph holds the
-# custom op, which ONNX export replaces by its decomposition (autograd.py).
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-
-
-def _exporting_outside_dynamo() -> bool:
-    # Under dynamo only the op: torch 2.7's dynamo (2.7.1 measured; 2.14.1 reads the flag) folds
-    # is_exporting() to True in every torch.compile trace (the graph then lost the op, so the
-    # kernels). Non-strict export (the ONNX exporter's first try) runs no dynamo; strict export keeps the op.
-    return _is_exporting() and not torch.compiler.is_dynamo_compiling()
 
 __all__ = ["aten_group_norm", "export_group_norm", "group_norm"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_ATEN_EXACT_DTYPES = (torch.float32, torch.float64)  # where ATen's CPU GN computes in the input's dtype
 
 
 def _check_inputs(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -113,7 +100,7 @@ def _plain_cpu_group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], 
     (a NaN rstd is not 0), so the check reads the ``(N, G)`` rstd, never x; such a call is
     computed again by the op's own PyTorch path, which remeasures those groups scaled
     (accurate; first-order gradients only, as everywhere on that path)."""
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _is_exporting():
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or paths.exporting_outside_dynamo():
         return F.group_norm(x, num_groups, weight, bias, eps)  # the standard operator is what is recorded
     n, c = x.shape[:2]
     y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, math.prod(x.shape[2:]), num_groups, eps)
@@ -171,16 +158,35 @@ def group_norm(
     """
     code = activation_code(activation)
     _check_inputs(input, num_groups, weight, bias, eps, residual)
-    if (code == ACT_NONE and residual is None and input.dtype in _ATEN_EXACT_DTYPES and input.device.type == "cpu"
-            and input.is_contiguous() and not triton_on_cpu()):
-        # Plain GN on NCHW CPU tensors: ATen's own kernels and autograd, nn.GroupNorm's speed
-        # (accurate in NCHW, an overflowed variance aside, which _plain_cpu_group_norm
-        # recomputes; channels_last goes through our path below). Standard operators, so also
-        # right under tracing, ONNX export and torch.compile. First, because at small shapes
-        # every Python check shows in the time.
+
+    def measure(train: bool) -> "tuning.Decision":  # (first-use tuning: once per bucket)
+        x, w, b, r = _op_inputs(input, weight, bias, residual)
+        return tuning.measure_decision(x, w, b, r, num_groups, code, train, {"kernels": run_op, "aten": run_aten})
+
+    def run_op(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor]) -> Tensor:
+        mode = residual_mode_for(code, residual, output_recomputed)
+        return GroupNormFunction.apply(x, weight, bias, num_groups, float(eps), code, residual, mode)
+
+    def run_aten(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor]) -> Tensor:
+        return aten_group_norm(x, num_groups, weight, bias, eps, code, residual)
+
+    path = paths.decide(input, num_groups, code, residual, weight, bias, output_recomputed=output_recomputed,
+                        measure=measure).path
+    if path == paths.ATEN:  # (an overflowed variance recomputed: _plain_cpu_group_norm)
         return _plain_cpu_group_norm(input, num_groups, weight, bias, eps)
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _exporting_outside_dynamo():
+    if path == paths.EXPORT:
         return export_group_norm(input, num_groups, weight, bias, eps, code, residual)
+    x, weight, bias, residual = _op_inputs(input, weight, bias, residual)
+    if path == paths.CUSTOM_OP:
+        return torch.ops.gn_det.group_norm_forward(x, weight, bias, num_groups, float(eps), code, residual)[0]
+    if path == paths.ATEN_TUNED:
+        return run_aten(x, weight, bias, residual)  # measured faster here
+    return run_op(x, weight, bias, residual)  # (the kernels or the PyTorch path: dispatch.forward_impl)
+
+
+def _op_inputs(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor]):
+    """(x, weight, bias, residual) as the op takes them: x dense (contiguous or channels_last),
+    the residual dense in x's layout, weight and bias dense ``(C,)`` tensors."""
     x = to_dense(input)
     if residual is not None:  # read with x's offsets by the kernels: dense in x's layout (a copy if not)
         residual = residual.contiguous(memory_format=memory_format_of(x))
@@ -193,22 +199,4 @@ def group_norm(
         bias = torch.zeros(channels, dtype=weight.dtype, device=x.device)
     # The kernels read gamma and beta as dense (C,) vectors; a strided view (every other
     # element of a larger tensor, say) is copied first. Parameters already are dense.
-    weight, bias = weight.contiguous(), bias.contiguous()
-    if torch.compiler.is_compiling():
-        # Neither routes nor tuning here: the compiled graph holds the custom op.
-        return torch.ops.gn_det.group_norm_forward(x, weight, bias, num_groups, float(eps), code, residual)[0]
-    mode = residual_mode_for(code, residual, output_recomputed)
-
-    def kernels(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor]) -> Tensor:
-        return GroupNormFunction.apply(x, weight, bias, num_groups, float(eps), code, residual, mode)
-
-    def aten(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor]) -> Tensor:
-        return aten_group_norm(x, num_groups, weight, bias, eps, code, residual)
-
-    if not output_recomputed and (triton_enabled_for(x) or (x.device.type == "cpu" and autotune_enabled(x))):
-        # Routes and tuning choose between the kernels and ATen's GroupNorm (tuning.py).
-        train = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad
-                                             or (residual is not None and residual.requires_grad))
-        if choose_path(x, weight, bias, residual, num_groups, code, train, {"kernels": kernels, "aten": aten}) == "aten":
-            return aten(x, weight, bias, residual)  # measured faster here
-    return kernels(x, weight, bias, residual)
+    return x, weight.contiguous(), bias.contiguous(), residual

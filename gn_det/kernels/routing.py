@@ -7,7 +7,10 @@ fused activation, and a bucket of shapes: ``group_elements_log2 = floor(log2(C /
 ``batch_groups_log2 = floor(log2(N * G))`` (how many groups there are to spread over the GPU).
 ``tools/benchmark_norm.py --write-routes`` measures the kernels against the path a route
 takes (``group_norm_op.aten_group_norm``) and writes a route for every bucket where the
-kernels lost in forward+backward time; it removes the routes of buckets where they won. Routes are data, in ``routes.json`` beside this file.
+kernels lost in forward+backward time; it removes the routes of buckets where they won. Routes are data, in ``routes.json`` beside this file,
+or in a file of the user's own (``set_routes``, ``GN_DET_ROUTES``). Where a route is followed
+(with tuning off, or as a seed decision where tuning holds none): ``paths.decide``. The route
+key is also the start of tuning's and verification's buckets (``tuning.TuneKey``).
 
 ``set_routes(path)`` picks another routes file, ``set_routes(None)`` runs the Triton kernels
 everywhere (how the benchmark measures them); ``GN_DET_ROUTES`` (a path, or ``none``) is read
@@ -20,7 +23,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple, Union
+from typing import Dict, FrozenSet, Optional, Tuple, Union
 
 import torch
 
@@ -28,8 +31,8 @@ from .activation import ACTIVATION_NAMES, ACTIVATION_TABLE
 from .layout import memory_format_of
 
 __all__ = [
-    "ROUTES_FILE", "ROUTE_FIELDS", "RouteKey", "aten_route", "load_routes", "merge_routes", "read_routes",
-    "read_routes_file", "route_key", "route_key_of", "routes_file", "routes_file_from_environment", "set_routes",
+    "ROUTES_FILE", "ROUTE_FIELDS", "RouteKey", "aten_route", "check_route", "load_routes", "read_routes_file",
+    "route_key", "route_key_of", "routes_file", "routes_file_from_environment", "set_routes",
 ]
 
 ROUTES_FILE = Path(__file__).with_name("routes.json")
@@ -70,7 +73,7 @@ def routes_file_from_environment() -> Optional[Path]:
     return Path(value) if value else ROUTES_FILE
 
 
-def _check_route(route: object, where: str) -> RouteKey:
+def check_route(route: object, where: str) -> RouteKey:
     if not isinstance(route, dict):
         raise ValueError(f"{where}: a route must be an object with {', '.join(ROUTE_FIELDS)}; got {route!r}")
     missing = [field for field in ROUTE_FIELDS if field not in route]
@@ -103,13 +106,8 @@ def read_routes_file(path: Path) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get("routes"), list):
         raise ValueError(f"gn_det routes file {path}: expected an object with a list under \"routes\"")
     for i, route in enumerate(data["routes"]):
-        _check_route(route, f"gn_det routes file {path}, routes[{i}]")
+        check_route(route, f"gn_det routes file {path}, routes[{i}]")
     return data
-
-
-def read_routes(path: Path) -> List[dict]:
-    """The routes in a routes file, each checked (see ``read_routes_file``)."""
-    return read_routes_file(path)["routes"]
 
 
 # The routes in use: (their file or None, route key -> measurement, the GPU names they name).
@@ -126,7 +124,7 @@ def set_routes(path: Union[str, Path, None]) -> Optional[Path]:
     previous = _IN_USE[0]
     path = None if path is None else Path(path)
     routes = {} if path is None else {
-        _key(route): str(route.get("measured") or "no measurement recorded") for route in read_routes(path)}
+        _key(route): str(route.get("measured") or "no measurement recorded") for route in read_routes_file(path)["routes"]}
     _IN_USE = (path, routes, frozenset(key[0] for key in routes))
     return previous
 
@@ -147,19 +145,6 @@ def aten_route(x: torch.Tensor, num_groups: int, activation: int) -> Optional[st
     if not routes or x.numel() == 0 or _device_name(x.device) not in devices:  # the common case, cheaply
         return None
     return routes.get(route_key_of(x, num_groups, activation))
-
-
-def merge_routes(routes: Iterable[dict], decisions: Dict[RouteKey, Optional[str]]) -> List[dict]:
-    """routes updated by measured decisions: key -> the measurement to route it by, or None to
-    remove its route (the kernels won there). Routes of keys not decided are kept; the result
-    is sorted, so that the file's diffs are readable."""
-    by_key = {_check_route(route, "routes"): route for route in routes}
-    for key, measured in decisions.items():
-        if measured is None:
-            by_key.pop(key, None)
-        else:
-            by_key[key] = dict(zip(ROUTE_FIELDS, key), measured=measured)
-    return [by_key[key] for key in sorted(by_key)]
 
 
 set_routes(routes_file_from_environment())  # a malformed routes file fails here, at import, naming the route

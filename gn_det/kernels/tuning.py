@@ -14,13 +14,11 @@ runs; CUDA events on a GPU, ``time.perf_counter`` on CPU), on detached copies of
 inputs outside any saved-tensor hooks; the lower median wins. The two paths give the same
 results up to rounding.
 
-Where a decision comes from, in order: this process's decisions (measured, read from the disk
-cache, or adopted from rank 0 and the other ranks by ``synchronize_decisions``); the routes in
-use (``routes.json``: seed decisions, never measured again); a measurement. Nothing is measured
-inside ``torch.compile`` graphs (``group_norm`` gives them the custom op before asking) or
-during CUDA-graph capture (there a bucket without a decision runs the op's own path: the
-kernels where verified, ``verification.py``). Once a bucket
-is decided, choosing its path is a dictionary lookup: no host-device synchronisation.
+Where a call asks tuning, and in which order tuning, the routes and a measurement are
+consulted, is decided in one place: ``paths.decide``. Here: the decisions (measured, read from
+the disk cache, or adopted from rank 0 and the other ranks by ``synchronize_decisions``:
+``held_decision``) and the measurement (``measure_decision``). Once a bucket is decided,
+finding its decision is a dictionary lookup: no host-device synchronisation.
 
 Kernel verification (``verification.py``) keeps its outcomes here too, one ``Verification`` per
 (``VerifyKey``, check): the tuning bucket without train/infer, plus which kernel set runs it.
@@ -38,7 +36,8 @@ nested, not UTF-8) are skipped with one warning naming the file; a file that can
 all is ignored with one warning. Read once per process and device, at the first decision needed.
 
 Switches, read once: ``GN_DET_AUTOTUNE=0|1`` (default 1: tune CUDA inputs) at import into
-``set_autotune``; ``autotune_decisions()`` lists the tuning decisions with their measured times.
+``set_autotune`` (both in ``switches.py``); ``autotune_decisions()`` lists the tuning decisions
+with their measured times. What this module keeps between calls is one object, ``STORE``.
 """
 from __future__ import annotations
 
@@ -58,7 +57,8 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .routing import ROUTE_FIELDS, _check_route, aten_route, route_key_of
+from .routing import ROUTE_FIELDS, check_route, route_key_of
+from .switches import SWITCHES, autotune_from_environment, set_autotune
 
 try:
     import fcntl  # the cache file's lock (POSIX); elsewhere appends are left to O_APPEND alone
@@ -68,7 +68,8 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = [
     "CHECKS", "KERNEL_SETS", "MAX_TIMED_RUNS", "MEASURE_BUDGET_S", "MIN_TIMED_RUNS", "PATHS", "TUNE_FIELDS", "VERIFY_FIELDS",
     "Decision", "TuneKey", "Verification", "VerifyKey", "autotune_decisions", "autotune_enabled", "autotune_from_environment",
-    "cache_directory", "cache_file", "choose_path", "clear_decisions", "decided_path", "decisions", "failed_verification",
+    "STORE", "Store", "cache_directory", "cache_file", "choose_path", "clear_decisions", "decisions", "failed_verification",
+    "held_decision", "measure_decision",
     "record_verification", "set_autotune", "set_tuning_cache", "synchronize_decisions", "tune_key_of", "tuning_cache",
 ]
 
@@ -126,39 +127,11 @@ def tune_key_of(x: Tensor, num_groups: int, activation: int, residual: bool, tra
 
 # ----------------------------------------------------------------------------- switches
 
-_tune_cpu = False
-_enabled = True  # set by set_autotune only: at import from GN_DET_AUTOTUNE, later by an explicit call
-
-
-def autotune_from_environment() -> bool:
-    """``GN_DET_AUTOTUNE`` (0 or 1; 1 when unset), checked."""
-    value = os.environ.get("GN_DET_AUTOTUNE", "").strip() or "1"
-    if value not in ("0", "1"):
-        raise ValueError(f"GN_DET_AUTOTUNE={os.environ['GN_DET_AUTOTUNE']!r}: use 1 (tune each new bucket of inputs "
-                         "on CUDA, the default) or 0 (the kernels everywhere, but where routes.json routes)")
-    return value == "1"
-
-
-def set_autotune(enabled: bool, *, on_cpu: bool = False) -> Tuple[bool, bool]:
-    """Tune (the default) or not. Off, every bucket runs the kernels but where ``routes.json``
-    routes it, and decisions already made are not used. ``on_cpu`` also tunes CPU inputs (the
-    CPU path against ATen's GroupNorm, or the Triton interpreter where tests turn it on).
-    Returns the settings before, ``(enabled, on_cpu)``. ``GN_DET_AUTOTUNE`` is read once, at
-    import, into the first call."""
-    global _enabled, _tune_cpu
-    if not isinstance(enabled, bool) or not isinstance(on_cpu, bool):
-        raise TypeError(f"set_autotune takes booleans, got enabled={enabled!r}, on_cpu={on_cpu!r}")
-    previous = (_enabled, _tune_cpu)
-    _enabled, _tune_cpu = enabled, on_cpu
-    _by_input.clear()
-    return previous
-
-
 def autotune_enabled(x: Optional[Tensor] = None) -> bool:
-    """Whether tuning is on (for x's device, when given)."""
+    """Whether tuning is on (for x's device, when given): ``switches.set_autotune``."""
     if x is None:
-        return _enabled
-    return _enabled and (x.is_cuda or (_tune_cpu and x.device.type == "cpu"))
+        return SWITCHES.autotune
+    return SWITCHES.autotune and (x.is_cuda or (SWITCHES.autotune_on_cpu and x.device.type == "cpu"))
 
 
 def cache_directory() -> Path:
@@ -169,52 +142,65 @@ def cache_directory() -> Path:
     return Path(base) / "gn_det"
 
 
-_cache_dir: Optional[Path] = cache_directory()
+class Store:
+    """Everything this module keeps between calls, in one object (``STORE``), written by this
+    module's functions and by ``verification.py``'s (its outcomes, warnings and per-input
+    lookups: ``verified_forward`` / ``verified_backward``)."""
+
+    def __init__(self, cache_dir: Optional[Path]) -> None:
+        self.cache_dir = cache_dir  # where the decision files go (None: this process only); set_tuning_cache
+        self.decisions: Dict[TuneKey, Decision] = {}
+        self.unshared: Dict[TuneKey, Decision] = {}  # measured here, not yet offered to the other ranks
+        # The decision by exact input (device, dtype, shape, strides, G, activation, residual,
+        # train): a lookup of ~1 us where the bucket's key takes several. Cleared with any change.
+        self.by_input: Dict[tuple, Decision] = {}
+        self.loaded: set = set()  # device names whose cache file was read
+        self.on_disk: set = set()  # what the cache files read or written hold (not written again)
+        self.warned: set = set()  # cache files and verification buckets warned about
+        # Verification outcomes (verification.py): by (bucket, check); the first failure of each
+        # bucket (its kernels are then not used); whether the kernels run, by exact input and
+        # check (True: they passed; False: the bucket failed or verification is off), ~1 us a call.
+        self.verifications: Dict[Tuple[VerifyKey, str], Verification] = {}
+        self.unshared_verifications: Dict[Tuple[VerifyKey, str], Verification] = {}
+        self.failed: Dict[VerifyKey, Verification] = {}
+        self.checked_by_input: Dict[tuple, bool] = {}
+        self.gloo_group = None  # synchronize_decisions' process group, created on its first call
+
+    def forget(self) -> None:
+        """Forget every decision and outcome (the cache directory and process group stay)."""
+        for store in (self.decisions, self.unshared, self.by_input, self.loaded, self.on_disk, self.verifications,
+                      self.unshared_verifications, self.failed, self.checked_by_input):
+            store.clear()
+
+
+STORE = Store(cache_directory())
 
 
 def set_tuning_cache(directory: Union[str, Path, None]) -> Optional[Path]:
     """Keep decisions in files under ``directory`` (None: in this process only). Files already
     read stay read. Returns the directory before."""
-    global _cache_dir
-    previous, _cache_dir = _cache_dir, None if directory is None else Path(directory)
-    _loaded.clear()
-    _on_disk.clear()
-    _by_input.clear()
-    _checked_by_input.clear()
+    previous, STORE.cache_dir = STORE.cache_dir, None if directory is None else Path(directory)
+    STORE.loaded.clear()
+    STORE.on_disk.clear()
+    STORE.by_input.clear()
+    STORE.checked_by_input.clear()
     return previous
 
 
 def tuning_cache() -> Optional[Path]:
     """The directory of the tuning files (None: none kept)."""
-    return _cache_dir
+    return STORE.cache_dir
 
 
 # ----------------------------------------------------------------------------- decisions
 
-_decisions: Dict[TuneKey, Decision] = {}
-_unshared: Dict[TuneKey, Decision] = {}  # measured here, not yet offered to the other ranks
-# The decided path by exact input (device, dtype, shape, strides, G, activation, residual,
-# train): a lookup of ~1 us where the bucket's key takes several. Cleared with any change.
-_by_input: Dict[tuple, str] = {}
-_BY_INPUT_MAX = 1 << 16
-_loaded: set = set()  # device names whose cache file was read
-_on_disk: set = set()  # what the cache files read or written hold (not written again)
-_warned: set = set()
-# Verification outcomes (verification.py): by (bucket, check); the first failure of each bucket
-# (its kernels are then not used); whether the kernels run, by exact input and check (True: they
-# passed; False: the bucket failed or verification is off), a ~1 us lookup per call.
-_verifications: Dict[Tuple[VerifyKey, str], Verification] = {}
-_unshared_verifications: Dict[Tuple[VerifyKey, str], Verification] = {}
-_failed: Dict[VerifyKey, Verification] = {}
-_checked_by_input: Dict[tuple, bool] = {}
+_BY_INPUT_MAX = 1 << 16  # exact inputs remembered, per store, before it starts again
 
 
 def clear_decisions() -> None:
     """Forget every decision of this process, tuning and verification (the next call of each
     bucket measures and verifies again, or reads the disk cache)."""
-    for store in (_decisions, _unshared, _loaded, _on_disk, _by_input, _verifications, _unshared_verifications,
-                  _failed, _checked_by_input):
-        store.clear()
+    STORE.forget()
 
 
 def autotune_decisions() -> List[dict]:
@@ -222,7 +208,7 @@ def autotune_decisions() -> List[dict]:
     fields (``TUNE_FIELDS``), ``path``, ``source``, ``times_ms`` (median time of each path,
     forward [+ backward]) and the ``shape`` measured; sorted by bucket. ``decisions()`` also
     lists the kernels' verifications."""
-    return [_decisions[key].as_dict() for key in sorted(_decisions)]
+    return [STORE.decisions[key].as_dict() for key in sorted(STORE.decisions)]
 
 
 def decisions() -> List[dict]:
@@ -233,68 +219,71 @@ def decisions() -> List[dict]:
     ``CHECKS``), ``passed``, ``detail`` (the largest difference found against its tolerance, or
     the error the kernels raised), ``source`` ("verified", "disk cache" or "rank N") and the
     ``shape`` verified at; sorted by bucket and check."""
-    return autotune_decisions() + [_verifications[slot].as_dict() for slot in sorted(_verifications)]
+    return autotune_decisions() + [STORE.verifications[slot].as_dict() for slot in sorted(STORE.verifications)]
 
 
 def failed_verification(key: VerifyKey) -> Optional[Verification]:
     """The failed verification that keeps the kernels off bucket ``key``, if any (the disk
     cache of its device read first)."""
-    if key[0] not in _loaded:
+    if key[0] not in STORE.loaded:
         _load(key[0])
-    return _failed.get(key)
+    return STORE.failed.get(key)
 
 
 def record_verification(verification: Verification) -> None:
     """Keep a verification's outcome: in this process, offered to the other ranks at the next
     ``synchronize_decisions``, and in the disk cache."""
     slot = (verification.key, verification.check)
-    if verification.key[0] not in _loaded:
+    if verification.key[0] not in STORE.loaded:
         _load(verification.key[0])
-    _verifications[slot] = _unshared_verifications[slot] = verification
+    STORE.verifications[slot] = STORE.unshared_verifications[slot] = verification
     if not verification.passed:
-        _failed.setdefault(verification.key, verification)
-        _checked_by_input.clear()
+        STORE.failed.setdefault(verification.key, verification)
+        STORE.checked_by_input.clear()
     _append(verification.key[0], [verification])
 
 
-def decided_path(x: Tensor, num_groups: int, activation: int, residual: bool = False, train: bool = True) -> Optional[Decision]:
-    """The decision this process holds for x's bucket (None: none yet, or tuning is off);
-    measures nothing."""
-    if not autotune_enabled(x) or x.numel() == 0:
-        return None
-    return _decisions.get(tune_key_of(x, num_groups, activation, residual, train))
+def held_decision(x: Tensor, num_groups: int, activation: int, residual: bool, train: bool) -> Optional[Decision]:
+    """The decision this process holds for x's bucket (x dense, non-empty), its device's disk
+    cache read first; None when there is none yet. Measures nothing (``measure_decision`` does).
+    ``paths.decide`` asks only where tuning is on for x."""
+    exact = (x.device, x.dtype, x.shape, x.stride(), num_groups, activation, residual, train)
+    decision = STORE.by_input.get(exact)
+    if decision is not None:
+        return decision
+    key = tune_key_of(x, num_groups, activation, residual, train)
+    decision = STORE.decisions.get(key)
+    if decision is None and key[0] not in STORE.loaded:
+        _load(key[0])
+        decision = STORE.decisions.get(key)
+    if decision is not None:
+        if len(STORE.by_input) >= _BY_INPUT_MAX:
+            STORE.by_input.clear()
+        STORE.by_input[exact] = decision
+    return decision
+
+
+def measure_decision(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor], num_groups: int,
+                     activation: int, train: bool, runners: Dict[str, Runner]) -> Decision:
+    """Time ``runners`` (one per path in ``PATHS``) at this input (x dense, non-empty; weight,
+    bias dense ``(C,)``) and keep the faster as its bucket's decision: in this process, offered
+    to the other ranks, and in the disk cache."""
+    key = tune_key_of(x, num_groups, activation, residual is not None, train)
+    times = _measure(x, weight, bias, residual, train, runners)
+    decision = Decision(key, min(PATHS, key=lambda p: times[p]), "measured", times, tuple(x.shape))
+    STORE.decisions[key] = STORE.unshared[key] = decision
+    STORE.by_input.clear()
+    _append(key[0], [decision])
+    return decision
 
 
 def choose_path(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor], num_groups: int,
                 activation: int, train: bool, runners: Dict[str, Runner]) -> str:
-    """"kernels" or "aten" for this call of ``group_norm`` (x dense, non-empty; weight, bias
-    dense ``(C,)``). Measures ``runners`` (one per path) when the bucket has no decision yet
-    and tuning is on for x (see the module docstring)."""
-    if not autotune_enabled(x):
-        return "aten" if aten_route(x, num_groups, activation) is not None else "kernels"
-    exact = (x.device, x.dtype, x.shape, x.stride(), num_groups, activation, residual is not None, train)
-    path = _by_input.get(exact)
-    if path is not None:
-        return path
-    key = tune_key_of(x, num_groups, activation, residual is not None, train)
-    decision = _decisions.get(key)
-    if decision is None and key[0] not in _loaded:
-        _load(key[0])
-        decision = _decisions.get(key)
-    if decision is not None:
-        if len(_by_input) >= _BY_INPUT_MAX:
-            _by_input.clear()
-        _by_input[exact] = decision.path
-        return decision.path
-    if aten_route(x, num_groups, activation) is not None:
-        return "aten"  # a seed decision: not measured
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
-        return "kernels"  # no measuring inside a CUDA graph; the bucket is decided later, outside
-    times = _measure(x, weight, bias, residual, train, runners)
-    decision = Decision(key, min(PATHS, key=lambda p: times[p]), "measured", times, tuple(x.shape))
-    _decisions[key] = _unshared[key] = decision
-    _by_input.clear()
-    _append(key[0], [decision])
+    """"kernels" or "aten" for x's bucket: the decision held, else one measured now (whatever
+    the switches say: ``paths.decide`` is what asks tuning, where it is on)."""
+    decision = held_decision(x, num_groups, activation, residual is not None, train)
+    if decision is None:
+        decision = measure_decision(x, weight, bias, residual, num_groups, activation, train, runners)
     return decision.path
 
 
@@ -365,16 +354,16 @@ def _versions() -> Dict[str, str]:
 
 def cache_file(device_name: str) -> Optional[Path]:
     """The decisions file of a device name in the cache directory (None: no disk cache)."""
-    if _cache_dir is None:
+    if STORE.cache_dir is None:
         return None
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-") or "device"
     versions = _versions()
-    return _cache_dir / f"{slug}-k{versions['kernel_version']}-triton{versions['triton']}-torch{versions['torch']}.jsonl"
+    return STORE.cache_dir / f"{slug}-k{versions['kernel_version']}-triton{versions['triton']}-torch{versions['torch']}.jsonl"
 
 
 def _warn_once(path: Path, why: str) -> None:
-    if path not in _warned:
-        _warned.add(path)
+    if path not in STORE.warned:
+        STORE.warned.add(path)
         warnings.warn(f"gn_det decisions cache {path}: {why}", RuntimeWarning, stacklevel=5)
 
 
@@ -401,7 +390,7 @@ def _record_of(row: object, device_name: str) -> Union[Decision, Verification]:
     if not isinstance(row, dict):
         raise ValueError(f"a line must hold an object, got {type(row).__name__}")
     _check_value(row, "cache_format", (CACHE_FORMAT,))
-    route = _check_route(row, "a decision")
+    route = check_route(row, "a decision")
     if route[0] != device_name:
         raise ValueError(f"device {route[0]!r} in the file of {device_name!r}")
     _check_value(row, "residual", (False, True))
@@ -454,19 +443,19 @@ def _load(device_name: str) -> None:
     """Read a device's cache file into this process (once): tuning decisions (the last line of a
     bucket wins: decisions adopted from rank 0 are written after one's own) and failed
     verifications. Decisions this process holds already stay."""
-    _loaded.add(device_name)
+    STORE.loaded.add(device_name)
     last: Dict[TuneKey, Decision] = {}
     for record in _read(device_name):
         if isinstance(record, Decision):
             last[record.key] = record
         elif not record.passed:
-            _verifications.setdefault((record.key, record.check), record)
-            _failed.setdefault(record.key, record)
-        _on_disk.add(_disk_key(record))
+            STORE.verifications.setdefault((record.key, record.check), record)
+            STORE.failed.setdefault(record.key, record)
+        STORE.on_disk.add(_disk_key(record))
     for key, decision in last.items():
-        _decisions.setdefault(key, decision)
-    _by_input.clear()
-    _checked_by_input.clear()
+        STORE.decisions.setdefault(key, decision)
+    STORE.by_input.clear()
+    STORE.checked_by_input.clear()
 
 
 def _disk_key(record: Union[Decision, Verification]) -> tuple:
@@ -481,7 +470,7 @@ def _append(device_name: str, records: List[Union[Decision, Verification]]) -> N
     one write. Costs the new lines only, never a rewrite; no temporary file. A cache that
     cannot be written warns once; the decisions stay in this process."""
     path = cache_file(device_name)
-    records = [r for r in records if _disk_key(r) not in _on_disk]
+    records = [r for r in records if _disk_key(r) not in STORE.on_disk]
     if path is None or not records:
         return
     rows = [{k: v for k, v in dict(r.as_dict(), cache_format=CACHE_FORMAT).items() if k != "source"} for r in records]
@@ -504,18 +493,15 @@ def _append(device_name: str, records: List[Union[Decision, Verification]]) -> N
         finally:
             os.close(fd)
     except OSError as exc:
-        if (path, "write") not in _warned:
-            _warned.add((path, "write"))
+        if (path, "write") not in STORE.warned:
+            STORE.warned.add((path, "write"))
             warnings.warn(f"gn_det decisions cache {path} cannot be written ({exc}): decisions are kept in this "
                           "process only", RuntimeWarning, stacklevel=4)
         return
-    _on_disk.update(_disk_key(r) for r in records)
+    STORE.on_disk.update(_disk_key(r) for r in records)
 
 
 # ----------------------------------------------------------------------------- several processes
-
-_gloo_group = None
-
 
 def synchronize_decisions(group=None) -> int:
     """Make every process of a distributed run hold the same decisions: each offers those it
@@ -527,23 +513,22 @@ def synchronize_decisions(group=None) -> int:
     where others' pass, cannot deadlock. Objects travel over a gloo group (created on the
     first call when the default group is not gloo): no CUDA synchronisation. Returns how many
     decisions were adopted from other ranks; 0 outside a distributed run."""
-    global _gloo_group
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return 0
     if group is None:
-        if dist.get_backend() != "gloo" and _gloo_group is None:
-            _gloo_group = dist.new_group(backend="gloo")
-        group = _gloo_group
+        if dist.get_backend() != "gloo" and STORE.gloo_group is None:
+            STORE.gloo_group = dist.new_group(backend="gloo")
+        group = STORE.gloo_group
     world = dist.get_world_size(group)
     if world == 1:
         return 0
     offers: List[Optional[list]] = [None] * world
-    mine = [d.as_dict() for d in _unshared.values()] + [v.as_dict() for v in _unshared_verifications.values()]
+    mine = [d.as_dict() for d in STORE.unshared.values()] + [v.as_dict() for v in STORE.unshared_verifications.values()]
     dist.all_gather_object(offers, mine, group=group)
-    _unshared.clear()
-    _unshared_verifications.clear()
+    STORE.unshared.clear()
+    STORE.unshared_verifications.clear()
     me = dist.get_rank(group)
     chosen: Dict[tuple, Tuple[int, Union[Decision, Verification]]] = {}
     for rank, rows in enumerate(offers):  # ascending: the lowest rank's offer of a bucket wins
@@ -561,18 +546,16 @@ def synchronize_decisions(group=None) -> int:
         adopted += rank != me
         record = dataclasses.replace(record, source=source)
         if isinstance(record, Decision):
-            _decisions[slot] = record
+            STORE.decisions[slot] = record
         else:
-            _verifications[slot] = record
+            STORE.verifications[slot] = record
             if not record.passed:
-                _failed.setdefault(record.key, record)
+                STORE.failed.setdefault(record.key, record)
         if rank != me:
             new_rows.setdefault(record.key[0], []).append(record)
-    _by_input.clear()
-    _checked_by_input.clear()
+    STORE.by_input.clear()
+    STORE.checked_by_input.clear()
     for device_name, records in new_rows.items():
         _append(device_name, records)
     return adopted
 
-
-set_autotune(autotune_from_environment())  # a bad GN_DET_AUTOTUNE fails here, at import, naming the value

@@ -17,7 +17,7 @@ real tensors, when the graph runs), output recomputation (``recompute.py`` rerun
   with ReLU's output kept in the residual's place). Each check runs at the first call that
   needs it, on that call's inputs.
 - **Cost**: one extra PyTorch-path call per check and bucket, its comparison (a few host-device
-  synchronisations), then a dictionary lookup by exact input per call (``tuning._checked_by_input``),
+  synchronisations), then a dictionary lookup by exact input per call (``tuning.STORE.checked_by_input``),
   no synchronisation. Outcomes that passed are verified again in each new process; failures are
   read from the disk cache (``tuning.py``), so a failed bucket is not tried again until triton,
   torch or gn_det's kernels change (each reads another cache file).
@@ -49,8 +49,9 @@ group's mean is large against its standard deviation, ``x - mean`` loses ``|mean
 float32's precision in either path: the tolerances of y, dx and dgamma are multiplied by
 ``max(1, max |mean| * rstd)``.
 
-Switch: ``set_verification(enabled, on_cpu=False)`` (on by default for CUDA; ``on_cpu`` also
-verifies the Triton interpreter on CPU, for tests). ``inject_fault`` is the test hook.
+Switch: ``set_verification(enabled, on_cpu=False)`` (``switches.py``; on by default for CUDA;
+``on_cpu`` also verifies the Triton interpreter on CPU, for tests). Outcomes and warnings are
+kept in ``tuning.STORE``. ``inject_fault`` is the test hook.
 """
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ from . import tuning
 from .activation import RESIDUAL_OUTPUT
 from .group_norm_torch import torch_group_norm_backward, torch_group_norm_forward
 from .routing import route_key_of
-from .tuning import CHECKS, VERIFY_FIELDS, Verification, VerifyKey
+from .switches import SWITCHES, set_verification
+from .tuning import CHECKS, STORE, VERIFY_FIELDS, Verification, VerifyKey
 
 __all__ = ["FAULTS", "KERNEL_SET_NAMES", "TOLERANCE", "inject_fault", "set_verification", "verification_enabled",
            "verified_backward", "verified_forward", "verify_key_of"]
@@ -79,25 +81,9 @@ TINY = 1e-30  # the least scale of a comparison (an all-zero result compares abs
 REPORT_TO = ("report it with this warning and the output of `python -m gn_det.env` (README, Bug reports); "
              "GN_DET_BACKEND=torch runs the PyTorch path everywhere meanwhile")
 
-_enabled, _on_cpu = True, False  # set by set_verification only
-_warned: set = set()  # buckets warned about in this process
-
-
-def set_verification(enabled: bool, *, on_cpu: bool = False) -> Tuple[bool, bool]:
-    """Verify the kernels at the first use of each bucket (the default, on CUDA) or not (they
-    then run unverified, as in benchmarks of the kernels themselves). ``on_cpu`` also verifies
-    the Triton interpreter on CPU (tests). Returns the settings before, ``(enabled, on_cpu)``."""
-    global _enabled, _on_cpu
-    if not isinstance(enabled, bool) or not isinstance(on_cpu, bool):
-        raise TypeError(f"set_verification takes booleans, got enabled={enabled!r}, on_cpu={on_cpu!r}")
-    previous, (_enabled, _on_cpu) = (_enabled, _on_cpu), (enabled, on_cpu)
-    tuning._checked_by_input.clear()
-    return previous
-
-
 def verification_enabled(x: Tensor) -> bool:
-    """Whether the kernels are verified for x's device."""
-    return _enabled and (x.is_cuda or (_on_cpu and x.device.type == "cpu"))
+    """Whether the kernels are verified for x's device (``switches.set_verification``)."""
+    return SWITCHES.verify and (x.is_cuda or (SWITCHES.verify_on_cpu and x.device.type == "cpu"))
 
 
 def verify_key_of(kernels: ModuleType, x: Tensor, num_groups: int, activation: int, residual: bool) -> VerifyKey:
@@ -184,7 +170,7 @@ def verified_forward(
     """``triton_group_norm_forward``'s result (``kernels`` is group_norm_triton) where the
     bucket's kernels passed verification, else the PyTorch path's; verifies at first use."""
     exact = (x.device, x.dtype, x.shape, x.stride(), num_groups, activation, residual is not None, "forward")
-    use = tuning._checked_by_input.get(exact)
+    use = STORE.checked_by_input.get(exact)
     if use:
         return _kernels_forward(kernels, x, weight, bias, num_groups, eps, activation, residual)
     if use is False:
@@ -215,7 +201,7 @@ def verified_backward(
     exact = (x.device, x.dtype, x.shape, x.stride(), num_groups, activation, residual is not None, check)
     kernel_args = (grad_y, x, weight, bias, mean, rstd, num_groups, activation, residual, residual_mode)
     torch_args = (grad_y, x, weight, bias, mean, rstd, num_groups, activation, eps, residual, residual_mode)
-    use = tuning._checked_by_input.get(exact)
+    use = STORE.checked_by_input.get(exact)
     if use:
         return _kernels_backward(kernels, *kernel_args)
     if use is False:
@@ -248,7 +234,7 @@ def _first_use(kernels: ModuleType, exact: tuple, x: Tensor, num_groups: int, ac
         _warn(failed, from_record=True)
         _remember(exact, False)
         return False
-    passed = tuning._verifications.get((key, check))
+    passed = STORE.verifications.get((key, check))
     if passed is not None and passed.source != "disk cache":  # verified in this process (or adopted)
         _remember(exact, True)
         return True
@@ -258,9 +244,9 @@ def _first_use(kernels: ModuleType, exact: tuple, x: Tensor, num_groups: int, ac
 
 
 def _remember(exact: tuple, runs_kernels: bool) -> None:
-    if len(tuning._checked_by_input) >= tuning._BY_INPUT_MAX:
-        tuning._checked_by_input.clear()
-    tuning._checked_by_input[exact] = runs_kernels
+    if len(STORE.checked_by_input) >= tuning._BY_INPUT_MAX:
+        STORE.checked_by_input.clear()
+    STORE.checked_by_input[exact] = runs_kernels
 
 
 def _conclude(key: VerifyKey, check: str, x: Tensor, exact: tuple, problem: Optional[str], result):
@@ -367,9 +353,9 @@ def _machine(device: str) -> str:
 
 
 def _warn(verification: Verification, from_record: bool) -> None:
-    if verification.key in _warned:
+    if verification.key in STORE.warned:
         return
-    _warned.add(verification.key)
+    STORE.warned.add(verification.key)
     bucket = ", ".join(f"{field}={value}" for field, value in zip(VERIFY_FIELDS, verification.key))
     if from_record:
         when = (f"they failed their {verification.check} verification ({verification.source}: "

@@ -25,7 +25,7 @@ def verifying(tmp_path):
     previous = (verification.set_verification(True, on_cpu=True), gn_det.set_autotune(False),
                 gn_det.set_tuning_cache(tmp_path))
     tuning.clear_decisions()
-    verification._warned.clear()
+    tuning.STORE.warned.clear()
     yield tmp_path
     tuning.clear_decisions()
     verification.set_verification(*previous[0][:1], on_cpu=previous[0][1])
@@ -66,7 +66,7 @@ def test_failing_kernels_fall_back_to_pytorch_once_and_are_recorded(verifying, f
     for kernel_set in verification.KERNEL_SET_NAMES:
         gn_det.set_tuning_cache(verifying / kernel_set)
         tuning.clear_decisions()
-        verification._warned.clear()
+        tuning.STORE.warned.clear()
         with warnings.catch_warnings(record=True) as caught, verification.inject_fault(kernel_set, fault):
             warnings.simplefilter("always")
             got = _step(path)  # training goes on
@@ -88,7 +88,7 @@ def test_failing_kernels_fall_back_to_pytorch_once_and_are_recorded(verifying, f
         assert len(failed) == 1 and failed[0]["check"].startswith(kernel_set) and failed[0]["source"] == "verified"
         # A new process reads the failure from the disk cache and does not try the kernels again.
         tuning.clear_decisions()
-        verification._warned.clear()
+        tuning.STORE.warned.clear()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             x = make_input(SHAPE)
