@@ -208,7 +208,7 @@ def main() -> None:
                 row["path"] = "PyTorch: ATen GroupNorm (forced, weighed against the kernels for routes)"
             elif name.startswith("gn_det"):
                 row["path"] = dispatch_path(inputs[0], 32, "relu" if "ReLU" in name else None)
-                if row["path"].startswith("Triton"):
+                if is_gpu:  # (also where the kernels failed it: the row's path is then PyTorch's)
                     row["verification"] = verification_of(gn_det.decisions(), inputs[0], "ReLU" in name)
             if "error" in res:
                 row["error"] = res["error"]
@@ -258,7 +258,8 @@ def verification_of(records: Sequence[dict], x: torch.Tensor, relu: bool, num_gr
 def describe_verification(checks: Sequence[dict]) -> str:
     """The table's cell for a row's verification records (``verification_of``): each check
     passed or failed (a failed bucket runs PyTorch's path from then on: its time is not the
-    kernels'), or why there is none."""
+    kernels'), or "not verified": the kernels never ran the bucket (a route or the support check
+    sent it to PyTorch's path) or verification is off."""
     if not checks:
         return "not verified"
     return "; ".join(f"{c['check']} " + ("passed" if c["passed"] else f"FAILED ({c['detail']}), PyTorch's path since")
