@@ -211,8 +211,9 @@ FINALIZE_WARPS = 8
 _STATS_TILE_ELEMENTS = {"by lanes": 1024, "gathered": 512, "shifted": 2048}
 # Where an architecture's ptxas spills at those (compute capability x 10, by tools/compile_kernels.py
 # --arch all, triton 3.8): shifted windows at 2048 spilled at res5 on sm_75 (T4: 12-20 bytes) and
-# sm_80 (A100: 12-36 bytes), and with triton 3.9 on sm_120 (28 bytes); none at 1024.
-_STATS_TILE_ELEMENTS_BY_ARCH = {75: {"shifted": 1024}, 80: {"shifted": 1024}, 120: {"shifted": 1024}}
+# sm_80 (A100: 12-36 bytes), and with triton 3.9 on sm_120 (28 bytes) and sm_86/sm_89 (A10, L4:
+# 12 bytes at the volume, float32); none at 1024.
+_STATS_TILE_ELEMENTS_BY_ARCH = {arch: {"shifted": 1024} for arch in (75, 80, 86, 89, 120)}
 # Register caps (Triton's ``maxnreg``) where an architecture's ptxas otherwise caps itself too
 # low and spills (``_register_cap``; sm_90 gets none). The backward partial sums: sm_100 (B200,
 # triton 3.8) took 128 registers and spilled 8 bytes at res2 N=1, float32 channels_last SiLU;
