@@ -73,6 +73,7 @@ from torch import Tensor
 
 import gn_det
 from gn_det.bench.layer_shapes import CPU_SHAPES, MASK_RCNN_SHAPES, Shape
+from gn_det.bench.timing import DeviceTimer
 from gn_det.kernels import dispatch, routing, tuning
 from gn_det.kernels.activation import activation_code
 from gn_det.kernels.autograd import GroupNormFunction, residual_mode_for
@@ -308,46 +309,13 @@ def errors(results: Dict[str, Tensor], ref: Dict[str, Tensor]) -> Dict[str, floa
 
 # ----------------------------------------------------------------------------- timing
 
-class DeviceTimer:
-    """Milliseconds of a callable. CUDA: device time between events, the GPU kept busy by a
-    spin kernel of ``HEAD_START_S`` while the callable's kernels are enqueued, so they run
-    back to back and the host's launch time is hidden (as in a training step, where the CPU
-    runs ahead of the GPU). CPU: wall time."""
-
-    HEAD_START_S = 2e-3
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.head_start_cycles = 0
-        if self.cuda and hasattr(torch.cuda, "_sleep"):  # (a private helper: without it, plain events)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda._sleep(1000)
-            start.record()
-            torch.cuda._sleep(10**7)
-            end.record()
-            end.synchronize()
-            self.head_start_cycles = int(10**7 / (start.elapsed_time(end) / 1e3) * self.HEAD_START_S)
-
-    def __call__(self, fn: Callable[[], object]) -> float:
-        if not self.cuda:
-            start = time.perf_counter()
-            fn()
-            return (time.perf_counter() - start) * 1e3
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if self.head_start_cycles:
-            torch.cuda._sleep(self.head_start_cycles)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-
-    def describe(self, warmup: int, reps: int) -> str:
-        if not self.cuda:
-            return f"forward + backward, wall time (perf_counter), median of {reps} after {warmup} warm-up"
-        return (f"forward + backward, device time (CUDA events), median of {reps} after {warmup} warm-up, both "
-                f"paths taking turns in each repetition; the GPU given a {self.HEAD_START_S * 1e3:.0f} ms head start "
-                "before each timed call so that host launch time is hidden")
+def describe_timing(timer: DeviceTimer, warmup: int, reps: int) -> str:
+    """How the check's times were taken, for its JSON."""
+    if not timer.cuda:
+        return f"forward + backward, wall time (perf_counter), median of {reps} after {warmup} warm-up"
+    return (f"forward + backward, device time (CUDA events), median of {reps} after {warmup} warm-up, both "
+            f"paths taking turns in each repetition; the GPU given a {timer.HEAD_START_S * 1e3:.0f} ms head start "
+            "before each timed call so that host launch time is hidden")
 
 
 def time_side_by_side(timer: DeviceTimer, runs: Dict[str, Callable[[], object]], warmup: int,
@@ -357,7 +325,7 @@ def time_side_by_side(timer: DeviceTimer, runs: Dict[str, Callable[[], object]],
     names = list(runs)
     for i in range(warmup + reps):
         for name in (names if i % 2 == 0 else names[::-1]):
-            ms = timer(runs[name])
+            ms = timer(runs[name]) * 1e3
             if i >= warmup:
                 times[name].append(ms)
     return {name: statistics.median(values) for name, values in times.items()}
@@ -945,7 +913,7 @@ def _run(args: argparse.Namespace, argv: Optional[Sequence[str]], backend_in_use
             "backward": {str(k)[6:]: v for k, v in GRAD_TOLERANCE.items() if k in DTYPES.values()},
             "why": "gn_det/tolerances.py",
         },
-        "timing": timer.describe(args.warmup, args.reps)
+        "timing": describe_timing(timer, args.warmup, args.reps)
                   + ("" if cuda else "; the interpreter's cases are not timed"),
         "tuning": "measured in this process for each case's bucket (tuning cache off: the user's is neither read "
                   "nor written); rows carry gn_det.autotune_decisions()' entries for their bucket",

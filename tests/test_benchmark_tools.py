@@ -187,3 +187,37 @@ def test_benchmark_memory_runs_on_cpu(tmp_path):
     assert rows["gn_det GN"]["step_s"] > 0 and rows[recompute]["step_s"] > 0
     text = (tmp_path / md).read_text()
     assert "| 64x96 | frozen-BN |" in text and "without recomputation" in text and "Where the saved" in text
+
+
+def test_benchmark_norm_reports_each_buckets_verification():
+    # benchmark_norm's rows carry what first-use verification found for their bucket (from
+    # gn_det.decisions()): records of other buckets, and tuning decisions, are not theirs.
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        from benchmark_norm import describe_verification, verification_of
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    from gn_det.kernels import group_norm_triton, tuning, verification
+    from gn_det.kernels.activation import ACT_NONE, ACT_RELU
+
+    x, larger = torch.empty(2, 64, 8, 8), torch.empty(2, 64, 64, 64)
+    key = verification.verify_key_of(group_norm_triton, x, 32, ACT_RELU, False)
+    records = [
+        tuning.Verification(key, "forward", True, "y: 1e-07 <= 1e-05", "verified", tuple(x.shape)).as_dict(),
+        tuning.Verification(key, "backward", False, "dx: 0.25 > 5e-05", "disk cache").as_dict(),
+        tuning.Verification(verification.verify_key_of(group_norm_triton, larger, 32, ACT_RELU, False), "forward",
+                            False, "raised", "verified").as_dict(),
+        tuning.Verification(verification.verify_key_of(group_norm_triton, x, 32, ACT_NONE, False), "forward",
+                            False, "raised", "verified").as_dict(),
+        tuning.Decision(tuning.tune_key_of(x, 32, ACT_RELU, False, True), "kernels", "measured", {}).as_dict(),
+    ]
+    checks = verification_of(records, x, relu=True)
+    assert checks == [{"check": "forward", "passed": True, "detail": "y: 1e-07 <= 1e-05", "source": "verified"},
+                      {"check": "backward", "passed": False, "detail": "dx: 0.25 > 5e-05", "source": "disk cache"}]
+    assert describe_verification(checks) == ("forward passed; backward FAILED (dx: 0.25 > 5e-05), "
+                                             "PyTorch's path since")
+    assert [c["detail"] for c in verification_of(records, x, relu=False)] == ["raised"]
+    assert verification_of(records, torch.empty(2, 64, 32, 32), relu=True) == []
+    assert describe_verification([]) == "not verified"

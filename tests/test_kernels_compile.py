@@ -126,11 +126,13 @@ def test_one_specialisation_per_supported_architecture():
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for the GPU: not under the interpreter")
-@pytest.mark.parametrize("arch,dtype", [(75, torch.float16), (80, torch.float32), (120, torch.float32)])
+@pytest.mark.parametrize("arch,dtype", [(75, torch.float16), (80, torch.float32), (89, torch.float32),
+                                        (120, torch.float32)])
 def test_shifted_forward_apply_tiles_sized_per_architecture(arch, dtype):
-    # sm_75's and sm_80's ptxas spilled (20 and 36 bytes; sm_120's 28 with triton 3.9) in res5's
-    # shifted forward apply at the record tiles of the others (2048 elements); the launcher sizes them by the target's
-    # own (_STATS_TILE_ELEMENTS_BY_ARCH: 1024), which compiles without.
+    # The shifted forward apply at the record tiles of the others (2048 elements) spilled with
+    # sm_75's and sm_80's ptxas at res5 (20 and 36 bytes), and with triton 3.9 sm_120's (28) and
+    # sm_86/sm_89's (12, at the volume); the launcher sizes them by the target's own
+    # (_STATS_TILE_ELEMENTS_BY_ARCH: 1024), which compiles without.
     from triton.backends.compiler import GPUTarget
 
     k = group_norm_triton
@@ -143,19 +145,26 @@ def test_shifted_forward_apply_tiles_sized_per_architecture(arch, dtype):
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for the GPU: not under the interpreter")
-def test_b200_backward_partial_register_cap():
+def test_backward_register_caps_per_architecture():
     # sm_100's ptxas capped the backward partial sums at 128 registers and spilled 8 bytes
-    # (res2 N=1, float32 channels_last, SiLU); the launcher asks for a cap of 168 there
-    # (_BACKWARD_PARTIAL_MAXNREG_BY_ARCH), which compiles without, and sm_90 gets none.
+    # (res2 N=1, float32 channels_last, SiLU), sm_120's at 80 (stem and res2 N=1, float16
+    # channels_last, no activation) and its one-program-per-group backward at 80 (the sequence,
+    # float32 NCHW): the launcher asks for caps of 168 and 128 there
+    # (_BACKWARD_PARTIAL_MAXNREG_BY_ARCH, _GROUP_BACKWARD_MAXNREG_BY_ARCH), which compile
+    # without spills; sm_90 gets none.
     from triton.backends.compiler import GPUTarget
 
-    for arch in (100, 90):
+    cases = [(100, (1, 256, 200, 336), torch.float32, torch.channels_last, 2, "_backward_partial_kernel", 168),
+             (120, (1, 256, 200, 336), torch.float16, torch.channels_last, 0, "_backward_partial_kernel", 128),
+             (120, SHAPES["sequence"], torch.float32, torch.contiguous_format, 0, "_group_backward_kernel", 128),
+             (90, (1, 256, 200, 336), torch.float32, torch.channels_last, 2, "_backward_partial_kernel", None),
+             (90, SHAPES["sequence"], torch.float32, torch.contiguous_format, 0, "_group_backward_kernel", None)]
+    for arch, shape, dtype, fmt, act, kernel, cap in cases:
         target = GPUTarget("cuda", arch, 32)
-        _, backward = inspection.layer_launches((1, 256, 200, 336), torch.float32, torch.channels_last, 2,
-                                                target=target)
-        assert backward[0].kernel == "_backward_partial_kernel"
+        _, backward = inspection.layer_launches(shape, dtype, fmt, act, target=target)
+        assert backward[0].kernel == kernel, (arch, backward[0].kernel)
         options = json.loads(backward[0].compile["specialization_data"])["options"]
-        assert options.get("maxnreg") == (168 if arch == 100 else None), options.get("maxnreg")
+        assert options.get("maxnreg") == cap, (arch, kernel, options.get("maxnreg"))
         row = inspection.compile_specialisation(backward[0], target)
         assert row["spills"] == 0 and row["over_limits"] == [], (arch, row)
 

@@ -37,7 +37,8 @@ from torch import nn
 
 import gn_det
 from gn_det.bench.layer_shapes import CPU_SHAPES, MASK_RCNN_SHAPES
-from gn_det.kernels import routing
+from gn_det.bench.timing import DeviceTimer
+from gn_det.kernels import routing, tuning, verification
 from gn_det.kernels.activation import activation_code
 from gn_det.kernels.dispatch import dispatch_path
 from gn_det.kernels.group_norm_op import aten_group_norm
@@ -81,52 +82,7 @@ def candidates(channels: int, device, aten_path: bool = False) -> Dict[str, nn.M
     return out
 
 
-class Timer:
-    """Times a callable. On CUDA it reports device time: the GPU is kept busy (a spin kernel
-    of ``HEAD_START`` seconds) while the callable's kernels are enqueued, so they run back to
-    back from the start event and the host's launch overhead is hidden, as it is in a training
-    step where the CPU runs ahead of the GPU. The host's own time to enqueue is kept too
-    (``host_seconds``), and a call whose enqueueing outlasts the head start is counted in
-    ``host_bound`` (its device time then includes waiting for the host). On CPU: wall time."""
-
-    HEAD_START = 2e-3
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.host_seconds = 0.0
-        self.host_bound = 0
-        self.head_start_cycles = 0
-        if self.cuda and hasattr(torch.cuda, "_sleep"):  # (a private helper: without it, plain events)
-            # Calibrate the spin kernel: cycles per second of torch.cuda._sleep.
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda._sleep(1000)
-            start.record()
-            torch.cuda._sleep(10**7)
-            end.record()
-            end.synchronize()
-            self.head_start_cycles = int(10**7 / (start.elapsed_time(end) / 1e3) * self.HEAD_START)
-
-    def __call__(self, fn: Callable[[], None]) -> float:
-        """Seconds taken by fn (device time on CUDA)."""
-        if not self.cuda:
-            start = time.perf_counter()
-            fn()
-            self.host_seconds = time.perf_counter() - start
-            return self.host_seconds
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if self.head_start_cycles:
-            torch.cuda._sleep(self.head_start_cycles)
-        start.record()
-        host_start = time.perf_counter()
-        fn()
-        self.host_seconds = time.perf_counter() - host_start
-        end.record()
-        end.synchronize()
-        self.host_bound += self.host_seconds > (self.HEAD_START if self.head_start_cycles else 0)
-        return start.elapsed_time(end) / 1e3
-
-
-def measure_all(modules: Dict[str, nn.Module], inputs: List[torch.Tensor], grads: List[torch.Tensor], timer: Timer,
+def measure_all(modules: Dict[str, nn.Module], inputs: List[torch.Tensor], grads: List[torch.Tensor], timer: DeviceTimer,
                 warmup: int, reps: int, autocast_dtype) -> Dict[str, Dict[str, float]]:
     """name -> median seconds of forward, backward and forward+backward (or an error). The
     candidates take turns within every repetition, in an order that rotates, so drift over
@@ -173,7 +129,7 @@ def copy_bandwidth(device: torch.device) -> float:
     n = (1 << 28) if device.type == "cuda" else (1 << 25)
     src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    timer = Timer(device)
+    timer = DeviceTimer(device)
     for _ in range(3):
         dst.copy_(src)
     seconds = statistics.median(timer(lambda: dst.copy_(src)) for _ in range(10))
@@ -220,7 +176,7 @@ def main() -> None:
     formats = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
     machine = torch.cuda.get_device_name(device) if is_gpu else f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
     bandwidth = copy_bandwidth(device)
-    timer = Timer(device)
+    timer = DeviceTimer(device)
     rows = []
     started = time.monotonic()
     cases = [(name, shape, dtype, fmt_name) for name, shape in shapes.items() for dtype in dtypes
@@ -252,6 +208,8 @@ def main() -> None:
                 row["path"] = "PyTorch: ATen GroupNorm (forced, weighed against the kernels for routes)"
             elif name.startswith("gn_det"):
                 row["path"] = dispatch_path(inputs[0], 32, "relu" if "ReLU" in name else None)
+                if is_gpu:  # (also where the kernels failed it: the row's path is then PyTorch's)
+                    row["verification"] = verification_of(gn_det.decisions(), inputs[0], "ReLU" in name)
             if "error" in res:
                 row["error"] = res["error"]
             else:
@@ -282,6 +240,30 @@ def main() -> None:
         write_routes(args.write_routes, decisions)
     for note in notes:
         print(note)
+
+
+def verification_of(records: Sequence[dict], x: torch.Tensor, relu: bool, num_groups: int = 32) -> List[dict]:
+    """What first-use verification found for x's bucket (GN of ``num_groups`` groups, ReLU fused
+    or not, no residual): its records among ``records`` (``gn_det.decisions()``, kind "verification"), one
+    per check that ran: {"check", "passed", "detail", "source"}. Empty when none ran (verification
+    off, or the kernels never ran the bucket)."""
+    from gn_det.kernels import group_norm_triton  # (imports triton: only for rows that ran the kernels)
+
+    key = verification.verify_key_of(group_norm_triton, x, num_groups, activation_code("relu" if relu else None), False)
+    wanted = dict(zip(tuning.VERIFY_FIELDS, key))
+    return [{k: record[k] for k in ("check", "passed", "detail", "source")} for record in records
+            if record.get("kind") == "verification" and all(record.get(k) == v for k, v in wanted.items())]
+
+
+def describe_verification(checks: Sequence[dict]) -> str:
+    """The table's cell for a row's verification records (``verification_of``): each check
+    passed or failed (a failed bucket runs PyTorch's path from then on: its time is not the
+    kernels'), or "not verified": the kernels never ran the bucket (a route or the support check
+    sent it to PyTorch's path) or verification is off."""
+    if not checks:
+        return "not verified"
+    return "; ".join(f"{c['check']} " + ("passed" if c["passed"] else f"FAILED ({c['detail']}), PyTorch's path since")
+                     for c in checks).replace("|", "/")
 
 
 def _comparator(impl: str) -> str:
@@ -444,7 +426,7 @@ def write_results(stem: str, machine: str, bandwidth: float, rows: List[dict], i
         "machine": machine, "torch": torch.__version__, "gn_det": gn_det.__version__,
         "date": datetime.date.today().isoformat(), "copy_bandwidth_GBps": bandwidth / 1e9,
         "timing": f"median of {reps} after {warmup} warm-up, {input_sets} input sets, "
-                  + (f"device time (CUDA events, the GPU given a {Timer.HEAD_START * 1e3:.0f} ms head start so that "
+                  + (f"device time (CUDA events, the GPU given a {DeviceTimer.HEAD_START_S * 1e3:.0f} ms head start so that "
                      f"host launch time is hidden; calls whose enqueueing outlasted it: {host_bound})"
                      if is_gpu else "perf_counter"),
         "command": command_line("tools/benchmark_norm.py", sys.argv[1:]),
@@ -458,17 +440,18 @@ def write_results(stem: str, machine: str, bandwidth: float, rows: List[dict], i
              f"{meta['copy_bandwidth_GBps']:.0f} GB/s. Command: `{meta['command']}`. Routes to PyTorch's "
              f"GroupNorm: {meta['routes']}.", "",
              "| shape | dtype | format | impl | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd GB/s | fwd+bwd two-pass % copy BW "
-             "| speed-up vs nn.GroupNorm+ReLU | fwd+bwd host ms | gn_det path |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| speed-up vs nn.GroupNorm+ReLU | fwd+bwd host ms | gn_det path | verified against PyTorch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['shape']} | {r['dtype']} | {r['format']} | {r['impl']} | {r['error']} | | | | | | | |")
+            lines.append(f"| {r['shape']} | {r['dtype']} | {r['format']} | {r['impl']} | {r['error']} | | | | | | | | |")
             continue
         speedup = r.get("fwd+bwd speedup vs nn.GroupNorm+ReLU")
         lines.append(
             f"| {r['shape']} {tuple(r['dims'])} | {r['dtype']} | {r['format']} | {r['impl']} | {r['fwd ms']:.3f} | "
             f"{r['bwd ms']:.3f} | {r['fwd+bwd ms']:.3f} | {r['fwd+bwd GB/s']:.0f} | {r['fwd+bwd two-pass %copy']:.0f} | "
-            f"{'' if speedup is None else f'{speedup:.2f}x'} | {r['fwd+bwd host ms']:.3f} | {r.get('path', '')} |")
+            f"{'' if speedup is None else f'{speedup:.2f}x'} | {r['fwd+bwd host ms']:.3f} | {r.get('path', '')} | "
+            f"{describe_verification(r['verification']) if 'verification' in r else ''} |")
     if skipped:
         lines += ["", f"Not measured (the run's --time-limit came first): {'; '.join(skipped)}."]
     lines += ["", "## Against the targets (issue 3)", ""] + [f"- {line}" for line in target_checks(rows, is_gpu)]

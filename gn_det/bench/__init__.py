@@ -8,6 +8,8 @@ imported by the library (``import gn_det`` loads none of it; tests/test_package_
   (tools/benchmark_memory.py);
 - ``cocoeval``: a COCO-sized synthetic set and COCOeval timings (tools/benchmark_eval.py);
 - ``classification``: the embedded classification set of tools/batch_size_study.py.
+- ``timing``: the timer of tools/benchmark_norm.py and ``python -m gn_det.check`` (CUDA
+  events with the host's launch time hidden; wall time on CPU).
 
 Nothing is imported here, so that importing one of them loads only what it needs.
 """

@@ -211,12 +211,19 @@ FINALIZE_WARPS = 8
 _STATS_TILE_ELEMENTS = {"by lanes": 1024, "gathered": 512, "shifted": 2048}
 # Where an architecture's ptxas spills at those (compute capability x 10, by tools/compile_kernels.py
 # --arch all, triton 3.8): shifted windows at 2048 spilled at res5 on sm_75 (T4: 12-20 bytes) and
-# sm_80 (A100: 12-36 bytes), and with triton 3.9 on sm_120 (28 bytes); none at 1024.
-_STATS_TILE_ELEMENTS_BY_ARCH = {75: {"shifted": 1024}, 80: {"shifted": 1024}, 120: {"shifted": 1024}}
-# The backward partial sums' register cap (Triton's ``maxnreg``) where an architecture's ptxas
-# otherwise caps itself too low: sm_100 (B200, triton 3.8) took 128 registers and spilled 8 bytes
-# at res2 N=1, float32 channels_last SiLU; with a cap of 168 it takes 157, no spill.
-_BACKWARD_PARTIAL_MAXNREG_BY_ARCH = {100: 168}
+# sm_80 (A100: 12-36 bytes), and with triton 3.9 on sm_120 (28 bytes) and sm_86/sm_89 (A10, L4:
+# 12 bytes at the volume, float32); none at 1024.
+_STATS_TILE_ELEMENTS_BY_ARCH = {arch: {"shifted": 1024} for arch in (75, 80, 86, 89, 120)}
+# Register caps (Triton's ``maxnreg``) where an architecture's ptxas otherwise caps itself too
+# low and spills (``_register_cap``; sm_90 gets none). The backward partial sums: sm_100 (B200,
+# triton 3.8) took 128 registers and spilled 8 bytes at res2 N=1, float32 channels_last SiLU;
+# with a cap of 168 it takes 157, no spill. sm_120 (RTX 50, triton 3.8) took 80 (three blocks of
+# 8 warps per SM) and spilled 8 bytes at stem and res2 N=1, float16 channels_last; with a cap of
+# 128 (two blocks of 8 warps still fit: 65536 / 512 threads) it takes 102-125, no spill.
+_BACKWARD_PARTIAL_MAXNREG_BY_ARCH = {100: 168, 120: 128}
+# The one-program-per-group backward: sm_120's ptxas took 80 and spilled 8 bytes at the
+# sequence (3, 96, 1001), float32 NCHW, no activation; with 128, as above: 92-126, no spill.
+_GROUP_BACKWARD_MAXNREG_BY_ARCH = {120: 128}
 # A launch's cost in dependent loads from L2 (~0.5 us each on an H100: a launch gap of 2-3 us),
 # for choosing between the forward apply merging the records itself and a finalize launch
 # (``_stats_merge``). Unmeasured: a GPU is to tune it. Any value from 1 to 105 makes the same
@@ -1002,6 +1009,19 @@ def _group_backward_inputs(X, DY, W, B, MEAN, RSTD, pid, offs, mask, w_offs, w_m
     return x, dy, tl.load(MEAN + pid), tl.load(RSTD + pid), w, b
 
 
+@triton.jit
+def _group_backward_dz(x, dy, mean, rstd, w, b, R, DR, offs, mask, ACT: tl.constexpr, RES: tl.constexpr):
+    """A one-program-per-group backward's xhat and dz = d act(z) / dz * dy (0 outside the
+    group; z recomputed as in forward), dR = dz stored with a residual. gamma and beta (w, b)
+    come broadcastable to x's tile: (BLOCK_CG, 1) columns, or per element of a flat tile."""
+    xhat = (x - mean) * rstd
+    dz = _activation_grad(_activation_input(x, mean, rstd, w, b, R, offs, mask, RES), dy, ACT)
+    dz = tl.where(mask, dz, 0.0)
+    if RES != _RES_NONE:
+        tl.store(DR + offs, dz.to(DR.dtype.element_ty), mask=mask)
+    return xhat, dz
+
+
 @triton.jit(do_not_specialize=["S", "G", "cpg"])
 def _group_backward_kernel(
     X,  # x, (N, C, S) dense in x's layout (NCHW or channels_last); float32, float16 or bfloat16
@@ -1031,11 +1051,7 @@ def _group_backward_kernel(
     pid = tl.program_id(0)
     pid_n, c_offs, c_mask, offs, mask = _group_tile(pid, C, S, G, cpg, CHANNELS_LAST, ALIGN, BLOCK_CG, BLOCK_S)
     x, dy, mean, rstd, w, b = _group_backward_inputs(X, DY, W, B, MEAN, RSTD, pid, offs, mask, c_offs, c_mask)
-    xhat = (x - mean) * rstd
-    dz = _activation_grad(_activation_input(x, mean, rstd, w[:, None], b[:, None], R, offs, mask, RES), dy, ACT)
-    dz = tl.where(mask, dz, 0.0)
-    if RES != _RES_NONE:
-        tl.store(DR + offs, dz.to(DR.dtype.element_ty), mask=mask)
+    xhat, dz = _group_backward_dz(x, dy, mean, rstd, w[:, None], b[:, None], R, DR, offs, mask, ACT, RES)
     ds = tl.sum(dz * xhat, axis=1)  # per channel: dgamma's share of this (n, group)
     db = tl.sum(dz, axis=1)
     part = pid_n.to(tl.int64) * C + c_offs
@@ -1142,11 +1158,7 @@ def _group_backward_flat_kernel(
     pid = tl.program_id(0)
     offs, mask, channel = _flat_group_tile(pid, S, G, cpg, ALIGN, BLOCK_F)
     x, dy, mean, rstd, w, b = _group_backward_inputs(X, DY, W, B, MEAN, RSTD, pid, offs, mask, channel, mask)
-    xhat = (x - mean) * rstd
-    z = _activation_input(x, mean, rstd, w, b, R, offs, mask, RES)
-    dz = tl.where(mask, _activation_grad(z, dy, ACT), 0.0)
-    if RES != _RES_NONE:
-        tl.store(DR + offs, dz.to(DR.dtype.element_ty), mask=mask)
+    xhat, dz = _group_backward_dz(x, dy, mean, rstd, w, b, R, DR, offs, mask, ACT, RES)
     cg = tl.arange(0, BLOCK_CG)
     first = (pid % G) * cpg
     mine = (channel - first)[:, None] == cg[None, :]  # element -> its channel within the group
@@ -1303,6 +1315,13 @@ def _target_arch(x: torch.Tensor) -> int:
     if x.device.type == "meta":
         return triton.runtime.driver.active.get_current_target().arch
     return 0
+
+
+def _register_cap(caps_by_arch: Dict[int, int], x: torch.Tensor) -> Dict[str, int]:
+    """The launch option capping a kernel's registers on x's target architecture (``maxnreg``,
+    from one of the ``*_MAXNREG_BY_ARCH`` tables), or none: ptxas's own choice."""
+    cap = caps_by_arch.get(_target_arch(x))
+    return {"maxnreg": cap} if cap else {}
 
 
 def _groups_whole_in_blocks(cpg: int, block_c: int, shift: bool) -> bool:
@@ -1496,7 +1515,7 @@ def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, resid
             _group_backward_kernel[(n * g,)](
                 x, grad_y, dx, weight, bias, mean, rstd, part_ds, part_db, r, dr, c, s, g, cpg,
                 ACT=activation, RES=res_mode, **layout, BLOCK_CG=block_cg, BLOCK_S=block_s,
-                num_warps=_num_warps(block_cg * block_s),
+                num_warps=_num_warps(block_cg * block_s), **_register_cap(_GROUP_BACKWARD_MAXNREG_BY_ARCH, x),
             )
         dweight, dbias = torch.empty_like(weight), torch.empty_like(weight)
         _param_grad_kernel[(triton.cdiv(c, PARAM_BLOCK_C),)](
@@ -1506,8 +1525,7 @@ def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, activation, resid
     block_c, block_s, n_cblocks, n_sblocks, layout = _tiles(c, s, channels_last, x.element_size())
     consts = dict(layout, RES=res_mode, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s))
     n_row_blocks = n * n_cblocks
-    maxnreg = _BACKWARD_PARTIAL_MAXNREG_BY_ARCH.get(_target_arch(x))
-    partial_consts = dict(consts, ACT=activation, **({"maxnreg": maxnreg} if maxnreg else {}))
+    partial_consts = dict(consts, ACT=activation, **_register_cap(_BACKWARD_PARTIAL_MAXNREG_BY_ARCH, x))
     splits, chunk_s = _splits(n_row_blocks, s, block_s, _resident_programs(
         _backward_partial_kernel, x,
         (x, grad_y, weight, bias, mean, rstd, r, None, None, c, s, g, cpg, _UNSIZED, _UNSIZED, n_cblocks),

@@ -158,3 +158,26 @@ def test_two_gloo_processes_agree_when_one_ranks_kernels_fail(tmp_path):
     assert ranks[0]["rows"][0]["source"] == "rank 1" and ranks[1]["rows"][0]["source"] == "verified"
     assert "verification (rank 1: output: largest difference" in ranks[0]["warnings"][0]
     assert ranks[0]["adopted"] == 1 and ranks[1]["adopted"] >= 1  # rank 1 adopts rank 0's passes
+
+
+def test_benchmark_norm_reports_the_verification_that_ran(verifying):
+    # tools/benchmark_norm.py's per-row verification column, from real verifications: a bucket
+    # whose kernels were made wrong reads as failed, one whose kernels agreed as passed.
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                    "tools"))
+    try:
+        from benchmark_norm import describe_verification, verification_of
+    finally:
+        sys.path.pop(0)
+    wrong, right = make_input((1, 32, 2, 2)), make_input((1, 32, 4, 4), seed=1)
+    with warnings.catch_warnings(), verification.inject_fault("forward", "wrong"):
+        warnings.simplefilter("ignore")
+        gn_det.group_norm(wrong, 32, activation="relu")
+    gn_det.group_norm(right, 32, activation="relu")
+    failed, passed = (verification_of(gn_det.decisions(), x, relu=True) for x in (wrong, right))
+    assert [(c["check"], c["passed"], c["source"]) for c in failed] == [("forward", False, "verified")]
+    assert describe_verification(failed).startswith("forward FAILED (") and "PyTorch's path since" in describe_verification(failed)
+    assert describe_verification(passed) == "forward passed"
+    assert verification_of(gn_det.decisions(), wrong, relu=False) == []  # no activation: another bucket
