@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Tuple
+from typing import Callable, List, Tuple
 
 __all__ = ["BACKENDS", "SWITCHES", "Switches", "autotune_from_environment", "backend", "backend_from_environment",
-           "set_autotune", "set_backend", "set_verification"]
+           "on_verification_change", "set_autotune", "set_backend", "set_verification"]
 
 BACKENDS = ("auto", "torch")
 
@@ -47,6 +47,14 @@ class Switches:
 
 
 SWITCHES = Switches()
+# Called after set_verification: what remembers per input whether verification is needed
+# registers its reset here (tuning.py does, at import), so this module imports none of them.
+_ON_VERIFICATION_CHANGE: List[Callable[[], None]] = []
+
+
+def on_verification_change(reset: Callable[[], None]) -> None:
+    """Call ``reset`` whenever ``set_verification`` changes the setting."""
+    _ON_VERIFICATION_CHANGE.append(reset)
 
 
 def set_backend(name: str) -> str:
@@ -108,9 +116,8 @@ def set_verification(enabled: bool, *, on_cpu: bool = False) -> Tuple[bool, bool
     _check_booleans("set_verification", enabled, on_cpu)
     previous = (SWITCHES.verify, SWITCHES.verify_on_cpu)
     SWITCHES.verify, SWITCHES.verify_on_cpu = enabled, on_cpu
-    from . import tuning  # (inputs remembered as "no verification needed" are checked again)
-
-    tuning.STORE.checked_by_input.clear()
+    for reset in _ON_VERIFICATION_CHANGE:  # (inputs remembered as "no verification needed" are checked again)
+        reset()
     return previous
 
 

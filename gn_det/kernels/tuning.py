@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from .routing import ROUTE_FIELDS, check_route, route_key_of
-from .switches import SWITCHES, autotune_from_environment, set_autotune
+from .switches import SWITCHES, autotune_from_environment, on_verification_change, set_autotune
 
 try:
     import fcntl  # the cache file's lock (POSIX); elsewhere appends are left to O_APPEND alone
@@ -174,6 +174,7 @@ class Store:
 
 
 STORE = Store(cache_directory())
+on_verification_change(STORE.checked_by_input.clear)
 
 
 def set_tuning_cache(directory: Union[str, Path, None]) -> Optional[Path]:
