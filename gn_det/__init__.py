@@ -13,7 +13,7 @@ from .requirements import check_torch
 check_torch()  # first: an older torch fails here in one line, not inside torch
 
 # (imported after the check)
-from .kernels import autotune_decisions, decisions, group_norm, set_autotune, set_tuning_cache, synchronize_decisions  # noqa: E402,E501
+from .kernels import autotune_decisions, decisions, group_norm, set_autotune, set_tuning_cache, synchronize_decisions  # noqa: E402
 from .layers import GroupNorm, resolve_num_groups  # noqa: E402
 from .recompute import recompute_output_enabled, recompute_outputs, set_recompute_output  # noqa: E402
 

@@ -106,7 +106,8 @@ def collect_env() -> List[Tuple[str, str]]:
         if torch.cuda.is_available():
             for i in range(torch.cuda.device_count()):
                 props = torch.cuda.get_device_properties(i)
-                rows.append((f"GPU {i}", f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)"))
+                rows.append((f"GPU {i}", f"{props.name} ({props.total_memory / 2**30:.0f} GiB, "
+                                         f"{props.multi_processor_count} SMs)"))
                 rows.append((f"GPU {i} kernels", kernel_support_line(i)))
         else:
             rows.append(("GPU", "none (gn_det runs its PyTorch path on CPU)"))

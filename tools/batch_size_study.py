@@ -182,7 +182,8 @@ def write_batch_results(rows: List[dict], meta: dict, stem: str) -> None:
 
 
 def write_groups_results(rows: List[dict], meta: dict, stem: str) -> None:
-    lines = [f"# Group-count study ({meta['machine']}, {meta['date']})", "", f"Command: `{meta['command']}`; {meta['setup']}.", ""]
+    lines = [f"# Group-count study ({meta['machine']}, {meta['date']})", "",
+             f"Command: `{meta['command']}`; {meta['setup']}.", ""]
     for kind, header in (("groups", "groups G"), ("channels_per_group", "channels per group")):
         sel = [r for r in rows if r["setting"] == kind]
         if not sel:
@@ -223,7 +224,8 @@ def main() -> None:
     data = (standardize_per_image(x_train), y_train, standardize_per_image(x_val), y_val)
     start = time.time()
     rows = batch_study(args, data) if args.study == "batch" else groups_study(args, data)
-    command = "python tools/batch_size_study.py" + ("" if args.study == "batch" else " --study groups") + (" --quick" if args.quick else "")
+    command = ("python tools/batch_size_study.py" + ("" if args.study == "batch" else " --study groups")
+               + (" --quick" if args.quick else ""))
     meta = {
         "machine": f"CPU {platform.machine()} x{os.cpu_count()}", "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__, "command": command, "total_seconds": time.time() - start,

@@ -174,7 +174,8 @@ def main() -> None:
     if not is_gpu:
         dtypes = [torch.float32]  # half precision on CPU is computed in float32: not a speed path
     formats = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-    machine = torch.cuda.get_device_name(device) if is_gpu else f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+    machine = (torch.cuda.get_device_name(device) if is_gpu
+               else f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}")
     bandwidth = copy_bandwidth(device)
     timer = DeviceTimer(device)
     rows = []
@@ -196,7 +197,8 @@ def main() -> None:
         # Half-precision inputs run under autocast, as in mixed-precision training:
         # nn.GroupNorm is upcast to float32 there, gn_det stays in the input's dtype.
         autocast = dtype if dtype != torch.float32 else None
-        results = measure_all(candidates(shape[1], device, aten_path=bool(args.write_routes)), inputs, grads, timer, warmup, reps, autocast)
+        results = measure_all(candidates(shape[1], device, aten_path=bool(args.write_routes)), inputs, grads, timer,
+                              warmup, reps, autocast)
         es = torch.tensor([], dtype=dtype).element_size()
         min_bytes = {"fwd": 2 * numel * es, "bwd": 3 * numel * es, "fwd+bwd": 5 * numel * es}
         two_pass = {"fwd": 3 * numel * es, "bwd": 5 * numel * es, "fwd+bwd": 8 * numel * es}

@@ -234,8 +234,10 @@ def main() -> None:
 def write_results(stem: str, meta: Dict, rows: List[Dict], precisions: List[str], profile=None) -> str:
     """Write the JSON and markdown files (stem + .json/.md); returns the markdown."""
     lines = [f"# Training-step benchmark: {meta['machine']}", "",
-             f"{meta['date']}, torch {meta['torch']}; {meta['batch']}; {meta['timing']}. Command: `{meta['command'].strip()}`.", "",
-             "| precision | model | step (s) | step / frozen-BN | first step (s) | GN buckets tuned | inference per image (s) | inference / frozen-BN | peak memory (GiB) |",
+             f"{meta['date']}, torch {meta['torch']}; {meta['batch']}; {meta['timing']}. "
+             f"Command: `{meta['command'].strip()}`.", "",
+             "| precision | model | step (s) | step / frozen-BN | first step (s) | GN buckets tuned "
+             "| inference per image (s) | inference / frozen-BN | peak memory (GiB) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for precision in precisions:
         base = next((r for r in rows if r["precision"] == precision and r["model"] == "frozen-BN"), None)

@@ -68,6 +68,47 @@ def build(variant: str, device: str) -> torch.nn.Module:
     return gn_det.build_model(cfg)
 
 
+def measure(variant: str, images: torch.Tensor, reps: int, device: str) -> Dict:
+    """One variant's row: its WS convs, the standardization's cost, inference and a training step."""
+    model = build(variant, device)
+    convs = [m for m in model.modules() if isinstance(m, WSConv2d)]
+    row: Dict = {"weight_standardization": variant or "off", "ws_convs": len(convs),
+                 "ws_params": sum(m.weight.numel() for m in convs)}
+    if convs:
+        with torch.no_grad():
+            row["standardize_no_grad_ms"] = median_ms(
+                lambda: [standardize_weight(m.weight, m.weight_standardization) for m in convs],
+                reps * 4, 2, device)
+
+        def standardize_with_grad():
+            total = sum(standardize_weight(m.weight, m.weight_standardization).sum() for m in convs
+                        if m.weight.requires_grad)
+            total.backward()
+
+        row["standardize_fwd_bwd_ms"] = median_ms(standardize_with_grad, reps * 4, 2, device)
+        model.zero_grad(set_to_none=True)
+    backbone = model.backbone.eval()
+    with torch.no_grad():
+        row["inference_ms"] = median_ms(lambda: backbone(images), reps, 1, device)
+        if convs:
+            def uncached():
+                for m in convs:
+                    m.__dict__.pop("_ws_cache", None)
+                backbone(images)
+
+            row["inference_uncached_ms"] = median_ms(uncached, reps, 1, device)
+    backbone.train()
+    optimizer = torch.optim.SGD([p for p in backbone.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        sum(out.float().mean() for out in backbone(images).values()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    row["train_step_ms"] = median_ms(step, reps, 1, device)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -87,45 +128,9 @@ def main() -> None:
     images = torch.randn(args.images, 3, args.height, args.width, device=device) * 50
     rows: List[Dict] = []
     for variant in VARIANTS:
-        model = build(variant, device)
-        convs = [m for m in model.modules() if isinstance(m, WSConv2d)]
-        row: Dict = {"weight_standardization": variant or "off", "ws_convs": len(convs),
-                     "ws_params": sum(m.weight.numel() for m in convs)}
-        if convs:
-            with torch.no_grad():
-                row["standardize_no_grad_ms"] = median_ms(
-                    lambda: [standardize_weight(m.weight, m.weight_standardization) for m in convs],
-                    args.reps * 4, 2, device)
-
-            def standardize_with_grad():
-                total = sum(standardize_weight(m.weight, m.weight_standardization).sum() for m in convs
-                            if m.weight.requires_grad)
-                total.backward()
-
-            row["standardize_fwd_bwd_ms"] = median_ms(standardize_with_grad, args.reps * 4, 2, device)
-            model.zero_grad(set_to_none=True)
-        backbone = model.backbone.eval()
-        with torch.no_grad():
-            row["inference_ms"] = median_ms(lambda: backbone(images), args.reps, 1, device)
-            if convs:
-                def uncached():
-                    for m in convs:
-                        m.__dict__.pop("_ws_cache", None)
-                    backbone(images)
-
-                row["inference_uncached_ms"] = median_ms(uncached, args.reps, 1, device)
-        backbone.train()
-        optimizer = torch.optim.SGD([p for p in backbone.parameters() if p.requires_grad], lr=1e-4)
-
-        def step():
-            sum(out.float().mean() for out in backbone(images).values()).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        row["train_step_ms"] = median_ms(step, args.reps, 1, device)
+        row = measure(variant, images, args.reps, device)
         rows.append(row)
         print(row, flush=True)
-        del model, backbone, optimizer
 
     base = rows[0]
     meta = {"machine": machine, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
@@ -140,13 +145,14 @@ def main() -> None:
              "| WS | convs | weights | standardize, no grad ms | standardize fwd+bwd ms | backbone inference ms "
              "| inference, cache emptied ms | backbone training step ms | step vs no WS |",
              "|---|---|---|---|---|---|---|---|---|"]
+    def cell(r: Dict, key: str) -> str:
+        return f"{r[key]:.1f}" if key in r else "-"
+
     for r in rows:
-        def cell(key):
-            return f"{r[key]:.1f}" if key in r else "-"
 
         lines.append(f"| {r['weight_standardization']} | {r['ws_convs']} | {r['ws_params'] / 1e6:.1f} M "
-                     f"| {cell('standardize_no_grad_ms')} | {cell('standardize_fwd_bwd_ms')} | {cell('inference_ms')} "
-                     f"| {cell('inference_uncached_ms')} | {cell('train_step_ms')} "
+                     f"| {cell(r, 'standardize_no_grad_ms')} | {cell(r, 'standardize_fwd_bwd_ms')} | {cell(r, 'inference_ms')} "
+                     f"| {cell(r, 'inference_uncached_ms')} | {cell(r, 'train_step_ms')} "
                      f"| {r['train_step_ms'] / base['train_step_ms']:.3f}x |")
     stem = result_stem(args.out_dir, "weight_std", machine, "quick" if args.quick else "")
     print(write_result_files(stem, meta, rows, "\n".join(lines)))

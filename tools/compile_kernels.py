@@ -39,14 +39,14 @@ from typing import Dict, List, Tuple
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("compile_kernels.py compiles for the GPU: run it without TRITON_INTERPRET=1")
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
 
-from gn_det.bench.layer_shapes import COMPILE_EXTRA_SHAPES, MASK_RCNN_SHAPES  # noqa: E402
-from gn_det.bench import inspection  # noqa: E402
-from gn_det.kernels import occupancy, support  # noqa: E402
-from gn_det.kernels.activation import ACT_NONE, ACT_RELU, ACT_SILU, RESIDUAL_ADD, RESIDUAL_OUTPUT  # noqa: E402
+from gn_det.bench.layer_shapes import COMPILE_EXTRA_SHAPES, MASK_RCNN_SHAPES
+from gn_det.bench import inspection
+from gn_det.kernels import occupancy, support
+from gn_det.kernels.activation import ACT_NONE, ACT_RELU, ACT_SILU, RESIDUAL_ADD, RESIDUAL_OUTPUT
 
 SHAPES = {**MASK_RCNN_SHAPES, **COMPILE_EXTRA_SHAPES}
 QUICK = ("res2 N=2", "box head", "volume", "features, G = C", "7 channels per group")

@@ -14,16 +14,16 @@ import os
 import cv2
 import torch
 
-import train_net  # noqa: E402  (tools/train_net.py, beside this script)
+import train_net
 
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.data import transforms as T  # noqa: E402
-from detectron2.utils.visualizer import Visualizer  # noqa: E402
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import transforms as T
+from detectron2.utils.visualizer import Visualizer
 
-import gn_det  # noqa: E402
-from gn_det.checkpoint import SafeCheckpointer  # noqa: E402
-from gn_det.data import SHAPES_VAL, register_shapes_dataset  # noqa: E402
-from gn_det.engine import final_ap  # noqa: E402
+import gn_det
+from gn_det.checkpoint import SafeCheckpointer
+from gn_det.data import SHAPES_VAL, register_shapes_dataset
+from gn_det.engine import final_ap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "demo", "mask_rcnn_gn_shapes.yaml")
@@ -68,7 +68,8 @@ def main() -> None:
     train_args = train_net.argument_parser().parse_args(["--config", CONFIG] + [str(o) for o in opts])
     train_net.main(train_args)
     cfg = gn_det.get_config(CONFIG, opts)
-    drawings = draw_predictions(cfg, os.path.join(args.output, "model_final.pth"), os.path.join(args.output, "visualizations"), args.num_vis,
+    drawings = draw_predictions(cfg, os.path.join(args.output, "model_final.pth"),
+                                os.path.join(args.output, "visualizations"), args.num_vis,
                                 args.vis_threshold)
     ap = final_ap(args.output)
     summary = f"box AP = {ap['box_AP']:.1f}, mask AP = {ap['mask_AP']:.1f}"

@@ -72,14 +72,16 @@ def main() -> None:
         "growth_after_warmup_mib": growth, "slope_mib_per_100_iters": slope,
         "range_after_warmup_mib": [min(s["rss_mib"] for s in after), max(s["rss_mib"] for s in after)] if after else None,
         "peak_mib": max(s["rss_mib"] for s in sampler.samples),
-        "samples": sampler.samples, "command": "python tools/memory_check.py" + ("" if args.iters == 300 else f" --iters {args.iters}"),
+        "samples": sampler.samples,
+        "command": "python tools/memory_check.py" + ("" if args.iters == 300 else f" --iters {args.iters}"),
     }
     path = args.json or os.path.join(args.output, "memory.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"RSS after warm-up (iteration {args.warmup}): {result['rss_at_warmup_mib']:.0f} MiB; at iteration "
-          f"{args.iters}: {result['rss_at_end_mib']:.0f} MiB; growth {growth:+.1f} MiB; slope {slope:+.1f} MiB per 100 iterations; peak {result['peak_mib']:.0f} MiB "
+          f"{args.iters}: {result['rss_at_end_mib']:.0f} MiB; growth {growth:+.1f} MiB; slope {slope:+.1f} MiB per 100 "
+          f"iterations; peak {result['peak_mib']:.0f} MiB "
           f"({result['seconds']:.0f} s). Samples: {path}")
 
 

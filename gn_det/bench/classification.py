@@ -37,7 +37,8 @@ def _draw(canvas: np.ndarray, cls: int, rng: np.random.Generator, colour) -> Non
     elif name == "ring":
         cv2.circle(canvas, centre, int(radius * 8), colour, thick, cv2.LINE_AA, shift=3)
     elif name == "arc":
-        cv2.ellipse(canvas, centre, (int(radius * 8), int(radius * 8)), math.degrees(angle), 0, 180, colour, thick, cv2.LINE_AA, shift=3)
+        cv2.ellipse(canvas, centre, (int(radius * 8), int(radius * 8)), math.degrees(angle), 0, 180, colour, thick,
+                    cv2.LINE_AA, shift=3)
     elif name in ("square", "triangle", "diamond", "pentagon", "star"):
         sides = {"square": 4, "triangle": 3, "diamond": 4, "pentagon": 5, "star": 5}[name]
         pts = _polygon(sides, radius, angle, cx, cy, star=name == "star")

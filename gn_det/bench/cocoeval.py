@@ -204,7 +204,7 @@ def benchmark(dataset: dict, detections: Sequence[dict], iou_types: Sequence[str
                     f"(AP {runs[name][-1][2][0]:.2f})")
         reference = statistics.median(t for t, _, _ in runs["pycocotools"])
         ref_stats = runs["pycocotools"][0][2]
-        for name, (cls, note) in impls.items():
+        for name, (_, note) in impls.items():
             row = {"iou_type": iou_type, "implementation": name, "note": note}
             if name in runs:
                 seconds = statistics.median(t for t, _, _ in runs[name])

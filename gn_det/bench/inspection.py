@@ -102,14 +102,16 @@ def jit_kernels() -> Dict[str, triton.runtime.JITFunction]:
 
 
 @contextlib.contextmanager
-def recording_launches(target: GPUTarget = GPUTarget("cuda", 90, 32), sm_count: Optional[int] = None,
+def recording_launches(target: Optional[GPUTarget] = None, sm_count: Optional[int] = None,
                        occupancy: bool = True) -> Iterator[List[Launch]]:
     """Within it, the launchers record their launches into the yielded list instead of
     launching (call them on meta tensors). The split kernels' grids are sized, as on a GPU
     with ``sm_count`` SMs (default: ``limits_of(target)``'s), by the occupancy of their
     partial-sums kernel compiled for ``target`` (``compile_specialisation``); with
     ``occupancy=False`` by a stand-in of two programs per SM, compiling nothing (for counting
-    specialisations, which grids don't change)."""
+    specialisations, which grids don't change). ``target`` defaults to sm_90 (the H100/H200)."""
+    if target is None:
+        target = GPUTarget("cuda", 90, 32)
     if sm_count is None:
         sm_count = limits_of(target).sms
     launches: List[Launch] = []

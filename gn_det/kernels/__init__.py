@@ -10,5 +10,5 @@ from .routing import set_routes
 from .switches import backend, set_autotune, set_backend
 from .tuning import autotune_decisions, decisions, set_tuning_cache, synchronize_decisions
 
-__all__ = ["ACTIVATIONS", "activation_code", "autotune_decisions", "backend", "decisions", "group_norm", "set_autotune", "set_backend",
-           "set_routes", "set_tuning_cache", "synchronize_decisions", "triton_enabled_for"]
+__all__ = ["ACTIVATIONS", "activation_code", "autotune_decisions", "backend", "decisions", "group_norm", "set_autotune",
+           "set_backend", "set_routes", "set_tuning_cache", "synchronize_decisions", "triton_enabled_for"]

@@ -1211,7 +1211,7 @@ def _resident_programs(kernel, x: torch.Tensor, args: tuple, kwargs: dict) -> in
         except Exception as exc:  # a Triton whose compiled kernels say less: the grid is sized without them
             blocks = _FALLBACK_BLOCKS_PER_SM
             warnings.warn(f"gn_det: the occupancy of {kernel.fn.__name__} could not be read from its compiled kernel "
-                          f"({type(exc).__name__}: {exc}); its grids assume {blocks} programs per SM")
+                          f"({type(exc).__name__}: {exc}); its grids assume {blocks} programs per SM", stacklevel=2)
         found = _resident[key] = max(1, blocks) * limits.sms
     return found
 

@@ -5,12 +5,13 @@ A route names a GPU model (``torch.cuda.get_device_name``), a dtype, a memory fo
 fused activation, and a bucket of shapes: ``group_elements_log2 = floor(log2(C / G * S))``
 (the size of one group, which picks the kernel set and its work per program) and
 ``batch_groups_log2 = floor(log2(N * G))`` (how many groups there are to spread over the GPU).
-``tools/benchmark_norm.py --write-routes`` measures the kernels against the path a route
-takes (``group_norm_op.aten_group_norm``) and writes a route for every bucket where the
-kernels lost in forward+backward time; it removes the routes of buckets where they won. Routes are data, in ``routes.json`` beside this file,
-or in a file of the user's own (``set_routes``, ``GN_DET_ROUTES``). Where a route is followed
-(with tuning off, or as a seed decision where tuning holds none): ``paths.decide``. The route
-key is also the start of tuning's and verification's buckets (``tuning.TuneKey``).
+``tools/benchmark_norm.py --write-routes`` measures the kernels against the path a route takes
+(``group_norm_op.aten_group_norm``) and writes a route for every bucket where the kernels lost in
+forward+backward time; it removes the routes of buckets where they won. Routes are data, in
+``routes.json`` beside this file, or in a file of the user's own (``set_routes``,
+``GN_DET_ROUTES``). Where a route is followed (with tuning off, or as a seed decision where
+tuning holds none): ``paths.decide``. The route key is also the start of tuning's and
+verification's buckets (``tuning.TuneKey``).
 
 ``set_routes(path)`` picks another routes file, ``set_routes(None)`` runs the Triton kernels
 everywhere (how the benchmark measures them); ``GN_DET_ROUTES`` (a path, or ``none``) is read

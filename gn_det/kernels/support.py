@@ -12,13 +12,12 @@ spills and within its limits, benchmarks/results/kernels_*_compile*):
   and conversions in hardware; torch's own bfloat16 kernels need it too);
 - triton ``MIN_TRITON`` or newer (torch 2.5's triton 3.1 is older: see ``MIN_TRITON``).
 
-Below 7.0 (Pascal and older) triton does not support the GPU (torch's inductor refuses it as
-"too old to be supported by the triton GPU compiler") and gn_det's kernels were never compiled
-for it; a capability above 12.x is one nobody has compiled them for: both run PyTorch's path. ``kernels_support(device, dtype)`` says which and why, once per device and
-dtype: one warning for each GPU and dtype they are off for, or a single one when the
-triton installed is the reason (it is for every GPU); ``python -m gn_det.env`` prints it per GPU
-and for the triton installed.
-"""
+Below 7.0 (Pascal and older) triton does not support the GPU (torch's inductor refuses it as "too
+old to be supported by the triton GPU compiler") and gn_det's kernels were never compiled for it;
+a capability above 12.x is one nobody has compiled them for: both run PyTorch's path.
+``kernels_support(device, dtype)`` says which and why, once per device and dtype: one warning for
+each GPU and dtype they are off for, or a single one when the triton installed is the reason (it
+is for every GPU); ``python -m gn_det.env`` prints it per GPU and for the triton installed."""
 from __future__ import annotations
 
 import functools

@@ -186,7 +186,7 @@ def verified_forward(
         problem = _forward_difference(got, want, x.dtype, weight)
     except torch.cuda.OutOfMemoryError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any error of the kernels: they are not used for this bucket
+    except Exception as exc:  # any error of the kernels: they are not used for this bucket
         problem = _error(exc)
     return _conclude(key, "forward", x, exact, problem, got if problem is None else want)
 
@@ -216,7 +216,7 @@ def verified_backward(
         problem = _backward_difference(got, want, grad_y, x, weight, mean, rstd, residual)
     except torch.cuda.OutOfMemoryError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any error of the kernels: they are not used for this bucket
+    except Exception as exc:  # any error of the kernels: they are not used for this bucket
         problem = _error(exc)
     return _conclude(key, check, x, exact, problem, got if problem is None else want)
 

@@ -34,12 +34,12 @@ def build_fastgn_resnet_fpn_backbone(cfg, input_shape):
 
 
 @ROI_BOX_HEAD_REGISTRY.register()
-def FastGNConvFCHead(cfg, input_shape):  # noqa: N802  (a registry name, like detectron2's heads)
+def FastGNConvFCHead(cfg, input_shape):  # (a registry name, like detectron2's heads)
     """detectron2's ``FastRCNNConvFCHead``."""
     return FastRCNNConvFCHead(cfg, input_shape)
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
-def FastGNMaskRCNNConvUpsampleHead(cfg, input_shape):  # noqa: N802
+def FastGNMaskRCNNConvUpsampleHead(cfg, input_shape):
     """detectron2's ``MaskRCNNConvUpsampleHead``."""
     return MaskRCNNConvUpsampleHead(cfg, input_shape)
