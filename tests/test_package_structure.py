@@ -118,3 +118,18 @@ def test_import_gn_det_loads_no_benchmark_or_inspection_code():
     moved = [m for m in loaded if m == "gn_det.bench" or m.startswith("gn_det.bench.") or m == "gn_det.check"]
     assert not moved, f"import gn_det loaded {moved}"
     assert not hasattr(__import__("gn_det"), "count_saved_tensors")  # a benchmark counter: gn_det.bench.memory
+
+
+def test_readme_layout_lists_every_module_and_tool():
+    """README's Layout names every module of gn_det/ and every file of tools/ (so a new one is
+    described where a newcomer looks first)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    layout = text[text.index("## Layout"):]
+    layout = layout[:layout.index("```", layout.index("```") + 3)]
+    files = [os.path.relpath(path, ROOT) for path in module_files().values()]
+    files += [os.path.join("tools", name) for name in os.listdir(os.path.join(ROOT, "tools"))
+              if not name.startswith((".", "__"))]
+    missing = [path for path in files if os.path.basename(path) != "__init__.py"
+               and os.path.basename(path) not in layout]
+    assert not missing, f"README's Layout does not name: {missing}"
