@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export GN_DET_VENV := $(abspath $(VENV))
 
-.PHONY: setup demo test test-slow test-gpu env clean-venv
+.PHONY: setup demo lint test test-slow test-gpu env clean-venv
 
 setup:
 	@bash tools/setup_env.sh
@@ -12,8 +12,12 @@ demo: setup
 	$(PY) tools/demo.py
 
 # The default suite: everything but tests marked slow; CPU only (GPU tests run where a GPU is).
-test: setup
+test: setup lint
 	$(PY) -m pytest -q
+
+# The linter (ruff.toml): before the tests, in seconds.
+lint: setup
+	$(PY) -m ruff check .
 
 # Slower tests (e.g. longer trainings), kept out of the default run.
 test-slow: setup

@@ -65,7 +65,8 @@ def test_benchmark_norm_checks_the_targets():
     # A slower fused layer: slower than GroupNorm + ReLU, short of 4x, off the floor, and a
     # channels_last row that needs 6x.
     missed = met[:1] + [_row("gn_det GN+ReLU (fused)", 6.0, speedup=0.8, pct=40.0)] + met[2:]
-    missed += [_row("gn_det GN+ReLU (fused)", 1.0, fmt="channels_last", speedup=5.0), _row("nn.GroupNorm+ReLU", 5.0, fmt="channels_last")]
+    missed += [_row("gn_det GN+ReLU (fused)", 1.0, fmt="channels_last", speedup=5.0),
+               _row("nn.GroupNorm+ReLU", 5.0, fmt="channels_last")]
     lines = target_checks(missed, is_gpu=True)
     assert "never slower" in lines[0] and "missed on 1 of 3 rows" in lines[0] and "6.00x" not in lines[0]
     assert "missed on 2 of 2 rows" in lines[1] and "target 6x" in lines[1] and "target 4x" in lines[1]

@@ -59,7 +59,7 @@ def test_cpu_mode_runs_what_it_can_and_reports(tmp_path):
     interpreted = [r for r in rows if r["part"] == "interpreter"]
     # quick: 2 shapes x 2 dtypes x 2 layouts x 2 ops in each part
     assert len(cpu_rows) == 16 and len(interpreted) == 16, [r["label"] for r in rows]
-    assert lines[-1] == data["summary"]["line"] == f"gn_det check: all 32 cases correct; " + lines[-1].split("; ", 1)[1]
+    assert lines[-1] == data["summary"]["line"] == "gn_det check: all 32 cases correct; " + lines[-1].split("; ", 1)[1]
     assert data["mode"] == "cpu" and data["parts"] == ["cpu path", "interpreter"]
     assert data["summary"]["failed"] == 0 and data["injected_faults"] == []
     machine = data["machine"]

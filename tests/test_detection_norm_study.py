@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 

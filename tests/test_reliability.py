@@ -38,14 +38,16 @@ QUICK = ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS"
 
 @pytest.mark.parametrize("opts,message", [
     (["MODEL.GN.NUM_GROUPS", 24], r"MODEL.GN.NUM_GROUPS=24 does not divide the 64 channels of a GN layer; .* \(in BasicStem\)"
-                                  r"\n\(raised in build_backbone\(cfg\); the config's gn_det norms: .*MODEL.RESNETS.NORM='FastGN'"),
+                                  r"\n\(raised in build_backbone\(cfg\); the config's gn_det norms: "
+                                  r".*MODEL.RESNETS.NORM='FastGN'"),
     (["MODEL.GN.NUM_GROUPS", 16, "MODEL.GN.CHANNELS_PER_GROUP", 8], r"NUM_GROUPS=16 and MODEL.GN.CHANNELS_PER_GROUP=8 disagree"),
     (["MODEL.GN.CHANNELS_PER_GROUP", 48], r"MODEL.GN.CHANNELS_PER_GROUP=48 does not divide the 64 channels of a GN layer"),
     (["MODEL.FPN.NORM", "FastGNN"], r"MODEL.FPN.NORM='FastGNN' is not a registered norm; registered: FastGN, .*FrozenBN"),
     (["MODEL.GN.EPS", 0.0], r"MODEL.GN.EPS=0.0: eps must be > 0"),
     (["MODEL.GN.EPS", -1e-5], r"MODEL.GN.EPS=-1e-05: eps must be > 0"),
     (["MODEL.GN.NUM_GROUPS", -2], r"MODEL.GN.NUM_GROUPS=-2: may not be negative"),
-    (["MODEL.ROI_BOX_HEAD.CONV_DIM", 100], r"NUM_GROUPS=32 does not divide the 100 channels of a GN layer; .*\(in FastRCNNConvFCHead\)"
+    (["MODEL.ROI_BOX_HEAD.CONV_DIM", 100], r"NUM_GROUPS=32 does not divide the 100 channels of a GN layer; "
+                                           r".*\(in FastRCNNConvFCHead\)"
                                            r"\n\(raised in build_box_head"),
 ])
 def test_bad_config_fails_the_build_naming_key_and_value(opts, message):
@@ -120,7 +122,7 @@ def test_exit_on_user_error(capsys):
     with pytest.raises(ProcessExitedException), exit_on_user_error("tool"):  # a worker that crashed
         raise ProcessExitedException("process 1 terminated with exit code 1", 1, 123, exit_code=1)
     with pytest.raises(ZeroDivisionError), exit_on_user_error("tool"):  # not the user's: its traceback stays
-        1 / 0
+        _ = 1 / 0
 
 
 # ----------------------------------------------------------------------------- untrusted files
@@ -214,7 +216,8 @@ def test_missing_weights_are_named_with_what_set_them(tmp_path):
         check_weights_exist(cfg)  # before loading anything (train_net, before launch)
     with pytest.raises(MissingFileError, match=message):
         SafeCheckpointer(torch.nn.Linear(2, 2)).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
-    check_weights_exist(gn_det.get_config(DEMO, ["MODEL.WEIGHTS", "detectron2://ImageNetPretrained/x.pkl"]))  # a URL: the loader's
+    # a URL: the loader's to fetch (with network), not a missing file
+    check_weights_exist(gn_det.get_config(DEMO, ["MODEL.WEIGHTS", "detectron2://ImageNetPretrained/x.pkl"]))
     (tmp_path / "last_checkpoint").write_text("model_0000009.pth")  # --resume reads the file it names instead
     message = rf"model_0000009.pth', named in {tmp_path}/last_checkpoint \(read for --resume\): no such file"
     with pytest.raises(MissingFileError, match=message):
@@ -251,7 +254,8 @@ def test_sigkill_then_resume(tmp_path):
     out = str(tmp_path)
     args = [sys.executable, TRAIN_NET, "--config", DEMO]
     opts = [*QUICK, "SOLVER.CHECKPOINT_PERIOD", "2", "OUTPUT_DIR", out]
-    proc = subprocess.Popen(args + opts + ["SOLVER.MAX_ITER", "400"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(args + opts + ["SOLVER.MAX_ITER", "400"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     try:
         while not os.path.exists(os.path.join(out, "model_0000005.pth")):
@@ -369,7 +373,8 @@ def test_2048_image_trains_and_infers_on_cpu():
 def run_memory_check(tmp_path, iters, warmup, every=5):
     path = tmp_path / "memory.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "memory_check.py"), "--iters", str(iters),
-                           "--every", str(every), "--warmup", str(warmup), "--output", str(tmp_path / "out"), "--json", str(path)],
+                           "--every", str(every), "--warmup", str(warmup), "--output", str(tmp_path / "out"),
+                           "--json", str(path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(path.read_text())

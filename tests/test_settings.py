@@ -15,9 +15,9 @@ from gn_det.lazy import fast_gn, settings_from_gn
 from gn_det.modeling.norm import get_norm
 
 pytest.importorskip("detectron2")
-from detectron2.config import LazyCall as L, instantiate  # noqa: E402
-from detectron2.modeling.backbone.resnet import BasicStem  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from detectron2.config import LazyCall as L, instantiate
+from detectron2.modeling.backbone.resnet import BasicStem
+from omegaconf import OmegaConf
 
 EPS_RULE = "eps must be > 0 (e.g. 1e-5), or a constant group divides by zero"
 

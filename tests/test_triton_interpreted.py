@@ -49,7 +49,7 @@ def test_triton_kernels_under_interpreter():
         proc.wait(timeout=max(1.0, TIMEOUT_S - (time.monotonic() - started)))
     except subprocess.TimeoutExpired:
         stop()
-        raise AssertionError(f"the interpreter suite ran over {TIMEOUT_S} s")
+        raise AssertionError(f"the interpreter suite ran over {TIMEOUT_S} s") from None
     output.seek(0)
     text = output.read()
     assert proc.returncode == 0, text[-9000:]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
-from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec
+from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResNet
 
 import gn_det

@@ -178,6 +178,7 @@ def test_benchmark_norm_reports_the_verification_that_ran(verifying):
     gn_det.group_norm(right, 32, activation="relu")
     failed, passed = (verification_of(gn_det.decisions(), x, relu=True) for x in (wrong, right))
     assert [(c["check"], c["passed"], c["source"]) for c in failed] == [("forward", False, "verified")]
-    assert describe_verification(failed).startswith("forward FAILED (") and "PyTorch's path since" in describe_verification(failed)
+    described = describe_verification(failed)
+    assert described.startswith("forward FAILED (") and "PyTorch's path since" in described
     assert describe_verification(passed) == "forward passed"
     assert verification_of(gn_det.decisions(), wrong, relu=False) == []  # no activation: another bucket
