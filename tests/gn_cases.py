@@ -2,6 +2,8 @@
 interpreter, and the same kernels on CUDA."""
 from __future__ import annotations
 
+import io
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -185,3 +187,17 @@ def check_residual(shape, groups, dtype=torch.float32, memory_format=torch.conti
     for name, g, w, tol in zip(("dx", "dresidual", "dweight", "dbias"), got, want,
                                (GRAD_TOLERANCE[dtype], coarser, GRAD_TOLERANCE[dtype], GRAD_TOLERANCE[dtype])):
         assert_close(g, w, tol, f"{name} {what}")
+
+
+def export_onnx(model: torch.nn.Module, x: torch.Tensor, dynamo: bool):
+    """``model`` exported to ONNX (torch.export's exporter with ``dynamo``, else TorchScript's),
+    as an onnx ModelProto; the exporters' warnings silenced."""
+    import onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            return torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto
+        buffer = io.BytesIO()
+        torch.onnx.export(model, (x,), buffer, dynamo=False)
+        return onnx.load_from_string(buffer.getvalue())

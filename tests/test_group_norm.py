@@ -3,7 +3,6 @@ F.group_norm, and the layer's contract: drop-in for nn.GroupNorm (every construc
 bias=False included), errors, autocast, torch.compile, tracing and ONNX export, saved
 activation memory."""
 import inspect
-import io
 import os
 import random
 import subprocess
@@ -22,7 +21,7 @@ from gn_det.layers import group_norm as group_norm_module
 from gn_det.layers.group_norm import resolve_num_groups
 from gn_cases import (ACT_FNS, GRAD_TOLERANCE, LAYER_CASES, TOLERANCE, assert_close, check_forward_backward,
                       check_one_value_per_group, check_residual, check_scale_without_shift, check_strided_inputs,
-                      make_affine, make_input, reference)
+                      export_onnx, make_affine, make_input, reference)
 
 NN_HAS_BIAS = "bias" in inspect.signature(nn.GroupNorm.__init__).parameters  # torch >= 2.14
 
@@ -403,17 +402,11 @@ def test_jit_trace_records_standard_ops(bias):
 
 @pytest.mark.parametrize("dynamo,bias", [(False, True), (True, True), (False, False), (True, False)])
 def test_onnx_export_uses_standard_ops(dynamo, bias):
-    onnx = pytest.importorskip("onnx")  # installed by make setup (requirements/test.txt)
+    pytest.importorskip("onnx")  # installed by make setup (requirements/test.txt)
     model = _conv_gn(bias=bias)
     x = make_input((2, 3, 9, 9))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:  # (torch 2.5: through the op's decomposition, test_onnx_exports_a_graph_holding_the_op)
-            proto = torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto
-        else:
-            buffer = io.BytesIO()
-            torch.onnx.export(model, (x,), buffer, dynamo=False)
-            proto = onnx.load_from_string(buffer.getvalue())
+    # (dynamo on torch 2.5: through the op's decomposition, test_onnx_exports_a_graph_holding_the_op)
+    proto = export_onnx(model, x, dynamo)
     ops = {node.op_type for node in proto.graph.node}
     assert {"InstanceNormalization", "Relu"} <= ops or {"GroupNormalization", "Relu"} <= ops, ops
     assert all(node.domain in ("", "ai.onnx") for node in proto.graph.node)

@@ -21,6 +21,17 @@ def _forward(dtype=torch.float32, mean=0.0, std=1.0):
     return x, weight, torch_group_norm_forward(x, weight, bias, 2, 1e-5, ACT_RELU)
 
 
+def _backward(shape, groups, activation, seed):
+    """PyTorch's GN backward of a random dy at a random x of ``shape`` (N, C): (x, weight, mean,
+    rstd, dy, (dx, dgamma, dbeta, None)), for the judge (verification._backward_difference)."""
+    x = make_input(shape)
+    weight, bias = make_affine(shape[1])
+    y, mean, rstd = torch_group_norm_forward(x, weight, bias, groups, 1e-5, activation)
+    dy = make_input(shape, seed=seed)
+    grads = torch_group_norm_backward(dy, x, weight, bias, mean, rstd, groups, activation)
+    return x, weight, mean, rstd, dy, (*grads[:3], None)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_differences_within_tolerance_pass_and_beyond_fail(dtype):
     x, weight, (y, mean, rstd) = _forward(dtype)
@@ -70,11 +81,7 @@ def test_backward_differences_name_the_gradient():
 def test_gradients_that_cancel_are_judged_against_their_terms():
     # Groups of two elements: dx cancels to rounding (|dx| ~ 1e-3 of its terms), so float32
     # rounding of the terms, 1e-6 of them, is 1e-3 of the result: not a fault.
-    x = make_input((2, 6))
-    weight, bias = make_affine(6)
-    y, mean, rstd = torch_group_norm_forward(x, weight, bias, 3, 1e-5, 0)
-    dy = make_input((2, 6), seed=5)
-    grads = torch_group_norm_backward(dy, x, weight, bias, mean, rstd, 3, 0)
+    x, weight, mean, rstd, dy, grads = _backward((2, 6), 3, 0, seed=5)
     rounded = (grads[0] + 1e-6 * dy.abs().max() * weight.abs().max() * rstd.max(), *grads[1:3], None)
     assert rounded[0].sub(grads[0]).abs().max() > 1e-4 * grads[0].abs().max()  # large against the result
     assert verification._backward_difference(rounded, grads, dy, x, weight, mean, rstd, None) is None
@@ -123,11 +130,7 @@ def test_outcomes_are_recorded_listed_and_failures_reloaded_from_disk(tmp_path):
 def test_gradients_of_groups_of_one_value_are_judged_against_the_gradient_they_sum():
     # G = C: xhat is 0, dgamma is the rounding of x * scale + shift (rstd = 1/sqrt(eps)) times dy:
     # 1e-5 where PyTorch's is 0. Judged against sum |dy| (xhat's RMS is 1 in a group): not a fault.
-    x = make_input((4, 8))
-    weight, bias = make_affine(8)
-    y, mean, rstd = torch_group_norm_forward(x, weight, bias, 8, 1e-5, 2)
-    dy = make_input((4, 8), seed=2)
-    grads = torch_group_norm_backward(dy, x, weight, bias, mean, rstd, 8, 2)
+    x, weight, mean, rstd, dy, grads = _backward((4, 8), 8, 2, seed=2)
     rounded = (grads[0], grads[1] + 1.2e-5, grads[2], None)
     assert verification._backward_difference(rounded, grads, dy, x, weight, mean, rstd, None) is None
     wrong = (grads[0], grads[1] + 0.5, grads[2], None)

@@ -3,9 +3,7 @@ convert_to_group_norm(weight_standardization=)): against float64 references of m
 and timm's StdConv2d definitions, written here, on every build path; state_dict keys; the cache;
 autocast, channels_last, torch.compile, ONNX export, output recomputation, fused block ends."""
 import copy
-import io
 import os
-import warnings
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ from gn_det.errors import ConfigError
 from gn_det.layers.weight_std import standardize_weight
 from gn_det.lazy import build_lazy_model, lazy_gn_settings, load_lazy_config
 from gn_det.modeling.weight_std import WSConv2d
+from gn_cases import export_onnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo", "mask_rcnn_gn_shapes.yaml")
@@ -316,19 +315,12 @@ def test_torch_compile_fullgraph():
 
 @pytest.mark.parametrize("dynamo", [False, True])
 def test_onnx_export_uses_standard_ops(dynamo):
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     from onnx import numpy_helper
 
     block = _ws_block().eval()
     x = torch.randn(1, 16, 10, 10)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            proto = torch.onnx.export(block, (x,), dynamo=True, verbose=False).model_proto
-        else:
-            buffer = io.BytesIO()
-            torch.onnx.export(block, (x,), buffer, dynamo=False)
-            proto = onnx.load_from_string(buffer.getvalue())
+    proto = export_onnx(block, x, dynamo)
     ops = {node.op_type for node in proto.graph.node}
     assert all(node.domain in ("", "ai.onnx") for node in proto.graph.node)
     if not dynamo:  # the standardization recorded as operators
