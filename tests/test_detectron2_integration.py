@@ -54,12 +54,16 @@ def test_norm_name_is_exported():
     assert get_norm("", 64) is None
 
 
+def mask_rcnn_cfg_with_gn_in(key: str):
+    """detectron2's stock Mask R-CNN R50-FPN config with MODEL.<key>.NORM = "FastGN"."""
+    cfg = stock_cfg("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")
+    getattr(cfg.MODEL, key).NORM = "FastGN"
+    return cfg
+
+
 @pytest.mark.parametrize("key", ["RESNETS", "FPN"])
 def test_backbone_norm_keys(key):
-    cfg = stock_cfg("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")
-    cfg.MODEL.RESNETS.DEPTH = 50
-    getattr(cfg.MODEL, key).NORM = "FastGN"
-    backbone = build_backbone(cfg)
+    backbone = build_backbone(mask_rcnn_cfg_with_gn_in(key))
     if key == "RESNETS":
         assert isinstance(backbone.bottom_up.stem.conv1.norm, gn_det.GroupNorm)
         assert isinstance(backbone.bottom_up.res4[0].conv2.norm, gn_det.GroupNorm)
@@ -72,9 +76,8 @@ def test_backbone_norm_keys(key):
 
 @pytest.mark.parametrize("head", ["ROI_BOX_HEAD", "ROI_MASK_HEAD"])
 def test_roi_head_norm_keys(head):
-    cfg = stock_cfg("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")
+    cfg = mask_rcnn_cfg_with_gn_in(head)
     cfg.MODEL.ROI_BOX_HEAD.NUM_CONV = 2
-    getattr(cfg.MODEL, head).NORM = "FastGN"
     model = d2_build_model(cfg)
     box_gn = gn_layers(model.roi_heads.box_head)
     mask_gn = gn_layers(model.roi_heads.mask_head)
