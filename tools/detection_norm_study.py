@@ -18,7 +18,7 @@ sweep) and a plot. Finished runs are kept under --work-dir and reused with --res
 study can be stopped and continued; a run stopped part-way continues (exactly) from its last
 checkpoint, written every fifth of the run.
 
-    python tools/detection_norm_study.py --seeds 7,8 --resume   # every row, 2 seeds (~4 h on 2 CPU cores)
+    python tools/detection_norm_study.py --seeds 7,8 --resume   # every row, 2 seeds (~5 h on 2 idle CPU cores)
     python tools/detection_norm_study.py --rows FastGN@1,FastGNWS@1 --seeds 7,8,9
     python tools/detection_norm_study.py --quick                # 1% of the iterations, for tests
 """
