@@ -100,7 +100,7 @@ def _plain_cpu_group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], 
     (a NaN rstd is not 0), so the check reads the ``(N, G)`` rstd, never x; such a call is
     computed again by the op's own PyTorch path, which remeasures those groups scaled
     (accurate; first-order gradients only, as everywhere on that path)."""
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or paths.exporting_outside_dynamo():
+    if paths.recording():
         return F.group_norm(x, num_groups, weight, bias, eps)  # the standard operator is what is recorded
     n, c = x.shape[:2]
     y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, math.prod(x.shape[2:]), num_groups, eps)
@@ -110,8 +110,7 @@ def _plain_cpu_group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], 
         return y + nan.view((n, c) + (1,) * (x.dim() - 2))
     if bool(rstd.all()):
         return y
-    weight = torch.ones(c, dtype=x.dtype) if weight is None else weight.contiguous()
-    bias = torch.zeros(c, dtype=weight.dtype) if bias is None else bias.contiguous()
+    x, weight, bias, _ = _op_inputs(x, weight, bias, None)
     return GroupNormFunction.apply(x, weight, bias, num_groups, float(eps), ACT_NONE, None, RESIDUAL_NONE)
 
 

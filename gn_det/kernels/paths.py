@@ -85,6 +85,12 @@ def exporting_outside_dynamo() -> bool:
     return _is_exporting() and not torch.compiler.is_dynamo_compiling()
 
 
+def recording() -> bool:
+    """Step 2's test: ``torch.jit.trace``, ONNX export or torch.export (outside dynamo) is
+    recording the call, so only standard operators may run."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or exporting_outside_dynamo()
+
+
 class Choice(NamedTuple):
     """The path of a call (one of ``PATHS``) and why."""
 
@@ -196,7 +202,7 @@ def decide(
     if (activation == ACT_NONE and not has_residual and x.dtype in _ATEN_EXACT_DTYPES and x.device.type == "cpu"
             and x.is_contiguous() and not triton_on_cpu()):
         return _PLAIN_CPU
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or exporting_outside_dynamo():
+    if recording():
         return _EXPORTING
     if torch.compiler.is_compiling():
         return _COMPILING
