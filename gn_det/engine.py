@@ -24,7 +24,9 @@ events, ``--resume``) except that:
   with a one-line ``DivergenceError`` (a ``UserError`` and a ``FloatingPointError``) that names
   the iteration and the last recorded losses, without detectron2's logged traceback;
 - in a distributed run, every process holds the same GN tuning decisions after each step
-  (``AutotuneSync``).
+  (``AutotuneSync``);
+- a SIGINT/SIGTERM during a step (with ``gn_det.stopping.stop_on_signals()``, as in
+  tools/train_net.py) stops training when the step ends (``StopAtStepEnd``), on every process.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ from .data.mapper import MaskSafeDatasetMapper
 from .errors import DivergenceError, UserError
 from .evaluation import FastCOCOEvaluator
 from .kernels.tuning import synchronize_decisions
+from .stopping import StopAtStepEnd
 
 __all__ = ["AutotuneSync", "ExactResume", "Trainer", "final_ap", "random_state", "set_random_state", "keeping_random_state",
            "save_final_if_nothing_left"]
@@ -210,7 +213,9 @@ class Trainer(DefaultTrainer):
         self.exact_resume = ExactResume(self.data_loader, self.cfg.SOLVER.CHECKPOINT_PERIOD)
         at = next((i for i, h in enumerate(hooks) if isinstance(h, d2_hooks.PeriodicCheckpointer)), len(hooks))
         hooks.insert(at, self.exact_resume)  # before the checkpoint it feeds (on every process)
-        return hooks[:1] + [AutotuneSync()] + hooks[1:]  # after the IterationTimer, before the writers
+        # StopAtStepEnd first (a signal stops the run after a step, before its checkpoint); AutotuneSync after the
+        # IterationTimer, before the writers
+        return [StopAtStepEnd()] + hooks[:1] + [AutotuneSync()] + hooks[1:]
 
     def resume_or_load(self, resume: bool = True) -> None:
         super().resume_or_load(resume=resume)

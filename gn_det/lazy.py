@@ -61,6 +61,7 @@ from .engine import AutotuneSync, ExactResume, keeping_random_state, save_final_
 from .errors import ConfigError, MissingFileError, close_matches
 from .modeling import NORM_NAME, finish_model, gn_settings
 from .modeling.norm import NORM_REGISTRY, get_norm
+from .stopping import StopAtStepEnd
 
 __all__ = ["build_gn_model", "build_lazy_model", "fast_gn", "gn_model", "lazy_dataset_names", "lazy_gn_settings",
            "lazy_norm", "lazy_test", "lazy_train", "load_lazy_config", "settings_from_gn"]
@@ -287,6 +288,7 @@ def lazy_train(cfg, resume: bool = False) -> Dict[str, Any]:
     exact_resume = (ExactResume(train_loader, cfg.train.checkpointer.period)
                     if isinstance(train_loader, ResumableTrainLoader) else None)
     trainer.register_hooks([
+        StopAtStepEnd(),  # first: a SIGINT/SIGTERM during a step stops training when the step ends
         hooks.IterationTimer(),
         AutotuneSync(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),

@@ -14,8 +14,8 @@ that are refused, an unknown norm, a bad or broken image, a bad flag, an OUTPUT_
 be created, a GN_DET_* variable gn_det does not read or whose value it refuses) ends with
 "train_net: error: <what, where, the fix>" and exit status 2, before training starts; so does a
 diverged run, at the iteration it diverged. Any other error keeps its traceback.
-SIGINT (Ctrl-C) and SIGTERM stop training cleanly: one line saying where the last checkpoint is,
-exit status 130 / 143.
+SIGINT (Ctrl-C) and SIGTERM stop training cleanly, after the step under way (a second signal: at
+once): one line saying where the last checkpoint is, exit status 130 / 143.
 """
 import multiprocessing
 import os
@@ -37,25 +37,12 @@ try:
     from gn_det.errors import ConfigError, check_environment, exit_on_user_error
     from gn_det.lazy import build_lazy_model, lazy_dataset_names, lazy_test, lazy_train, load_lazy_config
     from gn_det.modeling import validate_gn_config
+    from gn_det.stopping import Stopped, stop_on_signals
 except (ValueError, OSError) as exc:  # gn_det reads its GN_DET_* variables at import, and names a bad one
     if "GN_DET_" not in str(exc):
         raise
     print(f"{PROG}: error: {exc}", file=sys.stderr)
     raise SystemExit(2) from None
-
-
-class Stopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived: training stops where it is."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _stop(signum, frame):
-    for sig in (signal.SIGINT, signal.SIGTERM):  # once: a second signal must not interrupt the clean stop
-        signal.signal(sig, signal.SIG_IGN)
-    raise Stopped(signum)
 
 
 def _forward(signum, frame):
@@ -129,8 +116,7 @@ def main_lazy(cfg, args):
 
 
 def main(args):
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _stop)
+    stop_on_signals()  # during a training step: after the step
     cfg = None
     try:
         with exit_on_user_error(PROG):  # in each worker process, for what only loading finds (refused weights)

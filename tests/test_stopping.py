@@ -1,0 +1,121 @@
+"""SIGINT/SIGTERM during training: held to the end of the step under way, then ``Stopped``
+(gn_det.stopping), in one process and agreed between processes. Real signals, sent with
+os.kill; detectron2's real SimpleTrainer. The end-to-end cases (train_net's one line, exit
+status, exact resume after SIGTERM) are in test_reliability.py."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from detectron2.engine import HookBase, SimpleTrainer
+
+from gn_det.stopping import StopAtStepEnd, Stopped, stop_on_signals
+
+
+class Recorder(HookBase):
+    """Registered after StopAtStepEnd: which steps reached the hooks after it."""
+
+    def __init__(self):
+        self.after = []
+
+    def after_step(self):
+        self.after.append(self.trainer.iter)
+
+
+class SignalledTrainer(SimpleTrainer):
+    """A trainer of a linear model whose step ``at`` sends ``signals`` to its own process in
+    the middle of the step (after the forward, before the optimizer step)."""
+
+    def __init__(self, at, signals):
+        model = torch.nn.Linear(4, 1)
+        data = iter(lambda: torch.randn(2, 4), None)  # endless
+        super().__init__(model, data, torch.optim.SGD(model.parameters(), lr=0.1))
+        self.at, self.signals, self.finished = at, signals, []
+
+    def run_step(self):
+        loss = self.model(next(self._data_loader_iter)).square().mean()
+        if self.iter == self.at:
+            for sig in self.signals:
+                os.kill(os.getpid(), sig)  # delivered here, in the main thread, at the next bytecode
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.finished.append(self.iter)
+
+
+@pytest.fixture
+def signal_handlers():
+    """stop_on_signals() for the test; the previous handlers back afterwards."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop_on_signals()
+    yield
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def train(trainer, *hooks):
+    trainer.register_hooks([StopAtStepEnd(), *hooks])
+    with pytest.raises(Stopped) as stopped:
+        trainer.train(0, 100)
+    return stopped.value
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_a_step_stops_training_when_the_step_ends(signal_handlers, sig):
+    trainer, recorder = SignalledTrainer(at=3, signals=[sig]), Recorder()
+    stopped = train(trainer, recorder)
+    assert stopped.signum == sig and isinstance(stopped, KeyboardInterrupt)
+    assert trainer.finished == [0, 1, 2, 3]  # step 3 ran to its end (its optimizer step) after the signal
+    assert recorder.after == [0, 1, 2]  # the hooks after StopAtStepEnd (checkpoints, evaluation) skip step 3
+    assert trainer.iter == 3
+
+
+def test_a_second_signal_during_a_step_stops_at_once(signal_handlers):
+    trainer = SignalledTrainer(at=2, signals=[signal.SIGTERM, signal.SIGTERM])
+    stopped = train(trainer)
+    assert stopped.signum == signal.SIGTERM
+    assert trainer.finished == [0, 1]  # step 2 did not reach its end
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # and a third signal cannot interrupt the stop
+
+
+def test_a_signal_outside_a_step_stops_at_once(signal_handlers):
+    with pytest.raises(Stopped):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10**6):  # the handler runs at one of these bytecodes
+            pass
+
+
+def test_without_stop_on_signals_the_hook_does_nothing():
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # a handler of the user's own
+    try:
+        trainer = SignalledTrainer(at=1, signals=[signal.SIGTERM])
+        trainer.register_hooks([StopAtStepEnd()])
+        trainer.train(0, 4)
+        assert trainer.finished == [0, 1, 2, 3]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _rank_process(rank, world, init_file, out_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    stop_on_signals()
+    trainer = SignalledTrainer(at=2 if rank == 0 else -1, signals=[signal.SIGTERM])  # only rank 0 is signalled
+    trainer.register_hooks([StopAtStepEnd()])
+    try:
+        trainer.train(0, 100)
+        result = {"stopped": None}
+    except Stopped as stopped:
+        result = {"stopped": stopped.signum}
+    result["finished"] = trainer.finished
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_processes_stop_after_the_same_step_when_one_is_signalled(tmp_path):
+    mp.start_processes(_rank_process, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    assert ranks[0] == ranks[1] == {"stopped": signal.SIGTERM, "finished": [0, 1, 2]}
