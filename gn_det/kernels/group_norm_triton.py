@@ -10,6 +10,34 @@ partial-sums program stores per (n, split, channel): a mean and M2 (forward) or 
 dz * xhat and dz (backward); the *partials* are those arrays, ``(N, splits, C)``, or ``(N, C)``
 after the one-program-per-group backward: ``n_partials`` vectors of C.
 
+Kernel arguments. A name means the same in every kernel (the kernels comment only their own,
+and where a standard one differs, e.g. an input that is an output elsewhere)::
+
+    X              x, (N, C, S) dense in x's layout (NCHW or channels_last); float32, float16 or bfloat16
+    Y, DX          out: y, dL/dx; x's shape, dtype and layout
+    DY             dL/dy, x's shape, dense in x's layout, any float dtype
+    W, B           gamma, beta: (C,), any float dtype (computed in float32)
+    DW, DB         out: dgamma, dbeta: (C,), gamma's and beta's dtype
+    MEAN, RSTD     each (n, group)'s mean and 1 / sqrt(var + eps), (N, G) float32
+    R              the residual (RES_ADD) or the ReLU output (RES_OUTPUT), dense like x, any float
+                   dtype (RES_NONE: x, unread)
+    DR             out: dL/dR = dz, dense like x, in R's dtype (RES_NONE: dx, unwritten)
+    C              channels (specialised: fixed per layer)
+    S              positions per channel, the product of the spatial sizes
+    G, cpg         groups; channels per group, C // G
+    eps            added to the variance, float
+    n_rows         rows, N * C (a shifted window's neighbouring rows are clamped to [0, n_rows))
+    n_cblocks      channel blocks per sample, cdiv(C, BLOCK_C)
+    n_sblocks      spatial tiles per row, cdiv(S, BLOCK_S) (SHIFT: of S + ALIGN - 1 window positions)
+    ACT            activation code (activation.ACT_*): none, ReLU, SiLU
+    RES            residual mode (activation.RESIDUAL_*): none, add R, R is the ReLU output
+    CHANNELS_LAST  layout: positions C elements apart (channels_last) or rows S apart (NCHW)
+    ALIGN          row starts are multiples of ALIGN elements (channels_last groups: their first
+                   channels; the flat kernels: each group's start)
+    SHIFT          shifted windows: NCHW rows not ALIGN-aligned, read in whole ALIGN blocks (``_window``)
+    BLOCK_C        channels (rows) per tile
+    BLOCK_S        positions per tile
+
 Kernel sets, by the size of a group (``cpg * S``, channels per group times spatial size) and,
 in the split reduction, by how the forward apply gets its groups' statistics (``STATS``).
 ``kernel_set`` names the set of a shape; ``test_kernel_sets_match_the_docstring_table``
@@ -469,19 +497,14 @@ def _lane_count(exact, j, split_end, ALIGN: tl.constexpr, SHIFT: tl.constexpr):
 
 @triton.jit(do_not_specialize=["S", "split_tiles", "n_splits", "n_cblocks"])
 def _stats_partial_kernel(
-    X,  # x, (N, C, S) dense in x's layout (NCHW or channels_last); float32, float16 or bfloat16
+    X,  # standard (module docstring: "Kernel arguments"), as are C, S, CHANNELS_LAST .. BLOCK_S
     PART_MEAN,  # out: records: each (n, split, channel)'s mean, (N, n_splits, C) float32
     PART_M2,  # out: records: each (n, split, channel)'s M2 (squared deviations summed), (N, n_splits, C) float32
-    C,  # channels (specialised: fixed per layer)
-    S,  # positions per channel, the product of the spatial sizes
+    C, S,
     split_tiles,  # tiles per split (each split whole BLOCK_S tiles; the last may be short)
     n_splits,  # splits per row block: the grid is N * n_cblocks * n_splits
-    n_cblocks,  # channel blocks per sample, cdiv(C, BLOCK_C)
-    CHANNELS_LAST: tl.constexpr,  # layout: positions C elements apart (channels_last) or rows S apart (NCHW)
-    ALIGN: tl.constexpr,  # row starts are multiples of ALIGN elements (channels_last groups: their first channels)
-    SHIFT: tl.constexpr,  # shifted windows: NCHW rows not ALIGN-aligned, read in whole ALIGN blocks (``_window``)
-    BLOCK_C: tl.constexpr,  # channels (rows) per tile
-    BLOCK_S: tl.constexpr,  # positions per tile
+    n_cblocks,
+    CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, SHIFT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Per (n, channel block, spatial split): each channel's mean and M2 over the split's
     positions, one record each (forward step 1)."""
@@ -534,15 +557,11 @@ def _partials_tile(k0, c0, row0, g, C, S, cpg, chunk_s, n_splits, BLOCK_K: tl.co
 def _stats_finalize_kernel(
     PART_MEAN,  # records: each (n, split, channel)'s mean, (N, n_splits, C) float32
     PART_M2,  # records: each (n, split, channel)'s M2 (squared deviations summed), (N, n_splits, C) float32
-    MEAN,  # out: each (n, group)'s mean, (N, G) float32
-    RSTD,  # out: each (n, group)'s 1 / sqrt(var + eps), (N, G) float32
-    C,  # channels (specialised: fixed per layer)
-    S,  # positions per channel, the product of the spatial sizes
-    G,  # groups
-    cpg,  # channels per group, C // G
+    MEAN, RSTD,  # out (standard, as are C, S, G, cpg, eps)
+    C, S, G, cpg,
     chunk_s,  # positions per split of the partial-sums kernel: each record's count follows from it
     n_splits,  # splits of the partial-sums kernel: records per (n, channel)
-    eps,  # added to the variance, float
+    eps,
     BLOCK_K: tl.constexpr,  # splits per record tile (FINALIZE_BLOCK_K)
     BLOCK_CG: tl.constexpr,  # channels per record tile (FINALIZE_BLOCK_CG)
 ):
@@ -663,35 +682,22 @@ def _group_mean_rstd(PART_MEAN, PART_M2, MEAN, RSTD, row, lane_mask, C, S, G, cp
 @triton.jit(do_not_specialize=["S", "G", "cpg", "n_rows", "n_cblocks", "chunk_s", "stat_splits", "split_tiles",
                                "n_splits", "n_sblocks", "ACT"])
 def _forward_apply_kernel(
-    X,  # x, (N, C, S) dense in x's layout (NCHW or channels_last); float32, float16 or bfloat16
-    Y,  # out: y, x's shape, dtype and layout
-    W,  # gamma, (C,), any float dtype (computed in float32)
-    B,  # beta, (C,)
+    X, Y, W, B,  # standard, as are C, S, G, cpg, eps, n_rows, n_cblocks, n_sblocks, ACT, CHANNELS_LAST .. BLOCK_S
     PART_MEAN,  # records: each (n, split, channel)'s mean, (N, n_splits, C) float32
     PART_M2,  # records: each (n, split, channel)'s M2 (squared deviations summed), (N, n_splits, C) float32
-    MEAN,  # out, or in with STATS_FINALIZED: each (n, group)'s mean, (N, G) float32
-    RSTD,  # out, or in with STATS_FINALIZED: each (n, group)'s 1 / sqrt(var + eps), (N, G) float32
-    R,  # the residual (RES_ADD) or the ReLU output (RES_OUTPUT), dense like x, any float dtype (RES_NONE: x, unread)
-    C,  # channels (specialised: fixed per layer)
-    S,  # positions per channel, the product of the spatial sizes
-    G,  # groups
-    cpg,  # channels per group, C // G
-    eps,  # added to the variance, float
-    n_rows,  # rows, N * C (a shifted window's neighbouring rows are clamped to [0, n_rows))
-    n_cblocks,  # channel blocks per sample, cdiv(C, BLOCK_C)
+    MEAN, RSTD,  # out, or in with STATS_FINALIZED
+    R,
+    C, S, G, cpg, eps, n_rows, n_cblocks,
     chunk_s,  # positions per split of the partial-sums kernel: each record's count follows from it
     stat_splits,  # splits of the partial-sums kernel: records per (n, channel)
     split_tiles,  # tiles per split of this kernel's own grid
     n_splits,  # this kernel's splits per row block: the grid is N * n_cblocks * n_splits
-    n_sblocks,  # spatial tiles per row, cdiv(S, BLOCK_S) (SHIFT: of S + ALIGN - 1 window positions)
-    ACT,  # activation code (activation.ACT_*), a runtime value: one compilation serves every activation
+    n_sblocks,
+    ACT,  # a runtime value here: one compilation serves every activation
     RES: tl.constexpr,  # RESIDUAL_NONE or RESIDUAL_ADD
-    CHANNELS_LAST: tl.constexpr,  # layout: positions C elements apart (channels_last) or rows S apart (NCHW)
-    ALIGN: tl.constexpr,  # row starts are multiples of ALIGN elements (channels_last groups: their first channels)
-    SHIFT: tl.constexpr,  # shifted windows: NCHW rows not ALIGN-aligned, read in whole ALIGN blocks (``_window``)
+    CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, SHIFT: tl.constexpr,
     STATS: tl.constexpr,  # how the groups' statistics are got: STATS_BY_LANES, STATS_GATHERED, STATS_FINALIZED
-    BLOCK_C: tl.constexpr,  # channels (rows) per tile
-    BLOCK_S: tl.constexpr,  # positions per tile
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_K: tl.constexpr,  # records per lane per merge step (_STATS_TILE_ELEMENTS // BLOCK_C)
 ):
     """y = act(GN(x) [+ R]) over one (n, channel block, spatial split): the statistics of its
@@ -741,29 +747,15 @@ def _forward_apply_kernel(
 
 @triton.jit(do_not_specialize=["S", "G", "cpg", "split_tiles", "n_splits", "n_cblocks"])
 def _backward_partial_kernel(
-    X,  # x, (N, C, S) dense in x's layout (NCHW or channels_last); float32, float16 or bfloat16
-    DY,  # dL/dy, x's shape, dense in x's layout, any float dtype
-    W,  # gamma, (C,), any float dtype (computed in float32)
-    B,  # beta, (C,)
-    MEAN,  # each (n, group)'s mean, (N, G) float32
-    RSTD,  # each (n, group)'s 1 / sqrt(var + eps), (N, G) float32
-    R,  # the residual (RES_ADD) or the ReLU output (RES_OUTPUT), dense like x, any float dtype (RES_NONE: x, unread)
+    X, DY, W, B, MEAN, RSTD, R,  # standard, as are C .. cpg, n_cblocks, ACT .. BLOCK_S
     PART_DS,  # out: partials: sum of dz * xhat per (n, split, channel), (N, n_splits, C) float32
     PART_DB,  # out: partials: sum of dz per (n, split, channel), (N, n_splits, C) float32
-    C,  # channels (specialised: fixed per layer)
-    S,  # positions per channel, the product of the spatial sizes
-    G,  # groups
-    cpg,  # channels per group, C // G
+    C, S, G, cpg,
     split_tiles,  # tiles per split (each split whole BLOCK_S tiles; the last may be short)
     n_splits,  # splits per row block: the grid is N * n_cblocks * n_splits
-    n_cblocks,  # channel blocks per sample, cdiv(C, BLOCK_C)
-    ACT: tl.constexpr,  # activation code (activation.ACT_*): none, ReLU, SiLU
-    RES: tl.constexpr,  # residual mode (activation.RESIDUAL_*): none, add R, R is the ReLU output
-    CHANNELS_LAST: tl.constexpr,  # layout: positions C elements apart (channels_last) or rows S apart (NCHW)
-    ALIGN: tl.constexpr,  # row starts are multiples of ALIGN elements (channels_last groups: their first channels)
-    SHIFT: tl.constexpr,  # shifted windows: NCHW rows not ALIGN-aligned, read in whole ALIGN blocks (``_window``)
-    BLOCK_C: tl.constexpr,  # channels (rows) per tile
-    BLOCK_S: tl.constexpr,  # positions per tile
+    n_cblocks,
+    ACT: tl.constexpr, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, SHIFT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Per (n, channel block, spatial split): each channel's sums of dz * xhat and dz over the
     split's positions, dz = d act(z)/dz * dy with z recomputed (backward step 1)."""
@@ -825,16 +817,11 @@ def _dx_coefficients(PART_DS, PART_DB, W, RSTD, COEF_XHAT, COEF_CONST, pid, C, S
 def _backward_finalize_kernel(
     PART_DS,  # partials: sum of dz * xhat per (n, split, channel), (N, n_splits, C) float32
     PART_DB,  # partials: sum of dz per (n, split, channel), (N, n_splits, C) float32
-    W,  # gamma, (C,), any float dtype (computed in float32)
-    RSTD,  # each (n, group)'s 1 / sqrt(var + eps), (N, G) float32
+    W, RSTD,  # standard, as are DW, DB, C .. cpg
     COEF_XHAT,  # out: each (n, group)'s coefficient of xhat in dx, (N, G) float32
     COEF_CONST,  # out: each (n, group)'s constant term of dx, (N, G) float32
-    DW,  # out: dgamma, (C,), gamma's dtype
-    DB,  # out: dbeta, (C,), beta's dtype
-    C,  # channels (specialised: fixed per layer)
-    S,  # positions per channel, the product of the spatial sizes
-    G,  # groups
-    cpg,  # channels per group, C // G
+    DW, DB,  # out
+    C, S, G, cpg,
     n_splits,  # splits per (n, channel) of the partials
     n_groups,  # N * G: programs below it compute dx's coefficients, the rest dgamma/dbeta
     n_partials,  # partial vectors of C to sum for dgamma/dbeta: N * n_splits
@@ -888,31 +875,14 @@ def _apply_tile(MEAN, RSTD, W, B, C, S, G, cpg, n_rows, n_cblocks, n_sblocks, CH
 
 @triton.jit(do_not_specialize=["S", "G", "cpg", "n_rows", "n_cblocks", "n_sblocks", "ACT"])
 def _backward_apply_kernel(
-    X,  # x, (N, C, S) dense in x's layout (NCHW or channels_last); float32, float16 or bfloat16
-    DY,  # dL/dy, x's shape, dense in x's layout, any float dtype
-    DX,  # out: dL/dx, x's shape, dtype and layout
-    W,  # gamma, (C,), any float dtype (computed in float32)
-    B,  # beta, (C,)
-    MEAN,  # each (n, group)'s mean, (N, G) float32
-    RSTD,  # each (n, group)'s 1 / sqrt(var + eps), (N, G) float32
+    X, DY, DX, W, B, MEAN, RSTD,  # standard, as are R, DR, C .. cpg, n_rows .. n_sblocks, ACT .. BLOCK_S
     COEF_XHAT,  # each (n, group)'s coefficient of xhat in dx, (N, G) float32
     COEF_CONST,  # each (n, group)'s constant term of dx, (N, G) float32
-    R,  # the residual (RES_ADD) or the ReLU output (RES_OUTPUT), dense like x, any float dtype (RES_NONE: x, unread)
-    DR,  # out: dL/dR = dz, dense like x, in the residual's dtype (RES_NONE: dx, unwritten)
-    C,  # channels (specialised: fixed per layer)
-    S,  # positions per channel, the product of the spatial sizes
-    G,  # groups
-    cpg,  # channels per group, C // G
-    n_rows,  # rows, N * C (a shifted window's neighbouring rows are clamped to [0, n_rows))
-    n_cblocks,  # channel blocks per sample, cdiv(C, BLOCK_C)
-    n_sblocks,  # spatial tiles per row, cdiv(S, BLOCK_S) (SHIFT: of S + ALIGN - 1 window positions)
-    ACT,  # activation code (activation.ACT_*), a runtime value: one compilation serves every activation
-    RES: tl.constexpr,  # residual mode (activation.RESIDUAL_*): none, add R, R is the ReLU output
-    CHANNELS_LAST: tl.constexpr,  # layout: positions C elements apart (channels_last) or rows S apart (NCHW)
-    ALIGN: tl.constexpr,  # row starts are multiples of ALIGN elements (channels_last groups: their first channels)
-    SHIFT: tl.constexpr,  # shifted windows: NCHW rows not ALIGN-aligned, read in whole ALIGN blocks (``_window``)
-    BLOCK_C: tl.constexpr,  # channels (rows) per tile
-    BLOCK_S: tl.constexpr,  # positions per tile
+    R, DR,
+    C, S, G, cpg, n_rows, n_cblocks, n_sblocks,
+    ACT,  # a runtime value here: one compilation serves every activation
+    RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, SHIFT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """dx (and dR) over one (n, channel block, spatial tile), from the (n, group) coefficients
     (backward step 3); with SHIFT, the end blocks' neighbouring-row elements with their own rows'."""
@@ -956,22 +926,11 @@ def _group_tile(pid, C, S, G, cpg, CHANNELS_LAST: tl.constexpr, ALIGN: tl.conste
 
 @triton.jit(do_not_specialize=["S", "G", "cpg"])
 def _group_forward_kernel(
-    X,  # x, (N, C, S) dense in x's layout (NCHW or channels_last); float32, float16 or bfloat16
-    Y,  # out: y, x's shape, dtype and layout
-    W,  # gamma, (C,), any float dtype (computed in float32)
-    B,  # beta, (C,)
-    MEAN,  # out: each (n, group)'s mean, (N, G) float32
-    RSTD,  # out: each (n, group)'s 1 / sqrt(var + eps), (N, G) float32
-    R,  # the residual (RES_ADD) or the ReLU output (RES_OUTPUT), dense like x, any float dtype (RES_NONE: x, unread)
-    C,  # channels (specialised: fixed per layer)
-    S,  # positions per channel, the product of the spatial sizes
-    G,  # groups
-    cpg,  # channels per group, C // G
-    eps,  # added to the variance, float
-    ACT: tl.constexpr,  # activation code (activation.ACT_*): none, ReLU, SiLU
-    RES: tl.constexpr,  # residual mode (activation.RESIDUAL_*): none, add R, R is the ReLU output
-    CHANNELS_LAST: tl.constexpr,  # layout: positions C elements apart (channels_last) or rows S apart (NCHW)
-    ALIGN: tl.constexpr,  # row starts are multiples of ALIGN elements (channels_last groups: their first channels)
+    X, Y, W, B,  # standard, as are R, C .. eps, ACT .. ALIGN
+    MEAN, RSTD,  # out
+    R,
+    C, S, G, cpg, eps,
+    ACT: tl.constexpr, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_CG: tl.constexpr,  # channels of a group per tile (next power of two of cpg)
     BLOCK_S: tl.constexpr,  # positions per tile: next power of two of S (the whole group in one tile)
 ):
@@ -1024,25 +983,12 @@ def _group_backward_dz(x, dy, mean, rstd, w, b, R, DR, offs, mask, ACT: tl.const
 
 @triton.jit(do_not_specialize=["S", "G", "cpg"])
 def _group_backward_kernel(
-    X,  # x, (N, C, S) dense in x's layout (NCHW or channels_last); float32, float16 or bfloat16
-    DY,  # dL/dy, x's shape, dense in x's layout, any float dtype
-    DX,  # out: dL/dx, x's shape, dtype and layout
-    W,  # gamma, (C,), any float dtype (computed in float32)
-    B,  # beta, (C,)
-    MEAN,  # each (n, group)'s mean, (N, G) float32
-    RSTD,  # each (n, group)'s 1 / sqrt(var + eps), (N, G) float32
+    X, DY, DX, W, B, MEAN, RSTD,  # standard, as are R, DR, C .. cpg, ACT .. ALIGN
     PART_DS,  # out: sum of dz * xhat per (n, channel), (N, C) float32
     PART_DB,  # out: sum of dz per (n, channel), (N, C) float32
-    R,  # the residual (RES_ADD) or the ReLU output (RES_OUTPUT), dense like x, any float dtype (RES_NONE: x, unread)
-    DR,  # out: dL/dR = dz, dense like x, in the residual's dtype (RES_NONE: dx, unwritten)
-    C,  # channels (specialised: fixed per layer)
-    S,  # positions per channel, the product of the spatial sizes
-    G,  # groups
-    cpg,  # channels per group, C // G
-    ACT: tl.constexpr,  # activation code (activation.ACT_*): none, ReLU, SiLU
-    RES: tl.constexpr,  # residual mode (activation.RESIDUAL_*): none, add R, R is the ReLU output
-    CHANNELS_LAST: tl.constexpr,  # layout: positions C elements apart (channels_last) or rows S apart (NCHW)
-    ALIGN: tl.constexpr,  # row starts are multiples of ALIGN elements (channels_last groups: their first channels)
+    R, DR,
+    C, S, G, cpg,
+    ACT: tl.constexpr, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_CG: tl.constexpr,  # channels of a group per tile (next power of two of cpg)
     BLOCK_S: tl.constexpr,  # positions per tile: next power of two of S (the whole group in one tile)
 ):
@@ -1068,10 +1014,9 @@ def _group_backward_kernel(
 def _param_grad_kernel(
     PART_DS,  # sum of dz * xhat per (n, channel), (N, C) float32
     PART_DB,  # sum of dz per (n, channel), (N, C) float32
-    DW,  # out: dgamma, (C,), gamma's dtype
-    DB,  # out: dbeta, (C,), beta's dtype
+    DW, DB,  # out (standard, as is C)
     n_partials,  # partial vectors of C to sum: N
-    C,  # channels (specialised: fixed per layer)
+    C,
     BLOCK_R: tl.constexpr,  # partial vectors per step (PARAM_BLOCK_R)
     BLOCK_C: tl.constexpr,  # channels per program (PARAM_BLOCK_C)
 ):
@@ -1096,19 +1041,11 @@ def _flat_group_tile(pid, S, G, cpg, ALIGN: tl.constexpr, BLOCK_F: tl.constexpr)
 
 @triton.jit(do_not_specialize=["S", "G", "cpg"])
 def _group_forward_flat_kernel(
-    X,  # x, (N, C, S) contiguous (NCHW); float32, float16 or bfloat16
-    Y,  # out: y, x's shape, dtype and layout
-    W,  # gamma, (C,), any float dtype (computed in float32)
-    B,  # beta, (C,)
-    MEAN,  # out: each (n, group)'s mean, (N, G) float32
-    RSTD,  # out: each (n, group)'s 1 / sqrt(var + eps), (N, G) float32
-    R,  # the residual (RES_ADD) or the ReLU output (RES_OUTPUT), dense like x, any float dtype (RES_NONE: x, unread)
-    S,  # positions per channel, the product of the spatial sizes
-    G,  # groups
-    cpg,  # channels per group, C // G
-    eps,  # added to the variance, float
-    ACT: tl.constexpr,  # activation code (activation.ACT_*): none, ReLU, SiLU
-    RES: tl.constexpr,  # residual mode (activation.RESIDUAL_*): none, add R, R is the ReLU output
+    X, Y, W, B,  # standard (x and y contiguous, NCHW), as are R, S .. eps, ACT, RES
+    MEAN, RSTD,  # out
+    R,
+    S, G, cpg, eps,
+    ACT: tl.constexpr, RES: tl.constexpr,
     ALIGN: tl.constexpr,  # elements a group's size cpg * S (and so every group's start) is a multiple of
     BLOCK_F: tl.constexpr,  # elements per tile: next power of two of cpg * S (the whole group)
 ):
@@ -1132,23 +1069,12 @@ def _group_forward_flat_kernel(
 
 @triton.jit(do_not_specialize=["S", "G", "cpg"])
 def _group_backward_flat_kernel(
-    X,  # x, (N, C, S) contiguous (NCHW); float32, float16 or bfloat16
-    DY,  # dL/dy, x's shape, dense in x's layout, any float dtype
-    DX,  # out: dL/dx, x's shape, dtype and layout
-    W,  # gamma, (C,), any float dtype (computed in float32)
-    B,  # beta, (C,)
-    MEAN,  # each (n, group)'s mean, (N, G) float32
-    RSTD,  # each (n, group)'s 1 / sqrt(var + eps), (N, G) float32
+    X, DY, DX, W, B, MEAN, RSTD,  # standard (x, dy, dx contiguous, NCHW), as are R, DR, C .. cpg, ACT, RES
     PART_DS,  # out: sum of dz * xhat per (n, channel), (N, C) float32
     PART_DB,  # out: sum of dz per (n, channel), (N, C) float32
-    R,  # the residual (RES_ADD) or the ReLU output (RES_OUTPUT), dense like x, any float dtype (RES_NONE: x, unread)
-    DR,  # out: dL/dR = dz, dense like x, in the residual's dtype (RES_NONE: dx, unwritten)
-    C,  # channels (specialised: fixed per layer)
-    S,  # positions per channel, the product of the spatial sizes
-    G,  # groups
-    cpg,  # channels per group, C // G
-    ACT: tl.constexpr,  # activation code (activation.ACT_*): none, ReLU, SiLU
-    RES: tl.constexpr,  # residual mode (activation.RESIDUAL_*): none, add R, R is the ReLU output
+    R, DR,
+    C, S, G, cpg,
+    ACT: tl.constexpr, RES: tl.constexpr,
     ALIGN: tl.constexpr,  # elements a group's size cpg * S (and so every group's start) is a multiple of
     BLOCK_F: tl.constexpr,  # elements per tile: next power of two of cpg * S (the whole group)
     BLOCK_CG: tl.constexpr,  # channels of the per-channel sums' (BLOCK_F, BLOCK_CG) mask: next power of two of cpg
