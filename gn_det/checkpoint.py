@@ -16,9 +16,10 @@ reads, and never leaves a half-written checkpoint where ``--resume`` would pick 
   ``check_weights_exist`` checks the first cheaply, before worker processes start.
 - ``save`` writes ``<name>.pth.tmp``, flushes it to disk, then renames it over ``<name>.pth``
   (an atomic step); ``last_checkpoint`` is replaced the same way, after the checkpoint. A
-  crash at any point leaves the previous checkpoint and the pointer to it intact; an exception
-  (SIGINT, SIGTERM) during the write removes the ``.tmp``, and ``remove_stale_temporaries``
-  removes those a SIGKILL left (the Trainer calls it at start).
+  SIGINT/SIGTERM during a save (with ``gn_det.stopping.stop_on_signals()``) is held until both
+  are written. A crash at any point leaves the previous checkpoint and the pointer to it
+  intact; an exception (a second signal) during the write removes the ``.tmp``, and
+  ``remove_stale_temporaries`` removes those a SIGKILL left (the Trainer calls it at start).
 - A corrupt checkpoint named by ``last_checkpoint`` is reported with the newest readable
   checkpoint before it, and how to resume from that one.
 """
@@ -40,6 +41,7 @@ from detectron2.utils.file_io import PathManager
 from torch.nn.parallel import DistributedDataParallel
 
 from .errors import MissingFileError, UntrustedWeightsError, WeightsError
+from .stopping import signals_held
 
 __all__ = ["SafeCheckpointer", "check_weights_exist", "previous_checkpoints", "safe_load_pickle"]
 
@@ -228,8 +230,9 @@ class SafeCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to %s", path)
-        _atomic_write(path, lambda f: torch.save(data, f))
-        self.tag_last_checkpoint(basename)
+        with signals_held():  # a SIGINT/SIGTERM now stops training once the file and its pointer are written
+            _atomic_write(path, lambda f: torch.save(data, f))
+            self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         if not self.save_to_disk:
@@ -263,9 +266,13 @@ def _atomic_write(path: str, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if not isinstance(exc, KeyboardInterrupt) and isinstance(exc.__context__, KeyboardInterrupt):
+            # torch's zip writer, interrupted (a second signal), fails in its __exit__: the
+            # interruption is what happened
+            raise exc.__context__ from None
         raise
     directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     try:

@@ -1,28 +1,35 @@
 """Stopping a training run on SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) cleanly.
 
 ``stop_on_signals()`` makes both signals raise ``Stopped`` (a ``KeyboardInterrupt``), which
-``tools/train_net.py`` turns into one line naming the last checkpoint. Inside a training step,
-the first signal is held until the step ends and the ``StopAtStepEnd`` hook raises it there:
-a step interrupted at an arbitrary bytecode can be in the middle of receiving a batch from a
-data-loader worker (a file-descriptor handshake with the worker's resource-sharer thread), and
-the worker then prints a traceback of its own. Outside a step (set-up, evaluation, a checkpoint
-being written, which ``SafeCheckpointer`` makes atomic) a signal stops at once; so does a second
-signal during a step that does not end.
+``tools/train_net.py`` turns into one line naming the last checkpoint. Some regions hold the
+first signal until they end, because code interrupted at an arbitrary bytecode there fails in
+a way that buries that line or loses work:
 
-In a distributed run the processes agree, at the end of each step, whether any of them was
-signalled (one all-reduce of one integer), so all of them stop after the same step and none is
-left waiting in a collective for a process that has gone.
+- a training step (``StopAtStepEnd``): it can be receiving a batch from a data-loader worker
+  (a file-descriptor handshake with the worker's resource-sharer thread, which then prints a
+  traceback of its own); training stops when the step ends, before the other hooks run;
+- a checkpoint save (``signals_held``, in ``SafeCheckpointer.save``): torch's zip writer,
+  interrupted, raises a RuntimeError of its own; the file and the pointer to it are completed,
+  then training stops;
+- in a distributed run, the whole training loop: the processes agree at the end of each step
+  whether any of them was signalled (one all-reduce of one integer), so all of them stop after
+  the same step and none is left waiting in a collective for one that has gone. A signal
+  during an evaluation or a save stops the run at the next step's end.
+
+Elsewhere (set-up, evaluation in one process) a signal stops at once; so does a second signal
+anywhere.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-__all__ = ["StopAtStepEnd", "Stopped", "stop_on_signals"]
+__all__ = ["StopAtStepEnd", "Stopped", "signals_held", "stop_on_signals"]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -36,10 +43,10 @@ class Stopped(KeyboardInterrupt):
 
 
 class _Pending:
-    """The signal held during a step (read by the handler and the hook, in the main thread)."""
+    """The signal held, and by how many regions (read and written in the main thread only)."""
 
     installed = False  # stop_on_signals() was called (in every process of a run, or in none)
-    in_step = False
+    holds = 0  # regions under way that hold a signal: a step, a save, a distributed training loop
     signum: Optional[int] = None
 
 
@@ -49,12 +56,13 @@ _PENDING = _Pending()
 def _stop_now(signum: int) -> None:
     for sig in STOP_SIGNALS:  # once: a further signal must not interrupt the clean stop
         signal.signal(sig, signal.SIG_IGN)
+    _PENDING.signum = None
     raise Stopped(signum)
 
 
 def _on_signal(signum, frame) -> None:
-    if _PENDING.in_step and _PENDING.signum is None:
-        _PENDING.signum = signum  # StopAtStepEnd raises it when the step ends
+    if _PENDING.holds and _PENDING.signum is None:
+        _PENDING.signum = signum  # raised where the region holding it ends
         return
     _stop_now(signum)
 
@@ -62,9 +70,23 @@ def _on_signal(signum, frame) -> None:
 def stop_on_signals() -> None:
     """SIGINT and SIGTERM raise ``Stopped`` in this process (call it in the main thread of
     each training process; the ``StopAtStepEnd`` hook holds them to the end of a step)."""
-    _PENDING.installed, _PENDING.in_step, _PENDING.signum = True, False, None
+    _PENDING.installed, _PENDING.holds, _PENDING.signum = True, 0, None
     for sig in STOP_SIGNALS:
         signal.signal(sig, _on_signal)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """A SIGINT/SIGTERM during the block is held to its end, then raised as ``Stopped``, unless
+    an outer region still holds it (a step under way; a distributed training loop, whose
+    processes stop together at a step's end). A second signal is raised at once."""
+    _PENDING.holds += 1
+    try:
+        yield
+    finally:
+        _PENDING.holds -= 1
+    if not _PENDING.holds and _PENDING.signum is not None:
+        _stop_now(_PENDING.signum)
 
 
 def _agreed_signal(signum: Optional[int]) -> int:
@@ -78,19 +100,24 @@ def _agreed_signal(signum: Optional[int]) -> int:
 
 
 class StopAtStepEnd(HookBase):
-    """Holds a SIGINT/SIGTERM that arrives during a training step until the step ends, then
-    stops training with ``Stopped``. Register it first, so that its ``after_step`` runs before
-    the other hooks' (checkpoints and evaluation run unheld, and are not run for the step that
-    was stopped). Without ``stop_on_signals()`` it does nothing."""
+    """Holds a SIGINT/SIGTERM that arrives during a training step (in a distributed run, during
+    training) until the step ends, then stops training with ``Stopped``, on every process
+    together. Register it first, so that its ``after_step`` runs before the other hooks' (the
+    step that was stopped gets no checkpoint or evaluation). Without ``stop_on_signals()`` it
+    does nothing."""
+
+    def before_train(self) -> None:
+        if comm.get_world_size() > 1:
+            _PENDING.holds += 1  # the loop: the processes stop together, at a step's end
 
     def before_step(self) -> None:
-        _PENDING.in_step = True
+        _PENDING.holds += 1
 
     def after_step(self) -> None:
-        _PENDING.in_step = False
+        _PENDING.holds -= 1
         signum = _agreed_signal(_PENDING.signum) if _PENDING.installed else 0
         if signum:
             _stop_now(signum)
 
-    def after_train(self) -> None:  # a step that raised does not reach after_step
-        _PENDING.in_step = False
+    def after_train(self) -> None:  # the loop's hold, and that of a step that raised (it does not reach after_step)
+        _PENDING.holds = 0

@@ -1,7 +1,8 @@
-"""SIGINT/SIGTERM during training: held to the end of the step under way, then ``Stopped``
-(gn_det.stopping), in one process and agreed between processes. Real signals, sent with
-os.kill; detectron2's real SimpleTrainer. The end-to-end cases (train_net's one line, exit
-status, exact resume after SIGTERM) are in test_reliability.py."""
+"""SIGINT/SIGTERM during training: held to the end of the step or checkpoint save under way,
+then ``Stopped`` (gn_det.stopping), in one process and agreed between processes. Real
+signals, sent with os.kill; detectron2's real SimpleTrainer, gn_det's SafeCheckpointer. The
+end-to-end cases (train_net's one line, exit status, exact resume after SIGTERM) are in
+test_reliability.py."""
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 from detectron2.engine import HookBase, SimpleTrainer
 
+from gn_det.checkpoint import SafeCheckpointer, _atomic_write
 from gn_det.stopping import StopAtStepEnd, Stopped, stop_on_signals
 
 
@@ -22,6 +24,17 @@ class Recorder(HookBase):
 
     def after_step(self):
         self.after.append(self.trainer.iter)
+
+
+class SignalInHook(HookBase):
+    """Sends ``sig`` to its own process in after_step of step ``at`` (outside the step)."""
+
+    def __init__(self, at, sig=signal.SIGTERM):
+        self.at, self.sig = at, sig
+
+    def after_step(self):
+        if self.trainer.iter == self.at:
+            os.kill(os.getpid(), self.sig)
 
 
 class SignalledTrainer(SimpleTrainer):
@@ -99,23 +112,80 @@ def test_without_stop_on_signals_the_hook_does_nothing():
         signal.signal(signal.SIGTERM, previous)
 
 
+class SignalledWrites:
+    """An object in a checkpoint whose pickling (inside torch.save, mid-file) sends signals."""
+
+    def __init__(self, signals):
+        self.signals = signals
+
+    def __reduce__(self):
+        for sig in self.signals:
+            os.kill(os.getpid(), sig)
+        return (int, (0,))
+
+
+def test_a_signal_during_a_checkpoint_save_stops_once_the_file_and_its_pointer_are_written(signal_handlers, tmp_path):
+    checkpointer = SafeCheckpointer(torch.nn.Linear(2, 2), save_dir=str(tmp_path))
+    checkpointer.save("model_0000001", iteration=1)
+    with pytest.raises(Stopped):
+        checkpointer.save("model_0000003", iteration=3, during=SignalledWrites([signal.SIGTERM]))
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000003.pth"
+    assert torch.load(tmp_path / "model_0000003.pth", weights_only=False)["iteration"] == 3  # complete (our own file)
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth", "model_0000003.pth"]
+
+
+def test_a_second_signal_during_a_save_stops_at_once_leaving_the_previous_checkpoint(signal_handlers, tmp_path):
+    checkpointer = SafeCheckpointer(torch.nn.Linear(2, 2), save_dir=str(tmp_path))
+    checkpointer.save("model_0000001", iteration=1)
+    with pytest.raises(Stopped):
+        checkpointer.save("model_0000003", iteration=3, during=SignalledWrites([signal.SIGTERM, signal.SIGTERM]))
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]  # no .tmp
+
+
+def test_an_interrupted_write_that_fails_while_closing_raises_the_interruption(tmp_path):
+    # torch's zip writer interrupted mid-record raises a RuntimeError ("unexpected pos") from its
+    # __exit__ while the KeyboardInterrupt propagates: the stop must not turn into that error.
+    class ZipLike:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            raise RuntimeError("unexpected pos 17186560 vs 17186448")
+
+    def write(f):
+        with ZipLike():
+            f.write(b"half")
+            raise Stopped(signal.SIGTERM)
+
+    with pytest.raises(Stopped):
+        _atomic_write(str(tmp_path / "model.pth"), write)
+    assert os.listdir(tmp_path) == []
+
+
 def _rank_process(rank, world, init_file, out_dir):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    stop_on_signals()
-    trainer = SignalledTrainer(at=2 if rank == 0 else -1, signals=[signal.SIGTERM])  # only rank 0 is signalled
-    trainer.register_hooks([StopAtStepEnd()])
-    try:
-        trainer.train(0, 100)
-        result = {"stopped": None}
-    except Stopped as stopped:
-        result = {"stopped": stopped.signum}
-    result["finished"] = trainer.finished
+    results = {}
+    # "step": rank 0 alone is signalled, during step 2; "hook": rank 1 alone, after step 2's end
+    # (where an evaluation or a save would run).
+    for case, trainer, hooks in [("step", SignalledTrainer(at=2 if rank == 0 else -1, signals=[signal.SIGTERM]), []),
+                                 ("hook", SignalledTrainer(at=-1, signals=[]), [SignalInHook(2)] if rank == 1 else [])]:
+        stop_on_signals()
+        trainer.register_hooks([StopAtStepEnd(), *hooks])
+        try:
+            trainer.train(0, 100)
+            results[case] = {"stopped": None}
+        except Stopped as stopped:
+            results[case] = {"stopped": stopped.signum}
+        results[case]["finished"] = trainer.finished
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
+        json.dump(results, f)
     torch.distributed.destroy_process_group()
 
 
 def test_processes_stop_after_the_same_step_when_one_is_signalled(tmp_path):
     mp.start_processes(_rank_process, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
-    assert ranks[0] == ranks[1] == {"stopped": signal.SIGTERM, "finished": [0, 1, 2]}
+    assert ranks[0]["step"] == ranks[1]["step"] == {"stopped": signal.SIGTERM, "finished": [0, 1, 2]}
+    # outside a step, held to the next step's end: both processes run step 3, then stop
+    assert ranks[0]["hook"] == ranks[1]["hook"] == {"stopped": signal.SIGTERM, "finished": [0, 1, 2, 3]}
