@@ -12,8 +12,10 @@ demo: setup
 	$(PY) tools/demo.py
 
 # The default suite: everything but tests marked slow; CPU only (GPU tests run where a GPU is).
+# TEST_JOBS processes (pytest-xdist), each test file in one of them (its module fixtures run once).
+TEST_JOBS ?= 2
 test: setup lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
 # The linter (ruff.toml): before the tests, in seconds.
 lint: setup

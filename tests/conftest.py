@@ -2,6 +2,7 @@ import os
 import shutil
 import sys
 import tempfile
+import uuid
 
 import pytest
 
@@ -18,21 +19,27 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     collect_ignore = ["interpreted"]
 
 INTERPRETER_SUITE = "test_triton_interpreted.py::test_triton_kernels_under_interpreter"
-_started = []  # the module that started the interpreter suite
+
+# One name per session, shared with pytest-xdist's workers (they inherit the environment of the
+# process that starts them, which imports this file first): the interpreter suite's run folder.
+_OWNS_RUN = "GN_DET_TEST_RUN" not in os.environ  # this process started the session (not a worker, nor a suite it ran)
+os.environ.setdefault("GN_DET_TEST_RUN", uuid.uuid4().hex)
 
 
 @pytest.hookimpl(trylast=True)  # after -m/-k deselection: only a selected suite starts
 def pytest_collection_modifyitems(config, items):
-    """When the interpreter suite is selected, start its process now, beside the other tests,
-    and run the test that waits for it last."""
+    """When the interpreter suite is selected, start its process now (once per session, in
+    whichever process collects first), beside the other tests, and run the test that waits
+    for it last (with --dist loadfile, its file is the last one handed out)."""
     waiting = [item for item in items if item.nodeid.endswith(INTERPRETER_SUITE)]
     if waiting and not config.option.collectonly:
         items[:] = [item for item in items if item not in waiting] + waiting
         waiting[0].module.start_in_background()
-        _started.append(waiting[0].module)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    for module in _started:
-        module.stop()
+    if _OWNS_RUN:  # the process that ends the session: after every xdist worker
+        import test_triton_interpreted
+
+        test_triton_interpreted.stop()
     shutil.rmtree(_TUNING_CACHE, ignore_errors=True)
