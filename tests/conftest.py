@@ -22,8 +22,9 @@ INTERPRETER_SUITE = "test_triton_interpreted.py::test_triton_kernels_under_inter
 
 # One name per session, shared with pytest-xdist's workers (they inherit the environment of the
 # process that starts them, which imports this file first): the interpreter suite's run folder.
-_OWNS_RUN = "GN_DET_TEST_RUN" not in os.environ  # this process started the session (not a worker, nor a suite it ran)
-os.environ.setdefault("GN_DET_TEST_RUN", uuid.uuid4().hex)
+# (Not a GN_DET_* name: gn_det refuses variables of its prefix that it does not read.)
+_OWNS_RUN = "GN_TESTS_SESSION" not in os.environ  # this process started the session (not a worker, nor a suite it ran)
+os.environ.setdefault("GN_TESTS_SESSION", uuid.uuid4().hex)
 
 
 @pytest.hookimpl(trylast=True)  # after -m/-k deselection: only a selected suite starts

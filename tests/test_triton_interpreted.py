@@ -6,7 +6,7 @@ suite is collected (tests/conftest.py calls ``start_in_background``) and works b
 other tests; this test, moved to the end of the run, waits for it. With pytest-xdist (make
 test's ``-n 2``) every worker collects the suite: the first to create the run's folder starts
 the process, and whichever worker runs this test waits for the exit status the process
-leaves there. The run's folder is named by ``GN_DET_TEST_RUN``, which conftest.py sets once
+leaves there. The run's folder is named by ``GN_TESTS_SESSION``, which conftest.py sets once
 per session, before the workers start."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ TIMEOUT_S = 900
 
 def run_dir() -> str:
     """This session's folder for the background run: output.txt, pid, rc."""
-    return os.path.join(tempfile.gettempdir(), f"gn_det_interpreted_{os.environ['GN_DET_TEST_RUN']}")
+    return os.path.join(tempfile.gettempdir(), f"gn_det_interpreted_{os.environ['GN_TESTS_SESSION']}")
 
 
 def start_in_background() -> None:
