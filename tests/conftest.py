@@ -8,6 +8,12 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests' shared helpers (gn_cases)
 
+# Under pytest-xdist (make test: 2 workers on 2 cores), one thread per worker and per process it
+# starts: torch's default of one per core would put twice as many busy threads as cores, and
+# OpenMP threads that wait spin. Set before torch is imported (the test modules import it).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # GN tuning decisions (GPU runs, and tests that turn tuning on) go to a folder of this run,
 # not the user's cache; set before gn_det is imported, and inherited by subprocesses.
 _TUNING_CACHE = tempfile.mkdtemp(prefix="gn_det_tuning_")
