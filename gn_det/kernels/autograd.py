@@ -11,11 +11,15 @@ the residual or, with ReLU, the output, which the next layer keeps anyway
 (``activation.RESIDUAL_*``). In eager mode ``group_norm`` calls the same implementations
 through ``GroupNormFunction``, which skips the custom op's per-call Python dispatch.
 
-The forward op also has a decomposition into standard ATen operators (registered with
-``torch._decomp``, whose table the ONNX ``dynamo=True`` exporter applies before translating):
-an exported graph that holds the op still exports to ONNX. On torch 2.6+ ``group_norm`` takes
-its standard-operator path under export anyway (``torch.compiler.is_exporting``); torch 2.5
-cannot tell export from ``torch.compile``, so its exported graphs hold the op.
+The forward op also has a decomposition into standard ATen operators
+(``group_norm_forward_decomposition``). On torch 2.6+ ``group_norm`` takes its standard-operator
+path under export (``torch.compiler.is_exporting``), so exported graphs do not hold the op and
+the decomposition is not registered: a decomposition in ``torch._decomp``'s table makes
+inductor's fallback for the op raise wherever the environment sets ``CI`` (torch's own CI check
+in ``make_fallback``), which would fail ``torch.compile`` on users' CI machines. torch 2.5
+cannot tell export from ``torch.compile``, so its exported graphs hold the op: there it is
+registered (the ONNX ``dynamo=True`` exporter applies that table before translating), and
+``CI`` must be unset where torch 2.5 compiles a graph holding the op.
 
 Custom ops are on none of autocast's lists, so under autocast the op runs in its input's
 dtype (float32 statistics) rather than being upcast to float32 as ``F.group_norm`` is.
@@ -34,7 +38,7 @@ from .activation import ACT_RELU, RESIDUAL_ADD, RESIDUAL_NONE, RESIDUAL_OUTPUT, 
 from .dispatch import backward_impl, forward_impl
 from .group_norm_torch import compute_dtype
 
-__all__ = ["GroupNormFunction", "residual_mode_for"]
+__all__ = ["GroupNormFunction", "group_norm_forward_decomposition", "residual_mode_for"]
 
 
 @torch.library.custom_op("gn_det::group_norm_forward", mutates_args=())
@@ -51,8 +55,7 @@ def _group_norm_forward_fake(x, weight, bias, num_groups, eps, activation, resid
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 
-@register_decomposition(torch.ops.gn_det.group_norm_forward.default)
-def _group_norm_forward_decomposition(x, weight, bias, num_groups, eps, activation, residual=None):
+def group_norm_forward_decomposition(x, weight, bias, num_groups, eps, activation, residual=None):
     """The forward op in standard ATen operators, for exporters that decompose (ONNX dynamo=True):
     ATen's GroupNorm in the statistics' dtype (float32 for half inputs, as the kernels compute),
     the residual, the activation, the output in x's dtype; mean and rstd ``(N, G)`` as the op's."""
@@ -63,6 +66,10 @@ def _group_norm_forward_decomposition(x, weight, bias, num_groups, eps, activati
     if residual is not None:
         y = y + residual.to(dtype)
     return export_activation(y, activation).to(x.dtype), mean, rstd
+
+
+if not hasattr(torch.compiler, "is_exporting"):  # torch 2.5: its exported graphs hold the op
+    register_decomposition(torch.ops.gn_det.group_norm_forward.default)(group_norm_forward_decomposition)
 
 
 @torch.library.custom_op("gn_det::group_norm_backward", mutates_args=())
