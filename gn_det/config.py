@@ -226,10 +226,15 @@ class GNSettings:
         return "\n".join(lines)
 
 
+# Each setting's rule, from its field: a plain dict, which torch 2.5's dynamo can read inside a
+# compiled GN call (a field's metadata is a mappingproxy, which it cannot).
+_RULES = {field.name: field.metadata["rule"] for field in dataclasses.fields(GNSettings)}
+
+
 def check_setting(name: str, value: Any, terms: Terms = argument_key, where: str = "") -> None:
     """Setting ``name``'s rule (its field's ``rule``) on ``value``; ``SettingError`` naming the
     setting by ``terms`` (``where``: a layer or function, added to the message)."""
-    rule = GNSettings.__dataclass_fields__[name].metadata["rule"]
+    rule = _RULES[name]
     if rule is not None and not rule[0](value):
         raise SettingError(f"{{{name}}}={_v(value)}: {rule[1]}", terms, where)
 
