@@ -29,7 +29,7 @@ import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-__all__ = ["StopAtStepEnd", "Stopped", "signals_held", "stop_on_signals"]
+__all__ = ["STOP_SIGNALS", "StopAtStepEnd", "Stopped", "signals_held", "stop_on_signals"]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

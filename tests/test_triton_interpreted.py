@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,7 +61,7 @@ def stop() -> None:
         os.killpg(pid, signal.SIGKILL)  # the shell and the suite it started (its own session)
     except (OSError, ValueError):
         pass
-    subprocess.run(["rm", "-rf", folder], check=False)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_triton_kernels_under_interpreter():

@@ -37,7 +37,7 @@ try:
     from gn_det.errors import ConfigError, check_environment, exit_on_user_error
     from gn_det.lazy import build_lazy_model, lazy_dataset_names, lazy_test, lazy_train, load_lazy_config
     from gn_det.modeling import validate_gn_config
-    from gn_det.stopping import Stopped, stop_on_signals
+    from gn_det.stopping import STOP_SIGNALS, Stopped, stop_on_signals
 except (ValueError, OSError) as exc:  # gn_det reads its GN_DET_* variables at import, and names a bad one
     if "GN_DET_" not in str(exc):
         raise
@@ -168,7 +168,7 @@ if __name__ == "__main__":
         register_shapes_dataset()  # generate the embedded dataset once, before worker processes start
         check_inputs(setup(args), args)  # a user error ends here, once, before any worker starts
         if args.num_gpus * args.num_machines > 1:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 signal.signal(sig, _forward)  # the workers stop cleanly and say where; this process waits
         try:
             launch(
@@ -181,6 +181,6 @@ if __name__ == "__main__":
             )
         except Exception as exc:
             code = getattr(exc, "exit_code", None)  # a worker stopped by a signal: it said where the checkpoint is
-            if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+            if code in [128 + sig for sig in STOP_SIGNALS]:
                 raise SystemExit(code) from None
             raise
