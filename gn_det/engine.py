@@ -49,12 +49,13 @@ from detectron2.utils.logger import setup_logger
 from .checkpoint import SafeCheckpointer
 from .data.loader import ResumableTrainLoader, build_resumable_train_loader
 from .data.mapper import MaskSafeDatasetMapper
-from .errors import DivergenceError, UserError
+from .errors import ConfigError, DivergenceError, UserError
 from .evaluation import FastCOCOEvaluator
 from .kernels.tuning import synchronize_decisions
 from .stopping import StopAtStepEnd
 
-__all__ = ["AutotuneSync", "ExactResume", "Trainer", "final_ap", "random_state", "set_random_state", "keeping_random_state",
+__all__ = ["AutotuneSync", "ExactResume", "Trainer", "check_batch_split",
+           "final_ap", "random_state", "set_random_state", "keeping_random_state",
            "save_final_if_nothing_left"]
 
 logger = logging.getLogger(__name__)
@@ -175,6 +176,27 @@ def save_final_if_nothing_left(checkpointer: SafeCheckpointer, start_iter: int, 
         logger.info("Nothing left to train: %s exists", final)
 
 
+def check_batch_split(cfg: CfgNode, world: int) -> None:
+    """The images of a step split evenly over the ``world`` processes: ``SOLVER.IMS_PER_BATCH``
+    itself, or, where ``SOLVER.REFERENCE_WORLD_SIZE`` is set and differs from ``world``, the
+    batch detectron2 rescales it to (``DefaultTrainer.auto_scale_workers``: the same images per
+    process, on ``world`` processes)."""
+    batch, reference = cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.REFERENCE_WORLD_SIZE
+    if batch < 1:
+        raise ConfigError(f"SOLVER.IMS_PER_BATCH={batch}: the images per step, over all processes, must be 1 or more")
+    if reference and reference != world:
+        if batch % reference:
+            raise ConfigError(f"SOLVER.IMS_PER_BATCH={batch} with SOLVER.REFERENCE_WORLD_SIZE={reference}: detectron2 "
+                              f"keeps the images per process (IMS_PER_BATCH / REFERENCE_WORLD_SIZE) when it rescales "
+                              f"the config to {world} process(es), so IMS_PER_BATCH must be a multiple of "
+                              f"{reference} (e.g. {2 * reference}), or set REFERENCE_WORLD_SIZE 0 to keep the batch")
+    elif batch % world:
+        raise ConfigError(f"SOLVER.IMS_PER_BATCH={batch}: the images per step, over all {world} process(es), must "
+                          f"be a multiple of the number of processes (e.g. {2 * world})"
+                          + ("" if reference else "; or set SOLVER.REFERENCE_WORLD_SIZE to the processes the config "
+                             "was written for, and detectron2 rescales batch, learning rate and schedule"))
+
+
 class Trainer(DefaultTrainer):
     def __init__(self, cfg: CfgNode) -> None:  # DefaultTrainer.__init__'s steps, DDP made CPU-aware
         TrainerBase.__init__(self)
@@ -211,8 +233,12 @@ class Trainer(DefaultTrainer):
             if isinstance(hook, d2_hooks.EvalHook):
                 hook._func = keeping_random_state(hook._func)  # evaluation must not move training's random state
         self.exact_resume = ExactResume(self.data_loader, self.cfg.SOLVER.CHECKPOINT_PERIOD)
-        at = next((i for i, h in enumerate(hooks) if isinstance(h, d2_hooks.PeriodicCheckpointer)), len(hooks))
-        hooks.insert(at, self.exact_resume)  # before the checkpoint it feeds (on every process)
+        # Before the checkpoint it feeds, and at the same place among the hooks that talk to the
+        # other processes on every process: its gather must not meet an evaluation's barrier. The
+        # checkpointer and writers exist on the main process only, the evaluation on all.
+        firsts = (d2_hooks.PeriodicCheckpointer, d2_hooks.EvalHook, d2_hooks.PeriodicWriter)
+        at = next((i for i, h in enumerate(hooks) if isinstance(h, firsts)), len(hooks))
+        hooks.insert(at, self.exact_resume)
         # StopAtStepEnd first (a signal stops the run after a step, before its checkpoint); AutotuneSync after the
         # IterationTimer, before the writers
         return [StopAtStepEnd()] + hooks[:1] + [AutotuneSync()] + hooks[1:]

@@ -7,6 +7,7 @@ written)."""
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -215,6 +216,16 @@ def test_train_net_trains_and_evaluates_a_lazy_config(tmp_path):
     assert len(losses(tmp_path)) == 2 and os.path.exists(tmp_path / "model_final.pth")
     log = proc.stdout + proc.stderr
     assert "Evaluation results for bbox" in log and "Evaluation results for segm" in log
+    # --eval-only --resume evaluates the output folder's last checkpoint (here model_final.pth),
+    # (not a last_checkpoint in the working directory): the same AP as at the end of training
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config", R50, "--eval-only",
+                           "--resume", *small_overrides(R50, tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    again = proc.stdout + proc.stderr
+    assert f"Loading from {tmp_path / 'model_final.pth'}" in again, again[-3000:]
+    copypaste = lambda text: re.findall(r"copypaste: ([\d.,\-nan]+)$", text, flags=re.M)  # noqa: E731
+    assert len(copypaste(log)) == 2 and copypaste(again) == copypaste(log)  # box and mask AP
 
 
 def test_train_net_names_a_mistyped_lazy_override(tmp_path):

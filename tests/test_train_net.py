@@ -96,12 +96,18 @@ def test_eval_only_gives_the_same_ap_as_the_end_of_training(trained, tmp_path):
     assert flat(at_eval_only) == pytest.approx(flat(at_training), abs=1e-3)
 
 
-def test_two_processes_through_launch_gloo(tmp_path):
+def test_two_processes_through_launch_gloo_train_checkpoint_and_evaluate_at_the_same_step(tmp_path):
+    """Step 2 (iteration 1) saves a checkpoint (ExactResume gathers every process's data
+    position to the main one) and evaluates (COCOEvaluator gathers the predictions): each
+    process must run them in the same order, or the main one waits in one collective and the
+    other in another, for ever (it did before the fix)."""
     proc = run_train_net("--config", DEMO_CONFIG, "--num-gpus", "2", "--dist-url", "auto", *QUICK,
-                         "SOLVER.MAX_ITER", "3", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path))
+                         "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "2",
+                         "OUTPUT_DIR", str(tmp_path))
     log = proc.stdout + proc.stderr
     assert "World size: 2" in log
     assert [e["iteration"] for e in metrics(str(tmp_path)) if "total_loss" in e][-1] == 2
+    assert len(ap_lines(log)) == 4 and os.path.isfile(tmp_path / "model_0000001.pth")  # box and mask AP, twice
 
 
 # ----------------------------------------------------------------------------- a user's mistakes
@@ -214,7 +220,9 @@ def test_missing_coco_says_where_and_what_to_do(tmp_path):
     (["--num-gpus", "0", "OUTPUT_DIR", "{out}"], {}, ["--num-gpus 0: give the number of processes per machine, 1 or more"]),
     (["OUTPUT_DIR", "{out}", "--resume"], {}, ["--resume comes after the config's KEY VALUE pairs", "put the flags first"]),
     (["SOLVER.IMS_PER_BATCH", "0", "OUTPUT_DIR", "{out}"], {}, ["SOLVER.IMS_PER_BATCH=0: the images per step",
-                                                                "positive multiple"]),
+                                                                "must be 1 or more"]),
+    (["--num-gpus", "3", "SOLVER.IMS_PER_BATCH", "4", "OUTPUT_DIR", "{out}"], {},
+     ["SOLVER.IMS_PER_BATCH=4: the images per step, over all 3 process(es), must be a multiple"]),
     (["OUTPUT_DIR", "/proc/gn_det_cannot_be_here"], {}, ["OUTPUT_DIR='/proc/gn_det_cannot_be_here' cannot be created"]),
     (["OUTPUT_DIR", "{out}"], {"GN_DET_BACKEND": "fast"}, ["GN_DET_BACKEND='fast' is not a gn_det backend"]),
     (["OUTPUT_DIR", "{out}"], {"GN_DET_BAKEND": "torch"}, ["environment variable GN_DET_BAKEND='torch' is not one gn_det "
@@ -225,3 +233,52 @@ def test_bad_flag_path_or_variable_exits_2(tmp_path, args, env, fragments):
     proc = run_train_net("--config", DEMO_CONFIG, *[a.format(out=tmp_path) for a in args], env=env, check=False)
     assert_user_error(proc, *fragments)
     assert not os.path.exists(tmp_path / "metrics.json")
+
+
+# ----------------------------------------------------------------------------- the batch over the processes
+
+
+YAML_CONFIGS = sorted(os.path.relpath(os.path.join(d, f), ROOT) for d, _, files in os.walk(os.path.join(ROOT, "configs"))
+                      for f in files if f.endswith(".yaml") and not f.startswith("Base-"))
+
+
+@pytest.mark.parametrize("path", YAML_CONFIGS)
+def test_batch_check_accepts_exactly_the_process_counts_detectron2_can_split(path):
+    """check_batch_split (train_net's check before any process starts) against what detectron2
+    does: the batch it rescales to with SOLVER.REFERENCE_WORLD_SIZE (auto_scale_workers) splits
+    evenly over the processes exactly where the check passes. The large-image configs serve 1
+    to 64 GPUs, as their header says."""
+    from detectron2.engine import DefaultTrainer
+
+    import gn_det
+    from gn_det.engine import check_batch_split
+    from gn_det.errors import ConfigError
+
+    cfg = gn_det.get_config(os.path.join(ROOT, path))
+    for world in (1, 2, 3, 4, 8, 12, 16, 32, 64):
+        try:
+            batch = DefaultTrainer.auto_scale_workers(cfg, world).SOLVER.IMS_PER_BATCH
+            splits = batch % world == 0
+        except AssertionError:  # "Invalid REFERENCE_WORLD_SIZE in config!"
+            splits = False
+        try:
+            check_batch_split(cfg, world)
+            accepted = True
+        except ConfigError as exc:
+            accepted = False
+            assert "SOLVER.IMS_PER_BATCH=" in str(exc)
+        assert accepted == splits, (path, world)
+        if "large_image" in path:
+            assert accepted, world
+
+
+def test_batch_check_names_the_reference_world_size_it_scales_by():
+    import gn_det
+    from gn_det.engine import check_batch_split
+    from gn_det.errors import ConfigError
+
+    cfg = gn_det.get_config(DEMO_CONFIG, ["SOLVER.IMS_PER_BATCH", "6", "SOLVER.REFERENCE_WORLD_SIZE", "4"])
+    with pytest.raises(ConfigError, match=r"SOLVER.IMS_PER_BATCH=6 with SOLVER.REFERENCE_WORLD_SIZE=4: .* a multiple of 4"):
+        check_batch_split(cfg, 2)
+    with pytest.raises(ConfigError, match=r"SOLVER.IMS_PER_BATCH=6: .* over all 4 process\(es\), must be a multiple"):
+        check_batch_split(cfg, 4)  # at the reference size nothing is rescaled

@@ -33,7 +33,7 @@ try:
     from gn_det.checkpoint import SafeCheckpointer, check_weights_exist
     from gn_det.data import check_datasets_exist, register_shapes_dataset
     from gn_det.data.checks import DataSettings
-    from gn_det.engine import Trainer
+    from gn_det.engine import Trainer, check_batch_split
     from gn_det.errors import ConfigError, check_environment, exit_on_user_error
     from gn_det.lazy import build_lazy_model, lazy_dataset_names, lazy_test, lazy_train, load_lazy_config
     from gn_det.modeling import validate_gn_config
@@ -94,11 +94,8 @@ def check_inputs(cfg, args):
     if is_lazy(args):
         check_datasets_exist(lazy_dataset_names(cfg, args.eval_only))
     else:
-        world = args.num_gpus * args.num_machines
-        batch = cfg.SOLVER.IMS_PER_BATCH
-        if not args.eval_only and (batch < 1 or batch % world):
-            raise ConfigError(f"SOLVER.IMS_PER_BATCH={batch}: the images per step, over all {world} process(es), must "
-                              f"be a positive multiple of the number of processes (e.g. {2 * world})")
+        if not args.eval_only:
+            check_batch_split(cfg, args.num_gpus * args.num_machines)
         settings = DataSettings.from_cfg(cfg)
         train = [] if args.eval_only else list(cfg.DATASETS.TRAIN)
         check_datasets_exist(list(cfg.DATASETS.TEST) + train, images=settings.check_images,
@@ -109,8 +106,8 @@ def check_inputs(cfg, args):
 def main_lazy(cfg, args):
     if args.eval_only:
         model = build_lazy_model(cfg)
-        SafeCheckpointer(model, weights_key="train.init_checkpoint").resume_or_load(cfg.train.init_checkpoint,
-                                                                                   resume=args.resume)
+        SafeCheckpointer(model, save_dir=cfg.train.output_dir, weights_key="train.init_checkpoint").resume_or_load(
+            cfg.train.init_checkpoint, resume=args.resume)  # --resume: the output folder's last checkpoint
         return lazy_test(cfg, model)
     return lazy_train(cfg, resume=args.resume)
 
