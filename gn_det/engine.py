@@ -124,7 +124,7 @@ class ExactResume(HookBase):
         """After a checkpoint of ``iteration`` is loaded: continue the data and the random
         state where it left them, or say in one line why that cannot be exact."""
         rank, state = comm.get_rank(), self._loaded
-        reason = None
+        reason, restored_random = None, False
         if not state:
             reason = "the checkpoint holds no data position or random state (written by an older gn_det)"
         elif rank >= len(state["ranks"]):
@@ -132,6 +132,7 @@ class ExactResume(HookBase):
         if reason is None:
             mine = state["ranks"][rank]
             set_random_state(mine["random"])
+            restored_random = True
             changed = self.loader.load_state_dict(mine["data"])
             if changed or state["world_size"] != comm.get_world_size():
                 reason = f"the data differs from the checkpoint's ({changed or 'world size changed'})"
@@ -140,7 +141,8 @@ class ExactResume(HookBase):
             self.loader.load_state_dict({**self.loader.state_dict(), "next_position": position, "pending": []})
             if comm.is_main_process():
                 logger.warning("Resume is not exact: %s; continuing with the data stream at image %d of each process, "
-                               "fresh random state", reason, position)
+                               "%s", reason, position,
+                               "the checkpoint's random state" if restored_random else "fresh random state")
 
 
 def _drop_logged_user_errors(record: logging.LogRecord) -> bool:

@@ -17,21 +17,29 @@ a way that buries that line or loses work:
   during an evaluation or a save stops the run at the next step's end.
 
 Elsewhere (set-up, evaluation in one process) a signal stops at once; so does a second signal
-anywhere.
+anywhere, except the same signal again within ``REPEAT_WINDOW_S`` of the one held: that is one
+request delivered twice. A terminal's Ctrl-C reaches every process of its foreground group (a
+distributed run's workers too), and ``tools/train_net.py``'s parent process forwards it to them
+as well; a cluster scheduler may signal every process of a job, and its launcher too.
 """
 from __future__ import annotations
 
 import contextlib
 import signal
+import time
 from typing import Iterator, Optional
 
 import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-__all__ = ["STOP_SIGNALS", "StopAtStepEnd", "Stopped", "signals_held", "stop_on_signals"]
+__all__ = ["REPEAT_WINDOW_S", "STOP_SIGNALS", "StopAtStepEnd", "Stopped", "signals_held", "stop_on_signals"]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# The same signal again this soon after the one held (measured when each is handled, at a
+# bytecode of the main thread, so a long operation under way can delay the copy) is a copy of
+# it, not a second request; a person pressing Ctrl-C again to stop at once takes longer.
+REPEAT_WINDOW_S = 2.0
 
 
 class Stopped(KeyboardInterrupt):
@@ -48,6 +56,7 @@ class _Pending:
     installed = False  # stop_on_signals() was called (in every process of a run, or in none)
     holds = 0  # regions under way that hold a signal: a step, a save, a distributed training loop
     signum: Optional[int] = None
+    held_at = 0.0  # time.monotonic() when the held signal was handled
 
 
 _PENDING = _Pending()
@@ -61,9 +70,13 @@ def _stop_now(signum: int) -> None:
 
 
 def _on_signal(signum, frame) -> None:
-    if _PENDING.holds and _PENDING.signum is None:
-        _PENDING.signum = signum  # raised where the region holding it ends
-        return
+    if _PENDING.holds:
+        now = time.monotonic()
+        if _PENDING.signum is None:
+            _PENDING.signum, _PENDING.held_at = signum, now  # raised where the region holding it ends
+            return
+        if signum == _PENDING.signum and now - _PENDING.held_at < REPEAT_WINDOW_S:
+            return  # a copy of the held signal (a Ctrl-C that reached this process twice)
     _stop_now(signum)
 
 
@@ -79,7 +92,8 @@ def stop_on_signals() -> None:
 def signals_held() -> Iterator[None]:
     """A SIGINT/SIGTERM during the block is held to its end, then raised as ``Stopped``, unless
     an outer region still holds it (a step under way; a distributed training loop, whose
-    processes stop together at a step's end). A second signal is raised at once."""
+    processes stop together at a step's end). A second signal is raised at once (not a copy of
+    the first: ``REPEAT_WINDOW_S``)."""
     _PENDING.holds += 1
     try:
         yield

@@ -6,6 +6,7 @@ test_reliability.py."""
 import json
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch.multiprocessing as mp
 from detectron2.engine import HookBase, SimpleTrainer
 
 from gn_det.checkpoint import SafeCheckpointer, _atomic_write
-from gn_det.stopping import StopAtStepEnd, Stopped, stop_on_signals
+from gn_det.stopping import REPEAT_WINDOW_S, StopAtStepEnd, Stopped, stop_on_signals
 
 
 class Recorder(HookBase):
@@ -37,9 +38,21 @@ class SignalInHook(HookBase):
             os.kill(os.getpid(), self.sig)
 
 
+def send(signals):
+    """Each of ``signals`` to this process, in order; a float in the list waits that many seconds."""
+    for sig in signals:
+        if isinstance(sig, float):
+            time.sleep(sig)
+        else:
+            os.kill(os.getpid(), sig)  # delivered here, in the main thread, at the next bytecode
+
+
+LATER = REPEAT_WINDOW_S + 0.2  # a pause after which the same signal again is a second request
+
+
 class SignalledTrainer(SimpleTrainer):
     """A trainer of a linear model whose step ``at`` sends ``signals`` to its own process in
-    the middle of the step (after the forward, before the optimizer step)."""
+    the middle of the step (after the forward, before the optimizer step; see ``send``)."""
 
     def __init__(self, at, signals):
         model = torch.nn.Linear(4, 1)
@@ -50,8 +63,7 @@ class SignalledTrainer(SimpleTrainer):
     def run_step(self):
         loss = self.model(next(self._data_loader_iter)).square().mean()
         if self.iter == self.at:
-            for sig in self.signals:
-                os.kill(os.getpid(), sig)  # delivered here, in the main thread, at the next bytecode
+            send(self.signals)
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
@@ -85,12 +97,27 @@ def test_a_signal_during_a_step_stops_training_when_the_step_ends(signal_handler
     assert trainer.iter == 3
 
 
-def test_a_second_signal_during_a_step_stops_at_once(signal_handlers):
-    trainer = SignalledTrainer(at=2, signals=[signal.SIGTERM, signal.SIGTERM])
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_during_a_step_stops_at_once(signal_handlers, second):
+    trainer = SignalledTrainer(at=2, signals=[signal.SIGTERM, LATER, second])
     stopped = train(trainer)
-    assert stopped.signum == signal.SIGTERM
+    assert stopped.signum == second
     assert trainer.finished == [0, 1]  # step 2 did not reach its end
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # and a third signal cannot interrupt the stop
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_the_same_signal_twice_at_once_is_one_request(signal_handlers, sig):
+    """A terminal's Ctrl-C reaches a distributed run's worker directly and again through
+    train_net's parent (which forwards it); a scheduler may signal every process and the
+    launcher, which forwards it too: the copy must not stop the step at once. Another signal
+    at once is a second request."""
+    trainer = SignalledTrainer(at=2, signals=[sig, sig, sig])
+    assert train(trainer).signum == sig and trainer.finished == [0, 1, 2]  # step 2 ran to its end
+    other = signal.SIGTERM if sig == signal.SIGINT else signal.SIGINT
+    stop_on_signals()
+    trainer = SignalledTrainer(at=2, signals=[sig, other])
+    assert train(trainer).signum == other and trainer.finished == [0, 1]
 
 
 def test_a_signal_outside_a_step_stops_at_once(signal_handlers):
@@ -119,8 +146,7 @@ class SignalledWrites:
         self.signals = signals
 
     def __reduce__(self):
-        for sig in self.signals:
-            os.kill(os.getpid(), sig)
+        send(self.signals)
         return (int, (0,))
 
 
@@ -138,7 +164,7 @@ def test_a_second_signal_during_a_save_stops_at_once_leaving_the_previous_checkp
     checkpointer = SafeCheckpointer(torch.nn.Linear(2, 2), save_dir=str(tmp_path))
     checkpointer.save("model_0000001", iteration=1)
     with pytest.raises(Stopped):
-        checkpointer.save("model_0000003", iteration=3, during=SignalledWrites([signal.SIGTERM, signal.SIGTERM]))
+        checkpointer.save("model_0000003", iteration=3, during=SignalledWrites([signal.SIGTERM, LATER, signal.SIGTERM]))
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]  # no .tmp
 

@@ -255,6 +255,16 @@ def test_cached_without_gradient_and_renewed_when_the_weight_changes():
     with torch.no_grad():
         torch.testing.assert_close(conv.standardized_weight().double(), mmcv_reference(conv.weight), rtol=1e-5, atol=1e-5)
     assert "_ws_cache" not in conv.__getstate__()
+    # a write through .data leaves the version counter as it was (an EMA's update, say): the
+    # cache is made again when the mode is next set, as an evaluation does
+    with torch.no_grad():
+        stale = conv.standardized_weight()
+    conv.weight.data.add_(torch.randn_like(conv.weight))
+    conv.eval()
+    with torch.no_grad():
+        fresh = conv.standardized_weight()
+    assert not torch.equal(fresh, stale)
+    torch.testing.assert_close(fresh.double(), mmcv_reference(conv.weight), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- autocast, layout, compile, export

@@ -14,8 +14,9 @@ that are refused, an unknown norm, a bad or broken image, a bad flag, an OUTPUT_
 be created, a GN_DET_* variable gn_det does not read or whose value it refuses) ends with
 "train_net: error: <what, where, the fix>" and exit status 2, before training starts; so does a
 diverged run, at the iteration it diverged. Any other error keeps its traceback.
-SIGINT (Ctrl-C) and SIGTERM stop training cleanly, after the step under way (a second signal: at
-once): one line saying where the last checkpoint is, exit status 130 / 143.
+SIGINT (Ctrl-C) and SIGTERM stop training cleanly, after the step under way (a second signal,
+2 seconds or more after the first: at once): one line saying where the last checkpoint is, exit
+status 130 / 143.
 """
 import multiprocessing
 import os

@@ -8,8 +8,9 @@ Two published definitions differ in the std and eps; gn_det names them by where 
 - ``"mmcv"``: mmcv's ``ConvWS2d`` (mmdetection's GN+WS models): ``(w - mean) / (std + 1e-5)``,
   std with Bessel's correction (``torch.std``'s default). mmdetection's GN+WS ImageNet
   backbones were trained with it, so they give their outputs only with it.
-- ``"timm"``: timm's ``StdConv2d`` (BiT ResNet-V2): ``(w - mean) / sqrt(var + 1e-6)``, the
-  population variance (what ``F.batch_norm`` in training mode computes).
+- ``"timm"``: timm's ``StdConv2d`` with its default eps: ``(w - mean) / sqrt(var + 1e-6)``,
+  the population variance (what ``F.batch_norm`` in training mode computes). (timm's BiT
+  ResNet-V2 models build it with eps 1e-8 instead: their weights give slightly other outputs.)
 
 This module is plain PyTorch; ``gn_det.modeling.weight_std`` puts it into detectron2's
 ``Conv2d``.
@@ -53,7 +54,7 @@ WEIGHT_STANDARDIZATIONS: Dict[str, WSVariant] = {
         WSVariant("mmcv", eps=1e-5, unbiased=True, eps_inside_sqrt=False,
                   source="mmcv.cnn.bricks.conv_ws.ConvWS2d (mmdetection's GN+WS configs)"),
         WSVariant("timm", eps=1e-6, unbiased=False, eps_inside_sqrt=True,
-                  source="timm.layers.std_conv.StdConv2d (BiT ResNet-V2)"),
+                  source="timm.layers.std_conv.StdConv2d, its default eps (timm's BiT models use 1e-8)"),
     )
 }
 OFF = ""  # the config value that turns weight standardization off

@@ -16,8 +16,11 @@ standardized weights (``gn_det.layers.weight_std`` has the definitions, ``"mmcv"
   running without it.
 - Training: the standardization is part of autograd (its gradient flows to the weight). Where
   no gradient reaches the weight (eval, ``no_grad``, frozen stages), the standardized weight is
-  cached per convolution and made again only when the weight changes (its version counter: an
-  optimizer step, ``load_state_dict``) or is replaced. Under ``torch.compile``, tracing and ONNX
+  cached per convolution and made again when the weight changes (its version counter: an
+  optimizer step, ``load_state_dict``, an in-place write to the parameter), is replaced, or the
+  module's mode is set (``train()``/``eval()``). A write through ``weight.data`` bypasses the
+  version counter: code that writes weights that way (some EMA implementations) is seen at
+  its next ``model.eval()``/``train()``. Under ``torch.compile``, tracing and ONNX
   export it is computed in the graph (standard reductions and elementwise operators).
 """
 from __future__ import annotations
@@ -90,6 +93,11 @@ class WSConv2d(Conv2d):
             standardized = standardize_weight(weight, self.weight_standardization)
         self.__dict__["_ws_cache"] = (weight, key, standardized)
         return standardized
+
+    def train(self, mode: bool = True) -> "WSConv2d":
+        # (writes through .data, which the cache's version key cannot see, come before a mode change)
+        self.__dict__.pop("_ws_cache", None)
+        return super().train(mode)
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return super()._conv_forward(input, self.standardized_weight(weight), bias)
