@@ -160,7 +160,8 @@ class GNSettings:
                "the convolution runs again; gradients unchanged (`gn_det.set_recompute_output`).")
     weight_standardization: str = _key(
         "", "\"mmcv\" or \"timm\": every convolution whose output feeds a gn_det GN (ResNet stem and blocks, FPN, "
-            "box and mask head convs, a project's own `Conv2d(norm=...)`) uses its weight standardized per output "
+            "box and mask head convs, RetinaNet's head, a project's own `Conv2d(norm=...)` or `nn.Conv2d` followed by "
+            "its norm in an `nn.Sequential`) uses its weight standardized per output "
             "channel: mmcv's `ConvWS2d` `(w - mean) / (std_unbiased + 1e-5)` (mmdetection's GN+WS weights) or timm's "
             "`StdConv2d` `(w - mean) / sqrt(var_population + 1e-6)`; \"\" is off. State_dict keys unchanged.",
         choices=_weight_standardizations)

@@ -17,7 +17,7 @@ import gn_det
 from gn_det.errors import ConfigError
 from gn_det.layers.weight_std import standardize_weight
 from gn_det.lazy import build_lazy_model, lazy_gn_settings, load_lazy_config
-from gn_det.modeling.weight_std import WSConv2d
+from gn_det.modeling.weight_std import WSConv2d, WSTorchConv2d
 from gn_cases import export_onnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -196,6 +196,45 @@ def test_a_projects_own_conv_with_a_norm_under_settings():
 
     with pytest.raises(TypeError, match="is not detectron2's Conv2d"):
         WSConv2d.convert(MyConv(4, 4, 3), "mmcv")
+
+
+def test_retinanet_head_convs_in_a_sequential_are_standardized():
+    """detectron2's RetinaNet head puts torch's nn.Conv2d and its norm in an nn.Sequential (no
+    detectron2 Conv2d norm=): those convolutions are standardized too, the keys unchanged."""
+    from detectron2 import model_zoo
+
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.RESNETS.NORM", "FastGN", "MODEL.FPN.NORM", "FastGN",
+            "MODEL.RETINANET.NORM", "FastGN", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"]
+    path = model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml")
+    # (detectron2's own file: its anchor sizes are a YAML !!python tag)
+    plain = gn_det.build_model(gn_det.get_config(path, opts, allow_unsafe=True)).eval()
+    model = gn_det.build_model(gn_det.get_config(path, [*opts, "MODEL.GN.WEIGHT_STANDARDIZATION", "timm"],
+                                                 allow_unsafe=True)).eval()
+    head = {n for n, m in model.named_modules() if isinstance(m, WSTorchConv2d)}
+    assert head == {f"head.{tower}.{i}" for tower in ("cls_subnet", "bbox_subnet") for i in (0, 3, 6, 9)}
+    assert not any(isinstance(m, WSTorchConv2d) for m in model.head.cls_score.modules())  # no norm after it
+    assert list(model.state_dict()) == list(plain.state_dict())
+    model.load_state_dict(plain.state_dict())
+    reference = copy.deepcopy(model.head)
+    for m in reference.modules():
+        if isinstance(m, WSTorchConv2d):
+            m.__class__ = torch.nn.Conv2d
+            with torch.no_grad():
+                m.weight.copy_(timm_reference(m.weight).float())
+    features = [torch.randn(1, 256, size, size) for size in (8, 4, 2, 1, 1)]  # P3-P7
+    with torch.no_grad():
+        for got, expected in zip(model.head(features), reference(features)):
+            for g, e in zip(got, expected):
+                torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_a_norm_asking_for_ws_after_no_convolution_fails_the_build_naming_it():
+    settings = gn_det.GNSettings(num_groups=4, weight_standardization="mmcv")
+    with gn_det.gn_settings(settings):
+        module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Unflatten(1, (8, 1, 1)),
+                                     gn_det.modeling.get_norm("FastGN", 8))
+    with pytest.raises(ConfigError, match=r"^2: this norm asks for weight standardization .* no convolution is known"):
+        gn_det.modeling.finish_model(module, settings)
 
 
 # ----------------------------------------------------------------------------- training, cache

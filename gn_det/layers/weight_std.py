@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 
-__all__ = ["REQUEST_ATTR", "WEIGHT_STANDARDIZATIONS", "WSVariant", "request_weight_standardization",
+__all__ = ["REQUEST_ATTR", "WEIGHT_STANDARDIZATIONS", "WSVariant", "awaits_standardization", "request_weight_standardization",
            "resolve_weight_standardization", "standardize_weight"]
 
 # attribute of a norm module: the variant it asks the convolution before it to standardize with
@@ -153,8 +153,14 @@ def _unstandardized(norm: nn.Module, args) -> None:
         f"{type(norm).__name__} asks for weight standardization ({getattr(norm, REQUEST_ATTR)!r}) of the "
         "convolution before it, which was never standardized: gn_det's build paths do it (detectron2's build_model "
         "and build functions, gn_det.lazy.build_lazy_model, convert_to_group_norm); for a module built otherwise "
-        "call gn_det.standardize_weights(module) once after building it (a norm that is not a detectron2 Conv2d's "
-        "norm= cannot standardize anything)")
+        "call gn_det.standardize_weights(module) once after building it (it finds a detectron2 Conv2d's norm= and a "
+        "torch nn.Conv2d followed by its norm in an nn.Sequential)")
+
+
+def awaits_standardization(module: nn.Module) -> bool:
+    """``module`` is a norm that asks for weight standardization of a convolution that does not
+    have it yet (its check runs at its next forward)."""
+    return any(hook is _unstandardized for hook in module._forward_pre_hooks.values())
 
 
 def remove_unstandardized_guard(norm: nn.Module) -> None:
