@@ -81,8 +81,9 @@ def test_summary_tables_and_plot(tmp_path):
     assert gn["box_AP"]["mean"] == 57.0 and gn["box_AP"]["std"] == pytest.approx(math.sqrt(2))
     assert summary[2]["seeds"] == [7] and summary[2]["failed"] == [8] and math.isnan(summary[2]["box_AP"]["std"])
     meta = {"machine": "CPU test", "date": "today", "command": "python tools/detection_norm_study.py",
-            "total_seconds": 60}
+            "total_seconds": 60, "run_seconds": 5400, "run_seconds_min": 540, "run_seconds_max": 1260}
     text = study.markdown(summary, meta)
+    assert "took 1.5 h in all (9–21 min a run;" in text
     assert "| FastGN@2 | gn_det GN | 2 | 1000 | 7, 8 | 57.0 ± 1.4 (56.0–58.0) | 54.5 ± 0.7 (54.0–55.0) |" in text
     assert "| BN@1 | detectron2 \"BN\" (batch statistics) | 1 | 1000 | 7; failed: [8] | 30.0 (1 seed) |" in text
     sweep = text.split("## Group sweep")[1]

@@ -171,8 +171,9 @@ def markdown(summary: Sequence[dict], meta: dict) -> str:
     """The study's tables: norms by images per batch, and the group sweep at 2 images."""
     lines = [f"# Detection norm study ({meta['machine']}, {meta['date']})", "",
              f"Command: `{meta['command']}`; demo Mask R-CNN R18-FPN from scratch on gn_det_shapes, the same epochs "
-             f"for every row; total run time {meta['total_seconds'] / 60:.0f} min. AP: mean ± sample std over the "
-             "seeds (min–max).", ""]
+             f"for every row; the runs' training and evaluation took {meta['run_seconds'] / 3600:.1f} h in all "
+             f"({meta['run_seconds_min'] / 60:.0f}–{meta['run_seconds_max'] / 60:.0f} min a run; runs reused by "
+             "--resume count with their own time). AP: mean ± sample std over the seeds (min–max).", ""]
     header = ["| row | norm | images per batch | iterations | seeds | box AP | mask AP |",
               "|---|---|---|---|---|---|---|"]
     for table, title in (("norms", "Norms by images per batch"), ("groups", "Group sweep at 2 images per batch")):
@@ -268,7 +269,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         [""] + (["--quick"] if args.quick else []) + ([f"--rows {args.rows}"] if args.rows else [])
         + ([f"--seeds {args.seeds}"] if args.seeds else []))
     meta = {"machine": f"CPU {platform.machine()} x{os.cpu_count()}", "date": time.strftime("%Y-%m-%d"),
-            "command": command, "total_seconds": time.time() - start, "seeds": seeds}
+            "command": command, "total_seconds": time.time() - start, "seeds": seeds,
+            "run_seconds": sum(r["seconds"] for r in runs),
+            "run_seconds_min": min(r["seconds"] for r in runs), "run_seconds_max": max(r["seconds"] for r in runs)}
     summary = summarize(runs)
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, "detection_study" + ("_quick" if args.quick else ""))
