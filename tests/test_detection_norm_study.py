@@ -88,6 +88,7 @@ def test_summary_tables_and_plot(tmp_path):
     assert "| BN@1 | detectron2 \"BN\" (batch statistics) | 1 | 1000 | 7; failed: [8] | 30.0 (1 seed) |" in text
     sweep = text.split("## Group sweep")[1]
     assert "| FastGN@2 | G = 16 (the demo's) |" in sweep and "| G8@2 | G = 8 |" in sweep
+    assert sweep.index("| G8@2 |") < sweep.index("| FastGN@2 |")  # by group count
     path = study.plot(summary, runs, str(tmp_path / "study.png"))
     assert path and os.path.getsize(path) > 1000
 

@@ -167,6 +167,14 @@ def _cell(stat: dict) -> str:
     return f"{stat['mean']:.1f} ± {stat['std']:.1f} ({stat['min']:.1f}–{stat['max']:.1f})"
 
 
+def _sweep(summary: Sequence[dict]) -> List[dict]:
+    """The group sweep's rows by group count: the demo's own 16 groups (FastGN@2) among them."""
+    sweep = [e for e in summary if e["table"] == "groups"]
+    demo = [e for e in summary if e["row"] == "FastGN@2"]
+    at = next((i for i, e in enumerate(sweep) if e["row"] == "G32@2"), len(sweep))
+    return sweep[:at] + demo + sweep[at:] if sweep else []
+
+
 def markdown(summary: Sequence[dict], meta: dict) -> str:
     """The study's tables: norms by images per batch, and the group sweep at 2 images."""
     lines = [f"# Detection norm study ({meta['machine']}, {meta['date']})", "",
@@ -177,9 +185,7 @@ def markdown(summary: Sequence[dict], meta: dict) -> str:
     header = ["| row | norm | images per batch | iterations | seeds | box AP | mask AP |",
               "|---|---|---|---|---|---|---|"]
     for table, title in (("norms", "Norms by images per batch"), ("groups", "Group sweep at 2 images per batch")):
-        entries = [e for e in summary if e["table"] == table]
-        if table == "groups":  # the demo's own 16 groups belong to the sweep too
-            entries = [e for e in summary if e["row"] == "FastGN@2"] + entries
+        entries = _sweep(summary) if table == "groups" else [e for e in summary if e["table"] == table]
         if not entries:
             continue
         lines += [f"## {title}", ""] + header
@@ -216,7 +222,7 @@ def plot(summary: Sequence[dict], runs: Sequence[dict], path: str) -> Optional[s
         left.scatter([d[0] for d in dots], [d[1] for d in dots], s=8, color="gray", zorder=3)
     left.set(xlabel="images per batch", ylabel="box AP", title="Norms by batch size", xticks=[1, 2, 4])
     left.legend(fontsize=7)
-    sweep = [e for e in summary if e["row"] == "FastGN@2"] + [e for e in summary if e["table"] == "groups"]
+    sweep = _sweep(summary)
     if sweep:
         labels = [e["groups"] or f"G = {DEMO_GROUPS}" for e in sweep]
         means = [e["box_AP"]["mean"] for e in sweep]
