@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from typing import Callable, Dict, List
 
@@ -224,8 +225,7 @@ def main() -> None:
     data = (standardize_per_image(x_train), y_train, standardize_per_image(x_val), y_val)
     start = time.time()
     rows = batch_study(args, data) if args.study == "batch" else groups_study(args, data)
-    command = ("python tools/batch_size_study.py" + ("" if args.study == "batch" else " --study groups")
-               + (" --quick" if args.quick else ""))
+    command = " ".join(["python tools/batch_size_study.py", *sys.argv[1:]])  # as run: the table can be made again
     meta = {
         "machine": f"CPU {platform.machine()} x{os.cpu_count()}", "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__, "command": command, "total_seconds": time.time() - start,
