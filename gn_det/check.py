@@ -187,11 +187,19 @@ def shape_table(part: str, quick: bool) -> Dict[str, Tuple[Shape, int]]:
     return {k: v for k, v in INTERPRETER_SHAPES.items() if not quick or k in INTERPRETER_QUICK}
 
 
+def name_matches(text: str, name: str) -> bool:
+    """Whether a --shapes entry selects a case name: '=NAME' the name itself, else any name
+    containing the text (case-insensitive both)."""
+    if text.startswith("="):
+        return text[1:].strip().lower() == name.lower()
+    return text.lower() in name.lower()
+
+
 def cases(part: str, quick: bool, dtypes: Sequence[str], layouts: Sequence[str], ops: Sequence[str],
           shape_filter: Sequence[str]) -> List[Case]:
     out = []
     for name, (shape, groups) in shape_table(part, quick).items():
-        if shape_filter and not any(text.lower() in name.lower() for text in shape_filter):
+        if shape_filter and not any(name_matches(text, name) for text in shape_filter):
             continue
         for dtype in dtypes:
             for layout in layouts:
@@ -773,7 +781,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--ops", default=",".join(OPS), type=lambda v: _list(v, tuple(OPS), "op"),
                         help=f"comma-separated: {OP_HELP}")
     parser.add_argument("--shapes", default="", type=lambda v: [s.strip() for s in v.split(",") if s.strip()],
-                        help="comma-separated parts of case names (e.g. 'stem,box'): only those cases")
+                        help="comma-separated parts of case names (e.g. 'stem,box'), or '=NAME' for one name "
+                             "exactly (e.g. '=FPN P2', not 'FPN P2 N=1'): only those cases")
     parser.add_argument("--part", choices=("all", "cpu-path", "interpreter"), default="all",
                         help="without CUDA: the CPU path, the kernels under the interpreter, or both (default)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed repetitions (default 2 on GPU, 1 on CPU)")
@@ -871,7 +880,7 @@ def _run(args: argparse.Namespace, argv: Optional[Sequence[str]], backend_in_use
               + " and ".join(WHAT_RUNS_ON_CPU[p] for p in parts) + ".")
     for text in args.shapes:  # a filter that selects nothing is a mistake, not an empty run
         names = [name for part in parts for name in shape_table(part, args.quick)]
-        if not any(text.lower() in name.lower() for name in names):
+        if not any(name_matches(text, name) for name in names):
             print(f"python -m gn_det.check: error: --shapes {text!r} matches no case here; the names "
                   f"{'(with --quick) ' if args.quick else ''}are: {', '.join(dict.fromkeys(names))}", file=sys.stderr)
             return 2

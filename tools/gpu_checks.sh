@@ -2,17 +2,25 @@
 # The GPU work of gn_det in as few device calls as possible: the self-check, the CUDA tests,
 # the layer benchmark and the training benchmark, each writing its files into one folder.
 #
-#   tools/gpu_checks.sh [STAGE ...]      STAGE: check | tests | norm | norm-bf16 | norm-rest | train | ncu
+#   tools/gpu_checks.sh [STAGE ...]      STAGE: check-parallel | check | tests | norm | norm-bf16 | norm-rest |
+#                                               train | ncu
 #
+# check-parallel (tools/check_parallel.py) runs the self-check's cases in $CHECK_JOBS processes
+# (default 12) at once, for correctness on a GPU whose Triton cache is empty: the kernels compile
+# on many cores at once (set TRITON_CACHE_DIR to a folder you carry to keep them for a later
+# call). Its times are not measurements; the check stage, after it, times on the warm cache.
 # With no stage it runs check, tests, norm and train; ncu (Nsight Compute metrics of the Triton
 # kernels, tools/profile_kernels.py) runs only when named. The check stage is
-# `python -m gn_det.check` (every Mask R-CNN shape and a few others, each dtype, layout and
+# `"$py" -m gn_det.check` (every Mask R-CNN shape and a few others, each dtype, layout and
 # fused op: errors against float64, time against PyTorch, tuning's decisions): its report
 # check_<gpu>.json and its printed table check_<gpu>.txt name the GPU; it starts no new case
 # after $CHECK_TIME_LIMIT seconds (default 480; the report lists the cases it left out).
 # Results go to $GPU_RESULTS, else $OUT (the device tool's return folder), else
 # benchmarks/results/. Every stage runs even when an earlier one failed; the exit status is
-# the number of stages that failed.
+# the number of stages that failed. With $GPU_PACK set (a .tar.gz path, e.g. under $OUT), the
+# results folder is packed into it after every stage: one file back, even when a later stage
+# runs past the call's limit.
+# The tests stage runs every test marked gpu, in $TEST_JOBS pytest-xdist processes if set.
 # A device call may run 10 minutes: the tests stop at $TESTS_TIME_LIMIT seconds (default
 # 540) and a layer benchmark starts no new row after $NORM_TIME_LIMIT (default 420; the
 # table is still written, listing what it left out); the training benchmark stops at
@@ -28,6 +36,7 @@ results="${GPU_RESULTS:-${OUT:-benchmarks/results}}"
 mkdir -p "$results"
 export PYTHONUNBUFFERED=1
 failed=0
+py="${PYTHON:-$(command -v python3 || command -v python)}"  # (the GPU image has python3 only)
 norm_limit="${NORM_TIME_LIMIT:-420}"
 ncu_metrics=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed
 ncu_metrics=$ncu_metrics,sm__warps_active.avg.pct_of_peak_sustained_active
@@ -43,6 +52,9 @@ stage() {  # name, command...: run it, log it under $results, count a failure
     else
         echo "=== $name done in $((SECONDS - start)) s"
     fi
+    if [ -n "${GPU_PACK:-}" ]; then
+        tar czf "$GPU_PACK.tmp" -C "$results" . && mv "$GPU_PACK.tmp" "$GPU_PACK"
+    fi
 }
 
 set -o pipefail
@@ -57,23 +69,24 @@ gpu="${gpu:-gpu}"  # as gn_det.check names its report: the GPU's name, lower cas
 [ $# -eq 0 ] && set -- check tests norm train
 for what in "$@"; do
     case "$what" in
-        check) stage check bash -o pipefail -c 'python -m gn_det.check --time-limit "$1" --json "$2" | tee "$3"' _ \
-                   "${CHECK_TIME_LIMIT:-480}" "$results/check_$gpu.json" "$results/check_$gpu.txt" ;;
-        tests) stage tests timeout "${TESTS_TIME_LIMIT:-540}" python -m pytest -q -p no:cacheprovider \
-                   -m "gpu or not slow" tests/test_group_norm_cuda.py tests/test_cuda_training.py \
-                   tests/test_group_norm.py tests/test_check.py ;;
-        norm) stage norm python tools/benchmark_norm.py --time-limit "$norm_limit" --out-dir "$results" \
+        check-parallel) stage check-parallel "$py" tools/check_parallel.py --jobs "${CHECK_JOBS:-12}" \
+                            --time-limit "${CHECK_TIME_LIMIT:-480}" --out-dir "$results" ;;
+        check) stage check bash -o pipefail -c '"$4" -m gn_det.check --time-limit "$1" --json "$2" | tee "$3"' _ \
+                   "${CHECK_TIME_LIMIT:-480}" "$results/check_$gpu.json" "$results/check_$gpu.txt" "$py" ;;
+        tests) stage tests timeout "${TESTS_TIME_LIMIT:-540}" "$py" -m pytest -q -p no:cacheprovider -rfE \
+                   -m gpu ${TEST_JOBS:+-n "$TEST_JOBS" --dist load} tests ;;
+        norm) stage norm "$py" tools/benchmark_norm.py --time-limit "$norm_limit" --out-dir "$results" \
                   --write-routes "$routes" ;;
-        norm-bf16) stage norm-bf16 python tools/benchmark_norm.py --dtypes bfloat16 --suffix bf16 \
+        norm-bf16) stage norm-bf16 "$py" tools/benchmark_norm.py --dtypes bfloat16 --suffix bf16 \
                        --time-limit "$norm_limit" --out-dir "$results" --write-routes "$routes" ;;
-        norm-rest) stage norm-rest python tools/benchmark_norm.py --dtypes float32,float16 --suffix fp32_fp16 \
+        norm-rest) stage norm-rest "$py" tools/benchmark_norm.py --dtypes float32,float16 --suffix fp32_fp16 \
                        --time-limit "$norm_limit" --out-dir "$results" --write-routes "$routes" ;;
         ncu) stage ncu timeout "${TESTS_TIME_LIMIT:-540}" ncu --target-processes all --clock-control none --csv \
                  --log-file "$results/ncu_kernels.csv" --kernel-name "regex:^_(group|stats|forward|backward)_" \
-                 --metrics "$ncu_metrics" python tools/profile_kernels.py ;;
-        train) stage train timeout "${TRAIN_TIME_LIMIT:-560}" python tools/benchmark_train.py --profile \
+                 --metrics "$ncu_metrics" "$py" tools/profile_kernels.py ;;
+        train) stage train timeout "${TRAIN_TIME_LIMIT:-560}" "$py" tools/benchmark_train.py --profile \
                    --out-dir "$results" ;;
-        *) echo "unknown stage '$what' (check, tests, norm, norm-bf16, norm-rest, train, ncu)" >&2
+        *) echo "unknown stage '$what' (check-parallel, check, tests, norm, norm-bf16, norm-rest, train, ncu)" >&2
            failed=$((failed + 1)) ;;
     esac
 done
