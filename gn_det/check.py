@@ -73,12 +73,12 @@ from torch import Tensor
 
 import gn_det
 from gn_det.bench.layer_shapes import CPU_SHAPES, MASK_RCNN_SHAPES, Shape
-from gn_det.bench.timing import DeviceTimer
+from gn_det.kernels.timing import DeviceTimer
 from gn_det.kernels import dispatch, routing, tuning
 from gn_det.kernels.activation import activation_code
 from gn_det.kernels.autograd import GroupNormFunction, residual_mode_for
 from gn_det.kernels.layout import memory_format_of
-from gn_det.tolerances import GRAD_TOLERANCE, TOLERANCE, scaled_error
+from gn_det.tolerances import GRAD_TOLERANCE, TOLERANCE, relu_unambiguous_grad, scaled_error
 
 FORMAT_VERSION = 1
 EPS = 1e-5
@@ -185,6 +185,20 @@ def shape_table(part: str, quick: bool) -> Dict[str, Tuple[Shape, int]]:
         table.update(CPU_EXTRA_SHAPES)
         return table
     return {k: v for k, v in INTERPRETER_SHAPES.items() if not quick or k in INTERPRETER_QUICK}
+
+
+def split_names(value: str) -> List[str]:
+    """A comma-separated list of case names or parts of them; commas inside parentheses belong
+    to a name ('features (N, C)')."""
+    parts, depth, current = [], 0, ""
+    for char in value:
+        depth += (char == "(") - (char == ")")
+        if char == "," and depth <= 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [p.strip() for p in parts + [current] if p.strip()]
 
 
 def name_matches(text: str, name: str) -> bool:
@@ -300,6 +314,19 @@ def reference(x: Tensor, groups: int, weight: Tensor, bias: Tensor, op: Op, resi
 
 
 _OUTPUTS = ("forward", "dx", "dweight", "dbias", "dresidual")
+
+
+def unambiguous_grad(x: Tensor, groups: int, weight: Tensor, bias: Tensor, op: Op, residual: Optional[Tensor],
+                     dy: Tensor) -> Tensor:
+    """The upstream gradient the case checks with: dy, and with ReLU 0 where the exact
+    pre-activation is within rounding of 0 (``gn_det.tolerances.relu_unambiguous_grad``)."""
+    if op.activation != "relu":
+        return dy
+    with torch.no_grad():
+        z = F.group_norm(x.double(), groups, weight.double(), bias.double(), EPS)
+        if residual is not None:
+            z += residual.double()
+        return relu_unambiguous_grad(z, dy)
 
 
 def run_and_grad(impl: Callable[..., Tensor], x: Tensor, groups: int, weight: Tensor, bias: Tensor, op: Op,
@@ -452,8 +479,11 @@ def check_group(cases_here: List[Case], settings: Settings, deadline: Optional[f
             op = OPS[case.op]
             math_of = (op.activation, op.residual)  # (recomputing the output changes no value)
             if math_of not in refs:
-                refs[math_of] = reference(x0, case.groups, weight0, bias0, op, r0 if op.residual else None, dy0)
-            row = check_case(case, op, settings, x0, dy0, r0, weight0, bias0, refs[math_of])
+                residual = r0 if op.residual else None
+                dy = unambiguous_grad(x0, case.groups, weight0, bias0, op, residual, dy0)
+                refs[math_of] = dy, reference(x0, case.groups, weight0, bias0, op, residual, dy)
+            dy, ref = refs[math_of]
+            row = check_case(case, op, settings, x0, dy, r0, weight0, bias0, ref)
         except Exception as exc:
             row = _error_row(case, exc)
         row["seconds"] = round(time.perf_counter() - started, 3)
@@ -780,7 +810,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="comma-separated: nchw, channels_last")
     parser.add_argument("--ops", default=",".join(OPS), type=lambda v: _list(v, tuple(OPS), "op"),
                         help=f"comma-separated: {OP_HELP}")
-    parser.add_argument("--shapes", default="", type=lambda v: [s.strip() for s in v.split(",") if s.strip()],
+    parser.add_argument("--shapes", default="", type=split_names,
                         help="comma-separated parts of case names (e.g. 'stem,box'), or '=NAME' for one name "
                              "exactly (e.g. '=FPN P2', not 'FPN P2 N=1'): only those cases")
     parser.add_argument("--part", choices=("all", "cpu-path", "interpreter"), default="all",

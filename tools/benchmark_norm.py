@@ -37,7 +37,7 @@ from torch import nn
 
 import gn_det
 from gn_det.bench.layer_shapes import CPU_SHAPES, MASK_RCNN_SHAPES
-from gn_det.bench.timing import DeviceTimer
+from gn_det.kernels.timing import DeviceTimer
 from gn_det.kernels import routing, tuning, verification
 from gn_det.kernels.activation import activation_code
 from gn_det.kernels.dispatch import dispatch_path

@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gn_det.check import machine_name, name_matches, shape_table, slug
+from gn_det.check import machine_name, name_matches, shape_table, slug, split_names
 
 
 def run_one(name: str, check_args: List[str], time_limit: float, out_dir: str) -> dict:
@@ -81,7 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_args = ["--part", "cpu-path"] + check_args
     check_args = (["--quick"] if args.quick else []) + check_args
     table = shape_table("cuda" if cuda else "cpu path", args.quick)
-    filters = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    filters = split_names(args.shapes)
     names = [n for n in table if not filters or any(name_matches(f, n) for f in filters)]
     if not names:
         parser.error(f"--shapes {args.shapes!r} matches none of: {', '.join(table)}")

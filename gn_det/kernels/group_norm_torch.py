@@ -170,6 +170,9 @@ def torch_group_norm_backward(
                                 activation)
     # d(residual) is the activation's gradient itself (taken before GN's backward reads it).
     dres = None if residual is None else grad.to(dtype=residual.dtype, memory_format=fmt, copy=True)
+    if x.device.type != "cpu" and fmt is not torch.contiguous_format:
+        # ATen's CUDA GroupNorm backward views its inputs as (N, C, S): contiguous ones only.
+        grad, xc = grad.contiguous(), xc.contiguous()
     if x.device.type == "cpu" and bool((rstd < _SMALLEST_RSTD_ATEN_BACKWARD_TAKES).any()):
         # Groups of huge values (remeasured after their variance overflowed): ATen's backward
         # multiplies powers of rstd, which underflow to a finite, wrong dx. GN's gradient is

@@ -1,5 +1,6 @@
-"""The one timer of gn_det's benchmarks and of ``python -m gn_det.check`` (tools/benchmark_norm.py,
-gn_det.check): device time on CUDA with the host's launch time hidden, wall time on CPU."""
+"""The one timer of gn_det: first-use tuning's (``tuning.py``), the benchmarks' and
+``python -m gn_det.check``'s (tools/benchmark_norm.py, gn_det.check): device time on CUDA with
+the host's launch time hidden, wall time on CPU."""
 from __future__ import annotations
 
 import time
