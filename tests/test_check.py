@@ -308,3 +308,21 @@ def test_shapes_option_names_cases_exactly_and_keeps_commas_in_parentheses():
     assert split_names("=features (N, C), stem,,box") == ["=features (N, C)", "stem", "box"]
     assert name_matches("=FPN P2", "FPN P2") and not name_matches("=FPN P2", "FPN P2 N=1")
     assert name_matches("fpn p2", "FPN P2 N=1")
+
+
+def test_check_parallel_merges_its_processes_and_fails_on_a_fault(tmp_path):
+    # tools/check_parallel.py (the GPU's first, correctness-only pass) on CPU: the check's CPU-path
+    # cases, one process per case name; a fault injected into one name's cases fails the run.
+    environment = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GN_DET_TRITON_ON_CPU")}
+    command = [sys.executable, "-W", "ignore", os.path.join(ROOT, "tools", "check_parallel.py"), "--jobs", "2",
+               "--quick", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(command + ["--", "--inject-fault", "wrong-output:box"], cwd=ROOT, env=environment,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (report_path,) = tmp_path.glob("check_parallel_*.json")
+    report = json.loads(report_path.read_text())
+    names = {row["case"] for row in report["rows"]}
+    assert names == set(check.CPU_QUICK) and report["summary"]["processes_died"] == 0
+    failed = {row["case"] for row in report["rows"] if row["status"] != "ok"}
+    assert failed == {"box head (small)"} and report["summary"]["failed"] == 24
+    assert "check_parallel: 48 cases, 24 failed" in proc.stdout

@@ -29,8 +29,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from gn_det.check import machine_name, name_matches, shape_table, slug, split_names
 
 
