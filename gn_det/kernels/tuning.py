@@ -10,7 +10,8 @@ and whether the call is recorded for backward ("train": forward + backward are t
 ("infer": forward only). The candidates are the op's own path ("kernels": the Triton kernels on
 CUDA) and ``group_norm_op.aten_group_norm`` ("aten"). Each is run once untimed (a first run
 compiles), then timed for about ``MEASURE_BUDGET_S`` (``MIN_TIMED_RUNS`` to ``MAX_TIMED_RUNS``
-runs; CUDA events on a GPU, ``time.perf_counter`` on CPU), on detached copies of the call's
+runs; ``timing.DeviceTimer``: device time on a GPU with the host's launch time hidden,
+``time.perf_counter`` on CPU), on detached copies of the call's
 inputs outside any saved-tensor hooks; the lower median wins. The two paths give the same
 results up to rounding.
 
