@@ -21,6 +21,12 @@ real tensors, when the graph runs), output recomputation (``recompute.py`` rerun
   no synchronisation. Outcomes that passed are verified again in each new process; failures are
   read from the disk cache (``tuning.py``), so a failed bucket is not tried again until triton,
   torch or gn_det's kernels change (each reads another cache file).
+- **A disagreement** is settled by a float64 reference (the PyTorch path on float64 copies of
+  the inputs, computed then only): where the kernels agree with it and the PyTorch path does
+  not, the kernels pass, the record says so and one warning per bucket says the PyTorch path
+  was wrong there (on an H200, ATen's CUDA GroupNorm backward read channels_last tensors as
+  NCHW: verification failed the right kernels and returned the wrong gradients). Where the
+  reference cannot be computed (out of memory) or sides with neither, the kernels fail.
 - **A failure** (the kernels raised, e.g. a compile error, out of resources at launch, an
   unsupported dtype; or disagreed beyond the tolerance): the call returns the PyTorch path's
   result (computed already), every later call of the bucket runs the PyTorch path (which
@@ -98,6 +104,7 @@ def verify_key_of(kernels: ModuleType, x: Tensor, num_groups: int, activation: i
 
 FAULTS = ("compile", "launch", "wrong")
 KERNEL_SET_NAMES = ("forward", "backward")
+PYTORCH_PATH_NAMES = ("pytorch forward", "pytorch backward")  # "wrong" only: the reference made wrong
 _faults: Dict[str, str] = {}  # kernel set -> fault; empty but while a test injects one
 
 
@@ -109,11 +116,13 @@ def inject_fault(kernel_set: str, fault: str) -> Iterator[None]:
     compile error, or its interpreter's); "launch" raises triton's ``OutOfResources`` (shared
     memory), what a launch needing more than the GPU has raises; "wrong" runs the kernels and
     then changes one element of their first result (y, or dx) by a quarter of its largest
-    magnitude, as a race or masking fault would. Everything else (verification, fall back,
-    warnings, records) runs as it does for a real fault."""
-    if kernel_set not in KERNEL_SET_NAMES or fault not in FAULTS:
+    magnitude, as a race or masking fault would. "pytorch forward" / "pytorch backward" with
+    "wrong" do that to the PyTorch path's result that verification compares the kernels with
+    (not to its float64 reference), as a fault of ATen's would. Everything else (verification,
+    fall back, arbitration, warnings, records) runs as it does for a real fault."""
+    if not (kernel_set in KERNEL_SET_NAMES and fault in FAULTS or kernel_set in PYTORCH_PATH_NAMES and fault == "wrong"):
         raise ValueError(f"inject_fault({kernel_set!r}, {fault!r}): kernel_set is one of {KERNEL_SET_NAMES}, "
-                         f"fault one of {FAULTS}")
+                         f"fault one of {FAULTS}; or kernel_set one of {PYTORCH_PATH_NAMES}, fault 'wrong'")
     previous = _faults.get(kernel_set)
     _faults[kernel_set] = fault
     try:
@@ -140,7 +149,7 @@ def _uncompilable_kernel():
 
 def _with_fault(kernel_set: str, run, *args):
     fault = _faults[kernel_set]
-    x = args[1] if kernel_set == "backward" else args[0]
+    x = args[1] if kernel_set.endswith("backward") else args[0]
     if fault == "compile":
         _uncompilable_kernel()[(1,)](x, 3)
     elif fault == "launch":
@@ -150,6 +159,19 @@ def _with_fault(kernel_set: str, run, *args):
     first = out[0]
     first[(0,) * first.dim()] += 0.25 * first.abs().max().item() + 1.0
     return out
+
+
+def _pytorch_forward(*args):
+    """The PyTorch path's forward that verification compares the kernels with."""
+    if _faults and "pytorch forward" in _faults:
+        return _with_fault("pytorch forward", torch_group_norm_forward, *args)
+    return torch_group_norm_forward(*args)
+
+
+def _pytorch_backward(*args):
+    if _faults and "pytorch backward" in _faults:
+        return _with_fault("pytorch backward", torch_group_norm_backward, *args)
+    return torch_group_norm_backward(*args)
 
 
 def _kernels_forward(kernels: ModuleType, *args):
@@ -183,7 +205,8 @@ def verified_forward(
         return (_kernels_forward(kernels, x, weight, bias, num_groups, eps, activation, residual) if runs else
                 torch_group_norm_forward(x, weight, bias, num_groups, eps, activation, residual))
     key = verify_key_of(kernels, x, num_groups, activation, residual is not None)
-    want = torch_group_norm_forward(x, weight, bias, num_groups, eps, activation, residual)
+    want = _pytorch_forward(x, weight, bias, num_groups, eps, activation, residual)
+    got, overruled = None, None
     try:
         got = _kernels_forward(kernels, x, weight, bias, num_groups, eps, activation, residual)
         problem = _forward_difference(got, want, x.dtype, weight)
@@ -191,7 +214,12 @@ def verified_forward(
         raise
     except Exception as exc:  # any error of the kernels: they are not used for this bucket
         problem = _error(exc)
-    return _conclude(key, "forward", x, exact, problem, got if problem is None else want)
+    if problem is not None and got is not None:  # the two disagree: a float64 reference says which is wrong
+        reference = _in_float64(torch_group_norm_forward, x, weight, bias, num_groups, eps, activation, residual)
+        if (reference is not None and _forward_difference(got, reference, x.dtype, weight) is None
+                and _forward_difference(want, reference, x.dtype, weight) is not None):
+            problem, overruled = None, problem
+    return _conclude(key, "forward", x, exact, problem, got if problem is None else want, overruled)
 
 
 def verified_backward(
@@ -213,7 +241,8 @@ def verified_backward(
     if runs is not None:
         return _kernels_backward(kernels, *kernel_args) if runs else torch_group_norm_backward(*torch_args)
     key = verify_key_of(kernels, x, num_groups, activation, residual is not None)
-    want = torch_group_norm_backward(*torch_args)
+    want = _pytorch_backward(*torch_args)
+    got, overruled = None, None
     try:
         got = _kernels_backward(kernels, *kernel_args)
         problem = _backward_difference(got, want, grad_y, x, weight, mean, rstd, residual)
@@ -221,7 +250,13 @@ def verified_backward(
         raise
     except Exception as exc:  # any error of the kernels: they are not used for this bucket
         problem = _error(exc)
-    return _conclude(key, check, x, exact, problem, got if problem is None else want)
+    if problem is not None and got is not None:  # the two disagree: a float64 reference says which is wrong
+        reference = _in_float64(torch_group_norm_backward, *torch_args)
+        if (reference is not None
+                and _backward_difference(got, reference, grad_y, x, weight, mean, rstd, residual) is None
+                and _backward_difference(want, reference, grad_y, x, weight, mean, rstd, residual) is not None):
+            problem, overruled = None, problem
+    return _conclude(key, check, x, exact, problem, got if problem is None else want, overruled)
 
 
 def _first_use(kernels: ModuleType, exact: tuple, x: Tensor, num_groups: int, activation: int, residual: bool,
@@ -252,15 +287,31 @@ def _remember(exact: tuple, runs_kernels: bool) -> None:
     STORE.checked_by_input[exact] = runs_kernels
 
 
-def _conclude(key: VerifyKey, check: str, x: Tensor, exact: tuple, problem: Optional[str], result):
-    verification = Verification(key, check, problem is None, problem or "agreed within tolerance", "verified",
-                                tuple(x.shape))
+def _conclude(key: VerifyKey, check: str, x: Tensor, exact: tuple, problem: Optional[str], result,
+              overruled: Optional[str] = None):
+    """Records the check's outcome (``overruled``: the PyTorch path's disagreement, where the
+    float64 reference sided with the kernels) and returns ``result``."""
+    detail = problem or ("agreed within tolerance" if overruled is None else
+                         f"agreed with a float64 reference where gn_det's PyTorch path did not ({overruled})")
+    verification = Verification(key, check, problem is None, detail, "verified", tuple(x.shape))
     tuning.record_verification(verification)
     if problem is None:
         _remember(exact, True)
+        if overruled is not None:
+            _warn_pytorch_path(verification)
     else:
         _warn(verification, from_record=False)
     return result
+
+
+def _in_float64(path, *args):
+    """``path`` (a PyTorch-path function) on float64 copies of its tensor arguments: the
+    reference that settles a disagreement; None where it cannot be computed (out of memory, say),
+    which leaves the disagreement a failure of the kernels."""
+    try:
+        return path(*(a.double() if isinstance(a, Tensor) else a for a in args))
+    except Exception:  # (torch.cuda.OutOfMemoryError included: the conservative outcome stands)
+        return None
 
 
 # ----------------------------------------------------------------------------- comparing
@@ -362,6 +413,20 @@ def _machine(device: str) -> str:
     elif device == "cpu":
         where = "cpu (Triton interpreter)"
     return f"{where}, torch {torch.__version__}, triton {triton.__version__}"
+
+
+def _warn_pytorch_path(verification: Verification) -> None:
+    """Once per bucket: gn_det's PyTorch path (the verification reference, and the fall back)
+    disagreed with float64 where the kernels agreed; the kernels are used."""
+    if (verification.key, "pytorch path") in STORE.warned:
+        return
+    STORE.warned.add((verification.key, "pytorch path"))
+    bucket = ", ".join(f"{field}={value}" for field, value in zip(VERIFY_FIELDS, verification.key))
+    warnings.warn(
+        f"gn_det: on {_machine(verification.key[0])}, gn_det's PyTorch path (ATen's GroupNorm) gave a wrong "
+        f"{verification.check} for the bucket ({bucket}) at input shape {list(verification.shape)}: the Triton "
+        f"kernels {verification.detail}. The kernels are used for this bucket; the PyTorch path (GN_DET_BACKEND=torch, "
+        f"and any bucket whose kernels fail) may be wrong here: {REPORT_TO.split(';')[0]}", stacklevel=4)
 
 
 def _warn(verification: Verification, from_record: bool) -> None:

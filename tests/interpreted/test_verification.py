@@ -102,6 +102,29 @@ def test_failing_kernels_fall_back_to_pytorch_once_and_are_recorded(verifying, f
             assert_close(a, c, GRAD_TOLERANCE[torch.float32], f"{kernel_set} {fault} {path}: reloaded")
 
 
+@pytest.mark.parametrize("path_set", verification.PYTORCH_PATH_NAMES)
+def test_a_wrong_pytorch_path_is_overruled_by_a_float64_reference(verifying, path_set):
+    # On an H200, ATen's CUDA GroupNorm backward read channels_last memory as NCHW: verification
+    # then failed the right kernels and returned the wrong gradients. Where the two paths
+    # disagree, a float64 reference now says which one is wrong.
+    previous = dispatch.set_backend("torch")
+    expected = _step("residual")  # the PyTorch path, right
+    dispatch.set_backend(previous)
+    with warnings.catch_warnings(record=True) as caught, verification.inject_fault(path_set, "wrong"):
+        warnings.simplefilter("always")
+        got = _step("residual")
+        _step("residual")  # decided: no second warning
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "kernels are not used" in m], messages
+    ours = [m for m in messages if "PyTorch path (ATen's GroupNorm) gave a wrong" in m]
+    assert len(ours) == 1 and "float64 reference" in ours[0], messages
+    for name, a, c in zip(("y", "dx", "dgamma", "dbeta", "dresidual"), got, expected):
+        assert_close(a, c, (TOLERANCE if name == "y" else GRAD_TOLERANCE)[torch.float32], f"{path_set}: {name}")
+    rows = [r for r in tuning.decisions() if r["kind"] == "verification"]
+    assert rows and all(r["passed"] for r in rows)
+    assert [r["check"].split(",")[0] for r in rows if "float64 reference" in r["detail"]] == [path_set.split()[1]]
+
+
 def test_kernels_that_agree_are_used_and_verified_once(verifying):
     got = _step("residual")
     rows = [r for r in tuning.decisions() if r["kind"] == "verification"]
