@@ -3,7 +3,7 @@
 # the layer benchmark and the training benchmark, each writing its files into one folder.
 #
 #   tools/gpu_checks.sh [STAGE ...]      STAGE: check-parallel | check | tests | norm | norm-bf16 | norm-rest |
-#                                               train | ncu
+#                                               train | stats-merge | ncu
 #
 # check-parallel (tools/check_parallel.py) runs the self-check's cases in $CHECK_JOBS processes
 # (default 12) at once, for correctness on a GPU whose Triton cache is empty: the kernels compile
@@ -85,12 +85,13 @@ for what in "$@"; do
                        --time-limit "$norm_limit" --out-dir "$results" --write-routes "$routes" ;;
         norm-rest) stage norm-rest "$py" tools/benchmark_norm.py --dtypes float32,float16 --suffix fp32_fp16 \
                        --time-limit "$norm_limit" --out-dir "$results" --write-routes "$routes" ;;
+        stats-merge) stage stats-merge "$py" tools/benchmark_stats_merge.py --out-dir "$results" ;;
         ncu) stage ncu timeout "${TESTS_TIME_LIMIT:-540}" ncu --target-processes all --clock-control none --csv \
                  --log-file "$results/ncu_kernels.csv" --kernel-name "regex:^_(group|stats|forward|backward)_" \
                  --metrics "$ncu_metrics" "$py" tools/profile_kernels.py ;;
         train) stage train timeout "${TRAIN_TIME_LIMIT:-560}" "$py" tools/benchmark_train.py ${TRAIN_ARGS:---profile} \
                    --out-dir "$results" ;;
-        *) echo "unknown stage '$what' (check-parallel, check, tests, norm, norm-bf16, norm-rest, train, ncu)" >&2
+        *) echo "unknown stage '$what' (check-parallel, check, tests, norm, norm-bf16, norm-rest, train, stats-merge, ncu)" >&2
            failed=$((failed + 1)) ;;
     esac
 done
