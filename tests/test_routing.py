@@ -164,37 +164,3 @@ def test_benchmark_routes_the_buckets_the_kernels_lose(tmp_path):
     assert "never slower" in lines[0] and "met on all 1 rows" in lines[0], lines[0]
     box.pop("routed")
     assert "box head bfloat16 nchw gn_det GN+ReLU (fused): 1.25x" in target_checks(rows + nn_rows, is_gpu=True)[0]
-
-
-def test_routes_from_a_gpu_check_report(tmp_path):
-    # tools/benchmark_norm.py --routes-from-check: the routes of the measured H200 came from the
-    # check's side-by-side times; per bucket, the kernels' summed time against PyTorch's ops'.
-    tool = _benchmark_norm()
-
-    def row(case, dims, op, ours, theirs, layout="channels_last", status="ok"):
-        return {"case": case, "dims": list(dims), "groups": 32, "dtype": "float32", "layout": layout, "op": op,
-                "status": status, "time_ms": {"gn_det": ours, "pytorch": theirs}}
-
-    report = {"mode": "cuda", "date": "2026-12-04T00:00:00+00:00", "machine": {"gpu": H100}, "rows": [
-        row("P4", (2, 256, 50, 84), "gn", 0.13, 0.11),        # lost: routed
-        row("P4", (2, 256, 50, 84), "relu", 0.13, 0.12),      # relu and the block end share a bucket:
-        row("P4", (2, 256, 50, 84), "block", 0.10, 0.14),     # 0.23 ms against 0.26 ms, kept
-        row("vol", (2, 64, 9, 17, 23), "gn", 0.05, 0.04),     # a volume's channels_last is channels_last_3d
-        row("P4", (2, 256, 50, 84), "gn", 9.0, 0.1, layout="nchw", status="incorrect"),  # not a measurement
-    ]}
-    decisions = tool.route_decisions_from_check(report, "check_x.json")
-    assert decisions[(H100, "float32", "channels_last", "none", 15, 6)] == (
-        "fwd+bwd P4 (2, 256, 50, 84) gn 1.18x PyTorch's ops (check_x.json)")
-    assert decisions[(H100, "float32", "channels_last", "relu", 15, 6)] is None
-    assert decisions[(H100, "float32", "channels_last_3d", "none", 12, 6)]
-    assert len(decisions) == 3  # the incorrect row decides nothing
-    path = tmp_path / "routes.json"
-    tool.write_routes(str(path), decisions)
-    assert len(routing.read_routes_file(path)["routes"]) == 2
-    with pytest.raises(ValueError, match="GPU"):
-        tool.route_decisions_from_check(dict(report, mode="cpu"), "check_cpu.json")
-
-
-def test_the_package_routes_are_the_measured_h200s():
-    data = routing.read_routes_file(routing.ROUTES_FILE)
-    assert data["routes"] and {r["device"] for r in data["routes"]} == {"NVIDIA H200"}

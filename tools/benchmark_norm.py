@@ -154,20 +154,7 @@ def main() -> None:
                         "the package's routes.json) with a route to PyTorch's GroupNorm for each shape bucket "
                         "where they were slower than nn.GroupNorm(+ReLU), and remove the routes of buckets "
                         "where they were faster")
-    parser.add_argument("--routes-from-check", default=None, metavar="REPORT",
-                        help="measure nothing: update the --write-routes FILE from a `python -m gn_det.check` "
-                        "report of a GPU (route_decisions_from_check), and exit")
     args = parser.parse_args()
-    if args.routes_from_check:
-        with open(args.routes_from_check) as f:
-            report = json.load(f)
-        path = args.write_routes or str(routing.ROUTES_FILE)
-        decisions = route_decisions_from_check(report, f"{os.path.basename(args.routes_from_check)}, {report['date'][:10]}")
-        write_routes(path, decisions)
-        routed = sum(measured is not None for measured in decisions.values())
-        print(f"{os.path.relpath(path, ROOT)}: {routed} shape buckets routed to PyTorch's GroupNorm, "
-              f"{len(decisions) - routed} kept on the Triton kernels ({report['machine']['gpu']})")
-        return
     gn_det.set_autotune(False)  # the kernels' rows measure the kernels; ATen's path has rows of its own
     if args.write_routes:
         routing.set_routes(None)  # measure the kernels themselves
@@ -315,33 +302,6 @@ def route_decisions(rows: List[dict], device: str, where: str) -> Dict[routing.R
         entry[2].append(f"{row['shape']} {tuple(row['dims'])} {ratio:.2f}x the ATen path")
     return {key: (f"fwd+bwd {'; '.join(shapes)} ({where})" if ours > theirs else None)
             for key, (ours, theirs, shapes) in totals.items()}
-
-
-def route_decisions_from_check(report: dict, where: str) -> Dict[routing.RouteKey, Optional[str]]:
-    """``route_decisions`` from a ``python -m gn_det.check`` report of a GPU instead of a table:
-    per route bucket, the kernels' forward+backward time summed over the report's timed, correct
-    rows against PyTorch's ops at the same inputs (GN [, += shortcut] [, ReLU]: what a routed
-    layer runs), both measured side by side there. GN alone is the route activation "none"; GN +
-    ReLU and the block ends "relu"."""
-    if report.get("mode") != "cuda":
-        raise ValueError(f"routes come from a GPU's check report; {where} is from a {report.get('mode')} run")
-    device = report["machine"]["gpu"]
-    totals: Dict[routing.RouteKey, List] = {}
-    for row in report["rows"]:
-        if row.get("status") != "ok" or "time_ms" not in row:
-            continue
-        dims = row["dims"]
-        fmt = "channels_last_3d" if row["layout"] == "channels_last" and len(dims) == 5 else row["layout"]
-        activation = "none" if row["op"] == "gn" else "relu"
-        key = routing.route_key(device, row["dtype"], fmt, activation, dims[0], dims[1], math.prod(dims[2:]),
-                                row["groups"])
-        entry = totals.setdefault(key, [0.0, 0.0, []])
-        entry[0] += row["time_ms"]["gn_det"]
-        entry[1] += row["time_ms"]["pytorch"]
-        entry[2].append(f"{row['case']} {tuple(dims)} {row['op']} "
-                        f"{row['time_ms']['gn_det'] / row['time_ms']['pytorch']:.2f}x PyTorch's ops")
-    return {key: (f"fwd+bwd {'; '.join(cases)} ({where})" if ours > theirs else None)
-            for key, (ours, theirs, cases) in totals.items()}
 
 
 def mark_routed_rows(rows: List[dict], device: str, decisions: Dict[routing.RouteKey, Optional[str]]) -> None:
