@@ -73,6 +73,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    taken = [a for a in check_args if a.split("=")[0] in ("--shapes", "--json", "--part", "--quick", "--rows-out")]
+    if taken:
+        parser.error(f"{', '.join(taken)} after --: this tool sets them for each process (use its own --shapes, "
+                     "--quick, --out-dir)")
     import torch
     cuda = torch.cuda.is_available()
     if not cuda:  # the CPU path's cases (the interpreter's are python -m gn_det.check's own)

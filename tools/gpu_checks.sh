@@ -53,8 +53,10 @@ stage() {  # name, command...: run it, log it under $results, count a failure
     else
         echo "=== $name done in $((SECONDS - start)) s"
     fi
-    if [ -n "${GPU_PACK:-}" ]; then
-        tar czf "$GPU_PACK.tmp" -C "$results" . && mv "$GPU_PACK.tmp" "$GPU_PACK"
+    if [ -n "${GPU_PACK:-}" ]; then  # (packed beside, then moved: the pack may be inside $results)
+        local pack
+        pack=$(mktemp) && tar czf "$pack" -C "$results" --exclude="./$(basename "$GPU_PACK")" . \
+            && mv "$pack" "$GPU_PACK"
     fi
 }
 

@@ -21,8 +21,9 @@ real tensors, when the graph runs), output recomputation (``recompute.py`` rerun
   no synchronisation. Outcomes that passed are verified again in each new process; failures are
   read from the disk cache (``tuning.py``), so a failed bucket is not tried again until triton,
   torch or gn_det's kernels change (each reads another cache file).
-- **A disagreement** is settled by a float64 reference (the PyTorch path on float64 copies of
-  the inputs, computed then only): where the kernels agree with it and the PyTorch path does
+- **A disagreement** is settled by a float64 reference (the PyTorch path on the CPU, on float64
+  NCHW copies of the inputs: other code than the GPU's and than its channels_last handling;
+  computed then only): where the kernels agree with it and the PyTorch path does
   not, the kernels pass, the record says so and one warning per bucket says the PyTorch path
   was wrong there (on an H200, ATen's CUDA GroupNorm backward read channels_last tensors as
   NCHW: verification failed the right kernels and returned the wrong gradients). Where the
@@ -206,18 +207,18 @@ def verified_forward(
                 torch_group_norm_forward(x, weight, bias, num_groups, eps, activation, residual))
     key = verify_key_of(kernels, x, num_groups, activation, residual is not None)
     want = _pytorch_forward(x, weight, bias, num_groups, eps, activation, residual)
-    got, overruled = None, None
+    compared, overruled = False, None
     try:
         got = _kernels_forward(kernels, x, weight, bias, num_groups, eps, activation, residual)
         problem = _forward_difference(got, want, x.dtype, weight)
+        compared = True
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as exc:  # any error of the kernels: they are not used for this bucket
         problem = _error(exc)
-    if problem is not None and got is not None:  # the two disagree: a float64 reference says which is wrong
-        reference = _in_float64(torch_group_norm_forward, x, weight, bias, num_groups, eps, activation, residual)
-        if (reference is not None and _forward_difference(got, reference, x.dtype, weight) is None
-                and _forward_difference(want, reference, x.dtype, weight) is not None):
+    if problem is not None and compared:  # the two disagree: a float64 reference says which is wrong
+        if _sides_with_kernels(lambda a, b: _forward_difference(a, b, x.dtype, weight), got, want,
+                               torch_group_norm_forward, x, weight, bias, num_groups, eps, activation, residual):
             problem, overruled = None, problem
     return _conclude(key, "forward", x, exact, problem, got if problem is None else want, overruled)
 
@@ -242,19 +243,18 @@ def verified_backward(
         return _kernels_backward(kernels, *kernel_args) if runs else torch_group_norm_backward(*torch_args)
     key = verify_key_of(kernels, x, num_groups, activation, residual is not None)
     want = _pytorch_backward(*torch_args)
-    got, overruled = None, None
+    compared, overruled = False, None
     try:
         got = _kernels_backward(kernels, *kernel_args)
         problem = _backward_difference(got, want, grad_y, x, weight, mean, rstd, residual)
+        compared = True
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as exc:  # any error of the kernels: they are not used for this bucket
         problem = _error(exc)
-    if problem is not None and got is not None:  # the two disagree: a float64 reference says which is wrong
-        reference = _in_float64(torch_group_norm_backward, *torch_args)
-        if (reference is not None
-                and _backward_difference(got, reference, grad_y, x, weight, mean, rstd, residual) is None
-                and _backward_difference(want, reference, grad_y, x, weight, mean, rstd, residual) is not None):
+    if problem is not None and compared:  # the two disagree: a float64 reference says which is wrong
+        if _sides_with_kernels(lambda a, b: _backward_difference(a, b, grad_y, x, weight, mean, rstd, residual),
+                               got, want, torch_group_norm_backward, *torch_args):
             problem, overruled = None, problem
     return _conclude(key, check, x, exact, problem, got if problem is None else want, overruled)
 
@@ -304,14 +304,21 @@ def _conclude(key: VerifyKey, check: str, x: Tensor, exact: tuple, problem: Opti
     return result
 
 
-def _in_float64(path, *args):
-    """``path`` (a PyTorch-path function) on float64 copies of its tensor arguments: the
-    reference that settles a disagreement; None where it cannot be computed (out of memory, say),
-    which leaves the disagreement a failure of the kernels."""
+def _sides_with_kernels(difference, got, want, path, *args) -> bool:
+    """Whether a float64 reference agrees with the kernels' result (``got``) and not with the
+    PyTorch path's (``want``), by ``difference`` (one of the comparisons above). The reference is
+    ``path`` (a PyTorch-path function) run on the CPU on float64, contiguous (NCHW) copies of its
+    tensor arguments: other code than the GPU's, and than its channels_last handling. False
+    where it cannot be computed or compared (out of memory, say): the disagreement then stays a
+    failure of the kernels."""
     try:
-        return path(*(a.double() if isinstance(a, Tensor) else a for a in args))
+        reference = path(*(a.detach().to("cpu", torch.float64).contiguous() if isinstance(a, Tensor) else a
+                           for a in args))
+        device = got[0].device
+        reference = tuple(None if t is None else t.to(device) for t in reference)
+        return difference(got, reference) is None and difference(want, reference) is not None
     except Exception:  # (torch.cuda.OutOfMemoryError included: the conservative outcome stands)
-        return None
+        return False
 
 
 # ----------------------------------------------------------------------------- comparing

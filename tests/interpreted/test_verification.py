@@ -125,6 +125,28 @@ def test_a_wrong_pytorch_path_is_overruled_by_a_float64_reference(verifying, pat
     assert [r["check"].split(",")[0] for r in rows if "float64 reference" in r["detail"]] == [path_set.split()[1]]
 
 
+def test_a_comparison_that_raises_fails_the_kernels_without_arbitration(verifying, monkeypatch):
+    # Kernels whose result cannot even be compared (here statistics of the wrong shape) fail
+    # like kernels that raise: the PyTorch path's result, no float64 reference asked, nothing raised.
+    original = verification._kernels_forward
+
+    def misshapen(kernels, *args):
+        y, mean, rstd = original(kernels, *args)
+        return y, mean.reshape(-1, 1), rstd.reshape(-1, 1)
+
+    asked = []
+    monkeypatch.setattr(verification, "_kernels_forward", misshapen)
+    monkeypatch.setattr(verification, "_sides_with_kernels", lambda *a: asked.append(a) or True)
+    previous = dispatch.set_backend("torch")
+    expected = _step("eager")
+    dispatch.set_backend(previous)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _step("eager")
+    assert asked == [] and any("kernels are not used" in str(w.message) for w in caught)
+    assert torch.equal(got[0], expected[0])
+
+
 def test_kernels_that_agree_are_used_and_verified_once(verifying):
     got = _step("residual")
     rows = [r for r in tuning.decisions() if r["kind"] == "verification"]
