@@ -69,7 +69,7 @@ import functools
 import math
 import warnings
 from types import ModuleType
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -206,21 +206,11 @@ def verified_forward(
         return (_kernels_forward(kernels, x, weight, bias, num_groups, eps, activation, residual) if runs else
                 torch_group_norm_forward(x, weight, bias, num_groups, eps, activation, residual))
     key = verify_key_of(kernels, x, num_groups, activation, residual is not None)
-    want = _pytorch_forward(x, weight, bias, num_groups, eps, activation, residual)
-    compared, overruled = False, None
-    try:
-        got = _kernels_forward(kernels, x, weight, bias, num_groups, eps, activation, residual)
-        problem = _forward_difference(got, want, x.dtype, weight)
-        compared = True
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception as exc:  # any error of the kernels: they are not used for this bucket
-        problem = _error(exc)
-    if problem is not None and compared:  # the two disagree: a float64 reference says which is wrong
-        if _sides_with_kernels(lambda a, b: _forward_difference(a, b, x.dtype, weight), got, want,
-                               torch_group_norm_forward, x, weight, bias, num_groups, eps, activation, residual):
-            problem, overruled = None, problem
-    return _conclude(key, "forward", x, exact, problem, got if problem is None else want, overruled)
+    args = (x, weight, bias, num_groups, eps, activation, residual)
+    problem, result, overruled = _compare(lambda: _kernels_forward(kernels, *args), _pytorch_forward(*args),
+                                          lambda a, b: _forward_difference(a, b, x.dtype, weight),
+                                          torch_group_norm_forward, args)
+    return _conclude(key, "forward", x, exact, problem, result, overruled)
 
 
 def verified_backward(
@@ -242,21 +232,11 @@ def verified_backward(
     if runs is not None:
         return _kernels_backward(kernels, *kernel_args) if runs else torch_group_norm_backward(*torch_args)
     key = verify_key_of(kernels, x, num_groups, activation, residual is not None)
-    want = _pytorch_backward(*torch_args)
-    compared, overruled = False, None
-    try:
-        got = _kernels_backward(kernels, *kernel_args)
-        problem = _backward_difference(got, want, grad_y, x, weight, mean, rstd, residual)
-        compared = True
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception as exc:  # any error of the kernels: they are not used for this bucket
-        problem = _error(exc)
-    if problem is not None and compared:  # the two disagree: a float64 reference says which is wrong
-        if _sides_with_kernels(lambda a, b: _backward_difference(a, b, grad_y, x, weight, mean, rstd, residual),
-                               got, want, torch_group_norm_backward, *torch_args):
-            problem, overruled = None, problem
-    return _conclude(key, check, x, exact, problem, got if problem is None else want, overruled)
+    problem, result, overruled = _compare(
+        lambda: _kernels_backward(kernels, *kernel_args), _pytorch_backward(*torch_args),
+        lambda a, b: _backward_difference(a, b, grad_y, x, weight, mean, rstd, residual),
+        torch_group_norm_backward, torch_args)
+    return _conclude(key, check, x, exact, problem, result, overruled)
 
 
 def _first_use(kernels: ModuleType, exact: tuple, x: Tensor, num_groups: int, activation: int, residual: bool,
@@ -302,6 +282,25 @@ def _conclude(key: VerifyKey, check: str, x: Tensor, exact: tuple, problem: Opti
     else:
         _warn(verification, from_record=False)
     return result
+
+
+def _compare(run_kernels: Callable[[], tuple], want: tuple, difference: Callable[[tuple, tuple], Optional[str]],
+             reference_path: Callable[..., tuple], reference_args: tuple) -> Tuple[Optional[str], tuple, Optional[str]]:
+    """Runs the kernels and compares their result with ``want``, the PyTorch path's, by
+    ``difference``; a disagreement goes to the float64 reference (``_sides_with_kernels``).
+    Returns (the problem or None, the result to return, the PyTorch path's disagreement that
+    the reference overruled or None). A comparison that raises fails the kernels as a kernel
+    error does, without a reference."""
+    try:
+        got = run_kernels()
+        problem = difference(got, want)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as exc:  # any error of the kernels: they are not used for this bucket
+        return _error(exc), want, None
+    if problem is not None and _sides_with_kernels(difference, got, want, reference_path, *reference_args):
+        return None, got, problem
+    return problem, got if problem is None else want, None
 
 
 def _sides_with_kernels(difference, got, want, path, *args) -> bool:
