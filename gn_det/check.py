@@ -298,9 +298,11 @@ def pytorch_op(x: Tensor, groups: int, weight: Tensor, bias: Tensor, op: Op, res
 
 
 def reference(x: Tensor, groups: int, weight: Tensor, bias: Tensor, op: Op, residual: Optional[Tensor],
-              dy: Tensor) -> Dict[str, Tensor]:
-    """float64 output and gradients (keys: forward, dx, dweight, dbias[, dresidual]) from the
-    same rounded inputs, on their device."""
+              dy: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """(the upstream gradient the case checks with, float64 output and gradients (keys: forward,
+    dx, dweight, dbias[, dresidual])) from the same rounded inputs, on their device. The upstream
+    gradient is dy, and with ReLU 0 where the exact pre-activation is within rounding of 0
+    (``gn_det.tolerances.relu_unambiguous_grad``)."""
     leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
     if residual is not None:
         leaves.append(residual.detach().double().requires_grad_())
@@ -308,25 +310,13 @@ def reference(x: Tensor, groups: int, weight: Tensor, bias: Tensor, op: Op, resi
     if residual is not None:
         y = y + leaves[3]
     if op.activation == "relu":
+        dy = relu_unambiguous_grad(y.detach(), dy)
         y = F.relu(y)
     grads = torch.autograd.grad(y, leaves, dy.double())
-    return dict(zip(_OUTPUTS, (y.detach(),) + tuple(grads)))
+    return dy, dict(zip(_OUTPUTS, (y.detach(),) + tuple(grads)))
 
 
 _OUTPUTS = ("forward", "dx", "dweight", "dbias", "dresidual")
-
-
-def unambiguous_grad(x: Tensor, groups: int, weight: Tensor, bias: Tensor, op: Op, residual: Optional[Tensor],
-                     dy: Tensor) -> Tensor:
-    """The upstream gradient the case checks with: dy, and with ReLU 0 where the exact
-    pre-activation is within rounding of 0 (``gn_det.tolerances.relu_unambiguous_grad``)."""
-    if op.activation != "relu":
-        return dy
-    with torch.no_grad():
-        z = F.group_norm(x.double(), groups, weight.double(), bias.double(), EPS)
-        if residual is not None:
-            z += residual.double()
-        return relu_unambiguous_grad(z, dy)
 
 
 def run_and_grad(impl: Callable[..., Tensor], x: Tensor, groups: int, weight: Tensor, bias: Tensor, op: Op,
@@ -479,9 +469,7 @@ def check_group(cases_here: List[Case], settings: Settings, deadline: Optional[f
             op = OPS[case.op]
             math_of = (op.activation, op.residual)  # (recomputing the output changes no value)
             if math_of not in refs:
-                residual = r0 if op.residual else None
-                dy = unambiguous_grad(x0, case.groups, weight0, bias0, op, residual, dy0)
-                refs[math_of] = dy, reference(x0, case.groups, weight0, bias0, op, residual, dy)
+                refs[math_of] = reference(x0, case.groups, weight0, bias0, op, r0 if op.residual else None, dy0)
             dy, ref = refs[math_of]
             row = check_case(case, op, settings, x0, dy, r0, weight0, bias0, ref)
         except Exception as exc:

@@ -162,29 +162,26 @@ def _with_fault(kernel_set: str, run, *args):
     return out
 
 
+def _faulty_or(kernel_set: str, run, *args):
+    """run(*args), or with the fault a test injected into ``kernel_set``."""
+    return _with_fault(kernel_set, run, *args) if _faults and kernel_set in _faults else run(*args)
+
+
 def _pytorch_forward(*args):
     """The PyTorch path's forward that verification compares the kernels with."""
-    if _faults and "pytorch forward" in _faults:
-        return _with_fault("pytorch forward", torch_group_norm_forward, *args)
-    return torch_group_norm_forward(*args)
+    return _faulty_or("pytorch forward", torch_group_norm_forward, *args)
 
 
 def _pytorch_backward(*args):
-    if _faults and "pytorch backward" in _faults:
-        return _with_fault("pytorch backward", torch_group_norm_backward, *args)
-    return torch_group_norm_backward(*args)
+    return _faulty_or("pytorch backward", torch_group_norm_backward, *args)
 
 
 def _kernels_forward(kernels: ModuleType, *args):
-    if _faults and "forward" in _faults:
-        return _with_fault("forward", kernels.triton_group_norm_forward, *args)
-    return kernels.triton_group_norm_forward(*args)
+    return _faulty_or("forward", kernels.triton_group_norm_forward, *args)
 
 
 def _kernels_backward(kernels: ModuleType, *args):
-    if _faults and "backward" in _faults:
-        return _with_fault("backward", kernels.triton_group_norm_backward, *args)
-    return kernels.triton_group_norm_backward(*args)
+    return _faulty_or("backward", kernels.triton_group_norm_backward, *args)
 
 
 # ----------------------------------------------------------------------------- the paths
@@ -421,17 +418,21 @@ def _machine(device: str) -> str:
     return f"{where}, torch {torch.__version__}, triton {triton.__version__}"
 
 
+def _bucket(key: VerifyKey) -> str:
+    return ", ".join(f"{field}={value}" for field, value in zip(VERIFY_FIELDS, key))
+
+
 def _warn_pytorch_path(verification: Verification) -> None:
     """Once per bucket: gn_det's PyTorch path (the verification reference, and the fall back)
     disagreed with float64 where the kernels agreed; the kernels are used."""
     if (verification.key, "pytorch path") in STORE.warned:
         return
     STORE.warned.add((verification.key, "pytorch path"))
-    bucket = ", ".join(f"{field}={value}" for field, value in zip(VERIFY_FIELDS, verification.key))
     warnings.warn(
         f"gn_det: on {_machine(verification.key[0])}, gn_det's PyTorch path (ATen's GroupNorm) gave a wrong "
-        f"{verification.check} for the bucket ({bucket}) at input shape {list(verification.shape)}: the Triton "
-        f"kernels {verification.detail}. The kernels are used for this bucket; the PyTorch path (GN_DET_BACKEND=torch, "
+        f"{verification.check} for the bucket ({_bucket(verification.key)}) at input shape "
+        f"{list(verification.shape)}: the Triton kernels {verification.detail}. The kernels are used for "
+        f"this bucket; the PyTorch path (GN_DET_BACKEND=torch, "
         f"and any bucket whose kernels fail) may be wrong here: {REPORT_TO.split(';')[0]}", stacklevel=4)
 
 
@@ -439,7 +440,6 @@ def _warn(verification: Verification, from_record: bool) -> None:
     if verification.key in STORE.warned:
         return
     STORE.warned.add(verification.key)
-    bucket = ", ".join(f"{field}={value}" for field, value in zip(VERIFY_FIELDS, verification.key))
     if from_record:
         when = (f"they failed their {verification.check} verification ({verification.source}: "
                 f"{verification.detail})")
@@ -449,6 +449,6 @@ def _warn(verification: Verification, from_record: bool) -> None:
     where = tuning.cache_file(verification.key[0])
     warnings.warn(
         f"gn_det: the Triton GroupNorm kernels are not used on {_machine(verification.key[0])} for the bucket "
-        f"[{bucket}]: {when}. This bucket runs gn_det's PyTorch path instead (same results up to rounding, "
+        f"[{_bucket(verification.key)}]: {when}. This bucket runs gn_det's PyTorch path instead (same results up to rounding, "
         f"slower){'' if where is None else f'; recorded in {where}, not tried again until triton, torch or gn_det change'}. "
         f"Please {REPORT_TO}.", RuntimeWarning, stacklevel=2)
