@@ -8,9 +8,11 @@
 """
 import importlib.util
 
+from ._moved import install_moved_finder
 from .requirements import check_torch
 
 check_torch()  # first: an older torch fails here in one line, not inside torch
+install_moved_finder()  # old module paths (gn_det.engine, python -m gn_det.check, ...) keep working
 
 # (imported after the check)
 from .kernels import autotune_decisions, decisions, group_norm, set_autotune, set_tuning_cache, synchronize_decisions  # noqa: E402

@@ -263,9 +263,9 @@ def groups_for(channels: int, num_groups: int, channels_per_group: int = 0, term
 
 def add_gn_config(cfg: "CN") -> "CN":
     """Add gn_det's keys (``GNSettings``' fields, with their defaults, and the data checks'
-    ``gn_det.data.checks.DataSettings`` fields) to ``cfg``, in place. Returns cfg. Adding
+    ``gn_det.train.data.checks.DataSettings`` fields) to ``cfg``, in place. Returns cfg. Adding
     twice is harmless."""
-    from .data.checks import add_data_config
+    from .train.data.checks import add_data_config
 
     from detectron2.config import CfgNode as CN
 

@@ -42,29 +42,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 from detectron2.config import LazyCall, LazyConfig, instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
-from detectron2.engine.defaults import create_ddp_model
-from detectron2.evaluation import inference_on_dataset, print_csv_format
-from detectron2.utils import comm
 from detectron2.utils.registry import _convert_target_to_string, locate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .checkpoint import SafeCheckpointer
 from .config import GNSettings, SettingError, lazy_key
-from .data.loader import ResumableTrainLoader, resumable_train_loader
-from .engine import AutotuneSync, ExactResume, keeping_random_state, save_final_if_nothing_left
 from .errors import ConfigError, MissingFileError, close_matches
 from .modeling import NORM_NAME, finish_model, gn_settings
 from .modeling.norm import NORM_REGISTRY, get_norm
-from .stopping import StopAtStepEnd
 
 __all__ = ["build_gn_model", "build_lazy_model", "fast_gn", "gn_model", "lazy_dataset_names", "lazy_gn_settings",
-           "lazy_norm", "lazy_test", "lazy_train", "load_lazy_config", "settings_from_gn"]
+           "lazy_norm", "load_lazy_config", "settings_from_gn"]
 
 logger = logging.getLogger(__name__)
 
@@ -225,87 +217,3 @@ def build_lazy_model(cfg) -> nn.Module:
     # (a gn_model node finishes the model itself)
     model = _build_with_gn(settings, lambda: instantiate(cfg.model), finish=not _builds_itself(cfg.model))
     return model.to(device)
-
-
-def lazy_test(cfg, model: nn.Module) -> Optional[Dict[str, Any]]:
-    """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``."""
-    if "evaluator" not in cfg.dataloader:
-        return None
-    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
-    print_csv_format(results)
-    return results
-
-
-def _resumable_lazy_train_loader(cfg):
-    """``cfg.dataloader.train``; when it is detectron2's ``build_detection_train_loader`` without a
-    ``collate_fn`` (its configs' loader), the same arguments build a ``ResumableTrainLoader``,
-    whose position a checkpoint holds (exact resume; the stream's seed ``train.seed``, when the
-    config sets one >= 0). Any other loader is built as written."""
-    from detectron2.data import build_detection_train_loader
-
-    node = cfg.dataloader.train
-    target = node.get("_target_")
-    target = locate(target) if isinstance(target, str) else target
-    if target is not build_detection_train_loader or node.get("collate_fn") is not None:
-        return instantiate(node)
-    args = OmegaConf.to_container(node, resolve=True)  # (resolved where it stands: its ${..} interpolations)
-    args.pop("collate_fn", None)
-    return instantiate({**args, "_target_": resumable_train_loader, "seed": int(cfg.train.get("seed", -1))})
-
-
-def lazy_train(cfg, resume: bool = False) -> Dict[str, Any]:
-    """Train as detectron2's lazyconfig_train_net does (hooks, periodic checkpoints and
-    evaluation, metrics.json), with gn_det's model building, safe checkpoints, exact resume
-    (each checkpoint holds the data position and random state, restored on resume, as in
-    tools/train_net.py's Trainer; see ``_resumable_lazy_train_loader``), and DDP for CPU
-    models too. Returns the last evaluation's results ({} when none ran), as
-    ``DefaultTrainer.train`` does."""
-    if cfg.train.amp.enabled and not str(cfg.train.get("device", "cuda")).startswith("cuda"):
-        raise ConfigError(f"train.amp.enabled=True on train.device={cfg.train.device!r}: detectron2's AMPTrainer needs "
-                          "CUDA; set train.amp.enabled=False")
-    model = build_lazy_model(cfg)
-    logger.info("Model:\n%s", model)
-    cfg.optimizer.params.model = model
-    optimizer = instantiate(cfg.optimizer)
-    train_loader = _resumable_lazy_train_loader(cfg)
-    ddp = dict(cfg.train.get("ddp") or {})
-    if next(model.parameters()).device.type != "cuda":
-        ddp["device_ids"] = None  # detectron2 would pass the local rank, which DDP refuses for CPU modules
-    model = create_ddp_model(model, **ddp)
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
-    checkpointer = SafeCheckpointer(model, cfg.train.output_dir, trainer=trainer, weights_key="train.init_checkpoint")
-    if comm.is_main_process():
-        checkpointer.remove_stale_temporaries()  # a killed save's *.tmp
-    last_results: Dict[str, Any] = {}
-
-    def evaluate() -> Dict[str, Any]:
-        last_results.clear()
-        last_results.update(lazy_test(cfg, model) or {})
-        return dict(last_results)
-
-    # The data position and random state, for exact resume (as tools/train_net.py's Trainer):
-    # gathered on every process before the checkpoint it goes into.
-    exact_resume = (ExactResume(train_loader, cfg.train.checkpointer.period)
-                    if isinstance(train_loader, ResumableTrainLoader) else None)
-    trainer.register_hooks([
-        StopAtStepEnd(),  # first: a SIGINT/SIGTERM during a step stops training when the step ends
-        hooks.IterationTimer(),
-        AutotuneSync(),
-        hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-        exact_resume,
-        hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
-        hooks.EvalHook(cfg.train.eval_period, keeping_random_state(evaluate)),  # not moving training's random state
-        hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
-        if comm.is_main_process() else None,
-    ])
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
-    start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
-    if start_iter:
-        if exact_resume is not None:
-            exact_resume.restore(trainer.iter)
-        elif comm.is_main_process():
-            logger.warning("Resume is not exact: dataloader.train is not detectron2's build_detection_train_loader "
-                           "(without a collate_fn), whose data position a checkpoint can hold")
-    save_final_if_nothing_left(checkpointer, start_iter, cfg.train.max_iter, "train.max_iter")
-    trainer.train(start_iter, cfg.train.max_iter)
-    return last_results

@@ -15,7 +15,7 @@ deterministic forward, so the tensor it gets is bit-identical to the one it woul
 - ``recompute_outputs()``: the same scope as a context manager, around any forward.
 - ``observe_saved_tensors(observer)``: ``observer(tensor)`` for each tensor autograd saves as
   is (not the GN outputs stored as handles): what the benchmarks' counter
-  (``gn_det.bench.memory.count_saved_tensors``) counts with.
+  (``gn_det.diagnostics.bench.memory.count_saved_tensors``) counts with.
 - ``register_projection_finder(finder)``: how ``set_recompute_output`` finds, in a model, the
   convolutions whose output only a gn_det GN reads (gn_det.modeling registers detectron2's).
 

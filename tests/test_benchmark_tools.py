@@ -162,14 +162,14 @@ def test_benchmark_eval_runs_quick(tmp_path):
 
 
 def test_tools_share_one_shape_table_and_edit_no_sys_path():
-    # The benchmark, compile and profile tools take their shapes from gn_det.bench.layer_shapes,
+    # The benchmark, compile and profile tools take their shapes from gn_det.diagnostics.bench.layer_shapes,
     # and no tool edits sys.path (gn_det is installed; a tool's helpers sit beside it).
     tools = os.path.join(ROOT, "tools")
     for name in sorted(os.listdir(tools)):
         if name.endswith(".py"):
             assert "sys.path" not in open(os.path.join(tools, name)).read(), name
     for name in ("benchmark_norm.py", "compile_kernels.py", "profile_kernels.py"):
-        assert "from gn_det.bench.layer_shapes import" in open(os.path.join(tools, name)).read(), name
+        assert "from gn_det.diagnostics.bench.layer_shapes import" in open(os.path.join(tools, name)).read(), name
 
 
 @pytest.mark.slow  # three Mask R-CNN builds and several steps: minutes on a shared 2-core machine

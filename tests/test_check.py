@@ -15,7 +15,7 @@ import torch
 
 import gn_det
 from gn_det import check
-from gn_det.bench.layer_shapes import MASK_RCNN_SHAPES
+from gn_det.diagnostics.bench.layer_shapes import MASK_RCNN_SHAPES
 from gn_det.tolerances import GRAD_TOLERANCE, TOLERANCE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +27,7 @@ def run_check(args, env=None, timeout=300):
     for name in ("TRITON_INTERPRET", "GN_DET_TRITON_ON_CPU"):  # the check sets them where it needs them
         if not env or name not in env:
             environment.pop(name, None)
-    return subprocess.run([sys.executable, "-W", "ignore", "-m", "gn_det.check"] + args, cwd=ROOT, env=environment,
+    return subprocess.run([sys.executable, "-W", "ignore", "-m", "gn_det.diagnostics.check"] + args, cwd=ROOT, env=environment,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -65,7 +65,7 @@ def test_cpu_mode_runs_what_it_can_and_reports(tmp_path):
     machine = data["machine"]
     assert machine["torch"] == torch.__version__ and machine["gn_det"] == gn_det.__version__
     assert machine["gpu"] is None and machine["compute_capability"] is None and "triton" in machine
-    assert machine["env"]["torch"].startswith(torch.__version__)  # gn_det.env's rows
+    assert machine["env"]["torch"].startswith(torch.__version__)  # gn_det.diagnostics.env's rows
     assert data["tolerances"]["forward"] == {"float32": TOLERANCE[torch.float32], "float16": TOLERANCE[torch.float16],
                                              "bfloat16": TOLERANCE[torch.bfloat16]}
     assert data["tolerances"]["backward"]["bfloat16"] == GRAD_TOLERANCE[torch.bfloat16]
@@ -280,7 +280,7 @@ def test_no_module_of_the_package_imports_the_check():
                     names = [f"{node.module or ''}.{a.name}" for a in node.names] + [node.module or ""]
                 elif isinstance(node, ast.Import):
                     names = [a.name for a in node.names]
-                if any(n.split(".")[-1] == "check" or n.endswith("gn_det.check") for n in names):
+                if any(n.split(".")[-1] == "check" or n.endswith("gn_det.diagnostics.check") for n in names):
                     importers.append(os.path.relpath(path, ROOT))
     assert importers == []
 
@@ -304,7 +304,7 @@ def test_verification_statistics_tolerance_grows_with_huge_groups():
 
 
 def test_shapes_option_names_cases_exactly_and_keeps_commas_in_parentheses():
-    from gn_det.check import name_matches, split_names
+    from gn_det.diagnostics.check import name_matches, split_names
     assert split_names("=features (N, C), stem,,box") == ["=features (N, C)", "stem", "box"]
     assert name_matches("=FPN P2", "FPN P2") and not name_matches("=FPN P2", "FPN P2 N=1")
     assert name_matches("fpn p2", "FPN P2 N=1")

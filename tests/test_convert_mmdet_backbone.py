@@ -1,4 +1,4 @@
-"""tools/convert_mmdet_backbone.py (gn_det.mmdet_weights) on a synthetic mmdetection GN+WS
+"""tools/convert_mmdet_backbone.py (gn_det.train.mmdet_weights) on a synthetic mmdetection GN+WS
 ResNet-50 checkpoint (mmcv's layout; nothing downloads): run as a real process, the result
 loads into detectron2's GN ResNet with no missing or unexpected keys, and that ResNet with
 mmcv's weight standardization gives the outputs of a float64 reference forward of
@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import gn_det
-from gn_det.checkpoint import SafeCheckpointer, safe_load_pickle
+from gn_det.train.checkpoint import SafeCheckpointer, safe_load_pickle
 from gn_det.errors import ConfigError, MissingFileError
-from gn_det.mmdet_weights import convert_mmdet_resnet, load_mmdet_checkpoint, save_detectron2_weights
+from gn_det.train.mmdet_weights import convert_mmdet_resnet, load_mmdet_checkpoint, save_detectron2_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "convert_mmdet_backbone.py")

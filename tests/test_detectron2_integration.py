@@ -19,7 +19,7 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 import gn_det
-from gn_det.data import synthetic_batch
+from gn_det.train.data import synthetic_batch
 from gn_det.modeling.fuse import FusedBasicBlock, FusedBasicStem, FusedBottleneckBlock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 import gn_det
-from gn_det.data import synthetic_batch
+from gn_det.train.data import synthetic_batch
 
 
 def small_cpu_cfg(config_file: str):
@@ -29,7 +29,7 @@ def test_import_gn_det():
 
 
 def test_env_report_names_the_stack():
-    out = subprocess.run([sys.executable, "-m", "gn_det.env"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "gn_det.diagnostics.env"], capture_output=True, text=True, check=True).stdout
     for key in ("torch", "torchvision", "triton", "detectron2", "CUDA available", "GPU"):
         assert key in out, out
     assert "compiled ops" in out  # says whether detectron2's _C is there

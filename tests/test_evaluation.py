@@ -1,4 +1,4 @@
-"""gn_det.evaluation.FastCOCOEvaluator: detectron2's COCOEvaluator pipeline (process ->
+"""gn_det.train.evaluation.FastCOCOEvaluator: detectron2's COCOEvaluator pipeline (process ->
 instances_to_coco_json -> COCO.loadRes -> COCOeval -> its results dict and tables), run with
 faster-coco-eval's COCOeval where detectron2 has no C++ COCOeval, gives pycocotools' APs."""
 import json
@@ -13,8 +13,8 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import coco_evaluation
 from detectron2.structures import Boxes, BoxMode, Instances
 
-from gn_det.bench.cocoeval import synthetic_coco
-from gn_det.evaluation import FastCOCOEvaluator, cocoeval_class
+from gn_det.diagnostics.bench.cocoeval import synthetic_coco
+from gn_det.train.evaluation import FastCOCOEvaluator, cocoeval_class
 
 try:
     from detectron2.evaluation.fast_eval_api import COCOeval_opt  # noqa: F401
@@ -119,7 +119,7 @@ def test_auto_picks_detectron2s_cpp_cocoeval_else_faster_coco_eval(coco_set):
 def test_trainer_builds_the_fast_evaluator(coco_set, tmp_path):
     from detectron2.config import get_cfg
 
-    from gn_det.engine import Trainer
+    from gn_det.train.engine import Trainer
 
     cfg = get_cfg()
     cfg.OUTPUT_DIR = str(tmp_path)

@@ -66,7 +66,7 @@ from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer
 from detectron2.layers import get_norm as project_view_of_get_norm
 import gn_det
-from gn_det.data import register_shapes_dataset
+from gn_det.train.data import register_shapes_dataset
 
 assert myproj.get_norm is gn_det.modeling.get_norm, "the project's get_norm was not re-bound"
 register_shapes_dataset()

@@ -18,8 +18,8 @@ import sys
 import pytest
 import torch
 
-from gn_det.bench import inspection
-from gn_det.bench.layer_shapes import COMPILE_EXTRA_SHAPES, MASK_RCNN_SHAPES
+from gn_det.diagnostics.bench import inspection
+from gn_det.diagnostics.bench.layer_shapes import COMPILE_EXTRA_SHAPES, MASK_RCNN_SHAPES
 from gn_det.kernels import group_norm_triton, occupancy, support
 from gn_det.kernels.activation import ACT_RELU
 

@@ -20,9 +20,10 @@ from omegaconf import OmegaConf
 from detectron2.modeling.backbone import BasicStem, BottleneckBlock
 
 import gn_det
-from gn_det.data import register_shapes_dataset
+from gn_det.train.data import register_shapes_dataset
 from gn_det.errors import ConfigError
-from gn_det.lazy import build_lazy_model, fast_gn, gn_model, lazy_gn_settings, lazy_train, load_lazy_config
+from gn_det.lazy import build_lazy_model, fast_gn, gn_model, lazy_gn_settings, load_lazy_config
+from gn_det.train.lazy_loop import lazy_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAZY_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "lazy", "*.py")))

@@ -10,7 +10,7 @@ from torch import nn
 
 import gn_det
 from gn_det import recompute
-from gn_det.bench.memory import count_saved_tensors
+from gn_det.diagnostics.bench.memory import count_saved_tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -248,7 +248,7 @@ def test_whole_mask_rcnn_losses_and_gradients_bit_identical():
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
-    from gn_det.data import synthetic_batch
+    from gn_det.train.data import synthetic_batch
 
     cfg = gn_det.get_config(os.path.join(ROOT, "configs", "mask_rcnn_gn.yaml"),
                             ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.BACKBONE.FREEZE_AT", 0])

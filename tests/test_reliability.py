@@ -18,12 +18,12 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.utils.events import EventStorage
 
 import gn_det
-from gn_det.checkpoint import SafeCheckpointer, check_weights_exist, safe_load_pickle
+from gn_det.train.checkpoint import SafeCheckpointer, check_weights_exist, safe_load_pickle
 from gn_det.errors import (ConfigError, DatasetError, MissingFileError, UnknownDatasetError, UntrustedWeightsError, UserError,
                            WeightsError, exit_on_user_error)
 from gn_det.modeling import validate_gn_config
-from gn_det.data import check_datasets_exist, synthetic_batch
-from gn_det.engine import Trainer
+from gn_det.train.data import check_datasets_exist, synthetic_batch
+from gn_det.train.engine import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, "configs", "mask_rcnn_gn.yaml")
@@ -677,7 +677,7 @@ def test_bad_images_and_category_ids_are_found_before_training(tmp_path):
 
 @pytest.mark.parametrize("bad_images", ["error", "skip"])
 def test_image_corrupted_during_training_is_named_or_skipped(tmp_path, bad_images, caplog):
-    from gn_det.data.mapper import MaskSafeDatasetMapper
+    from gn_det.train.data.mapper import MaskSafeDatasetMapper
 
     json_file, image_root = write_real_coco(tmp_path, n=2)
     register("rel_late", json_file, image_root)
@@ -698,7 +698,7 @@ def test_image_corrupted_during_training_is_named_or_skipped(tmp_path, bad_image
 
 def test_check_images_setting_is_checked():
     with pytest.raises(ConfigError, match=r"DATALOADER.CHECK_IMAGES='all': expected one of headers, decode, none"):
-        from gn_det.data.checks import DataSettings
+        from gn_det.train.data.checks import DataSettings
         DataSettings.from_cfg(gn_det.get_config(DEMO, ["DATALOADER.CHECK_IMAGES", "all"]))
 
 
@@ -706,7 +706,7 @@ def test_header_check_passes_a_few_hundred_real_jpegs(tmp_path):
     # What it costs on COCO's 118,287 images is measured by tools/benchmark_image_checks.py (real
     # files on disk, cold and warm page cache; docs/RELIABILITY.md); here only that it works on
     # a few hundred real JPEGs.
-    from gn_det.data.checks import check_images
+    from gn_det.train.data.checks import check_images
 
     rng = np.random.default_rng(0)
     records = []

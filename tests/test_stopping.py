@@ -1,5 +1,5 @@
 """SIGINT/SIGTERM during training: held to the end of the step or checkpoint save under way,
-then ``Stopped`` (gn_det.stopping), in one process and agreed between processes. Real
+then ``Stopped`` (gn_det.train.stopping), in one process and agreed between processes. Real
 signals, sent with os.kill; detectron2's real SimpleTrainer, gn_det's SafeCheckpointer. The
 end-to-end cases (train_net's one line, exit status, exact resume after SIGTERM) are in
 test_reliability.py."""
@@ -13,8 +13,8 @@ import torch
 import torch.multiprocessing as mp
 from detectron2.engine import HookBase, SimpleTrainer
 
-from gn_det.checkpoint import SafeCheckpointer, _atomic_write
-from gn_det.stopping import REPEAT_WINDOW_S, StopAtStepEnd, Stopped, stop_on_signals
+from gn_det.train.checkpoint import SafeCheckpointer, _atomic_write
+from gn_det.train.stopping import REPEAT_WINDOW_S, StopAtStepEnd, Stopped, stop_on_signals
 
 
 class Recorder(HookBase):

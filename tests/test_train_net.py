@@ -251,7 +251,7 @@ def test_batch_check_accepts_exactly_the_process_counts_detectron2_can_split(pat
     from detectron2.engine import DefaultTrainer
 
     import gn_det
-    from gn_det.engine import check_batch_split
+    from gn_det.train.engine import check_batch_split
     from gn_det.errors import ConfigError
 
     cfg = gn_det.get_config(os.path.join(ROOT, path))
@@ -274,7 +274,7 @@ def test_batch_check_accepts_exactly_the_process_counts_detectron2_can_split(pat
 
 def test_batch_check_names_the_reference_world_size_it_scales_by():
     import gn_det
-    from gn_det.engine import check_batch_split
+    from gn_det.train.engine import check_batch_split
     from gn_det.errors import ConfigError
 
     cfg = gn_det.get_config(DEMO_CONFIG, ["SOLVER.IMS_PER_BATCH", "6", "SOLVER.REFERENCE_WORLD_SIZE", "4"])

@@ -6,7 +6,7 @@ Times, side by side in one run on the same set: pycocotools' Python COCOeval (wh
 COCOEvaluator runs when detectron2 has no compiled ops), faster-coco-eval's COCOeval (what
 gn_det's FastCOCOEvaluator runs then), and detectron2's C++ COCOeval_opt where detectron2 was
 built with its ops. Each run constructs the class on fresh pycocotools COCO objects and runs
-evaluate + accumulate + summarize, for bbox and segm. The set (gn_det.bench.cocoeval):
+evaluate + accumulate + summarize, for bbox and segm. The set (gn_det.diagnostics.bench.cocoeval):
 5000 images of COCO's sizes, ~7.3 polygon-mask objects per image over 80 classes, 100
 detections per image with RLE masks; generated in memory from a seed. Checks that every
 implementation's 12 COCO stats agree with pycocotools' to --tolerance AP points, and writes a
@@ -31,7 +31,7 @@ from typing import List
 from bench_utils import command_line, result_stem
 
 import gn_det
-from gn_det.bench.cocoeval import STAT_NAMES, benchmark, synthetic_coco
+from gn_det.diagnostics.bench.cocoeval import STAT_NAMES, benchmark, synthetic_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,7 +3,7 @@
 
 Writes COUNT distinct JPEG files (random noise, WIDTHxHEIGHT, so each is different and
 compresses as little as a photo's detail) under ROOT, then times
-``gn_det.data.checks.check_images`` (``DATALOADER.CHECK_IMAGES headers``, its default worker
+``gn_det.train.data.checks.check_images`` (``DATALOADER.CHECK_IMAGES headers``, its default worker
 count) over all of them:
   cold  the files' pages evicted from the page cache first (``posix_fadvise(DONTNEED)`` per
         file after a sync: only these files, not the machine's whole cache; on a virtual
@@ -31,7 +31,7 @@ from PIL import Image
 
 from bench_utils import command_line, result_stem, write_result_files  # tools/ is the script's directory
 
-from gn_det.data.checks import check_images
+from gn_det.train.data.checks import check_images
 
 COCO_TRAIN2017_IMAGES = 118287
 

@@ -34,8 +34,8 @@ from benchmark_train import MODELS, calibrate_frozen_bn
 from detectron2.utils.events import EventStorage
 
 import gn_det
-from gn_det.bench import memory as mb
-from gn_det.data import synthetic_batch
+from gn_det.diagnostics.bench import memory as mb
+from gn_det.train.data import synthetic_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECOMPUTE = "gn_det GN + recompute"

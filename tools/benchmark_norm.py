@@ -36,7 +36,7 @@ from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
 import gn_det
-from gn_det.bench.layer_shapes import CPU_SHAPES, MASK_RCNN_SHAPES
+from gn_det.diagnostics.bench.layer_shapes import CPU_SHAPES, MASK_RCNN_SHAPES
 from gn_det.kernels.timing import DeviceTimer
 from gn_det.kernels import routing, tuning, verification
 from gn_det.kernels.activation import activation_code

@@ -32,7 +32,7 @@ from typing import Callable, Dict, Iterator, List
 import torch
 from bench_utils import command_line, result_stem, write_result_files
 
-from gn_det.bench.layer_shapes import MASK_RCNN_SHAPES
+from gn_det.diagnostics.bench.layer_shapes import MASK_RCNN_SHAPES
 from gn_det.kernels import group_norm_triton as kernels
 from gn_det.kernels.timing import DeviceTimer
 from gn_det.tolerances import TOLERANCE, scaled_error

@@ -39,7 +39,7 @@ from detectron2 import model_zoo
 from detectron2.utils.events import EventStorage
 
 import gn_det
-from gn_det.data import synthetic_batch
+from gn_det.train.data import synthetic_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {

@@ -29,14 +29,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence
 
-from gn_det.check import machine_name, name_matches, shape_table, slug, split_names
+from gn_det.diagnostics.check import machine_name, name_matches, shape_table, slug, split_names
 
 
 def run_one(name: str, check_args: List[str], time_limit: float, out_dir: str) -> dict:
     """One check process for one case name; returns its rows and how it ended."""
     fd, path = tempfile.mkstemp(prefix="check_", suffix=".json", dir=out_dir)
     os.close(fd)
-    command = [sys.executable, "-m", "gn_det.check", "--shapes", f"={name}", "--warmup", "0", "--reps", "1",
+    command = [sys.executable, "-m", "gn_det.diagnostics.check", "--shapes", f"={name}", "--warmup", "0", "--reps", "1",
                "--json", path] + check_args
     if time_limit > 0:
         command += ["--time-limit", str(time_limit)]

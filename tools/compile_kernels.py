@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Compile every Triton kernel gn_det launches, for an NVIDIA GPU, on a machine without one.
 
-gn_det's launchers run at the benchmark shapes (gn_det.bench.layer_shapes: the GN layers of a
+gn_det's launchers run at the benchmark shapes (gn_det.diagnostics.bench.layer_shapes: the GN layers of a
 Mask R-CNN R50-FPN step, plus a sequence, a volume and G = C), in every dtype, layout and
-activation, with a stand-in for Triton's GPU driver (gn_det.bench.inspection): the kernels
+activation, with a stand-in for Triton's GPU driver (gn_det.diagnostics.bench.inspection): the kernels
 are specialised exactly as a real launch would specialise them (block sizes, warps, arguments
 equal to 1 or divisible by 16), then compiled to a cubin for the target (default sm_90, the
 H100/H200) instead of launched. ptxas reports each kernel's registers and spills; the PTX gives
@@ -43,8 +43,8 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from gn_det.bench.layer_shapes import COMPILE_EXTRA_SHAPES, MASK_RCNN_SHAPES
-from gn_det.bench import inspection
+from gn_det.diagnostics.bench.layer_shapes import COMPILE_EXTRA_SHAPES, MASK_RCNN_SHAPES
+from gn_det.diagnostics.bench import inspection
 from gn_det.kernels import occupancy, support
 from gn_det.kernels.activation import ACT_NONE, ACT_RELU, ACT_SILU, RESIDUAL_ADD, RESIDUAL_OUTPUT
 
@@ -71,7 +71,7 @@ def launch_counts(recording: dict) -> Dict[str, dict]:
 
 
 def bytes_model(sm_count: int) -> List[dict]:
-    """The bytes-moved model (gn_det.bench.inspection.bytes_moved) at the Mask R-CNN shapes,
+    """The bytes-moved model (gn_det.diagnostics.bench.inspection.bytes_moved) at the Mask R-CNN shapes,
     bfloat16 and float32, NCHW (the split count, the only layout-dependent term, barely moves it)."""
     return [{"shape": name, "dims": list(shape), "dtype": dtype, **inspection.bytes_moved(shape, size, sm_count=sm_count)}
             for name, shape in MASK_RCNN_SHAPES.items() for dtype, size in (("bfloat16", 2), ("float32", 4))]

@@ -2,7 +2,7 @@
 """Convert an mmdetection ImageNet ResNet GN or GN+WS checkpoint (torchvision-style names with
 mmcv's GN layers: conv1, gn1, layer1.0.conv1, ..., layer1.0.downsample.0/1) to detectron2's
 names, as detectron2's tools/convert-torchvision-to-d2.py does for BN models
-(gn_det.mmdet_weights). The output .pkl loads as MODEL.WEIGHTS (configs/mask_rcnn_gn_ws.yaml).
+(gn_det.train.mmdet_weights). The output .pkl loads as MODEL.WEIGHTS (configs/mask_rcnn_gn_ws.yaml).
 
     # mmdetection's open-mmlab://jhu/resnet50_gn_ws (downloaded by you; nothing here downloads):
     #   https://download.openmmlab.com/pretrain/third_party/resnet50_gn_ws-15beedd8.pth
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from gn_det.errors import exit_on_user_error
-from gn_det.mmdet_weights import convert_mmdet_resnet, load_mmdet_checkpoint, save_detectron2_weights
+from gn_det.train.mmdet_weights import convert_mmdet_resnet, load_mmdet_checkpoint, save_detectron2_weights
 
 
 def main() -> None:

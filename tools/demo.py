@@ -21,9 +21,9 @@ from detectron2.data import transforms as T
 from detectron2.utils.visualizer import Visualizer
 
 import gn_det
-from gn_det.checkpoint import SafeCheckpointer
-from gn_det.data import SHAPES_VAL, register_shapes_dataset
-from gn_det.engine import final_ap
+from gn_det.train.checkpoint import SafeCheckpointer
+from gn_det.train.data import SHAPES_VAL, register_shapes_dataset
+from gn_det.train.engine import final_ap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "demo", "mask_rcnn_gn_shapes.yaml")

@@ -68,7 +68,7 @@ routes="$results/routes.json"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$results/gpu_checks.log"
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | tr -c 'A-Za-z0-9\n' '_' \
       | tr 'A-Z' 'a-z' | sed 's/^_*//; s/_*$//')
-gpu="${gpu:-gpu}"  # as gn_det.check names its report: the GPU's name, lower case, _ for the rest
+gpu="${gpu:-gpu}"  # as gn_det.diagnostics.check names its report: the GPU's name, lower case, _ for the rest
 [ $# -eq 0 ] && set -- check tests norm train
 for what in "$@"; do
     case "$what" in

@@ -19,9 +19,9 @@ import time
 from detectron2.engine import HookBase
 
 import gn_det
-from gn_det.data import register_shapes_dataset
-from gn_det.engine import Trainer
-from gn_det.bench.memory import rss_mib
+from gn_det.train.data import register_shapes_dataset
+from gn_det.train.engine import Trainer
+from gn_det.diagnostics.bench.memory import rss_mib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

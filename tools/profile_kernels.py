@@ -20,7 +20,7 @@ import sys
 import torch
 
 import gn_det
-from gn_det.bench.layer_shapes import MASK_RCNN_SHAPES as GPU_SHAPES  # the layer benchmark's shapes
+from gn_det.diagnostics.bench.layer_shapes import MASK_RCNN_SHAPES as GPU_SHAPES  # the layer benchmark's shapes
 
 PROFILED = ("stem N=1", "FPN P2", "res4", "box head", "mask head")
 

@@ -9,7 +9,7 @@ Each run trains the embedded dataset's demo Mask R-CNN (checkpoints every 2 iter
 signalled at a uniformly random delay of up to --spread seconds after its second checkpoint
 appears, so the signal lands in steps, data loading and checkpoint saves alike. A stop that
 was not clean prints its output's end. docs/RELIABILITY.md records the counts before and after
-gn_det.stopping.
+gn_det.train.stopping.
 """
 from __future__ import annotations
 

@@ -31,14 +31,15 @@ try:
     from detectron2.utils import comm
 
     import gn_det
-    from gn_det.checkpoint import SafeCheckpointer, check_weights_exist
-    from gn_det.data import check_datasets_exist, register_shapes_dataset
-    from gn_det.data.checks import DataSettings
-    from gn_det.engine import Trainer, check_batch_split
+    from gn_det.train.checkpoint import SafeCheckpointer, check_weights_exist
+    from gn_det.train.data import check_datasets_exist, register_shapes_dataset
+    from gn_det.train.data.checks import DataSettings
+    from gn_det.train.engine import Trainer, check_batch_split
     from gn_det.errors import ConfigError, check_environment, exit_on_user_error
-    from gn_det.lazy import build_lazy_model, lazy_dataset_names, lazy_test, lazy_train, load_lazy_config
+    from gn_det.lazy import build_lazy_model, lazy_dataset_names, load_lazy_config
+    from gn_det.train.lazy_loop import lazy_test, lazy_train
     from gn_det.modeling import validate_gn_config
-    from gn_det.stopping import STOP_SIGNALS, Stopped, stop_on_signals
+    from gn_det.train.stopping import STOP_SIGNALS, Stopped, stop_on_signals
 except (ValueError, OSError) as exc:  # gn_det reads its GN_DET_* variables at import, and names a bad one
     if "GN_DET_" not in str(exc):
         raise

@@ -12,7 +12,7 @@ the command line counts. For one layer with its own settings use a factory inste
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
-from gn_det.evaluation import FastCOCOEvaluator
+from gn_det.train.evaluation import FastCOCOEvaluator
 from gn_det.lazy import fast_gn, gn_model
 
 model = gn_model(model_zoo.get_config("common/models/mask_rcnn_fpn.py").model)  # finished with `gn`

@@ -41,7 +41,7 @@ and where a standard one differs, e.g. an input that is an output elsewhere)::
 Kernel sets, by the size of a group (``cpg * S``, channels per group times spatial size) and,
 in the split reduction, by how the forward apply gets its groups' statistics (``STATS``).
 ``kernel_set`` names the set of a shape; ``test_kernel_sets_match_the_docstring_table``
-(tests/test_kernels_compile.py) classifies the 60 Mask R-CNN cases of gn_det.bench.layer_shapes
+(tests/test_kernels_compile.py) classifies the 60 Mask R-CNN cases of gn_det.diagnostics.bench.layer_shapes
 (15 layer shapes x bfloat16/float32 x NCHW/channels_last, 32 groups) at the split counts of an
 H100 (the sm_90 compile's occupancy, benchmarks/results/kernels_sm90_compile.json) and checks
 the cases column::

@@ -1,5 +1,5 @@
 """The one timer of gn_det: first-use tuning's (``tuning.py``), the benchmarks' and
-``python -m gn_det.check``'s (tools/benchmark_norm.py, gn_det.check): device time on CUDA with
+``python -m gn_det.check``'s (tools/benchmark_norm.py, gn_det.diagnostics.check): device time on CUDA with
 the host's launch time hidden, wall time on CPU."""
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gn_det
-from gn_det.bench.memory import count_saved_tensors
+from gn_det.diagnostics.bench.memory import count_saved_tensors
 from gn_det.kernels import routing
 from gn_det.kernels.activation import ACT_RELU, RESIDUAL_ADD
 from gn_det.kernels.dispatch import dispatch_path, triton_enabled_for

@@ -8,7 +8,7 @@ import os
 from detectron2.data import DatasetMapper, MetadataCatalog
 from detectron2.data.detection_utils import SizeMismatchError
 
-from ..errors import DatasetError
+from ...errors import DatasetError
 from .checks import DataSettings
 
 __all__ = ["MaskSafeDatasetMapper"]

@@ -43,7 +43,7 @@ def cocoeval_in_use() -> str:
     """Which COCOeval gn_det's COCO evaluator runs here (detectron2's C++, faster-coco-eval's,
     or pycocotools' Python one, with why)."""
     try:
-        from .evaluation import cocoeval_class
+        from ..train.evaluation import cocoeval_class
 
         return cocoeval_class()[1]
     except Exception as exc:  # no detectron2: the report still prints
@@ -57,7 +57,7 @@ def kernel_support_line(index: int) -> str:
 
     import torch
 
-    from .kernels.support import kernels_support
+    from ..kernels.support import kernels_support
 
     parts = []
     with warnings.catch_warnings():  # the reason is printed here instead
@@ -71,14 +71,14 @@ def kernel_support_line(index: int) -> str:
 
 def supported_line() -> str:
     """What the kernels support (gn_det.kernels.support), and whether this triton is one."""
-    from .kernels import support
+    from ..kernels import support
 
     return supported_line_for(support.triton_support())
 
 
 def supported_line_for(why: Optional[str]) -> str:
     """``supported_line`` given ``support.triton_support()``'s answer (None: this triton runs them)."""
-    from .kernels import support
+    from ..kernels import support
 
     archs = ", ".join(f"sm_{a}" for a in support.SUPPORTED_ARCHITECTURES)
     return (f"compiled for {archs} (compute capability 7.0-12.x), bfloat16 from sm_80, triton "
@@ -114,7 +114,7 @@ def collect_env() -> List[Tuple[str, str]]:
         rows.append(("gn_det kernels", supported_line()))
         rows.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset")))
         rows.append(("GN_DET_BACKEND", os.environ.get("GN_DET_BACKEND", "unset (auto: Triton kernels on CUDA)")))
-        from .kernels import tuning
+        from ..kernels import tuning
 
         cache = tuning.tuning_cache()
         rows.append(("GN tuning", ("on (CUDA inputs)" if tuning.autotune_enabled() else "off")

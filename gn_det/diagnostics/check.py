@@ -1,7 +1,7 @@
 """``python -m gn_det.check``: a self-check of gn_det on this machine, for users and bug reports.
 
 On a CUDA GPU it runs gn_det's Triton kernels at every GN shape of a Mask R-CNN R50-FPN step
-(``gn_det.bench.layer_shapes.MASK_RCNN_SHAPES``, the benchmark's table) and a few others (odd sizes,
+(``gn_det.diagnostics.bench.layer_shapes.MASK_RCNN_SHAPES``, the benchmark's table) and a few others (odd sizes,
 G = 1, G = C, a sequence, a 3-D volume, (N, C) features), in float32, float16 and bfloat16,
 NCHW and channels_last, as plain GN, GN + ReLU, and a residual block's end (GN + shortcut + ReLU, with
 the output kept, and with it recomputed in backward as ``MODEL.GN.RECOMPUTE_OUTPUT`` does).
@@ -33,7 +33,7 @@ is imported; set both yourself and the check runs the interpreter in its own pro
 
 It prints one row per case, the failures again, and a last line (all correct, or how many
 failed; the median speed-up), writes a JSON file (rows, tolerances, the machine:
-``gn_det.env``'s report plus the GPU's name and compute capability) to attach to a bug
+``gn_det.diagnostics.env``'s report plus the GPU's name and compute capability) to attach to a bug
 report, and exits 1 if any case is incorrect or raised (a case that raises is a failed row
 with its error; the run goes on), 2 on a bad command line, else 0.
 
@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import gn_det
-from gn_det.bench.layer_shapes import CPU_SHAPES, MASK_RCNN_SHAPES, Shape
+from gn_det.diagnostics.bench.layer_shapes import CPU_SHAPES, MASK_RCNN_SHAPES, Shape
 from gn_det.kernels.timing import DeviceTimer
 from gn_det.kernels import dispatch, routing, tuning
 from gn_det.kernels.activation import activation_code
@@ -624,8 +624,8 @@ def format_row(row: dict) -> str:
 # ----------------------------------------------------------------------------- the machine
 
 def machine_info(device: torch.device) -> dict:
-    """The machine, for the report: gn_det.env's rows, plus the GPU's name and compute capability."""
-    from gn_det.env import collect_env
+    """The machine, for the report: gn_det.diagnostics.env's rows, plus the GPU's name and compute capability."""
+    from gn_det.diagnostics.env import collect_env
 
     info = {"gn_det": gn_det.__version__, "torch": torch.__version__, "triton": _triton_version(),
             "python": platform.python_version(), "platform": platform.platform()}
@@ -720,7 +720,7 @@ def run_interpreter_subprocess(args: argparse.Namespace, deadline: Optional[floa
         return None
     fd, rows_file = tempfile.mkstemp(prefix="gn_det_check_", suffix=".json")
     os.close(fd)
-    command = [sys.executable, "-m", "gn_det.check", "--device", "cpu", "--part", "interpreter",
+    command = [sys.executable, "-m", "gn_det.diagnostics.check", "--device", "cpu", "--part", "interpreter",
                "--rows-out", rows_file, "--dtypes", ",".join(args.dtypes), "--layouts", ",".join(args.layouts),
                "--ops", ",".join(args.ops)]
     command += ["--quick"] if args.quick else []

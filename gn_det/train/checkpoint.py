@@ -16,7 +16,7 @@ reads, and never leaves a half-written checkpoint where ``--resume`` would pick 
   ``check_weights_exist`` checks the first cheaply, before worker processes start.
 - ``save`` writes ``<name>.pth.tmp``, flushes it to disk, then renames it over ``<name>.pth``
   (an atomic step); ``last_checkpoint`` is replaced the same way, after the checkpoint. A
-  SIGINT/SIGTERM during a save (with ``gn_det.stopping.stop_on_signals()``) is held until both
+  SIGINT/SIGTERM during a save (with ``gn_det.train.stopping.stop_on_signals()``) is held until both
   are written. A crash at any point leaves the previous checkpoint and the pointer to it
   intact; an exception (a second signal) during the write removes the ``.tmp``, and
   ``remove_stale_temporaries`` removes those a SIGKILL left (the Trainer calls it at start).
@@ -40,7 +40,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from torch.nn.parallel import DistributedDataParallel
 
-from .errors import MissingFileError, UntrustedWeightsError, WeightsError
+from ..errors import MissingFileError, UntrustedWeightsError, WeightsError
 from .stopping import signals_held
 
 __all__ = ["SafeCheckpointer", "check_weights_exist", "previous_checkpoints", "safe_load_pickle"]

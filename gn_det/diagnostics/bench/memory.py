@@ -24,7 +24,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..recompute import observe_saved_tensors
+from ...recompute import observe_saved_tensors
 
 __all__ = ["SavedTensorCount", "count_saved_tensors", "held_after_forward", "return_freed_memory_to_os", "rss_mib",
            "saved_bytes", "step_times", "cuda_peak"]

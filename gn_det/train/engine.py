@@ -7,12 +7,12 @@ events, ``--resume``) except that:
 - data-parallel training works on CPU too: DDP gets no ``device_ids`` for a CPU model
   (DefaultTrainer always passes them, which DDP refuses for CPU modules);
 - evaluation is COCOEvaluator (box and mask AP), run with a compiled COCOeval wherever one is
-  installed (``gn_det.evaluation.FastCOCOEvaluator``: detectron2's C++ one, else faster-coco-eval's);
+  installed (``gn_det.train.evaluation.FastCOCOEvaluator``: detectron2's C++ one, else faster-coco-eval's);
 - the training mapper drops annotations that have no mask when masks are trained
-  (``gn_det.data.mapper.MaskSafeDatasetMapper``) instead of crashing the mask loss;
-- checkpoints are written atomically and read safely (``gn_det.checkpoint.SafeCheckpointer``);
+  (``gn_det.train.data.mapper.MaskSafeDatasetMapper``) instead of crashing the mask loss;
+- checkpoints are written atomically and read safely (``gn_det.train.checkpoint.SafeCheckpointer``);
   ``*.tmp`` files a killed save left are removed at start;
-- resume is exact (``ExactResume``): the training loader is ``gn_det.data.ResumableTrainLoader``
+- resume is exact (``ExactResume``): the training loader is ``gn_det.train.data.ResumableTrainLoader``
   and each checkpoint holds, per process, its data position and the Python, NumPy, torch CPU
   and CUDA random states (the AMP grad scaler is in detectron2's AMPTrainer state already);
   evaluation leaves the random state as it found it. A resumed run reaches the uninterrupted
@@ -25,7 +25,7 @@ events, ``--resume``) except that:
   the iteration and the last recorded losses, without detectron2's logged traceback;
 - in a distributed run, every process holds the same GN tuning decisions after each step
   (``AutotuneSync``);
-- a SIGINT/SIGTERM during a step (with ``gn_det.stopping.stop_on_signals()``, as in
+- a SIGINT/SIGTERM during a step (with ``gn_det.train.stopping.stop_on_signals()``, as in
   tools/train_net.py) stops training when the step ends (``StopAtStepEnd``), on every process.
 """
 from __future__ import annotations
@@ -49,9 +49,9 @@ from detectron2.utils.logger import setup_logger
 from .checkpoint import SafeCheckpointer
 from .data.loader import ResumableTrainLoader, build_resumable_train_loader
 from .data.mapper import MaskSafeDatasetMapper
-from .errors import ConfigError, DivergenceError, UserError
+from ..errors import ConfigError, DivergenceError, UserError
 from .evaluation import FastCOCOEvaluator
-from .kernels.tuning import synchronize_decisions
+from ..kernels.tuning import synchronize_decisions
 from .stopping import StopAtStepEnd
 
 __all__ = ["AutotuneSync", "ExactResume", "Trainer", "check_batch_split",

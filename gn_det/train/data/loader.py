@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..errors import UserError
+from ...errors import UserError
 
 __all__ = ["ResumableTrainLoader", "build_resumable_train_loader", "resumable_train_loader"]
 

@@ -28,7 +28,7 @@ from typing import Dict, List, Mapping, Tuple
 import numpy as np
 import torch
 
-from .errors import ConfigError, MissingFileError, UntrustedWeightsError
+from ..errors import ConfigError, MissingFileError, UntrustedWeightsError
 
 __all__ = ["convert_mmdet_resnet", "load_mmdet_checkpoint", "save_detectron2_weights"]
 

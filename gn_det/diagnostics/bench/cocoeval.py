@@ -24,7 +24,7 @@ import pycocotools.mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ..evaluation import detectron2_cocoeval, faster_cocoeval
+from ...train.evaluation import detectron2_cocoeval, faster_cocoeval
 
 __all__ = ["STAT_NAMES", "synthetic_coco", "coco_from_dataset", "prepare_results", "load_results", "time_cocoeval",
            "cocoeval_implementations", "benchmark"]

@@ -28,8 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
-from ..kernels import group_norm_triton as kernels
-from ..kernels.occupancy import ARCHITECTURES, H100, GPULimits, blocks_per_sm, limit_violations
+from ...kernels import group_norm_triton as kernels
+from ...kernels.occupancy import ARCHITECTURES, H100, GPULimits, blocks_per_sm, limit_violations
 
 try:  # triton 3.8 and 3.9 keep their settings and hooks in triton.knobs; 3.3 and older have none:
     from triton import knobs  # their JIT cache hook is a class attribute of JITFunction
@@ -366,7 +366,7 @@ def activation_min(widths: Dict[str, int]) -> Optional[int]:
 def replay_compiles(iterations: int = 300, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
                     activations: Sequence[int] = (0, 1), **recording) -> dict:
     """Distinct kernel compilations of detectron2 multi-scale training of a GN Mask R-CNN
-    R50-FPN (gn_det.bench.layer_shapes.multiscale_training_batches: short side 640-800 in steps
+    R50-FPN (gn_det.diagnostics.bench.layer_shapes.multiscale_training_batches: short side 640-800 in steps
     of 32, aspect 1.2-1.8, padding to 32, 1-200 mask-head ROIs), every GN layer's forward and
     backward in both layouts and with each of ``activations``: the distinct specialisation
     keys of the Triton JIT (what it compiles once per process), counted without compiling.

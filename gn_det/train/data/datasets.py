@@ -6,7 +6,7 @@ import logging
 import os
 from typing import Iterable
 
-from ..errors import DatasetError, MissingFileError, UnknownDatasetError, close_matches
+from ...errors import DatasetError, MissingFileError, UnknownDatasetError, close_matches
 from .checks import check_images
 from .shapes import CLASSES, ensure_shapes_dataset
 
@@ -45,7 +45,7 @@ def check_datasets_exist(names: Iterable[str], images: str = "headers", skip_bad
     """Check that each dataset is registered and its files are there and readable (before
     any training or worker process starts): its annotations (COCO sections, every
     ``category_id`` among the categories) and its images (``images``: ``headers``, ``decode``
-    or ``none``, as ``DATALOADER.CHECK_IMAGES``; see ``gn_det.data.checks``). Bad images of a
+    or ``none``, as ``DATALOADER.CHECK_IMAGES``; see ``gn_det.train.data.checks``). Bad images of a
     dataset named in ``skip_bad`` are logged, not raised (training leaves them out). Raises ``UnknownDatasetError`` (a
     ``KeyError``) for a name that is not registered, with the closest registered names;
     ``MissingFileError`` (a ``FileNotFoundError``) naming what is missing, where it was looked

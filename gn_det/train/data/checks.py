@@ -7,7 +7,7 @@ truncated file does not), in parallel threads; ``DATALOADER.CHECK_IMAGES decode`
 every image fully instead (minutes on COCO), ``none`` checks only that the files exist.
 What it finds is a ``DatasetError`` naming the dataset, the files and what is wrong with
 each, before step 0. What goes bad later (a file changed during training) is met by the
-training mapper (``gn_det.data.mapper``): an error naming the file and the dataset, or with
+training mapper (``gn_det.train.data.mapper``): an error naming the file and the dataset, or with
 ``DATALOADER.BAD_IMAGES skip`` the image is left out with a warning.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 __all__ = ["DataSettings", "add_data_config", "check_images", "image_problem"]
 
