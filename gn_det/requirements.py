@@ -1,13 +1,13 @@
 """The oldest torch gn_det runs on, checked by ``import gn_det`` before anything else is
 loaded: an older torch stops the import with one line naming both versions, not with a
-traceback from inside torch (torch is not a pip requirement: see setup.py).
+traceback from inside torch (torch is not a pip requirement: see pyproject.toml).
 
 Why 2.5: ``torch.library.custom_op`` with fake implementations and registered autograd (the
-GN operator, ``gn_det.kernels.autograd``) is complete from 2.5 on (2.4 introduced it).
+GN operator, ``gn_det.ops.autograd``) is complete from 2.5 on (2.4 introduced it).
 Features newer than the minimum are checked where used and say which torch has them:
 output recomputation inside outer saved-tensor hooks (``save_on_cpu``) needs 2.8. (ONNX
 export with ``dynamo=True`` works from 2.5: there the exported graph holds gn_det's op, which
-the exporter replaces by its decomposition, ``gn_det.kernels.autograd``.)
+the exporter replaces by its decomposition, ``gn_det.ops.autograd``.)
 """
 import re
 from typing import Tuple

@@ -6,7 +6,7 @@
 #        (a) an already importable detectron2 is kept,
 #        (b) upstream from its git repository when that host is reachable (compiles its ops),
 #        (c) the Python sources published on PyPI as sal-detectron2 (no compiled ops),
-#   4. gn_det itself, editable.
+#   4. gn_det itself, editable (pyproject.toml).
 # Idempotent: each step checks first and does nothing when its part is in place.
 # A failing step stops with the step's name, the package and the lines of pip's log that
 # say why; the full log stays under $VENV/setup-logs/.
@@ -150,7 +150,10 @@ else
   esac
 fi
 
-# 5. gn_det, editable
+# 5. gn_det, editable (PEP 660, from pyproject.toml): --no-build-isolation builds it with the venv's
+#    setuptools (>=70.1, requirements/detectron2-runtime.txt), offline; --no-deps because step 3
+#    installed its dependencies (requirements/gn_det.txt, which pyproject.toml reads). Subpackages
+#    added later need no reinstall: the editable install maps the package gn_det to $ROOT/gn_det.
 if (cd / && "$VPY" - "$ROOT" >/dev/null 2>&1) <<'EOF'
 import os, sys
 import gn_det
