@@ -330,8 +330,8 @@ def test_every_config_builds_and_runs(path):
 # ----------------------------------------------------------------------------- the settings table
 
 
-def test_readme_lists_the_config_keys_from_the_settings_table():
-    with open(os.path.join(ROOT, "README.md")) as f:
+def test_usage_doc_lists_the_config_keys_from_the_settings_table():
+    with open(os.path.join(ROOT, "docs", "USAGE.md")) as f:
         assert gn_det.GNSettings.keys_markdown() in f.read()
 
 

@@ -121,10 +121,10 @@ def test_import_gn_det_loads_no_benchmark_or_inspection_code():
     assert not hasattr(__import__("gn_det"), "count_saved_tensors")  # a benchmark counter: gn_det.diagnostics.bench.memory
 
 
-def test_readme_layout_lists_every_module_and_tool():
-    """README's Layout names every module of gn_det/ and every file of tools/ (so a new one is
-    described where a newcomer looks first)."""
-    with open(os.path.join(ROOT, "README.md")) as f:
+def test_development_layout_lists_every_module_and_tool():
+    """docs/DEVELOPMENT.md's Layout names every module of gn_det/ and every file of tools/ (so a
+    new one is described where a newcomer to the code looks first)."""
+    with open(os.path.join(ROOT, "docs", "DEVELOPMENT.md")) as f:
         text = f.read()
     layout = text[text.index("## Layout"):]
     layout = layout[:layout.index("```", layout.index("```") + 3)]
@@ -133,7 +133,7 @@ def test_readme_layout_lists_every_module_and_tool():
               if not name.startswith((".", "__"))]
     missing = [path for path in files if os.path.basename(path) != "__init__.py"
                and os.path.basename(path) not in layout]
-    assert not missing, f"README's Layout does not name: {missing}"
+    assert not missing, f"docs/DEVELOPMENT.md's Layout does not name: {missing}"
 
 
 def test_moved_module_paths_still_work():
