@@ -15,7 +15,7 @@ check_torch()  # first: an older torch fails here in one line, not inside torch
 install_moved_finder()  # old module paths (gn_det.engine, python -m gn_det.check, ...) keep working
 
 # (imported after the check)
-from .kernels import autotune_decisions, decisions, group_norm, set_autotune, set_tuning_cache, synchronize_decisions  # noqa: E402
+from .policy import autotune_decisions, decisions, group_norm, set_autotune, set_tuning_cache, synchronize_decisions  # noqa: E402
 from .layers import GroupNorm, resolve_num_groups  # noqa: E402
 from .recompute import recompute_output_enabled, recompute_outputs, set_recompute_output  # noqa: E402
 

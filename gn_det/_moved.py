@@ -24,12 +24,22 @@ MOVED: Dict[str, str] = {
     "gn_det.evaluation": "gn_det.train.evaluation",
     "gn_det.mmdet_weights": "gn_det.train.mmdet_weights",
     "gn_det.data": "gn_det.train.data",
+    # gn_det.kernels split into the operations (gn_det.ops) and the policy that picks them (gn_det.policy)
+    "gn_det.kernels": "gn_det.policy",
+    "gn_det.kernels.group_norm_triton": "gn_det.ops.triton_launch",
+    "gn_det.kernels.group_norm_torch": "gn_det.ops.torch_path",
+    "gn_det.kernels.group_norm_op": "gn_det.ops.functional",
+    "gn_det.kernels.autograd": "gn_det.ops.autograd",
+    "gn_det.kernels.activation": "gn_det.ops.activation",
+    "gn_det.kernels.layout": "gn_det.ops.layout",
+    "gn_det.kernels.occupancy": "gn_det.ops.occupancy",
+    "gn_det.kernels.dispatch": "gn_det.policy.paths",
 }
 
 
 def new_name(name: str) -> Optional[str]:
     """Where the module once called ``name`` lives now, or None when it did not move."""
-    for old, new in MOVED.items():
+    for old, new in sorted(MOVED.items(), key=lambda item: -len(item[0])):  # the longest old name first
         if name == old or name.startswith(old + "."):
             return new + name[len(old):]
     return None

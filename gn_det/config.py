@@ -2,7 +2,7 @@
 
 Each field is one key (``MODEL.GN.<FIELD>`` unless it names another) with its default, type,
 meaning and rule. ``add_gn_config`` declares the keys from it (detectron2's ``add_<thing>_config``
-way), ``GNSettings.from_cfg`` reads them, ``GNSettings`` checks them, and README's key list is
+way), ``GNSettings.from_cfg`` reads them, ``GNSettings`` checks them, and docs/USAGE.md's key list is
 ``GNSettings.keys_markdown()``. Adding a key is one field here.
 
 One validation, one rule per setting. A field's ``rule`` (and, across fields, ``__post_init__``)
@@ -23,39 +23,8 @@ rule). ``gn_det.group_norm`` checks its own arguments per call (eps by the same 
 tensor's channels against ``num_groups``: a check of the tensor, which a layer built right can
 still be given wrong).
 
-How ``MODEL.GN.NUM_GROUPS`` and ``MODEL.GN.EPS`` reach a layer and the op. A hop is a call
-that receives the value (or the ``GNSettings``/scope holding it); detectron2's own build chain
-(``build_model`` down to a block's ``__init__``, which calls ``get_norm``) is the same for any
-norm key and not counted. detectron2's own ``GN`` key takes 3: YAML -> ``get_norm(norm, C)`` ->
-``nn.GroupNorm(32, C)``.
-
-- config to settings, once per model (6, unchanged): ``get_config`` (the YAML merged) ->
-  ``build_model`` (``hooks``) -> ``building_from`` -> ``validate_gn_config`` ->
-  ``GNSettings.from_cfg`` -> ``GNSettings(...)`` (the settings' rules) -> the scope.
-- settings to layer, per layer: before (9): ``get_norm`` (``current_gn_settings``) ->
-  ``resolve_norm_name`` -> ``fast_group_norm`` (``current_gn_settings``) -> ``GNSettings.norm`` ->
-  ``GNSettings.groups_for`` -> ``resolve_num_groups`` (divisibility check 1) ->
-  ``GroupNorm.__init__`` -> ``resolve_num_groups`` (check 2) -> ``nn.GroupNorm.__init__``
-  (torch's, check 3); now (7): ``get_norm`` (``current_gn_settings``) -> ``resolve_norm_name`` ->
-  ``fast_group_norm`` (reads the scope) -> ``GroupNorm.from_channels`` -> ``GroupNorm.__init__``
-  -> ``groups_for`` and ``check_setting`` (the one divisibility and eps check) ->
-  ``nn.GroupNorm.__init__`` (torch's check, which ours has already passed).
-- layer to kernel, per call (7, unchanged; ``gn_det.kernels`` chooses the path):
-  ``GroupNorm.forward`` -> ``group_norm`` -> ``_check_inputs`` (its input tensor's channels:
-  check 4 before, and now; eps by ``check_setting``) -> ``kernels`` ->
-  ``GroupNormFunction.forward`` -> ``dispatch.forward_impl`` -> the Triton launcher or PyTorch
-  path -> the kernel.
-
-Before: 22 hops in 8 files (config.py, hooks.py, norm.py, layers/group_norm.py, and the op's
-group_norm_op.py, autograd.py, dispatch.py, the kernel file), divisibility checked 4 times per
-layer (2 by gn_det and 1 by torch at build, 1 per call), eps ``> 0`` in ``GNSettings`` and
-``GroupNorm.factory`` but ``>= 0`` in ``GroupNorm.__init__`` and ``group_norm``. Now: 20 hops
-in the same files, gn_det's divisibility rule run once per layer built (torch's own check
-after it, and the op's per-call check of the tensor it is given), eps by one rule (``> 0``)
-everywhere. What is left is structural: the scope (a context variable, because detectron2's
-builders pass no settings to ``get_norm``), the norm registry, and the op's own layers.
-Measured with a profiler on ``configs/mask_rcnn_gn.yaml`` (``tests/test_settings.py`` checks
-the rules' counts).
+How ``MODEL.GN.NUM_GROUPS`` and ``MODEL.GN.RECOMPUTE_OUTPUT`` travel from a YAML file to the
+kernels, hop by hop: docs/KERNELS.md, "From a config key to a kernel argument".
 
 This module imports nothing of gn_det but ``errors`` (and detectron2 only inside the functions
 that take a ``CfgNode``), so the layer and the op can use its rules.
@@ -214,13 +183,9 @@ class GNSettings:
                 values[field.name] = value
         return cls(**values)
 
-    def groups_for(self, channels: int) -> int:
-        """The group count of a GN layer over ``channels`` (``groups_for``, in YAML's terms)."""
-        return groups_for(channels, self.num_groups, self.channels_per_group, yaml_key)
-
     @classmethod
     def keys_markdown(cls) -> str:
-        """README's list of the keys: one line each, key, default and meaning."""
+        """docs/USAGE.md's list of the keys: one line each, key, default and meaning."""
         lines = []
         for field in dataclasses.fields(cls):
             lines.append(f"  - `{cls.key(field.name)}` ({field.default!r}): {field.metadata['meaning']}")

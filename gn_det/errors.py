@@ -18,7 +18,8 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 
 __all__ = [
     "EXIT_USER_ERROR", "UserError", "ConfigError", "MissingFileError", "UnknownDatasetError", "DatasetError",
-    "WeightsError", "UntrustedWeightsError", "DivergenceError", "ENVIRONMENT_VARIABLES", "check_environment",
+    "WeightsError", "UntrustedWeightsError", "DivergenceError", "OutputDirInUseError", "CheckpointWriteError",
+    "ENVIRONMENT_VARIABLES", "check_environment",
     "close_matches", "config_merge_error", "exit_on_user_error",
 ]
 
@@ -60,6 +61,18 @@ class UntrustedWeightsError(WeightsError, pickle.UnpicklingError):
     """A weights file that names Python code to run when loaded; gn_det refuses to load it."""
 
 
+class OutputDirInUseError(UserError, FileExistsError):
+    """Another run holds the output folder's lock (``gn_det.train.checkpoint.OutputDirLock``):
+    the message names the folder, the holder (host, pid, start, last heartbeat) and how to take
+    the lock over when that run is gone."""
+
+
+class CheckpointWriteError(UserError, OSError):
+    """A checkpoint could not be written (a full disk, a quota, a read-only or failing file
+    system): the message names the file, the system's reason, the free space and the size
+    needed. The previous checkpoint and ``last_checkpoint`` are kept, no temporary is left."""
+
+
 class DivergenceError(UserError, FloatingPointError):
     """Training diverged (a NaN/Inf loss or prediction): the message names the iteration, the
     last losses and what to change. A ``UserError``, so tools print its one line, no traceback."""
@@ -68,9 +81,9 @@ class DivergenceError(UserError, FloatingPointError):
 # Every GN_DET_* environment variable gn_det or its tools read, and what reads it: any other
 # GN_DET_ name is a typo that would be silently ignored.
 ENVIRONMENT_VARIABLES = {
-    "GN_DET_BACKEND": "gn_det.kernels.switches", "GN_DET_TRITON_ON_CPU": "gn_det.kernels.paths",
-    "GN_DET_AUTOTUNE": "gn_det.kernels.switches", "GN_DET_CACHE_DIR": "gn_det.kernels.tuning",
-    "GN_DET_ROUTES": "gn_det.kernels.routing", "GN_DET_VENV": "tools/setup_env.sh", "GN_DET_TORCH": "tools/setup_env.sh",
+    "GN_DET_BACKEND": "gn_det.policy.switches", "GN_DET_TRITON_ON_CPU": "gn_det.policy.paths",
+    "GN_DET_AUTOTUNE": "gn_det.policy.switches", "GN_DET_CACHE_DIR": "gn_det.policy.tuning",
+    "GN_DET_ROUTES": "gn_det.policy.routing", "GN_DET_VENV": "tools/setup_env.sh", "GN_DET_TORCH": "tools/setup_env.sh",
     "GN_DET_TORCHVISION": "tools/setup_env.sh", "GN_DET_TORCH_FREE_MB": "tools/setup_env.sh",
 }
 

@@ -45,8 +45,7 @@ from torch import Tensor, nn
 
 import torch.nn.functional as F
 
-from .kernels.autograd import GroupNormFunction
-from .kernels.dispatch import forward_impl
+from .ops.autograd import GroupNormFunction
 
 __all__ = ["observe_saved_tensors", "recompute_output_enabled", "recompute_outputs", "record_output", "recording",
            "register_projection_finder", "set_recompute_output"]
@@ -217,7 +216,8 @@ def _recompute_output(node) -> Tensor:
     input is the previous block's output), which is then recomputed in turn; autograd's own
     version checks guard x and the residual."""
     x, weight, bias, _, _, residual = node.saved_tensors
-    return forward_impl(x, weight, bias, node.num_groups, node.eps, node.activation, residual)[0]
+    call = node.call  # (the forward's own backend: the same implementation, decided for x)
+    return call.backend.forward(x, weight, bias, residual, call.num_groups, call.eps, call.activation)[0]
 
 
 def output_recomputation(

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 import gn_det
 # Tolerances per dtype on the scaled error (gn_det/tolerances.py states them and why): the
 # same table ``python -m gn_det.check`` judges by.
+from gn_det.ops.activation import ACTIVATION_TABLE
 from gn_det.tolerances import GRAD_TOLERANCE, TOLERANCE, relu_unambiguous_grad, scaled_error
 
-ACT_FNS = {None: lambda t: t, "relu": F.relu, "silu": F.silu}
+# The reference activations: the standard-operator form of every activation the kernels fuse.
+ACT_FNS = {a.name: a.export for a in ACTIVATION_TABLE}
 
 # (shape, groups, memory format): every rank, both memory formats, odd sizes, batch 1.
 LAYER_CASES = [

@@ -31,7 +31,7 @@ def test_benchmark_norm_runs_on_cpu(tmp_path):
     assert {(row["shape"], row["format"]) for row in ok} == {("box head", "nchw")}
     assert data["meta"]["not_measured"] == ["box head float32 channels_last"]
     text = (tmp_path / md).read_text()
-    assert "| shape | dtype | format | impl |" in text and "## Against the targets (issue 3)" in text
+    assert "| shape | dtype | format | impl |" in text and "## Against the targets" in text
     assert "Not measured (the run's --time-limit came first): box head float32 channels_last." in text
     paths = {row["impl"]: row.get("path") for row in ok if row["format"] == "nchw"}
     assert paths["gn_det GN"] == "PyTorch: ATen GroupNorm" and paths["nn.GroupNorm"] is None
@@ -100,6 +100,26 @@ def test_benchmark_train_runs_on_cpu(tmp_path):
     assert "[64, 256, 7, 7]" in text and "[734, 256, 7, 7]" not in text
 
 
+def test_benchmark_train_step_profile_runs_on_cpu_and_stops_at_its_time_limit(tmp_path):
+    """The GPU run's step-profile stage (tools/gpu_checks.sh), at a tiny size on CPU: rows in its
+    priority order, each with where the step's time went (GPU fields n/a here), the norm layers'
+    host time from their real calls, gn_det's decisions; past --time-limit no row starts and the
+    files are named partial."""
+    command = [sys.executable, os.path.join(ROOT, "tools", "benchmark_train.py"), "--device", "cpu", "--quick",
+               "--height", "64", "--width", "96", "--boxes", "2", "--iters", "1", "--step-profile",
+               "--models", "frozen-BN,gn_det GN", "--out-dir", str(tmp_path),
+               "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "MODEL.RPN.POST_NMS_TOPK_TEST", "20"]
+    proc = subprocess.run(command + ["--time-limit", "1e-9"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (partial,) = [f for f in os.listdir(tmp_path) if f.endswith("partial.json")]
+    data = json.load(open(tmp_path / partial))
+    assert [r["model"] for r in data["rows"]] == ["gn_det GN"] and "not run" in data["meta"]["partial"]
+    row = data["rows"][0]
+    assert row["norm_calls"] > 0 and 0 < row["norm_host_s"] < row["profiled_step_s"]
+    assert row["gpu_busy_fraction"] is None and row["decisions"] == {}  # (CPU: nothing tuned or verified)
+    assert "Where a step's time goes" in (tmp_path / partial.replace(".json", ".md")).read_text()
+
+
 def test_profile_kernels_driver_runs_on_cpu():
     # The driver tools/gpu_checks.sh runs under Nsight Compute: each configuration twice, with
     # the kernel path it takes (here the PyTorch path: no GPU).
@@ -128,7 +148,7 @@ def test_gpu_checks_script_plumbing(tmp_path):
     assert {"gpu_checks.log", "routes.json"} <= files, files
     assert [f for f in files if f.startswith("norm_") and f.endswith("_bf16.md")], files  # named after the machine
     assert json.loads((results / "routes.json").read_text()) == json.loads(
-        open(os.path.join(ROOT, "gn_det", "kernels", "routes.json")).read())
+        open(os.path.join(ROOT, "gn_det", "policy", "routes.json")).read())
     assert "routes.json: unchanged (no row of this run ran the Triton kernels)" in proc.stdout
 
 
@@ -200,17 +220,18 @@ def test_benchmark_norm_reports_each_buckets_verification():
         sys.path.pop(0)
     import torch
 
-    from gn_det.kernels import group_norm_triton, tuning, verification
-    from gn_det.kernels.activation import ACT_NONE, ACT_RELU
+
+    from gn_det.policy import tuning, verification
+    from gn_det.ops.activation import ACT_NONE, ACT_RELU
 
     x, larger = torch.empty(2, 64, 8, 8), torch.empty(2, 64, 64, 64)
-    key = verification.verify_key_of(group_norm_triton, x, 32, ACT_RELU, False)
+    key = verification.verify_key_of(x, 32, ACT_RELU, False)
     records = [
         tuning.Verification(key, "forward", True, "y: 1e-07 <= 1e-05", "verified", tuple(x.shape)).as_dict(),
         tuning.Verification(key, "backward", False, "dx: 0.25 > 5e-05", "disk cache").as_dict(),
-        tuning.Verification(verification.verify_key_of(group_norm_triton, larger, 32, ACT_RELU, False), "forward",
+        tuning.Verification(verification.verify_key_of(larger, 32, ACT_RELU, False), "forward",
                             False, "raised", "verified").as_dict(),
-        tuning.Verification(verification.verify_key_of(group_norm_triton, x, 32, ACT_NONE, False), "forward",
+        tuning.Verification(verification.verify_key_of(x, 32, ACT_NONE, False), "forward",
                             False, "raised", "verified").as_dict(),
         tuning.Decision(tuning.tune_key_of(x, 32, ACT_RELU, False, True), "kernels", "measured", {}).as_dict(),
     ]

@@ -127,7 +127,7 @@ def test_cpu_path_made_wrong_fails_only_where_injected(tmp_path, capsys):
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert last_line.startswith("gn_det check: 1 failure in 4 cases (1 incorrect, 0 raised)")
     # main restores what it changed for its run
-    assert gn_det.kernels.backend() == "auto" and gn_det.kernels.tuning.tuning_cache() is not None
+    assert gn_det.policy.backend() == "auto" and gn_det.policy.tuning.tuning_cache() is not None
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -219,7 +219,7 @@ def test_tuning_entries_show_every_field_of_a_real_decision():
         assert 'verification={"outcome": "passed", "max_error": 1e-07}' in text
     finally:
         gn_det.set_autotune(before[0], on_cpu=before[1])
-        gn_det.kernels.tuning.clear_decisions()
+        gn_det.policy.tuning.clear_decisions()
 
 
 def test_json_path_names_the_machine(tmp_path):
@@ -298,9 +298,9 @@ def test_relu_ambiguous_elements_carry_no_gradient():
 def test_verification_statistics_tolerance_grows_with_huge_groups():
     # Two correct float32 paths drift apart in huge groups (an H200: ATen's rstd and the kernels'
     # 5.7e-4 apart at 2^31 elements): float32's 1e-5 up to ~2^15 elements, sqrt(M) ulps beyond.
-    from gn_det.kernels.verification import STATS_TOLERANCE, _stats_tolerance
-    assert _stats_tolerance(4096) == STATS_TOLERANCE == 1e-5
-    assert 1e-5 < _stats_tolerance(2 ** 26) < 1e-3 and _stats_tolerance(2 ** 31) > 5.7e-4
+    from gn_det.tolerances import STATS_TOLERANCE, stats_tolerance
+    assert stats_tolerance(4096) == STATS_TOLERANCE == 1e-5
+    assert 1e-5 < stats_tolerance(2 ** 26) < 1e-3 and stats_tolerance(2 ** 31) > 5.7e-4
 
 
 def test_shapes_option_names_cases_exactly_and_keeps_commas_in_parentheses():

@@ -1,6 +1,6 @@
 """The stated torch minimum: one value (gn_det/requirements.py) that import checks, pyproject.toml's
 description (the package metadata) and README state; likewise the kernels' triton minimum
-(gn_det/kernels/support.py); tools/compat_check.sh's usage. The check itself on an older torch runs for real in
+(gn_det/policy/support.py); tools/compat_check.sh's usage. The check itself on an older torch runs for real in
 tools/compat_check.sh (README: Compatibility)."""
 import os
 import subprocess

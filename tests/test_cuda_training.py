@@ -9,7 +9,7 @@ from detectron2.utils.events import EventStorage
 
 import gn_det
 from gn_det.train.data import synthetic_batch
-from gn_det.kernels.dispatch import backend, set_backend
+from gn_det.policy import backend, set_backend
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import gn_det
-from gn_det.kernels import routing
-from gn_det.kernels.activation import ACT_RELU
-from gn_det.kernels.dispatch import dispatch_path, triton_enabled_for
+from gn_det.policy import routing
+from gn_det import policy
+from gn_det.ops.activation import ACT_RELU
+from gn_det.policy import dispatch_path, triton_enabled_for
 from gn_cases import (check_forward_backward, check_one_value_per_group, check_residual, check_scale_without_shift,
                       check_strided_inputs, make_affine, make_input, reference)
 
@@ -27,7 +28,7 @@ def kernels_everywhere():
     and no verification failed (verification runs at each bucket's first use, as in any run: a
     failure would send the bucket to the PyTorch path, so it fails the test here; and this
     shows that the kernels pass verification at every shape these tests run: no false alarm)."""
-    from gn_det.kernels import tuning as decisions
+    from gn_det.policy import tuning as decisions
     previous, tuning = routing.set_routes(None), gn_det.set_autotune(False)
     decisions.clear_decisions()
     yield
@@ -68,13 +69,13 @@ def test_sequences_and_volumes(activation):
 @pytest.mark.parametrize("memory_format", [CF, CL])
 def test_torch_backend_on_cuda(monkeypatch, memory_format):
     # GN_DET_BACKEND=torch: PyTorch operations on CUDA tensors, the same results.
-    previous = gn_det.kernels.set_backend("torch")
+    previous = gn_det.policy.set_backend("torch")
     try:
         assert not triton_enabled_for(torch.zeros(2, 4, 3, device="cuda"))
         check_forward_backward((2, 64, 33, 35), 32, dtype=torch.bfloat16, memory_format=memory_format,
                                activation="relu", device="cuda")
     finally:
-        gn_det.kernels.set_backend(previous)
+        gn_det.policy.set_backend(previous)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -130,7 +131,7 @@ def test_forward_statistics_each_merge(shape, memory_format, stats, monkeypatch)
     # Each of the forward apply's ways to its groups' statistics (STATS), forced where it is
     # valid at detection shapes, whatever the launcher's cost rule would pick: the same
     # results, at a mean large against the spread.
-    from gn_det.kernels import group_norm_triton
+    from gn_det.ops import triton_launch as group_norm_triton
     mode = {"lanes": group_norm_triton.STATS_BY_LANES, "gathered": group_norm_triton.STATS_GATHERED,
             "finalized": group_norm_triton.STATS_FINALIZED}[stats]
     monkeypatch.setattr(group_norm_triton, "_stats_merge", lambda *args: mode)
@@ -236,7 +237,7 @@ def test_residual_block_end_cuda(shape, memory_format, dtype, output_recomputed)
 def test_first_use_tuning_on_cuda(tmp_path):
     # Tuning on (kernels_everywhere turned it off): the first call of a bucket measures both
     # paths on CUDA events, the decision is kept and written, the results match either way.
-    from gn_det.kernels import tuning
+    from gn_det.policy import tuning
     gn_det.set_autotune(True)
     previous = gn_det.set_tuning_cache(tmp_path)
     tuning.clear_decisions()
@@ -267,7 +268,7 @@ def test_failing_kernels_fall_back_to_pytorch_on_cuda(tmp_path, fault, kernel_se
     # OutOfResources, a wrong element; a residual block's end (the fused residual, with and
     # without output recomputation): PyTorch's result, one warning naming the GPU, recorded.
     import warnings
-    from gn_det.kernels import dispatch, tuning, verification
+    from gn_det.policy import tuning, verification
     from gn_cases import GRAD_TOLERANCE, assert_close
     previous = gn_det.set_tuning_cache(tmp_path)
     tuning.STORE.warned.clear()
@@ -281,9 +282,9 @@ def test_failing_kernels_fall_back_to_pytorch_on_cuda(tmp_path, fault, kernel_se
         return [y.detach()] + list(torch.autograd.grad(y, [x, weight, bias, residual], torch.ones_like(y)))
 
     try:
-        backend = dispatch.set_backend("torch")
+        backend = policy.set_backend("torch")
         expected = step()
-        dispatch.set_backend(backend)
+        policy.set_backend(backend)
         with warnings.catch_warnings(record=True) as caught, verification.inject_fault(kernel_set, fault):
             warnings.simplefilter("always")
             got, again = step(), step()
@@ -303,7 +304,7 @@ def test_failing_kernels_fall_back_to_pytorch_on_cuda(tmp_path, fault, kernel_se
 def test_split_grids_fill_one_wave_cuda():
     # The partial-sums kernels' grids come from their compiled occupancy on this GPU: the
     # resident-program counts are whole SMs' worth, and the grid is at most one wave.
-    from gn_det.kernels import group_norm_triton, occupancy
+    from gn_det.ops import triton_launch as group_norm_triton, occupancy
     x = torch.randn(2, 256, 200, 336, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.ones(256, device="cuda", requires_grad=True)
     gn_det.group_norm(x, 32, w, torch.zeros_like(w), activation="relu").sum().backward()
@@ -317,13 +318,13 @@ def test_split_grids_fill_one_wave_cuda():
 
 def test_decide_names_the_kernels_and_the_pytorch_path_on_cuda():
     # GPU twin of tests/test_paths.py's backend and float64 cases (tuning off: kernels_everywhere).
-    from gn_det.kernels import paths
+    from gn_det.policy import paths
     x = torch.zeros(2, 64, 8, 8, device="cuda")
     assert paths.decide(x, 32, ACT_RELU) == (paths.KERNELS, "the Triton kernels (verified at the bucket's first use)")
-    previous = gn_det.kernels.set_backend("torch")
+    previous = gn_det.policy.set_backend("torch")
     try:
         assert paths.decide(x, 32, ACT_RELU) == (paths.TORCH, "the backend is 'torch' (set_backend / GN_DET_BACKEND)")
     finally:
-        gn_det.kernels.set_backend(previous)
+        gn_det.policy.set_backend(previous)
     assert paths.decide(x.double(), 32, ACT_RELU).path == paths.TORCH
     assert paths.decide(x[:0], 32, ACT_RELU).reason.startswith("empty input, nothing to compute: ")

@@ -68,3 +68,24 @@ def test_a_module_imported_after_gn_det_gets_its_functions_without_a_rescan(tmp_
         assert hooks.install() == 0  # nothing left to re-bind
     finally:
         sys.modules.pop("late_project", None)
+
+
+def test_the_evaluators_temporary_rebinding_is_listed_and_is_the_only_one():
+    """While FastCOCOEvaluator binds its COCOeval, exactly the attributes hooks' docstring lists
+    under "Rebound for a while" differ in detectron2's loaded modules, and all are restored."""
+    from gn_det.train import evaluation
+
+    listed = set(re.findall(r"^- ``(detectron2\.[\w.]+)``$", hooks.__doc__.split("Rebound for a while")[1], re.M))
+
+    def snapshot():
+        return {f"{name}.{attr}": id(value) for name, module in list(sys.modules.items())
+                if name.startswith("detectron2") and module is not None
+                for attr, value in list(vars(module).items())}
+
+    before = snapshot()
+    cls, _ = evaluation.cocoeval_class()
+    with evaluation._detectron2_fast_cocoeval_bound_to(cls if cls is not None else object):
+        during = snapshot()
+    changed = {key for key in before if during.get(key) != before[key]}
+    assert changed == listed, (changed, listed)
+    assert snapshot() == before

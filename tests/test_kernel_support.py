@@ -1,4 +1,4 @@
-"""Which GPUs, dtypes and tritons the Triton kernels run on (gn_det.kernels.support), decided
+"""Which GPUs, dtypes and tritons the Triton kernels run on (gn_det.policy.support), decided
 before anything compiles; what `python -m gn_det.env` says about it."""
 import warnings
 
@@ -7,8 +7,9 @@ import torch
 import triton
 
 from gn_det import env
-from gn_det.kernels import occupancy, support
-from gn_det.kernels.dispatch import backend, triton_enabled_for
+from gn_det.ops import occupancy
+from gn_det.policy import support
+from gn_det.policy import backend, triton_enabled_for
 
 
 @pytest.mark.parametrize("arch,dtype,runs", [

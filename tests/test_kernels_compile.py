@@ -1,5 +1,5 @@
 """The Triton kernels compile for the H100/H200 (sm_90), and one specialisation for each
-supported architecture (gn_det.kernels.support), on a machine without a GPU, at the
+supported architecture (gn_det.policy.support), on a machine without a GPU, at the
 specialisations real launches produce, without register spills and within each
 architecture's limits (tools/compile_kernels.py).
 The interpreter tests check what the kernels compute; this checks that the GPU compiler
@@ -20,8 +20,9 @@ import torch
 
 from gn_det.diagnostics.bench import inspection
 from gn_det.diagnostics.bench.layer_shapes import COMPILE_EXTRA_SHAPES, MASK_RCNN_SHAPES
-from gn_det.kernels import group_norm_triton, occupancy, support
-from gn_det.kernels.activation import ACT_RELU
+from gn_det.ops import triton_launch as group_norm_triton, occupancy
+from gn_det.policy import support
+from gn_det.ops.activation import ACT_RELU
 
 SHAPES = {**MASK_RCNN_SHAPES, **COMPILE_EXTRA_SHAPES}
 
@@ -257,8 +258,10 @@ def test_forward_statistics_merge_choice():
 
 
 def _docstring_table_cases():
-    """kernel set -> the cases column of group_norm_triton's docstring table."""
-    rows = re.findall(r"^ *([a-z][a-z ]*?) *\| *(\d+) *\|", group_norm_triton.__doc__, re.MULTILINE)
+    """kernel set -> the cases column of the kernel file's docstring table (triton_kernels)."""
+    from gn_det.ops import triton_kernels
+
+    rows = re.findall(r"^ *([a-z][a-z ]*?) *\| *(\d+) *\|", triton_kernels.__doc__, re.MULTILINE)
     return {name: int(cases) for name, cases in rows}
 
 

@@ -152,3 +152,22 @@ def test_moved_module_paths_still_work():
     assert gn_det.data.checks is gn_det.train.data.checks
     out = subprocess.run([sys.executable, "-m", "gn_det.check", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "usage: python -m gn_det.check" in out.stdout, out.stderr[-2000:]
+
+
+def test_the_operations_import_nothing_of_the_policy_or_above():
+    """gn_det.ops holds the operations only: none of its modules imports, directly or through
+    others, the policy that picks them, the layers, the detectron2 glue or the applications
+    (gn_det.config's rules and gn_det.errors are the exceptions it may use: the one table of
+    each setting's rule, not followed further)."""
+    graph = import_graph()
+    allowed = {"gn_det.config", "gn_det.errors"}
+    for module in (m for m in graph if m.startswith("gn_det.ops")):
+        seen, todo = set(), [module]
+        while todo:
+            for dep in graph[todo.pop()]:
+                if dep not in seen:
+                    seen.add(dep)
+                    if dep not in allowed:
+                        todo.append(dep)
+        outside = sorted(m for m in seen if not m.startswith("gn_det.ops") and m not in allowed)
+        assert not outside, f"{module} imports {outside}"

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import gn_det
-from gn_det.kernels import paths, routing, switches, tuning
-from gn_det.kernels.activation import ACT_NONE, ACT_RELU, RESIDUAL_ADD
-from gn_det.kernels.autograd import GroupNormFunction
-from gn_det.kernels.group_norm_op import aten_group_norm
+from gn_det.policy import paths, routing, switches, tuning
+from gn_det.ops.activation import ACT_NONE, ACT_RELU, RESIDUAL_ADD
+from gn_det.ops.autograd import OpCall
+from gn_det.ops.torch_path import TORCH_PATH
+from gn_det.ops.functional import aten_group_norm
 from gn_cases import make_affine, make_input
 
 CL = torch.channels_last
@@ -80,8 +81,7 @@ def _runners(slow):
                 time.sleep(0.05)
             return run(x, weight, bias, residual)
         return runner
-    return {"kernels": make("kernels", lambda x, w, b, r: GroupNormFunction.apply(x, w, b, 4, 1e-5, ACT_RELU, r,
-                                                                                  RESIDUAL_ADD)),
+    return {"kernels": make("kernels", _op_path),
             "aten": make("aten", lambda x, w, b, r: aten_group_norm(x, 4, w, b, 1e-5, ACT_RELU, r))}
 
 
@@ -146,7 +146,7 @@ def test_the_switches_are_one_object_written_by_their_setters():
         assert switches.set_verification(False) == (before.verify, before.verify_on_cpu)
         assert switches.SWITCHES == switches.Switches(backend="torch", autotune=False, autotune_on_cpu=True,
                                                       verify=False, verify_on_cpu=False)
-        assert gn_det.kernels.backend() == "torch" and not tuning.autotune_enabled()
+        assert gn_det.policy.backend() == "torch" and not tuning.autotune_enabled()
         with pytest.raises(ValueError, match="'cuda' is not a gn_det backend"):
             switches.set_backend("cuda")
         assert switches.SWITCHES.backend == "torch"  # a refused value changes nothing
@@ -155,3 +155,9 @@ def test_the_switches_are_one_object_written_by_their_setters():
         gn_det.set_autotune(before.autotune, on_cpu=before.autotune_on_cpu)
         switches.set_verification(before.verify, on_cpu=before.verify_on_cpu)
     assert switches.SWITCHES == before
+
+
+def _op_path(x, w, b, r):
+    """The op on the PyTorch path, as a tuning candidate (with autograd when x requires grad)."""
+    mode = RESIDUAL_ADD if r is not None else 0
+    return OpCall(TORCH_PATH, 4, 1e-5, ACT_RELU, mode, torch.is_grad_enabled() and x.requires_grad, True)(x, w, b, r)

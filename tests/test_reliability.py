@@ -21,6 +21,7 @@ import gn_det
 from gn_det.train.checkpoint import SafeCheckpointer, check_weights_exist, safe_load_pickle
 from gn_det.errors import (ConfigError, DatasetError, MissingFileError, UnknownDatasetError, UntrustedWeightsError, UserError,
                            WeightsError, exit_on_user_error)
+from gn_det.config import groups_for
 from gn_det.modeling import validate_gn_config
 from gn_det.train.data import check_datasets_exist, synthetic_batch
 from gn_det.train.engine import Trainer
@@ -65,7 +66,7 @@ def test_bad_settings_are_caught_before_building(opts):
 def test_consistent_channels_per_group_is_accepted():
     assert validate_gn_config(gn_det.get_config(MAIN, ["MODEL.GN.NUM_GROUPS", 0, "MODEL.GN.CHANNELS_PER_GROUP", 16]))
     settings = validate_gn_config(gn_det.get_config(MAIN, ["MODEL.GN.CHANNELS_PER_GROUP", 16]))  # NUM_GROUPS at its default
-    assert settings.groups_for(64) == 4
+    assert groups_for(64, settings.num_groups, settings.channels_per_group) == 4
 
 
 def test_missing_config_file():
@@ -344,7 +345,11 @@ def test_empty_images_degenerate_boxes_and_empty_polygons_train(tmp_path):
     ]  # image 3 has no annotations
     json_file, image_root = write_coco(tmp_path, images, annotations)
     register("rel_bad_data", json_file, image_root)
-    check_datasets_exist(["rel_bad_data"])
+    # The zero-width box and the 1.5-point polygon cannot be right: an error before training
+    # (tests/test_annotation_checks.py), unless the user says to train with them as detectron2 takes them
+    with pytest.raises(DatasetError, match=r"2 annotation problem\(s\) .*DATALOADER.CHECK_ANNOTATIONS warn"):
+        check_datasets_exist(["rel_bad_data"])
+    check_datasets_exist(["rel_bad_data"], annotations="warn")
     cfg = gn_det.get_config(DEMO, QUICK + ["DATASETS.TRAIN", "('rel_bad_data',)", "SOLVER.MAX_ITER", "3",
                                            "OUTPUT_DIR", str(tmp_path / "out")])
     trainer = Trainer(cfg)
@@ -556,8 +561,9 @@ def test_corrupt_last_checkpoint_points_to_the_previous_good_one(tmp_path):
     checkpointer.save("model_0000009", iteration=9)
     path = tmp_path / "model_0000009.pth"
     path.write_bytes(path.read_bytes()[:300])  # the disk lost its end
-    message = (r"not a readable checkpoint .* The previous checkpoint, model_0000004.pth, is readable: resume from it with "
-               rf"`echo model_0000004.pth > {tmp_path}/last_checkpoint` and --resume again")
+    message = (r"not a readable checkpoint .* The newest checkpoint before it that passes the integrity check is "
+               rf"model_0000004.pth: resume from it with `echo model_0000004.pth > {tmp_path}/last_checkpoint` and "
+               "--resume again")
     with pytest.raises(WeightsError, match=message):
         SafeCheckpointer(model, save_dir=str(tmp_path)).resume_or_load("", resume=True)
     (tmp_path / "last_checkpoint").write_text("model_0000004.pth")  # the fix it gives works

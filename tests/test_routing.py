@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from gn_det.kernels import routing
-from gn_det.kernels.activation import ACT_NONE, ACT_RELU
+from gn_det.policy import routing
+from gn_det.ops.activation import ACT_NONE, ACT_RELU
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H100 = "NVIDIA H100 80GB HBM3"

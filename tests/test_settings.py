@@ -139,7 +139,7 @@ def test_a_layers_rules_run_once_per_layer_built(opts):
 def test_groups_for_is_the_one_divisibility_rule():
     assert groups_for(256, 32) == 32 and groups_for(256, 32, 64) == 4 and groups_for(256, 0, 16) == 16
     assert gn_det.resolve_num_groups(256, channels_per_group=16) == 16
-    assert GNSettings(num_groups=0, channels_per_group=16).groups_for(64) == 4
+    assert gn_det.GroupNorm.from_channels(64, 0, 16).num_groups == 4
     with pytest.raises(SettingError, match=r"^MODEL.GN.NUM_GROUPS=0 and MODEL.GN.CHANNELS_PER_GROUP=0: set one"):
         GNSettings(num_groups=0)
     with pytest.raises(SettingError, match=r"^num_groups=0 and channels_per_group=0: set one .*\(in GroupNorm\)$"):

@@ -1,4 +1,4 @@
-"""First-use tuning (gn_det/kernels/tuning.py) on CPU, with real clocks: the decision logic,
+"""First-use tuning (gn_det/policy/tuning.py) on CPU, with real clocks: the decision logic,
 the disk cache's life, the switches, and two GLOO processes reaching the same decisions. On CPU
 the candidates are gn_det's PyTorch path and ATen's GroupNorm (``set_autotune(on_cpu=True)``);
 tests/interpreted runs it against the Triton interpreter, tests/test_group_norm_cuda.py on a GPU."""
@@ -13,11 +13,12 @@ import torch
 import torch.multiprocessing as mp
 
 import gn_det
-from gn_det.kernels import tuning
-from gn_det.kernels.activation import ACT_RELU, RESIDUAL_ADD
-from gn_det.kernels.autograd import GroupNormFunction
-from gn_det.kernels.dispatch import dispatch_path
-from gn_det.kernels.group_norm_op import aten_group_norm
+from gn_det.policy import tuning
+from gn_det.ops.activation import ACT_RELU, RESIDUAL_ADD
+from gn_det.ops.autograd import OpCall
+from gn_det.ops.torch_path import TORCH_PATH
+from gn_det.policy import dispatch_path
+from gn_det.ops.functional import aten_group_norm
 from gn_cases import make_affine, make_input, reference
 
 CL = torch.channels_last
@@ -49,7 +50,7 @@ def runners(slow: str, calls: list):
             return run(x, weight, bias, residual)
         return runner
     return {
-        "kernels": make("kernels", lambda x, w, b, r: GroupNormFunction.apply(x, w, b, 4, 1e-5, ACT_RELU, r, RESIDUAL_ADD)),
+        "kernels": make("kernels", _op_path),
         "aten": make("aten", lambda x, w, b, r: aten_group_norm(x, 4, w, b, 1e-5, ACT_RELU, r)),
     }
 
@@ -223,8 +224,8 @@ def test_an_unreadable_cache_file_is_ignored_with_one_warning(tuned, damage):
 _DECIDER = """
 import sys, time
 import torch
-from gn_det.kernels import tuning
-from gn_det.kernels.activation import ACT_NONE
+from gn_det.policy import tuning
+from gn_det.ops.activation import ACT_NONE
 tuning.set_autotune(True, on_cpu=True)
 tuning.set_tuning_cache(sys.argv[1])
 start = float(sys.argv[3])
@@ -335,3 +336,34 @@ def test_two_gloo_processes_reach_the_same_decisions(tmp_path):
     # Rank 1 ran its own (cached) decision for the shared bucket until the exchange, then rank 0's.
     assert ranks[0]["paths"] == ["kernels", "kernels"] and ranks[1]["paths"] == ["aten", "kernels"]
     assert ranks[0]["calls"] == ranks[1]["calls"] == []
+
+
+def _op_path(x, w, b, r):
+    """The op on the PyTorch path, as a tuning candidate (with autograd when x requires grad)."""
+    mode = RESIDUAL_ADD if r is not None else 0
+    return OpCall(TORCH_PATH, 4, 1e-5, ACT_RELU, mode, torch.is_grad_enabled() and x.requires_grad, True)(x, w, b, r)
+
+
+def test_a_call_costs_the_larger_of_its_device_and_host_time():
+    assert tuning.call_cost_ms(device_seconds=2e-4, host_seconds=1e-5) == pytest.approx(0.2)  # the GPU decides
+    assert tuning.call_cost_ms(device_seconds=1e-5, host_seconds=3e-4) == pytest.approx(0.3)  # the host decides
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tuning_charges_a_path_its_host_time_where_the_host_decides():
+    """A candidate whose kernels are short on the GPU but which takes 2 ms to enqueue loses to
+    one that is longer on the GPU (about 0.3 ms) and quick to enqueue: device times alone
+    would pick the first."""
+    x = torch.randn(2, 64, 64, 64, device="cuda")
+
+    def host_bound(x, w, b, r):
+        time.sleep(2e-3)
+        return x * 2
+
+    def device_bound(x, w, b, r):
+        return torch.matmul(x.view(-1, 64), torch.randn(64, 512, device="cuda")).sum() + x
+
+    w, b = torch.ones(64, device="cuda"), torch.zeros(64, device="cuda")
+    times = tuning._measure(x, w, b, None, False, {"kernels": host_bound, "aten": device_bound})
+    assert times["kernels"] >= 2.0 > times["aten"], times

@@ -1,4 +1,4 @@
-"""Verification's comparison and records on CPU (gn_det/kernels/verification.py, tuning.py);
+"""Verification's comparison and records on CPU (gn_det/policy/verification.py, tuning.py);
 the kernels themselves, faults injected, run in tests/interpreted/test_verification.py and
 tests/test_group_norm_cuda.py."""
 import json
@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import gn_det
-from gn_det.kernels import tuning, verification
-from gn_det.kernels.activation import ACT_RELU
-from gn_det.kernels.group_norm_torch import torch_group_norm_backward, torch_group_norm_forward
+from gn_det.policy import tuning, verification
+from gn_det.tolerances import STATS_TOLERANCE, TOLERANCE
+from gn_det.ops.activation import ACT_RELU
+from gn_det.ops.torch_path import torch_group_norm_backward, torch_group_norm_forward
 from gn_cases import make_affine, make_input
 
 KEY = ("cpu", "float32", "nchw", "relu", 6, 2, False, "split reduction")
@@ -18,7 +19,7 @@ KEY = ("cpu", "float32", "nchw", "relu", 6, 2, False, "split reduction")
 def _forward(dtype=torch.float32, mean=0.0, std=1.0):
     x = make_input((2, 8, 4, 4), dtype=dtype, mean=mean, std=std)
     weight, bias = make_affine(8)
-    return x, weight, torch_group_norm_forward(x, weight, bias, 2, 1e-5, ACT_RELU)
+    return x, weight, torch_group_norm_forward(x, weight, bias, None, 2, 1e-5, ACT_RELU)
 
 
 def _backward(shape, groups, activation, seed):
@@ -26,16 +27,16 @@ def _backward(shape, groups, activation, seed):
     rstd, dy, (dx, dgamma, dbeta, None)), for the judge (verification._backward_difference)."""
     x = make_input(shape)
     weight, bias = make_affine(shape[1])
-    y, mean, rstd = torch_group_norm_forward(x, weight, bias, groups, 1e-5, activation)
+    y, mean, rstd = torch_group_norm_forward(x, weight, bias, None, groups, 1e-5, activation)
     dy = make_input(shape, seed=seed)
-    grads = torch_group_norm_backward(dy, x, weight, bias, mean, rstd, groups, activation)
+    grads = torch_group_norm_backward(dy, x, weight, bias, mean, rstd, None, groups, 1e-5, activation)
     return x, weight, mean, rstd, dy, (*grads[:3], None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_differences_within_tolerance_pass_and_beyond_fail(dtype):
     x, weight, (y, mean, rstd) = _forward(dtype)
-    tol = verification.TOLERANCE[dtype][0]
+    tol = TOLERANCE[dtype]
     scale = y.float().abs().max().item()
     assert verification._forward_difference((y, mean, rstd), (y, mean, rstd), dtype, weight) is None
     for off, passes in ((0.4, True), (3.0, False)):  # fractions of the tolerance, on the largest element
@@ -55,7 +56,7 @@ def test_statistics_compare_relative_to_their_spread_and_condition():
     # A zero-mean group's mean is all rounding: judged against |mean| + std, not |mean|.
     x, weight, (y, mean, rstd) = _forward()
     mean0 = torch.zeros_like(mean)
-    off = mean0 + 0.5 * verification.STATS_TOLERANCE / rstd  # half the tolerance of the std
+    off = mean0 + 0.5 * STATS_TOLERANCE / rstd  # half the tolerance of the std
     assert verification._forward_difference((y, off, rstd), (y, mean0, rstd), torch.float32, weight) is None
     assert verification._forward_difference((y, mean0 + 1e-3, rstd), (y, mean0, rstd), torch.float32, weight)
     # A large mean against the standard deviation loosens y's tolerance by |mean| * rstd.
@@ -70,12 +71,12 @@ def test_backward_differences_name_the_gradient():
     x, weight, (y, mean, rstd) = _forward()
     bias = torch.zeros(8)
     dy = torch.randn_like(x)
-    grads = torch_group_norm_backward(dy, x, weight, bias, mean, rstd, 2, ACT_RELU)
-    assert verification._backward_difference(grads, grads, dy, x, weight, mean, rstd, None) is None
+    grads = torch_group_norm_backward(dy, x, weight, bias, mean, rstd, None, 2, 1e-5, ACT_RELU)
+    assert verification._backward_difference(grads, grads, dy, x, weight, mean, rstd, None, ACT_RELU) is None
     wrong = (grads[0], grads[1] * 1.01, grads[2], None)
-    assert verification._backward_difference(wrong, grads, dy, x, weight, mean, rstd, None).startswith("dgamma:")
+    assert verification._backward_difference(wrong, grads, dy, x, weight, mean, rstd, None, ACT_RELU).startswith("dgamma:")
     wrong = (grads[0] + 1e-3 * dy, grads[1], grads[2], None)
-    assert verification._backward_difference(wrong, grads, dy, x, weight, mean, rstd, None).startswith("dx:")
+    assert verification._backward_difference(wrong, grads, dy, x, weight, mean, rstd, None, ACT_RELU).startswith("dx:")
 
 
 def test_gradients_that_cancel_are_judged_against_their_terms():
@@ -84,9 +85,9 @@ def test_gradients_that_cancel_are_judged_against_their_terms():
     x, weight, mean, rstd, dy, grads = _backward((2, 6), 3, 0, seed=5)
     rounded = (grads[0] + 1e-6 * dy.abs().max() * weight.abs().max() * rstd.max(), *grads[1:3], None)
     assert rounded[0].sub(grads[0]).abs().max() > 1e-4 * grads[0].abs().max()  # large against the result
-    assert verification._backward_difference(rounded, grads, dy, x, weight, mean, rstd, None) is None
+    assert verification._backward_difference(rounded, grads, dy, x, weight, mean, rstd, None, ACT_RELU) is None
     wrong = (grads[0] * 3, *grads[1:3], None)  # cancels wrong: caught
-    assert verification._backward_difference(wrong, grads, dy, x, weight, mean, rstd, None)
+    assert verification._backward_difference(wrong, grads, dy, x, weight, mean, rstd, None, ACT_RELU)
 
 
 def test_switches_and_hook_check_their_arguments():
@@ -132,6 +133,6 @@ def test_gradients_of_groups_of_one_value_are_judged_against_the_gradient_they_s
     # 1e-5 where PyTorch's is 0. Judged against sum |dy| (xhat's RMS is 1 in a group): not a fault.
     x, weight, mean, rstd, dy, grads = _backward((4, 8), 8, 2, seed=2)
     rounded = (grads[0], grads[1] + 1.2e-5, grads[2], None)
-    assert verification._backward_difference(rounded, grads, dy, x, weight, mean, rstd, None) is None
+    assert verification._backward_difference(rounded, grads, dy, x, weight, mean, rstd, None, ACT_RELU) is None
     wrong = (grads[0], grads[1] + 0.5, grads[2], None)
-    assert verification._backward_difference(wrong, grads, dy, x, weight, mean, rstd, None).startswith("dgamma:")
+    assert verification._backward_difference(wrong, grads, dy, x, weight, mean, rstd, None, ACT_RELU).startswith("dgamma:")

@@ -37,11 +37,11 @@ from torch import nn
 
 import gn_det
 from gn_det.diagnostics.bench.layer_shapes import CPU_SHAPES, MASK_RCNN_SHAPES
-from gn_det.kernels.timing import DeviceTimer
-from gn_det.kernels import routing, tuning, verification
-from gn_det.kernels.activation import activation_code
-from gn_det.kernels.dispatch import dispatch_path
-from gn_det.kernels.group_norm_op import aten_group_norm
+from gn_det.policy.timing import DeviceTimer
+from gn_det.policy import routing, tuning, verification
+from gn_det.ops.activation import activation_code
+from gn_det.policy import dispatch_path
+from gn_det.ops.functional import aten_group_norm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -249,9 +249,8 @@ def verification_of(records: Sequence[dict], x: torch.Tensor, relu: bool, num_gr
     or not, no residual): its records among ``records`` (``gn_det.decisions()``, kind "verification"), one
     per check that ran: {"check", "passed", "detail", "source"}. Empty when none ran (verification
     off, or the kernels never ran the bucket)."""
-    from gn_det.kernels import group_norm_triton  # (imports triton: only for rows that ran the kernels)
 
-    key = verification.verify_key_of(group_norm_triton, x, num_groups, activation_code("relu" if relu else None), False)
+    key = verification.verify_key_of(x, num_groups, activation_code("relu" if relu else None), False)
     wanted = dict(zip(tuning.VERIFY_FIELDS, key))
     return [{k: record[k] for k in ("check", "passed", "detail", "source")} for record in records
             if record.get("kind") == "verification" and all(record.get(k) == v for k, v in wanted.items())]
@@ -365,7 +364,7 @@ def _check(name: str, rows: List[dict], measure: Callable[[dict], Optional[Tuple
 
 
 def target_checks(rows: List[dict], is_gpu: bool) -> List[str]:
-    """The layer's performance targets (issue 3), checked on this run's rows, one line each."""
+    """The layer's performance targets, checked on this run's rows, one line each."""
     ok = [r for r in rows if "error" not in r]
     ours = [r for r in ok if r["impl"].startswith("gn_det") and not r["impl"].endswith(ATEN_PATH)]
     fused = [r for r in ours if r["impl"] == "gn_det GN+ReLU (fused)"]
@@ -456,7 +455,7 @@ def write_results(stem: str, machine: str, bandwidth: float, rows: List[dict], i
             f"{describe_verification(r['verification']) if 'verification' in r else ''} |")
     if skipped:
         lines += ["", f"Not measured (the run's --time-limit came first): {'; '.join(skipped)}."]
-    lines += ["", "## Against the targets (issue 3)", ""] + [f"- {line}" for line in target_checks(rows, is_gpu)]
+    lines += ["", "## Against the targets", ""] + [f"- {line}" for line in target_checks(rows, is_gpu)]
     lines += [""] + [f"Routes: {note}." for note in notes] if notes else []
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")

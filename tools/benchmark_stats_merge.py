@@ -33,8 +33,8 @@ import torch
 from bench_utils import command_line, result_stem, write_result_files
 
 from gn_det.diagnostics.bench.layer_shapes import MASK_RCNN_SHAPES
-from gn_det.kernels import group_norm_triton as kernels
-from gn_det.kernels.timing import DeviceTimer
+from gn_det.ops import triton_launch as kernels
+from gn_det.policy.timing import DeviceTimer
 from gn_det.tolerances import TOLERANCE, scaled_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +58,7 @@ def _stats_merge_as(choose: Callable[..., int]) -> Iterator[None]:
 def forward_with(way: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """The kernels' forward (GN + ReLU) with the statistics merged ``way``."""
     with _stats_merge_as(lambda *args, **kwargs: way):
-        return kernels.triton_group_norm_forward(x, weight, bias, GROUPS, 1e-5, kernels.ACT_RELU, None)[0]
+        return kernels.triton_group_norm_forward(x, weight, bias, None, GROUPS, 1e-5, kernels.ACT_RELU)[0]
 
 
 def heuristic_way(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> int:
@@ -66,7 +66,7 @@ def heuristic_way(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
     seen: List[int] = []
     chosen = kernels._stats_merge
     with _stats_merge_as(lambda *args, **kwargs: seen.append(chosen(*args, **kwargs)) or seen[-1]):
-        kernels.triton_group_norm_forward(x, weight, bias, GROUPS, 1e-5, kernels.ACT_RELU, None)
+        kernels.triton_group_norm_forward(x, weight, bias, None, GROUPS, 1e-5, kernels.ACT_RELU)
     return seen[0] if seen else -1  # (-1: a one-program-per-group shape, nothing to merge)
 
 

@@ -8,7 +8,7 @@ are specialised exactly as a real launch would specialise them (block sizes, war
 equal to 1 or divisible by 16), then compiled to a cubin for the target (default sm_90, the
 H100/H200) instead of launched. ptxas reports each kernel's registers and spills; the PTX gives
 the width of its global loads and stores; registers, warps and shared memory against the
-architecture's limits (gn_det.kernels.occupancy.ARCHITECTURES: per-SM limits and the SM count
+architecture's limits (gn_det.ops.occupancy.ARCHITECTURES: per-SM limits and the SM count
 of a GPU users have) give the blocks an SM holds, and the launcher's grid at each shape (sized
 by that occupancy, as on that GPU) the waves.
 
@@ -45,12 +45,13 @@ from triton.backends.compiler import GPUTarget
 
 from gn_det.diagnostics.bench.layer_shapes import COMPILE_EXTRA_SHAPES, MASK_RCNN_SHAPES
 from gn_det.diagnostics.bench import inspection
-from gn_det.kernels import occupancy, support
-from gn_det.kernels.activation import ACT_NONE, ACT_RELU, ACT_SILU, RESIDUAL_ADD, RESIDUAL_OUTPUT
+from gn_det.ops import occupancy
+from gn_det.policy import support
+from gn_det.ops.activation import ACT_RELU, ACTIVATION_TABLE, RESIDUAL_ADD, RESIDUAL_OUTPUT
 
 SHAPES = {**MASK_RCNN_SHAPES, **COMPILE_EXTRA_SHAPES}
 QUICK = ("res2 N=2", "box head", "volume", "features, G = C", "7 channels per group")
-ACT_NAMES = {ACT_NONE: "none", ACT_RELU: "relu", ACT_SILU: "silu"}
+ACT_NAMES = {a.code: a.name or "none" for a in ACTIVATION_TABLE}  # every activation the kernels fuse
 # --block-ends: the residual blocks' ends, relu(GN(x) + residual), with what backward reads.
 BLOCK_ENDS = {"relu+residual": RESIDUAL_ADD, "relu+residual, output kept": RESIDUAL_OUTPUT}
 # The shapes whose launches "launches" counts: one of each kernel path.
@@ -120,7 +121,7 @@ def markdown_architectures(runs: List[dict]) -> str:
     lines = [f"# Triton kernels compiled for {', '.join(r['meta']['arch'] for r in runs)} "
              f"(triton {runs[0]['meta']['triton']}, torch {runs[0]['meta']['torch']})", "",
              "Each architecture's command is in its section. Each architecture's limits and SM count are those of the "
-             "GPU named (gn_det.kernels.occupancy.ARCHITECTURES); its grids are sized as on that GPU. A failure is a "
+             "GPU named (gn_det.ops.occupancy.ARCHITECTURES); its grids are sized as on that GPU. A failure is a "
              "kernel that does not compile, spills, or exceeds the architecture's limits (registers per thread, "
              "shared memory per block, one block per SM).", "",
              "| arch | GPU (SMs) | dtypes | specialisations | compiled | failed, spilled or over limits | "
@@ -217,7 +218,7 @@ def compile_arch(arch: int, sm_count: int, args: argparse.Namespace) -> Tuple[in
     """Every specialisation of the chosen cases compiled for sm_<arch>: (failures, the --json
     object). A failure is a kernel that does not compile, spills, or exceeds the architecture's
     limits (occupancy.limit_violations). Dtypes the architecture does not support
-    (gn_det.kernels.support) are left out, and said so."""
+    (gn_det.policy.support) are left out, and said so."""
     target = GPUTarget("cuda", arch, 32)
     limits = inspection.limits_of(target)
     shapes = {k: v for k, v in SHAPES.items() if k in QUICK} if args.quick else SHAPES
@@ -331,7 +332,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=parse_archs, default=[90],
                         help="compute capabilities x 10, comma-separated (default 90: H100/H200), or 'all': every "
-                             "architecture gn_det supports (gn_det.kernels.support.SUPPORTED_ARCHITECTURES)")
+                             "architecture gn_det supports (gn_det.policy.support.SUPPORTED_ARCHITECTURES)")
     parser.add_argument("--sm-count", type=int, default=None,
                         help="SMs of the target GPU (default: occupancy.ARCHITECTURES' GPU of each architecture; "
                              "132 for sm_90, an H100 SXM)")

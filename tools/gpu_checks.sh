@@ -3,8 +3,11 @@
 # the layer benchmark and the training benchmark, each writing its files into one folder.
 #
 #   tools/gpu_checks.sh [STAGE ...]      STAGE: check-parallel | check | tests | norm | norm-bf16 | norm-rest |
-#                                               train | stats-merge | ncu
+#                                               step-profile | train | stats-merge | ncu
 #
+# step-profile (tools/benchmark_train.py --step-profile) shows where a training step's time goes,
+# per model, bf16 first; it starts no row after $STEP_PROFILE_ROWS_S seconds (default 480) and
+# writes what it has (files named partial), within a 10-minute call.
 # check-parallel (tools/check_parallel.py) runs the self-check's cases in $CHECK_JOBS processes
 # (default 12) at once, for correctness on a GPU whose Triton cache is empty: the kernels compile
 # on many cores at once (set TRITON_CACHE_DIR to a folder you carry to keep them for a later
@@ -27,7 +30,7 @@
 # $TRAIN_TIME_LIMIT (default 560) with the rows it finished written ($TRAIN_ARGS replaces its
 # default --profile, e.g. "--precisions bf16 --iters 15"). One stage per call.
 # The layer stages also write routes.json (tools/benchmark_norm.py --write-routes): the shape
-# buckets where the kernels lost to PyTorch's GroupNorm, for gn_det/kernels/routes.json.
+# buckets where the kernels lost to PyTorch's GroupNorm, for gn_det/policy/routes.json.
 # On the project's lent GPU machine (see docs/PERFORMANCE.md), after
 # `bash ../shared/gpu/prepare-site.sh` here, carry .gpu_site and run e.g.
 #   export PYTHONPATH=$PWD/.gpu_site:$PWD; bash tools/gpu_checks.sh tests norm-bf16
@@ -62,9 +65,9 @@ stage() {  # name, command...: run it, log it under $results, count a failure
 
 set -o pipefail
 # The layer benchmarks measure the kernels with routes off and update a copy of the package's
-# routes (gn_det/kernels/routes.json) in the results: copy it back over the package's file.
+# routes (gn_det/policy/routes.json) in the results: copy it back over the package's file.
 routes="$results/routes.json"
-[ -f "$routes" ] || cp gn_det/kernels/routes.json "$routes"
+[ -f "$routes" ] || cp gn_det/policy/routes.json "$routes"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$results/gpu_checks.log"
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | tr -c 'A-Za-z0-9\n' '_' \
       | tr 'A-Z' 'a-z' | sed 's/^_*//; s/_*$//')
@@ -91,9 +94,11 @@ for what in "$@"; do
         ncu) stage ncu timeout "${TESTS_TIME_LIMIT:-540}" ncu --target-processes all --clock-control none --csv \
                  --log-file "$results/ncu_kernels.csv" --kernel-name "regex:^_(group|stats|forward|backward)_" \
                  --metrics "$ncu_metrics" "$py" tools/profile_kernels.py ;;
+        step-profile) stage step-profile timeout "${TRAIN_TIME_LIMIT:-580}" "$py" tools/benchmark_train.py --step-profile \
+                      --time-limit "${STEP_PROFILE_ROWS_S:-480}" --out-dir "$results" ${TRAIN_ARGS:-} ;;
         train) stage train timeout "${TRAIN_TIME_LIMIT:-560}" "$py" tools/benchmark_train.py ${TRAIN_ARGS:---profile} \
                    --out-dir "$results" ;;
-        *) echo "unknown stage '$what' (check-parallel, check, tests, norm, norm-bf16, norm-rest, train, stats-merge, ncu)" >&2
+        *) echo "unknown stage '$what' (check-parallel, check, tests, norm, norm-bf16, norm-rest, step-profile, train, stats-merge, ncu)" >&2
            failed=$((failed + 1)) ;;
     esac
 done

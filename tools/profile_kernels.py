@@ -39,7 +39,7 @@ def main() -> None:
         for fmt_name, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
             x = torch.randn(shape, device=args.device, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
             grad = torch.randn_like(x)
-            path = gn_det.kernels.dispatch.dispatch_path(x, 32, "relu")
+            path = gn_det.policy.dispatch_path(x, 32, "relu")
             for run in (1, 2):
                 print(f"{name} {tuple(shape)} {args.dtype} {fmt_name} run {run}: {path}", file=sys.stderr)
                 with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):

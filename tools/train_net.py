@@ -14,6 +14,11 @@ that are refused, an unknown norm, a bad or broken image, a bad flag, an OUTPUT_
 be created, a GN_DET_* variable gn_det does not read or whose value it refuses) ends with
 "train_net: error: <what, where, the fix>" and exit status 2, before training starts; so does a
 diverged run, at the iteration it diverged. Any other error keeps its traceback.
+One run per output folder: a run (training or --eval-only) holds OUTPUT_DIR/gn_det_run.lock for
+its whole life; a second run into the same folder ends with "train_net: error:" naming the
+folder and the holder, before it writes anything (a lock whose holder is gone is taken over;
+docs/RELIABILITY.md). --eval-only refuses weights that leave a trainable parameter of the model
+unloaded, unless --allow-partial-weights.
 SIGINT (Ctrl-C) and SIGTERM stop training cleanly, after the step under way (a second signal,
 2 seconds or more after the first: at once): one line saying where the last checkpoint is, exit
 status 130 / 143.
@@ -31,7 +36,7 @@ try:
     from detectron2.utils import comm
 
     import gn_det
-    from gn_det.train.checkpoint import SafeCheckpointer, check_weights_exist
+    from gn_det.train.checkpoint import SafeCheckpointer, check_output_dir_free, check_weights_exist, hold_output_dir
     from gn_det.train.data import check_datasets_exist, register_shapes_dataset
     from gn_det.train.data.checks import DataSettings
     from gn_det.train.engine import Trainer, check_batch_split
@@ -93,25 +98,48 @@ def check_inputs(cfg, args):
                           "you can write to") from None
     if not os.access(out, os.W_OK):
         raise ConfigError(f"OUTPUT_DIR={out!r} is not writable; choose a folder you can write to")
+    if args.machine_rank == 0:  # (on the other machines, process 0 of the run may hold it already)
+        check_output_dir_free(out)  # another run's: refused at once (the run takes the lock itself, in main)
     if is_lazy(args):
-        check_datasets_exist(lazy_dataset_names(cfg, args.eval_only))
+        # (a LazyConfig takes DATALOADER.CHECK_ANNOTATIONS as +train.check_annotations=warn)
+        annotations = DataSettings(check_annotations=str(cfg.train.get("check_annotations", "error"))).check_annotations
+        check_datasets_exist(lazy_dataset_names(cfg, args.eval_only), annotations=annotations)
     else:
         if not args.eval_only:
             check_batch_split(cfg, args.num_gpus * args.num_machines)
         settings = DataSettings.from_cfg(cfg)
         train = [] if args.eval_only else list(cfg.DATASETS.TRAIN)
         check_datasets_exist(list(cfg.DATASETS.TEST) + train, images=settings.check_images,
-                             skip_bad=train if settings.bad_images == "skip" else ())
+                             skip_bad=train if settings.bad_images == "skip" else (),
+                             annotations=settings.check_annotations)
     check_weights_exist(cfg, resume=args.resume)
 
 
 def main_lazy(cfg, args):
     if args.eval_only:
         model = build_lazy_model(cfg)
-        SafeCheckpointer(model, save_dir=cfg.train.output_dir, weights_key="train.init_checkpoint").resume_or_load(
-            cfg.train.init_checkpoint, resume=args.resume)  # --resume: the output folder's last checkpoint
+        checkpointer = SafeCheckpointer(model, save_dir=cfg.train.output_dir, weights_key="train.init_checkpoint")
+        checkpointer.require_all_parameters = not args.allow_partial_weights
+        checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)  # --resume: the folder's last checkpoint
         return lazy_test(cfg, model)
     return lazy_train(cfg, resume=args.resume)
+
+
+def run(cfg, args):
+    default_setup(cfg, args)  # logging, config.yaml (or .py) in the output folder, seeds
+    if is_lazy(args):
+        return main_lazy(cfg, args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        checkpointer = SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer.require_all_parameters = not args.allow_partial_weights
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = Trainer.test(cfg, model)
+        verify_results(cfg, results)
+        return results
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
 
 
 def main(args):
@@ -121,18 +149,10 @@ def main(args):
         with exit_on_user_error(PROG):  # in each worker process, for what only loading finds (refused weights)
             register_shapes_dataset()
             cfg = setup(args)
-            default_setup(cfg, args)  # logging, config.yaml (or .py) in the output folder, seeds
-            if is_lazy(args):
-                return main_lazy(cfg, args)
-            if args.eval_only:
-                model = Trainer.build_model(cfg)
-                SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-                results = Trainer.test(cfg, model)
-                verify_results(cfg, results)
-                return results
-            trainer = Trainer(cfg)
-            trainer.resume_or_load(resume=args.resume)
-            return trainer.train()
+            # one run per output folder, before anything is written there: process 0 holds the lock, every process
+            # learns whether it could
+            with hold_output_dir(output_dir(cfg, args), purpose="evaluation" if args.eval_only else "training"):
+                return run(cfg, args)
     except Stopped as stop:
         if comm.get_rank() == 0:
             where = last_checkpoint_note(output_dir(cfg, args)) if cfg is not None else "before training started"
@@ -146,6 +166,9 @@ def argument_parser():
     parser.add_argument("--config", dest="config_file", metavar="FILE", help="alias of --config-file")
     parser.add_argument("--allow-unsafe-yaml", action="store_true",
                         help="read configs with YAML tags that construct Python objects (only for files you trust)")
+    parser.add_argument("--allow-partial-weights", action="store_true",
+                        help="with --eval-only: evaluate even if the weights leave some trainable parameters of the model "
+                             "at their initial values (refused by default)")
     return parser
 
 

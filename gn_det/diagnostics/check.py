@@ -22,8 +22,8 @@ For each case (a row) it reports:
   field of the entry is shown, whatever fields it has), measured in this process (the check
   keeps decisions in memory only: it neither reads nor writes the user's tuning cache).
 
-The kernel rows call the op's own path (``GroupNormFunction``) directly, bypassing tuning and
-routes, so that they check the kernels themselves whatever tuning would pick.
+The kernel rows call the op's own path (``gn_det.policy.calls.op_backend``) directly, bypassing
+tuning and routes, so that they check the kernels themselves whatever tuning would pick.
 
 Without CUDA it says so and checks what runs here: gn_det's PyTorch (CPU) path at small
 stand-ins of the shapes (timed against PyTorch on CPU), and the Triton kernels under Triton's
@@ -73,11 +73,13 @@ from torch import Tensor
 
 import gn_det
 from gn_det.diagnostics.bench.layer_shapes import CPU_SHAPES, MASK_RCNN_SHAPES, Shape
-from gn_det.kernels.timing import DeviceTimer
-from gn_det.kernels import dispatch, routing, tuning
-from gn_det.kernels.activation import activation_code
-from gn_det.kernels.autograd import GroupNormFunction, residual_mode_for
-from gn_det.kernels.layout import memory_format_of
+from gn_det.policy.timing import DeviceTimer
+from gn_det.policy import routing, tuning
+from gn_det import policy
+from gn_det.ops.activation import activation_code
+from gn_det.ops.autograd import OpCall, residual_mode_for
+from gn_det.policy.calls import op_backend
+from gn_det.ops.layout import memory_format_of
 from gn_det.tolerances import GRAD_TOLERANCE, TOLERANCE, relu_unambiguous_grad, scaled_error
 
 FORMAT_VERSION = 1
@@ -273,8 +275,10 @@ def gn_det_op(x: Tensor, groups: int, weight: Tensor, bias: Tensor, op: Op, resi
     """gn_det's own path, bypassing tuning and routes: the Triton kernels on CUDA (and on CPU
     under the interpreter), else the PyTorch path. x, residual dense; weight, bias dense (C,)."""
     code = activation_code(op.activation)
-    mode = residual_mode_for(code, residual, op.output_recomputed)
-    return GroupNormFunction.apply(x, weight, bias, groups, EPS, code, residual, mode)
+    mode = residual_mode_for(code, residual is not None, op.output_recomputed)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))
+    backend = op_backend(x, groups, code, residual is not None, grad, mode)
+    return OpCall(backend, groups, EPS, code, mode, grad, True)(x, weight, bias, residual)
 
 
 def gn_det_as_called(x: Tensor, groups: int, weight: Tensor, bias: Tensor, op: Op,
@@ -436,8 +440,8 @@ def _contract_problems(what: str, got: Dict[str, Tensor], x: Tensor, residual: O
 
 def implementation_name(x: Tensor, groups: int) -> str:
     """Which implementation gn_det's own path runs for x."""
-    if dispatch.triton_enabled_for(x):
-        module = dispatch._triton_module()
+    if policy.triton_enabled_for(x):
+        module = policy.paths.triton_module()
         where = "Triton kernels" + (" (interpreter)" if x.device.type == "cpu" else "")
         try:
             return f"{where}: {module.kernel_path(x, groups)}"
@@ -838,7 +842,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             parser.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device.type == "cuda" and args.part != "all":
         parser.error("--part applies without CUDA (--device cpu): on a GPU the kernels are checked themselves")
-    if args.part == "interpreter" and not args.rows_out and not dispatch.triton_on_cpu():
+    if args.part == "interpreter" and not args.rows_out and not policy.triton_on_cpu():
         parser.error("--part interpreter needs TRITON_INTERPRET=1 GN_DET_TRITON_ON_CPU=1 set before the start "
                      "(--part all starts such a process itself)")
     args.device = device
@@ -858,12 +862,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Decisions in this process only (the user's tuning cache is neither read nor written), and
     # the kernels checked whatever GN_DET_BACKEND says; both restored for a caller in-process.
     previous_cache = gn_det.set_tuning_cache(None)
-    previous_backend = dispatch.set_backend("auto")
+    previous_backend = policy.set_backend("auto")
     try:
         return _run(args, argv, previous_backend)
     finally:
         gn_det.set_tuning_cache(previous_cache)
-        dispatch.set_backend(previous_backend)
+        policy.set_backend(previous_backend)
 
 
 def _run(args: argparse.Namespace, argv: Optional[Sequence[str]], backend_in_use: str) -> int:
@@ -906,11 +910,11 @@ def _run(args: argparse.Namespace, argv: Optional[Sequence[str]], backend_in_use
         print(note)
     print(header(), flush=True)
     for part in parts:
-        if part == "cpu path" and dispatch.triton_on_cpu():
-            dispatch.set_backend("torch")  # CPU tensors would go to the interpreter in this process
+        if part == "cpu path" and policy.triton_on_cpu():
+            policy.set_backend("torch")  # CPU tensors would go to the interpreter in this process
             run_part(part, args, device, timer, deadline, rows, not_run)
-            dispatch.set_backend("auto")
-        elif part == "interpreter" and not dispatch.triton_on_cpu():
+            policy.set_backend("auto")
+        elif part == "interpreter" and not policy.triton_on_cpu():
             why = run_interpreter_subprocess(args, deadline, rows, not_run)
             if why:
                 notes.append(f"the Triton kernels under the interpreter not checked: {why}")

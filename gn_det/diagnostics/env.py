@@ -52,12 +52,12 @@ def cocoeval_in_use() -> str:
 
 def kernel_support_line(index: int) -> str:
     """Where gn_det's Triton kernels run on CUDA device ``index``, per dtype, and why not
-    (gn_det.kernels.support)."""
+    (gn_det.policy.support)."""
     import warnings
 
     import torch
 
-    from ..kernels.support import kernels_support
+    from ..policy.support import kernels_support
 
     parts = []
     with warnings.catch_warnings():  # the reason is printed here instead
@@ -70,15 +70,15 @@ def kernel_support_line(index: int) -> str:
 
 
 def supported_line() -> str:
-    """What the kernels support (gn_det.kernels.support), and whether this triton is one."""
-    from ..kernels import support
+    """What the kernels support (gn_det.policy.support), and whether this triton is one."""
+    from ..policy import support
 
     return supported_line_for(support.triton_support())
 
 
 def supported_line_for(why: Optional[str]) -> str:
     """``supported_line`` given ``support.triton_support()``'s answer (None: this triton runs them)."""
-    from ..kernels import support
+    from ..policy import support
 
     archs = ", ".join(f"sm_{a}" for a in support.SUPPORTED_ARCHITECTURES)
     return (f"compiled for {archs} (compute capability 7.0-12.x), bfloat16 from sm_80, triton "
@@ -114,7 +114,7 @@ def collect_env() -> List[Tuple[str, str]]:
         rows.append(("gn_det kernels", supported_line()))
         rows.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset")))
         rows.append(("GN_DET_BACKEND", os.environ.get("GN_DET_BACKEND", "unset (auto: Triton kernels on CUDA)")))
-        from ..kernels import tuning
+        from ..policy import tuning
 
         cache = tuning.tuning_cache()
         rows.append(("GN tuning", ("on (CUDA inputs)" if tuning.autotune_enabled() else "off")

@@ -11,8 +11,8 @@ from torch.nn import init
 
 from .. import recompute as _recompute
 from ..config import GNSettings, SettingError, argument_key, check_setting, groups_for
-from ..kernels.activation import ACTIVATION_NAMES, activation_code
-from ..kernels.group_norm_op import group_norm
+from ..ops.activation import ACTIVATION_NAMES, activation_code
+from ..policy.calls import call_for
 
 __all__ = ["GroupNorm", "resolve_num_groups"]
 
@@ -94,6 +94,15 @@ class GroupNorm(nn.GroupNorm):
                 self.bias = None
         self.activation = ACTIVATION_NAMES[code]
 
+    @property
+    def activation(self) -> Optional[str]:
+        """The fused activation's name (None, "relu", "silu"); settable."""
+        return ACTIVATION_NAMES[self._act]
+
+    @activation.setter
+    def activation(self, name: Optional[str]) -> None:
+        self._act = activation_code(name)
+
     def reset_parameters(self) -> None:
         """gamma = 1, beta = 0 (no beta without a shift): nn.GroupNorm's, also correct for
         ``bias=False`` with a torch whose own version predates that argument."""
@@ -148,8 +157,9 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         recording = _recompute.recording()  # inside a recompute scope (gn_det.set_recompute_output)
-        y = group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation,
-                       output_recomputed=recording)
+        # (the call decided for x's signature: one lookup once decided, gn_det.policy.calls)
+        y = call_for(x, self.num_groups, self.weight, self.bias, self.eps, self._act, None, recording)(
+            x, self.weight, self.bias, None)
         if recording:
             _recompute.record_output(y, self.bias, self.eps)
         return y
@@ -166,8 +176,8 @@ class GroupNorm(nn.GroupNorm):
             raise ValueError(f"GroupNorm.forward_residual: this layer applies its own activation "
                              f"({self.activation!r}) before any residual could be added; use a layer without one")
         recording = _recompute.recording()
-        y = group_norm(x, self.num_groups, self.weight, self.bias, self.eps, activation, residual=residual,
-                       output_recomputed=recording)
+        y = call_for(x, self.num_groups, self.weight, self.bias, self.eps, activation_code(activation), residual,
+                     recording)(x, self.weight, self.bias, residual)
         if recording:
             _recompute.record_output(y, self.bias, self.eps)
         return y

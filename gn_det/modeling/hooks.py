@@ -41,9 +41,19 @@ the ``get_norm`` that ``resnet.py`` imported), and any module of a project impor
 gn_det that holds one (``from detectron2.layers import get_norm``); ``rebound_attributes()``
 lists them. A module imported later takes gn_det's functions from those re-bound modules, so
 nothing is rescanned at build time (importing all 313 further detectron2 modules after
-gn_det leaves ``install()`` nothing to re-bind). Nothing else of detectron2 is patched: no
-class or method (``builders.py`` adds four names to detectron2's registries; ``fuse.py``
-changes the class of built block instances, not detectron2's classes).
+gn_det leaves ``install()`` nothing to re-bind). No class or method is patched
+(``builders.py`` adds four names to detectron2's registries; ``fuse.py`` changes the class of
+built block instances, not detectron2's classes).
+
+Rebound for a while, by the training application only (``import gn_det`` does not load it;
+``tests/test_hooks.py`` checks that these are the only attributes of detectron2's modules that
+change while it runs):
+
+- ``detectron2.evaluation.coco_evaluation.COCOeval_opt``
+  -> the compiled COCOeval that ``gn_det.train.evaluation.FastCOCOEvaluator`` found
+  (detectron2's C++ one, else faster-coco-eval's), during each of its evaluations, restored
+  after: detectron2's ``COCOEvaluator`` reads that module-level name when ``use_fast_impl``
+  is set, and a detectron2 without compiled ops has none.
 
 Checked against: detectron2 v0.6 (2021-11, upstream tag), PyPI's sal-detectron2 0.7.2 (the
 installed one: an upstream snapshot of 2024) and upstream 02b5c4e (2026-06). The signatures

@@ -11,7 +11,11 @@ events, ``--resume``) except that:
 - the training mapper drops annotations that have no mask when masks are trained
   (``gn_det.train.data.mapper.MaskSafeDatasetMapper``) instead of crashing the mask loss;
 - checkpoints are written atomically and read safely (``gn_det.train.checkpoint.SafeCheckpointer``);
-  ``*.tmp`` files a killed save left are removed at start;
+  temporaries a killed save left are removed at start (a live writer's are kept); a save that
+  fails (a full disk) stops the run with a one-line ``CheckpointWriteError``, and no evaluation
+  runs after it (``not_after_a_failure``: nor after any other error that ends training);
+- ``train`` holds the output folder's lock (``gn_det.train.checkpoint.hold_output_dir``): a
+  second run into the same OUTPUT_DIR is refused;
 - resume is exact (``ExactResume``): the training loader is ``gn_det.train.data.ResumableTrainLoader``
   and each checkpoint holds, per process, its data position and the Python, NumPy, torch CPU
   and CUDA random states (the AMP grad scaler is in detectron2's AMPTrainer state already);
@@ -35,6 +39,7 @@ import logging
 import math
 import os
 import random
+import sys
 import weakref
 from typing import Any, Callable, Dict, Optional
 
@@ -46,16 +51,16 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from .checkpoint import SafeCheckpointer
+from .checkpoint import SafeCheckpointer, hold_output_dir
 from .data.loader import ResumableTrainLoader, build_resumable_train_loader
 from .data.mapper import MaskSafeDatasetMapper
 from ..errors import ConfigError, DivergenceError, UserError
 from .evaluation import FastCOCOEvaluator
-from ..kernels.tuning import synchronize_decisions
+from ..policy.tuning import synchronize_decisions
 from .stopping import StopAtStepEnd
 
 __all__ = ["AutotuneSync", "ExactResume", "Trainer", "check_batch_split",
-           "final_ap", "random_state", "set_random_state", "keeping_random_state",
+           "final_ap", "random_state", "set_random_state", "keeping_random_state", "not_after_a_failure",
            "save_final_if_nothing_left"]
 
 logger = logging.getLogger(__name__)
@@ -91,6 +96,20 @@ def keeping_random_state(func: Callable) -> Callable:
             return func(*args, **kwargs)
         finally:
             set_random_state(state)
+    return wrapped
+
+
+def not_after_a_failure(func: Callable) -> Callable:
+    """``func`` (an evaluation) that does nothing, returning ``{}``, while an exception that ends
+    training propagates: detectron2 runs its hooks' ``after_train`` (the final evaluation among
+    them) in a ``finally``, so a save that failed at the last iteration (a full disk) would
+    otherwise be followed by an evaluation of the unsaved model."""
+    def wrapped(*args, **kwargs):
+        failure = sys.exc_info()[1]
+        if failure is not None:
+            logger.warning("Not evaluating: training ended with %s (reported below)", type(failure).__name__)
+            return {}
+        return func(*args, **kwargs)
     return wrapped
 
 
@@ -233,7 +252,8 @@ class Trainer(DefaultTrainer):
         hooks = super().build_hooks()
         for hook in hooks:
             if isinstance(hook, d2_hooks.EvalHook):
-                hook._func = keeping_random_state(hook._func)  # evaluation must not move training's random state
+                # evaluation must not move training's random state, nor run after training failed
+                hook._func = not_after_a_failure(keeping_random_state(hook._func))
         self.exact_resume = ExactResume(self.data_loader, self.cfg.SOLVER.CHECKPOINT_PERIOD)
         # Before the checkpoint it feeds, and at the same place among the hooks that talk to the
         # other processes on every process: its gather must not meet an evaluation's barrier. The
@@ -251,8 +271,9 @@ class Trainer(DefaultTrainer):
             self.exact_resume.restore(self.iter)
 
     def train(self):
-        save_final_if_nothing_left(self.checkpointer, self.start_iter, self.max_iter, "SOLVER.MAX_ITER")
-        return super().train()
+        with hold_output_dir(self.cfg.OUTPUT_DIR):  # (re-entrant: train_net holds it already)
+            save_final_if_nothing_left(self.checkpointer, self.start_iter, self.max_iter, "SOLVER.MAX_ITER")
+            return super().train()
 
     def run_step(self) -> None:
         try:

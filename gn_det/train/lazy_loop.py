@@ -1,6 +1,7 @@
 """The LazyConfig training loop: ``lazy_train`` trains as detectron2's
 ``tools/lazyconfig_train_net.py`` does, with gn_det's model building (``gn_det.lazy``), safe
-checkpoints, exact resume and held stop signals; ``lazy_test`` evaluates."""
+checkpoints, exact resume, held stop signals and the output folder's lock; ``lazy_test``
+evaluates."""
 from __future__ import annotations
 
 import logging
@@ -17,9 +18,10 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..lazy import build_lazy_model
-from .checkpoint import SafeCheckpointer
+from .checkpoint import SafeCheckpointer, hold_output_dir
 from .data.loader import ResumableTrainLoader, resumable_train_loader
-from .engine import AutotuneSync, ExactResume, keeping_random_state, save_final_if_nothing_left
+from .engine import (AutotuneSync, ExactResume, _drop_logged_user_errors, keeping_random_state, not_after_a_failure,
+                     save_final_if_nothing_left)
 from .stopping import StopAtStepEnd
 
 __all__ = ["lazy_test", "lazy_train"]
@@ -58,8 +60,14 @@ def lazy_train(cfg, resume: bool = False) -> Dict[str, Any]:
     evaluation, metrics.json), with gn_det's model building, safe checkpoints, exact resume
     (each checkpoint holds the data position and random state, restored on resume, as in
     tools/train_net.py's Trainer; see ``_resumable_lazy_train_loader``), and DDP for CPU
-    models too. Returns the last evaluation's results ({} when none ran), as
+    models too; it holds the output folder's lock (``hold_output_dir``) and evaluates nothing
+    after a failed save. Returns the last evaluation's results ({} when none ran), as
     ``DefaultTrainer.train`` does."""
+    with hold_output_dir(cfg.train.output_dir):  # (re-entrant: train_net holds it already)
+        return _lazy_train(cfg, resume)
+
+
+def _lazy_train(cfg, resume: bool) -> Dict[str, Any]:
     if cfg.train.amp.enabled and not str(cfg.train.get("device", "cuda")).startswith("cuda"):
         raise ConfigError(f"train.amp.enabled=True on train.device={cfg.train.device!r}: detectron2's AMPTrainer needs "
                           "CUDA; set train.amp.enabled=False")
@@ -76,6 +84,9 @@ def lazy_train(cfg, resume: bool = False) -> Dict[str, Any]:
     checkpointer = SafeCheckpointer(model, cfg.train.output_dir, trainer=trainer, weights_key="train.init_checkpoint")
     if comm.is_main_process():
         checkpointer.remove_stale_temporaries()  # a killed save's *.tmp
+    train_loop_logger = logging.getLogger("detectron2.engine.train_loop")
+    if _drop_logged_user_errors not in train_loop_logger.filters:
+        train_loop_logger.addFilter(_drop_logged_user_errors)  # a UserError (a failed save) is one line, no traceback
     last_results: Dict[str, Any] = {}
 
     def evaluate() -> Dict[str, Any]:
@@ -94,7 +105,8 @@ def lazy_train(cfg, resume: bool = False) -> Dict[str, Any]:
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         exact_resume,
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
-        hooks.EvalHook(cfg.train.eval_period, keeping_random_state(evaluate)),  # not moving training's random state
+        # not moving training's random state, not after training failed
+        hooks.EvalHook(cfg.train.eval_period, not_after_a_failure(keeping_random_state(evaluate))),
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
         if comm.is_main_process() else None,
     ])

@@ -1,7 +1,7 @@
 import pytest
 
 import gn_det
-from gn_det.kernels import tuning, verification
+from gn_det.policy import tuning, verification
 
 
 @pytest.fixture(autouse=True)

@@ -4,9 +4,9 @@ steps: tests/test_paths.py."""
 import torch
 
 import gn_det
-from gn_det.kernels import paths, switches, tuning
-from gn_det.kernels.activation import ACT_NONE, ACT_RELU
-from gn_det.kernels.verification import verify_key_of
+from gn_det.policy import paths, switches, tuning
+from gn_det.ops.activation import ACT_NONE, ACT_RELU
+from gn_det.policy.verification import verify_key_of
 from gn_cases import make_input
 
 CL = torch.channels_last
@@ -25,7 +25,7 @@ def test_the_kernels_and_the_verification_fallback():
     finally:
         switches.set_backend(previous)
     # A bucket whose kernels failed verification (as verification.py records it).
-    key = verify_key_of(paths.triton_module(), x, 4, ACT_RELU, False)
+    key = verify_key_of(x, 4, ACT_RELU, False)
     tuning.record_verification(tuning.Verification(key, "forward", False, "output: a test's failure", "verified",
                                                    tuple(x.shape)))
     try:

@@ -4,8 +4,8 @@ import os
 
 import torch
 
-from gn_det.kernels import group_norm_triton
-from gn_det.kernels.timing import DeviceTimer
+from gn_det.ops import triton_launch as group_norm_triton
+from gn_det.policy.timing import DeviceTimer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -9,12 +9,12 @@ import torch
 
 import gn_det
 from gn_det.diagnostics.bench.memory import count_saved_tensors
-from gn_det.kernels import routing
-from gn_det.kernels.activation import ACT_RELU, RESIDUAL_ADD
-from gn_det.kernels.dispatch import dispatch_path, triton_enabled_for
-from gn_det.kernels.group_norm_torch import torch_group_norm_backward, torch_group_norm_forward
-from gn_det.kernels import group_norm_triton
-from gn_det.kernels.group_norm_triton import kernel_path, triton_group_norm_backward, triton_group_norm_forward
+from gn_det.policy import routing
+from gn_det.ops.activation import ACT_RELU, RESIDUAL_ADD
+from gn_det.policy import dispatch_path, triton_enabled_for
+from gn_det.ops.torch_path import torch_group_norm_backward, torch_group_norm_forward
+from gn_det.ops import triton_launch as group_norm_triton
+from gn_det.ops.triton_launch import kernel_path, triton_group_norm_backward, triton_group_norm_forward
 from gn_cases import (LAYER_CASES, check_forward_backward, check_one_value_per_group, check_residual,
                       check_scale_without_shift, check_strided_inputs, make_affine, make_input, reference)
 
@@ -89,7 +89,7 @@ def test_shifted_windows_write_neighbours_with_their_own_statistics(shape, group
     weight, bias = make_affine(shape[1])
     c = shape[1]
     assert group_norm_triton._tiles(c, shape[2] * shape[3], False, 4)[4]["SHIFT"]
-    y, mean, rstd = triton_group_norm_forward(x, weight, bias, groups, 1e-5, 0)
+    y, mean, rstd = triton_group_norm_forward(x, weight, bias, None, groups, 1e-5, 0)
     per_channel = lambda t: t.repeat_interleave(c // groups, dim=1)[:, :, None, None]  # noqa: E731
     expected = (x - per_channel(mean)) * (weight[None, :, None, None] * per_channel(rstd)) + bias[None, :, None, None]
     assert torch.equal(y, expected)
@@ -135,7 +135,7 @@ def test_forward_statistics_merged_by_the_apply(shape, groups, memory_format, st
     assert group_norm_triton._stats_merge(c // groups, splits, block_c, layout["SHIFT"]) == expected
     x = make_input(shape, memory_format=memory_format, mean=1e3, std=1.0)
     weight, bias = make_affine(c)
-    y, mean, rstd = triton_group_norm_forward(x, weight, bias, groups, 1e-5, ACT_RELU)
+    y, mean, rstd = triton_group_norm_forward(x, weight, bias, None, groups, 1e-5, ACT_RELU)
     x64 = x.double().reshape(n, groups, -1)
     torch.testing.assert_close(mean.double(), x64.mean(-1), rtol=2e-7, atol=0)
     torch.testing.assert_close(rstd.double(), (x64.var(-1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-4, atol=0)
@@ -149,9 +149,9 @@ def test_launcher_residual_gradient_in_x_layout(path):
     x = make_input((2, 8, 5, 6))
     r = make_input((2, 8, 5, 6), seed=3).contiguous(memory_format=CL)
     weight, bias = make_affine(8)
-    y, mean, rstd = triton_group_norm_forward(x, weight, bias, 2, 1e-5, ACT_RELU, r)
+    y, mean, rstd = triton_group_norm_forward(x, weight, bias, r, 2, 1e-5, ACT_RELU)
     dy = make_input((2, 8, 5, 6), seed=5)
-    dr = triton_group_norm_backward(dy, x, weight, bias, mean, rstd, 2, ACT_RELU, r, RESIDUAL_ADD)[3]
+    dr = triton_group_norm_backward(dy, x, weight, bias, mean, rstd, r, 2, 1e-5, ACT_RELU, RESIDUAL_ADD)[3]
     z = torch.nn.functional.group_norm(x.double(), 2, weight.double(), bias.double(), 1e-5) + r.double()
     assert dr.is_contiguous() and torch.allclose(dr.double(), dy.double() * (z > 0), atol=1e-6)
 
@@ -260,13 +260,13 @@ def test_kernels_agree_with_torch_path(activation, path):
     x = make_input((2, 8, 9, 7), memory_format=CL)
     weight, bias = make_affine(8)
     grad = make_input((2, 8, 9, 7), seed=3)  # NCHW gradient for a channels_last input
-    y, mean, rstd = triton_group_norm_forward(x, weight, bias, 4, 1e-5, activation)
-    y_ref, mean_ref, rstd_ref = torch_group_norm_forward(x, weight, bias, 4, 1e-5, activation)
+    y, mean, rstd = triton_group_norm_forward(x, weight, bias, None, 4, 1e-5, activation)
+    y_ref, mean_ref, rstd_ref = torch_group_norm_forward(x, weight, bias, None, 4, 1e-5, activation)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mean, mean_ref, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(rstd, rstd_ref, atol=1e-5, rtol=1e-5)
-    got = triton_group_norm_backward(grad, x, weight, bias, mean, rstd, 4, activation)
-    want = torch_group_norm_backward(grad, x, weight, bias, mean_ref, rstd_ref, 4, activation, 1e-5)
+    got = triton_group_norm_backward(grad, x, weight, bias, mean, rstd, None, 4, 1e-5, activation)
+    want = torch_group_norm_backward(grad, x, weight, bias, mean_ref, rstd_ref, None, 4, 1e-5, activation)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
@@ -327,7 +327,7 @@ def test_tuning_measures_the_kernels_against_aten():
     finally:
         gn_det.set_autotune(previous[0][0], on_cpu=previous[0][1])
         gn_det.set_tuning_cache(previous[1])
-        from gn_det.kernels import tuning
+        from gn_det.policy import tuning
         tuning.clear_decisions()
 
 
@@ -339,6 +339,6 @@ def test_values_at_the_dtype_limits_are_accurate_or_non_finite(dtype, scale, mem
     torch.manual_seed(0)
     x = torch.randn(2, 8, 4, 4) * scale
     x = (x.clamp(-6e4, 6e4) if dtype is torch.float16 else x).to(dtype).contiguous(memory_format=memory_format)
-    y = triton_group_norm_forward(x, torch.ones(8, dtype=dtype), torch.zeros(8, dtype=dtype), 4, 1e-5, 0)[0]
+    y = triton_group_norm_forward(x, torch.ones(8, dtype=dtype), torch.zeros(8, dtype=dtype), None, 4, 1e-5, 0)[0]
     error = (y.double() - torch.nn.functional.group_norm(x.double(), 4)).abs().max()
     assert not torch.isfinite(y).all() if scale > 1e20 else error < 1e-2

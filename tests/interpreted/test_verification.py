@@ -1,4 +1,4 @@
-"""Verification at first use (gn_det/kernels/verification.py) with the Triton kernels run by the
+"""Verification at first use (gn_det/policy/verification.py) with the Triton kernels run by the
 interpreter: kernels made to fail through the test hook ``inject_fault`` (a real Triton compile
 error, triton's OutOfResources at launch, a result made wrong) on the eager, recomputed and
 fused-residual paths, forward and backward; and two GLOO processes where only one rank's kernels
@@ -13,7 +13,11 @@ import torch
 import torch.multiprocessing as mp
 
 import gn_det
-from gn_det.kernels import dispatch, tuning, verification
+from gn_det.ops import triton_launch
+from gn_det.ops.torch_path import TORCH_PATH, Backend
+from gn_det.policy import calls as policy_calls
+from gn_det.policy import tuning, verification
+from gn_det import policy
 from gn_cases import GRAD_TOLERANCE, TOLERANCE, assert_close, make_affine, make_input
 
 SHAPE, GROUPS = (2, 8, 4, 4), 2
@@ -60,9 +64,9 @@ def _step(path: str):
 @pytest.mark.parametrize("path", ["eager", "recomputed", "residual"])
 @pytest.mark.parametrize("fault", verification.FAULTS)
 def test_failing_kernels_fall_back_to_pytorch_once_and_are_recorded(verifying, fault, path):
-    previous = dispatch.set_backend("torch")
+    previous = policy.set_backend("torch")
     expected = _step(path)  # the PyTorch path throughout
-    dispatch.set_backend(previous)
+    policy.set_backend(previous)
     for kernel_set in verification.KERNEL_SET_NAMES:
         gn_det.set_tuning_cache(verifying / kernel_set)
         tuning.clear_decisions()
@@ -92,7 +96,7 @@ def test_failing_kernels_fall_back_to_pytorch_once_and_are_recorded(verifying, f
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             x = make_input(SHAPE)
-            assert dispatch.dispatch_path(x, GROUPS, "relu", residual=path == "residual").startswith(
+            assert policy.dispatch_path(x, GROUPS, "relu", residual=path == "residual").startswith(
                 "PyTorch: gn_det's PyTorch path (the kernels failed verification here")
             reloaded = _step(path)
         assert [r["source"] for r in tuning.decisions() if not r.get("passed", True)] == ["disk cache"]
@@ -107,9 +111,9 @@ def test_a_wrong_pytorch_path_is_overruled_by_a_float64_reference(verifying, pat
     # On an H200, ATen's CUDA GroupNorm backward read channels_last memory as NCHW: verification
     # then failed the right kernels and returned the wrong gradients. Where the two paths
     # disagree, a float64 reference now says which one is wrong.
-    previous = dispatch.set_backend("torch")
+    previous = policy.set_backend("torch")
     expected = _step("residual")  # the PyTorch path, right
-    dispatch.set_backend(previous)
+    policy.set_backend(previous)
     with warnings.catch_warnings(record=True) as caught, verification.inject_fault(path_set, "wrong"):
         warnings.simplefilter("always")
         got = _step("residual")
@@ -128,18 +132,18 @@ def test_a_wrong_pytorch_path_is_overruled_by_a_float64_reference(verifying, pat
 def test_a_comparison_that_raises_fails_the_kernels_without_arbitration(verifying, monkeypatch):
     # Kernels whose result cannot even be compared (here statistics of the wrong shape) fail
     # like kernels that raise: the PyTorch path's result, no float64 reference asked, nothing raised.
-    original = verification._kernels_forward
+    original = triton_launch.TritonPlans.forward
 
-    def misshapen(kernels, *args):
-        y, mean, rstd = original(kernels, *args)
+    def misshapen(plans, *args):
+        y, mean, rstd = original(plans, *args)
         return y, mean.reshape(-1, 1), rstd.reshape(-1, 1)
 
     asked = []
-    monkeypatch.setattr(verification, "_kernels_forward", misshapen)
+    monkeypatch.setattr(triton_launch.TritonPlans, "forward", misshapen)
     monkeypatch.setattr(verification, "_sides_with_kernels", lambda *a: asked.append(a) or True)
-    previous = dispatch.set_backend("torch")
+    previous = policy.set_backend("torch")
     expected = _step("eager")
-    dispatch.set_backend(previous)
+    policy.set_backend(previous)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = _step("eager")
@@ -147,17 +151,14 @@ def test_a_comparison_that_raises_fails_the_kernels_without_arbitration(verifyin
     assert torch.equal(got[0], expected[0])
 
 
-def test_kernels_that_agree_are_used_and_verified_once(verifying):
+def test_kernels_that_agree_are_used_and_verified_once(verifying, monkeypatch):
     got = _step("residual")
     rows = [r for r in tuning.decisions() if r["kind"] == "verification"]
     assert sorted(r["check"] for r in rows) == ["backward, output kept", "forward"] and all(r["passed"] for r in rows)
     calls = []
-    original = verification.torch_group_norm_forward
-    verification.torch_group_norm_forward = lambda *a: calls.append(a) or original(*a)
-    try:
-        again = _step("residual")  # decided: the kernels alone
-    finally:
-        verification.torch_group_norm_forward = original
+    counted = Backend(lambda *a: calls.append(a) or TORCH_PATH.forward(*a), TORCH_PATH.backward)
+    monkeypatch.setattr(policy_calls, "TORCH_PATH", counted)  # the PyTorch path the policy decides with
+    again = _step("residual")  # decided: the kernels alone
     assert calls == [] and all(torch.equal(a, b) for a, b in zip(got, again))
 
 
@@ -176,7 +177,7 @@ def _rank_process(rank: int, world: int, init_file: str, out_dir: str) -> None:
             gn_det.group_norm(make_input((1, 4, 3, 3)), 2)  # a bucket only rank 0 meets
         adopted = gn_det.synchronize_decisions()
         gn_det.synchronize_decisions()  # nothing new: nobody waits on anybody
-        path = dispatch.dispatch_path(make_input(SHAPE), GROUPS, "relu")
+        path = policy.dispatch_path(make_input(SHAPE), GROUPS, "relu")
         _step("eager")  # the next step: the PyTorch path on both ranks (rank 0 warns now, naming rank 1)
     rows = [r for r in tuning.decisions() if r["check"] == "forward" and r["shape"] == list(SHAPE)]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

@@ -28,8 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
-from ...kernels import group_norm_triton as kernels
-from ...kernels.occupancy import ARCHITECTURES, H100, GPULimits, blocks_per_sm, limit_violations
+from ...ops import triton_launch as kernels
+from ...ops.occupancy import ARCHITECTURES, H100, GPULimits, blocks_per_sm, limit_violations
 
 try:  # triton 3.8 and 3.9 keep their settings and hooks in triton.knobs; 3.3 and older have none:
     from triton import knobs  # their JIT cache hook is a class attribute of JITFunction
@@ -238,10 +238,10 @@ def layer_launches(shape: Sequence[int], dtype: torch.dtype, memory_format: torc
     w = torch.empty(shape[1], device="meta")
     r = torch.empty_like(x) if residual_mode else None
     with recording_launches(**recording) as launches:
-        _, mean, rstd = kernels.triton_group_norm_forward(x, w, w, num_groups, 1e-5, activation, r)
+        _, mean, rstd = kernels.triton_group_norm_forward(x, w, w, r, num_groups, 1e-5, activation)
         forward = list(launches)
         del launches[:]
-        kernels.triton_group_norm_backward(torch.empty_like(x), x, w, w, mean, rstd, num_groups, activation, r,
+        kernels.triton_group_norm_backward(torch.empty_like(x), x, w, w, mean, rstd, r, num_groups, 1e-5, activation,
                                            residual_mode)
         backward = list(launches)
     return forward, backward
@@ -389,8 +389,8 @@ def replay_compiles(iterations: int = 300, seed: int = 0, dtype: torch.dtype = t
                 w = torch.empty(shape[1], device="meta")
                 for act in activations:
                     del launches[:]
-                    _, mean, rstd = kernels.triton_group_norm_forward(x, w, w, 32, 1e-5, act)
-                    kernels.triton_group_norm_backward(torch.empty_like(x), x, w, w, mean, rstd, 32, act)
+                    _, mean, rstd = kernels.triton_group_norm_forward(x, w, w, None, 32, 1e-5, act)
+                    kernels.triton_group_norm_backward(torch.empty_like(x), x, w, w, mean, rstd, None, 32, 1e-5, act)
                     found = {launch.key: launch.kernel for launch in launches if launch.key}
                     keys.update(found)
                     if act == (1 if relu else 0):

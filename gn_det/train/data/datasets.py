@@ -7,7 +7,7 @@ import os
 from typing import Iterable
 
 from ...errors import DatasetError, MissingFileError, UnknownDatasetError, close_matches
-from .checks import check_images
+from .checks import _ERROR_KINDS, annotation_problems, check_images, summarize_problems
 from .shapes import CLASSES, ensure_shapes_dataset
 
 logger = logging.getLogger(__name__)
@@ -41,11 +41,14 @@ def register_shapes_dataset(root: str = "") -> None:
         register_coco_instances(name, {"thing_classes": list(CLASSES)}, json_file, image_root)
 
 
-def check_datasets_exist(names: Iterable[str], images: str = "headers", skip_bad: Iterable[str] = ()) -> None:
+def check_datasets_exist(names: Iterable[str], images: str = "headers", skip_bad: Iterable[str] = (),
+                         annotations: str = "error") -> None:
     """Check that each dataset is registered and its files are there and readable (before
     any training or worker process starts): its annotations (COCO sections, every
-    ``category_id`` among the categories) and its images (``images``: ``headers``, ``decode``
-    or ``none``, as ``DATALOADER.CHECK_IMAGES``; see ``gn_det.train.data.checks``). Bad images of a
+    ``category_id`` among the categories; what ``checks.annotation_problems`` finds, an error or
+    with ``annotations`` ``warn`` a warning, as ``DATALOADER.CHECK_ANNOTATIONS``) and its images
+    (``images``: ``headers``, ``decode`` or ``none``, as ``DATALOADER.CHECK_IMAGES``; see
+    ``gn_det.train.data.checks``). Bad images of a
     dataset named in ``skip_bad`` are logged, not raised (training leaves them out). Raises ``UnknownDatasetError`` (a
     ``KeyError``) for a name that is not registered, with the closest registered names;
     ``MissingFileError`` (a ``FileNotFoundError``) naming what is missing, where it was looked
@@ -70,7 +73,7 @@ def check_datasets_exist(names: Iterable[str], images: str = "headers", skip_bad
         missing = [p for p in (json_file, image_root) if p and not os.path.exists(p)]
         if not missing:
             if json_file:
-                _check_coco_json(name, json_file, image_root, images, name in skip_bad)
+                _check_coco_json(name, json_file, image_root, images, name in skip_bad, annotations)
             continue
         hint = ""
         if name.startswith("coco_"):
@@ -88,9 +91,11 @@ def check_datasets_exist(names: Iterable[str], images: str = "headers", skip_bad
         )
 
 
-def _check_coco_json(name: str, json_file: str, image_root: str, images: str = "headers", skip_bad: bool = False) -> None:
-    """The annotation file parses, has COCO's sections and known category ids, and every
-    image it lists is there and usable (``images``: how closely to look)."""
+def _check_coco_json(name: str, json_file: str, image_root: str, images: str = "headers", skip_bad: bool = False,
+                     annotations: str = "error") -> None:
+    """The annotation file parses, has COCO's sections, known category ids and annotations that
+    can be right (``annotations``: ``error``, ``warn``, ``none``), and every image it lists is
+    there and usable (``images``: how closely to look)."""
     try:
         with open(json_file) as f:
             coco = json.load(f)
@@ -110,6 +115,8 @@ def _check_coco_json(name: str, json_file: str, image_root: str, images: str = "
             f"dataset '{name}': {len(unknown)} annotation(s) in {json_file} have a category_id that is not among its "
             f"'categories' (ids {sorted(known, key=str)[:20]}): annotation id {first.get('id')} of image "
             f"{first.get('image_id')} has category_id {first.get('category_id')!r}; fix the ids, or add the category")
+    if annotations != "none":
+        _check_annotations(name, json_file, coco, annotations)
     bad = check_images(coco["images"], image_root, images)
     missing = [file for file, problem in bad if problem == "missing"]
     if missing:
@@ -127,3 +134,23 @@ def _check_coco_json(name: str, json_file: str, image_root: str, images: str = "
             f"dataset '{name}': {len(bad)} of {len(coco['images'])} images listed in {json_file} cannot be used: "
             f"{listed}; replace or remove them (or, for training data, set DATALOADER.BAD_IMAGES skip to leave "
             "them out with a warning)")
+
+
+def _check_annotations(name: str, json_file: str, coco: dict, mode: str) -> None:
+    errors, filtered = annotation_problems(coco)
+    if filtered:
+        logger.warning("dataset '%s': detectron2 leaves out %d annotation(s) of %s without a word: %s", name,
+                       len(filtered), json_file, summarize_problems(filtered, {"no image": "whose image_id is not among "
+                                                                                          "the file's images"}))
+    if not errors:
+        return
+    found = summarize_problems(errors, _ERROR_KINDS)
+    if mode == "warn":
+        logger.warning("dataset '%s': %d annotation problem(s) in %s, trained with as detectron2 takes them (boxes "
+                       "clipped or dropped, bad polygons dropped, a duplicate image id's annotations on one image; "
+                       "DATALOADER.CHECK_ANNOTATIONS warn): %s", name, len(errors), json_file, found)
+        return
+    raise DatasetError(
+        f"dataset '{name}': {len(errors)} annotation problem(s) in {json_file} that cannot be right: {found}; fix "
+        "them, or set DATALOADER.CHECK_ANNOTATIONS warn to train with them as detectron2 takes them (boxes clipped or "
+        "dropped, bad polygons dropped, a duplicate image id's annotations on one image)")

@@ -52,8 +52,8 @@ import torch
 from torch import Tensor
 
 from . import routing, tuning
-from .activation import ACT_NONE, activation_code
-from .layout import memory_format_of, to_dense
+from ..ops.activation import ACT_NONE, activation_code
+from ..ops.layout import memory_format_of, to_dense
 from .support import kernels_support, triton_support
 from .switches import SWITCHES
 from .verification import verify_key_of
@@ -102,7 +102,7 @@ class Choice(NamedTuple):
 def triton_module() -> Optional[ModuleType]:
     """The Triton kernels' module, or None where triton is not installed."""
     try:
-        from . import group_norm_triton
+        from ..ops import triton_launch as group_norm_triton
     except ImportError:  # e.g. a CPU-only torch build without triton
         return None
     return group_norm_triton
@@ -157,11 +157,10 @@ def _op_path(x: Tensor, num_groups: int, activation: int, residual: bool, explai
         return Choice(TORCH, why + off)
     if not explain or x.numel() == 0:
         return Choice(KERNELS, why + "the Triton kernels (verified at the bucket's first use)")
-    kernels = triton_module()
-    failed = tuning.failed_verification(verify_key_of(kernels, x, num_groups, activation, residual))
+    failed = tuning.failed_verification(verify_key_of(x, num_groups, activation, residual))
     if failed is not None:
         return Choice(FALLBACK, why + f"the kernels failed verification here: {failed.detail}")
-    return Choice(KERNELS, why + kernels.kernel_path(x, num_groups))
+    return Choice(KERNELS, why + triton_module().kernel_path(x, num_groups))
 
 
 # The choices whose reason is a constant, made once (decide runs at every call).

@@ -11,26 +11,21 @@ writes these values). ``paths.decide`` reads them to choose a call's path.
 - ``verify``, ``verify_on_cpu``: ``set_verification(enabled, on_cpu=)``; on by default for
   CUDA; the interpreter on CPU is verified for tests only.
 
-Module-level mutable state of the call path (dispatch, routing, tuning, verification), before
-and after issue 25's item 5: 20 objects before, each a module global of its own (dispatch
-``_backend``; routing ``_IN_USE``; tuning ``_enabled``, ``_tune_cpu``, ``_cache_dir``,
-``_decisions``, ``_unshared``, ``_by_input``, ``_loaded``, ``_on_disk``, ``_warned``,
-``_verifications``, ``_unshared_verifications``, ``_failed``, ``_checked_by_input``,
-``_gloo_group``; verification ``_enabled``, ``_on_cpu``, ``_warned``, ``_faults``), 4 after,
-each with one owner: ``SWITCHES`` here (the settings: explicit setters, environment read
-once), ``tuning.STORE`` (decisions, verification outcomes and their lookups, written by
-tuning's and verification's functions), ``routing``'s routes in use (``set_routes``), and
-``verification._faults`` (the tests' fault hook, empty but inside ``inject_fault``).
-Read-once caches (``functools.lru_cache``: the triton module, GPU support) are not settings.
+The policy's state, besides these switches, is ``tuning.STORE`` (decisions, verification
+outcomes), ``routing``'s routes in use (``set_routes``) and ``CALLS`` here: every input
+signature decided so far, mapped to the call that runs it (``calls.py``). Whatever changes a
+decision empties ``CALLS``: every setter here, ``set_routes``, tuning's and verification's
+records, ``clear_decisions``, ``synchronize_decisions``, ``set_tuning_cache``, and the tests'
+``verification.inject_fault``.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, List, Tuple
+from typing import Dict, Tuple
 
-__all__ = ["BACKENDS", "SWITCHES", "Switches", "autotune_from_environment", "backend", "backend_from_environment",
-           "on_verification_change", "set_autotune", "set_backend", "set_verification"]
+__all__ = ["BACKENDS", "CALLS", "CALLS_MAX", "SWITCHES", "Switches", "autotune_from_environment", "backend",
+           "backend_from_environment", "set_autotune", "set_backend", "set_verification"]
 
 BACKENDS = ("auto", "torch")
 
@@ -47,14 +42,11 @@ class Switches:
 
 
 SWITCHES = Switches()
-# Called after set_verification: what remembers per input whether verification is needed
-# registers its reset here (tuning.py does, at import), so this module imports none of them.
-_ON_VERIFICATION_CHANGE: List[Callable[[], None]] = []
-
-
-def on_verification_change(reset: Callable[[], None]) -> None:
-    """Call ``reset`` whenever ``set_verification`` changes the setting."""
-    _ON_VERIFICATION_CHANGE.append(reset)
+# The decided calls (calls.py): input signature -> the call that runs it. Emptied by whatever
+# changes a decision (the module docstring), and when it holds CALLS_MAX signatures (multi-scale
+# training meets a bounded but large number of shapes).
+CALLS: Dict[tuple, object] = {}
+CALLS_MAX = 1 << 14
 
 
 def set_backend(name: str) -> str:
@@ -66,6 +58,7 @@ def set_backend(name: str) -> str:
         raise ValueError(f"{name!r} is not a gn_det backend: use 'auto' (Triton kernels on CUDA, the default) or "
                          "'torch' (PyTorch operations everywhere)")
     previous, SWITCHES.backend = SWITCHES.backend, name
+    CALLS.clear()
     return previous
 
 
@@ -106,6 +99,7 @@ def set_autotune(enabled: bool, *, on_cpu: bool = False) -> Tuple[bool, bool]:
     _check_booleans("set_autotune", enabled, on_cpu)
     previous = (SWITCHES.autotune, SWITCHES.autotune_on_cpu)
     SWITCHES.autotune, SWITCHES.autotune_on_cpu = enabled, on_cpu
+    CALLS.clear()
     return previous
 
 
@@ -116,8 +110,7 @@ def set_verification(enabled: bool, *, on_cpu: bool = False) -> Tuple[bool, bool
     _check_booleans("set_verification", enabled, on_cpu)
     previous = (SWITCHES.verify, SWITCHES.verify_on_cpu)
     SWITCHES.verify, SWITCHES.verify_on_cpu = enabled, on_cpu
-    for reset in _ON_VERIFICATION_CHANGE:  # (inputs remembered as "no verification needed" are checked again)
-        reset()
+    CALLS.clear()
     return previous
 
 

@@ -18,7 +18,7 @@ Half-precision input is computed in float32 (statistics and arithmetic) and cast
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -122,10 +122,11 @@ def _activation_input(
 
 
 def torch_group_norm_forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, activation: int,
-    residual: Optional[torch.Tensor] = None,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: Optional[torch.Tensor], num_groups: int,
+    eps: float, activation: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same contract as ``triton_group_norm_forward``; stats are float32 (float64 for float64 x)."""
+    """Same contract as ``triton_launch.triton_group_norm_forward``; stats are float32 (float64
+    for float64 x)."""
     n, c = x.shape[:2]
     dtype = compute_dtype(x)
     fmt = memory_format_of(x)
@@ -149,11 +150,12 @@ def torch_group_norm_forward(
 
 
 def torch_group_norm_backward(
-    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-    mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, activation: int, eps: float = 1e-5,
-    residual: Optional[torch.Tensor] = None, residual_mode: int = RESIDUAL_ADD,
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
+    rstd: torch.Tensor, residual: Optional[torch.Tensor], num_groups: int, eps: float, activation: int,
+    residual_mode: int = RESIDUAL_ADD,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Same contract as ``triton_group_norm_backward`` (plus eps, to recompute z)."""
+    """Same contract as ``triton_launch.triton_group_norm_backward``; ``residual`` is what the
+    forward saved for the residual (the residual, or with ReLU the output)."""
     n, c = x.shape[:2]
     hxw = x.numel() // (n * c)
     dtype = compute_dtype(x)
@@ -187,3 +189,21 @@ def torch_group_norm_backward(
             grad, xc, mean, rstd, w, n, c, hxw, num_groups, [True, True, True]
         )
     return dx.to(dtype=x.dtype, memory_format=fmt), dweight.to(weight.dtype), dbias.to(weight.dtype), dres
+
+
+class Backend(NamedTuple):
+    """A GN implementation, as ``autograd.GroupNormFunction`` and the policy call it: the
+    PyTorch path (``TORCH_PATH``), or the Triton kernels (``triton_launch.TritonPlans``, which
+    has the same two methods). One signature for both:
+
+    - ``forward(x, weight, bias, residual, num_groups, eps, activation) -> (y, mean, rstd)``
+    - ``backward(grad_y, x, weight, bias, mean, rstd, saved, num_groups, eps, activation,
+      residual_mode) -> (dx, dweight, dbias, dresidual)``, ``saved`` being what the forward
+      kept for the residual (the residual, the ReLU output, or None).
+    """
+
+    forward: Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    backward: Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
+
+
+TORCH_PATH = Backend(torch_group_norm_forward, torch_group_norm_backward)

@@ -28,8 +28,9 @@ from typing import Dict, FrozenSet, Optional, Tuple, Union
 
 import torch
 
-from .activation import ACTIVATION_NAMES, ACTIVATION_TABLE
-from .layout import memory_format_of
+from ..ops.activation import ACTIVATION_NAMES, ACTIVATION_TABLE
+from ..ops.layout import memory_format_of
+from .switches import CALLS
 
 __all__ = [
     "ROUTES_FILE", "ROUTE_FIELDS", "RouteKey", "aten_route", "check_route", "load_routes", "read_routes_file",
@@ -127,6 +128,7 @@ def set_routes(path: Union[str, Path, None]) -> Optional[Path]:
     routes = {} if path is None else {
         _key(route): str(route.get("measured") or "no measurement recorded") for route in read_routes_file(path)["routes"]}
     _IN_USE = (path, routes, frozenset(key[0] for key in routes))
+    CALLS.clear()
     return previous
 
 

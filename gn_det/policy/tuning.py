@@ -8,11 +8,13 @@ A bucket (``TuneKey``) is a route key (``routing.py``: GPU model, dtype, memory 
 activation, ``floor(log2(C/G * S))``, ``floor(log2(N * G))``) plus whether a residual is fused
 and whether the call is recorded for backward ("train": forward + backward are timed) or not
 ("infer": forward only). The candidates are the op's own path ("kernels": the Triton kernels on
-CUDA) and ``group_norm_op.aten_group_norm`` ("aten"). Each is run once untimed (a first run
+CUDA) and ``ops.functional.aten_group_norm`` ("aten"). Each is run once untimed (a first run
 compiles), then timed for about ``MEASURE_BUDGET_S`` (``MIN_TIMED_RUNS`` to ``MAX_TIMED_RUNS``
-runs; ``timing.DeviceTimer``: device time on a GPU with the host's launch time hidden,
-``time.perf_counter`` on CPU), on detached copies of the call's
-inputs outside any saved-tensor hooks; the lower median wins. The two paths give the same
+runs), on detached copies of the call's inputs outside any saved-tensor hooks. A run costs
+the larger of its device time (``timing.DeviceTimer``: on a GPU with the host's launch time
+hidden) and its host time to enqueue (``call_cost_ms``: a path faster on the device but slower
+to enqueue would make a host-bound step slower); on CPU both are the wall time. The lower
+median wins. The two paths give the same
 results up to rounding.
 
 Where a call asks tuning, and in which order tuning, the routes and a measurement are
@@ -59,7 +61,7 @@ import torch
 from torch import Tensor
 
 from .routing import ROUTE_FIELDS, check_route, route_key_of
-from .switches import SWITCHES, autotune_from_environment, on_verification_change, set_autotune
+from .switches import CALLS, SWITCHES, autotune_from_environment, set_autotune
 from .timing import DeviceTimer
 
 try:
@@ -69,6 +71,7 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = [
     "CHECKS", "KERNEL_SETS", "MAX_TIMED_RUNS", "MEASURE_BUDGET_S", "MIN_TIMED_RUNS", "PATHS", "TUNE_FIELDS", "VERIFY_FIELDS",
+    "call_cost_ms",
     "Decision", "TuneKey", "Verification", "VerifyKey", "autotune_decisions", "autotune_enabled", "autotune_from_environment",
     "STORE", "Store", "cache_directory", "cache_file", "choose_path", "clear_decisions", "decisions", "failed_verification",
     "held_decision", "measure_decision",
@@ -154,30 +157,24 @@ class Store:
         self.cache_dir = cache_dir  # where the decision files go (None: this process only); set_tuning_cache
         self.decisions: Dict[TuneKey, Decision] = {}
         self.unshared: Dict[TuneKey, Decision] = {}  # measured here, not yet offered to the other ranks
-        # The decision by exact input (device, dtype, shape, strides, G, activation, residual,
-        # train): a lookup of ~1 us where the bucket's key takes several. Cleared with any change.
-        self.by_input: Dict[tuple, Decision] = {}
         self.loaded: set = set()  # device names whose cache file was read
         self.on_disk: set = set()  # what the cache files read or written hold (not written again)
         self.warned: set = set()  # cache files and verification buckets warned about
         # Verification outcomes (verification.py): by (bucket, check); the first failure of each
-        # bucket (its kernels are then not used); whether the kernels run, by exact input and
-        # check (True: they passed; False: the bucket failed or verification is off), ~1 us a call.
+        # bucket (its kernels are then not used).
         self.verifications: Dict[Tuple[VerifyKey, str], Verification] = {}
         self.unshared_verifications: Dict[Tuple[VerifyKey, str], Verification] = {}
         self.failed: Dict[VerifyKey, Verification] = {}
-        self.checked_by_input: Dict[tuple, bool] = {}
         self.gloo_group = None  # synchronize_decisions' process group, created on its first call
 
     def forget(self) -> None:
         """Forget every decision and outcome (the cache directory and process group stay)."""
-        for store in (self.decisions, self.unshared, self.by_input, self.loaded, self.on_disk, self.verifications,
-                      self.unshared_verifications, self.failed, self.checked_by_input):
+        for store in (self.decisions, self.unshared, self.loaded, self.on_disk, self.verifications,
+                      self.unshared_verifications, self.failed, CALLS):
             store.clear()
 
 
 STORE = Store(cache_directory())
-on_verification_change(STORE.checked_by_input.clear)
 
 
 def set_tuning_cache(directory: Union[str, Path, None]) -> Optional[Path]:
@@ -186,8 +183,7 @@ def set_tuning_cache(directory: Union[str, Path, None]) -> Optional[Path]:
     previous, STORE.cache_dir = STORE.cache_dir, None if directory is None else Path(directory)
     STORE.loaded.clear()
     STORE.on_disk.clear()
-    STORE.by_input.clear()
-    STORE.checked_by_input.clear()
+    CALLS.clear()
     return previous
 
 
@@ -197,9 +193,6 @@ def tuning_cache() -> Optional[Path]:
 
 
 # ----------------------------------------------------------------------------- decisions
-
-_BY_INPUT_MAX = 1 << 16  # exact inputs remembered, per store, before it starts again
-
 
 def clear_decisions() -> None:
     """Forget every decision of this process, tuning and verification (the next call of each
@@ -243,7 +236,7 @@ def record_verification(verification: Verification) -> None:
     STORE.verifications[slot] = STORE.unshared_verifications[slot] = verification
     if not verification.passed:
         STORE.failed.setdefault(verification.key, verification)
-        STORE.checked_by_input.clear()
+    CALLS.clear()  # (the inputs decided to verification are decided again)
     _append(verification.key[0], [verification])
 
 
@@ -251,19 +244,11 @@ def held_decision(x: Tensor, num_groups: int, activation: int, residual: bool, t
     """The decision this process holds for x's bucket (x dense, non-empty), its device's disk
     cache read first; None when there is none yet. Measures nothing (``measure_decision`` does).
     ``paths.decide`` asks only where tuning is on for x."""
-    exact = (x.device, x.dtype, x.shape, x.stride(), num_groups, activation, residual, train)
-    decision = STORE.by_input.get(exact)
-    if decision is not None:
-        return decision
     key = tune_key_of(x, num_groups, activation, residual, train)
     decision = STORE.decisions.get(key)
     if decision is None and key[0] not in STORE.loaded:
         _load(key[0])
         decision = STORE.decisions.get(key)
-    if decision is not None:
-        if len(STORE.by_input) >= _BY_INPUT_MAX:
-            STORE.by_input.clear()
-        STORE.by_input[exact] = decision
     return decision
 
 
@@ -276,7 +261,7 @@ def measure_decision(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional
     times = _measure(x, weight, bias, residual, train, runners)
     decision = Decision(key, min(PATHS, key=lambda p: times[p]), "measured", times, tuple(x.shape))
     STORE.decisions[key] = STORE.unshared[key] = decision
-    STORE.by_input.clear()
+    CALLS.clear()
     _append(key[0], [decision])
     return decision
 
@@ -314,6 +299,14 @@ def _measure(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor]
         return {path: _time(run, runners[path], x.device) for path in PATHS}
 
 
+def call_cost_ms(device_seconds: float, host_seconds: float) -> float:
+    """What a call costs a training step, in ms: the larger of its device time (the host's
+    launch hidden) and its host time to enqueue. A step's host runs ahead of the GPU only while
+    it enqueues faster than the GPU computes; a path that is faster on the device but slower to
+    enqueue makes a host-bound step slower, and is charged its host time."""
+    return max(device_seconds, host_seconds) * 1e3
+
+
 def _time(run: Callable[[Runner], None], runner: Runner, device: torch.device) -> float:
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():  # (events, spin kernel)
         run(runner)  # untimed: compiles the kernels the first time, fills the allocator's cache
@@ -328,7 +321,7 @@ def _time(run: Callable[[Runner], None], runner: Runner, device: torch.device) -
             seconds = timer(lambda: run(runner))
             if timer.last_host_bound:
                 seconds = timer(lambda: run(runner), head_start_s=min(2 * timer.host_seconds, MAX_HEAD_START_S))
-            return seconds * 1e3
+            return call_cost_ms(seconds, timer.host_seconds)
 
         first = once()
         runs = max(MIN_TIMED_RUNS, min(MAX_TIMED_RUNS, int(MEASURE_BUDGET_S * 1e3 / max(first, 1e-6))))
@@ -349,10 +342,11 @@ def _versions() -> Dict[str, str]:
     (hashed), triton's and torch's versions."""
     digest = hashlib.sha256()
     here = Path(__file__).parent
+    ops = here.parent / "ops"
     # (and how they were measured: decisions timed by an older tuning.py / timing.py are retaken)
-    for name in ("group_norm_triton.py", "group_norm_torch.py", "autograd.py", "group_norm_op.py", "tuning.py",
-                 "timing.py"):
-        digest.update((here / name).read_bytes())
+    for path in (ops / "triton_kernels.py", ops / "triton_launch.py", ops / "torch_path.py", ops / "autograd.py",
+                 ops / "functional.py", here / "tuning.py", here / "timing.py"):
+        digest.update(path.read_bytes())
     try:
         import triton
         triton_version = triton.__version__
@@ -463,8 +457,7 @@ def _load(device_name: str) -> None:
         STORE.on_disk.add(_disk_key(record))
     for key, decision in last.items():
         STORE.decisions.setdefault(key, decision)
-    STORE.by_input.clear()
-    STORE.checked_by_input.clear()
+    CALLS.clear()
 
 
 def _disk_key(record: Union[Decision, Verification]) -> tuple:
@@ -562,8 +555,7 @@ def synchronize_decisions(group=None) -> int:
                 STORE.failed.setdefault(record.key, record)
         if rank != me:
             new_rows.setdefault(record.key[0], []).append(record)
-    STORE.by_input.clear()
-    STORE.checked_by_input.clear()
+    CALLS.clear()
     for device_name, records in new_rows.items():
         _append(device_name, records)
     return adopted

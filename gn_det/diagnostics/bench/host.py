@@ -1,0 +1,113 @@
+"""Host (Python) time per GN call without a GPU: what tools/benchmark_host.py measures with.
+
+On a machine without a GPU the Triton kernels cannot launch, but everything the host does
+before the driver's launch can run: ``stand_in_gpu`` makes Triton's driver a stand-in for a
+GPU of the given architecture (kernels compile for it offline, load as dummies, and each
+launch stops at a no-op launcher: Triton's own binding, specialisation and cache lookup all
+run), and makes gn_det's policy send CPU tensors to the Triton kernels as it sends CUDA ones
+(decided once per signature, planned once, as after first-use verification on a GPU; the
+outputs are left unwritten). Allocations are the CPU allocator's, not CUDA's caching
+allocator's: a proxy, said so in every result. (Meta tensors would be the obvious stand-ins,
+but their ``empty_like`` runs Python, ~30 us a call.)
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Callable, Iterator, Tuple
+
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+from ...policy import paths
+from ...policy.switches import CALLS
+from .inspection import CompileOnlyDriver
+
+__all__ = ["StandInDriver", "host_seconds", "stand_in_gpu", "triton_launches_skipped"]
+
+
+class _StandInUtils:
+    """What Triton asks of a driver's utils when it loads a compiled kernel."""
+
+    def __init__(self, sm_count: int) -> None:
+        self.sm_count = sm_count
+
+    def load_binary(self, name, kernel, shared, device):
+        return 1, 1, 64, 0, 1024  # (module, function, registers, spills, max threads): dummies
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": self.sm_count, "max_num_regs": 65536,
+                "warpSize": 32, "sm_clock_rate": 1, "mem_clock_rate": 1, "mem_bus_width": 1}
+
+
+def _no_op_launch(*args) -> None:
+    return None
+
+
+class StandInDriver(CompileOnlyDriver):
+    """Triton's driver for a GPU that is not there: compile for ``target``, load as dummies,
+    launch as no-ops."""
+
+    def __init__(self, target: GPUTarget, sm_count: int = 132) -> None:
+        super().__init__(target)
+        self.utils = _StandInUtils(sm_count)
+
+    def launcher_cls(self, src, metadata):
+        return _no_op_launch
+
+    def get_device_capability(self, device=None) -> Tuple[int, int]:
+        return divmod(self.target.arch, 10)
+
+
+@contextlib.contextmanager
+def stand_in_gpu(arch: int = 90) -> Iterator[None]:
+    """Within it, Triton launches on a stand-in GPU (module docstring) and gn_det's policy
+    sends CPU tensors to the Triton kernels (whose launches then do nothing)."""
+    kernels_off = paths._kernels_off
+    saved_driver = getattr(driver, "_active", None)
+    driver.set_active(StandInDriver(GPUTarget("cuda", arch, 32)))
+    paths._kernels_off = lambda x: None if x.device.type in ("cpu", "meta") else kernels_off(x)
+    CALLS.clear()
+    try:
+        yield
+    finally:
+        paths._kernels_off = kernels_off
+        driver.set_active(saved_driver)
+        CALLS.clear()
+
+
+def host_seconds(fn: Callable[[], object], number: int = 200, repeats: int = 7) -> Tuple[float, float]:
+    """(least, median) seconds per call of ``fn`` over ``repeats`` timings of ``number``
+    calls each, after ``number`` untimed calls (real clock, ``time.perf_counter``)."""
+    for _ in range(number):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        times.append((time.perf_counter() - start) / number)
+    return min(times), statistics.median(times)
+
+
+
+@contextlib.contextmanager
+def triton_launches_skipped() -> Iterator[None]:
+    """Within it, every gn_det kernel launch (``kernel[grid](...)``) returns at once: what a call
+    costs without Triton's own launch path (its binding, specialisation, cache lookup and the
+    launcher), so that a call's host time splits into gn_det's and Triton's."""
+    from ...ops import triton_kernels
+
+    kernels = [getattr(triton_kernels, name) for name in dir(triton_kernels) if name.endswith("_kernel")]
+    for kernel in kernels:
+        kernel.run = _skipped_launch
+    try:
+        yield
+    finally:
+        for kernel in kernels:
+            del kernel.run  # back to the class's method
+
+
+def _skipped_launch(*args, **kwargs) -> None:
+    return None

@@ -1,0 +1,180 @@
+"""GN as functions of the operations alone, no policy: the input checks, PyTorch's own
+operators for the two paths that use them, and ``group_norm_op``, the op on a backend the
+caller names (a kernel engineer's entry: ``group_norm_op(x, 32, w, b, backend="triton")``).
+
+- ``export_group_norm``: standard operators only (``F.group_norm``, the residual add, the
+  activation): what ``torch.jit.trace`` and ONNX export record;
+- ``aten_group_norm``: ATen's GroupNorm with its own autograd, in the wider of x's and the
+  parameters' dtypes, the output in x's dtype and layout (where it was measured faster);
+- ``plain_cpu_group_norm``: plain GN of a contiguous float32/float64 CPU tensor, ATen's, with
+  its variance overflow caught.
+
+``gn_det.group_norm`` (``gn_det.policy.calls``) is the entry that decides the path per input.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import check_setting
+from .activation import ACT_NONE, RESIDUAL_NONE, activation_code, apply_activation, export_activation
+from .autograd import OpCall, op_inputs, residual_mode_for
+from .layout import memory_format_of, to_dense
+from .torch_path import TORCH_PATH, Backend
+
+__all__ = ["AtenCall", "EmptyCall", "SUPPORTED_DTYPES", "aten_group_norm", "check_inputs", "export_group_norm",
+           "group_norm_op", "plain_cpu_group_norm"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_inputs(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                 residual: Optional[Tensor] = None) -> None:
+    """Every rule a GN call's inputs must meet: an error naming what is wrong, else nothing.
+    A spatial size of 0 (with N and C not 0) is refused as ``F.group_norm`` refuses it, for
+    every activation and path alike."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"gn_det group_norm: input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(
+            f"gn_det group_norm: expected input of shape (N, C, *) with at least 2 dims, got shape {tuple(x.shape)}"
+        )
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"gn_det group_norm: input dtype {x.dtype} is not supported; use float32, float16 or bfloat16")
+    channels = x.shape[1]
+    if num_groups <= 0 or channels % num_groups != 0:
+        raise ValueError(
+            f"gn_det group_norm: the input's {channels} channels (shape {tuple(x.shape)}) are not divisible "
+            f"into num_groups={num_groups} groups"
+        )
+    if x.shape[0] * channels > 0 and x.dim() > 2 and math.prod(x.shape[2:]) == 0:
+        raise ValueError(f"gn_det group_norm: input of shape {tuple(x.shape)} has an empty spatial size: there is "
+                         "nothing to normalise a group over (as torch's GroupNorm, which also refuses it)")
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is None:
+            continue
+        if param.shape != (channels,):
+            raise ValueError(
+                f"gn_det group_norm: {name} has shape {tuple(param.shape)}, expected ({channels},) for input "
+                f"of shape {tuple(x.shape)} (does the layer's num_channels match the input's channels?)"
+            )
+        if param.device != x.device:
+            raise ValueError(f"gn_det group_norm: {name} is on {param.device} but the input is on {x.device}")
+    check_setting("eps", eps, where="in gn_det group_norm")  # the one eps rule (gn_det.config), as a layer's
+    if residual is not None:
+        if not isinstance(residual, Tensor) or residual.shape != x.shape:
+            got = tuple(residual.shape) if isinstance(residual, Tensor) else type(residual).__name__
+            raise ValueError(f"gn_det group_norm: residual must be a tensor of the input's shape {tuple(x.shape)} "
+                             f"(it is added to the normalised input), got {got}")
+        if residual.device != x.device:
+            raise ValueError(f"gn_det group_norm: residual is on {residual.device} but the input is on {x.device}")
+        if residual.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"gn_det group_norm: residual dtype {residual.dtype} is not supported; "
+                            "use float32, float16 or bfloat16")
+
+
+def aten_group_norm(
+    x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, code: int,
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """PyTorch's own GroupNorm, residual add and activation: ATen's kernels and autograd, in the
+    wider of x's and the parameters' dtypes (float32 under autocast, which upcasts
+    ``F.group_norm``), the output in x's dtype and memory format as the kernels give it.
+    weight, bias and residual may be None."""
+    compute = x.dtype if weight is None else torch.promote_types(x.dtype, weight.dtype)
+    weight, bias = (None if p is None else p.to(compute) for p in (weight, bias))
+    y = F.group_norm(x.to(compute), num_groups, weight, bias, eps)
+    # In place on GN's fresh output (GN's backward needs its input, not its output).
+    if residual is not None:
+        y += residual
+    return apply_activation(y, code).to(dtype=x.dtype, memory_format=memory_format_of(x))
+
+
+def plain_cpu_group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                         eps: float) -> Tensor:
+    """Plain GN of a contiguous float32/float64 CPU x ``(N, C, *)``: ATen's native GroupNorm, its
+    kernels and autograd (second order included), unless its variance overflowed. ATen squares
+    the deviations in x's dtype: beyond ~1.8e19 in float32 the variance is inf, rstd =
+    rsqrt(inf) = 0 and the output would be beta, finite and wrong. rstd is 0 for nothing else
+    (a NaN rstd is not 0), so the check reads the ``(N, G)`` rstd, never x; such a call is
+    computed again by the PyTorch path, which remeasures those groups scaled (accurate;
+    first-order gradients only, as everywhere on that path)."""
+    n, c = x.shape[:2]
+    y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, math.prod(x.shape[2:]), num_groups, eps)
+    if torch.compiler.is_compiling():  # no host check in a graph: an overflowed group's output is NaN instead
+        overflowed = (rstd == 0) & torch.isfinite(mean)
+        nan = torch.where(overflowed, float("nan"), 0.0).repeat_interleave(c // num_groups, dim=1)
+        return y + nan.view((n, c) + (1,) * (x.dim() - 2))
+    if x.numel() == 0 or bool(rstd.all()):
+        return y
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    return OpCall(TORCH_PATH, num_groups, eps, ACT_NONE, RESIDUAL_NONE, grad, False)(x, weight, bias)
+
+
+def export_group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                      code: int, residual: Optional[Tensor] = None) -> Tensor:
+    """Standard operators only: what tracing and ONNX export record."""
+    y = F.group_norm(x, num_groups, weight, bias, eps)
+    return export_activation(y if residual is None else y + residual, code)
+
+
+class AtenCall:
+    """ATen's GroupNorm for one decided input, as ``call(x, weight, bias, residual)``:
+    ``plain_cpu_group_norm`` (``plain``: no activation, no residual, a contiguous float CPU x)
+    or ``aten_group_norm``, on x made dense first."""
+
+    __slots__ = ("num_groups", "eps", "activation", "plain")
+
+    def __init__(self, num_groups: int, eps: float, activation: int, plain: bool) -> None:
+        self.num_groups, self.eps, self.activation, self.plain = num_groups, eps, activation, plain
+
+    def __call__(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                 residual: Optional[Tensor] = None) -> Tensor:
+        if self.plain:
+            return plain_cpu_group_norm(x, self.num_groups, weight, bias, self.eps)
+        return aten_group_norm(to_dense(x), self.num_groups, weight, bias, self.eps, self.activation, residual)
+
+
+class EmptyCall:
+    """An input with N = 0 (no ROIs): standard operators return its empty output (with
+    gradients), as ``torch.nn.GroupNorm`` does."""
+
+    __slots__ = ("num_groups", "eps", "activation")
+
+    def __init__(self, num_groups: int, eps: float, activation: int) -> None:
+        self.num_groups, self.eps, self.activation = num_groups, eps, activation
+
+    def __call__(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                 residual: Optional[Tensor] = None) -> Tensor:
+        return export_group_norm(x, self.num_groups, weight, bias, self.eps, self.activation, residual)
+
+
+def group_norm_op(
+    input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+    eps: float = 1e-5, activation: Optional[str] = None, residual: Optional[Tensor] = None,
+    *, backend: Union[str, Backend] = "torch",
+) -> Tensor:
+    """GN by one backend, with autograd, and nothing else: no verification, tuning or routes
+    (``gn_det.group_norm`` adds them). ``backend``: "torch" (the PyTorch path), "triton" (the
+    kernels, planned at this call: CUDA, or CPU under ``TRITON_INTERPRET=1``), or a backend
+    object (``torch_path.Backend``). Arguments and result as ``gn_det.group_norm``'s."""
+    code = activation_code(activation)
+    check_inputs(input, num_groups, weight, bias, eps, residual)
+    if backend == "torch":
+        backend = TORCH_PATH
+    elif backend == "triton":
+        from .triton_launch import TritonPlans  # (imports triton)
+
+        backend = TritonPlans()
+    elif isinstance(backend, str):
+        raise ValueError(f"backend={backend!r}: use 'torch', 'triton' or a backend object")
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual))
+    call = OpCall(backend, num_groups, eps, code, residual_mode_for(code, residual is not None), grad, False)
+    if input.numel() == 0:
+        return export_group_norm(input, num_groups, weight, bias, eps, code, residual)
+    return call(*op_inputs(input, weight, bias, residual))
+
