@@ -328,3 +328,18 @@ def test_decide_names_the_kernels_and_the_pytorch_path_on_cuda():
         gn_det.policy.set_backend(previous)
     assert paths.decide(x.double(), 32, ACT_RELU).path == paths.TORCH
     assert paths.decide(x[:0], 32, ACT_RELU).reason.startswith("empty input, nothing to compute: ")
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_inputs_behave_alike_for_every_activation_on_cuda(activation, memory_format, dtype):
+    """The CUDA twin of tests/test_calls.py's: an empty spatial size is refused, no ROIs give an
+    empty output with gradients, for every activation, layout and dtype."""
+    layer = gn_det.GroupNorm(4, 8, activation=activation).cuda().to(dtype)
+    with pytest.raises(ValueError, match="empty spatial size"):
+        layer(torch.zeros(2, 8, 0, 5, device="cuda", dtype=dtype).to(memory_format=memory_format))
+    x = torch.zeros(0, 8, 7, 7, device="cuda", dtype=dtype).to(memory_format=memory_format).requires_grad_()
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape

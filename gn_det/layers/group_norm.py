@@ -157,9 +157,9 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         recording = _recompute.recording()  # inside a recompute scope (gn_det.set_recompute_output)
+        weight, bias = self.weight, self.bias  # (each a lookup in the module's parameters: once)
         # (the call decided for x's signature: one lookup once decided, gn_det.policy.calls)
-        y = call_for(x, self.num_groups, self.weight, self.bias, self.eps, self._act, None, recording)(
-            x, self.weight, self.bias, None)
+        y = call_for(x, self.num_groups, weight, bias, self.eps, self._act, None, recording)(x, weight, bias, None)
         if recording:
             _recompute.record_output(y, self.bias, self.eps)
         return y
