@@ -15,8 +15,11 @@ import gn_det
 from gn_det.ops.activation import ACTIVATION_TABLE
 from gn_det.tolerances import GRAD_TOLERANCE, TOLERANCE, relu_unambiguous_grad, scaled_error
 
-# The reference activations: the standard-operator form of every activation the kernels fuse.
+# The reference activations: the standard-operator form of every activation the kernels fuse;
+# the tests that cover every activation take them from here (one more row in the table, one
+# more case in each).
 ACT_FNS = {a.name: a.export for a in ACTIVATION_TABLE}
+ALL_ACTIVATIONS = tuple(ACT_FNS)
 
 # (shape, groups, memory format): every rank, both memory formats, odd sizes, batch 1.
 LAYER_CASES = [

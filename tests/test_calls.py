@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import gn_det
+from gn_cases import ALL_ACTIVATIONS
 from gn_det.ops.autograd import OpCall
 from gn_det.ops.functional import AtenCall
 from gn_det.policy import calls, routing, switches, tuning
@@ -159,7 +160,7 @@ def test_the_decided_calls_are_bounded():
         switches.CALLS_MAX = calls.CALLS_MAX = previous
 
 
-@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL])
 def test_every_activation_refuses_an_empty_spatial_size_as_group_norm_does(activation, memory_format):
     layer = gn_det.GroupNorm(4, 8, activation=activation)
@@ -172,7 +173,7 @@ def test_every_activation_refuses_an_empty_spatial_size_as_group_norm_does(activ
         layer.half()(x.half()) if activation else gn_det.group_norm(x.half(), 4, activation=activation)
 
 
-@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
 def test_every_activation_returns_no_rois_as_group_norm_does(activation):
     layer = gn_det.GroupNorm(4, 8, activation=activation)
     x = torch.zeros(0, 8, 7, 7, requires_grad=True)

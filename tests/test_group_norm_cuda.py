@@ -15,8 +15,8 @@ from gn_det.policy import routing
 from gn_det import policy
 from gn_det.ops.activation import ACT_RELU
 from gn_det.policy import dispatch_path, triton_enabled_for
-from gn_cases import (check_forward_backward, check_one_value_per_group, check_residual, check_scale_without_shift,
-                      check_strided_inputs, make_affine, make_input, reference)
+from gn_cases import (ALL_ACTIVATIONS, check_forward_backward, check_one_value_per_group, check_residual,
+                      check_scale_without_shift, check_strided_inputs, make_affine, make_input, reference)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CF, CL = torch.contiguous_format, torch.channels_last
@@ -330,7 +330,7 @@ def test_decide_names_the_kernels_and_the_pytorch_path_on_cuda():
     assert paths.decide(x[:0], 32, ACT_RELU).reason.startswith("empty input, nothing to compute: ")
 
 
-@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_empty_inputs_behave_alike_for_every_activation_on_cuda(activation, memory_format, dtype):

@@ -62,7 +62,8 @@ class GroupNorm(nn.GroupNorm):
         device, dtype: of the parameters, as for any torch module.
         bias: with ``affine``, also learn the per-channel shift; False: a scale without a
             shift (``bias`` is None, as in ``nn.GroupNorm(..., bias=False)``). Keyword-only.
-        activation: None, "relu" or "silu", applied after the affine, fused into the kernels.
+        activation: None, "relu", "silu" or "gelu" (``ops.activation.ACTIVATION_TABLE``), applied
+            after the affine, fused into the kernels.
             Keyword-only (gn_det's own argument, after nn.GroupNorm's).
     """
 
@@ -96,7 +97,7 @@ class GroupNorm(nn.GroupNorm):
 
     @property
     def activation(self) -> Optional[str]:
-        """The fused activation's name (None, "relu", "silu"); settable."""
+        """The fused activation's name (None, or a name of ``ACTIVATION_TABLE``); settable."""
         return ACTIVATION_NAMES[self._act]
 
     @activation.setter

@@ -15,7 +15,7 @@ from gn_det.policy import dispatch_path, triton_enabled_for
 from gn_det.ops.torch_path import torch_group_norm_backward, torch_group_norm_forward
 from gn_det.ops import triton_launch as group_norm_triton
 from gn_det.ops.triton_launch import kernel_path, triton_group_norm_backward, triton_group_norm_forward
-from gn_cases import (LAYER_CASES, check_forward_backward, check_one_value_per_group, check_residual,
+from gn_cases import (ALL_ACTIVATIONS, LAYER_CASES, check_forward_backward, check_one_value_per_group, check_residual,
                       check_scale_without_shift, check_strided_inputs, make_affine, make_input, reference)
 
 CF, CL, CL3D = torch.contiguous_format, torch.channels_last, torch.channels_last_3d
@@ -164,7 +164,7 @@ def test_kernel_path_follows_group_size(monkeypatch):
     assert kernel_path(box_head, 32) == "split reduction"
 
 
-ACTIVATIONS = (None, "relu", "silu")
+ACTIVATIONS = ALL_ACTIVATIONS
 
 
 @pytest.mark.parametrize(
