@@ -107,9 +107,9 @@ def test_benchmark_train_step_profile_runs_on_cpu_and_stops_at_its_time_limit(tm
     files are named partial."""
     command = [sys.executable, os.path.join(ROOT, "tools", "benchmark_train.py"), "--device", "cpu", "--quick",
                "--height", "64", "--width", "96", "--boxes", "2", "--iters", "1", "--step-profile",
-               "--models", "frozen-BN,gn_det GN", "--out-dir", str(tmp_path),
+               "--models", "frozen-BN,gn_det GN", "--out-dir", str(tmp_path), "--time-limit", "1e-9",
                "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "MODEL.RPN.POST_NMS_TOPK_TEST", "20"]
-    proc = subprocess.run(command + ["--time-limit", "1e-9"], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (partial,) = [f for f in os.listdir(tmp_path) if f.endswith("partial.json")]
     data = json.load(open(tmp_path / partial))

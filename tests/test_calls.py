@@ -181,3 +181,38 @@ def test_every_activation_returns_no_rois_as_group_norm_does(activation):
     assert y.shape == x.shape
     y.sum().backward()
     assert x.grad.shape == x.shape and layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
+def test_no_rois_keep_the_inputs_dtype_and_layout(activation):
+    x = torch.zeros(0, 8, 3, 3, dtype=torch.bfloat16).to(memory_format=CL)
+    y = gn_det.group_norm(x, 4, torch.ones(8), torch.zeros(8), activation=activation, residual=torch.zeros(0, 8, 3, 3))
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=CL)
+
+
+def test_arguments_that_are_not_tensors_get_the_checked_error():
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match="residual must be a tensor"):
+        gn_det.group_norm(x, 2, residual=3.0)
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        gn_det.group_norm([1.0, 2.0], 2)
+
+
+def test_a_triton_plans_object_is_not_a_backend_to_hand_out():
+    from gn_det.ops.functional import group_norm_op
+    from gn_det.ops.triton_launch import TritonPlans
+
+    with pytest.raises(ValueError, match="one input signature"):
+        group_norm_op(torch.randn(2, 4, 3, 3), 2, backend=TritonPlans())
+
+
+def test_a_layer_pickled_with_activation_as_an_attribute_loads():
+    import pickle
+
+    layer = gn_det.GroupNorm(2, 4, activation="relu")
+    state = layer.__dict__.copy()
+    state["activation"] = state.pop("_act") and "relu"  # (how an older gn_det pickled it)
+    old = gn_det.GroupNorm.__new__(gn_det.GroupNorm)
+    old.__setstate__(state)
+    again = pickle.loads(pickle.dumps(old))
+    assert again.activation == "relu" and torch.equal(again(torch.randn(1, 4, 2, 2)).clamp(max=0), torch.zeros(1, 4, 2, 2))

@@ -104,6 +104,12 @@ class GroupNorm(nn.GroupNorm):
     def activation(self, name: Optional[str]) -> None:
         self._act = activation_code(name)
 
+    def __setstate__(self, state: dict) -> None:
+        # A whole module pickled by a gn_det whose ``activation`` was a plain attribute.
+        if "_act" not in state:
+            state["_act"] = activation_code(state.pop("activation", None))
+        super().__setstate__(state)
+
     def reset_parameters(self) -> None:
         """gamma = 1, beta = 0 (no beta without a shift): nn.GroupNorm's, also correct for
         ``bias=False`` with a torch whose own version predates that argument."""

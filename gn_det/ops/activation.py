@@ -69,7 +69,8 @@ RESIDUAL_NONE, RESIDUAL_ADD, RESIDUAL_OUTPUT = 0, 1, 2
 
 
 def activation_code(activation: Optional[str]) -> int:
-    """Resolve an activation name (None or a name of ``ACTIVATION_TABLE``: "relu", "silu", "gelu"; case-insensitive) to its code."""
+    """Resolve an activation name (None or a name of ``ACTIVATION_TABLE``: "relu", "silu",
+    "gelu"; case-insensitive) to its code."""
     key = activation.lower() if isinstance(activation, str) else activation
     if key not in ACTIVATIONS:
         names = ", ".join(repr(a.name) for a in ACTIVATION_TABLE)

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..config import check_setting
 from .activation import ACT_NONE, RESIDUAL_NONE, activation_code, apply_activation, export_activation
 from .autograd import OpCall, op_inputs, residual_mode_for
-from .layout import memory_format_of, to_dense
+from .layout import memory_format_of
 from .torch_path import TORCH_PATH, Backend
 
 __all__ = ["AtenCall", "EmptyCall", "SUPPORTED_DTYPES", "aten_group_norm", "check_inputs", "export_group_norm",
@@ -125,7 +125,7 @@ def export_group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias
 class AtenCall:
     """ATen's GroupNorm for one decided input, as ``call(x, weight, bias, residual)``:
     ``plain_cpu_group_norm`` (``plain``: no activation, no residual, a contiguous float CPU x)
-    or ``aten_group_norm``, on x made dense first."""
+    or ``aten_group_norm``, on the op's inputs (``autograd.op_inputs``)."""
 
     __slots__ = ("num_groups", "eps", "activation", "plain")
 
@@ -136,7 +136,9 @@ class AtenCall:
                  residual: Optional[Tensor] = None) -> Tensor:
         if self.plain:
             return plain_cpu_group_norm(x, self.num_groups, weight, bias, self.eps)
-        return aten_group_norm(to_dense(x), self.num_groups, weight, bias, self.eps, self.activation, residual)
+        # (the op's inputs, as tuning measured it: weight None computes in float32 for half x)
+        x, weight, bias, residual = op_inputs(x, weight, bias, residual)
+        return aten_group_norm(x, self.num_groups, weight, bias, self.eps, self.activation, residual)
 
 
 class EmptyCall:
@@ -150,7 +152,8 @@ class EmptyCall:
 
     def __call__(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                  residual: Optional[Tensor] = None) -> Tensor:
-        return export_group_norm(x, self.num_groups, weight, bias, self.eps, self.activation, residual)
+        y = export_group_norm(x, self.num_groups, weight, bias, self.eps, self.activation, residual)
+        return torch.empty_like(x).copy_(y)  # (x's dtype and strides, as every path returns; differentiable)
 
 
 def group_norm_op(
@@ -172,6 +175,9 @@ def group_norm_op(
         backend = TritonPlans()
     elif isinstance(backend, str):
         raise ValueError(f"backend={backend!r}: use 'torch', 'triton' or a backend object")
+    elif type(backend).__name__ == "TritonPlans":  # (one input signature's plans: reused, they would misread another)
+        raise ValueError("backend=TritonPlans(...): a TritonPlans holds the launch plans of one input signature; "
+                         "pass backend='triton' (planned for this call)")
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual))
     call = OpCall(backend, num_groups, eps, code, residual_mode_for(code, residual is not None), grad, False)
     if input.numel() == 0:

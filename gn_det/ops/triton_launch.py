@@ -556,8 +556,10 @@ def run_backward(plan: BackwardPlan, grad_y: torch.Tensor, x: torch.Tensor, weig
 class TritonPlans:
     """The Triton backend for one input signature (sizes, strides, dtypes, alignments, groups,
     activation, residual): its forward plan, made at the first call, and a backward plan per
-    gradient signature (dtype, alignment). The policy keeps one per decided input; the
-    interface is the backends' (``torch_path.forward`` / ``backward``)."""
+    gradient signature (dtype, alignment). The policy keeps one per decided input signature
+    (``gn_det.policy.calls.call_key``): given another input, its plans would misread it, so it
+    is never handed to a caller (``group_norm_op`` refuses it). The interface is the backends'
+    (``torch_path.Backend``)."""
 
     __slots__ = ("forward_plan", "backward_plans")
 

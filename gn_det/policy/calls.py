@@ -65,18 +65,27 @@ def call_for(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optiona
         return _standard_ops_call(num_groups, eps, code)
     if torch.compiler.is_compiling():
         return _compiled_call(x, num_groups, eps, code, residual)
-    records_grad = torch.is_grad_enabled() and (
-        x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
-        or (residual is not None and residual.requires_grad))
-    key = call_key(x, num_groups, weight, bias, eps, code, residual, output_recomputed, records_grad)
+    try:
+        records_grad = torch.is_grad_enabled() and (
+            x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
+            or (residual is not None and residual.requires_grad))
+        key = call_key(x, num_groups, weight, bias, eps, code, residual, output_recomputed, records_grad)
+    except (AttributeError, TypeError):  # an argument that is not a tensor: the checks say which
+        check_inputs(x, num_groups, weight, bias, eps, residual)
+        raise
     call = CALLS.get(key)
     if call is None:
         call, keep = _decide(x, num_groups, weight, bias, eps, code, residual, output_recomputed, records_grad)
         if keep:
-            if len(CALLS) >= CALLS_MAX:
-                CALLS.clear()
-            CALLS[key] = call
+            _keep(key, call)
     return call
+
+
+def _keep(key: tuple, value) -> None:
+    """Keep a decision for its signature (all are forgotten when CALLS_MAX are held)."""
+    if len(CALLS) >= CALLS_MAX:
+        CALLS.clear()
+    CALLS[key] = value
 
 
 def group_norm(
@@ -122,10 +131,17 @@ def op_backend(x: Tensor, num_groups: int, code: int, residual: bool, records_gr
                residual_mode: Optional[int] = None):
     """The backend of the op's own path for a dense, non-empty x (``paths.decide``'s steps
     6-8): the Triton kernels (verified at first use), or the PyTorch path; bypassing tuning and
-    routes. For the custom op's implementation and ``python -m gn_det.check``; not kept per
-    input (the calls are)."""
+    routes. For the custom op's implementation (at every call of a compiled graph) and
+    ``python -m gn_det.check``; kept per input signature beside the calls."""
     mode = residual_mode_for(code, residual) if residual_mode is None else residual_mode
-    return _op_call(x, num_groups, 1e-5, code, residual, mode, records_grad, True)[0].backend
+    key = ("op backend", x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, num_groups, code, residual,
+           records_grad, mode)
+    backend = CALLS.get(key)
+    if backend is None:
+        backend = _op_call(x, num_groups, 1e-5, code, residual, mode, records_grad, True)[0].backend
+        if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _keep(key, backend)
+    return backend
 
 
 # --------------------------------------------------------------------------- deciding
@@ -256,7 +272,7 @@ def _group_norm_backward(
     if x.numel() == 0:
         dres = x.new_empty(0) if residual is None else torch.zeros_like(residual)
         return torch.zeros_like(x), torch.zeros_like(weight), torch.zeros_like(weight), dres
-    backend = op_backend(x, num_groups, activation, residual is not None, records_grad=True)
+    backend = op_backend(x, num_groups, activation, residual is not None, records_grad=True, residual_mode=residual_mode)
     dx, dweight, dbias, dres = backend.backward(grad_y, x, weight, bias, mean, rstd, residual, num_groups, eps,
                                                 activation, residual_mode)
     # (a custom op returns tensors only: an empty one stands for "no residual")
