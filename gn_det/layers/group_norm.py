@@ -62,7 +62,7 @@ class GroupNorm(nn.GroupNorm):
         device, dtype: of the parameters, as for any torch module.
         bias: with ``affine``, also learn the per-channel shift; False: a scale without a
             shift (``bias`` is None, as in ``nn.GroupNorm(..., bias=False)``). Keyword-only.
-        activation: None, "relu", "silu" or "gelu" (``ops.activation.ACTIVATION_TABLE``), applied
+        activation: None, "relu" or "silu" (``ops.activation.ACTIVATION_TABLE``), applied
             after the affine, fused into the kernels.
             Keyword-only (gn_det's own argument, after nn.GroupNorm's).
     """

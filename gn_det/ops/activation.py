@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "ACTIVATIONS", "ACTIVATION_NAMES", "ACTIVATION_TABLE", "ACT_GELU", "ACT_NONE", "ACT_RELU", "ACT_SILU", "Activation",
+    "ACTIVATIONS", "ACTIVATION_NAMES", "ACTIVATION_TABLE", "ACT_NONE", "ACT_RELU", "ACT_SILU", "Activation",
     "RESIDUAL_ADD", "RESIDUAL_NONE", "RESIDUAL_OUTPUT",
     "activation_code", "activation_grad_", "apply_activation", "export_activation",
 ]
@@ -48,13 +48,10 @@ ACTIVATION_TABLE: Tuple[Activation, ...] = (
     Activation("silu", 2, lambda z: F.silu(z, inplace=True),
                lambda z, grad: torch.ops.aten.silu_backward.grad_input(grad, z, grad_input=z), F.silu,
                max_slope=1.1),  # (1.0998 at z = 2.40)
-    Activation("gelu", 3, lambda z: z.copy_(F.gelu(z)),
-               lambda z, grad: torch.ops.aten.gelu_backward.grad_input(grad, z, grad_input=z), F.gelu,
-               max_slope=1.13),  # (the exact, erf form: 1.1289 at z = 1.41)
 )
 assert [a.code for a in ACTIVATION_TABLE] == list(range(len(ACTIVATION_TABLE)))  # codes index the table
 
-ACT_NONE, ACT_RELU, ACT_SILU, ACT_GELU = (a.code for a in ACTIVATION_TABLE)
+ACT_NONE, ACT_RELU, ACT_SILU = (a.code for a in ACTIVATION_TABLE)
 # name (lower case; "none" for None) -> code; code -> name
 ACTIVATIONS: Dict[Optional[str], int] = {a.name: a.code for a in ACTIVATION_TABLE}
 ACTIVATIONS["none"] = ACT_NONE
@@ -69,8 +66,8 @@ RESIDUAL_NONE, RESIDUAL_ADD, RESIDUAL_OUTPUT = 0, 1, 2
 
 
 def activation_code(activation: Optional[str]) -> int:
-    """Resolve an activation name (None or a name of ``ACTIVATION_TABLE``: "relu", "silu",
-    "gelu"; case-insensitive) to its code."""
+    """Resolve an activation name (None or a name of ``ACTIVATION_TABLE``: "relu", "silu";
+    case-insensitive) to its code."""
     key = activation.lower() if isinstance(activation, str) else activation
     if key not in ACTIVATIONS:
         names = ", ".join(repr(a.name) for a in ACTIVATION_TABLE)

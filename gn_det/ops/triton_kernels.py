@@ -148,7 +148,7 @@ backward); the one-program-per-group kernels (tiled, then flat). Every size a la
 import triton
 import triton.language as tl
 
-from .activation import ACT_GELU, ACT_RELU, ACT_SILU, RESIDUAL_ADD, RESIDUAL_NONE, RESIDUAL_OUTPUT
+from .activation import ACT_RELU, ACT_SILU, RESIDUAL_ADD, RESIDUAL_NONE, RESIDUAL_OUTPUT
 
 
 # ---------------------------------------------------------------------------------- modes
@@ -158,14 +158,14 @@ from .activation import ACT_GELU, ACT_RELU, ACT_SILU, RESIDUAL_ADD, RESIDUAL_NON
 # constexpr objects per global (about 1-3 us each on the host). Each code is defined once
 # (activation.py for ACT and RES, STATS_* here); the asserts tie the literals to them.
 #
-# ACT, the fused activation (activation.ACT_*): 0 none, 1 ReLU, 2 SiLU, 3 GELU (erf form).
+# ACT, the fused activation (activation.ACT_*): 0 none, 1 ReLU, 2 SiLU.
 # RES, the residual (activation.RESIDUAL_*): 0 none, 1 z = GN(x) + R, 2 R is the ReLU output.
 # STATS, how the forward apply gets its groups' statistics (``_group_mean_rstd``, ``_stats_merge``):
 # 0 by lanes (each lane merges its channel's records, the group's lanes merge in registers),
 # 1 gathered (each lane gathers its group's records), 2 finalized (read from MEAN / RSTD, stored
 # by ``_stats_finalize_kernel``).
 STATS_BY_LANES, STATS_GATHERED, STATS_FINALIZED = 0, 1, 2
-assert (ACT_RELU, ACT_SILU, ACT_GELU) == (1, 2, 3) and (RESIDUAL_NONE, RESIDUAL_ADD, RESIDUAL_OUTPUT) == (0, 1, 2)
+assert (ACT_RELU, ACT_SILU) == (1, 2) and (RESIDUAL_NONE, RESIDUAL_ADD, RESIDUAL_OUTPUT) == (0, 1, 2)
 # (SHIFT and CHANNELS_LAST are booleans: shifted windows, ``_window``; the layout.)
 
 
@@ -177,8 +177,6 @@ def _activation(z, ACT):
         z = tl.maximum(z, 0.0)
     elif ACT == 2:  # SiLU
         z = z * tl.sigmoid(z)
-    elif ACT == 3:  # GELU: z * Phi(z), Phi the standard normal CDF
-        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     return z
 
 
@@ -190,9 +188,6 @@ def _activation_grad(z, dy, ACT):
     elif ACT == 2:  # SiLU
         sig = tl.sigmoid(z)
         dy = dy * sig * (1.0 + z * (1.0 - sig))
-    elif ACT == 3:  # GELU: Phi(z) + z * phi(z)
-        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        dy = dy * (cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z))
     return dy
 
 

@@ -106,7 +106,7 @@ def group_norm(
         num_groups: G, which divides C.
         weight, bias: ``(C,)`` per-channel affine (gamma, beta), or None.
         eps: added to the variance.
-        activation: None, "relu", "silu" or "gelu" (``ops.activation.ACTIVATION_TABLE``), applied
+        activation: None, "relu" or "silu" (``ops.activation.ACTIVATION_TABLE``), applied
             after the affine (and the residual).
         residual: None, or a tensor of input's shape (any float dtype and layout) added after
             the affine, before the activation: a residual block's ``relu(GN(x) + shortcut)``

@@ -66,8 +66,8 @@ def plans(monkeypatch):
     return made
 
 
-@pytest.mark.parametrize("shape,memory_format", [((1, 16, 24, 24), torch.channels_last),  # split reduction
-                                                 ((2, 16, 7, 7), torch.contiguous_format)])  # one program per group
+@pytest.mark.parametrize("shape,memory_format", [((1, 16, 24, 24), torch.channels_last)])  # the split reduction:
+# the longest path (three launches forward, three backward); one program per group has fewer
 def test_a_repeat_call_plans_nothing_and_launches_within_five_frames_in_three_files(
         shape, memory_format, tuned_and_verified, launches, plans):
     layer = gn_det.GroupNorm(2, shape[1], activation="relu")
