@@ -78,7 +78,8 @@ def test_batch_size_study_tool_quick(tmp_path):
     assert "| BN - GN |" in (tmp_path / "batch_study_quick.md").read_text()
     groups = json.load(open(tmp_path / "groups_study_quick.json"))
     assert [(r["setting"], r["value"]) for r in groups["rows"]] == [("groups", 8), ("groups", 1), ("channels_per_group", 4)]
-    assert groups["meta"]["command"] == f"python tools/batch_size_study.py --quick --study groups --out-dir {tmp_path}"
+    assert groups["meta"]["command"] == ("python tools/batch_size_study.py --study groups --name groups_study_quick "
+                                         f"--seeds 0 --quick --threads 1 --min-seeds 3 --resume --out-dir {tmp_path}")
 
 
 @pytest.mark.slow  # two train_net runs with evaluation (make test-slow)

@@ -6,20 +6,35 @@ trained with the same norm in backbone, FPN, box and mask heads:
   FastGN@1, @2, @4     gn_det's GN (the demo's 16 groups) at 1, 2 and 4 images per batch
   FastGNWS@1, @2       GN + Weight Standardization (MODEL.GN.WEIGHT_STANDARDIZATION mmcv)
   BN@1, @2             detectron2's "BN" (batch statistics of the 1-2 images)
-  FrozenBN@2           frozen BN with no pretraining (a fixed identity affine: no normalization)
+  FrozenBN@2           detectron2's FrozenBN with identity statistics and no pretraining: no
+                       normalization, no affine and no conv biases (detectron2 drops them where a
+                       norm is set); not the paper's frozen BN, which is ImageNet-pretrained
   G1@2, G8@2, G32@2    the group sweep at 2 images: G = 1 (layer norm), 8, 32 (16 is FastGN@2)
   CPG1@2, CPG16@2      ... and by channels per group: 1 (instance norm), 16
 
+Controls (CONTROLS; not in the default rows, name them with --rows):
+  BN@4                 BN at 4 images, so that BN's change with the batch size is measured
+  FastGN@1-steps4      GN at 1 image for GN@4's 500 iterations (equal steps, 1/4 of the epochs)
+  FastGN@4-halflr      GN at 4 images at half the linearly scaled learning rate (0.01)
+  NoNormBias@2         no norm at all (NORM ""): the FPN and heads then build their convolutions
+                       with biases; detectron2's ResNet builds its own without biases whatever the
+                       norm (bias=False in its code), so the backbone has none: giving it biases
+                       needs a builder option in gn_det (RESNET_CONV_BIAS says which was run)
+
 The same number of epochs everywhere: iterations scale as 1/batch, the learning rate linearly
 with the batch. Each run is a real tools/train_net.py run (SEED set per run) evaluated by
-COCOEvaluator. Writes detection_study.{json,md,png}: every run, and per row the mean, sample
-std and range of box and mask AP over the seeds, in two tables (norms by batch size; the group
-sweep) and a plot. Finished runs are kept under --work-dir and reused with --resume, so a long
-study can be stopped and continued; a run stopped part-way continues (exactly) from its last
-checkpoint, written every fifth of the run.
+COCOEvaluator. Writes <name>.{json,md,png} (--name, default detection_study): every run, and per
+row the mean, sample std and range of box and mask AP over the seeds, in tables (norms by batch
+size; the group sweep; the controls), the differences the claims rest on judged by
+tools/batch_size_study.py's NOISE_RULE, and a plot. Finished runs are kept under --work-dir and
+reused with --resume, so a long study can be stopped and continued; a run stopped part-way
+continues (exactly) from its last checkpoint, written every fifth of the run. Each run's record
+holds its seed, iterations, learning rate, warm-up, validation set and size, padding setting,
+threads and commit.
 
-    python tools/detection_norm_study.py --seeds 7,8 --resume   # every row, 2 seeds (~5 h on 2 idle CPU cores)
-    python tools/detection_norm_study.py --rows FastGN@1,FastGNWS@1 --seeds 7,8,9
+    python tools/detection_norm_study.py --seeds 7,8 --resume   # every row, 2 seeds
+    python tools/detection_norm_study.py --rows BN@4,FastGN@1-steps4,FastGN@4-halflr,NoNormBias@2 --seeds 7,8 \
+        --name detection_controls --resume
     python tools/detection_norm_study.py --quick                # 1% of the iterations, for tests
 """
 from __future__ import annotations
@@ -36,8 +51,14 @@ import sys
 import time
 from typing import List, Optional, Sequence, Tuple
 
+from batch_size_study import NOISE_RULE, git_state, noise_compare  # (tools/, the script's directory: one rule for every study)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from gn_det.engine import final_ap  # noqa: E402
+
+try:  # gn_det's layout after the move of its training modules; the older one
+    from gn_det.train.engine import final_ap
+except ImportError:  # pragma: no cover
+    from gn_det.engine import final_ap
 
 CONFIG = os.path.join(ROOT, "configs", "demo", "mask_rcnn_gn_shapes.yaml")
 NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM")
@@ -54,13 +75,15 @@ class Row:
     norm: str  # the norm name in every NORM key
     ims: int
     opts: Tuple[str, ...] = ()  # further config overrides (KEY VALUE ...)
-    table: str = "norms"  # "norms" (by batch size) or "groups" (the sweep at 2 images)
+    table: str = "norms"  # "norms" (by batch size), "groups" (the sweep at 2 images) or "controls"
     groups: str = ""  # the sweep's setting, e.g. "G = 8"
+    iters_ims: int = 0  # train for the iterations (and schedule) of this many images per batch; 0: row.ims
+    lr_scale: float = 1.0  # times the learning rate linear in the batch
 
 
 def _gn(name: str, ims: int, label: str = "gn_det GN", opts: Tuple[str, ...] = (), table: str = "norms",
-        groups: str = "") -> Row:
-    return Row(name, label, "FastGN", ims, opts, table, groups)
+        groups: str = "", **kw) -> Row:
+    return Row(name, label, "FastGN", ims, opts, table, groups, **kw)
 
 
 ROWS: List[Row] = [
@@ -69,7 +92,7 @@ ROWS: List[Row] = [
     _gn("FastGNWS@2", 2, "gn_det GN + WS (mmcv)", ("MODEL.GN.WEIGHT_STANDARDIZATION", "mmcv")),
     Row("BN@1", 'detectron2 "BN" (batch statistics)', "BN", 1),
     Row("BN@2", 'detectron2 "BN" (batch statistics)', "BN", 2),
-    Row("FrozenBN@2", "frozen BN, no pretraining", "FrozenBN", 2),
+    Row("FrozenBN@2", "no normalization, no affine, no bias (FrozenBN, identity statistics)", "FrozenBN", 2),
     _gn("G1@2", 2, "GN, G = 1 (layer norm)", ("MODEL.GN.NUM_GROUPS", "1"), "groups", "G = 1"),
     _gn("G8@2", 2, "GN, G = 8", ("MODEL.GN.NUM_GROUPS", "8"), "groups", "G = 8"),
     _gn("G32@2", 2, "GN, G = 32", ("MODEL.GN.NUM_GROUPS", "32"), "groups", "G = 32"),
@@ -78,7 +101,32 @@ ROWS: List[Row] = [
     _gn("CPG16@2", 2, "GN, 16 channels per group",
         ("MODEL.GN.NUM_GROUPS", "0", "MODEL.GN.CHANNELS_PER_GROUP", "16"), "groups", "C/G = 16"),
 ]
-ROWS_BY_NAME = {row.name: row for row in ROWS}
+# The controls that separate the causes (issue 36): not in the default rows.
+RESNET_CONV_BIAS = False  # detectron2's ResNet: bias=False in every conv whatever the norm (no option)
+CONTROLS: List[Row] = [
+    Row("BN@4", 'detectron2 "BN" (batch statistics)', "BN", 4),
+    _gn("FastGN@1-steps4", 1, "gn_det GN, GN@4's iterations (1/4 of the epochs)", table="controls", iters_ims=4),
+    _gn("FastGN@4-halflr", 4, "gn_det GN, half the linear-scaled lr", table="controls", lr_scale=0.5),
+    Row("NoNormBias@2", "no normalization; conv biases in FPN and heads, none in the ResNet", "", 2),
+]
+ALL_ROWS: List[Row] = ROWS + CONTROLS
+ROWS_BY_NAME = {row.name: row for row in ALL_ROWS}
+# The differences the claims rest on: (a, b, what a - b says)
+COMPARISONS = [
+    ("FastGN@2", "BN@2", "GN vs BN at 2 images"), ("FastGN@1", "BN@1", "GN vs BN at 1 image"),
+    ("BN@2", "BN@4", "BN: 2 vs 4 images"), ("BN@1", "BN@2", "BN: 1 vs 2 images"),
+    ("FastGN@1", "FastGN@4", "GN: 1 vs 4 images, same epochs"), ("FastGN@2", "FastGN@4", "GN: 2 vs 4 images, same epochs"),
+    ("FastGN@1", "FastGN@2", "GN: 1 vs 2 images, same epochs"),
+    ("FastGN@1-steps4", "FastGN@4", "GN: 1 vs 4 images, equal steps"),
+    ("FastGN@4-halflr", "FastGN@4", "GN@4: half vs linear-scaled lr"),
+    ("FastGNWS@1", "FastGN@1", "WS added to GN, 1 image"), ("FastGNWS@2", "FastGN@2", "WS added to GN, 2 images"),
+    ("FrozenBN@2", "BN@2", "no norm (no bias) vs BN, 2 images"),
+    ("NoNormBias@2", "FrozenBN@2", "no norm: with vs without FPN/head biases"),
+    ("G32@2", "FastGN@2", "G = 32 vs 16"), ("G8@2", "FastGN@2", "G = 8 vs 16"), ("G1@2", "G32@2", "G = 1 vs 32"),
+    ("CPG1@2", "G32@2", "instance norm vs G = 32"), ("CPG16@2", "G32@2", "16 channels per group vs G = 32"),
+]
+VAL_DATASET = "gn_det_shapes_val"
+PADDING = "included in GN's statistics (each image's groups cover the batch's padding; no option yet)"
 QUICK_ROWS = ("FastGN@2", "BN@1")
 CHECKPOINTS_PER_RUN = 5
 
@@ -86,12 +134,13 @@ CHECKPOINTS_PER_RUN = 5
 def config_overrides(row: Row, seed: int, out_dir: str, scale_iters: float = 1.0) -> Tuple[List[str], int]:
     """tools/train_net.py's ``KEY VALUE`` overrides for one run of ``row`` and its iterations:
     the demo's epochs at ``row.ims`` images (times ``scale_iters``), lr linear in the batch."""
-    factor = REFERENCE["ims"] / row.ims
+    factor = REFERENCE["ims"] / (row.iters_ims or row.ims)
     iters = max(2, int(REFERENCE["iters"] * factor * scale_iters))
     steps = tuple(int(s * factor * scale_iters) for s in REFERENCE["steps"])
     opts = [item for key in NORM_KEYS for item in (key, row.norm)] + list(row.opts)
+    lr = REFERENCE["lr"] * row.ims / REFERENCE["ims"] * row.lr_scale
     opts += [
-        "SOLVER.IMS_PER_BATCH", str(row.ims), "SOLVER.BASE_LR", str(REFERENCE["lr"] * row.ims / REFERENCE["ims"]),
+        "SOLVER.IMS_PER_BATCH", str(row.ims), "SOLVER.BASE_LR", str(lr),
         "SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", str(steps if scale_iters == 1 else "()"),
         "SOLVER.WARMUP_ITERS", str(min(int(100 * factor), iters)),
         # A checkpoint every fifth of the run: a killed study loses at most that much of one run
@@ -102,18 +151,24 @@ def config_overrides(row: Row, seed: int, out_dir: str, scale_iters: float = 1.0
     return opts, iters
 
 
-def run(row: Row, seed: int, out_dir: str, scale_iters: float, extra: Sequence[str], resume: bool) -> dict:
+def run(row: Row, seed: int, out_dir: str, scale_iters: float, extra: Sequence[str], resume: bool,
+        threads: int = 0) -> dict:
     """One train_net run of ``row`` with ``seed`` (or, with ``resume``, its record from an
-    earlier finished run in ``out_dir``)."""
+    earlier finished run in ``out_dir``); ``threads``: torch's CPU threads (0: its default)."""
     record_path = os.path.join(out_dir, "study_run.json")
     if resume and os.path.isfile(record_path):
         with open(record_path) as f:
             return json.load(f)
     command, iters = train_command(row, seed, out_dir, scale_iters, extra, resume)
+    opts = dict(zip(*[iter(config_overrides(row, seed, out_dir, scale_iters)[0])] * 2))
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     start = time.time()
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     record = {"row": row.name, "norm": row.label, "norm_name": row.norm, "images_per_batch": row.ims,
-              "settings": " ".join(row.opts), "seed": seed, "iterations": iters, "seconds": time.time() - start}
+              "settings": " ".join(row.opts), "seed": seed, "iterations": iters, "seconds": time.time() - start,
+              "lr": float(opts["SOLVER.BASE_LR"]), "warmup_iters": int(opts["SOLVER.WARMUP_ITERS"]),
+              "lr_steps": opts["SOLVER.STEPS"], "val_dataset": VAL_DATASET, "val_images": _val_images(out_dir),
+              "padding": PADDING, "threads": threads or None, **git_state()}
     if proc.returncode != 0:
         record["error"] = proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else f"exit {proc.returncode}"
         return record
@@ -124,6 +179,16 @@ def run(row: Row, seed: int, out_dir: str, scale_iters: float, extra: Sequence[s
         if name.endswith(".pth") and name != "model_final.pth":
             os.remove(os.path.join(out_dir, name))
     return record
+
+
+def _val_images(out_dir: str) -> Optional[int]:
+    """The validation images evaluated: from the COCO json COCOEvaluator writes (None if absent)."""
+    for folder, _, files in os.walk(out_dir):
+        for name in files:
+            if name == f"{VAL_DATASET}_coco_format.json":
+                with open(os.path.join(folder, name)) as f:
+                    return len(json.load(f)["images"])
+    return None
 
 
 def train_command(row: Row, seed: int, out_dir: str, scale_iters: float, extra: Sequence[str],
@@ -141,7 +206,7 @@ def summarize(runs: Sequence[dict]) -> List[dict]:
     """Per row (in ROWS' order): seeds run, and box/mask AP mean, sample std (NaN for one
     seed), min and max over the runs that finished; failed runs are counted apart."""
     summary = []
-    for row in ROWS:
+    for row in ALL_ROWS:
         mine = [r for r in runs if r["row"] == row.name]
         if not mine:
             continue
@@ -152,7 +217,7 @@ def summarize(runs: Sequence[dict]) -> List[dict]:
         for metric in ("box_AP", "mask_AP"):
             values = [r[metric] for r in done if not math.isnan(r[metric])]
             entry[metric] = {
-                "mean": statistics.fmean(values) if values else math.nan,
+                "values": values, "mean": statistics.fmean(values) if values else math.nan,
                 "std": statistics.stdev(values) if len(values) > 1 else math.nan,
                 "min": min(values, default=math.nan), "max": max(values, default=math.nan), "n": len(values)}
         summary.append(entry)
@@ -184,7 +249,8 @@ def markdown(summary: Sequence[dict], meta: dict) -> str:
              "--resume count with their own time). AP: mean ± sample std over the seeds (min–max).", ""]
     header = ["| row | norm | images per batch | iterations | seeds | box AP | mask AP |",
               "|---|---|---|---|---|---|---|"]
-    for table, title in (("norms", "Norms by images per batch"), ("groups", "Group sweep at 2 images per batch")):
+    for table, title in (("norms", "Norms by images per batch"), ("groups", "Group sweep at 2 images per batch"),
+                         ("controls", "Controls: equal steps, half the learning rate")):
         entries = _sweep(summary) if table == "groups" else [e for e in summary if e["table"] == table]
         if not entries:
             continue
@@ -195,7 +261,37 @@ def markdown(summary: Sequence[dict], meta: dict) -> str:
             lines.append(f"| {e['row']} | {label} | {e['images_per_batch']} | {e['iterations']} | {seeds} "
                          f"| {_cell(e['box_AP'])} | {_cell(e['mask_AP'])} |")
         lines.append("")
+    lines += comparisons_markdown(summary)
     return "\n".join(lines)
+
+
+def comparisons(summary: Sequence[dict]) -> List[dict]:
+    """COMPARISONS whose two rows are in ``summary``, each judged by NOISE_RULE on box and mask AP."""
+    by = {e["row"]: e for e in summary}
+    out = []
+    for a, b, what in COMPARISONS:
+        if a in by and b in by:
+            out.append({"a": a, "b": b, "what": what,
+                        **{m: noise_compare(by[a][m]["values"], by[b][m]["values"]) for m in ("box_AP", "mask_AP")}})
+    return out
+
+
+def _verdict(c: dict) -> str:
+    if c["verdict"] == "too few seeds":
+        return f"{c['diff']:+.1f} (too few seeds)"
+    words = {"a higher": "a higher", "b higher": "b higher"}.get(c["verdict"], "inside the noise")
+    return f"{c['diff']:+.1f} ± {c['two_se']:.1f}: {words}"
+
+
+def comparisons_markdown(summary: Sequence[dict]) -> List[str]:
+    rows = comparisons(summary)
+    if not rows:
+        return []
+    lines = ["## Differences", "", f"a - b: difference of the means ± 2 standard errors over seeds. Rule: {NOISE_RULE}.",
+             "", "| a | b | what | box AP, a - b | mask AP, a - b |", "|---|---|---|---|---|"]
+    for c in rows:
+        lines.append(f"| {c['a']} | {c['b']} | {c['what']} | {_verdict(c['box_AP'])} | {_verdict(c['mask_AP'])} |")
+    return lines + [""]
 
 
 def plot(summary: Sequence[dict], runs: Sequence[dict], path: str) -> Optional[str]:
@@ -209,7 +305,7 @@ def plot(summary: Sequence[dict], runs: Sequence[dict], path: str) -> Optional[s
     except ImportError:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for norm, marker in (("FastGN", "o"), ("FastGNWS", "s"), ("BN", "^"), ("FrozenBN", "x")):
+    for norm, marker in (("FastGN", "o"), ("FastGNWS", "s"), ("BN", "^"), ("FrozenBN", "x"), ("NoNormBias", "+")):
         entries = [e for e in summary if e["table"] == "norms" and e["row"].split("@")[0] == norm]
         if not entries:
             continue
@@ -249,38 +345,83 @@ def parse_rows(text: str) -> List[Row]:
     return [ROWS_BY_NAME[n] for n in names]
 
 
+def canonical_command(args, rows: Sequence[Row], seeds: Sequence[int]) -> str:
+    """The command with its rows, seeds, files and threads spelled out, and --resume: run again,
+    it reuses the finished runs and makes the same tables."""
+    parts = ["python tools/detection_norm_study.py"] + (["--quick"] if args.quick else [])
+    parts += ["--rows", ",".join(r.name for r in rows), "--seeds", ",".join(map(str, seeds))]
+    if args.name:
+        parts += ["--name", args.name]
+    default_work = os.path.join(ROOT, "output", "detection_norm_study")
+    for flag, value, default in (("--work-dir", args.work_dir, default_work),
+                                 ("--out-dir", args.out_dir, os.path.join(ROOT, "docs", "reproduction"))):
+        if os.path.abspath(value) != default:
+            parts += [flag, os.path.relpath(value, ROOT) if os.path.abspath(value).startswith(ROOT) else value]
+    return " ".join(parts + ["--threads", str(args.threads), "--resume"])
+
+
+def section_of(command: str) -> Tuple[bool, Tuple[str, ...], Tuple[int, ...]]:
+    """What a recorded command's tables hold: (--quick, rows, seeds), the defaults where absent."""
+    words = command.split()
+    quick = "--quick" in words
+    rows = words[words.index("--rows") + 1] if "--rows" in words else ",".join(QUICK_ROWS if quick else
+                                                                                  [r.name for r in ROWS])
+    seeds = words[words.index("--seeds") + 1] if "--seeds" in words else ("7" if quick else "7,8")
+    return quick, tuple(rows.split(",")), tuple(int(x) for x in seeds.split(","))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1%% of the iterations, rows FastGN@2,BN@1, one seed")
-    parser.add_argument("--rows", default="", help=f"run only these rows (default: all): {','.join(ROWS_BY_NAME)}")
+    parser.add_argument("--rows", default="", help=f"run these rows (default: the 13 of ROWS): {','.join(ROWS_BY_NAME)}")
     parser.add_argument("--seeds", default="", help="comma-separated SEED values, each row runs with each "
                                                     "(default 7,8; --quick: 7)")
     parser.add_argument("--resume", action="store_true", help="reuse runs that finished in --work-dir")
     parser.add_argument("--work-dir", default=os.path.join(ROOT, "output", "detection_norm_study"))
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "docs", "reproduction"))
+    parser.add_argument("--name", default="", help="the tables' files: <out-dir>/<name>.{md,json,png} "
+                        "(default detection_study, _quick with --quick): give each section its own")
+    parser.add_argument("--threads", type=int, default=0, help="torch's CPU threads in each run (OMP_NUM_THREADS; "
+                        "0: torch's default, every core)")
+    parser.add_argument("--from-json", default="", metavar="JSON",
+                        help="run nothing: make the tables from the runs an earlier study recorded in JSON (its rows "
+                             "and seeds that --rows/--seeds name)")
     args = parser.parse_args(argv)
     rows = parse_rows(args.rows) if args.rows else (parse_rows(",".join(QUICK_ROWS)) if args.quick else ROWS)
     seeds = [int(s) for s in (args.seeds or ("7" if args.quick else "7,8")).split(",")]
     scale = 0.01 if args.quick else 1.0
     extra = ["DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TEST", "128"] if args.quick else []
+    stem = os.path.join(args.out_dir, args.name or ("detection_study" + ("_quick" if args.quick else "")))
+    if os.path.isfile(stem + ".json"):  # another section's tables are not overwritten
+        with open(stem + ".json") as f:
+            earlier = json.load(f)["meta"].get("command", "")
+        if section_of(earlier) != section_of(canonical_command(args, rows, seeds)):
+            raise SystemExit(f"detection_norm_study: {stem}.json holds the tables of `{earlier}`: give this "
+                             "command its own --name")
     start = time.time()
     runs = []
-    for row in rows:
+    if args.from_json:
+        with open(args.from_json) as f:
+            recorded = json.load(f)["rows"]
+        names = {r.name for r in rows}
+        runs = [r for r in recorded if r["row"] in names and r["seed"] in seeds]
+    for row in ([] if args.from_json else rows):
         for seed in seeds:
             out = os.path.join(args.work_dir, row.name.replace("@", "_") + ("_quick" if args.quick else ""), f"seed{seed}")
-            record = run(row, seed, out, scale, extra, args.resume)
+            record = run(row, seed, out, scale, extra, args.resume, args.threads)
             runs.append(record)
             print(json.dumps(record), flush=True)
-    command = "python tools/detection_norm_study.py" + " ".join(
-        [""] + (["--quick"] if args.quick else []) + ([f"--rows {args.rows}"] if args.rows else [])
-        + ([f"--seeds {args.seeds}"] if args.seeds else []))
+    command = canonical_command(args, rows, seeds)
+    if args.from_json:
+        command = command.replace(" --resume", "") + " --from-json " + os.path.relpath(os.path.abspath(args.from_json), ROOT)
     meta = {"machine": f"CPU {platform.machine()} x{os.cpu_count()}", "date": time.strftime("%Y-%m-%d"),
             "command": command, "total_seconds": time.time() - start, "seeds": seeds,
             "run_seconds": sum(r["seconds"] for r in runs),
-            "run_seconds_min": min(r["seconds"] for r in runs), "run_seconds_max": max(r["seconds"] for r in runs)}
+            "run_seconds_min": min(r["seconds"] for r in runs), "run_seconds_max": max(r["seconds"] for r in runs),
+            "rule": NOISE_RULE, "threads": args.threads or None, **git_state()}
     summary = summarize(runs)
     os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, "detection_study" + ("_quick" if args.quick else ""))
+    stem = os.path.join(args.out_dir, args.name or ("detection_study" + ("_quick" if args.quick else "")))
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": runs, "summary": summary}, f, indent=1)
     text = markdown(summary, meta)
