@@ -17,6 +17,9 @@ from gn_det.modeling.weight_std import WSConv2d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "detection_norm_study.py")
+# (the tool imports batch_size_study from its own directory, as a script run there does)
+_helper = importlib.util.spec_from_file_location("batch_size_study", os.path.join(ROOT, "tools", "batch_size_study.py"))
+_helper.loader.exec_module(sys.modules.setdefault("batch_size_study", importlib.util.module_from_spec(_helper)))
 _spec = importlib.util.spec_from_file_location("detection_norm_study", TOOL)
 study = sys.modules["detection_norm_study"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
 _spec.loader.exec_module(study)
