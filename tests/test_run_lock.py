@@ -154,6 +154,7 @@ def write_lock(path, **record):
     record = {"host": "node-b.example", "pid": 4242, "started": time.time() - 3600, "heartbeat": time.time(),
               "purpose": "training", "token": "abc", "command": "train_net.py ...", **record}
     (path / LOCK_NAME).write_text(json.dumps(record))
+    os.utime(path / LOCK_NAME, (record["heartbeat"], record["heartbeat"]))  # the holder's last touch
 
 
 def test_lock_of_another_host_is_held_until_its_heartbeat_is_stale(tmp_path, caplog):
@@ -179,16 +180,31 @@ def test_unreadable_lock_is_held_while_recent(tmp_path):
 def test_heartbeat_is_refreshed_and_a_lost_lock_is_not_overwritten(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint_module, "HEARTBEAT_S", 0.05)
     lock = OutputDirLock(str(tmp_path)).acquire()
-    first = json.loads((tmp_path / LOCK_NAME).read_text())
+    path = tmp_path / LOCK_NAME
+    first, first_touched = json.loads(path.read_text()), path.stat().st_mtime
     time.sleep(0.5)
-    second = json.loads((tmp_path / LOCK_NAME).read_text())
-    assert second["heartbeat"] > first["heartbeat"] and second["token"] == first["token"]
-    write_lock(tmp_path, token="someone else's")  # the lock was taken over (deleted by hand, then another run)
+    assert path.stat().st_mtime > first_touched  # the heartbeat: the file's modification time
+    assert json.loads(path.read_text()) == first  # the record itself is never rewritten
+    assert lock.heartbeat(first) == path.stat().st_mtime
+    # The lock was taken over: deleted by hand, then another run created its own. The heartbeat
+    # touches only the file this run created, so the other run's lock keeps its contents and time.
+    path.unlink()
+    write_lock(tmp_path, token="someone else's", heartbeat=time.time() - 100)
     time.sleep(0.3)
-    assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == "someone else's"  # not overwritten
+    assert json.loads(path.read_text())["token"] == "someone else's"  # not overwritten
+    assert time.time() - path.stat().st_mtime > 90  # nor refreshed
     lock.release()
-    assert (tmp_path / LOCK_NAME).exists()  # not ours to remove
+    assert path.exists()  # not ours to remove
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_a_lock_rewritten_in_place_is_not_ours_any_more(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint_module, "HEARTBEAT_S", 0.05)
+    lock = OutputDirLock(str(tmp_path)).acquire()
+    write_lock(tmp_path, token="someone else's")  # same file, another run's record
+    time.sleep(0.3)
+    lock.release()
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == "someone else's"
 
 
 def test_hold_output_dir_is_reentrant_in_one_process(tmp_path):

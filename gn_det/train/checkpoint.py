@@ -553,7 +553,7 @@ def _atomic_write(path: str, write) -> None:
 
 
 LOCK_NAME = "gn_det_run.lock"
-HEARTBEAT_S = 30.0  # the holder rewrites its heartbeat this often
+HEARTBEAT_S = 30.0  # the holder touches its lock file this often (its heartbeat)
 STALE_AFTER_S = 300.0  # a lock of another host whose heartbeat is older than this is taken over
 
 
@@ -591,8 +591,11 @@ def _when(t: float) -> str:
 class OutputDirLock:
     """One run per output folder: ``<directory>/gn_det_run.lock``, created with
     ``os.open(O_CREAT | O_EXCL)`` (atomic on local file systems and on NFS v3+, where ``flock``
-    may not be), holding the holder's host, pid, process start, start time, command and a
-    heartbeat that a thread rewrites every ``HEARTBEAT_S`` seconds.
+    may not be), holding the holder's host, pid, process start, start time and command. Its
+    heartbeat is the file's modification time, which a thread refreshes every ``HEARTBEAT_S``
+    seconds through the descriptor kept open since creating it: it touches only the file this
+    run created, never the path, so a lock that another run took meanwhile is never written over
+    (a rewrite of the path would race with that run's own lock).
 
     A lock is stale, and taken over with a warning, when its holder is gone: on this host, its
     pid is not running (or is another process now); on another host, its heartbeat is older
@@ -609,6 +612,7 @@ class OutputDirLock:
         self._record: Dict[str, Any] = {}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._fd: Optional[int] = None  # the lock file this run created, open while held
 
     # reading and judging a lock
 
@@ -644,15 +648,24 @@ class OutputDirLock:
             if not _pid_alive(int(record.get("pid", -1)), record.get("pid_start")):
                 return f"pid {record.get('pid')} is not running on this host"
             return None
-        age = time.time() - float(record.get("heartbeat", 0))
+        age = time.time() - self.heartbeat(record)
         if age > STALE_AFTER_S:
             return f"its last heartbeat is {age:.0f} s old (over {STALE_AFTER_S:.0f} s)"
         return None
 
+    def heartbeat(self, record: Dict[str, Any]) -> float:
+        """When the holder of ``record`` last showed it is alive: the lock file's modification time
+        (refreshed by the holder), or the record's own time if later (a lock not yet touched)."""
+        try:
+            touched = os.stat(self.path).st_mtime
+        except FileNotFoundError:
+            touched = 0.0
+        return max(float(record.get("heartbeat", 0)), touched)
+
     def describe(self, record: Optional[Dict[str, Any]]) -> str:
         if not record:
             return f"an unreadable lock file {self.path}"
-        age = time.time() - float(record.get("heartbeat", 0))
+        age = time.time() - self.heartbeat(record)
         return (f"pid {record.get('pid')} on host {record.get('host')} ({record.get('purpose', 'a run')}, started "
                 f"{_when(float(record.get('started', 0)))}, last heartbeat {age:.0f} s ago; command: "
                 f"{record.get('command', '?')})")
@@ -682,10 +695,9 @@ class OutputDirLock:
                 if reason != "no lock" and self._take_over(record):
                     logger.warning("Took over the lock of %s: %s (%s)", self.directory, self.describe(record), reason)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(self._record))
-                f.flush()
-                os.fsync(f.fileno())
+            os.write(fd, json.dumps(self._record).encode())
+            os.fsync(fd)
+            self._fd = fd
             self._thread = threading.Thread(target=self._beat, name="gn_det-output-lock", daemon=True)
             self._thread.start()
             return self
@@ -714,17 +726,25 @@ class OutputDirLock:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(moved)
 
+    def _ours(self) -> bool:
+        """The path still names the file this run created, with this run's record."""
+        current = self.read()
+        if not current or current.get("token") != self.token or self._fd is None:
+            return False
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
+        except FileNotFoundError:
+            return False
+
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            current = self.read()
-            if not current or current.get("token") != self.token:
+            if not self._ours():
                 logger.error("The lock of %s is no longer this run's (%s): another run may write there",
-                             self.directory, self.describe(current))
+                             self.directory, self.describe(self.read()))
                 return
-            self._record["heartbeat"] = time.time()
             try:
-                _atomic_write(self.path, lambda f: f.write(json.dumps(self._record).encode()))
-            except OSError as exc:  # a full disk: the lock stays, its heartbeat ages
+                os.utime(self._fd)  # this run's own file: if the path was taken meanwhile, not the new lock
+            except OSError as exc:
                 logger.warning("Could not refresh the lock %s: %s", self.path, exc)
 
     def release(self) -> None:
@@ -732,10 +752,12 @@ class OutputDirLock:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        current = self.read()
-        if current and current.get("token") == self.token:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)
+        if self._fd is not None:
+            if self._ours():
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path)
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> "OutputDirLock":
         return self.acquire()
