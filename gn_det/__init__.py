@@ -2,6 +2,8 @@
 
 - ``gn_det.GroupNorm`` / ``gn_det.group_norm``: GN with fused Triton kernels on CUDA and
   PyTorch operations on CPU, a drop-in for ``torch.nn.GroupNorm``.
+- ``gn_det.image_regions``: inside it, GN layers that ignore padding normalize each image of a
+  padded batch over its own region (``MODEL.GN.IGNORE_PADDING``; ``gn_det.padding``).
 - With detectron2 installed, ``import gn_det`` registers gn_det's norm ``"FastGN"``
   (``gn_det.NORM_NAME``) for every detectron2 norm config key and makes detectron2's build
   functions apply a config's ``MODEL.GN.*`` keys (``gn_det.add_gn_config(cfg)`` adds them).
@@ -18,9 +20,10 @@ install_moved_finder()  # old module paths (gn_det.engine, python -m gn_det.chec
 from .policy import autotune_decisions, decisions, group_norm, set_autotune, set_tuning_cache, synchronize_decisions  # noqa: E402
 from .layers import GroupNorm, resolve_num_groups  # noqa: E402
 from .recompute import recompute_output_enabled, recompute_outputs, set_recompute_output  # noqa: E402
+from .padding import image_regions  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["GroupNorm", "autotune_decisions", "decisions", "group_norm", "recompute_output_enabled",
+__all__ = ["GroupNorm", "autotune_decisions", "decisions", "group_norm", "image_regions", "recompute_output_enabled",
            "recompute_outputs", "resolve_num_groups", "set_autotune", "set_recompute_output", "set_tuning_cache",
            "synchronize_decisions", "__version__"]
 

@@ -127,6 +127,13 @@ class GNSettings:
                "keeps anyway (x, gamma, beta; a fused block end's shortcut, itself recomputed), one GN forward "
                "more per such use; nor is a GN input made by a 1x1 projection (block shortcuts, FPN laterals): "
                "the convolution runs again; gradients unchanged (`gn_det.set_recompute_output`).")
+    ignore_padding: bool = _key(
+        False, "each image's GN statistics over its own region of the zero-padded batch, 0 written in the padding, "
+               "in every gn_det GN over a dense feature map (backbone, FPN, RPN and RetinaNet heads, semantic "
+               "segmentation head; never ROI heads), and anchors whose centre lies in an image's padding excluded "
+               "from the RPN's and RetinaNet's selection and training labels: an image's outputs then do not depend "
+               "on the images batched with it. Off: detectron2's behaviour (padding in the statistics), bit-equal "
+               "to its GN (`gn_det.image_regions`, `gn_det.modeling.padding`).")
     weight_standardization: str = _key(
         "", "\"mmcv\" or \"timm\": every convolution whose output feeds a gn_det GN (ResNet stem and blocks, FPN, "
             "box and mask head convs, RetinaNet's head, a project's own `Conv2d(norm=...)` or `nn.Conv2d` followed by "

@@ -2,7 +2,7 @@
 
 A LazyConfig holds the same settings as YAML's ``MODEL.GN.*`` in a top-level ``gn`` dict
 (the fields of ``GNSettings``: ``num_groups``, ``channels_per_group``, ``eps``,
-``fuse_activation``, ``replace_gn``, ``recompute_output``, ``channels_last``). The config
+``fuse_activation``, ``replace_gn``, ``recompute_output``, ``ignore_padding``, ``channels_last``). The config
 itself carries them to the model, so they apply however it is built (detectron2's
 ``tools/lazyconfig_train_net.py``: ``instantiate(cfg.model)`` after ``LazyConfig.load`` and
 ``apply_overrides``; a project's own loop; ``build_lazy_model`` here):

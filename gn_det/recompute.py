@@ -217,7 +217,8 @@ def _recompute_output(node) -> Tensor:
     version checks guard x and the residual."""
     x, weight, bias, _, _, residual = node.saved_tensors
     call = node.call  # (the forward's own backend: the same implementation, decided for x)
-    return call.backend.forward(x, weight, bias, residual, call.num_groups, call.eps, call.activation)[0]
+    return call.backend.forward(x, weight, bias, residual, call.num_groups, call.eps, call.activation,
+                                node.valid)[0]
 
 
 def output_recomputation(

@@ -150,14 +150,32 @@ def test_what_changes_a_decision_empties_the_decided_calls(setter, tmp_path):
 
 def test_the_decided_calls_are_bounded():
     previous = switches.CALLS_MAX
-    switches.CALLS_MAX = calls.CALLS_MAX = 3
+    switches.CALLS_MAX = 3
     try:
         layer = gn_det.GroupNorm(2, 4, activation="relu")
         for size in range(3, 10):
             layer(torch.randn(1, 4, size, size).to(memory_format=CL))
             assert len(CALLS) <= 3
     finally:
-        switches.CALLS_MAX = calls.CALLS_MAX = previous
+        switches.CALLS_MAX = previous
+
+
+def test_a_call_decided_across_a_change_is_not_kept():
+    """A thread that decided under the old switches while another changed them (which empties
+    CALLS) does not put its stale decision back."""
+    CALLS.clear()
+    layer = gn_det.GroupNorm(2, 4, activation="relu")
+    x = torch.randn(1, 4, 5, 5).to(memory_format=CL)
+    generation = CALLS.generation
+    stale = calls._decide(x, 2, layer.weight, layer.bias, 1e-5, layer._act, None, False, True)[0]
+    previous = gn_det.policy.set_backend("torch")  # another thread's change, while this one decided
+    try:
+        CALLS.keep(("stale",), stale, generation)
+        assert ("stale",) not in CALLS
+        CALLS.keep(("fresh",), stale, CALLS.generation)
+        assert ("fresh",) in CALLS
+    finally:
+        gn_det.policy.set_backend(previous)
 
 
 @pytest.mark.parametrize("activation", ALL_ACTIVATIONS)

@@ -341,7 +341,7 @@ def test_add_gn_config_declares_every_settings_field_with_its_default():
     cfg = gn_det.add_gn_config(get_cfg())
     assert gn_det.GNSettings.from_cfg(cfg) == gn_det.GNSettings()
     assert set(cfg.MODEL.GN) == {"NUM_GROUPS", "CHANNELS_PER_GROUP", "EPS", "FUSE_ACTIVATION", "REPLACE_GN",
-                                "RECOMPUTE_OUTPUT", "WEIGHT_STANDARDIZATION"}
+                                "RECOMPUTE_OUTPUT", "IGNORE_PADDING", "WEIGHT_STANDARDIZATION"}
     assert cfg.MODEL.CHANNELS_LAST is False
     cfg.MODEL.GN.EPS = 1  # YAML's 1 for 1.0
     assert gn_det.GNSettings.from_cfg(cfg).eps == 1.0

@@ -115,6 +115,11 @@ def test_lazyconfig_train_net_builds_new_baselines_with_gn_and_its_overrides(tmp
     assert model.backbone.bottom_up.stem.conv1.norm.activation == "relu"  # fused
     assert gn_det.recompute_output_enabled(model)
     assert model.backbone.fpn_output2.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not any(m.ignore_padding for m in layers)  # off unless gn.ignore_padding says so
+    padded = d2_lazyconfig_train_net_model(project_config(tmp_path), ["gn.ignore_padding=True"])
+    marked = {n for n, m in padded.named_modules() if isinstance(m, gn_det.GroupNorm) and m.ignore_padding}
+    assert marked and all(n.startswith("backbone.") for n in marked)  # the dense maps', never the ROI heads'
+    assert {n for n, m in padded.named_modules() if isinstance(m, gn_det.GroupNorm) and n.startswith("backbone.")} == marked
     cfg = LazyConfig.load(project_config(tmp_path))
     LazyConfig.save(cfg, str(tmp_path / "config.yaml"))
     saved = LazyConfig.apply_overrides(LazyConfig.load(str(tmp_path / "config.yaml")), ["gn.eps=1e-3"])

@@ -170,7 +170,8 @@ def test_the_control_rows_change_only_what_they_name(tmp_path):
     assert gn1.ims == 1 and gn4.ims == 4
 
 
-@pytest.mark.parametrize("name", ["BN@4", "FastGN@1-steps4", "FastGN@4-halflr", "NoNormBias@2", "FrozenBN@2"])
+@pytest.mark.parametrize("name", ["BN@4", "FastGN@1-steps4", "FastGN@4-halflr", "NoNormBias@2", "FrozenBN@2",
+                                  "FastGN@4-nopad"])
 def test_every_control_row_builds_the_model_it_names(name, tmp_path):
     import gn_det
     from detectron2.layers import FrozenBatchNorm2d
@@ -198,6 +199,10 @@ def test_every_control_row_builds_the_model_it_names(name, tmp_path):
                    and n.startswith("backbone"))
     elif name == "BN@4":
         assert any(type(m) is nn.BatchNorm2d for m in norms)
+    elif name == "FastGN@4-nopad":  # padding excluded in the dense maps' GNs, never the ROI heads'
+        marked = {n for n, m in model.named_modules() if getattr(m, "ignore_padding", False)}
+        assert marked and all(n.startswith("backbone") for n in marked)
+        assert any(isinstance(m, gn_det.GroupNorm) and not m.ignore_padding for m in norms)
     else:
         assert any(isinstance(m, gn_det.GroupNorm) for m in norms)
     assert convs

@@ -23,6 +23,7 @@ register spills. It measures no speed.
     python tools/compile_kernels.py --arch 80,86,89,100,120 --json --no-launches   # several at once
     python tools/compile_kernels.py --arch all --quick             # every supported architecture
     python tools/compile_kernels.py --compact out.json             # a row per compiled variant, not per case
+    python tools/compile_kernels.py --quick --block-ends --masked  # + the masked kernels (valid regions)
 
 Exits 1 if a kernel fails to compile, spills or exceeds the architecture's limits (registers
 per thread, shared memory per block, one block per SM).
@@ -46,6 +47,7 @@ from triton.backends.compiler import GPUTarget
 from gn_det.diagnostics.bench.layer_shapes import COMPILE_EXTRA_SHAPES, MASK_RCNN_SHAPES
 from gn_det.diagnostics.bench import inspection
 from gn_det.ops import occupancy
+from gn_det.ops import triton_launch as launchers
 from gn_det.policy import support
 from gn_det.ops.activation import ACT_RELU, ACTIVATION_TABLE, RESIDUAL_ADD, RESIDUAL_OUTPUT
 
@@ -56,6 +58,31 @@ ACT_NAMES = {a.code: a.name or "none" for a in ACTIVATION_TABLE}  # every activa
 BLOCK_ENDS = {"relu+residual": RESIDUAL_ADD, "relu+residual, output kept": RESIDUAL_OUTPUT}
 # The shapes whose launches "launches" counts: one of each kernel path.
 LAUNCH_SHAPES = {"split": "res2 N=2", "group": "box head"}
+
+
+def masked_layer_launches(shape, dtype: torch.dtype, memory_format: torch.memory_format, activation: int,
+                          num_groups: int = 32, residual_mode: int = 0, **recording
+                          ) -> Tuple[List[inspection.Launch], List[inspection.Launch]]:
+    """``inspection.layer_launches`` with valid regions (issue 35): the launches of one masked
+    GN layer's forward and backward at this 4-D shape (the MASKED specialisations; recorded,
+    not run: the regions' values never matter to a launch)."""
+    x = torch.empty(tuple(shape), dtype=dtype, device="meta").contiguous(memory_format=memory_format)
+    w = torch.empty(shape[1], device="meta")
+    r = torch.empty_like(x) if residual_mode else None
+    valid = torch.empty((shape[0], 2), dtype=torch.int32, device="meta")
+    with inspection.recording_launches(**recording) as launches:
+        _, mean, rstd = launchers.triton_group_norm_forward(x, w, w, r, num_groups, 1e-5, activation, valid)
+        forward = list(launches)
+        del launches[:]
+        launchers.triton_group_norm_backward(torch.empty_like(x), x, w, w, mean, rstd, r, num_groups, 1e-5, activation,
+                                             residual_mode, valid)
+        backward = list(launches)
+    return forward, backward
+
+
+def _kernel_name(row: dict) -> str:
+    """A row's kernel, with " MASKED" for the masked specialisations (--masked)."""
+    return row["kernel"] + (" MASKED" if row.get("masked") else "")
 
 
 def launch_counts(recording: dict) -> Dict[str, dict]:
@@ -95,9 +122,11 @@ def compact(data: dict) -> dict:
         return data
     variants: Dict[tuple, dict] = {}
     for r in data["kernels"]:
-        key = (r["kernel"], r["dtype"], r["layout"], r["warps"], r["registers"], r["spills"], r["shared"])
+        key = (r["kernel"], r.get("masked", False), r["dtype"], r["layout"], r["warps"], r["registers"], r["spills"],
+               r["shared"])
         v = variants.setdefault(key, {
-            "kernel": r["kernel"], "dtype": r["dtype"], "layout": r["layout"], "warps": r["warps"],
+            "kernel": r["kernel"], "masked": r.get("masked", False), "dtype": r["dtype"], "layout": r["layout"],
+            "warps": r["warps"],
             "registers": r["registers"], "spills": r["spills"], "shared": r["shared"],
             "blocks_per_sm": r["blocks_per_sm"], "over_limits": r.get("over_limits", []),
             "load_bytes_min": r["load_bytes_min"], "store_bytes_min": r["store_bytes_min"],
@@ -144,7 +173,7 @@ def markdown_architectures(runs: List[dict]) -> str:
                   "|---|---|---|---|---|---|---|---|---|"]
         groups: Dict[tuple, List[dict]] = {}
         for v in r["variants"]:
-            groups.setdefault((v["kernel"], v["dtype"], v["layout"]), []).append(v)
+            groups.setdefault((_kernel_name(v), v["dtype"], v["layout"]), []).append(v)
         for (kernel, dtype, layout), vs in groups.items():
             over = sorted({o for v in vs for o in v["over_limits"]})
             lines.append(f"| {kernel} | {dtype} | {layout} | {_span([v['registers'] for v in vs])} | "
@@ -174,7 +203,7 @@ def markdown(data: dict) -> str:
     mask_rcnn = [r for r in rows if r["shape"] in MASK_RCNN_SHAPES]
     groups: Dict[tuple, List[dict]] = {}
     for r in mask_rcnn:
-        groups.setdefault((r["kernel"], r["dtype"], r["layout"]), []).append(r)
+        groups.setdefault((_kernel_name(r), r["dtype"], r["layout"]), []).append(r)
     for (kernel, dtype, layout), rs in groups.items():
         lines.append(f"| {kernel} | {dtype} | {layout} | {_span([r['registers'] for r in rs])} | "
                      f"{_span([r['spills'] for r in rs])} | {_span([r['load_bytes_min'] for r in rs])} | "
@@ -208,7 +237,7 @@ def markdown(data: dict) -> str:
               "grid | blocks/SM | waves |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["activation"] == "relu":
-            lines.append(f"| {r['shape']} {tuple(r['dims'])} | {r['dtype']} | {r['layout']} | {r['kernel']} | "
+            lines.append(f"| {r['shape']} {tuple(r['dims'])} | {r['dtype']} | {r['layout']} | {_kernel_name(r)} | "
                          f"{r['warps']} | {r['registers']} | {r['spills']} | {r['load_bytes_min'] or '-'} | "
                          f"{r['store_bytes_min'] or '-'} | {r['grid']} | {r['blocks_per_sm']} | {r['waves']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -245,13 +274,19 @@ def compile_arch(arch: int, sm_count: int, args: argparse.Namespace) -> Tuple[in
                 for name, act, mode in variants:
                     forward, backward = inspection.layer_launches(shape, dtype, fmt, act, residual_mode=mode,
                                                                   **recording)
-                    cases += [(shape_name, shape, dtype, layout, name, launch)
+                    cases += [(shape_name, shape, dtype, layout, name, launch, False)
                               for launch in forward + backward if launch.is_triton]
+                    if args.masked and len(shape) == 4:  # (the masked kernels take 4-D maps only)
+                        forward, backward = masked_layer_launches(shape, dtype, fmt, act, residual_mode=mode,
+                                                                  **recording)
+                        cases += [(shape_name, shape, dtype, layout, name, launch, True)
+                                  for launch in forward + backward if launch.is_triton]
     specs: Dict[str, inspection.Launch] = {}
     where: Dict[str, str] = {}
-    for shape_name, shape, dtype, layout, act, launch in cases:
+    for shape_name, shape, dtype, layout, act, launch, masked in cases:
         specs.setdefault(launch.key, launch)
-        where.setdefault(launch.key, f"{shape_name} {tuple(shape)} {str(dtype)[6:]} {layout} act={act}")
+        where.setdefault(launch.key, f"{shape_name} {tuple(shape)} {str(dtype)[6:]} {layout} act={act}"
+                                     f"{' masked' if masked else ''}")
     print(f"{len(specs)} kernel specialisations for sm_{arch} ({limits.name} limits, {sm_count} SMs; triton "
           f"{triton.__version__}, ptxas {inspection.ptxas_path(arch)})", file=log, flush=True)
     compiled: Dict[str, dict] = {}
@@ -276,12 +311,13 @@ def compile_arch(arch: int, sm_count: int, args: argparse.Namespace) -> Tuple[in
     if not args.json:
         return failures, {}
     kernels: List[dict] = []
-    for shape_name, shape, dtype, layout, act, launch in cases:
+    for shape_name, shape, dtype, layout, act, launch, masked in cases:
         row = compiled.get(launch.key)
         if row is None:
             continue
         kernels.append({
-            "kernel": launch.kernel, "shape": shape_name, "dims": list(shape), "dtype": str(dtype)[6:],
+            "kernel": launch.kernel, **({"masked": True} if masked else {}), "shape": shape_name, "dims": list(shape),
+            "dtype": str(dtype)[6:],
             "layout": layout, "activation": act, "registers": row["registers"], "spills": row["spills"],
             "load_bytes_min": row["load_bytes_min"], "store_bytes_min": row["store_bytes_min"],
             "blocks_per_sm": row["blocks_per_sm"],
@@ -351,6 +387,9 @@ def main() -> int:
                         "once instead of a row per case, and exit")
     parser.add_argument("--block-ends", action="store_true",
                         help="also the residual block ends (GN + residual + ReLU), both of their backward modes")
+    parser.add_argument("--masked", action="store_true",
+                        help="also the masked kernels (valid regions of a padded batch, MASKED) at every 4-D case: "
+                             "rows with \"masked\": true")
     args = parser.parse_args()
     if args.markdown or args.compact:
         with open(args.markdown or args.compact) as f:

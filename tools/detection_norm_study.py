@@ -20,6 +20,8 @@ Controls (CONTROLS; not in the default rows, name them with --rows):
                        with biases; detectron2's ResNet builds its own without biases whatever the
                        norm (bias=False in its code), so the backbone has none: giving it biases
                        needs a builder option in gn_det (RESNET_CONV_BIAS says which was run)
+  FastGN@4-nopad       GN at 4 images with MODEL.GN.IGNORE_PADDING (each image's statistics over its
+                       own region, anchors in the padding excluded): GN@4's deficit: the padding?
 
 The same number of epochs everywhere: iterations scale as 1/batch, the learning rate linearly
 with the batch. Each run is a real tools/train_net.py run (SEED set per run) evaluated by
@@ -108,6 +110,8 @@ CONTROLS: List[Row] = [
     _gn("FastGN@1-steps4", 1, "gn_det GN, GN@4's iterations (1/4 of the epochs)", table="controls", iters_ims=4),
     _gn("FastGN@4-halflr", 4, "gn_det GN, half the linear-scaled lr", table="controls", lr_scale=0.5),
     Row("NoNormBias@2", "no normalization; conv biases in FPN and heads, none in the ResNet", "", 2),
+    _gn("FastGN@4-nopad", 4, "gn_det GN, padding excluded (IGNORE_PADDING)", ("MODEL.GN.IGNORE_PADDING", "True"),
+        table="controls"),
 ]
 ALL_ROWS: List[Row] = ROWS + CONTROLS
 ROWS_BY_NAME = {row.name: row for row in ALL_ROWS}
@@ -122,11 +126,13 @@ COMPARISONS = [
     ("FastGNWS@1", "FastGN@1", "WS added to GN, 1 image"), ("FastGNWS@2", "FastGN@2", "WS added to GN, 2 images"),
     ("FrozenBN@2", "BN@2", "no norm (no bias) vs BN, 2 images"),
     ("NoNormBias@2", "FrozenBN@2", "no norm: with vs without FPN/head biases"),
+    ("FastGN@4-nopad", "FastGN@4", "GN@4: padding excluded vs included"),
     ("G32@2", "FastGN@2", "G = 32 vs 16"), ("G8@2", "FastGN@2", "G = 8 vs 16"), ("G1@2", "G32@2", "G = 1 vs 32"),
     ("CPG1@2", "G32@2", "instance norm vs G = 32"), ("CPG16@2", "G32@2", "16 channels per group vs G = 32"),
 ]
 VAL_DATASET = "gn_det_shapes_val"
-PADDING = "included in GN's statistics (each image's groups cover the batch's padding; no option yet)"
+PADDING = "included in GN's statistics (each image's groups cover the batch's padding)"
+PADDING_EXCLUDED = "excluded (MODEL.GN.IGNORE_PADDING: each image's statistics over its own region)"
 QUICK_ROWS = ("FastGN@2", "BN@1")
 CHECKPOINTS_PER_RUN = 5
 
@@ -168,7 +174,7 @@ def run(row: Row, seed: int, out_dir: str, scale_iters: float, extra: Sequence[s
               "settings": " ".join(row.opts), "seed": seed, "iterations": iters, "seconds": time.time() - start,
               "lr": float(opts["SOLVER.BASE_LR"]), "warmup_iters": int(opts["SOLVER.WARMUP_ITERS"]),
               "lr_steps": opts["SOLVER.STEPS"], "val_dataset": VAL_DATASET, "val_images": _val_images(out_dir),
-              "padding": PADDING, "threads": threads or None, **git_state()}
+              "padding": PADDING_EXCLUDED if "MODEL.GN.IGNORE_PADDING" in row.opts else PADDING, "threads": threads or None, **git_state()}
     if proc.returncode != 0:
         record["error"] = proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else f"exit {proc.returncode}"
         return record

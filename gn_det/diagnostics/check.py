@@ -77,7 +77,7 @@ from gn_det.policy.timing import DeviceTimer
 from gn_det.policy import routing, tuning
 from gn_det import policy
 from gn_det.ops.activation import activation_code
-from gn_det.ops.autograd import OpCall, residual_mode_for
+from gn_det.ops.autograd import OpCall, records_grad, residual_mode_for
 from gn_det.policy.calls import op_backend
 from gn_det.ops.layout import memory_format_of
 from gn_det.tolerances import GRAD_TOLERANCE, TOLERANCE, relu_unambiguous_grad, scaled_error
@@ -276,7 +276,7 @@ def gn_det_op(x: Tensor, groups: int, weight: Tensor, bias: Tensor, op: Op, resi
     under the interpreter), else the PyTorch path. x, residual dense; weight, bias dense (C,)."""
     code = activation_code(op.activation)
     mode = residual_mode_for(code, residual is not None, op.output_recomputed)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))
+    grad = records_grad(x, weight, bias, residual)
     backend = op_backend(x, groups, code, residual is not None, grad, mode)
     return OpCall(backend, groups, EPS, code, mode, grad, True)(x, weight, bias, residual)
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn import init
 
+from .. import padding as _padding
 from .. import recompute as _recompute
 from ..config import GNSettings, SettingError, argument_key, check_setting, groups_for
 from ..ops.activation import ACTIVATION_NAMES, activation_code
@@ -66,6 +67,11 @@ class GroupNorm(nn.GroupNorm):
             after the affine, fused into the kernels.
             Keyword-only (gn_det's own argument, after nn.GroupNorm's).
     """
+
+    ignore_padding: bool = False
+    """Normalize each image over its own region inside ``gn_det.image_regions`` (and write 0 in
+    the padding): set on the layers over the images' own feature maps (backbone, FPN, dense
+    heads) by ``MODEL.GN.IGNORE_PADDING``; never on ROI heads. Not a parameter or buffer."""
 
     def __init__(
         self,
@@ -165,8 +171,10 @@ class GroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         recording = _recompute.recording()  # inside a recompute scope (gn_det.set_recompute_output)
         weight, bias = self.weight, self.bias  # (each a lookup in the module's parameters: once)
+        valid = self._valid_sizes(x) if self.ignore_padding else None
         # (the call decided for x's signature: one lookup once decided, gn_det.policy.calls)
-        y = call_for(x, self.num_groups, weight, bias, self.eps, self._act, None, recording)(x, weight, bias, None)
+        y = call_for(x, self.num_groups, weight, bias, self.eps, self._act, None, recording, valid)(
+            x, weight, bias, None, valid)
         if recording:
             _recompute.record_output(y, self.bias, self.eps)
         return y
@@ -183,11 +191,17 @@ class GroupNorm(nn.GroupNorm):
             raise ValueError(f"GroupNorm.forward_residual: this layer applies its own activation "
                              f"({self.activation!r}) before any residual could be added; use a layer without one")
         recording = _recompute.recording()
+        valid = self._valid_sizes(x) if self.ignore_padding else None
         y = call_for(x, self.num_groups, self.weight, self.bias, self.eps, activation_code(activation), residual,
-                     recording)(x, self.weight, self.bias, residual)
+                     recording, valid)(x, self.weight, self.bias, residual, valid)
         if recording:
             _recompute.record_output(y, self.bias, self.eps)
         return y
+
+    def _valid_sizes(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """x's image regions inside ``gn_det.image_regions`` (None outside one)."""
+        regions = _padding.current_regions()
+        return None if regions is None else regions.valid_sizes(x, f"GroupNorm({self.num_groups}, {self.num_channels})")
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -41,9 +41,33 @@ the ``get_norm`` that ``resnet.py`` imported), and any module of a project impor
 gn_det that holds one (``from detectron2.layers import get_norm``); ``rebound_attributes()``
 lists them. A module imported later takes gn_det's functions from those re-bound modules, so
 nothing is rescanned at build time (importing all 313 further detectron2 modules after
-gn_det leaves ``install()`` nothing to re-bind). No class or method is patched
-(``builders.py`` adds four names to detectron2's registries; ``fuse.py`` changes the class of
-built block instances, not detectron2's classes).
+gn_det leaves ``install()`` nothing to re-bind). No class or method of detectron2 is patched
+(``builders.py`` adds four names to detectron2's registries; ``fuse.py`` and, with
+``MODEL.GN.IGNORE_PADDING``, ``padding.py`` change the class of built instances, not
+detectron2's classes).
+
+Per built model, with ``MODEL.GN.IGNORE_PADDING`` (``gn_det.modeling.padding.ignore_padding``,
+which ``finish_model`` runs; instances only, never detectron2's classes or functions;
+``tests/test_padding_detectron2.py`` checks the signatures relied on):
+
+- the class of the model's RPN (``proposal_generator``) and of a RetinaNet model
+  -> ``PaddingRPN`` / ``PaddingRetinaNet`` (for a project's subclass that overrides none of
+  the methods involved, a gn_det subclass of it, pickled as its class): their
+  ``label_and_sample_anchors(self, anchors, gt_instances)``, ``predict_proposals(self,
+  anchors, pred_objectness_logits, pred_anchor_deltas, image_sizes)``, ``label_anchors(self,
+  anchors, gt_instances)`` and ``inference_single_image(self, anchors, box_cls, box_delta,
+  image_size)`` call detectron2's one image at a time with only the anchors whose centre lies
+  inside the image, so anchors in an image's padding take no part in its matching, sampling
+  (label -1), proposals or detections.
+- module hooks (no method replaced): forward pre-hook and ``always_call`` forward hook on the
+  meta-architecture (the images' sizes from ``batched_inputs[i]["image"]``; the regions
+  closed), forward pre-hook on ``model.backbone`` (``gn_det.image_regions`` opened over its
+  input), forward hooks on ResNet's ``BasicStem`` and on ``LastLevelP6P7.p6``/``p7`` (0
+  outside each image's region: a max pool and convolutions without a norm spread an image's
+  edge one position into the padding), forward pre-hooks on the ``ROIPooler`` modules under
+  ``roi_heads`` (each map's region edge repeated beyond it: ROIAlign clamps at a map's end but
+  interpolates into a batch's padding), and on ``SemSegFPNHead``'s bilinear ``nn.Upsample``
+  modules (edge repeated before, 0 after) and ``predictor`` (edge repeated after).
 
 Rebound for a while, by the training application only (``import gn_det`` does not load it;
 ``tests/test_hooks.py`` checks that these are the only attributes of detectron2's modules that
@@ -89,6 +113,7 @@ from ..config import GNSettings
 from ..errors import ConfigError
 from ..recompute import set_recompute_output
 from .fuse import fuse_norm_activation
+from .padding import ignore_padding
 from .norm import NORM_REGISTRY, building_from, config_norm_names, get_norm, gn_settings, resolve_norm_name
 from .weight_std import standardize_weights
 
@@ -110,13 +135,16 @@ def finish_model(module: nn.Module, settings: GNSettings, whole_model: bool = Tr
     """What ``settings`` ask of a built module, in place: ReLUs fused into the GN layers before
     them (``fuse_activation``), weights standardized in the convolutions before its GN layers
     (``weight_standardization``, and wherever a norm asks for it), GN outputs recomputed in backward in its forwards
-    (``recompute_output``) and, for a whole model, channels_last (``channels_last``).
+    (``recompute_output``) and, for a whole model, channels_last (``channels_last``) and GN over
+    each image's own region (``ignore_padding``: ``gn_det.modeling.padding.ignore_padding``).
     Returns the module."""
     if settings.fuse_activation:
         fuse_norm_activation(module)
     standardize_weights(module, settings.weight_standardization)  # after fusing: it matches Conv2d exactly
     if settings.recompute_output:
         set_recompute_output(module, True)
+    if settings.ignore_padding and whole_model:
+        ignore_padding(module)  # (the meta-architecture's hooks: a whole model only)
     if whole_model and settings.channels_last:
         module.to(memory_format=torch.channels_last)
     return module

@@ -22,7 +22,14 @@ from .activation import ACT_RELU, RESIDUAL_ADD, RESIDUAL_NONE, RESIDUAL_OUTPUT
 from .layout import memory_format_of, to_dense
 from .torch_path import compute_dtype
 
-__all__ = ["GroupNormFunction", "OpCall", "op_inputs", "residual_mode_for"]
+__all__ = ["GroupNormFunction", "OpCall", "op_inputs", "records_grad", "residual_mode_for"]
+
+
+def records_grad(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor]) -> bool:
+    """Whether autograd records a call on these inputs (grad mode on, one of them requires grad)."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
+        or (residual is not None and residual.requires_grad))
 
 
 def residual_mode_for(activation: int, residual: bool, output_recomputed: bool = False) -> int:
@@ -54,13 +61,14 @@ class GroupNormFunction(torch.autograd.Function):
     """``act(GN(x) [+ residual])`` by ``call.backend`` (an ``OpCall``), with its backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, call):
-        y, mean, rstd = call.backend.forward(x, weight, bias, residual, call.num_groups, call.eps, call.activation)
+    def forward(ctx, x, weight, bias, residual, valid, call):
+        y, mean, rstd = call.backend.forward(x, weight, bias, residual, call.num_groups, call.eps, call.activation,
+                                             valid)
         # The activation's input is recomputed from x (+ residual) and the statistics in
         # backward: no output is saved for it (the layer's activation-memory saving over
         # GroupNorm + ReLU/SiLU, and with a residual over GN, += shortcut, ReLU).
         ctx.save_for_backward(x, weight, bias, mean, rstd, y if call.residual_mode == RESIDUAL_OUTPUT else residual)
-        ctx.call = call
+        ctx.call, ctx.valid = call, valid
         ctx.residual_dtype = None if residual is None else residual.dtype
         return y
 
@@ -70,16 +78,17 @@ class GroupNormFunction(torch.autograd.Function):
         x, weight, bias, mean, rstd, saved = ctx.saved_tensors
         call = ctx.call
         dx, dweight, dbias, dres = call.backend.backward(grad_y, x, weight, bias, mean, rstd, saved, call.num_groups,
-                                                          call.eps, call.activation, call.residual_mode)
+                                                          call.eps, call.activation, call.residual_mode, ctx.valid)
         if dres is not None and dres.dtype != ctx.residual_dtype:  # (RESIDUAL_OUTPUT: written in x's dtype)
             dres = dres.to(ctx.residual_dtype)
         needs = ctx.needs_input_grad
         return (dx if needs[0] else None, dweight if needs[1] else None, dbias if needs[2] else None,
-                dres if needs[3] else None, None)
+                dres if needs[3] else None, None, None)
 
 
 class OpCall:
-    """The op for one input signature: ``call(x, weight, bias, residual) -> y``.
+    """The op for one input signature: ``call(x, weight, bias, residual, valid=None) -> y``
+    (``valid``: the images' regions in a padded batch, ``torch_path.Backend``).
 
     Args:
         backend: the implementation (``torch_path.TORCH_PATH``, a ``TritonPlans``, or a
@@ -101,12 +110,12 @@ class OpCall:
         self.residual_mode, self.records_grad, self.dense = residual_mode, records_grad, dense
 
     def __call__(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                 residual: Optional[Tensor] = None) -> Tensor:
+                 residual: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> Tensor:
         if not self.dense:
             x, weight, bias, residual = op_inputs(x, weight, bias, residual)
         if self.records_grad:
-            return GroupNormFunction.apply(x, weight, bias, residual, self)
-        return self.backend.forward(x, weight, bias, residual, self.num_groups, self.eps, self.activation)[0]
+            return GroupNormFunction.apply(x, weight, bias, residual, valid, self)
+        return self.backend.forward(x, weight, bias, residual, self.num_groups, self.eps, self.activation, valid)[0]
 
     def __repr__(self) -> str:
         return (f"OpCall({type(self.backend).__name__}, groups={self.num_groups}, eps={self.eps}, "

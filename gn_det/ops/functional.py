@@ -22,18 +22,18 @@ from torch import Tensor
 
 from ..config import check_setting
 from .activation import ACT_NONE, RESIDUAL_NONE, activation_code, apply_activation, export_activation
-from .autograd import OpCall, op_inputs, residual_mode_for
+from .autograd import OpCall, op_inputs, records_grad, residual_mode_for
 from .layout import memory_format_of
-from .torch_path import TORCH_PATH, Backend
+from .torch_path import TORCH_PATH, Backend, compute_dtype, region_mask
 
-__all__ = ["AtenCall", "EmptyCall", "SUPPORTED_DTYPES", "aten_group_norm", "check_inputs", "export_group_norm",
-           "group_norm_op", "plain_cpu_group_norm"]
+__all__ = ["AtenCall", "EmptyCall", "SUPPORTED_DTYPES", "aten_group_norm", "check_inputs", "check_valid",
+           "export_group_norm", "group_norm_op", "plain_cpu_group_norm"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_inputs(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                 residual: Optional[Tensor] = None) -> None:
+                 residual: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> None:
     """Every rule a GN call's inputs must meet: an error naming what is wrong, else nothing.
     A spatial size of 0 (with N and C not 0) is refused as ``F.group_norm`` refuses it, for
     every activation and path alike."""
@@ -75,6 +75,21 @@ def check_inputs(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Opt
         if residual.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"gn_det group_norm: residual dtype {residual.dtype} is not supported; "
                             "use float32, float16 or bfloat16")
+    if valid is not None:
+        check_valid(x, valid)
+
+
+def check_valid(x: Tensor, valid: Tensor) -> None:
+    """The rules of ``valid``, the images' regions of a padded batch (``gn_det.padding``)."""
+    if not isinstance(valid, Tensor):
+        raise TypeError(f"gn_det group_norm: valid must be a tensor of each image's valid (height, width), "
+                        f"got {type(valid).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"gn_det group_norm: valid regions need an (N, C, H, W) input, got shape {tuple(x.shape)}")
+    if valid.shape != (x.shape[0], 2) or valid.dtype != torch.int32 or valid.device != x.device:
+        raise ValueError(f"gn_det group_norm: valid must be an int32 tensor of shape ({x.shape[0]}, 2) on {x.device} "
+                         f"(each image's valid height and width), got {valid.dtype} {tuple(valid.shape)} on "
+                         f"{valid.device}")
 
 
 def aten_group_norm(
@@ -111,15 +126,39 @@ def plain_cpu_group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], b
         return y + nan.view((n, c) + (1,) * (x.dim() - 2))
     if x.numel() == 0 or bool(rstd.all()):
         return y
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    grad = records_grad(x, weight, bias, None)
     return OpCall(TORCH_PATH, num_groups, eps, ACT_NONE, RESIDUAL_NONE, grad, False)(x, weight, bias)
 
 
 def export_group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                      code: int, residual: Optional[Tensor] = None) -> Tensor:
-    """Standard operators only: what tracing and ONNX export record."""
+                      code: int, residual: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> Tensor:
+    """Standard operators only: what tracing and ONNX export record (with ``valid``, the
+    regions' statistics and the zeros outside them in elementwise operators and sums)."""
+    if valid is not None:
+        return _export_masked(x, num_groups, weight, bias, eps, code, residual, valid)
     y = F.group_norm(x, num_groups, weight, bias, eps)
     return export_activation(y if residual is None else y + residual, code)
+
+
+def _export_masked(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                   code: int, residual: Optional[Tensor], valid: Tensor) -> Tensor:
+    n, c = x.shape[:2]
+    xc = x.to(compute_dtype(x))
+    inside = region_mask(x, valid)
+    count = (valid[:, 0] * valid[:, 1]).to(xc.dtype).mul(c // num_groups).clamp(min=1).view(n, 1, 1)
+    groups = (n, num_groups, -1)
+    mask, xg = inside.expand(x.shape).reshape(groups), xc.reshape(groups)
+    mean = torch.where(mask, xg, 0.0).sum(-1, keepdim=True) / count
+    centred = xg - mean
+    var = torch.where(mask, centred, 0.0).square().sum(-1, keepdim=True) / count
+    y = (centred * torch.rsqrt(var + eps)).reshape(x.shape)
+    if weight is not None:
+        y = y * weight.to(xc.dtype).view(1, c, 1, 1)
+    if bias is not None:
+        y = y + bias.to(xc.dtype).view(1, c, 1, 1)
+    if residual is not None:
+        y = y + residual
+    return torch.where(inside, export_activation(y, code), 0.0).to(x.dtype)
 
 
 class AtenCall:
@@ -133,7 +172,8 @@ class AtenCall:
         self.num_groups, self.eps, self.activation, self.plain = num_groups, eps, activation, plain
 
     def __call__(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                 residual: Optional[Tensor] = None) -> Tensor:
+                 residual: Optional[Tensor] = None, valid: None = None) -> Tensor:
+        # (valid: never given; ATen's GroupNorm cannot mask, so masked calls are never decided here)
         if self.plain:
             return plain_cpu_group_norm(x, self.num_groups, weight, bias, self.eps)
         # (the op's inputs, as tuning measured it: weight None computes in float32 for half x)
@@ -151,7 +191,7 @@ class EmptyCall:
         self.num_groups, self.eps, self.activation = num_groups, eps, activation
 
     def __call__(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                 residual: Optional[Tensor] = None) -> Tensor:
+                 residual: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> Tensor:
         y = export_group_norm(x, self.num_groups, weight, bias, self.eps, self.activation, residual)
         return torch.empty_like(x).copy_(y)  # (x's dtype and strides, as every path returns; differentiable)
 
@@ -159,14 +199,14 @@ class EmptyCall:
 def group_norm_op(
     input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
     eps: float = 1e-5, activation: Optional[str] = None, residual: Optional[Tensor] = None,
-    *, backend: Union[str, Backend] = "torch",
+    *, backend: Union[str, Backend] = "torch", valid: Optional[Tensor] = None,
 ) -> Tensor:
     """GN by one backend, with autograd, and nothing else: no verification, tuning or routes
     (``gn_det.group_norm`` adds them). ``backend``: "torch" (the PyTorch path), "triton" (the
     kernels, planned at this call: CUDA, or CPU under ``TRITON_INTERPRET=1``), or a backend
     object (``torch_path.Backend``). Arguments and result as ``gn_det.group_norm``'s."""
     code = activation_code(activation)
-    check_inputs(input, num_groups, weight, bias, eps, residual)
+    check_inputs(input, num_groups, weight, bias, eps, residual, valid)
     if backend == "torch":
         backend = TORCH_PATH
     elif backend == "triton":
@@ -178,9 +218,9 @@ def group_norm_op(
     elif type(backend).__name__ == "TritonPlans":  # (one input signature's plans: reused, they would misread another)
         raise ValueError("backend=TritonPlans(...): a TritonPlans holds the launch plans of one input signature; "
                          "pass backend='triton' (planned for this call)")
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual))
+    grad = records_grad(input, weight, bias, residual)
     call = OpCall(backend, num_groups, eps, code, residual_mode_for(code, residual is not None), grad, False)
     if input.numel() == 0:
         return export_group_norm(input, num_groups, weight, bias, eps, code, residual)
-    return call(*op_inputs(input, weight, bias, residual))
+    return call(*op_inputs(input, weight, bias, residual), valid)
 

@@ -15,6 +15,11 @@ per-group statistics, the activation's input recomputed in backward).
   one, fed these accurate statistics.
 
 Half-precision input is computed in float32 (statistics and arithmetic) and cast back.
+
+With ``valid`` (``(N, 2)`` int32: each image's valid height and width in a zero-padded batch,
+``gn_det.padding``) each (n, group)'s statistics are over the image's top-left region only and
+the output, dx and d(residual) are 0 elsewhere (``_masked_forward`` / ``_masked_backward``:
+exact two-pass statistics over the region, in the compute dtype, either layout).
 """
 from __future__ import annotations
 
@@ -121,12 +126,160 @@ def _activation_input(
     return z if residual is None else z.add_(residual)
 
 
+def region_mask(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``(N, 1, H, W)`` bool: position (h, w) of image n lies in its region (h < valid[n, 0] and
+    w < valid[n, 1]), for x ``(N, C, H, W)``."""
+    h, w = x.shape[2], x.shape[3]
+    rows = torch.arange(h, device=x.device).view(1, h, 1) < valid[:, 0].view(-1, 1, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w) < valid[:, 1].view(-1, 1, 1)
+    return (rows & cols).unsqueeze(1)
+
+
+def _masked_stats(xc: torch.Tensor, inside: torch.Tensor, valid: torch.Tensor, num_groups: int,
+                  eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rstd) ``(N, G)`` of each group's region (two passes: the mean, then the squared
+    deviations); a group with an empty region gets mean 0, rstd 1 / sqrt(eps)."""
+    n, c = xc.shape[:2]
+    count = valid.to(xc.dtype).prod(dim=1).mul_(c // num_groups).view(n, 1)  # (N, 1)
+    per_group = (n, num_groups, -1)
+    zeros = xc.new_zeros(())
+    mean = torch.where(inside, xc, zeros).reshape(per_group).sum(dim=-1) / count.clamp(min=1)
+    centred = xc - mean.repeat_interleave(c // num_groups, dim=1).view(n, c, 1, 1)
+    m2 = torch.where(inside, centred, zeros).square_().reshape(per_group).sum(dim=-1)
+    rstd = torch.rsqrt(m2 / count.clamp(min=1) + eps)
+    return mean, rstd
+
+
+def _crops(x: torch.Tensor, valid: torch.Tensor):
+    """(n, (vh, vw), crop) per image: ``crop(t)`` is the image's region of t ``(N, C, H, W)`` as a
+    dense ``(1, C, vh, vw)`` tensor in x's layout (a view where the region is the whole map). CPU
+    only: the sizes are read on the host, at no cost there."""
+    fmt = memory_format_of(x)
+    h, w = x.shape[2], x.shape[3]
+    for n, (vh, vw) in enumerate(valid.tolist()):
+        if (vh, vw) == (h, w):
+            yield n, (vh, vw), lambda t, n=n: t[n:n + 1].contiguous(memory_format=fmt)
+        else:
+            yield n, (vh, vw), lambda t, n=n, vh=vh, vw=vw: t[n:n + 1, :, :vh, :vw].contiguous(memory_format=fmt)
+
+
+def _pasted(out: torch.Tensor, n: int, vh: int, vw: int, region: Optional[torch.Tensor]) -> None:
+    """out[n] = region in its top-left (vh, vw) corner, 0 elsewhere (``region`` None: all 0)."""
+    if region is None or vh == 0 or vw == 0:
+        out[n].zero_()
+        return
+    out[n, :, :vh, :vw] = region[0]
+    out[n, :, vh:].zero_()
+    out[n, :, :vh, vw:].zero_()
+
+
+def _masked_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: Optional[torch.Tensor],
+                    num_groups: int, eps: float, activation: int, valid: torch.Tensor
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if x.dim() != 4:
+        raise ValueError(f"group_norm with valid regions takes (N, C, H, W) input; got {tuple(x.shape)}")
+    if x.device.type == "cpu":  # each image's region by the unmasked path (ATen's kernels), 0 around it
+        y = torch.empty_like(x)
+        mean = x.new_zeros((x.shape[0], num_groups), dtype=compute_dtype(x))
+        rstd = torch.full_like(mean, eps ** -0.5)  # (an empty region's: finite, its output is 0 anyway)
+        for n, (vh, vw), crop in _crops(x, valid):
+            region = None
+            if vh and vw:
+                region, mean[n:n + 1], rstd[n:n + 1] = torch_group_norm_forward(
+                    crop(x), weight, bias, None if residual is None else crop(residual), num_groups, eps, activation)
+            _pasted(y, n, vh, vw, region)
+        return y, mean, rstd
+    dtype = compute_dtype(x)
+    fmt = memory_format_of(x)
+    xc = x.to(dtype)
+    inside = region_mask(x, valid)
+    mean, rstd = _masked_stats(xc, inside, valid, num_groups, eps)
+    mean, rstd, _ = _overflow_guarded_masked(xc, inside, valid, num_groups, eps, mean, rstd)
+    y = _affine(xc, weight.to(dtype), bias.to(dtype), mean, rstd)
+    if residual is not None:
+        y += residual
+    y = apply_activation(y, activation)
+    y = torch.where(inside, y, y.new_zeros(()))
+    return y.to(dtype=x.dtype, memory_format=fmt), mean, rstd
+
+
+def _overflow_guarded_masked(xc, inside, valid, num_groups, eps, mean, rstd):
+    """``_overflow_guarded`` for regions: an overflowed group is measured again on x divided by
+    its largest magnitude (CPU), or gets a NaN rstd (elsewhere: no host check)."""
+    overflowed = (rstd == 0) & torch.isfinite(mean)
+    if xc.device.type != "cpu":
+        return mean, rstd.masked_fill(overflowed, float("nan")), False
+    if not bool(overflowed.any()):
+        return mean, rstd, False
+    n, c = xc.shape[:2]
+    scale = torch.where(inside, xc.abs(), xc.new_zeros(())).amax(dim=(2, 3)).view(n, num_groups, -1).amax(dim=-1)
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+    xs = xc / scale.repeat_interleave(c // num_groups, dim=1).view(n, c, 1, 1)
+    scaled_mean, scaled_rstd = _masked_stats(xs, inside, valid, num_groups, 0.0)
+    scaled_rstd = torch.rsqrt(1 / scaled_rstd.square() + eps / scale.square()) / scale  # var = scale^2 var(xs)
+    return torch.where(overflowed, scaled_mean * scale, mean), torch.where(overflowed, scaled_rstd, rstd), True
+
+
+def _masked_backward(grad_y, x, weight, bias, mean, rstd, residual, num_groups, eps, activation, residual_mode,
+                     valid):
+    if x.device.type == "cpu":  # each image's region by the unmasked path, its gradients 0 around it
+        dx = torch.empty_like(x)
+        dweight = torch.zeros_like(weight)
+        dbias = torch.zeros_like(weight)
+        dres = None if residual is None else torch.empty_like(residual, memory_format=memory_format_of(x))
+        for n, (vh, vw), crop in _crops(x, valid):
+            got = (None,) * 4
+            if vh and vw:
+                got = torch_group_norm_backward(crop(grad_y), crop(x), weight, bias, mean[n:n + 1], rstd[n:n + 1],
+                                                None if residual is None else crop(residual), num_groups, eps,
+                                                activation, residual_mode)
+                dweight += got[1]
+                dbias += got[2]
+            _pasted(dx, n, vh, vw, got[0])
+            if dres is not None:
+                _pasted(dres, n, vh, vw, got[3])
+        return dx, dweight, dbias, dres
+    n, c = x.shape[:2]
+    dtype = compute_dtype(x)
+    fmt = memory_format_of(x)
+    xc, w = x.to(dtype), weight.to(dtype)
+    inside = region_mask(x, valid)
+    zeros = xc.new_zeros(())
+    grad = torch.where(inside, grad_y.to(dtype), zeros)
+    per_channel = (n, c, 1, 1)
+    rstd_c = rstd.repeat_interleave(c // num_groups, dim=1).view(per_channel)
+    xhat = (xc - mean.repeat_interleave(c // num_groups, dim=1).view(per_channel)) * rstd_c
+    if activation != ACT_NONE and residual is not None and residual_mode == RESIDUAL_OUTPUT:
+        grad = activation_grad_(residual.to(dtype, copy=True), grad, activation)
+    elif activation != ACT_NONE:
+        z = torch.addcmul(bias.to(dtype).view(1, c, 1, 1), xhat, w.view(1, c, 1, 1))
+        if residual is not None:
+            z += residual.to(dtype)
+        grad = activation_grad_(z, grad, activation)
+    grad = torch.where(inside, grad, zeros)  # (the activation's gradient of z outside: not the op's)
+    dres = None if residual is None else grad.to(dtype=residual.dtype, memory_format=fmt, copy=True)
+    xhat = torch.where(inside, xhat, zeros)
+    dweight = (grad * xhat).sum(dim=(0, 2, 3))
+    dbias = grad.sum(dim=(0, 2, 3))
+    # dx = rstd * (g - mean_region(g) - xhat * mean_region(g * xhat)), g = dz * gamma
+    g = grad * w.view(1, c, 1, 1)
+    count = valid.to(dtype).prod(dim=1).mul_(c // num_groups).clamp_(min=1).view(n, 1)
+    mean_g = g.reshape(n, num_groups, -1).sum(dim=-1) / count
+    mean_gx = (g * xhat).reshape(n, num_groups, -1).sum(dim=-1) / count
+    expand = lambda t: t.repeat_interleave(c // num_groups, dim=1).view(per_channel)  # noqa: E731
+    dx = (g - expand(mean_g) - xhat * expand(mean_gx)) * rstd_c
+    dx = torch.where(inside, dx, zeros)
+    return dx.to(dtype=x.dtype, memory_format=fmt), dweight.to(weight.dtype), dbias.to(weight.dtype), dres
+
+
 def torch_group_norm_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: Optional[torch.Tensor], num_groups: int,
-    eps: float, activation: int,
+    eps: float, activation: int, valid: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as ``triton_launch.triton_group_norm_forward``; stats are float32 (float64
     for float64 x)."""
+    if valid is not None:
+        return _masked_forward(x, weight, bias, residual, num_groups, eps, activation, valid)
     n, c = x.shape[:2]
     dtype = compute_dtype(x)
     fmt = memory_format_of(x)
@@ -152,10 +305,13 @@ def torch_group_norm_forward(
 def torch_group_norm_backward(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
     rstd: torch.Tensor, residual: Optional[torch.Tensor], num_groups: int, eps: float, activation: int,
-    residual_mode: int = RESIDUAL_ADD,
+    residual_mode: int = RESIDUAL_ADD, valid: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Same contract as ``triton_launch.triton_group_norm_backward``; ``residual`` is what the
     forward saved for the residual (the residual, or with ReLU the output)."""
+    if valid is not None:
+        return _masked_backward(grad_y, x, weight, bias, mean, rstd, residual, num_groups, eps, activation,
+                                residual_mode, valid)
     n, c = x.shape[:2]
     hxw = x.numel() // (n * c)
     dtype = compute_dtype(x)
@@ -196,10 +352,14 @@ class Backend(NamedTuple):
     PyTorch path (``TORCH_PATH``), or the Triton kernels (``triton_launch.TritonPlans``, which
     has the same two methods). One signature for both:
 
-    - ``forward(x, weight, bias, residual, num_groups, eps, activation) -> (y, mean, rstd)``
+    - ``forward(x, weight, bias, residual, num_groups, eps, activation, valid=None) -> (y, mean,
+      rstd)``
     - ``backward(grad_y, x, weight, bias, mean, rstd, saved, num_groups, eps, activation,
-      residual_mode) -> (dx, dweight, dbias, dresidual)``, ``saved`` being what the forward
-      kept for the residual (the residual, the ReLU output, or None).
+      residual_mode, valid=None) -> (dx, dweight, dbias, dresidual)``, ``saved`` being what the
+      forward kept for the residual (the residual, the ReLU output, or None).
+
+    ``valid``: None, or ``(N, 2)`` int32 on x's device, each image's valid (height, width) in a
+    zero-padded 4-D batch: statistics over that region only, 0 outside it (``gn_det.padding``).
     """
 
     forward: Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]

@@ -37,6 +37,11 @@ and where a standard one differs, e.g. an input that is an output elsewhere)::
     SHIFT          shifted windows: NCHW rows not ALIGN-aligned, read in whole ALIGN blocks (``_window``)
     BLOCK_C        channels (rows) per tile
     BLOCK_S        positions per tile
+    VALID          MASKED: each sample's valid region (vh, vw), (N, 2) int32 contiguous: its top-left vh
+                   rows and vw columns (data on the device: no plan depends on it; None unmasked)
+    width          MASKED: the map's width W of a 4-D x (N, C, H, W), S = H * W (not specialised; None unmasked)
+    MASKED         valid regions (issue 35): statistics over each sample's region only, y / dx / dR 0 outside
+                   it; False (the default) compiles the kernels exactly as without the arguments
 
 Kernel sets, by the size of a group (``cpg * S``, channels per group times spatial size) and,
 in the split reduction, by how the forward apply gets its groups' statistics (``STATS``).
@@ -138,6 +143,20 @@ R once more, the backward reads it where it reads x and writes dR = dz beside dx
 RESIDUAL_OUTPUT (backward, ReLU only): R is the layer's output, whose sign is z's, read instead
 of the residual. ``STATS``: STATS_BY_LANES / STATS_GATHERED / STATS_FINALIZED, above.
 
+Valid regions (``MASKED``; ``triton_launch.masked_kernels_support`` says which inputs: 4-D,
+every kernel set). A zero-padded batch's images each normalise over their own top-left region
+(``VALID``) and write 0 in the padding, as if normalised alone (detectron2's ``ImageList``). The
+masked kernels are the same kernels specialised on ``MASKED`` (with ``VALID`` and ``width``: the
+arguments default to None and False, so the unmasked specialisations compile to the same code
+and registers as before them). Each position's (h, w) comes from its spatial index by a
+multiply-high (``_inside``: no division per element); the loads and stores keep their masks, so
+they stay as wide, and the region enters by selects: statistics and the backward sums over the
+inside positions, 0 stored outside. The split reduction's records count the region's positions
+of their split in closed form (``_record_counts``: F(hi) - F(lo), F(p) the region's positions
+before p), so Chan's merges stay exact and an empty record counts 0; the partial-sums programs
+stop at the region's last row (tiles past it are not read). An empty region (vh * vw = 0) gives
+mean 0, rstd 1 / sqrt(eps), y and dx 0.
+
 All offsets into x/y/dy/dx are 64-bit. No host-device synchronisation anywhere: launch
 parameters depend on shapes only.
 
@@ -145,10 +164,11 @@ The file, in order: modes; shared jit helpers; the split-reduction kernels (forw
 backward); the one-program-per-group kernels (tiled, then flat). Every size a launch chooses
 (the tuning knobs) is in ``triton_launch.py``.
 """
+import torch
 import triton
 import triton.language as tl
 
-from .activation import ACT_RELU, ACT_SILU, RESIDUAL_ADD, RESIDUAL_NONE, RESIDUAL_OUTPUT
+from .activation import ACT_RELU, ACT_SILU, ACTIVATION_TABLE, RESIDUAL_ADD, RESIDUAL_NONE, RESIDUAL_OUTPUT
 
 
 # ---------------------------------------------------------------------------------- modes
@@ -166,6 +186,8 @@ from .activation import ACT_RELU, ACT_SILU, RESIDUAL_ADD, RESIDUAL_NONE, RESIDUA
 # by ``_stats_finalize_kernel``).
 STATS_BY_LANES, STATS_GATHERED, STATS_FINALIZED = 0, 1, 2
 assert (ACT_RELU, ACT_SILU) == (1, 2) and (RESIDUAL_NONE, RESIDUAL_ADD, RESIDUAL_OUTPUT) == (0, 1, 2)
+# The masked forward apply writes act(0) outside the valid region (its 0: ``_forward_apply_kernel``).
+assert all(float(a.export(torch.zeros(()))) == 0.0 for a in ACTIVATION_TABLE), "an activation with act(0) != 0"
 # (SHIFT and CHANNELS_LAST are booleans: shifted windows, ``_window``; the layout.)
 
 
@@ -382,6 +404,115 @@ def _param_sums(PART_DS, PART_DB, DW, DB, pid_c, n_partials, C, BLOCK_R: tl.cons
     tl.store(DB + c_offs, tl.sum(acc_db, axis=0).to(DB.dtype.element_ty), mask=c_mask)
 
 
+# ------------------------------------------------------- valid regions (MASKED kernels)
+# With MASKED (a constexpr: its own specialisations; the unmasked kernels' code is unchanged),
+# each sample n of a 4-D (N, C, H, W) input has a valid region, its top-left VALID[n] = (vh, vw)
+# rows and columns (int32 data on the device: never read on the host): statistics over the
+# region only, and 0 written (y, dx, dR) elsewhere. Position p of a row is (h, w) = divmod(p,
+# width), width = W the map's last size; it is inside iff h < vh and w < vw. The quotient is a
+# multiply-high by magic = ceil(2^32 / W) (``_width_magic``, once per program): exact for every
+# p <= H * W when H * W * W <= 2^32 (``masked_kernels_support`` requires it), four integer
+# instructions per position where a division takes ~20. At W = 1 the magic wraps to 0 and every
+# quotient is 0: the region is then tested as its transpose's (a one-row map H wide: ``_region``
+# swaps vh and vw), which is the same set of positions.
+
+@triton.jit
+def _width_magic(width):
+    """ceil(2^32 / width), uint32 (0 at width 1): ``_width_quotient``'s multiplier."""
+    return 0xFFFFFFFF // width.to(tl.uint32) + 1
+
+
+@triton.jit
+def _width_quotient(p, magic):
+    """p // width (int32) for 0 <= p <= H * W, by a multiply-high (exact: module section above;
+    0 at width 1)."""
+    return tl.umulhi(p.to(tl.uint32), magic).to(tl.int32)
+
+
+@triton.jit
+def _as_tested(vh, vw, width):
+    """A region (vh, vw) as ``_inside`` and ``_region_before`` test it: swapped at width 1 (the
+    transpose's, there every quotient is 0)."""
+    column = width == 1
+    return tl.where(column, vw, vh), tl.where(column, vh, vw)
+
+
+@triton.jit
+def _region(VALID, n, width):
+    """Sample n's valid region (n a scalar): (vh, vw) as tested (``_as_tested``), and the
+    position its last row ends at, vh * width: every position from it on is outside."""
+    vh = tl.load(VALID + 2 * n)
+    vw = tl.load(VALID + 2 * n + 1)
+    th, tw = _as_tested(vh, vw, width)
+    return th, tw, vh * width
+
+
+@triton.jit
+def _region_size(cpg, vh, vw):
+    """A group's positions in the valid region, cpg * vh * vw, float32, at least 1 (an empty
+    region's sums are 0: its mean 0, variance 0, no NaN)."""
+    return tl.maximum(tl.cast(cpg, tl.float32) * tl.cast(vh * vw, tl.float32), 1.0)
+
+
+@triton.jit
+def _inside(p, width, magic, vh, vw):
+    """Whether position p (int32) lies in the valid region (vh, vw as tested): h < vh and
+    p - h * width (w) < vw, h = p // width; any broadcastable shapes (a tile's positions,
+    per-row or per-element regions)."""
+    h = _width_quotient(p, magic)
+    return (h < vh) & (p - h * width < vw)
+
+
+@triton.jit
+def _region_before(p, width, magic, vh, vw):
+    """The valid region's positions before position p (0 <= p <= S), int32:
+    min(h, vh) * vw + (min(w, vw) if h < vh else 0), (h, w) = divmod(p, width)."""
+    h = _width_quotient(p, magic)
+    return tl.minimum(h, vh) * vw + tl.where(h < vh, tl.minimum(p - h * width, vw), 0)
+
+
+@triton.jit
+def _record_counts(k, S, chunk_s, width, magic, vh, vw, MASKED: tl.constexpr):
+    """Positions each record of spatial split k counted, float32: the split's (``_split_counts``)
+    or, MASKED, the valid region's in it (exact counts for Chan's merge; an empty split 0)."""
+    if MASKED:
+        lo = tl.minimum(k * chunk_s, S)
+        hi = tl.minimum(lo + chunk_s, S)
+        counts = (_region_before(hi, width, magic, vh, vw) - _region_before(lo, width, magic, vh, vw)).to(tl.float32)
+    else:
+        counts = _split_counts(k, S, chunk_s)
+    return counts
+
+
+@triton.jit
+def _window_inside(row_start, j, width, magic, vh, vw, ALIGN: tl.constexpr, SHIFT: tl.constexpr):
+    """MASKED: whether a ``_window`` tile's own-row positions lie in the valid region: (1, BLOCK_S)
+    over positions j, or with SHIFT per element (position j - delta of its row; the neighbouring
+    rows' elements in the end blocks are outside the exact mask anyway)."""
+    if SHIFT:
+        pos = j[None, :] - (row_start % ALIGN).to(tl.int32)[:, None]
+    else:
+        pos = j[None, :]
+    return _inside(pos, width, magic, vh, vw)
+
+
+@triton.jit
+def _apply_inside(row_start, j, S, width, magic, vh, vw, ALIGN: tl.constexpr, SHIFT: tl.constexpr):
+    """MASKED: whether each element an apply tile writes lies in its sample's valid region:
+    (1, BLOCK_S) over positions j, or with SHIFT per element, the end blocks' neighbouring-row
+    elements at their own row's position (``_row_side``), as their own tiles test them. Those
+    rows are always the same sample's: shifted windows run only where every sample's C * S
+    elements are whole ALIGN blocks (``triton_launch._tiles``), so a sample's first row starts a
+    block (no previous row's elements) and its last row ends one (no next row's)."""
+    if SHIFT:
+        pos = j[None, :] - (row_start % ALIGN).to(tl.int32)[:, None]
+        side = (pos >= S).to(tl.int32) - (pos < 0).to(tl.int32)
+        inside = _inside(pos - side * S, width, magic, vh, vw)
+    else:
+        inside = _inside(j[None, :], width, magic, vh, vw)
+    return inside
+
+
 # ------------------------------------------------------------ split reduction: forward
 
 @triton.jit
@@ -394,9 +525,9 @@ def _lane_count(exact, j, split_end, ALIGN: tl.constexpr, SHIFT: tl.constexpr):
     return count
 
 
-@triton.jit(do_not_specialize=["S", "split_tiles", "n_splits", "n_cblocks"])
+@triton.jit(do_not_specialize=["S", "split_tiles", "n_splits", "n_cblocks", "width"])
 def _stats_partial_kernel(
-    X,  # standard (module docstring: "Kernel arguments"), as are C, S, CHANNELS_LAST .. BLOCK_S
+    X,  # standard (module docstring: "Kernel arguments"), as are C, S, CHANNELS_LAST .. BLOCK_S, VALID .. MASKED
     PART_MEAN,  # out: records: each (n, split, channel)'s mean, (N, n_splits, C) float32
     PART_M2,  # out: records: each (n, split, channel)'s M2 (squared deviations summed), (N, n_splits, C) float32
     C, S,
@@ -404,13 +535,20 @@ def _stats_partial_kernel(
     n_splits,  # splits per row block: the grid is N * n_cblocks * n_splits
     n_cblocks,
     CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, SHIFT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    VALID=None, width=None, MASKED: tl.constexpr = False,
 ):
     """Per (n, channel block, spatial split): each channel's mean and M2 over the split's
-    positions, one record each (forward step 1)."""
+    positions (MASKED: those in the sample's valid region; tiles past its last row are not
+    read), one record each (forward step 1)."""
     pid_n, pid_k, c_offs, c_mask = _split_program(tl.program_id(0), C, n_splits, n_cblocks, BLOCK_C)
     row_start = _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN, SHIFT)
     s_start = pid_k * split_tiles * BLOCK_S  # splits are whole tiles (which the compiler sees)
     split_end = tl.minimum(s_start + split_tiles * BLOCK_S, S)
+    loop_end = split_end
+    if MASKED:  # the sample's valid region; positions from its rows' end (vh * width) on are all outside
+        vh, vw, rows_end = _region(VALID, pid_n, width)
+        magic = _width_magic(width)
+        loop_end = tl.minimum(split_end, rows_end)
     # Per-lane Welford accumulators, carried across the loop with no reduction inside it (so
     # nothing waits on the tile's other warps while the next loads are in flight); the
     # lanes are merged once, after the loop, by Chan's exact formula. On x - shift, shift the
@@ -420,16 +558,30 @@ def _stats_partial_kernel(
     # positions) per element.
     j = s_start + tl.arange(0, BLOCK_S)
     offs, access, exact = _window(row_start, c_mask, j, s_start, split_end, C, CHANNELS_LAST, ALIGN, SHIFT)
+    if MASKED:  # (the loads keep their masks, uniform over ALIGN blocks: still vectorised)
+        inside = _window_inside(row_start, j, width, magic, vh, vw, ALIGN, SHIFT)
+        exact = exact & inside
     x = tl.where(exact, tl.load(X + offs, mask=access, other=0.0).to(tl.float32), 0.0)
     lane_count = _lane_count(exact, j, split_end, ALIGN, SHIFT)
+    if MASKED:
+        if not SHIFT:  # (with SHIFT the count is the exact mask's: the region's already)
+            lane_count = tl.where(inside, lane_count, 0.0)
     shift = tl.sum(x, axis=1) / tl.maximum(tl.sum(lane_count, axis=1), 1.0)
     lane_mean = tl.where(exact, x - shift[:, None], 0.0)
     lane_m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    for s0 in range(s_start + BLOCK_S, split_end + SHIFT * (ALIGN - 1), BLOCK_S):
+    for s0 in range(s_start + BLOCK_S, loop_end + SHIFT * (ALIGN - 1), BLOCK_S):
         j = s0 + tl.arange(0, BLOCK_S)
         offs, access, exact = _window(row_start, c_mask, j, s_start, split_end, C, CHANNELS_LAST, ALIGN, SHIFT)
         x = tl.load(X + offs, mask=access, other=0.0).to(tl.float32) - shift[:, None]
-        lane_count += _lane_count(exact, j, split_end, ALIGN, SHIFT)
+        count = _lane_count(exact, j, split_end, ALIGN, SHIFT)
+        if MASKED:
+            inside = _window_inside(row_start, j, width, magic, vh, vw, ALIGN, SHIFT)
+            exact = exact & inside
+            if SHIFT:
+                count = exact.to(tl.float32)
+            else:
+                count = tl.where(inside, count, 0.0)
+        lane_count += count
         delta = tl.where(exact, x - lane_mean, 0.0)
         lane_mean += delta / tl.maximum(lane_count, 1.0)
         lane_m2 += delta * tl.where(exact, x - lane_mean, 0.0)
@@ -442,27 +594,29 @@ def _stats_partial_kernel(
 
 
 @triton.jit
-def _partials_tile(k0, c0, row0, g, C, S, cpg, chunk_s, n_splits, BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr):
+def _partials_tile(k0, c0, row0, g, C, S, cpg, chunk_s, n_splits, BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr,
+                   width=None, magic=None, vh=None, vw=None, MASKED: tl.constexpr = False):
     """Offsets, mask and split counts of a (BLOCK_K splits, BLOCK_CG channels) tile of one
-    group's (n, split, channel) partials."""
+    group's (n, split, channel) partials (MASKED: counts in the valid region, ``_record_counts``)."""
     k_offs = k0 + tl.arange(0, BLOCK_K)
     cg_offs = c0 + tl.arange(0, BLOCK_CG)
     mask = (k_offs < n_splits)[:, None] & (cg_offs < cpg)[None, :]
     offs = (row0 + k_offs)[:, None] * C + (g * cpg + cg_offs)[None, :]
-    return offs, mask, _split_counts(k_offs, S, chunk_s)
+    return offs, mask, _record_counts(k_offs, S, chunk_s, width, magic, vh, vw, MASKED)
 
 
-@triton.jit(do_not_specialize=["S", "G", "cpg", "chunk_s", "n_splits"])
+@triton.jit(do_not_specialize=["S", "G", "cpg", "chunk_s", "n_splits", "width"])
 def _stats_finalize_kernel(
     PART_MEAN,  # records: each (n, split, channel)'s mean, (N, n_splits, C) float32
     PART_M2,  # records: each (n, split, channel)'s M2 (squared deviations summed), (N, n_splits, C) float32
-    MEAN, RSTD,  # out (standard, as are C, S, G, cpg, eps)
+    MEAN, RSTD,  # out (standard, as are C, S, G, cpg, eps, VALID .. MASKED)
     C, S, G, cpg,
     chunk_s,  # positions per split of the partial-sums kernel: each record's count follows from it
     n_splits,  # splits of the partial-sums kernel: records per (n, channel)
     eps,
     BLOCK_K: tl.constexpr,  # splits per record tile (FINALIZE_BLOCK_K)
     BLOCK_CG: tl.constexpr,  # channels per record tile (FINALIZE_BLOCK_CG)
+    VALID=None, width=None, MASKED: tl.constexpr = False,
 ):
     """Per (n, group): its channels' records merged -> mean, rstd (a launch of its own where the
     forward apply's programs would each merge too many: ``_stats_merge``)."""
@@ -470,19 +624,26 @@ def _stats_finalize_kernel(
     pid_n = pid // G
     g = pid % G
     total = tl.cast(cpg, tl.float32) * tl.cast(S, tl.float32)  # (no int32 product: groups of 2^31+)
+    magic, vh, vw = None, None, None
+    if MASKED:  # counts and total of the sample's valid region
+        vh, vw, _rows_end = _region(VALID, pid_n, width)
+        magic = _width_magic(width)
+        total = _region_size(cpg, vh, vw)
     row0 = pid_n.to(tl.int64) * n_splits
     # Pass 1: the group's mean, from the partial means weighted by their counts.
     acc = tl.zeros([BLOCK_K, BLOCK_CG], dtype=tl.float32)
     for k0 in range(0, n_splits, BLOCK_K):
         for c0 in range(0, cpg, BLOCK_CG):
-            offs, mask, counts = _partials_tile(k0, c0, row0, g, C, S, cpg, chunk_s, n_splits, BLOCK_K, BLOCK_CG)
+            offs, mask, counts = _partials_tile(k0, c0, row0, g, C, S, cpg, chunk_s, n_splits, BLOCK_K, BLOCK_CG,
+                                                width, magic, vh, vw, MASKED)
             acc += tl.load(PART_MEAN + offs, mask=mask, other=0.0) * counts[:, None]
     mean = tl.sum(tl.sum(acc, axis=1), axis=0) / total
     # Pass 2: M2 = sum of partial M2 + count * (partial mean - mean)^2 (exact merge).
     acc = tl.zeros([BLOCK_K, BLOCK_CG], dtype=tl.float32)
     for k0 in range(0, n_splits, BLOCK_K):
         for c0 in range(0, cpg, BLOCK_CG):
-            offs, mask, counts = _partials_tile(k0, c0, row0, g, C, S, cpg, chunk_s, n_splits, BLOCK_K, BLOCK_CG)
+            offs, mask, counts = _partials_tile(k0, c0, row0, g, C, S, cpg, chunk_s, n_splits, BLOCK_K, BLOCK_CG,
+                                                width, magic, vh, vw, MASKED)
             part_mean = tl.load(PART_MEAN + offs, mask=mask, other=0.0)
             part_m2 = tl.load(PART_M2 + offs, mask=mask, other=0.0)
             delta = part_mean - mean
@@ -530,7 +691,8 @@ def _merge_lane_runs(ref, delta, m2, count, cpg, BLOCK_L: tl.constexpr):
 
 @triton.jit
 def _group_mean_rstd(PART_MEAN, PART_M2, MEAN, RSTD, row, lane_mask, C, S, G, cpg, chunk_s, n_splits, eps,
-                     STATS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+                     STATS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
+                     width=None, magic=None, vh=None, vw=None, MASKED: tl.constexpr = False):
     """The mean and rstd of the group of each lane's row (``row`` = n * C + channel, (BLOCK_L,)),
     from ``_stats_partial_kernel``'s (n, split, channel) mean/M2 records, merged by Chan's
     formula in a fixed order (every program that needs a group computes the same bits),
@@ -542,7 +704,8 @@ def _group_mean_rstd(PART_MEAN, PART_M2, MEAN, RSTD, row, lane_mask, C, S, G, cp
     group are merged (``_merge_lane_runs``). STATS_GATHERED: each lane merges its group's
     cpg x n_splits records itself (any group size, groups across channel blocks, a shifted
     window's neighbouring rows). STATS_FINALIZED: read from MEAN / RSTD, where
-    ``_stats_finalize_kernel`` stored them."""
+    ``_stats_finalize_kernel`` stored them. MASKED: each record counts the valid region's
+    positions of its split (``_record_counts``), by the region (vh, vw) of the lanes' sample."""
     lane_n = (row // C).to(tl.int64)
     channel = row % C
     if STATS == 2:  # finalized
@@ -570,7 +733,7 @@ def _group_mean_rstd(PART_MEAN, PART_M2, MEAN, RSTD, row, lane_mask, C, S, G, cp
         part_m2 = tl.load(PART_M2 + offs, mask=valid, other=0.0)
         # Counts as one row for every lane (fewer registers; a masked lane's zero deltas and M2
         # make its count moot).
-        part_count = tl.where(t < records, _split_counts(k, S, chunk_s), 0.0)[None, :]
+        part_count = tl.where(t < records, _record_counts(k, S, chunk_s, width, magic, vh, vw, MASKED), 0.0)[None, :]
         tile_delta, tile_m2, tile_count = _merge_along(part_delta, part_m2, part_count, 1)
         delta, m2, count = _welford_combine(delta, m2, count, tile_delta, tile_m2, tile_count)
     if STATS == 0:  # by lanes
@@ -579,9 +742,10 @@ def _group_mean_rstd(PART_MEAN, PART_M2, MEAN, RSTD, row, lane_mask, C, S, G, cp
 
 
 @triton.jit(do_not_specialize=["S", "G", "cpg", "n_rows", "n_cblocks", "chunk_s", "stat_splits", "split_tiles",
-                               "n_splits", "n_sblocks", "ACT"])
+                               "n_splits", "n_sblocks", "ACT", "width"])
 def _forward_apply_kernel(
-    X, Y, W, B,  # standard, as are C, S, G, cpg, eps, n_rows, n_cblocks, n_sblocks, ACT, CHANNELS_LAST .. BLOCK_S
+    X, Y, W, B,  # standard, as are C, S, G, cpg, eps, n_rows, n_cblocks, n_sblocks, ACT, CHANNELS_LAST .. BLOCK_S,
+    # VALID .. MASKED
     PART_MEAN,  # records: each (n, split, channel)'s mean, (N, n_splits, C) float32
     PART_M2,  # records: each (n, split, channel)'s M2 (squared deviations summed), (N, n_splits, C) float32
     MEAN, RSTD,  # out, or in with STATS_FINALIZED
@@ -598,18 +762,23 @@ def _forward_apply_kernel(
     STATS: tl.constexpr,  # how the groups' statistics are got: STATS_BY_LANES, STATS_GATHERED, STATS_FINALIZED
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_K: tl.constexpr,  # records per lane per merge step (_STATS_TILE_ELEMENTS // BLOCK_C)
+    VALID=None, width=None, MASKED: tl.constexpr = False,
 ):
     """y = act(GN(x) [+ R]) over one (n, channel block, spatial split): the statistics of its
     rows' groups (and, with SHIFT, of the neighbouring rows') from ``_stats_partial_kernel``'s
     records (``_group_mean_rstd``; unless finalized, the programs of split 0 store them for
     backward), then a loop over the split's tiles (``_window`` over [0, S), ``n_sblocks`` in
-    all)."""
+    all). MASKED: 0 written outside the valid region (``_apply_inside``)."""
     # By lanes, a lane's neighbouring row is another lane's: not with shifted windows.
     tl.static_assert(not (SHIFT and STATS == 0), "STATS_BY_LANES with SHIFT")  # by lanes
     pid_n, pid_k, c_offs, c_mask = _split_program(tl.program_id(0), C, n_splits, n_cblocks, BLOCK_C)
     row = pid_n * C + c_offs
+    magic, vh, vw = None, None, None
+    if MASKED:  # the sample's valid region (every lane's here)
+        magic = _width_magic(width)
+        vh, vw, _rows_end = _region(VALID, pid_n, width)
     mean, rstd = _group_mean_rstd(PART_MEAN, PART_M2, MEAN, RSTD, row, c_mask, C, S, G, cpg, chunk_s, stat_splits,
-                                  eps, STATS, BLOCK_C, BLOCK_K)
+                                  eps, STATS, BLOCK_C, BLOCK_K, width, magic, vh, vw, MASKED)
     if STATS != 2:  # not finalized
         # One lane per group stores its statistics, in split 0 (pid_k's test is a block, not a
         # scalar: triton 3.9's interpreter rejects a mask made of a block & a scalar).
@@ -621,10 +790,12 @@ def _forward_apply_kernel(
     mean_p, rstd_p, w_p, b_p, mean_n, rstd_n, w_n, b_n = mean, rstd, w, b, mean, rstd, w, b
     if SHIFT:  # the neighbouring rows' parameters, for their elements in the end blocks
         prev, nxt = _neighbour_rows(row, n_rows)
+        # (MASKED: the same sample's region: ``_apply_inside``. A lane whose neighbouring row is another
+        # sample's, clamped or across samples, has no element of that row in its windows.)
         mean_p, rstd_p = _group_mean_rstd(PART_MEAN, PART_M2, MEAN, RSTD, prev, c_mask, C, S, G, cpg, chunk_s,
-                                          stat_splits, eps, STATS, BLOCK_C, BLOCK_K)
+                                          stat_splits, eps, STATS, BLOCK_C, BLOCK_K, width, magic, vh, vw, MASKED)
         mean_n, rstd_n = _group_mean_rstd(PART_MEAN, PART_M2, MEAN, RSTD, nxt, c_mask, C, S, G, cpg, chunk_s,
-                                          stat_splits, eps, STATS, BLOCK_C, BLOCK_K)
+                                          stat_splits, eps, STATS, BLOCK_C, BLOCK_K, width, magic, vh, vw, MASKED)
         w_p = tl.load(W + prev % C, mask=c_mask, other=0.0).to(tl.float32)
         b_p = tl.load(B + prev % C, mask=c_mask, other=0.0).to(tl.float32)
         w_n = tl.load(W + nxt % C, mask=c_mask, other=0.0).to(tl.float32)
@@ -639,14 +810,19 @@ def _forward_apply_kernel(
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         z = _activation_input(x, _by_side(mean, mean_p, mean_n, side, SHIFT), _by_side(rstd, rstd_p, rstd_n, side, SHIFT),
                               _by_side(w, w_p, w_n, side, SHIFT), _by_side(b, b_p, b_n, side, SHIFT), R, offs, mask, RES)
-        tl.store(Y + offs, _activation(z, ACT).to(Y.dtype.element_ty), mask=mask)
+        if MASKED:  # 0 outside the region (the stores keep their masks: still vectorised), as act(0): z's select
+            # comes before the activation (selecting y after it spilled 8 bytes on sm_86/sm_89 at 64 registers)
+            y = _activation(tl.where(_apply_inside(row_start, j, S, width, magic, vh, vw, ALIGN, SHIFT), z, 0.0), ACT)
+            tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+        else:  # (as written before MASKED: the same code)
+            tl.store(Y + offs, _activation(z, ACT).to(Y.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------- split reduction: backward
 
-@triton.jit(do_not_specialize=["S", "G", "cpg", "split_tiles", "n_splits", "n_cblocks"])
+@triton.jit(do_not_specialize=["S", "G", "cpg", "split_tiles", "n_splits", "n_cblocks", "width"])
 def _backward_partial_kernel(
-    X, DY, W, B, MEAN, RSTD, R,  # standard, as are C .. cpg, n_cblocks, ACT .. BLOCK_S
+    X, DY, W, B, MEAN, RSTD, R,  # standard, as are C .. cpg, n_cblocks, ACT .. BLOCK_S, VALID .. MASKED
     PART_DS,  # out: partials: sum of dz * xhat per (n, split, channel), (N, n_splits, C) float32
     PART_DB,  # out: partials: sum of dz per (n, split, channel), (N, n_splits, C) float32
     C, S, G, cpg,
@@ -655,25 +831,39 @@ def _backward_partial_kernel(
     n_cblocks,
     ACT: tl.constexpr, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, SHIFT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    VALID=None, width=None, MASKED: tl.constexpr = False,
 ):
     """Per (n, channel block, spatial split): each channel's sums of dz * xhat and dz over the
-    split's positions, dz = d act(z)/dz * dy with z recomputed (backward step 1)."""
+    split's positions (MASKED: those in the sample's valid region; tiles past its last row are
+    not read), dz = d act(z)/dz * dy with z recomputed (backward step 1)."""
     pid_n, pid_k, c_offs, c_mask = _split_program(tl.program_id(0), C, n_splits, n_cblocks, BLOCK_C)
     grp = pid_n * G + c_offs // cpg
     mean, rstd, w, b = _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask)
     row_start = _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN, SHIFT)
     s_start = pid_k * split_tiles * BLOCK_S  # splits are whole tiles (which the compiler sees)
     split_end = tl.minimum(s_start + split_tiles * BLOCK_S, S)
+    loop_end = split_end
+    if MASKED:  # the sample's valid region; positions from its rows' end (vh * width) on are all outside
+        vh, vw, rows_end = _region(VALID, pid_n, width)
+        magic = _width_magic(width)
+        loop_end = tl.minimum(split_end, rows_end)
     # Per-lane sums, reduced once after the loop.
     ds = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     db = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    for s0 in range(s_start, split_end + SHIFT * (ALIGN - 1), BLOCK_S):
+    for s0 in range(s_start, loop_end + SHIFT * (ALIGN - 1), BLOCK_S):
         j = s0 + tl.arange(0, BLOCK_S)
         offs, access, exact = _window(row_start, c_mask, j, s_start, split_end, C, CHANNELS_LAST, ALIGN, SHIFT)
         x = tl.load(X + offs, mask=access, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=access, other=0.0).to(tl.float32)
         xhat = (x - mean) * rstd
         z = _activation_input(x, mean, rstd, w, b, R, offs, access, RES)
+        if MASKED:  # only the region's positions count, whatever the padding holds (no 0 * inf)
+            if RES == 2:  # R is the masked forward's ReLU output, 0 outside the region: so is dz already
+                xhat = tl.where(z > 0.0, xhat, 0.0)  # (ptxas spilled at sm_75/sm_80 with the region test here)
+            else:
+                inside = _window_inside(row_start, j, width, magic, vh, vw, ALIGN, SHIFT)
+                exact = exact & inside
+                xhat = tl.where(inside, xhat, 0.0)
         dz = tl.where(exact, _activation_grad(z, dy, ACT), 0.0)
         if SHIFT:  # a neighbouring row's element may be inf or huge against this row's statistics: 0 * inf
             xhat = tl.where(exact, xhat, 0.0)
@@ -686,9 +876,10 @@ def _backward_partial_kernel(
 
 @triton.jit
 def _dx_coefficients(PART_DS, PART_DB, W, RSTD, COEF_XHAT, COEF_CONST, pid, C, S, G, cpg, n_splits,
-                     BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr):
+                     BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr, VALID=None, MASKED: tl.constexpr = False):
     """dx's two coefficients of one (n, group) ``pid``:
-    dx = rstd * (gamma*dz - (sum(gamma*dz) + xhat * sum(gamma*dz*xhat)) / M), M = cpg*S."""
+    dx = rstd * (gamma*dz - (sum(gamma*dz) + xhat * sum(gamma*dz*xhat)) / M), M = cpg*S
+    (MASKED: cpg * vh * vw, the group's positions in the valid region, at least 1)."""
     pid_n = pid // G
     g = pid % G
     row0 = pid_n.to(tl.int64) * n_splits
@@ -707,7 +898,10 @@ def _dx_coefficients(PART_DS, PART_DB, W, RSTD, COEF_XHAT, COEF_CONST, pid, C, S
     sum_ds = tl.sum(tl.sum(acc_ds, axis=1), axis=0)
     sum_db = tl.sum(tl.sum(acc_db, axis=1), axis=0)
     rstd = tl.load(RSTD + pid)
-    inv_m = 1.0 / (tl.cast(cpg, tl.float32) * tl.cast(S, tl.float32))
+    if MASKED:
+        inv_m = 1.0 / _region_size(cpg, tl.load(VALID + 2 * pid_n), tl.load(VALID + 2 * pid_n + 1))
+    else:
+        inv_m = 1.0 / (tl.cast(cpg, tl.float32) * tl.cast(S, tl.float32))
     tl.store(COEF_XHAT + pid, -rstd * sum_ds * inv_m)
     tl.store(COEF_CONST + pid, -rstd * sum_db * inv_m)
 
@@ -728,6 +922,8 @@ def _backward_finalize_kernel(
     BLOCK_CG: tl.constexpr,  # channels per partials tile (FINALIZE_BLOCK_CG)
     BLOCK_R: tl.constexpr,  # partial vectors per step of the dgamma/dbeta sums (PARAM_BLOCK_R)
     BLOCK_C: tl.constexpr,  # channels per dgamma/dbeta program (PARAM_BLOCK_C)
+    VALID=None,  # standard, as is MASKED (no width: only the regions' sizes count here)
+    MASKED: tl.constexpr = False,
 ):
     """Programs [0, N*G): dx's coefficients of one (n, group) each. Programs from N*G on:
     dgamma and dbeta of BLOCK_C channels each. Both read only the partial sums, so they share
@@ -735,7 +931,7 @@ def _backward_finalize_kernel(
     pid = tl.program_id(0)
     if pid < n_groups:
         _dx_coefficients(PART_DS, PART_DB, W, RSTD, COEF_XHAT, COEF_CONST, pid, C, S, G, cpg, n_splits,
-                         BLOCK_K, BLOCK_CG)
+                         BLOCK_K, BLOCK_CG, VALID, MASKED)
     else:
         _param_sums(PART_DS, PART_DB, DW, DB, pid - n_groups, n_partials, C, BLOCK_R, BLOCK_C)
 
@@ -747,7 +943,9 @@ def _apply_tile(MEAN, RSTD, W, B, C, S, G, cpg, n_rows, n_cblocks, n_sblocks, CH
     groups of its rows, of the rows before and after and each element's side (for
     ``_row_values``; ``n_rows`` = N * C); each element's group mean and rstd, gamma and beta
     (columns, or per element with SHIFT). With SHIFT a tile also writes the neighbouring rows'
-    elements in its end blocks, with those rows' parameters: the values their own tiles write."""
+    elements in its end blocks, with those rows' parameters: the values their own tiles write.
+    Then (for MASKED's ``_apply_inside``) the tile's sample, channel offsets, row starts and
+    window positions."""
     pid = tl.program_id(0)
     pid_s = pid % n_sblocks
     rest = pid // n_sblocks
@@ -769,12 +967,12 @@ def _apply_tile(MEAN, RSTD, W, B, C, S, G, cpg, n_rows, n_cblocks, n_sblocks, CH
     rstd = _row_values(RSTD, grp, grp_prev, grp_next, side, c_mask, SHIFT)
     w = _row_values(W, c_offs, c_prev, c_next, side, c_mask, SHIFT)
     b = _row_values(B, c_offs, c_prev, c_next, side, c_mask, SHIFT)
-    return grp, grp_prev, grp_next, side, c_mask, offs, mask, mean, rstd, w, b
+    return grp, grp_prev, grp_next, side, c_mask, offs, mask, mean, rstd, w, b, pid_n, c_offs, row_start, j
 
 
-@triton.jit(do_not_specialize=["S", "G", "cpg", "n_rows", "n_cblocks", "n_sblocks", "ACT"])
+@triton.jit(do_not_specialize=["S", "G", "cpg", "n_rows", "n_cblocks", "n_sblocks", "ACT", "width"])
 def _backward_apply_kernel(
-    X, DY, DX, W, B, MEAN, RSTD,  # standard, as are R, DR, C .. cpg, n_rows .. n_sblocks, ACT .. BLOCK_S
+    X, DY, DX, W, B, MEAN, RSTD,  # standard, as are R, DR, C .. cpg, n_rows .. n_sblocks, ACT .. BLOCK_S, VALID .. MASKED
     COEF_XHAT,  # each (n, group)'s coefficient of xhat in dx, (N, G) float32
     COEF_CONST,  # each (n, group)'s constant term of dx, (N, G) float32
     R, DR,
@@ -782,10 +980,12 @@ def _backward_apply_kernel(
     ACT,  # a runtime value here: one compilation serves every activation
     RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr, SHIFT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    VALID=None, width=None, MASKED: tl.constexpr = False,
 ):
     """dx (and dR) over one (n, channel block, spatial tile), from the (n, group) coefficients
-    (backward step 3); with SHIFT, the end blocks' neighbouring-row elements with their own rows'."""
-    grp, grp_prev, grp_next, side, c_mask, offs, mask, mean, rstd, w, b = _apply_tile(
+    (backward step 3); with SHIFT, the end blocks' neighbouring-row elements with their own rows'.
+    MASKED: 0 outside the valid region (``_apply_inside``)."""
+    grp, grp_prev, grp_next, side, c_mask, offs, mask, mean, rstd, w, b, pid_n, c_offs, row_start, j = _apply_tile(
         MEAN, RSTD, W, B, C, S, G, cpg, n_rows, n_cblocks, n_sblocks, CHANNELS_LAST, ALIGN, SHIFT, BLOCK_C, BLOCK_S)
     coef_xhat = _row_values(COEF_XHAT, grp, grp_prev, grp_next, side, c_mask, SHIFT)
     coef_const = _row_values(COEF_CONST, grp, grp_prev, grp_next, side, c_mask, SHIFT)
@@ -793,7 +993,13 @@ def _backward_apply_kernel(
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     xhat = (x - mean) * rstd
     dz = _activation_grad(_activation_input(x, mean, rstd, w, b, R, offs, mask, RES), dy, ACT)
+    if MASKED:  # 0 outside the region (the stores keep their masks: still vectorised)
+        vh, vw, _rows_end = _region(VALID, pid_n, width)
+        inside = _apply_inside(row_start, j, S, width, _width_magic(width), vh, vw, ALIGN, SHIFT)
+        dz = tl.where(inside, dz, 0.0)
     dx = (rstd * w) * dz + coef_xhat * xhat + coef_const
+    if MASKED:
+        dx = tl.where(inside, dx, 0.0)
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
     if RES != 0:  # a residual
         tl.store(DR + offs, dz.to(DR.dtype.element_ty), mask=mask)
@@ -823,24 +1029,33 @@ def _group_tile(pid, C, S, G, cpg, CHANNELS_LAST: tl.constexpr, ALIGN: tl.conste
     return pid_n, c_offs, c_mask, offs, mask
 
 
-@triton.jit(do_not_specialize=["S", "G", "cpg"])
+@triton.jit(do_not_specialize=["S", "G", "cpg", "width"])
 def _group_forward_kernel(
-    X, Y, W, B,  # standard, as are R, C .. eps, ACT .. ALIGN
+    X, Y, W, B,  # standard, as are R, C .. eps, ACT .. ALIGN, VALID .. MASKED
     MEAN, RSTD,  # out
     R,
     C, S, G, cpg, eps,
     ACT: tl.constexpr, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_CG: tl.constexpr,  # channels of a group per tile (next power of two of cpg)
     BLOCK_S: tl.constexpr,  # positions per tile: next power of two of S (the whole group in one tile)
+    VALID=None, width=None, MASKED: tl.constexpr = False,
 ):
     """One program per (n, group) that fits in registers: x is read once, statistics are an
-    exact two-pass over the registers, y is written once, in a single launch."""
+    exact two-pass over the registers, y is written once, in a single launch (MASKED:
+    statistics over the valid region, 0 written outside it)."""
     pid = tl.program_id(0)
-    _, c_offs, c_mask, offs, mask = _group_tile(pid, C, S, G, cpg, CHANNELS_LAST, ALIGN, BLOCK_CG, BLOCK_S)
+    pid_n, c_offs, c_mask, offs, mask = _group_tile(pid, C, S, G, cpg, CHANNELS_LAST, ALIGN, BLOCK_CG, BLOCK_S)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     count = tl.cast(cpg * S, tl.float32)  # tl.cast: Triton folds integer arguments equal to 1 to constants
+    keep = mask
+    if MASKED:  # (the loads and stores keep their masks: still vectorised)
+        vh, vw, _rows_end = _region(VALID, pid_n, width)
+        inside = _inside(tl.arange(0, BLOCK_S)[None, :], width, _width_magic(width), vh, vw)
+        x = tl.where(inside, x, 0.0)
+        count = _region_size(cpg, vh, vw)
+        keep = mask & inside
     mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
-    dev = tl.where(mask, x - mean, 0.0)
+    dev = tl.where(keep, x - mean, 0.0)
     var = tl.sum(tl.sum(dev * dev, axis=1), axis=0) / count
     rstd = _rstd(var, eps)
     w = tl.load(W + c_offs, mask=c_mask, other=0.0).to(tl.float32)
@@ -850,6 +1065,8 @@ def _group_forward_kernel(
     mean_c = (tl.zeros([BLOCK_CG], dtype=tl.float32) + mean)[:, None]
     rstd_c = (tl.zeros([BLOCK_CG], dtype=tl.float32) + rstd)[:, None]
     y = _activation(_activation_input(x, mean_c, rstd_c, w[:, None], b[:, None], R, offs, mask, RES), ACT)
+    if MASKED:
+        y = tl.where(inside, y, 0.0)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(MEAN + pid, mean)
     tl.store(RSTD + pid, rstd)
@@ -868,21 +1085,25 @@ def _group_backward_inputs(X, DY, W, B, MEAN, RSTD, pid, offs, mask, w_offs, w_m
 
 
 @triton.jit
-def _group_backward_dz(x, dy, mean, rstd, w, b, R, DR, offs, mask, ACT: tl.constexpr, RES: tl.constexpr):
+def _group_backward_dz(x, dy, mean, rstd, w, b, R, DR, offs, mask, ACT: tl.constexpr, RES: tl.constexpr, keep=None):
     """A one-program-per-group backward's xhat and dz = d act(z) / dz * dy (0 outside the
-    group; z recomputed as in forward), dR = dz stored with a residual. gamma and beta (w, b)
-    come broadcastable to x's tile: (BLOCK_CG, 1) columns, or per element of a flat tile."""
+    group, and outside ``keep`` where given: MASKED's mask & valid region; z recomputed as in
+    forward), dR = dz stored with a residual. gamma and beta (w, b) come broadcastable to x's
+    tile: (BLOCK_CG, 1) columns, or per element of a flat tile."""
     xhat = (x - mean) * rstd
     dz = _activation_grad(_activation_input(x, mean, rstd, w, b, R, offs, mask, RES), dy, ACT)
-    dz = tl.where(mask, dz, 0.0)
+    if keep is None:
+        dz = tl.where(mask, dz, 0.0)
+    else:
+        dz = tl.where(keep, dz, 0.0)
     if RES != 0:  # a residual
         tl.store(DR + offs, dz.to(DR.dtype.element_ty), mask=mask)
     return xhat, dz
 
 
-@triton.jit(do_not_specialize=["S", "G", "cpg"])
+@triton.jit(do_not_specialize=["S", "G", "cpg", "width"])
 def _group_backward_kernel(
-    X, DY, DX, W, B, MEAN, RSTD,  # standard, as are R, DR, C .. cpg, ACT .. ALIGN
+    X, DY, DX, W, B, MEAN, RSTD,  # standard, as are R, DR, C .. cpg, ACT .. ALIGN, VALID .. MASKED
     PART_DS,  # out: sum of dz * xhat per (n, channel), (N, C) float32
     PART_DB,  # out: sum of dz per (n, channel), (N, C) float32
     R, DR,
@@ -890,22 +1111,35 @@ def _group_backward_kernel(
     ACT: tl.constexpr, RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_CG: tl.constexpr,  # channels of a group per tile (next power of two of cpg)
     BLOCK_S: tl.constexpr,  # positions per tile: next power of two of S (the whole group in one tile)
+    VALID=None, width=None, MASKED: tl.constexpr = False,
 ):
     """One program per (n, group) that fits in registers: x and dy are read once, dx written
-    once; the per-(n, channel) sums of dz * xhat and dz go out for dgamma and dbeta."""
+    once; the per-(n, channel) sums of dz * xhat and dz go out for dgamma and dbeta (MASKED:
+    over the valid region; dx and dR 0 outside it)."""
     pid = tl.program_id(0)
     pid_n, c_offs, c_mask, offs, mask = _group_tile(pid, C, S, G, cpg, CHANNELS_LAST, ALIGN, BLOCK_CG, BLOCK_S)
     x, dy, mean, rstd, w, b = _group_backward_inputs(X, DY, W, B, MEAN, RSTD, pid, offs, mask, c_offs, c_mask)
-    xhat, dz = _group_backward_dz(x, dy, mean, rstd, w[:, None], b[:, None], R, DR, offs, mask, ACT, RES)
+    keep = None
+    if MASKED:  # (the loads and stores keep their masks: still vectorised)
+        vh, vw, _rows_end = _region(VALID, pid_n, width)
+        inside = _inside(tl.arange(0, BLOCK_S)[None, :], width, _width_magic(width), vh, vw)
+        x = tl.where(inside, x, 0.0)  # (the padding's values reach nothing: no 0 * inf)
+        keep = mask & inside
+    xhat, dz = _group_backward_dz(x, dy, mean, rstd, w[:, None], b[:, None], R, DR, offs, mask, ACT, RES, keep)
     ds = tl.sum(dz * xhat, axis=1)  # per channel: dgamma's share of this (n, group)
     db = tl.sum(dz, axis=1)
     part = pid_n.to(tl.int64) * C + c_offs
     tl.store(PART_DS + part, ds, mask=c_mask)
     tl.store(PART_DB + part, db, mask=c_mask)
-    scale = rstd / tl.cast(cpg * S, tl.float32)
+    if MASKED:
+        scale = rstd / _region_size(cpg, vh, vw)
+    else:
+        scale = rstd / tl.cast(cpg * S, tl.float32)
     sum_ds = tl.sum(ds * w, axis=0)
     sum_db = tl.sum(db * w, axis=0)
     dx = (rstd * w)[:, None] * dz - scale * (xhat * sum_ds + sum_db)
+    if MASKED:
+        dx = tl.where(inside, dx, 0.0)
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -938,15 +1172,26 @@ def _flat_group_tile(pid, S, G, cpg, ALIGN: tl.constexpr, BLOCK_F: tl.constexpr)
     return offs, mask, channel
 
 
-@triton.jit(do_not_specialize=["S", "G", "cpg"])
+@triton.jit
+def _flat_inside(VALID, pid, S, G, cpg, width, BLOCK_F: tl.constexpr):
+    """MASKED: whether each element of a flat tile (``_flat_group_tile``) lies in its sample's
+    valid region, by its position in its row, per element: (inside, its region's size cpg * vh * vw)."""
+    i = tl.arange(0, BLOCK_F)
+    vh, vw, _rows_end = _region(VALID, pid // G, width)
+    inside = _inside(i - i // S * S, width, _width_magic(width), vh, vw)
+    return inside, _region_size(cpg, vh, vw)
+
+
+@triton.jit(do_not_specialize=["S", "G", "cpg", "width"])
 def _group_forward_flat_kernel(
-    X, Y, W, B,  # standard (x and y contiguous, NCHW), as are R, S .. eps, ACT, RES
+    X, Y, W, B,  # standard (x and y contiguous, NCHW), as are R, S .. eps, ACT, RES, VALID .. MASKED
     MEAN, RSTD,  # out
     R,
     S, G, cpg, eps,
     ACT: tl.constexpr, RES: tl.constexpr,
     ALIGN: tl.constexpr,  # elements a group's size cpg * S (and so every group's start) is a multiple of
     BLOCK_F: tl.constexpr,  # elements per tile: next power of two of cpg * S (the whole group)
+    VALID=None, width=None, MASKED: tl.constexpr = False,
 ):
     """``_group_forward_kernel`` for NCHW groups whose rows (S elements) are too narrowly
     aligned for wide accesses (the box head's 7 x 7): the group tiled flat, gamma and beta
@@ -955,20 +1200,29 @@ def _group_forward_flat_kernel(
     offs, mask, channel = _flat_group_tile(pid, S, G, cpg, ALIGN, BLOCK_F)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     count = tl.cast(cpg * S, tl.float32)
+    keep = mask
+    if MASKED:  # statistics over the valid region, 0 written outside it
+        inside, count = _flat_inside(VALID, pid, S, G, cpg, width, BLOCK_F)
+        x = tl.where(inside, x, 0.0)
+        keep = mask & inside
     mean = tl.sum(x, axis=0) / count
-    dev = tl.where(mask, x - mean, 0.0)
+    dev = tl.where(keep, x - mean, 0.0)
     rstd = _rstd(tl.sum(dev * dev, axis=0) / count, eps)
     w = tl.load(W + channel, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + channel, mask=mask, other=0.0).to(tl.float32)
     z = _activation_input(x, mean, rstd, w, b, R, offs, mask, RES)
-    tl.store(Y + offs, _activation(z, ACT).to(Y.dtype.element_ty), mask=mask)
+    if MASKED:
+        tl.store(Y + offs, tl.where(inside, _activation(z, ACT), 0.0).to(Y.dtype.element_ty), mask=mask)
+    else:  # (as written before MASKED: the same code)
+        tl.store(Y + offs, _activation(z, ACT).to(Y.dtype.element_ty), mask=mask)
     tl.store(MEAN + pid, mean)
     tl.store(RSTD + pid, rstd)
 
 
-@triton.jit(do_not_specialize=["S", "G", "cpg"])
+@triton.jit(do_not_specialize=["S", "G", "cpg", "width"])
 def _group_backward_flat_kernel(
-    X, DY, DX, W, B, MEAN, RSTD,  # standard (x, dy, dx contiguous, NCHW), as are R, DR, C .. cpg, ACT, RES
+    X, DY, DX, W, B, MEAN, RSTD,  # standard (x, dy, dx contiguous, NCHW), as are R, DR, C .. cpg, ACT, RES,
+    # VALID .. MASKED
     PART_DS,  # out: sum of dz * xhat per (n, channel), (N, C) float32
     PART_DB,  # out: sum of dz per (n, channel), (N, C) float32
     R, DR,
@@ -977,13 +1231,19 @@ def _group_backward_flat_kernel(
     ALIGN: tl.constexpr,  # elements a group's size cpg * S (and so every group's start) is a multiple of
     BLOCK_F: tl.constexpr,  # elements per tile: next power of two of cpg * S (the whole group)
     BLOCK_CG: tl.constexpr,  # channels of the per-channel sums' (BLOCK_F, BLOCK_CG) mask: next power of two of cpg
+    VALID=None, width=None, MASKED: tl.constexpr = False,
 ):
     """``_group_backward_kernel`` on ``_group_forward_flat_kernel``'s flat tile: the
     per-channel sums for dgamma and dbeta are taken over a (BLOCK_F, BLOCK_CG) channel mask."""
     pid = tl.program_id(0)
     offs, mask, channel = _flat_group_tile(pid, S, G, cpg, ALIGN, BLOCK_F)
     x, dy, mean, rstd, w, b = _group_backward_inputs(X, DY, W, B, MEAN, RSTD, pid, offs, mask, channel, mask)
-    xhat, dz = _group_backward_dz(x, dy, mean, rstd, w, b, R, DR, offs, mask, ACT, RES)
+    keep = None
+    if MASKED:  # sums over the valid region, dx and dR 0 outside it
+        inside, count = _flat_inside(VALID, pid, S, G, cpg, width, BLOCK_F)
+        x = tl.where(inside, x, 0.0)  # (the padding's values reach nothing: no 0 * inf)
+        keep = mask & inside
+    xhat, dz = _group_backward_dz(x, dy, mean, rstd, w, b, R, DR, offs, mask, ACT, RES, keep)
     cg = tl.arange(0, BLOCK_CG)
     first = (pid % G) * cpg
     mine = (channel - first)[:, None] == cg[None, :]  # element -> its channel within the group
@@ -992,8 +1252,13 @@ def _group_backward_flat_kernel(
     part = (pid // G).to(tl.int64) * C + first + cg
     tl.store(PART_DS + part, ds, mask=cg < cpg)
     tl.store(PART_DB + part, db, mask=cg < cpg)
-    scale = rstd / tl.cast(cpg * S, tl.float32)
+    if MASKED:
+        scale = rstd / count
+    else:
+        scale = rstd / tl.cast(cpg * S, tl.float32)
     sum_ds = tl.sum(dz * xhat * w, axis=0)
     sum_db = tl.sum(dz * w, axis=0)
     dx = (rstd * w) * dz - scale * (xhat * sum_ds + sum_db)
+    if MASKED:
+        dx = tl.where(inside, dx, 0.0)
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)

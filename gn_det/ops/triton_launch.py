@@ -4,6 +4,12 @@ splits and grids follow from its input, and the launchers ``triton_group_norm_fo
 ``triton_group_norm_backward``, which plan and launch each call. ``TritonPlans`` holds the
 plans of one input signature, made once: the backend the policy (``gn_det.policy``) keeps per
 decided input, so a repeat call only allocates its outputs and launches.
+
+With ``valid`` (each image's region of a zero-padded batch: ``(N, 2)`` int32 on x's device) a
+call runs the masked kernels (the MASKED specialisations: triton_kernels.py, "Valid regions"),
+planned apart from the unmasked ones; ``masked_kernels_support`` says, from the shape, layout
+and dtype alone, which inputs they take. The regions' values are never read on the host: one
+plan serves any regions.
 """
 from __future__ import annotations
 
@@ -23,8 +29,8 @@ from .triton_kernels import (STATS_BY_LANES, STATS_FINALIZED, STATS_GATHERED, _b
                              _group_backward_flat_kernel, _group_backward_kernel, _group_forward_flat_kernel,
                              _group_forward_kernel, _param_grad_kernel, _stats_finalize_kernel, _stats_partial_kernel)
 
-__all__ = ["BackwardPlan", "ForwardPlan", "TritonPlans", "kernel_path", "kernel_set", "plan_backward", "plan_forward",
-           "triton_group_norm_backward", "triton_group_norm_forward"]
+__all__ = ["BackwardPlan", "ForwardPlan", "TritonPlans", "kernel_path", "kernel_set", "masked_kernels_support",
+           "plan_backward", "plan_forward", "triton_group_norm_backward", "triton_group_norm_forward"]
 
 
 # ---------------------------------------------------------------------------- tuning knobs
@@ -88,6 +94,13 @@ _STATS_TILE_ELEMENTS = {"by lanes": 1024, "gathered": 512, "shifted": 2048}
 # sm_80 (A100: 12-36 bytes), and with triton 3.9 on sm_120 (28 bytes) and sm_86/sm_89 (A10, L4:
 # 12 bytes at the volume, float32); none at 1024.
 _STATS_TILE_ELEMENTS_BY_ARCH = {arch: {"shifted": 1024} for arch in (75, 80, 86, 89, 120)}
+# The masked kernels' (valid regions: MASKED) at most, whatever the architecture: their record
+# counts come from the region (``_record_counts``), and ptxas's register allocation moves with the
+# tile. By the sm_90 compile (triton 3.8): shifted windows at 2048 spilled 12 bytes in bfloat16
+# res5 (80 registers) and at 1024 took 123-128 (2 blocks of 8 warps per SM), at 512 80 (3, as
+# unmasked); gathered at 256 kept bfloat16 NCHW res2's 5 blocks per SM (4 at 512). (By lanes at
+# 512 would keep bfloat16 channels_last's 4, but res2 N=2 would then take a finalize launch.)
+_MASKED_STATS_TILE_ELEMENTS = {"by lanes": 1024, "gathered": 256, "shifted": 512}
 # Register caps (Triton's ``maxnreg``) where an architecture's ptxas otherwise caps itself too
 # low and spills (``_register_cap``; sm_90 gets none). The backward partial sums: sm_100 (B200,
 # triton 3.8) took 128 registers and spilled 8 bytes at res2 N=1, float32 channels_last SiLU;
@@ -133,6 +146,14 @@ def _specialisation_of(arg) -> tuple:
     return (arg == 1, arg % 16 == 0) if isinstance(arg, int) else (type(arg),)
 
 
+def _kwargs_key(kwargs: dict) -> tuple:
+    """The launch options and constexprs of an occupancy query, as a memo key: a tensor (the
+    masked kernels' VALID) by its specialisation, the map width (MASKED: not specialised) left
+    out."""
+    return tuple(sorted((k, _specialisation_of(v) if isinstance(v, torch.Tensor) else v)
+                        for k, v in kwargs.items() if k != "width"))
+
+
 def _resident_programs(kernel, x: torch.Tensor, args: tuple, kwargs: dict) -> int:
     """Programs of ``kernel``'s specialisation for these arguments that x's GPU holds at once
     (a full wave): the compiled kernel's registers, warps and shared memory against the
@@ -141,7 +162,7 @@ def _resident_programs(kernel, x: torch.Tensor, args: tuple, kwargs: dict) -> in
     specialisation; after that, a dict lookup."""
     if not x.is_cuda:
         return CPU_RESIDENT_PROGRAMS
-    key = (x.device.index, kernel.fn.__name__, tuple(map(_specialisation_of, args)), tuple(sorted(kwargs.items())))
+    key = (x.device.index, kernel.fn.__name__, tuple(map(_specialisation_of, args)), _kwargs_key(kwargs))
     found = _resident.get(key)
     if found is None:
         limits = occupancy.device_limits(x.device.index)
@@ -241,12 +262,15 @@ def _flat_group_blocks(cpg: int, s: int, channels_last: bool, element_size: int)
     return block_f, block_cg, align
 
 
-def _stats_block_k(block_c: int, stats: int, shift: bool, arch: int = 0) -> int:
+def _stats_block_k(block_c: int, stats: int, shift: bool, arch: int = 0, masked: bool = False) -> int:
     """BLOCK_K of the forward apply's record tiles (``_STATS_TILE_ELEMENTS``, or the target
-    architecture's own, ``_STATS_TILE_ELEMENTS_BY_ARCH``)."""
+    architecture's own, ``_STATS_TILE_ELEMENTS_BY_ARCH``; masked, at most
+    ``_MASKED_STATS_TILE_ELEMENTS``)."""
     kind = "shifted" if shift else "by lanes" if stats == STATS_BY_LANES else "gathered"
-    return max(1, _STATS_TILE_ELEMENTS_BY_ARCH.get(arch, _STATS_TILE_ELEMENTS).get(kind, _STATS_TILE_ELEMENTS[kind])
-               // block_c)
+    elements = _STATS_TILE_ELEMENTS_BY_ARCH.get(arch, _STATS_TILE_ELEMENTS).get(kind, _STATS_TILE_ELEMENTS[kind])
+    if masked:
+        elements = min(elements, _MASKED_STATS_TILE_ELEMENTS[kind])
+    return max(1, elements // block_c)
 
 
 def _target_arch(x: torch.Tensor) -> int:
@@ -275,7 +299,7 @@ def _groups_whole_in_blocks(cpg: int, block_c: int, shift: bool) -> bool:
     return not shift and cpg & (cpg - 1) == 0 and cpg <= block_c
 
 
-def _stats_merge(cpg: int, splits: int, block_c: int, shift: bool, arch: int = 0) -> int:
+def _stats_merge(cpg: int, splits: int, block_c: int, shift: bool, arch: int = 0, masked: bool = False) -> int:
     """The forward apply's STATS: by lanes where its channel blocks hold whole groups
     (``_groups_whole_in_blocks``): each lane merges its channel's ``splits`` records, the group's lanes
     merge in registers. Else each lane gathers its group's cpg x splits records (three times
@@ -284,10 +308,10 @@ def _stats_merge(cpg: int, splits: int, block_c: int, shift: bool, arch: int = 0
     by a launch of its own: channels_last groups whose size is not a power of two over many
     splits, groups wider than a channel block."""
     budget = 2 * -(-splits // FINALIZE_BLOCK_K) * -(-cpg // FINALIZE_BLOCK_CG) + LAUNCH_IN_LOADS
-    by_lanes = _stats_block_k(block_c, STATS_BY_LANES, shift, arch)
+    by_lanes = _stats_block_k(block_c, STATS_BY_LANES, shift, arch, masked)
     if _groups_whole_in_blocks(cpg, block_c, shift) and -(-splits // by_lanes) <= budget:
         return STATS_BY_LANES
-    if -(-splits * cpg // _stats_block_k(block_c, STATS_GATHERED, shift, arch)) * (3 if shift else 1) <= budget:
+    if -(-splits * cpg // _stats_block_k(block_c, STATS_GATHERED, shift, arch, masked)) * (3 if shift else 1) <= budget:
         return STATS_GATHERED
     return STATS_FINALIZED
 
@@ -304,24 +328,52 @@ KERNEL_SETS = ("flat", "one program per group", "by lanes", "gathered", "shifted
 
 
 def kernel_set(shape: Sequence[int], element_size: int, channels_last: bool, num_groups: int,
-               partial_programs: int) -> str:
+               partial_programs: int, masked: bool = False) -> str:
     """The kernel set (one of ``KERNEL_SETS``: the table in triton_kernels.py's docstring) that normalises a
-    dense ``(N, C, *)`` input of this shape, element size in bytes and layout. The split
-    reduction's sets depend on its split count: ``partial_programs`` is how many programs of
-    its partial-sums kernel a wave holds (on a GPU, ``_resident_programs``; ignored for the
-    one-program-per-group sets). Decided by the launchers' own plan functions."""
+    dense ``(N, C, *)`` input of this shape, element size in bytes and layout (``masked``: with
+    valid regions, the MASKED kernels'). The split reduction's sets depend on its split count:
+    ``partial_programs`` is how many programs of its partial-sums kernel a wave holds (on a GPU,
+    ``_resident_programs``; ignored for the one-program-per-group sets). Decided by the
+    launchers' own plan functions."""
     n, c = shape[0], shape[1]
     s, cpg = math.prod(shape[2:]), c // num_groups
     if _group_resident_blocks(cpg, s) is not None:
         return "flat" if _flat_group_blocks(cpg, s, channels_last, element_size) else "one program per group"
     block_c, block_s, n_cblocks, _, layout = _tiles(c, s, channels_last, element_size)
     splits, _ = _splits(n * n_cblocks, s, block_s, partial_programs)
-    stats = _stats_merge(cpg, splits, block_c, layout["SHIFT"])
+    stats = _stats_merge(cpg, splits, block_c, layout["SHIFT"], masked=masked)
     if stats == STATS_FINALIZED:
         return "finalized"
     if layout["SHIFT"]:
         return "shifted windows"
     return "by lanes" if stats == STATS_BY_LANES else "gathered"
+
+
+def masked_kernels_support(x: torch.Tensor, num_groups: int) -> bool:
+    """Whether the masked kernels (``valid`` regions: MASKED) cover x's kernel set, from x's
+    shape, layout and dtype alone (never the regions' values): every kernel set, for a 4-D
+    ``(N, C, H, W)`` input, NCHW- or channels_last-dense, float32, float16 or bfloat16, with
+    H * W * W <= 2^32 (the kernels' multiply-high quotient by W is exact there: triton_kernels.py,
+    "valid regions"; a 2048 x 2048 map is beyond it, a 1024 x 2048 one not) and H * W < 2^31
+    (int32 positions). Anything else is the PyTorch path's (the policy sends it there)."""
+    if x.dim() != 4 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or num_groups <= 0:
+        return False
+    h, w = x.shape[2], x.shape[3]
+    if x.shape[1] % num_groups or h * w * w > 2 ** 32 or h * w >= 2 ** 31:
+        return False
+    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _check_valid(x: torch.Tensor, valid: torch.Tensor) -> None:
+    """``valid``'s form for x (shape, dtype, layout, device; its values are the kernels' to
+    read, never the host's). Every masked call's (a few attribute reads); that the masked
+    kernels take x's shape is checked once, by its plan (``_masked``)."""
+    if x.dim() != 4:
+        raise ValueError(f"valid regions need a 4-D (N, C, H, W) input; got {tuple(x.shape)}")
+    if (valid.dtype != torch.int32 or tuple(valid.shape) != (x.shape[0], 2) or valid.device != x.device
+            or not valid.is_contiguous()):
+        raise ValueError(f"valid must be a contiguous int32 ({x.shape[0]}, 2) tensor on {x.device}; got "
+                         f"{valid.dtype} {tuple(valid.shape)} on {valid.device}")
 
 
 # --------------------------------------------------------------------------- launchers
@@ -371,6 +423,8 @@ class ForwardPlan(NamedTuple):
     apply_consts: Optional[dict] = None
     apply_split_tiles: int = 0
     apply_splits: int = 0
+    masked: bool = False  # valid regions: every launch MASKED, given VALID (``_masked``)
+    width: int = 0  # masked: the map's width W
 
 
 class BackwardPlan(NamedTuple):
@@ -392,97 +446,137 @@ class BackwardPlan(NamedTuple):
     finalize_grid: int = 0
     apply_grid: int = 0
     apply_consts: Optional[dict] = None
+    masked: bool = False  # valid regions: every launch MASKED, given VALID (``_masked``)
+    width: int = 0  # masked: the map's width W
+
+
+def _masked(x: torch.Tensor, valid: Optional[torch.Tensor], num_groups: int) -> dict:
+    """The masked kernels' constexpr and width (``MASKED``, ``width``: x's last size), merged
+    into a masked plan's launch constants; none without ``valid``. VALID itself is each call's.
+    Refuses a shape the masked kernels do not cover (``masked_kernels_support``)."""
+    if valid is None:
+        return {}
+    if not masked_kernels_support(x, num_groups):
+        raise ValueError(f"the masked kernels do not take a {x.dtype} input of shape {tuple(x.shape)} "
+                         f"(masked_kernels_support): the PyTorch path's")
+    return dict(MASKED=True, width=x.shape[-1])
+
+
+def _with_valid(kwargs: dict, valid: Optional[torch.Tensor]) -> dict:
+    """An occupancy query's constants with the VALID a masked launch passes (its stand-in)."""
+    return kwargs if valid is None else dict(kwargs, VALID=valid)
 
 
 def plan_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, activation: int,
-                 residual: Optional[torch.Tensor] = None) -> ForwardPlan:
+                 residual: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None) -> ForwardPlan:
     """The forward plan of x's signature; x ``(N, C, *)`` dense, non-empty, weight and bias
-    ``(C,)``, residual None or dense in x's layout. Compiles the split reduction's kernels
-    for their occupancy (once per specialisation and process)."""
+    ``(C,)``, residual None or dense in x's layout; with ``valid`` (its values unread: it
+    stands for every call's), the masked kernels' (4-D x). Compiles the split reduction's
+    kernels for their occupancy (once per specialisation and process)."""
     n, c, s, channels_last = _as_ncs(x)
     g = num_groups
     cpg = c // g
     res_mode = RESIDUAL_NONE if residual is None else RESIDUAL_ADD
+    masked = _masked(x, valid, num_groups)
+    mask_info = dict(masked=bool(masked), width=masked.get("width", 0))
     resident = _group_resident_blocks(cpg, s)
     flat = resident and _flat_group_blocks(cpg, s, channels_last, x.element_size())
     if flat:
         block_f, _, align = flat
-        consts = dict(ACT=activation, RES=res_mode, ALIGN=align, BLOCK_F=block_f, num_warps=_num_warps(block_f))
-        return ForwardPlan(_FLAT, n, c, s, g, res_mode, n * g, consts)
+        consts = dict(ACT=activation, RES=res_mode, ALIGN=align, BLOCK_F=block_f, num_warps=_num_warps(block_f),
+                      **masked)
+        return ForwardPlan(_FLAT, n, c, s, g, res_mode, n * g, consts, **mask_info)
     if resident is not None:
         block_cg, block_s = resident
         consts = dict(ACT=activation, RES=res_mode, CHANNELS_LAST=channels_last,
                       ALIGN=_alignment(s, channels_last, x.element_size(), cpg), BLOCK_CG=block_cg, BLOCK_S=block_s,
-                      num_warps=_num_warps(block_cg * block_s))
-        return ForwardPlan(_RESIDENT, n, c, s, g, res_mode, n * g, consts)
+                      num_warps=_num_warps(block_cg * block_s), **masked)
+        return ForwardPlan(_RESIDENT, n, c, s, g, res_mode, n * g, consts, **mask_info)
     block_c, block_s, n_cblocks, n_sblocks, layout = _tiles(c, s, channels_last, x.element_size())
-    consts = dict(layout, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s))
+    consts = dict(layout, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s), **masked)
     n_row_blocks = n * n_cblocks
     splits, chunk_s = _splits(n_row_blocks, s, block_s, _resident_programs(
-        _stats_partial_kernel, x, (x, None, None, c, s, _UNSIZED, _UNSIZED, n_cblocks), consts))
+        _stats_partial_kernel, x, (x, None, None, c, s, _UNSIZED, _UNSIZED, n_cblocks), _with_valid(consts, valid)))
     # The apply programs merge the records into their groups' statistics themselves (no
     # launch between) unless that takes too many loads each (_stats_merge); each loops over
     # its split of the row block's tiles, as many splits as fill one wave at its occupancy.
     arch = _target_arch(x)
-    stats = _stats_merge(cpg, splits, block_c, layout["SHIFT"], arch)
+    stats = _stats_merge(cpg, splits, block_c, layout["SHIFT"], arch, bool(masked))
     if stats == STATS_BY_LANES and not _groups_whole_in_blocks(cpg, block_c, layout["SHIFT"]):
         raise ValueError(f"STATS_BY_LANES needs channel blocks of whole groups: {cpg} channels per group, "
                          f"blocks of {block_c}, shifted windows {layout['SHIFT']}")
-    apply_consts = dict(consts, RES=res_mode, STATS=stats, BLOCK_K=_stats_block_k(block_c, stats, layout["SHIFT"], arch))
+    apply_consts = dict(consts, RES=res_mode, STATS=stats,
+                        BLOCK_K=_stats_block_k(block_c, stats, layout["SHIFT"], arch, bool(masked)))
     # (x stands for y, the records and the statistics in the occupancy query: the same dtype
     # and alignment as the tensors each call allocates)
     query = (x, x, weight, bias, None, None, None, None, _residual_of(x, residual), c, s, g, cpg, 1.0, n * c, n_cblocks,
              chunk_s, splits, _UNSIZED, _UNSIZED, n_sblocks, activation)
     apply_splits, apply_chunk = _splits(n_row_blocks, n_sblocks * block_s, block_s,
-                                        _resident_programs(_forward_apply_kernel, x, query, apply_consts))
+                                        _resident_programs(_forward_apply_kernel, x, query,
+                                                           _with_valid(apply_consts, valid)))
     return ForwardPlan(_SPLIT, n, c, s, g, res_mode, n_row_blocks * splits, consts, splits=splits,
                        split_tiles=chunk_s // block_s, finalize=stats == STATS_FINALIZED, chunk_s=chunk_s,
                        n_cblocks=n_cblocks, n_sblocks=n_sblocks, apply_grid=n_row_blocks * apply_splits,
-                       apply_consts=apply_consts, apply_split_tiles=apply_chunk // block_s, apply_splits=apply_splits)
+                       apply_consts=apply_consts, apply_split_tiles=apply_chunk // block_s, apply_splits=apply_splits,
+                       **mask_info)
+
+
+def _valid_arg(plan, valid: Optional[torch.Tensor]) -> dict:
+    """The VALID argument of a plan's launches: none for an unmasked plan (the kernels' default,
+    no MASKED code), the call's regions for a masked one; a plan given the wrong kind of call
+    refuses it."""
+    if plan.masked != (valid is not None):
+        raise ValueError("a masked plan needs valid regions, an unmasked one takes none")
+    return {} if valid is None else {"VALID": valid}
 
 
 def run_forward(plan: ForwardPlan, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                activation: int, residual: Optional[torch.Tensor] = None
+                activation: int, residual: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, rstd) of x by ``plan`` (made for x's signature)."""
+    """(y, mean, rstd) of x by ``plan`` (made for x's signature; ``valid`` for a masked plan)."""
     n, c, s, g = plan.n, plan.c, plan.s, plan.g
     cpg = c // g
     y = torch.empty_like(x)
     mean = torch.empty((n, g), dtype=torch.float32, device=x.device)
     rstd = torch.empty((n, g), dtype=torch.float32, device=x.device)
     r = x if residual is None else residual
+    v = _valid_arg(plan, valid)
     if plan.kind == _FLAT:
-        _group_forward_flat_kernel[(plan.grid,)](x, y, weight, bias, mean, rstd, r, s, g, cpg, eps, **plan.consts)
+        _group_forward_flat_kernel[(plan.grid,)](x, y, weight, bias, mean, rstd, r, s, g, cpg, eps, **plan.consts, **v)
     elif plan.kind == _RESIDENT:
-        _group_forward_kernel[(plan.grid,)](x, y, weight, bias, mean, rstd, r, c, s, g, cpg, eps, **plan.consts)
+        _group_forward_kernel[(plan.grid,)](x, y, weight, bias, mean, rstd, r, c, s, g, cpg, eps, **plan.consts, **v)
     else:
         part_mean = torch.empty((n, plan.splits, c), dtype=torch.float32, device=x.device)
         part_m2 = torch.empty_like(part_mean)
         _stats_partial_kernel[(plan.grid,)](
-            x, part_mean, part_m2, c, s, plan.split_tiles, plan.splits, plan.n_cblocks, **plan.consts)
+            x, part_mean, part_m2, c, s, plan.split_tiles, plan.splits, plan.n_cblocks, **plan.consts, **v)
         if plan.finalize:
+            masked = dict(v, width=plan.width, MASKED=True) if plan.masked else v
             _stats_finalize_kernel[(n * g,)](
                 part_mean, part_m2, mean, rstd, c, s, g, cpg, plan.chunk_s, plan.splits, eps,
-                BLOCK_K=FINALIZE_BLOCK_K, BLOCK_CG=FINALIZE_BLOCK_CG, num_warps=FINALIZE_WARPS,
+                BLOCK_K=FINALIZE_BLOCK_K, BLOCK_CG=FINALIZE_BLOCK_CG, num_warps=FINALIZE_WARPS, **masked,
             )
         _forward_apply_kernel[(plan.apply_grid,)](
             x, y, weight, bias, part_mean, part_m2, mean, rstd, r, c, s, g, cpg, eps, n * c, plan.n_cblocks,
             plan.chunk_s, plan.splits, plan.apply_split_tiles, plan.apply_splits, plan.n_sblocks, activation,
-            **plan.apply_consts)
+            **plan.apply_consts, **v)
     return y, mean, rstd
 
 
 def plan_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                   mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, activation: int,
-                  residual: Optional[torch.Tensor] = None, residual_mode: int = RESIDUAL_ADD) -> BackwardPlan:
+                  residual: Optional[torch.Tensor] = None, residual_mode: int = RESIDUAL_ADD,
+                  valid: Optional[torch.Tensor] = None) -> BackwardPlan:
     """The backward plan of this signature (grad_y dense in x's layout; ``residual`` what the
-    forward saved for it, dense in x's layout)."""
+    forward saved for it, dense in x's layout; with ``valid``, the masked kernels')."""
     n, c, s, channels_last = _as_ncs(x)
     g = num_groups
     cpg = c // g
     res_mode = RESIDUAL_NONE if residual is None else residual_mode
     if res_mode == RESIDUAL_OUTPUT and activation != ACT_RELU:
         raise ValueError("RESIDUAL_OUTPUT stands for the activation's input by its sign: ReLU only")
+    masked = _masked(x, valid, num_groups)
+    mask_info = dict(masked=bool(masked), width=masked.get("width", 0))
     resident = _group_resident_blocks(cpg, s)
     if resident is not None:
         param_grid = triton.cdiv(c, PARAM_BLOCK_C)
@@ -490,31 +584,35 @@ def plan_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, b
         if flat:
             block_f, block_cg, align = flat
             consts = dict(ACT=activation, RES=res_mode, ALIGN=align, BLOCK_F=block_f, BLOCK_CG=block_cg,
-                          num_warps=_num_warps(block_f))
-            return BackwardPlan(_FLAT, n, c, s, g, res_mode, n * g, consts, param_grid=param_grid)
+                          num_warps=_num_warps(block_f), **masked)
+            return BackwardPlan(_FLAT, n, c, s, g, res_mode, n * g, consts, param_grid=param_grid, **mask_info)
         block_cg, block_s = resident
         consts = dict(ACT=activation, RES=res_mode, CHANNELS_LAST=channels_last,
                       ALIGN=_alignment(s, channels_last, x.element_size(), cpg), BLOCK_CG=block_cg, BLOCK_S=block_s,
-                      num_warps=_num_warps(block_cg * block_s), **_register_cap(_GROUP_BACKWARD_MAXNREG_BY_ARCH, x))
-        return BackwardPlan(_RESIDENT, n, c, s, g, res_mode, n * g, consts, param_grid=param_grid)
+                      num_warps=_num_warps(block_cg * block_s), **_register_cap(_GROUP_BACKWARD_MAXNREG_BY_ARCH, x),
+                      **masked)
+        return BackwardPlan(_RESIDENT, n, c, s, g, res_mode, n * g, consts, param_grid=param_grid, **mask_info)
     block_c, block_s, n_cblocks, n_sblocks, layout = _tiles(c, s, channels_last, x.element_size())
-    consts = dict(layout, RES=res_mode, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s))
+    consts = dict(layout, RES=res_mode, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s),
+                  **masked)
     n_row_blocks = n * n_cblocks
     partial_consts = dict(consts, ACT=activation, **_register_cap(_BACKWARD_PARTIAL_MAXNREG_BY_ARCH, x))
     splits, chunk_s = _splits(n_row_blocks, s, block_s, _resident_programs(
         _backward_partial_kernel, x,
         (x, grad_y, weight, bias, mean, rstd, _residual_of(x, residual), None, None, c, s, g, cpg, _UNSIZED, _UNSIZED,
-         n_cblocks), partial_consts))
+         n_cblocks), _with_valid(partial_consts, valid)))
     return BackwardPlan(_SPLIT, n, c, s, g, res_mode, n_row_blocks * splits, partial_consts, splits=splits,
                         split_tiles=chunk_s // block_s, n_cblocks=n_cblocks, n_sblocks=n_sblocks,
                         finalize_grid=n * g + triton.cdiv(c, PARAM_BLOCK_C), apply_grid=n_row_blocks * n_sblocks,
-                        apply_consts=dict(consts, ACT=activation))
+                        apply_consts=dict(consts, ACT=activation), **mask_info)
 
 
 def run_backward(plan: BackwardPlan, grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                 mean: torch.Tensor, rstd: torch.Tensor, residual: Optional[torch.Tensor] = None
+                 mean: torch.Tensor, rstd: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                 valid: Optional[torch.Tensor] = None
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """(dx, dweight, dbias, dresidual) by ``plan``; grad_y and residual dense in x's layout."""
+    """(dx, dweight, dbias, dresidual) by ``plan``; grad_y and residual dense in x's layout;
+    ``valid`` for a masked plan."""
     n, c, s, g = plan.n, plan.c, plan.s, plan.g
     cpg = c // g
     dx = torch.empty_like(x)
@@ -523,12 +621,13 @@ def run_backward(plan: BackwardPlan, grad_y: torch.Tensor, x: torch.Tensor, weig
     dres = None if residual is None else torch.empty_like(r)
     dr = dx if dres is None else dres  # (an unwritten placeholder without a residual)
     dweight, dbias = torch.empty_like(weight), torch.empty_like(weight)
+    v = _valid_arg(plan, valid)
     if plan.kind != _SPLIT:
         part_ds = torch.empty((n, c), dtype=torch.float32, device=x.device)
         part_db = torch.empty_like(part_ds)
         kernel = _group_backward_flat_kernel if plan.kind == _FLAT else _group_backward_kernel
         kernel[(plan.grid,)](x, grad_y, dx, weight, bias, mean, rstd, part_ds, part_db, r, dr, c, s, g, cpg,
-                             **plan.consts)
+                             **plan.consts, **v)
         _param_grad_kernel[(plan.param_grid,)](
             part_ds, part_db, dweight, dbias, n, c, BLOCK_R=PARAM_BLOCK_R, BLOCK_C=PARAM_BLOCK_C,
         )
@@ -537,17 +636,17 @@ def run_backward(plan: BackwardPlan, grad_y: torch.Tensor, x: torch.Tensor, weig
     part_db = torch.empty_like(part_ds)
     _backward_partial_kernel[(plan.grid,)](
         x, grad_y, weight, bias, mean, rstd, r, part_ds, part_db, c, s, g, cpg, plan.split_tiles, plan.splits,
-        plan.n_cblocks, **plan.consts)
+        plan.n_cblocks, **plan.consts, **v)
     coef_xhat = torch.empty((n, g), dtype=torch.float32, device=x.device)
     coef_const = torch.empty_like(coef_xhat)
     _backward_finalize_kernel[(plan.finalize_grid,)](
         part_ds, part_db, weight, rstd, coef_xhat, coef_const, dweight, dbias, c, s, g, cpg, plan.splits, n * g,
         n * plan.splits, BLOCK_K=FINALIZE_BLOCK_K, BLOCK_CG=FINALIZE_BLOCK_CG, BLOCK_R=PARAM_BLOCK_R,
-        BLOCK_C=PARAM_BLOCK_C,
+        BLOCK_C=PARAM_BLOCK_C, **(dict(v, MASKED=True) if plan.masked else v),
     )
     _backward_apply_kernel[(plan.apply_grid,)](
         x, grad_y, dx, weight, bias, mean, rstd, coef_xhat, coef_const, r, dr, c, s, g, cpg, n * c, plan.n_cblocks,
-        plan.n_sblocks, **plan.apply_consts)
+        plan.n_sblocks, **plan.apply_consts, **v)
     return dx, dweight, dbias, dres
 
 
@@ -561,66 +660,89 @@ class TritonPlans:
     is never handed to a caller (``group_norm_op`` refuses it). The interface is the backends'
     (``torch_path.Backend``)."""
 
-    __slots__ = ("forward_plan", "backward_plans")
+    __slots__ = ("forward_plan", "masked_forward_plan", "backward_plans")
 
     def __init__(self) -> None:
         self.forward_plan: Optional[ForwardPlan] = None
+        self.masked_forward_plan: Optional[ForwardPlan] = None  # with valid regions: the masked kernels'
         self.backward_plans: Dict[tuple, BackwardPlan] = {}
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: Optional[torch.Tensor],
-                num_groups: int, eps: float, activation: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(y, mean, rstd): ``triton_group_norm_forward``'s, planned once."""
+                num_groups: int, eps: float, activation: int, valid: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(y, mean, rstd): ``triton_group_norm_forward``'s, planned once (with valid regions,
+        once more: the masked kernels' plan)."""
         if residual is not None:
             residual = _dense_like(x, residual)
-        plan = self.forward_plan
+        if valid is None:
+            plan = self.forward_plan
+        else:
+            _check_valid(x, valid)
+            plan = self.masked_forward_plan
         if plan is None:
             with _on_device_of(x):
-                plan = self.forward_plan = plan_forward(x, weight, bias, num_groups, activation, residual)
+                plan = plan_forward(x, weight, bias, num_groups, activation, residual, valid)
+            if valid is None:
+                self.forward_plan = plan
+            else:
+                self.masked_forward_plan = plan
         if x.is_cuda and x.device.index != torch.cuda.current_device():
             with torch.cuda.device(x.device):
-                return run_forward(plan, x, weight, bias, eps, activation, residual)
-        return run_forward(plan, x, weight, bias, eps, activation, residual)
+                return run_forward(plan, x, weight, bias, eps, activation, residual, valid)
+        return run_forward(plan, x, weight, bias, eps, activation, residual, valid)
 
     def backward(self, grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                  mean: torch.Tensor, rstd: torch.Tensor, saved: Optional[torch.Tensor], num_groups: int, eps: float,
-                 activation: int, residual_mode: int
+                 activation: int, residual_mode: int, valid: Optional[torch.Tensor] = None
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(dx, dweight, dbias, dresidual): ``triton_group_norm_backward``'s, planned once per
-        gradient dtype and alignment."""
+        gradient dtype and alignment (and with valid regions or not)."""
         grad_y = _dense_like(x, grad_y)
         if saved is not None:
             saved = _dense_like(x, saved)
-        key = (grad_y.dtype, grad_y.data_ptr() % 16 == 0, None if saved is None else saved.dtype)
+        if valid is not None:
+            _check_valid(x, valid)
+        key = (grad_y.dtype, grad_y.data_ptr() % 16 == 0, None if saved is None else saved.dtype, valid is None)
         plan = self.backward_plans.get(key)
         with _on_device_of(x):
             if plan is None:
                 plan = self.backward_plans[key] = plan_backward(grad_y, x, weight, bias, mean, rstd, num_groups,
-                                                                activation, saved, residual_mode)
-            return run_backward(plan, grad_y, x, weight, bias, mean, rstd, saved)
+                                                                activation, saved, residual_mode, valid)
+            return run_backward(plan, grad_y, x, weight, bias, mean, rstd, saved, valid)
 
 
 def triton_group_norm_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: Optional[torch.Tensor], num_groups: int,
-    eps: float, activation: int,
+    eps: float, activation: int, valid: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = act(group_norm(x) [+ residual]); x is ``(N, C, *)``, contiguous or
     channels_last-contiguous, with ``numel > 0``; weight and bias ``(C,)``; residual None or
     of x's shape (any float dtype; copied if not dense in x's layout). Returns y (x's dtype and
     memory format) and the float32 mean and rstd, ``(N, G)``. Plans anew at every call (the
-    policy keeps plans per input: ``TritonPlans``)."""
-    return TritonPlans().forward(x, weight, bias, residual, num_groups, eps, activation)
+    policy keeps plans per input: ``TritonPlans``).
+
+    ``valid``: None, or for a 4-D x ``(N, C, H, W)`` (``masked_kernels_support``) a contiguous
+    int32 ``(N, 2)`` tensor on x's device, each sample's valid region (vh, vw): position (h, w)
+    is inside iff h < vh and w < vw. Each (n, group)'s statistics are then over its inside
+    positions only (mean and rstd are those), and y is act(GN(x) [+ residual]) inside, exactly 0
+    outside; an empty region (vh * vw = 0) gives mean 0, rstd 1 / sqrt(eps), y 0. The values are
+    read by the kernels only (no host synchronisation); any values run the same plan."""
+    return TritonPlans().forward(x, weight, bias, residual, num_groups, eps, activation, valid)
 
 
 def triton_group_norm_backward(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
     rstd: torch.Tensor, residual: Optional[torch.Tensor], num_groups: int, eps: float, activation: int,
-    residual_mode: int = RESIDUAL_ADD,
+    residual_mode: int = RESIDUAL_ADD, valid: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Gradients of ``triton_group_norm_forward`` w.r.t. x, weight, bias and residual (None
     without one). grad_y has x's shape (copied if not dense in x's layout, as a
     convolution's gradient is); dx and dresidual come in x's layout, dresidual in
     ``residual``'s dtype; dweight/dbias in weight's dtype. ``residual`` is what the forward
     saved: the residual itself (RESIDUAL_ADD) or, with ReLU, the output (RESIDUAL_OUTPUT); eps
-    is unused (the backends' one signature: the PyTorch path's recomputes with it)."""
+    is unused (the backends' one signature: the PyTorch path's recomputes with it). With
+    ``valid`` (the forward's, and its mean and rstd), the masked forward's gradients: dx and
+    dresidual 0 outside each sample's region, grad_y there ignored, dweight/dbias summed over
+    the regions."""
     return TritonPlans().backward(grad_y, x, weight, bias, mean, rstd, residual, num_groups, eps, activation,
-                                  residual_mode)
+                                  residual_mode, valid)

@@ -30,13 +30,13 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..ops.activation import ACT_NONE, RESIDUAL_OUTPUT, activation_code
-from ..ops.autograd import OpCall, op_inputs, residual_mode_for
+from ..ops.activation import RESIDUAL_OUTPUT, activation_code
+from ..ops.autograd import OpCall, op_inputs, records_grad, residual_mode_for
 from ..ops.functional import AtenCall, EmptyCall, check_inputs, export_group_norm, plain_cpu_group_norm
 from ..ops.layout import memory_format_of, to_dense
 from ..ops.torch_path import TORCH_PATH, compute_dtype
 from . import paths, tuning, verification
-from .switches import CALLS, CALLS_MAX
+from .switches import CALLS
 
 __all__ = ["call_for", "call_key", "group_norm", "op_backend"]
 
@@ -44,48 +44,46 @@ Call = Callable[[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]], 
 
 
 def call_key(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, code: int,
-             residual: Optional[Tensor], output_recomputed: bool, records_grad: bool) -> tuple:
+             residual: Optional[Tensor], output_recomputed: bool, records_grad: bool,
+             valid: Optional[Tensor] = None) -> tuple:
     """The signature of a call: what its decision and launch plan depend on (module docstring).
-    Alignments are of 16 bytes, what Triton specialises pointers on."""
+    Alignments are of 16 bytes, what Triton specialises pointers on. Of the images' regions
+    (``valid``) only their presence, dtype and device: never their values (sizes change every
+    step of multi-scale training; one plan serves them all)."""
     return (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
             None if weight is None else (weight.shape, weight.stride(), weight.dtype, weight.device,
                                          weight.data_ptr() & 15),
             None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device, bias.data_ptr() & 15),
             None if residual is None else (residual.stride(), residual.dtype, residual.device,
                                            residual.data_ptr() & 15, residual.shape),
-            num_groups, eps, code, output_recomputed, records_grad, torch.is_autocast_enabled())
+            num_groups, eps, code, output_recomputed, records_grad, torch.is_autocast_enabled(),
+            None if valid is None else (valid.shape, valid.dtype, valid.device))
 
 
 def call_for(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, code: int,
-             residual: Optional[Tensor] = None, output_recomputed: bool = False) -> Call:
-    """The call that runs ``group_norm(x, ...)``, as ``call(x, weight, bias, residual)``:
+             residual: Optional[Tensor] = None, output_recomputed: bool = False,
+             valid: Optional[Tensor] = None) -> Call:
+    """The call that runs ``group_norm(x, ...)``, as ``call(x, weight, bias, residual, valid)``:
     decided at the first call of x's signature (inputs checked then), found by one lookup after.
-    ``code`` is the activation's (``activation_code``)."""
+    ``code`` is the activation's (``activation_code``); ``valid`` the images' regions of a
+    padded batch (``gn_det.padding``), or None."""
     if paths.recording():  # (first: torch.export's tracing counts as compiling too)
         return _standard_ops_call(num_groups, eps, code)
     if torch.compiler.is_compiling():
-        return _compiled_call(x, num_groups, eps, code, residual)
+        return _compiled_call(x, num_groups, eps, code, residual, valid)
     try:
-        records_grad = torch.is_grad_enabled() and (
-            x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
-            or (residual is not None and residual.requires_grad))
-        key = call_key(x, num_groups, weight, bias, eps, code, residual, output_recomputed, records_grad)
+        grad = records_grad(x, weight, bias, residual)
+        key = call_key(x, num_groups, weight, bias, eps, code, residual, output_recomputed, grad, valid)
     except (AttributeError, TypeError):  # an argument that is not a tensor: the checks say which
-        check_inputs(x, num_groups, weight, bias, eps, residual)
+        check_inputs(x, num_groups, weight, bias, eps, residual, valid)
         raise
     call = CALLS.get(key)
     if call is None:
-        call, keep = _decide(x, num_groups, weight, bias, eps, code, residual, output_recomputed, records_grad)
+        generation = CALLS.generation
+        call, keep = _decide(x, num_groups, weight, bias, eps, code, residual, output_recomputed, grad, valid)
         if keep:
-            _keep(key, call)
+            CALLS.keep(key, call, generation)
     return call
-
-
-def _keep(key: tuple, value) -> None:
-    """Keep a decision for its signature (all are forgotten when CALLS_MAX are held)."""
-    if len(CALLS) >= CALLS_MAX:
-        CALLS.clear()
-    CALLS[key] = value
 
 
 def group_norm(
@@ -98,6 +96,7 @@ def group_norm(
     residual: Optional[Tensor] = None,
     *,
     output_recomputed: bool = False,
+    valid: Optional[Tensor] = None,
 ) -> Tensor:
     """Group Normalization with an optional fused residual add and activation.
 
@@ -116,6 +115,10 @@ def group_norm(
             (``gn_det.recompute``): the op's own path runs (neither tuning nor routes send
             it to ATen's GroupNorm, which would keep its output), and with a residual,
             backward keeps the residual, not the output.
+        valid: None, or for a zero-padded batch ``(N, C, H, W)`` an ``(N, 2)`` integer tensor
+            on input's device: each image's valid (height, width), its top-left region
+            (values clamped to [0, H] and [0, W]). Each image's statistics are then over its
+            region only and the output (and gradients) are 0 outside it (``gn_det.padding``).
     Returns:
         ``act(gamma * (x - mean_g) / sqrt(var_g + eps) + beta [+ residual])``: input's
         shape, dtype and memory format.
@@ -123,33 +126,39 @@ def group_norm(
     First-order gradients only: a second-order gradient through it raises (plain GN on
     NCHW CPU tensors, which is ATen's own op, is the exception).
     """
+    if isinstance(valid, Tensor) and valid.dim() == 2 and valid.shape[1] == 2 and isinstance(input, Tensor) and input.dim() == 4:
+        valid = torch.stack([valid[:, 0].clamp(0, input.shape[2]), valid[:, 1].clamp(0, input.shape[3])], dim=1) \
+            .to(torch.int32)
     return call_for(input, num_groups, weight, bias, eps, activation_code(activation), residual,
-                    output_recomputed)(input, weight, bias, residual)
+                    output_recomputed, valid)(input, weight, bias, residual, valid)
 
 
 def op_backend(x: Tensor, num_groups: int, code: int, residual: bool, records_grad: bool = False,
-               residual_mode: Optional[int] = None):
+               residual_mode: Optional[int] = None, masked: bool = False):
     """The backend of the op's own path for a dense, non-empty x (``paths.decide``'s steps
     6-8): the Triton kernels (verified at first use), or the PyTorch path; bypassing tuning and
     routes. For the custom op's implementation (at every call of a compiled graph) and
     ``python -m gn_det.check``; kept per input signature beside the calls."""
     mode = residual_mode_for(code, residual) if residual_mode is None else residual_mode
     key = ("op backend", x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, num_groups, code, residual,
-           records_grad, mode)
+           records_grad, mode, masked)
     backend = CALLS.get(key)
     if backend is None:
-        backend = _op_call(x, num_groups, 1e-5, code, residual, mode, records_grad, True)[0].backend
+        generation = CALLS.generation
+        backend = _op_call(x, num_groups, 1e-5, code, residual, mode, records_grad, True, masked)[0].backend
         if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-            _keep(key, backend)
+            CALLS.keep(key, backend, generation)
     return backend
 
 
 # --------------------------------------------------------------------------- deciding
 
 def _decide(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, code: int,
-            residual: Optional[Tensor], output_recomputed: bool, records_grad: bool) -> Tuple[Call, bool]:
+            residual: Optional[Tensor], output_recomputed: bool, records_grad: bool,
+            valid: Optional[Tensor] = None) -> Tuple[Call, bool]:
     """(the call for this input, whether it is kept for its signature)."""
-    check_inputs(x, num_groups, weight, bias, eps, residual)
+    check_inputs(x, num_groups, weight, bias, eps, residual, valid)
+    masked = valid is not None
     if x.numel() == 0:  # N = 0 (no ROIs): standard operators return it, with its gradients
         return EmptyCall(num_groups, eps, code), True
     xd = to_dense(x)
@@ -158,7 +167,7 @@ def _decide(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional
     mode = residual_mode_for(code, residual is not None, output_recomputed)
 
     def op_call() -> Tuple[Call, bool]:
-        return _op_call(xd, num_groups, eps, code, residual is not None, mode, records_grad, dense)
+        return _op_call(xd, num_groups, eps, code, residual is not None, mode, records_grad, dense, masked)
 
     def measure(train: bool) -> "tuning.Decision":  # first-use tuning: once per bucket
         inputs = op_inputs(x, weight, bias, residual)
@@ -167,7 +176,7 @@ def _decide(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional
                                        {"kernels": kernels, "aten": AtenCall(num_groups, eps, code, plain=False)})
 
     path = paths.decide(x, num_groups, code, residual, weight, bias, train=records_grad,
-                        output_recomputed=output_recomputed, measure=measure).path
+                        output_recomputed=output_recomputed, measure=measure, masked=masked).path
     keep = not (x.is_cuda and torch.cuda.is_current_stream_capturing())
     if path == paths.ATEN:
         return AtenCall(num_groups, eps, code, plain=True), keep
@@ -178,14 +187,14 @@ def _decide(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional
 
 
 def _op_call(xd: Tensor, num_groups: int, eps: float, code: int, residual: bool, mode: int, records_grad: bool,
-             dense: bool) -> Tuple[OpCall, bool]:
+             dense: bool, masked: bool = False) -> Tuple[OpCall, bool]:
     """(the op's call for dense x: kernels, kernels under verification, or the PyTorch path;
-    whether that is settled for its signature)."""
-    if not paths.triton_enabled_for(xd):
+    whether that is settled for its signature). ``masked``: calls over image regions."""
+    if not paths.triton_enabled_for(xd, num_groups, masked):
         return OpCall(TORCH_PATH, num_groups, eps, code, mode, records_grad, dense), True
     kernels, reference = verification.with_faults(paths.triton_module().TritonPlans(), TORCH_PATH)
-    forward = verification.outcome(xd, num_groups, code, residual, tuning.CHECKS[0])
-    backward = (verification.outcome(xd, num_groups, code, residual, verification.check_of(residual, mode))
+    forward = verification.outcome(xd, num_groups, code, residual, tuning.CHECKS[0], masked)
+    backward = (verification.outcome(xd, num_groups, code, residual, verification.check_of(residual, mode), masked)
                 if records_grad else True)
     if forward is False or backward is False:  # the bucket failed (or a capture, where nothing is verified)
         backend = reference
@@ -198,21 +207,23 @@ def _op_call(xd: Tensor, num_groups: int, eps: float, code: int, residual: bool,
 
 def _standard_ops_call(num_groups: int, eps: float, code: int) -> Call:
     """Tracing and export: standard operators only."""
-    return lambda x, weight, bias, residual: export_group_norm(x, num_groups, weight, bias, eps, code, residual)
+    return lambda x, weight, bias, residual, valid=None: export_group_norm(x, num_groups, weight, bias, eps, code,
+                                                                            residual, valid)
 
 
 # --------------------------------------------------------------------------- torch.compile
 
-def _compiled_call(x: Tensor, num_groups: int, eps: float, code: int, residual: Optional[Tensor]) -> Call:
+def _compiled_call(x: Tensor, num_groups: int, eps: float, code: int, residual: Optional[Tensor],
+                   valid: Optional[Tensor] = None) -> Call:
     """Inside ``torch.compile``: plain GN of a contiguous float CPU tensor is ATen's (a standard
-    operator); everything else is the custom op, whose implementation runs when the graph runs."""
-    if (code == ACT_NONE and residual is None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and x.is_contiguous() and not paths.triton_on_cpu()):
-        return lambda x, weight, bias, residual: plain_cpu_group_norm(x, num_groups, weight, bias, eps)
+    operator); everything else is the custom op, whose implementation runs when the graph runs
+    (the images' regions are one of its tensor arguments: their values are no guard)."""
+    if valid is None and paths.is_plain_cpu(x, code, residual is not None):
+        return lambda x, weight, bias, residual, valid=None: plain_cpu_group_norm(x, num_groups, weight, bias, eps)
 
-    def custom_op(x, weight, bias, residual):
+    def custom_op(x, weight, bias, residual, valid=None):
         x, weight, bias, residual = op_inputs(x, weight, bias, residual)
-        return torch.ops.gn_det.group_norm_forward(x, weight, bias, num_groups, float(eps), code, residual)[0]
+        return torch.ops.gn_det.group_norm_forward(x, weight, bias, num_groups, float(eps), code, residual, valid)[0]
 
     return custom_op
 
@@ -220,26 +231,30 @@ def _compiled_call(x: Tensor, num_groups: int, eps: float, code: int, residual: 
 @torch.library.custom_op("gn_det::group_norm_forward", mutates_args=())
 def _group_norm_forward(
     x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, eps: float, activation: int,
-    residual: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None, valid: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     if x.numel() == 0:
         stats = x.new_zeros((x.shape[0], num_groups), dtype=compute_dtype(x))
         return torch.empty_like(x), stats, stats.clone()
-    backend = op_backend(x, num_groups, activation, residual is not None)
-    return backend.forward(x, weight, bias, residual, num_groups, eps, activation)
+    backend = op_backend(x, num_groups, activation, residual is not None, masked=valid is not None)
+    return backend.forward(x, weight, bias, residual, num_groups, eps, activation, valid)
 
 
 @_group_norm_forward.register_fake
-def _group_norm_forward_fake(x, weight, bias, num_groups, eps, activation, residual=None):
+def _group_norm_forward_fake(x, weight, bias, num_groups, eps, activation, residual=None, valid=None):
     stats = x.new_empty((x.shape[0], num_groups), dtype=compute_dtype(x))
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 
-def group_norm_forward_decomposition(x, weight, bias, num_groups, eps, activation, residual=None):
+def group_norm_forward_decomposition(x, weight, bias, num_groups, eps, activation, residual=None, valid=None):
     """The forward op in standard ATen operators, for exporters that decompose (ONNX dynamo=True):
     ATen's GroupNorm in the statistics' dtype (float32 for half inputs, as the kernels compute),
     the residual, the activation, the output in x's dtype; mean and rstd ``(N, G)`` as the op's."""
     from ..ops.activation import export_activation
+
+    if valid is not None:
+        raise NotImplementedError("gn_det: exporting GN over image regions (valid) through torch 2.5's decomposing "
+                                  "ONNX exporter is not supported; torch >= 2.6 exports it in standard operators")
 
     n, channels = x.shape[:2]
     dtype = compute_dtype(x)
@@ -268,42 +283,46 @@ def _group_norm_backward(
     grad_y: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor,
     num_groups: int, eps: float, activation: int, residual: Optional[Tensor] = None,
     residual_mode: int = 1,  # activation.RESIDUAL_ADD
+    valid: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     if x.numel() == 0:
         dres = x.new_empty(0) if residual is None else torch.zeros_like(residual)
         return torch.zeros_like(x), torch.zeros_like(weight), torch.zeros_like(weight), dres
-    backend = op_backend(x, num_groups, activation, residual is not None, records_grad=True, residual_mode=residual_mode)
+    backend = op_backend(x, num_groups, activation, residual is not None, records_grad=True, residual_mode=residual_mode,
+                         masked=valid is not None)
     dx, dweight, dbias, dres = backend.backward(grad_y, x, weight, bias, mean, rstd, residual, num_groups, eps,
-                                                activation, residual_mode)
+                                                activation, residual_mode, valid)
     # (a custom op returns tensors only: an empty one stands for "no residual")
     return dx, dweight, dbias, x.new_empty(0) if dres is None else dres
 
 
 @_group_norm_backward.register_fake
 def _group_norm_backward_fake(grad_y, x, weight, bias, mean, rstd, num_groups, eps, activation, residual=None,
-                              residual_mode=1):
+                              residual_mode=1, valid=None):
     dres = x.new_empty(0) if residual is None else torch.empty_like(residual)
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight), dres
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, num_groups, eps, activation, residual = inputs
+    x, weight, bias, num_groups, eps, activation, residual, valid = inputs + (None,) * (8 - len(inputs))
     y, mean, rstd = output
     mode = residual_mode_for(activation, residual is not None)
-    ctx.save_for_backward(x, weight, bias, mean, rstd, y if mode == RESIDUAL_OUTPUT else residual)
+    ctx.save_for_backward(x, weight, bias, mean, rstd, y if mode == RESIDUAL_OUTPUT else residual, valid)
     ctx.num_groups, ctx.eps, ctx.activation, ctx.residual_mode = num_groups, eps, activation, mode
     ctx.residual_dtype = None if residual is None else residual.dtype
 
 
 def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
-    x, weight, bias, mean, rstd, saved = ctx.saved_tensors
+    x, weight, bias, mean, rstd, saved, valid = ctx.saved_tensors
     dx, dweight, dbias, dres = torch.ops.gn_det.group_norm_backward(
-        grad_y, x, weight, bias, mean, rstd, ctx.num_groups, ctx.eps, ctx.activation, saved, ctx.residual_mode)
+        grad_y, x, weight, bias, mean, rstd, ctx.num_groups, ctx.eps, ctx.activation, saved, ctx.residual_mode, valid)
     if ctx.residual_dtype is not None and dres.dtype != ctx.residual_dtype:
         dres = dres.to(ctx.residual_dtype)
-    needs = ctx.needs_input_grad  # (the custom op's omits a residual left at its default)
+    needs = ctx.needs_input_grad  # (the custom op's omits arguments left at their defaults)
     grads = (dx if needs[0] else None, dweight if needs[1] else None, dbias if needs[2] else None, None, None, None)
-    return grads + (dres if needs[6] else None,) if len(needs) > 6 else grads
+    if len(needs) > 6:
+        grads += (dres if needs[6] else None,)
+    return grads + (None,) * (len(needs) - len(grads))
 
 
 _group_norm_forward.register_autograd(_backward, setup_context=_setup_context)

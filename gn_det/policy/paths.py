@@ -37,6 +37,10 @@ step  path             when
 8     ``KERNELS``      the op on the Triton kernels (verified at the bucket's first use).
 ====  ===============  ===================================================================
 
+A call over image regions (``valid``, ``gn_det.padding``) skips steps 1, 4 and 5 (ATen's
+GroupNorm cannot mask): steps 2-3, then 6-8, where step 6 also sends it to the PyTorch path
+when the kernels do not mask x's kernel set (``masked_kernels_support``) or x is not 4-D.
+
 ``decide`` returns a ``Choice``: the path and the reason. Reasons are short constants unless
 ``explain=True`` (``dispatch_path``), which adds the measured times, the failed verification
 and the kernel set, at a cost no call should pay.
@@ -53,13 +57,14 @@ from torch import Tensor
 
 from . import routing, tuning
 from ..ops.activation import ACT_NONE, activation_code
+from ..ops.autograd import records_grad
 from ..ops.layout import memory_format_of, to_dense
 from .support import kernels_support, triton_support
 from .switches import SWITCHES
 from .verification import verify_key_of
 
 __all__ = ["ATEN", "ATEN_TUNED", "CUSTOM_OP", "Choice", "EXPORT", "FALLBACK", "KERNELS", "PATHS", "TORCH", "decide",
-           "dispatch_path", "triton_enabled_for", "triton_module", "triton_on_cpu"]
+           "dispatch_path", "is_plain_cpu", "triton_enabled_for", "triton_module", "triton_on_cpu"]
 
 ATEN = "aten"  # F.group_norm itself (step 1)
 EXPORT = "export"  # standard operators, for tracing and export (step 2)
@@ -142,22 +147,36 @@ def _kernels_off(x: Tensor) -> Optional[str]:
 _NOT_CUDA = "cpu tensor (the Triton kernels run on CUDA, or on CPU under TRITON_INTERPRET=1 GN_DET_TRITON_ON_CPU=1)"
 
 
-def triton_enabled_for(x: Tensor) -> bool:
+def triton_enabled_for(x: Tensor, num_groups: int = 1, masked: bool = False) -> bool:
     """Whether x goes to the Triton kernels: CUDA tensors the kernels support, and CPU tensors
     when the Triton interpreter is on (``TRITON_INTERPRET=1``) and ``GN_DET_TRITON_ON_CPU=1``
     asks for it (how the kernels are tested on machines without a GPU); not float64, not
-    under the "torch" backend. ``decide``'s step 6."""
-    return _kernels_off(x) is None
+    under the "torch" backend; over image regions (``masked``), where they mask x's kernel set.
+    ``decide``'s step 6."""
+    if _kernels_off(x) is not None:
+        return False
+    return not masked or x.numel() == 0 or _masked_kernels_off(x, num_groups) is None
+
+
+def _masked_kernels_off(x: Tensor, num_groups: int) -> Optional[str]:
+    """Why x's regions (``valid``) are not masked by the Triton kernels, or None (step 6)."""
+    if x.dim() != 4:
+        return f"regions of a {x.dim()}-D input: only (N, C, H, W) maps have them (the PyTorch path refuses)"
+    if not triton_module().masked_kernels_support(x, num_groups):
+        return "the Triton kernels do not mask this kernel set (" + triton_module().kernel_path(x, num_groups) + ")"
+    return None
 
 
 def _op_path(x: Tensor, num_groups: int, activation: int, residual: bool, explain: bool, off: Optional[str],
-             why: str = "") -> Choice:
+             why: str = "", masked: bool = False) -> Choice:
     """Steps 6-8: the op's own implementation for x (dense); ``off`` is ``_kernels_off(x)``."""
+    if off is None and masked and x.numel():
+        off = _masked_kernels_off(x, num_groups)
     if off is not None:
         return Choice(TORCH, why + off)
     if not explain or x.numel() == 0:
         return Choice(KERNELS, why + "the Triton kernels (verified at the bucket's first use)")
-    failed = tuning.failed_verification(verify_key_of(x, num_groups, activation, residual))
+    failed = tuning.failed_verification(verify_key_of(x, num_groups, activation, residual, masked))
     if failed is not None:
         return Choice(FALLBACK, why + f"the kernels failed verification here: {failed.detail}")
     return Choice(KERNELS, why + triton_module().kernel_path(x, num_groups))
@@ -171,6 +190,12 @@ _TUNED = Choice(ATEN_TUNED, "tuned: ATen's GroupNorm measured faster for this bu
 _ROUTED = Choice(ATEN_TUNED, "routed (Triton measured slower here)")
 
 
+def is_plain_cpu(x: Tensor, activation: int, residual: bool) -> bool:
+    """Step 1's test: plain GN of a contiguous float32/float64 CPU tensor, the interpreter off."""
+    return (activation == ACT_NONE and not residual and x.dtype in _ATEN_EXACT_DTYPES and x.device.type == "cpu"
+            and x.is_contiguous() and not triton_on_cpu())
+
+
 def _is_capturing(x: Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
@@ -179,7 +204,7 @@ def decide(
     x: Tensor, num_groups: int, activation: int, residual: Union[Tensor, bool, None] = None,
     weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, *, train: Optional[bool] = None,
     output_recomputed: bool = False, measure: Optional[Callable[[bool], "tuning.Decision"]] = None,
-    explain: bool = False,
+    explain: bool = False, masked: bool = False,
 ) -> Choice:
     """The path of ``group_norm(x, num_groups, weight, bias, activation=..., residual=...)``
     and why (the module docstring's steps, in order).
@@ -196,10 +221,18 @@ def decide(
             when its bucket has no decision yet (``group_norm`` gives it); None: nothing is
             measured (``dispatch_path``), the bucket runs the op's path until decided.
         explain: a reason with the details (times, failed verification, kernel set).
+        masked: the call normalizes each image over its region of a padded batch
+            (``valid``): the op's own path, never ATen's GroupNorm (steps 1 and 5).
     """
     has_residual = residual is not None and residual is not False
-    if (activation == ACT_NONE and not has_residual and x.dtype in _ATEN_EXACT_DTYPES and x.device.type == "cpu"
-            and x.is_contiguous() and not triton_on_cpu()):
+    if masked:
+        if recording():
+            return _EXPORTING
+        if torch.compiler.is_compiling():
+            return _COMPILING
+        x = to_dense(x)
+        return _op_path(x, num_groups, activation, has_residual, explain, _kernels_off(x), masked=True)
+    if is_plain_cpu(x, activation, has_residual):
         return _PLAIN_CPU
     if recording():
         return _EXPORTING
@@ -214,9 +247,7 @@ def decide(
         return _op_path(x, num_groups, activation, has_residual, explain, off)
     if tuned:
         if train is None:
-            train = torch.is_grad_enabled() and (
-                x.requires_grad or (weight is not None and weight.requires_grad)
-                or (bias is not None and bias.requires_grad) or (isinstance(residual, Tensor) and residual.requires_grad))
+            train = records_grad(x, weight, bias, residual if isinstance(residual, Tensor) else None)
         decision = tuning.held_decision(x, num_groups, activation, has_residual, train)
         if decision is None:
             if routing.aten_route(x, num_groups, activation) is not None:

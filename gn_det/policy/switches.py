@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Dict, Tuple
+import threading
+from typing import Tuple
 
-__all__ = ["BACKENDS", "CALLS", "CALLS_MAX", "SWITCHES", "Switches", "autotune_from_environment", "backend",
+__all__ = ["BACKENDS", "CALLS", "CALLS_MAX", "SWITCHES", "DecidedCalls", "Switches", "autotune_from_environment", "backend",
            "backend_from_environment", "set_autotune", "set_backend", "set_verification"]
 
 BACKENDS = ("auto", "torch")
@@ -45,7 +46,34 @@ SWITCHES = Switches()
 # The decided calls (calls.py): input signature -> the call that runs it. Emptied by whatever
 # changes a decision (the module docstring), and when it holds CALLS_MAX signatures (multi-scale
 # training meets a bounded but large number of shapes).
-CALLS: Dict[tuple, object] = {}
+class DecidedCalls(dict):
+    """``CALLS``' kind: a dict whose ``clear`` also counts (``generation``), so that a call decided
+    while another thread changed a decision is not kept after the change (``keep``); the count
+    and the keeping share a lock, lookups take none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generation = 0
+        self.lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self.lock:
+            self.generation += 1
+            super().clear()
+
+    def keep(self, key: tuple, value: object, generation: int) -> None:
+        """``self[key] = value`` unless cleared since ``generation`` (read before deciding); all
+        are forgotten first when ``CALLS_MAX`` are held."""
+        with self.lock:
+            if self.generation != generation:
+                return
+            if len(self) >= CALLS_MAX:
+                self.generation += 1
+                super().clear()
+            self[key] = value
+
+
+CALLS = DecidedCalls()
 CALLS_MAX = 1 << 14
 
 

@@ -90,11 +90,13 @@ def verification_enabled(x: Tensor) -> bool:
     return SWITCHES.verify and (x.is_cuda or (SWITCHES.verify_on_cpu and x.device.type == "cpu"))
 
 
-def verify_key_of(x: Tensor, num_groups: int, activation: int, residual: bool) -> VerifyKey:
-    """The verification bucket of a non-empty dense input x ``(N, C, *)``."""
+def verify_key_of(x: Tensor, num_groups: int, activation: int, residual: bool, masked: bool = False) -> VerifyKey:
+    """The verification bucket of a non-empty dense input x ``(N, C, *)``; a call over image
+    regions (``masked``) is a bucket of its own (its kernel path named ", masked")."""
     from ..ops.triton_launch import kernel_path  # (imports triton: only where the kernels run)
 
-    return route_key_of(x, num_groups, activation) + (bool(residual), kernel_path(x, num_groups))
+    path = kernel_path(x, num_groups)
+    return route_key_of(x, num_groups, activation) + (bool(residual), path + ", masked" if masked else path)
 
 
 def check_of(residual: bool, residual_mode: int) -> str:
@@ -102,13 +104,14 @@ def check_of(residual: bool, residual_mode: int) -> str:
     return CHECKS[2] if residual and residual_mode == RESIDUAL_OUTPUT else CHECKS[1]
 
 
-def outcome(x: Tensor, num_groups: int, activation: int, residual: bool, check: str) -> Optional[bool]:
+def outcome(x: Tensor, num_groups: int, activation: int, residual: bool, check: str,
+            masked: bool = False) -> Optional[bool]:
     """Whether x's bucket runs the kernels for ``check`` without verifying (True), runs the
     PyTorch path (False: the bucket failed, or inside a CUDA-graph capture, where nothing can
     be compared), or is to be verified at its next call (None)."""
     if not verification_enabled(x):
         return True
-    key = verify_key_of(x, num_groups, activation, residual)
+    key = verify_key_of(x, num_groups, activation, residual, masked)
     failed = tuning.failed_verification(key)
     if failed is not None:
         _warn(failed, from_record=True)
@@ -133,30 +136,33 @@ class FirstUseVerification:
     def __init__(self, kernels, reference) -> None:
         self.kernels, self.reference = kernels, reference
 
-    def forward(self, x, weight, bias, residual, num_groups, eps, activation):
-        runs = outcome(x, num_groups, activation, residual is not None, CHECKS[0])
+    def forward(self, x, weight, bias, residual, num_groups, eps, activation, valid=None):
+        masked = valid is not None
+        runs = outcome(x, num_groups, activation, residual is not None, CHECKS[0], masked)
         if runs is not None:
             return (self.kernels if runs else self.reference).forward(x, weight, bias, residual, num_groups, eps,
-                                                                      activation)
-        args = (x, weight, bias, residual, num_groups, eps, activation)
+                                                                      activation, valid)
+        args = (x, weight, bias, residual, num_groups, eps, activation, valid)
         problem, result, overruled = _compare(lambda: self.kernels.forward(*args), self.reference.forward(*args),
                                               lambda a, b: _forward_difference(a, b, x.dtype, weight),
                                               TORCH_PATH.forward, args)
-        return _conclude(verify_key_of(x, num_groups, activation, residual is not None), CHECKS[0], x, problem, result,
-                         overruled)
+        return _conclude(verify_key_of(x, num_groups, activation, residual is not None, masked), CHECKS[0], x, problem,
+                         result, overruled)
 
-    def backward(self, grad_y, x, weight, bias, mean, rstd, saved, num_groups, eps, activation, residual_mode):
+    def backward(self, grad_y, x, weight, bias, mean, rstd, saved, num_groups, eps, activation, residual_mode,
+                 valid=None):
         check = check_of(saved is not None, residual_mode)
-        args = (grad_y, x, weight, bias, mean, rstd, saved, num_groups, eps, activation, residual_mode)
-        runs = outcome(x, num_groups, activation, saved is not None, check)
+        masked = valid is not None
+        args = (grad_y, x, weight, bias, mean, rstd, saved, num_groups, eps, activation, residual_mode, valid)
+        runs = outcome(x, num_groups, activation, saved is not None, check, masked)
         if runs is not None:
             return (self.kernels if runs else self.reference).backward(*args)
         problem, result, overruled = _compare(
             lambda: self.kernels.backward(*args), self.reference.backward(*args),
             lambda a, b: _backward_difference(a, b, grad_y, x, weight, mean, rstd, saved, activation),
             TORCH_PATH.backward, args)
-        return _conclude(verify_key_of(x, num_groups, activation, saved is not None), check, x, problem, result,
-                         overruled)
+        return _conclude(verify_key_of(x, num_groups, activation, saved is not None, masked), check, x, problem,
+                         result, overruled)
 
 
 # ----------------------------------------------------------------------------- the test hook
@@ -293,8 +299,8 @@ def _sides_with_kernels(difference, got, want, path, *args) -> bool:
     where it cannot be computed or compared (out of memory, say): the disagreement then stays a
     failure of the kernels."""
     try:
-        reference = path(*(a.detach().to("cpu", torch.float64).contiguous() if isinstance(a, Tensor) else a
-                           for a in args))
+        reference = path(*((a.detach().to("cpu", torch.float64) if a.is_floating_point() else a.to("cpu")).contiguous()
+                           if isinstance(a, Tensor) else a for a in args))  # (regions stay int32)
         device = got[0].device
         reference = tuple(None if t is None else t.to(device) for t in reference)
         return difference(got, reference) is None and difference(want, reference) is not None
