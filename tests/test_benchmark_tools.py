@@ -152,6 +152,20 @@ def test_gpu_checks_script_plumbing(tmp_path):
     assert "routes.json: unchanged (no row of this run ran the Triton kernels)" in proc.stdout
 
 
+def test_benchmark_padding_runs_on_cpu(tmp_path):
+    # tools/benchmark_padding.py: GN + ReLU over image regions against plain GN, side by side.
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark_padding.py"), "--quick", "--reps", "1",
+                           "--threads", "1", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.load(open(tmp_path / "padding_cpu_x86_64_x{}_quick.json".format(os.cpu_count())))
+    assert data["meta"]["threads"] == 1 and "--out-dir" not in data["meta"]["command"]
+    assert {(r["layer"], r["format"]) for r in data["rows"]} == {
+        (layer, fmt) for layer in ("stem", "res3") for fmt in ("nchw", "channels_last")}
+    assert all(r["plain_ms"] > 0 and r["ratio"] == r["masked_ms"] / r["plain_ms"] for r in data["rows"])
+    assert "| layer | dtype | format | without regions ms | with regions ms | ratio |" in (
+        tmp_path / "padding_cpu_x86_64_x{}_quick.md".format(os.cpu_count())).read_text()
+
+
 def test_benchmark_eval_runs_quick(tmp_path):
     # tools/benchmark_eval.py: pycocotools, faster-coco-eval and (where detectron2 has its
     # compiled ops) detectron2's COCOeval_opt, timed side by side on one synthetic set; their

@@ -23,10 +23,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_utils import command_line, result_stem, write_result_files
-
 import gn_det
+from bench_utils import command_line, result_stem, write_result_files  # (beside this script)
 from gn_det.diagnostics.bench.layer_shapes import CPU_SHAPES, MASK_RCNN_SHAPES
 from gn_det.policy.timing import DeviceTimer
 
@@ -111,7 +109,7 @@ def main(argv=None) -> int:
         f"`{meta['command']}`.", "",
         "| layer | dtype | format | without regions ms | with regions ms | ratio |", "|---|---|---|---|---|---|",
         *lines, "", f"Median ratio: {meta['median_ratio']:.2f}x.", ""])
-    stem = result_stem(args.out_dir, "padding", machine, "_quick" if args.quick else "")
+    stem = result_stem(args.out_dir, "padding", machine, "quick" if args.quick else "")
     print(write_result_files(stem, meta, rows, text))
     return 0
 
