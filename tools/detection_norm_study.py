@@ -174,7 +174,8 @@ def run(row: Row, seed: int, out_dir: str, scale_iters: float, extra: Sequence[s
               "settings": " ".join(row.opts), "seed": seed, "iterations": iters, "seconds": time.time() - start,
               "lr": float(opts["SOLVER.BASE_LR"]), "warmup_iters": int(opts["SOLVER.WARMUP_ITERS"]),
               "lr_steps": opts["SOLVER.STEPS"], "val_dataset": VAL_DATASET, "val_images": _val_images(out_dir),
-              "padding": PADDING_EXCLUDED if "MODEL.GN.IGNORE_PADDING" in row.opts else PADDING, "threads": threads or None, **git_state()}
+              "padding": PADDING_EXCLUDED if "MODEL.GN.IGNORE_PADDING" in row.opts else PADDING,
+              "threads": threads or None, **git_state()}
     if proc.returncode != 0:
         record["error"] = proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else f"exit {proc.returncode}"
         return record
