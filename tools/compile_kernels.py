@@ -24,6 +24,7 @@ register spills. It measures no speed.
     python tools/compile_kernels.py --arch all --quick             # every supported architecture
     python tools/compile_kernels.py --compact out.json             # a row per compiled variant, not per case
     python tools/compile_kernels.py --quick --block-ends --masked  # + the masked kernels (valid regions)
+    python tools/compile_kernels.py --shapes res5,"FPN P5" --masked  # only these shapes (float32, bfloat16, float16)
 
 Exits 1 if a kernel fails to compile, spills or exceeds the architecture's limits (registers
 per thread, shared memory per block, one block per SM).
@@ -250,7 +251,7 @@ def compile_arch(arch: int, sm_count: int, args: argparse.Namespace) -> Tuple[in
     (gn_det.policy.support) are left out, and said so."""
     target = GPUTarget("cuda", arch, 32)
     limits = inspection.limits_of(target)
-    shapes = {k: v for k, v in SHAPES.items() if k in QUICK} if args.quick else SHAPES
+    shapes = {k: v for k, v in SHAPES.items() if k in (args.shapes or (QUICK if args.quick else SHAPES))}
     wanted = (torch.float32, torch.bfloat16) if args.quick else (torch.float32, torch.bfloat16, torch.float16)
     log = sys.stderr if args.json else sys.stdout
     dtypes, skipped = [], {}
@@ -364,6 +365,15 @@ def parse_archs(text: str) -> List[int]:
     return archs
 
 
+def parse_shapes(text: str) -> List[str]:
+    """--shapes: comma-separated names of ``SHAPES``."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SHAPES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"--shapes {text!r}: {unknown or 'none given'}; known: {', '.join(SHAPES)}")
+    return names
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=parse_archs, default=[90],
@@ -373,6 +383,9 @@ def main() -> int:
                         help="SMs of the target GPU (default: occupancy.ARCHITECTURES' GPU of each architecture; "
                              "132 for sm_90, an H100 SXM)")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}; float32 and bfloat16")
+    parser.add_argument("--shapes", type=parse_shapes, default=None,
+                        help="only these shapes (comma-separated names: " + ", ".join(SHAPES) + "); with --quick "
+                             "in float32 and bfloat16 only")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object instead of the text report (with several --arch, "
                              "{\"architectures\": [one object per architecture]})")
