@@ -101,6 +101,23 @@ def test_kernels_compile_for_sm90_without_spills_json():
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for the GPU: not under the interpreter")
+def test_masked_kernels_compile_for_sm90_without_spills():
+    """The masked specialisations (valid regions, issue 35) at res2 in three dtypes, both layouts,
+    every activation and block end: compiled by ptxas, none spilling (every architecture and
+    shape: benchmarks/results/kernels_masked_compile_*.md)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GN_DET_TRITON_ON_CPU")}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "compile_kernels.py"), "--shapes", "res2 N=2",
+                           "--masked", "--json", "--no-launches"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    data = json.loads(proc.stdout)
+    masked = [row for row in data["kernels"] if row.get("masked")]
+    assert data["meta"]["failed_or_spilled"] == 0 and masked
+    assert {row["layout"] for row in masked} == {"nchw", "channels_last"}
+    assert {row["dtype"] for row in masked} == {"float32", "bfloat16", "float16"}
+    assert all(row["spills"] == 0 and 0 < row["registers"] <= 255 for row in masked)
+
+
 def test_one_specialisation_per_supported_architecture():
     # The box head's forward (one launch: the flat one-program-per-group kernel), compiled for
     # every architecture gn_det supports, in float32 and, where supported, bfloat16, with the
