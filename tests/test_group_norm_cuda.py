@@ -343,3 +343,30 @@ def test_empty_inputs_behave_alike_for_every_activation_on_cuda(activation, memo
     y = layer(x)
     y.sum().backward()
     assert y.shape == x.shape and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_image_regions_on_the_kernels_match_the_crop(dtype, memory_format):
+    """Issue 35 on a GPU: the masked kernels (verified at first use against the masked PyTorch
+    path) give each image its result alone, 0 outside its region, at detection shapes (the CPU
+    twins: tests/test_padding.py, tests/interpreted/test_masked_kernels.py)."""
+    torch.manual_seed(0)
+    layer = gn_det.GroupNorm(32, 256, activation="relu").cuda()
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    layer.ignore_padding = True
+    x = torch.randn(2, 256, 100, 168, device="cuda", dtype=dtype).contiguous(memory_format=memory_format)
+    x.requires_grad_()
+    with gn_det.image_regions([(280, 600), (400, 672)], (400, 672)):  # stride 4: (70, 150) and the whole map
+        y = layer(x)
+    y.float().square().sum().backward()
+    crop = x.detach()[:1, :, :70, :150].clone().requires_grad_()
+    want = F.relu(F.group_norm(crop.float(), 32, layer.weight, layer.bias))
+    want.square().sum().backward()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(y[:1, :, :70, :150].float(), want, atol=tol, rtol=tol)
+    assert y[0, :, 70:].eq(0).all() and y[0, :, :, 150:].eq(0).all()
+    assert x.grad[0, :, 70:].eq(0).all() and x.grad[0, :, :, 150:].eq(0).all()
+    torch.testing.assert_close(x.grad[:1, :, :70, :150].float(), crop.grad.float(), atol=10 * tol, rtol=10 * tol)
