@@ -139,30 +139,24 @@ def valid_sizes_for(x: torch.Tensor, where: str = "") -> Optional[torch.Tensor]:
     return None if regions is None else regions.valid_sizes(x, where)
 
 
-def zero_outside(x: torch.Tensor, where: str = "") -> torch.Tensor:
-    """x ``(N, C, H, W)`` with 0 outside each image's region in the current ``image_regions``
-    block (x itself outside one): for the few maps of a model that no GN zeroes but a
-    convolution reads (a stem's max pool, which spreads an image's last row one position into
-    the padding; RetinaNet's P6 and P7, convolutions without a norm). Out of place."""
-    regions = current_regions()
-    if regions is None:
-        return x
-    return torch.where(region_mask(x, regions.valid_sizes(x, where)), x, x.new_zeros(()))
+
+def zero_outside(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """x ``(N, C, H, W)`` with 0 outside each image's region ``valid`` ``(N, 2)``: for the few maps
+    of a model that no GN zeroes but a convolution reads (a stem's max pool, which spreads an
+    image's last row one position into the padding; RetinaNet's P6 and P7, convolutions without
+    a norm). Out of place."""
+    return x.masked_fill(~region_mask(x, valid), 0)
 
 
-def edge_replicated(x: torch.Tensor, where: str = "") -> torch.Tensor:
-    """x ``(N, C, H, W)`` with each image's last row and column of its region repeated over the
-    rest of the map, in the current ``image_regions`` block (x itself outside one): what ROI
-    heads pool from. ROIAlign clamps a sample beyond a map's last position to that position, but
-    reads a padded batch's next position with its bilinear weight; with the region's edge
-    repeated, an ROI at an image's bottom or right edge pools the same values whether the
-    image's map ends at its region (alone, a size divisible by 32) or continues into padding."""
-    regions = current_regions()
-    if regions is None:
-        return x
-    valid = regions.valid_sizes(x, where).long()
+def edge_replicated(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """x ``(N, C, H, W)`` with each image's last row and column of its region ``valid`` ``(N, 2)``
+    repeated over the rest of the map: what ROI heads pool from. ROIAlign clamps a sample beyond
+    a map's last position to that position, but reads a padded batch's next position with its
+    bilinear weight; with the region's edge repeated, an ROI at an image's bottom or right edge
+    pools the same values whether the image's map ends at its region or continues into padding."""
     n, c, h, w = x.shape
-    rows = torch.minimum(torch.arange(h, device=x.device).view(1, h), (valid[:, :1] - 1).clamp(min=0))
-    cols = torch.minimum(torch.arange(w, device=x.device).view(1, w), (valid[:, 1:] - 1).clamp(min=0))
-    x = x.gather(2, rows.view(n, 1, h, 1).expand(n, c, h, w))
-    return x.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
+    last = (valid.long() - 1).clamp(min=0)
+    rows = torch.minimum(torch.arange(h, device=x.device), last[:, :1])  # (N, H)
+    cols = torch.minimum(torch.arange(w, device=x.device), last[:, 1:])  # (N, W)
+    x = x.gather(2, rows[:, None, :, None].expand(n, c, h, w))
+    return x.gather(3, cols[:, None, None, :].expand(n, c, h, w))

@@ -411,24 +411,6 @@ def _backbone_pre_hook(backbone: nn.Module, args):
 # ----------------------------------------------------------------------------- maps made without GN, ROI pooling
 
 
-def _zero_outside(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """x ``(N, C, H, W)`` with 0 outside each image's region ``valid`` ``(N, 2)``."""
-    rows = torch.arange(x.shape[-2], device=x.device) < valid[:, :1]  # (N, H)
-    cols = torch.arange(x.shape[-1], device=x.device) < valid[:, 1:]  # (N, W)
-    return x.masked_fill(~(rows[:, None, :, None] & cols[:, None, None, :]), 0)
-
-
-def _edge_outside(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """x ``(N, C, H, W)`` with each position outside an image's region ``valid`` ``(N, 2)`` set
-    to the region's nearest value (its last row and column repeated)."""
-    n, c, h, w = x.shape
-    last = (valid.long() - 1).clamp(min=0)
-    rows = torch.minimum(torch.arange(h, device=x.device), last[:, :1])  # (N, H)
-    cols = torch.minimum(torch.arange(w, device=x.device), last[:, 1:])  # (N, W)
-    x = x.gather(2, rows[:, None, :, None].expand(n, c, h, w))
-    return x.gather(3, cols[:, None, None, :].expand(n, c, h, w))
-
-
 def _valid(regions, x, module: nn.Module) -> Optional[torch.Tensor]:
     """x's regions when the image regions are open and x is a map of their images, else None."""
     if regions is None or not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] != len(regions):
@@ -440,20 +422,20 @@ def _zero_padding_hook(module: nn.Module, args, output):
     """After a layer that makes a dense map without GN (ResNet's stem, RetinaNet's P6, P7): 0
     outside each image's region, as GN writes there."""
     valid = _valid(_padding.current_regions(), output, module)
-    return None if valid is None else _zero_outside(output, valid)
+    return None if valid is None else _padding.zero_outside(output, valid)
 
 
 def _edge_padding_hook(module: nn.Module, args, output):
     """After a layer whose output is upsampled bilinearly (SemSegFPNHead's predictor): the
     region's edge repeated beyond it."""
     valid = _valid(_padding.current_regions(), output, module)
-    return None if valid is None else _edge_outside(output, valid)
+    return None if valid is None else _padding.edge_replicated(output, valid)
 
 
 def _upsample_pre_hook(module: nn.Module, args):
     """Before a bilinear upsampling: its input with the region's edge repeated beyond it."""
     valid = _valid(_padding.current_regions(), args[0] if args else None, module)
-    return None if valid is None else (_edge_outside(args[0], valid),) + tuple(args[1:])
+    return None if valid is None else (_padding.edge_replicated(args[0], valid),) + tuple(args[1:])
 
 
 def _upsample_hook(module: nn.Module, args, output):
@@ -464,7 +446,7 @@ def _upsample_hook(module: nn.Module, args, output):
         return None
     scale = torch.tensor([output.shape[-2] // args[0].shape[-2], output.shape[-1] // args[0].shape[-1]],
                          device=valid.device, dtype=valid.dtype)
-    return _zero_outside(output, valid * scale)
+    return _padding.zero_outside(output, valid * scale)
 
 
 def _pooler_pre_hook(module: nn.Module, args, kwargs):
@@ -473,7 +455,7 @@ def _pooler_pre_hook(module: nn.Module, args, kwargs):
     x = args[0] if args else kwargs.get("x")
     if not isinstance(x, list) or not x or _valid(regions, x[0], module) is None:
         return None
-    x = [_edge_outside(level, _valid(regions, level, module)) for level in x]
+    x = [_padding.edge_replicated(level, _valid(regions, level, module)) for level in x]
     if args:
         return (x,) + tuple(args[1:]), kwargs
     return args, dict(kwargs, x=x)
