@@ -370,3 +370,35 @@ def test_image_regions_on_the_kernels_match_the_crop(dtype, memory_format):
     assert y[0, :, 70:].eq(0).all() and y[0, :, :, 150:].eq(0).all()
     assert x.grad[0, :, 70:].eq(0).all() and x.grad[0, :, :, 150:].eq(0).all()
     torch.testing.assert_close(x.grad[:1, :, :70, :150].float(), crop.grad.float(), atol=10 * tol, rtol=10 * tol)
+
+
+@pytest.mark.parametrize("shape,memory_format,residual", [
+    ((2, 256, 100, 152), CF, False), ((2, 256, 100, 152), CL, True), ((512, 256, 7, 7), CF, False),
+    ((50, 256, 14, 14), CF, False)])
+def test_direct_launches_compute_what_public_launches_compute(shape, memory_format, residual):
+    """The direct launches (gn_det.ops.direct_launch: each launch site's second and later calls)
+    give the public launches' results, bit for bit, forward and backward: the CPU twin,
+    tests/test_direct_launch.py, shows the launcher is handed the same arguments; this, that the
+    real launcher then computes the same."""
+    from gn_det.ops import direct_launch
+    from gn_det.policy.switches import CALLS
+
+    torch.manual_seed(0)
+    x = make_input(shape, torch.bfloat16, memory_format, device="cuda").requires_grad_()
+    r = torch.randn_like(x).requires_grad_() if residual else None
+    results = {}
+    try:
+        for direct in (False, True):
+            direct_launch.enabled = direct
+            CALLS.clear()
+            layer = gn_det.GroupNorm(32, shape[1], activation=None if residual else "relu").cuda()
+            for _ in range(3):  # the first call records each site; later ones run directly (when enabled)
+                y = layer.forward_residual(x, r) if residual else layer(x)
+                grads = torch.autograd.grad(y.float().square().sum(), [x, layer.weight] + ([r] if residual else []))
+            results[direct] = (y, *grads)
+        assert any(site.direct for site in direct_launch.sites())
+    finally:
+        direct_launch.enabled = True
+        CALLS.clear()
+    for public, direct in zip(results[False], results[True]):
+        assert torch.equal(public, direct)

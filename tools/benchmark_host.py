@@ -6,8 +6,9 @@ defaults and the input already decided (warm-up calls first): eval forward under
 
 Without CUDA (a proxy, and every result says so): gn_det's Triton kernels run on a stand-in
 GPU (``gn_det.diagnostics.bench.host.stand_in_gpu``: kernels compiled for sm_90, each launch
-stops at a no-op launcher after Triton's own binding and cache lookup; CPU tensors stand for
-CUDA ones, so allocations are the CPU allocator's); the baselines and gn_det's PyTorch/ATen
+stops at a no-op launcher; CPU tensors stand for
+CUDA ones, so allocations are the CPU allocator's, set to keep freed memory as CUDA's caching
+allocator does: ``keep_freed_memory``); the baselines and gn_det's PyTorch/ATen
 paths run PyTorch's CPU dispatch of the same ops at a size where their arithmetic is small
 (``TINY``: the host's work is what is left). With CUDA: real launches and real baselines at
 the rows' own shapes, host time only (the GPU is not waited for inside a timing).
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 import gn_det
-from gn_det.diagnostics.bench.host import host_seconds, stand_in_gpu, triton_launches_skipped
+from gn_det.diagnostics.bench.host import host_seconds, keep_freed_memory, stand_in_gpu, triton_launches_skipped
 
 # (name, shape, memory format): one row per kernel set a detectron2 model reaches.
 KERNEL_ROWS = [
@@ -213,6 +214,16 @@ def markdown(results: List[dict], totals: Dict[str, float], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _method(device: str, kept: bool) -> str:
+    if device == "cuda":
+        return "CUDA: real launches and baselines at the rows' shapes."
+    allocator = ("the CPU allocator keeps freed memory (mallopt), as CUDA's caching allocator does" if kept
+                 else "the CPU allocator as it is")
+    return ("No GPU: gn_det's kernels on a stand-in GPU (sm_90; Triton's launch path up to a no-op launch, CPU "
+            f"tensors; {allocator}); baselines and gn_det's PyTorch/ATen paths as PyTorch's CPU dispatch at {TINY} "
+            "(a proxy for their host work).")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -222,15 +233,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     number, repeats = (5, 2) if args.quick else (200, 7)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    kept = device == "cpu" and keep_freed_memory()  # (CUDA's allocator caches by itself)
     results = rows(device, number, repeats)
     totals = per_step(results)
     import triton
 
     meta = dict(machine=_machine(), torch=torch.__version__, triton=triton.__version__, number=number, repeats=repeats,
-                method=("CUDA: real launches and baselines at the rows' shapes." if device == "cuda" else
-                        "No GPU: gn_det's kernels on a stand-in GPU (sm_90; Triton's launch path up to a no-op launch, "
-                        "CPU tensors and allocator); baselines and gn_det's PyTorch/ATen paths as PyTorch's CPU "
-                        f"dispatch at {TINY} (a proxy for their host work)."))
+                method=_method(device, kept))
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"host_{meta['machine']}" + ("_quick" if args.quick else ""))
     with open(stem + ".json", "w") as f:

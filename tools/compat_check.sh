@@ -9,8 +9,9 @@
 #
 # The subset (COMPAT_TESTS) covers what depends on torch's version: the GN operator and its
 # custom ops, autograd, ONNX/TorchScript export and torch.compile (test_group_norm,
-# test_gn_properties), output recomputation and saved-tensor hooks (test_recompute),
-# detectron2 building, conversion and LazyConfig building (test_detectron2_integration,
+# test_gn_properties), output recomputation and saved-tensor hooks (test_recompute), the
+# direct kernel launches against the triton torch brings (test_direct_launch: its launcher
+# convention, or the public launch where it does not fit), detectron2 building, conversion and LazyConfig building (test_detectron2_integration,
 # test_convert_predictions, test_lazy_config without its training runs, about 5 min on 2 cores). A torch older than
 # gn_det's minimum (gn_det/requirements.py) is checked for the one-line refusal instead.
 #
@@ -27,7 +28,7 @@ fi
 TORCH=${1#torch==}
 TORCHVISION=${2#torchvision==}
 shift 2
-COMPAT_TESTS=(tests/test_group_norm.py tests/test_gn_properties.py tests/test_recompute.py
+COMPAT_TESTS=(tests/test_group_norm.py tests/test_gn_properties.py tests/test_recompute.py tests/test_direct_launch.py
               tests/test_detectron2_integration.py tests/test_convert_predictions.py tests/test_lazy_config.py
               -k "not train_net_trains and not train_net_names and not trains_on_the_embedded")
 if [ "${1:-}" = "--full" ]; then

@@ -73,17 +73,28 @@ class GroupNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # the backends' backward is not itself differentiable: say so, loudly
     def backward(ctx, grad_y):
-        x, weight, bias, mean, rstd, saved = ctx.saved_tensors
-        call = ctx.call
-        dx, dweight, dbias, dres = call.backend.backward(grad_y, x, weight, bias, mean, rstd, saved, call.num_groups,
-                                                          call.eps, call.activation, call.residual_mode, ctx.valid)
-        if dres is not None and dres.dtype != ctx.residual_dtype:  # (RESIDUAL_OUTPUT: written in x's dtype)
-            dres = dres.to(ctx.residual_dtype)
-        needs = ctx.needs_input_grad
-        return (dx if needs[0] else None, dweight if needs[1] else None, dbias if needs[2] else None,
-                dres if needs[3] else None, None, None)
+        if torch.is_grad_enabled():  # create_graph=True: the backends' backward is not itself
+            return _backward_once(ctx, grad_y)  # differentiable; once_differentiable says so, loudly
+        # (the usual backward: autograd has turned grad mode off, so once_differentiable's
+        # no_grad context and checks, ~3 us a call, would do nothing)
+        return _backward(ctx, grad_y)
+
+
+def _backward(ctx, grad_y):
+    """``GroupNormFunction.backward``'s gradients (grad mode off)."""
+    x, weight, bias, mean, rstd, saved = ctx.saved_tensors
+    call = ctx.call
+    dx, dweight, dbias, dres = call.backend.backward(grad_y, x, weight, bias, mean, rstd, saved, call.num_groups,
+                                                      call.eps, call.activation, call.residual_mode, ctx.valid)
+    if dres is not None and dres.dtype != ctx.residual_dtype:  # (RESIDUAL_OUTPUT: written in x's dtype)
+        dres = dres.to(ctx.residual_dtype)
+    needs = ctx.needs_input_grad
+    return (dx if needs[0] else None, dweight if needs[1] else None, dbias if needs[2] else None,
+            dres if needs[3] else None, None, None)
+
+
+_backward_once = once_differentiable(_backward)
 
 
 class OpCall:

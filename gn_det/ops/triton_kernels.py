@@ -679,13 +679,15 @@ def _merge_lane_runs(ref, delta, m2, count, cpg, BLOCK_L: tl.constexpr):
             ref_pair = _as_pairs(ref, BLOCK_L, level)
             first = tl.sum(tl.where(tl.arange(0, 2)[None, :, None] == 0, ref_pair, 0.0), 1)
             first_lanes = _to_both_runs(first, BLOCK_L, level)
-            merged = _merge_along(_as_pairs(delta + (ref - first_lanes), BLOCK_L, level),
-                                  _as_pairs(m2, BLOCK_L, level), _as_pairs(count, BLOCK_L, level), 1)
+            # (unpacked, not indexed: triton 3.2 cannot index a tuple a function returns)
+            merged_delta, merged_m2, merged_count = _merge_along(
+                _as_pairs(delta + (ref - first_lanes), BLOCK_L, level), _as_pairs(m2, BLOCK_L, level),
+                _as_pairs(count, BLOCK_L, level), 1)
             merge = (1 << level) < cpg
             ref = tl.where(merge, first_lanes, ref)
-            delta = tl.where(merge, _to_both_runs(merged[0], BLOCK_L, level), delta)
-            m2 = tl.where(merge, _to_both_runs(merged[1], BLOCK_L, level), m2)
-            count = tl.where(merge, _to_both_runs(merged[2], BLOCK_L, level), count)
+            delta = tl.where(merge, _to_both_runs(merged_delta, BLOCK_L, level), delta)
+            m2 = tl.where(merge, _to_both_runs(merged_m2, BLOCK_L, level), m2)
+            count = tl.where(merge, _to_both_runs(merged_count, BLOCK_L, level), count)
     return ref, delta, m2, count
 
 

@@ -22,6 +22,7 @@ import torch
 import triton
 
 from . import occupancy
+from .direct_launch import KernelLaunch
 from .activation import ACT_RELU, RESIDUAL_ADD, RESIDUAL_NONE, RESIDUAL_OUTPUT
 from .layout import memory_format_of
 from .triton_kernels import (STATS_BY_LANES, STATS_FINALIZED, STATS_GATHERED, _backward_apply_kernel,
@@ -425,6 +426,7 @@ class ForwardPlan(NamedTuple):
     apply_splits: int = 0
     masked: bool = False  # valid regions: every launch MASKED, given VALID (``_masked``)
     width: int = 0  # masked: the map's width W
+    launches: Tuple[KernelLaunch, ...] = ()  # its launch sites, in order (``direct_launch``)
 
 
 class BackwardPlan(NamedTuple):
@@ -448,6 +450,7 @@ class BackwardPlan(NamedTuple):
     apply_consts: Optional[dict] = None
     masked: bool = False  # valid regions: every launch MASKED, given VALID (``_masked``)
     width: int = 0  # masked: the map's width W
+    launches: Tuple[KernelLaunch, ...] = ()  # its launch sites, in order (``direct_launch``)
 
 
 def _masked(x: torch.Tensor, valid: Optional[torch.Tensor], num_groups: int) -> dict:
@@ -485,13 +488,15 @@ def plan_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_
         block_f, _, align = flat
         consts = dict(ACT=activation, RES=res_mode, ALIGN=align, BLOCK_F=block_f, num_warps=_num_warps(block_f),
                       **masked)
-        return ForwardPlan(_FLAT, n, c, s, g, res_mode, n * g, consts, **mask_info)
+        return ForwardPlan(_FLAT, n, c, s, g, res_mode, n * g, consts, **mask_info,
+                           launches=(KernelLaunch(_group_forward_flat_kernel, (n * g,), consts),))
     if resident is not None:
         block_cg, block_s = resident
         consts = dict(ACT=activation, RES=res_mode, CHANNELS_LAST=channels_last,
                       ALIGN=_alignment(s, channels_last, x.element_size(), cpg), BLOCK_CG=block_cg, BLOCK_S=block_s,
                       num_warps=_num_warps(block_cg * block_s), **masked)
-        return ForwardPlan(_RESIDENT, n, c, s, g, res_mode, n * g, consts, **mask_info)
+        return ForwardPlan(_RESIDENT, n, c, s, g, res_mode, n * g, consts, **mask_info,
+                           launches=(KernelLaunch(_group_forward_kernel, (n * g,), consts),))
     block_c, block_s, n_cblocks, n_sblocks, layout = _tiles(c, s, channels_last, x.element_size())
     consts = dict(layout, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s), **masked)
     n_row_blocks = n * n_cblocks
@@ -514,20 +519,23 @@ def plan_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_
     apply_splits, apply_chunk = _splits(n_row_blocks, n_sblocks * block_s, block_s,
                                         _resident_programs(_forward_apply_kernel, x, query,
                                                            _with_valid(apply_consts, valid)))
+    finalize = stats == STATS_FINALIZED
+    finalize_consts = dict(BLOCK_K=FINALIZE_BLOCK_K, BLOCK_CG=FINALIZE_BLOCK_CG, num_warps=FINALIZE_WARPS, **masked)
+    launches = (KernelLaunch(_stats_partial_kernel, (n_row_blocks * splits,), consts),
+                *((KernelLaunch(_stats_finalize_kernel, (n * g,), finalize_consts),) if finalize else ()),
+                KernelLaunch(_forward_apply_kernel, (n_row_blocks * apply_splits,), apply_consts))
     return ForwardPlan(_SPLIT, n, c, s, g, res_mode, n_row_blocks * splits, consts, splits=splits,
-                       split_tiles=chunk_s // block_s, finalize=stats == STATS_FINALIZED, chunk_s=chunk_s,
+                       split_tiles=chunk_s // block_s, finalize=finalize, chunk_s=chunk_s,
                        n_cblocks=n_cblocks, n_sblocks=n_sblocks, apply_grid=n_row_blocks * apply_splits,
                        apply_consts=apply_consts, apply_split_tiles=apply_chunk // block_s, apply_splits=apply_splits,
-                       **mask_info)
+                       **mask_info, launches=launches)
 
 
-def _valid_arg(plan, valid: Optional[torch.Tensor]) -> dict:
-    """The VALID argument of a plan's launches: none for an unmasked plan (the kernels' default,
-    no MASKED code), the call's regions for a masked one; a plan given the wrong kind of call
-    refuses it."""
+def _check_plan_kind(plan, valid: Optional[torch.Tensor]) -> None:
+    """A masked plan takes the call's regions (its launches' VALID), an unmasked one none (the
+    kernels' default, no MASKED code); a plan given the wrong kind of call refuses it."""
     if plan.masked != (valid is not None):
         raise ValueError("a masked plan needs valid regions, an unmasked one takes none")
-    return {} if valid is None else {"VALID": valid}
 
 
 def run_forward(plan: ForwardPlan, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -538,28 +546,23 @@ def run_forward(plan: ForwardPlan, x: torch.Tensor, weight: torch.Tensor, bias: 
     cpg = c // g
     y = torch.empty_like(x)
     mean = torch.empty((n, g), dtype=torch.float32, device=x.device)
-    rstd = torch.empty((n, g), dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
     r = x if residual is None else residual
-    v = _valid_arg(plan, valid)
+    _check_plan_kind(plan, valid)
+    launches = plan.launches
     if plan.kind == _FLAT:
-        _group_forward_flat_kernel[(plan.grid,)](x, y, weight, bias, mean, rstd, r, s, g, cpg, eps, **plan.consts, **v)
+        launches[0].run(x, y, weight, bias, mean, rstd, r, s, g, cpg, eps, VALID=valid)
     elif plan.kind == _RESIDENT:
-        _group_forward_kernel[(plan.grid,)](x, y, weight, bias, mean, rstd, r, c, s, g, cpg, eps, **plan.consts, **v)
+        launches[0].run(x, y, weight, bias, mean, rstd, r, c, s, g, cpg, eps, VALID=valid)
     else:
         part_mean = torch.empty((n, plan.splits, c), dtype=torch.float32, device=x.device)
         part_m2 = torch.empty_like(part_mean)
-        _stats_partial_kernel[(plan.grid,)](
-            x, part_mean, part_m2, c, s, plan.split_tiles, plan.splits, plan.n_cblocks, **plan.consts, **v)
+        launches[0].run(x, part_mean, part_m2, c, s, plan.split_tiles, plan.splits, plan.n_cblocks, VALID=valid)
         if plan.finalize:
-            masked = dict(v, width=plan.width, MASKED=True) if plan.masked else v
-            _stats_finalize_kernel[(n * g,)](
-                part_mean, part_m2, mean, rstd, c, s, g, cpg, plan.chunk_s, plan.splits, eps,
-                BLOCK_K=FINALIZE_BLOCK_K, BLOCK_CG=FINALIZE_BLOCK_CG, num_warps=FINALIZE_WARPS, **masked,
-            )
-        _forward_apply_kernel[(plan.apply_grid,)](
-            x, y, weight, bias, part_mean, part_m2, mean, rstd, r, c, s, g, cpg, eps, n * c, plan.n_cblocks,
-            plan.chunk_s, plan.splits, plan.apply_split_tiles, plan.apply_splits, plan.n_sblocks, activation,
-            **plan.apply_consts, **v)
+            launches[1].run(part_mean, part_m2, mean, rstd, c, s, g, cpg, plan.chunk_s, plan.splits, eps, VALID=valid)
+        launches[-1].run(x, y, weight, bias, part_mean, part_m2, mean, rstd, r, c, s, g, cpg, eps, n * c,
+                         plan.n_cblocks, plan.chunk_s, plan.splits, plan.apply_split_tiles, plan.apply_splits,
+                         plan.n_sblocks, activation, VALID=valid)
     return y, mean, rstd
 
 
@@ -585,13 +588,17 @@ def plan_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, b
             block_f, block_cg, align = flat
             consts = dict(ACT=activation, RES=res_mode, ALIGN=align, BLOCK_F=block_f, BLOCK_CG=block_cg,
                           num_warps=_num_warps(block_f), **masked)
-            return BackwardPlan(_FLAT, n, c, s, g, res_mode, n * g, consts, param_grid=param_grid, **mask_info)
+            return BackwardPlan(_FLAT, n, c, s, g, res_mode, n * g, consts, param_grid=param_grid, **mask_info,
+                                launches=(KernelLaunch(_group_backward_flat_kernel, (n * g,), consts),
+                                          _param_grad_launch(param_grid)))
         block_cg, block_s = resident
         consts = dict(ACT=activation, RES=res_mode, CHANNELS_LAST=channels_last,
                       ALIGN=_alignment(s, channels_last, x.element_size(), cpg), BLOCK_CG=block_cg, BLOCK_S=block_s,
                       num_warps=_num_warps(block_cg * block_s), **_register_cap(_GROUP_BACKWARD_MAXNREG_BY_ARCH, x),
                       **masked)
-        return BackwardPlan(_RESIDENT, n, c, s, g, res_mode, n * g, consts, param_grid=param_grid, **mask_info)
+        return BackwardPlan(_RESIDENT, n, c, s, g, res_mode, n * g, consts, param_grid=param_grid, **mask_info,
+                            launches=(KernelLaunch(_group_backward_kernel, (n * g,), consts),
+                                      _param_grad_launch(param_grid)))
     block_c, block_s, n_cblocks, n_sblocks, layout = _tiles(c, s, channels_last, x.element_size())
     consts = dict(layout, RES=res_mode, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s),
                   **masked)
@@ -601,10 +608,22 @@ def plan_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, b
         _backward_partial_kernel, x,
         (x, grad_y, weight, bias, mean, rstd, _residual_of(x, residual), None, None, c, s, g, cpg, _UNSIZED, _UNSIZED,
          n_cblocks), _with_valid(partial_consts, valid)))
+    finalize_grid = n * g + triton.cdiv(c, PARAM_BLOCK_C)
+    apply_consts = dict(consts, ACT=activation)
+    finalize_consts = dict(BLOCK_K=FINALIZE_BLOCK_K, BLOCK_CG=FINALIZE_BLOCK_CG, BLOCK_R=PARAM_BLOCK_R,
+                           BLOCK_C=PARAM_BLOCK_C, **({"MASKED": True} if masked else {}))
+    launches = (KernelLaunch(_backward_partial_kernel, (n_row_blocks * splits,), partial_consts),
+                KernelLaunch(_backward_finalize_kernel, (finalize_grid,), finalize_consts),
+                KernelLaunch(_backward_apply_kernel, (n_row_blocks * n_sblocks,), apply_consts))
     return BackwardPlan(_SPLIT, n, c, s, g, res_mode, n_row_blocks * splits, partial_consts, splits=splits,
                         split_tiles=chunk_s // block_s, n_cblocks=n_cblocks, n_sblocks=n_sblocks,
-                        finalize_grid=n * g + triton.cdiv(c, PARAM_BLOCK_C), apply_grid=n_row_blocks * n_sblocks,
-                        apply_consts=dict(consts, ACT=activation), **mask_info)
+                        finalize_grid=finalize_grid, apply_grid=n_row_blocks * n_sblocks,
+                        apply_consts=apply_consts, **mask_info, launches=launches)
+
+
+def _param_grad_launch(param_grid: int) -> KernelLaunch:
+    """dgamma/dbeta from the per-sample partial sums (the one-program-per-group backward's)."""
+    return KernelLaunch(_param_grad_kernel, (param_grid,), dict(BLOCK_R=PARAM_BLOCK_R, BLOCK_C=PARAM_BLOCK_C))
 
 
 def run_backward(plan: BackwardPlan, grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -621,32 +640,24 @@ def run_backward(plan: BackwardPlan, grad_y: torch.Tensor, x: torch.Tensor, weig
     dres = None if residual is None else torch.empty_like(r)
     dr = dx if dres is None else dres  # (an unwritten placeholder without a residual)
     dweight, dbias = torch.empty_like(weight), torch.empty_like(weight)
-    v = _valid_arg(plan, valid)
+    _check_plan_kind(plan, valid)
+    launches = plan.launches
     if plan.kind != _SPLIT:
         part_ds = torch.empty((n, c), dtype=torch.float32, device=x.device)
         part_db = torch.empty_like(part_ds)
-        kernel = _group_backward_flat_kernel if plan.kind == _FLAT else _group_backward_kernel
-        kernel[(plan.grid,)](x, grad_y, dx, weight, bias, mean, rstd, part_ds, part_db, r, dr, c, s, g, cpg,
-                             **plan.consts, **v)
-        _param_grad_kernel[(plan.param_grid,)](
-            part_ds, part_db, dweight, dbias, n, c, BLOCK_R=PARAM_BLOCK_R, BLOCK_C=PARAM_BLOCK_C,
-        )
+        launches[0].run(x, grad_y, dx, weight, bias, mean, rstd, part_ds, part_db, r, dr, c, s, g, cpg, VALID=valid)
+        launches[1].run(part_ds, part_db, dweight, dbias, n, c)
         return dx, dweight, dbias, dres
     part_ds = torch.empty((n, plan.splits, c), dtype=torch.float32, device=x.device)
     part_db = torch.empty_like(part_ds)
-    _backward_partial_kernel[(plan.grid,)](
-        x, grad_y, weight, bias, mean, rstd, r, part_ds, part_db, c, s, g, cpg, plan.split_tiles, plan.splits,
-        plan.n_cblocks, **plan.consts, **v)
+    launches[0].run(x, grad_y, weight, bias, mean, rstd, r, part_ds, part_db, c, s, g, cpg, plan.split_tiles,
+                    plan.splits, plan.n_cblocks, VALID=valid)
     coef_xhat = torch.empty((n, g), dtype=torch.float32, device=x.device)
     coef_const = torch.empty_like(coef_xhat)
-    _backward_finalize_kernel[(plan.finalize_grid,)](
-        part_ds, part_db, weight, rstd, coef_xhat, coef_const, dweight, dbias, c, s, g, cpg, plan.splits, n * g,
-        n * plan.splits, BLOCK_K=FINALIZE_BLOCK_K, BLOCK_CG=FINALIZE_BLOCK_CG, BLOCK_R=PARAM_BLOCK_R,
-        BLOCK_C=PARAM_BLOCK_C, **(dict(v, MASKED=True) if plan.masked else v),
-    )
-    _backward_apply_kernel[(plan.apply_grid,)](
-        x, grad_y, dx, weight, bias, mean, rstd, coef_xhat, coef_const, r, dr, c, s, g, cpg, n * c, plan.n_cblocks,
-        plan.n_sblocks, **plan.apply_consts, **v)
+    launches[1].run(part_ds, part_db, weight, rstd, coef_xhat, coef_const, dweight, dbias, c, s, g, cpg, plan.splits,
+                    n * g, n * plan.splits, VALID=valid)
+    launches[2].run(x, grad_y, dx, weight, bias, mean, rstd, coef_xhat, coef_const, r, dr, c, s, g, cpg, n * c,
+                    plan.n_cblocks, plan.n_sblocks, VALID=valid)
     return dx, dweight, dbias, dres
 
 

@@ -48,6 +48,7 @@ and the kernel set, at a cost no call should pay.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from types import ModuleType
 from typing import Callable, NamedTuple, Optional, Union
@@ -90,10 +91,34 @@ def exporting_outside_dynamo() -> bool:
     return _is_exporting() and not torch.compiler.is_dynamo_compiling()
 
 
+def _onnx_export_test() -> Callable[[], bool]:
+    """``torch.onnx.is_in_onnx_export`` at an attribute read's cost: torch 2.14's imports its two
+    flags at every call (~1.3 us, once per GN call); where its source is that, the flags are
+    read directly, else the function itself is used."""
+    public = torch.onnx.is_in_onnx_export
+    try:
+        source = inspect.getsource(public)
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except (ImportError, OSError, TypeError):
+        return public
+    if "return GLOBALS.in_onnx_export or _flags._is_onnx_exporting" not in source:
+        return public
+    return lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting
+
+
+_in_onnx_export: Optional[Callable[[], bool]] = None  # (resolved at the first call: torch.onnx imports slowly)
+
+
 def recording() -> bool:
     """Step 2's test: ``torch.jit.trace``, ONNX export or torch.export (outside dynamo) is
     recording the call, so only standard operators may run."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or exporting_outside_dynamo()
+    global _in_onnx_export
+    if torch.compiler.is_compiling():  # (dynamo reads the public tests; it refuses to trace the flags' object)
+        return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or exporting_outside_dynamo()
+    if _in_onnx_export is None:
+        _in_onnx_export = _onnx_export_test()
+    return torch.jit.is_tracing() or _in_onnx_export() or exporting_outside_dynamo()
 
 
 class Choice(NamedTuple):

@@ -24,7 +24,23 @@ from ...policy import paths
 from ...policy.switches import CALLS
 from .inspection import CompileOnlyDriver
 
-__all__ = ["StandInDriver", "host_seconds", "stand_in_gpu", "triton_launches_skipped"]
+__all__ = ["StandInDriver", "host_seconds", "keep_freed_memory", "stand_in_gpu", "triton_launches_skipped"]
+
+
+def _loaded_fields() -> int:
+    """How many values this Triton's ``CompiledKernel`` takes from ``load_binary`` (5 from
+    triton 3.3 or so, with the threads a block may have; 4 before)."""
+    import inspect
+
+    from triton.compiler.compiler import CompiledKernel
+
+    try:
+        return 5 if "n_max_threads" in inspect.getsource(CompiledKernel._init_handles) else 4
+    except (OSError, TypeError):
+        return 5
+
+
+_LOADED_FIELDS = _loaded_fields()
 
 
 class _StandInUtils:
@@ -34,7 +50,8 @@ class _StandInUtils:
         self.sm_count = sm_count
 
     def load_binary(self, name, kernel, shared, device):
-        return 1, 1, 64, 0, 1024  # (module, function, registers, spills, max threads): dummies
+        # (module, function, registers, spills[, max threads]): dummies, as many as this Triton reads
+        return (1, 1, 64, 0, 1024)[:_LOADED_FIELDS]
 
     def get_device_properties(self, device):
         return {"max_shared_mem": 232448, "multiprocessor_count": self.sm_count, "max_num_regs": 65536,
@@ -92,21 +109,43 @@ def host_seconds(fn: Callable[[], object], number: int = 200, repeats: int = 7) 
 
 
 
+def keep_freed_memory() -> bool:
+    """Make the CPU allocator keep freed memory for reuse, as CUDA's caching allocator does
+    (glibc's ``mallopt``: no ``mmap``/``munmap`` per large tensor, no trimming); without it a
+    2 MB tensor costs ~7 us of system calls here, which a GPU's allocations do not. False where
+    the C library has no ``mallopt``."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
 @contextlib.contextmanager
 def triton_launches_skipped() -> Iterator[None]:
-    """Within it, every gn_det kernel launch (``kernel[grid](...)``) returns at once: what a call
-    costs without Triton's own launch path (its binding, specialisation, cache lookup and the
-    launcher), so that a call's host time splits into gn_det's and Triton's."""
-    from ...ops import triton_kernels
+    """Within it, every gn_det kernel launch returns at once: what a call costs without Triton's
+    launch path (the direct launch's checks and the launcher, or the public path's binding,
+    specialisation and cache lookup), so that a call's host time splits into gn_det's and
+    Triton's."""
+    from ...ops import direct_launch, triton_kernels
 
     kernels = [getattr(triton_kernels, name) for name in dir(triton_kernels) if name.endswith("_kernel")]
     for kernel in kernels:
         kernel.run = _skipped_launch
+    sites = {site: site.run for site in direct_launch.sites() if site.direct}
+    for site in sites:
+        site.run = _skipped_launch
     try:
         yield
     finally:
         for kernel in kernels:
             del kernel.run  # back to the class's method
+        for site, run in sites.items():
+            site.run = run
 
 
 def _skipped_launch(*args, **kwargs) -> None:
