@@ -257,3 +257,25 @@ def test_benchmark_norm_reports_each_buckets_verification():
     assert [c["detail"] for c in verification_of(records, x, relu=False)] == ["raised"]
     assert verification_of(records, torch.empty(2, 64, 32, 32), relu=True) == []
     assert describe_verification([]) == "not verified"
+
+
+def test_benchmark_host_runs_on_cpu(tmp_path):
+    """tools/benchmark_host.py on a stand-in GPU: one row per path and mode with gn_det's and the
+    baseline's host time, the kernels' rows with Triton's share, and the per-step totals."""
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark_host.py"), "--quick", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (name,) = [n for n in os.listdir(tmp_path) if n.endswith("_quick.json")]
+    with open(tmp_path / name) as f:
+        result = json.load(f)
+    rows = result["rows"]
+    kernel_rows = [r for r in rows if r["path"].startswith("kernels:")]
+    assert {r["mode"] for r in kernel_rows} == {"eval forward", "train forward+backward"} and len(kernel_rows) == 12
+    for r in rows:
+        if r["gn_det_us"] is not None:
+            assert r["gn_det_us"] > 0 and r["baseline_us"] > 0 and r["ratio"] == pytest.approx(
+                r["gn_det_us"] / r["baseline_us"], rel=1e-2)
+    assert all(0 <= r["triton_launch_us"] <= r["gn_det_us"] for r in kernel_rows)
+    assert set(result["per_step"]) == {"gn_det_ms", "detectron2_gn_ms", "frozen_bn_ms"}
+    assert "stand-in GPU" in result["method"] and "keeps freed memory" in result["method"]

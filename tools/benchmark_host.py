@@ -31,6 +31,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from typing import Callable, Dict, List
 
 import torch
@@ -92,6 +93,33 @@ def _measure(runs: Dict[str, Callable[[], object]], number: int, repeats: int) -
     return {mode: _timer(run, number, repeats) for mode, run in runs.items()}
 
 
+def _side_by_side(first: Dict[str, Callable[[], object]], second: Dict[str, Callable[[], object]], number: int,
+                  repeats: int):
+    """Per mode, the least microseconds per call of each of two sets of calls timed in
+    alternation (``number`` calls of one, then of the other, ``repeats`` times, after ``number``
+    untimed calls of each): slow drifts of a shared machine reach both sides alike. Returns
+    ({mode: us}, {mode: us})."""
+    def per_call(fn):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        return (time.perf_counter() - start) / number * 1e6
+
+    out_a, out_b = {}, {}
+    for mode in first:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        per_call(first[mode]), per_call(second[mode])  # warm-up
+        a, b = [], []
+        for _ in range(repeats):
+            a.append(per_call(first[mode]))
+            b.append(per_call(second[mode]))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        out_a[mode], out_b[mode] = min(a), min(b)
+    return out_a, out_b
+
+
 def rows(device: str, number: int, repeats: int) -> List[dict]:
     """One dict per (path, mode): gn_det_us, baseline_us, their ratio."""
     out = []
@@ -135,8 +163,7 @@ def rows(device: str, number: int, repeats: int) -> List[dict]:
                 residual = torch.randn(shape, device=device).to(memory_format=fmt) if block_end else None
                 rb = (residual if cuda else torch.randn(TINY)) if block_end else None
                 g, b = both(gn_layer, baseline, x, xb, residual, rb)
-                gn_us = _measure(g, number, repeats)
-                base_us = _measure(b, number, repeats)
+                gn_us, base_us = _side_by_side(g, b, number, repeats)
                 with triton_launches_skipped():  # (the plans and calls are made: only the launches go)
                     own_us = _measure(g, number, repeats)
                 path = f"kernels: {name}" + (", block end" if block_end else ", + ReLU")
@@ -156,7 +183,7 @@ def rows(device: str, number: int, repeats: int) -> List[dict]:
             if activation is None:
                 b = {"eval forward": _eval(baseline, x), "train forward+backward": _train(baseline, x,
                                                                                          list(baseline.parameters()))}
-            gn_us, base_us = _measure(g, number, repeats), _measure(b, number, repeats)
+            gn_us, base_us = _side_by_side(g, b, number, repeats)
             for mode in gn_us:
                 out.append(dict(path=name, mode=mode, shape=list(TINY),
                                 baseline="nn.GroupNorm" + (" + relu_" if activation else ""),
@@ -200,7 +227,7 @@ def per_step(results: List[dict]) -> Dict[str, float]:
 def markdown(results: List[dict], totals: Dict[str, float], meta: dict) -> str:
     lines = [f"# Host time per GN call: {meta['machine']}", "", meta["method"], "",
              f"torch {meta['torch']}, triton {meta['triton']}; least of {meta['repeats']} timings of "
-             f"{meta['number']} calls each, in microseconds.", "",
+             f"{meta['number']} calls each, gn_det's and the baseline's in alternation, in microseconds.", "",
              "| path | mode | shape | gn_det us | of which Triton's launch path | baseline | baseline us | ratio |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -229,9 +256,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                       "benchmarks", "results"))
     parser.add_argument("--quick", action="store_true", help="few repetitions (a smoke run)")
+    parser.add_argument("--repeats", type=int, default=7, help="timings of 200 calls per side and row (default 7)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    number, repeats = (5, 2) if args.quick else (200, 7)
+    number, repeats = (5, 2) if args.quick else (200, args.repeats)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     kept = device == "cpu" and keep_freed_memory()  # (CUDA's allocator caches by itself)
     results = rows(device, number, repeats)

@@ -88,8 +88,11 @@ def _overflow_guarded(x: torch.Tensor, num_groups: int, eps: float, mean: torch.
     squares is inf, rstd = rsqrt(inf) = 0, and the output would be beta, finite and wrong. On
     CPU such groups are measured again, scaled (accurate; the extra passes only then); on other
     devices, where looking would synchronise with the host, their rstd is NaN: non-finite."""
+    on_cpu = x.device.type == "cpu"
+    if on_cpu and bool(rstd.all()):  # (no zero rstd, no overflow: one reduction, the usual case)
+        return mean, rstd, False
     overflowed = (rstd == 0) & torch.isfinite(mean)  # rsqrt(var + eps) is 0 only for an infinite var
-    if x.device.type != "cpu":
+    if not on_cpu:
         return mean, rstd.masked_fill(overflowed, float("nan")), False
     if not bool(overflowed.any()):
         return mean, rstd, False
@@ -272,6 +275,14 @@ def _masked_backward(grad_y, x, weight, bias, mean, rstd, residual, num_groups, 
     return dx.to(dtype=x.dtype, memory_format=fmt), dweight.to(weight.dtype), dbias.to(weight.dtype), dres
 
 
+def _in(t: torch.Tensor, dtype: torch.dtype, fmt: Optional[torch.memory_format] = None) -> torch.Tensor:
+    """t in ``dtype`` (and dense in ``fmt``): t itself when it already is (``Tensor.to`` costs
+    ~1 us even then, several times a call)."""
+    if t.dtype == dtype and (fmt is None or t.is_contiguous(memory_format=fmt)):
+        return t
+    return t.to(dtype) if fmt is None else t.to(dtype=dtype).contiguous(memory_format=fmt)
+
+
 def torch_group_norm_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: Optional[torch.Tensor], num_groups: int,
     eps: float, activation: int, valid: Optional[torch.Tensor] = None,
@@ -283,8 +294,8 @@ def torch_group_norm_forward(
     n, c = x.shape[:2]
     dtype = compute_dtype(x)
     fmt = memory_format_of(x)
-    xc = x.to(dtype)  # keeps x's memory format
-    w, b = weight.to(dtype), bias.to(dtype)
+    xc = _in(x, dtype)  # keeps x's memory format
+    w, b = _in(weight, dtype), _in(bias, dtype)
     # (The native GroupNorm ops are on none of autocast's lists: no need to leave autocast.)
     if fmt is torch.contiguous_format:
         y, mean, rstd = torch.native_group_norm(xc, w, b, n, c, x.numel() // (n * c), num_groups, eps)
@@ -299,7 +310,7 @@ def torch_group_norm_forward(
     if residual is not None:
         y += residual  # in the compute dtype, as _activation_input recomputes it
     y = apply_activation(y, activation)
-    return y.to(dtype=x.dtype, memory_format=fmt), mean, rstd
+    return _in(y, x.dtype, fmt), mean, rstd
 
 
 def torch_group_norm_backward(
@@ -316,15 +327,15 @@ def torch_group_norm_backward(
     hxw = x.numel() // (n * c)
     dtype = compute_dtype(x)
     fmt = memory_format_of(x)
-    xc = x.to(dtype)
-    w = weight.to(dtype)
+    xc = _in(x, dtype)
+    w = _in(weight, dtype)
     # ATen's backward reads dy in x's layout.
-    grad = grad_y.to(dtype).contiguous(memory_format=fmt)
+    grad = _in(grad_y, dtype, fmt)
     if activation != ACT_NONE and residual is not None and residual_mode == RESIDUAL_OUTPUT:
         grad = activation_grad_(residual.to(dtype, copy=True), grad, activation)  # ReLU: the output's sign is z's
     elif activation != ACT_NONE:
-        res = None if residual is None else residual.to(dtype)
-        grad = activation_grad_(_activation_input(xc, w, bias.to(dtype), num_groups, eps, mean, rstd, res), grad,
+        res = None if residual is None else _in(residual, dtype)
+        grad = activation_grad_(_activation_input(xc, w, _in(bias, dtype), num_groups, eps, mean, rstd, res), grad,
                                 activation)
     # d(residual) is the activation's gradient itself (taken before GN's backward reads it).
     dres = None if residual is None else grad.to(dtype=residual.dtype, memory_format=fmt, copy=True)
@@ -344,7 +355,7 @@ def torch_group_norm_backward(
         dx, dweight, dbias = torch.ops.aten.native_group_norm_backward(
             grad, xc, mean, rstd, w, n, c, hxw, num_groups, [True, True, True]
         )
-    return dx.to(dtype=x.dtype, memory_format=fmt), dweight.to(weight.dtype), dbias.to(weight.dtype), dres
+    return _in(dx, x.dtype, fmt), _in(dweight, weight.dtype), _in(dbias, weight.dtype), dres
 
 
 class Backend(NamedTuple):
