@@ -46,6 +46,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from .ops.autograd import GroupNormFunction
+from .policy.paths import in_onnx_export
 
 __all__ = ["observe_saved_tensors", "recompute_output_enabled", "recompute_outputs", "record_output", "recording",
            "register_projection_finder", "set_recompute_output"]
@@ -334,7 +335,7 @@ def recompute_outputs(enabled: bool = True) -> Iterator[None]:
 
 def _off() -> bool:
     """Compiling, tracing or exporting: the graph being made saves its own tensors."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or in_onnx_export()
 
 
 def _enter_scope(module: nn.Module, args) -> None:

@@ -271,11 +271,12 @@ def test_benchmark_host_runs_on_cpu(tmp_path):
         result = json.load(f)
     rows = result["rows"]
     kernel_rows = [r for r in rows if r["path"].startswith("kernels:")]
-    assert {r["mode"] for r in kernel_rows} == {"eval forward", "train forward+backward"} and len(kernel_rows) == 12
+    assert {r["mode"] for r in kernel_rows} == {"eval forward", "train forward+backward"} and len(kernel_rows) == 13
+    assert [r["mode"] for r in kernel_rows if "output recomputed" in r["path"]] == ["train forward+backward"]
     for r in rows:
         if r["gn_det_us"] is not None:
             assert r["gn_det_us"] > 0 and r["baseline_us"] > 0 and r["ratio"] == pytest.approx(
                 r["gn_det_us"] / r["baseline_us"], rel=1e-2)
-    assert all(0 <= r["triton_launch_us"] <= r["gn_det_us"] for r in kernel_rows)
+    assert all(0 <= r["triton_launch_us"] <= r["gn_det_us"] for r in kernel_rows if "triton_launch_us" in r)
     assert set(result["per_step"]) == {"gn_det_ms", "detectron2_gn_ms", "frozen_bn_ms"}
     assert "stand-in GPU" in result["method"] and "keeps freed memory" in result["method"]

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 import gn_det
+from gn_det.recompute import recompute_outputs
 from gn_det.diagnostics.bench.host import host_seconds, keep_freed_memory, stand_in_gpu, triton_launches_skipped
 
 # (name, shape, memory format): one row per kernel set a detectron2 model reaches.
@@ -173,6 +174,25 @@ def rows(device: str, number: int, repeats: int) -> List[dict]:
                                     gn_det_us=round(gn_us[mode], 2), baseline_us=round(base_us[mode], 2),
                                     ratio=round(gn_us[mode] / base_us[mode], 3),
                                     triton_launch_us=round(max(0.0, gn_us[mode] - own_us[mode]), 2)))
+        # Output recomputation (MODEL.GN.RECOMPUTE_OUTPUT): the same training call inside a
+        # recompute scope, opened once (a model opens it once per forward, not per GN call):
+        # what recording the output and the saved-tensor hooks add per GN call.
+        name, shape, fmt = KERNEL_ROWS[0]
+        gn_layer = gn_det.GroupNorm(32, shape[1], activation="relu").to(device)
+        baseline = nn.GroupNorm(32, shape[1]).to(device)
+        x = tensors(shape, fmt)
+        xb = x if cuda else tensors(TINY, torch.contiguous_format)
+        g, b = both(gn_layer, baseline, x, xb)
+        mode = "train forward+backward"
+        scope = recompute_outputs()
+        scope.__enter__()
+        try:
+            gn_us, base_us = _side_by_side({mode: g[mode]}, {mode: b[mode]}, number, repeats)
+        finally:
+            scope.__exit__(None, None, None)
+        out.append(dict(path=f"kernels: {name}, + ReLU, output recomputed", mode=mode, shape=list(shape),
+                        baseline="nn.GroupNorm + relu_", gn_det_us=round(gn_us[mode], 2),
+                        baseline_us=round(base_us[mode], 2), ratio=round(gn_us[mode] / base_us[mode], 3)))
     # gn_det's PyTorch paths (on CPU: its own path for activations, ATen's for plain GN)
     if not cuda:
         for name, activation in (("PyTorch path, + ReLU", "relu"), ("ATen path, plain GN", None)):
@@ -211,7 +231,8 @@ class _nothing:
 def per_step(results: List[dict]) -> Dict[str, float]:
     """Host milliseconds in norm calls per training step (module docstring's counts)."""
     def mean(field, mode, prefix="kernels"):
-        values = [r[field] for r in results if r["mode"] == mode and r["path"].startswith(prefix)]
+        values = [r[field] for r in results
+                  if r["mode"] == mode and r["path"].startswith(prefix) and "recomputed" not in r["path"]]
         return statistics.mean(values)
 
     fbn = {r["mode"]: r["baseline_us"] for r in results if r["path"].startswith("frozen BN")}

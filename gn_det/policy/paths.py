@@ -110,15 +110,21 @@ def _onnx_export_test() -> Callable[[], bool]:
 _in_onnx_export: Optional[Callable[[], bool]] = None  # (resolved at the first call: torch.onnx imports slowly)
 
 
+def in_onnx_export() -> bool:
+    """``torch.onnx.is_in_onnx_export()``, at an attribute read's cost outside ``torch.compile``
+    (where dynamo reads the public function; it refuses to trace the flags' object)."""
+    global _in_onnx_export
+    if torch.compiler.is_compiling():
+        return torch.onnx.is_in_onnx_export()
+    if _in_onnx_export is None:
+        _in_onnx_export = _onnx_export_test()
+    return _in_onnx_export()
+
+
 def recording() -> bool:
     """Step 2's test: ``torch.jit.trace``, ONNX export or torch.export (outside dynamo) is
     recording the call, so only standard operators may run."""
-    global _in_onnx_export
-    if torch.compiler.is_compiling():  # (dynamo reads the public tests; it refuses to trace the flags' object)
-        return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or exporting_outside_dynamo()
-    if _in_onnx_export is None:
-        _in_onnx_export = _onnx_export_test()
-    return torch.jit.is_tracing() or _in_onnx_export() or exporting_outside_dynamo()
+    return torch.jit.is_tracing() or in_onnx_export() or exporting_outside_dynamo()
 
 
 class Choice(NamedTuple):
