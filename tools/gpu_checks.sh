@@ -3,7 +3,7 @@
 # the layer benchmark and the training benchmark, each writing its files into one folder.
 #
 #   tools/gpu_checks.sh [STAGE ...]      STAGE: check-parallel | check | tests | norm | norm-bf16 | norm-rest |
-#                                               step-profile | padding | train | stats-merge | ncu
+#                                               step-profile | padding | host | train | stats-merge | ncu
 #
 # step-profile (tools/benchmark_train.py --step-profile) shows where a training step's time goes,
 # per model, bf16 first; it starts no row after $STEP_PROFILE_ROWS_S seconds (default 480) and
@@ -11,6 +11,8 @@
 # padding (tools/benchmark_padding.py) times GN + ReLU over image regions (MODEL.GN.IGNORE_PADDING)
 # against plain GN on the dense-map Mask R-CNN shapes, the masked kernels against the unmasked
 # (issue 35's target: within 5%).
+# host (tools/benchmark_host.py, about a minute) times the host's part of a GN call (real launches, the
+# GPU not waited for) against nn.GroupNorm's and frozen BN's, per kernel set and mode (issue 33).
 # check-parallel (tools/check_parallel.py) runs the self-check's cases in $CHECK_JOBS processes
 # (default 12) at once, for correctness on a GPU whose Triton cache is empty: the kernels compile
 # on many cores at once (set TRITON_CACHE_DIR to a folder you carry to keep them for a later
@@ -99,11 +101,12 @@ for what in "$@"; do
                  --metrics "$ncu_metrics" "$py" tools/profile_kernels.py ;;
         step-profile) stage step-profile timeout "${TRAIN_TIME_LIMIT:-580}" "$py" tools/benchmark_train.py --step-profile \
                       --time-limit "${STEP_PROFILE_ROWS_S:-480}" --out-dir "$results" ${TRAIN_ARGS:-} ;;
+        host) stage host timeout "${TRAIN_TIME_LIMIT:-560}" "$py" tools/benchmark_host.py --out "$results" ;;
         padding) stage padding timeout "${TRAIN_TIME_LIMIT:-560}" "$py" tools/benchmark_padding.py \
                      --out-dir "$results" ;;
         train) stage train timeout "${TRAIN_TIME_LIMIT:-560}" "$py" tools/benchmark_train.py ${TRAIN_ARGS:---profile} \
                    --out-dir "$results" ;;
-        *) echo "unknown stage '$what' (check-parallel, check, tests, norm, norm-bf16, norm-rest, step-profile, padding, train, stats-merge, ncu)" >&2
+        *) echo "unknown stage '$what' (check-parallel, check, tests, norm, norm-bf16, norm-rest, step-profile, padding, host, train, stats-merge, ncu)" >&2
            failed=$((failed + 1)) ;;
     esac
 done
