@@ -1,4 +1,6 @@
-"""gn_det's config keys, declared once: the fields of ``GNSettings``, each with its rule.
+"""gn_det's config keys, declared once: the fields of ``GNSettings``, each with its rule (and
+``ResNetSettings``' one field, ``MODEL.RESNETS.CONV_BIAS``, which gn_det's ResNet builders apply
+and ``ResNetSettings.from_cfg`` checks against the rest of the config).
 
 Each field is one key (``MODEL.GN.<FIELD>`` unless it names another) with its default, type,
 meaning and rule. ``add_gn_config`` declares the keys from it (detectron2's ``add_<thing>_config``
@@ -41,8 +43,8 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from detectron2.config import CfgNode as CN
 
-__all__ = ["GNSettings", "SettingError", "Terms", "add_gn_config", "argument_key", "check_setting", "get_config",
-           "groups_for", "lazy_key", "yaml_key"]
+__all__ = ["GNSettings", "RESNET_BUILDERS", "ResNetSettings", "SettingError", "Terms", "add_gn_config",
+           "argument_key", "check_setting", "get_config", "groups_for", "lazy_key", "yaml_key"]
 
 # How an input names a setting (a GNSettings field name -> the key as the user wrote it).
 Terms = Callable[[str], str]
@@ -179,7 +181,10 @@ class GNSettings:
 
     @classmethod
     def from_cfg(cls, cfg: "CN") -> "GNSettings":
-        """The settings a config asks for (a key the config lacks keeps its default)."""
+        """The settings a config asks for (a key the config lacks keeps its default). The
+        config's ``ResNetSettings`` are checked here too: every build from a config reads its
+        settings here first, so a ResNet setting that cannot apply is refused whatever builds it."""
+        ResNetSettings.from_cfg(cfg)
         values = {}
         for field in dataclasses.fields(cls):
             node, *path = cls.key(field.name).split(".")
@@ -197,6 +202,81 @@ class GNSettings:
         for field in dataclasses.fields(cls):
             lines.append(f"  - `{cls.key(field.name)}` ({field.default!r}): {field.metadata['meaning']}")
         return "\n".join(lines)
+
+
+# gn_det's backbone builders that build detectron2's ResNet (gn_det.modeling.builders) and apply
+# ResNetSettings; detectron2's own builders (build_resnet_backbone, ...) cannot.
+RESNET_BUILDERS = ("build_fastgn_resnet_backbone", "build_fastgn_resnet_fpn_backbone")
+
+
+def _cfg_value(cfg: Any, key: str, default: Any = None) -> Any:
+    """``cfg``'s value at the dotted ``key`` (``default`` where the config lacks it)."""
+    value = cfg
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None  # (a CfgNode is a dict)
+        if value is None:
+            return default
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetSettings:
+    """What gn_det's ResNet builders (``MODEL.BACKBONE.NAME`` one of ``RESNET_BUILDERS``)
+    change in detectron2's ResNet; YAML configs only (a LazyConfig names its ResNet's modules
+    and their arguments itself). ``from_cfg`` checks them against the rest of the config: a
+    setting that cannot apply is a ``ConfigError`` naming the keys, never ignored."""
+
+    conv_bias: bool = _key(
+        False, "every convolution of detectron2's ResNet (stem and blocks, projection shortcuts included) gets a "
+               "bias, initialised to 0 (trainable where its weight is), as the FPN and heads have theirs without a "
+               "norm; detectron2 builds the ResNet's without, whatever the norm. Only without a norm "
+               "(`MODEL.RESNETS.NORM` \"\": a norm right after a convolution cancels its bias), with gn_det's "
+               "builders, which add them (`MODEL.BACKBONE.NAME` `build_fastgn_resnet_fpn_backbone` or "
+               "`build_fastgn_resnet_backbone`: detectron2's ResNet(-FPN) otherwise unchanged), and no deformable "
+               "stages; any other config is refused.", key="MODEL.RESNETS.CONV_BIAS")
+
+    @classmethod
+    def from_cfg(cls, cfg: "CN") -> "ResNetSettings":
+        """The settings a config asks for (defaults where it lacks a key), checked against the
+        config's ResNet norm, backbone builder and deformable stages (``ConfigError``)."""
+        values = {}
+        for field in dataclasses.fields(cls):
+            key = field.metadata["key"]
+            value = _cfg_value(cfg, key, field.default)
+            if type(value) is not type(field.default):
+                raise ConfigError(f"{key}={value!r}: expected a {type(field.default).__name__}")
+            values[field.name] = value
+        settings = cls(**values)
+        if settings.conv_bias:
+            _check_conv_bias(cfg)
+        return settings
+
+    @classmethod
+    def keys_markdown(cls) -> str:
+        """docs/USAGE.md's lines for these keys: key, default and meaning."""
+        return "\n".join(f"  - `{f.metadata['key']}` ({f.default!r}): {f.metadata['meaning']}"
+                         for f in dataclasses.fields(cls))
+
+
+def _check_conv_bias(cfg: "CN") -> None:
+    """``MODEL.RESNETS.CONV_BIAS`` True can apply to ``cfg``'s ResNet, or ``ConfigError`` says why not."""
+    key = ResNetSettings.__dataclass_fields__["conv_bias"].metadata["key"]
+    norm = _cfg_value(cfg, "MODEL.RESNETS.NORM", "")
+    if norm != "":
+        raise ConfigError(f"{key}=True with MODEL.RESNETS.NORM={norm!r}: the biases are for a ResNet without a norm "
+                          f"(a norm right after each convolution cancels its bias, which is why detectron2 builds "
+                          f"none); set MODEL.RESNETS.NORM \"\" or {key} False")
+    builder = _cfg_value(cfg, "MODEL.BACKBONE.NAME", "")
+    if builder not in RESNET_BUILDERS:
+        twin = "build_fastgn_" + builder[len("build_"):] if builder.startswith("build_") else ""
+        fix = (f"set MODEL.BACKBONE.NAME {twin} (detectron2's {builder} with the biases)" if twin in RESNET_BUILDERS
+               else f"build the backbone with one of gn_det's ResNet builders ({', '.join(RESNET_BUILDERS)})")
+        raise ConfigError(f"{key}=True with MODEL.BACKBONE.NAME={builder!r}: only gn_det's ResNet builders add the "
+                          f"biases, and this one would build the ResNet without them; {fix}, or set {key} False")
+    deform = _cfg_value(cfg, "MODEL.RESNETS.DEFORM_ON_PER_STAGE", [])
+    if any(deform):
+        raise ConfigError(f"{key}=True with MODEL.RESNETS.DEFORM_ON_PER_STAGE={list(deform)!r}: detectron2's deformable "
+                          f"convolutions take no bias; set {key} False, or no deformable stage")
 
 
 # Each setting's rule, from its field: a plain dict, which torch 2.5's dynamo can read inside a
@@ -234,23 +314,25 @@ def groups_for(channels: int, num_groups: int, channels_per_group: int = 0, term
 
 
 def add_gn_config(cfg: "CN") -> "CN":
-    """Add gn_det's keys (``GNSettings``' fields, with their defaults, and the data checks'
-    ``gn_det.train.data.checks.DataSettings`` fields) to ``cfg``, in place. Returns cfg. Adding
+    """Add gn_det's keys (``GNSettings``' and ``ResNetSettings``' fields, with their defaults, and
+    the data checks' ``gn_det.train.data.checks.DataSettings`` fields) to ``cfg``, in place. Returns cfg. Adding
     twice is harmless."""
     from .train.data.checks import add_data_config
 
     from detectron2.config import CfgNode as CN
 
     add_data_config(cfg)
-    for field in dataclasses.fields(GNSettings):
+    keys = [(GNSettings.key(f.name), f.default) for f in dataclasses.fields(GNSettings)]
+    keys += [(f.metadata["key"], f.default) for f in dataclasses.fields(ResNetSettings)]
+    for key, default in keys:
         node = cfg
-        *parents, leaf = GNSettings.key(field.name).split(".")
+        *parents, leaf = key.split(".")
         for part in parents:
             if part not in node:
                 node[part] = CN()
             node = node[part]
         if leaf not in node:
-            node[leaf] = field.default
+            node[leaf] = default
     return cfg
 
 

@@ -66,9 +66,13 @@ def test_a_run_stopped_part_way_continues_from_its_checkpoint(tmp_path):
     assert "--resume" not in study.train_command(row, 7, str(tmp_path), 1.0, [], resume=False)[0]
 
 
-def _run(row, seed, box, mask):
-    return {"row": row, "seed": seed, "iterations": 1000, "images_per_batch": study.ROWS_BY_NAME[row].ims,
-            "box_AP": box, "mask_AP": mask}
+def _run(row, seed, box, mask, val300=None):
+    run = {"row": row, "seed": seed, "iterations": 1000, "images_per_batch": study.ROWS_BY_NAME[row].ims,
+           "box_AP": box, "mask_AP": mask}
+    if val300:  # (box AP, mask AP, their SEs)
+        run["val300"] = {"dataset": "gn_det_shapes_val300", "images": 300, "box_AP": val300[0], "mask_AP": val300[1],
+                         "box_AP_se": val300[2], "mask_AP_se": val300[3], "bootstrap": {"resamples": 200, "seed": 0}}
+    return run
 
 
 def test_summary_tables_and_plot(tmp_path):
@@ -96,6 +100,126 @@ def test_summary_tables_and_plot(tmp_path):
     assert path and os.path.getsize(path) > 1000
 
 
+def test_the_no_norm_row_with_resnet_biases_is_a_control_judged_against_the_others():
+    row = study.ROWS_BY_NAME["NoNormBiasAll@2"]
+    assert row in study.CONTROLS and row not in study.ROWS and row.norm == "" and row.ims == 2
+    assert row.opts == study.RESNET_CONV_BIAS
+    assert {(a, b) for a, b, _ in study.COMPARISONS if a == row.name} == {
+        ("NoNormBiasAll@2", "NoNormBias@2"), ("NoNormBiasAll@2", "FrozenBN@2"), ("NoNormBiasAll@2", "BN@2")}
+    cfg = gn_det.get_config(study.CONFIG, study.config_overrides(row, 7, "out")[0])
+    assert cfg.MODEL.RESNETS.CONV_BIAS is True and gn_det.validate_gn_config(cfg)  # a config that can apply it
+
+
+def test_the_val300_evaluation_command_evaluates_the_runs_own_model(tmp_path):
+    row = study.ROWS_BY_NAME["FastGN@4-nopad"]
+    command = study.val300_command(row, 8, str(tmp_path), ["INPUT.MIN_SIZE_TEST", "128"])
+    assert command[1].endswith(os.path.join("tools", "train_net.py")) and "--eval-only" in command
+    assert command.index("--eval-only") < command.index("MODEL.RESNETS.NORM")  # train_net wants flags first
+    opts = command[command.index("--eval-only") + 1:]
+    cfg = gn_det.get_config(study.CONFIG, opts)
+    assert cfg.MODEL.WEIGHTS == str(tmp_path / "model_final.pth")
+    assert cfg.DATASETS.TEST == ("gn_det_shapes_val300",) and cfg.OUTPUT_DIR == str(tmp_path / "val300")
+    assert cfg.MODEL.GN.IGNORE_PADDING and cfg.MODEL.RESNETS.NORM == "FastGN" and cfg.SEED == 8  # as trained
+    assert cfg.INPUT.MIN_SIZE_TEST == 128  # as its 60-image evaluation (--quick)
+    assert study.val300_results(str(tmp_path)) == str(
+        tmp_path / "val300" / "inference" / "gn_det_shapes_val300" / "coco_instances_results.json")
+
+
+def _perfect_detections(gt_json):
+    """What a model that finds every shape exactly would write (COCO results, RLE masks)."""
+    from pycocotools import mask as mask_utils
+
+    with open(gt_json) as f:
+        coco = json.load(f)
+    sizes = {im["id"]: (im["height"], im["width"]) for im in coco["images"]}
+    out = []
+    for a in coco["annotations"]:
+        rle = mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], *sizes[a["image_id"]]))
+        out.append({"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9,
+                    "segmentation": dict(rle, counts=rle["counts"].decode())})
+    return out
+
+
+def test_a_finished_run_gets_its_val300_field_once(tmp_path):
+    """add_val300 on a finished run's record: evaluated (here: detections already written after
+    the weights, so train_net is not run again), AP and SE computed against val300's own
+    annotations, the record rewritten; a second call changes nothing."""
+    row = study.ROWS_BY_NAME["FastGN@2"]
+    record = _run("FastGN@2", 7, 57.0, 55.0)
+    (tmp_path / "model_final.pth").write_bytes(b"weights")
+    results = study.val300_results(str(tmp_path))
+    os.makedirs(os.path.dirname(results))
+    with open(results, "w") as f:
+        json.dump(_perfect_detections(study.val300_annotations()), f)
+    study.add_val300(record, row, 7, str(tmp_path), [])
+    field = record["val300"]
+    assert field["dataset"] == "gn_det_shapes_val300" and field["images"] == 300
+    assert field["box_AP"] == field["mask_AP"] == 100.0 and field["box_AP_se"] == field["mask_AP_se"] == 0.0
+    assert field["bootstrap"] == {"resamples": 200, "seed": 0}
+    assert json.load(open(tmp_path / "study_run.json")) == record  # kept with the run
+    os.remove(results)  # done once: not evaluated again
+    assert study.add_val300(dict(record), row, 7, str(tmp_path), [])["val300"] == field
+    failed = dict(_run("FastGN@2", 8, 0, 0), error="diverged")
+    assert "val300" not in study.add_val300(failed, row, 8, str(tmp_path / "none"), [])
+
+
+def test_a_run_without_final_weights_records_why_and_is_tried_again(tmp_path):
+    row = study.ROWS_BY_NAME["BN@2"]
+    record = study.add_val300(_run("BN@2", 7, 33.0, 31.0), row, 7, str(tmp_path), [])
+    assert record["val300"]["error"].startswith("no final weights")
+    assert "val300" not in study.summarize([record])[0]  # not in the tables
+
+
+def test_val300_in_the_tables_and_the_judged_differences():
+    runs = [_run("FastGN@2", 7, 56.0, 55.0, (55.0, 53.0, 1.2, 1.0)), _run("FastGN@2", 8, 58.0, 54.0, (57.0, 54.0, 1.0, 1.2)),
+            _run("BN@2", 7, 33.0, 31.0, (32.0, 30.0, 1.5, 1.5)), _run("BN@2", 8, 35.0, 30.0, (33.0, 31.0, 1.7, 1.3)),
+            _run("BN@1", 7, 30.0, 29.0)]
+    summary = study.summarize(runs)
+    by = {e["row"]: e for e in summary}
+    gn = by["FastGN@2"]
+    assert gn["val300"]["box_AP"]["values"] == [55.0, 57.0] and gn["val300"]["box_AP_se"] == pytest.approx(1.1)
+    assert gn["box_AP"]["values"] == [56.0, 58.0]  # the 60-image AP keeps its meaning
+    assert "val300" not in by["BN@1"] and by["BN@2"]["val300"]["seeds"] == [7, 8]
+    meta = {"machine": "CPU test", "date": "today", "command": "python tools/detection_norm_study.py",
+            "total_seconds": 60, "run_seconds": 5400, "run_seconds_min": 540, "run_seconds_max": 1260}
+    text = study.markdown(summary, meta)
+    assert "| box AP | mask AP | box AP, 300 images | mask AP, 300 images |" in text
+    assert ("| FastGN@2 | gn_det GN | 2 | 1000 | 7, 8 | 57.0 ± 1.4 (56.0–58.0) | 54.5 ± 0.7 (54.0–55.0) "
+            "| 56.0 ± 1.4 (55.0–57.0); SE 1.1 | 53.5 ± 0.7 (53.0–54.0); SE 1.1 |") in text
+    assert "| BN@1 | detectron2 \"BN\" (batch statistics) | 1 | 1000 | 7 | 30.0 (1 seed) | 29.0 (1 seed) | n/a | n/a |" in text
+    assert "200 resamples of the images, seed 0" in text
+    (c,) = [c for c in study.comparisons(summary) if (c["a"], c["b"]) == ("FastGN@2", "BN@2")]
+    assert c["val300"]["box_AP"]["diff"] == pytest.approx(23.5) and c["box_AP"]["diff"] == pytest.approx(23.0)
+    assert "| FastGN@2 | BN@2 | GN vs BN at 2 images | +23.0 ± 2.8: a higher | +24.0 ± 1.4: a higher " \
+           "| +23.5 ± 2.2: a higher | +23.0 ± 1.4: a higher |" in text
+    assert "| FastGN@1 |" not in text and "| BN@1 | BN@2 | BN: 1 vs 2 images | -4.0 (too few seeds) " \
+           "| -1.5 (too few seeds) | n/a | n/a |" in text
+    plain = study.markdown(study.summarize([{k: v for k, v in r.items() if k != "val300"} for r in runs]), meta)
+    assert "300 images" not in plain  # tables of runs without val300: as before
+
+
+def test_val300_only_evaluates_finished_runs_and_trains_nothing(tmp_path, capsys):
+    work, out = tmp_path / "work", tmp_path / "out"
+    for row, seed, val300 in (("FastGN@2", 7, (55.0, 53.0, 1.2, 1.0)), ("FastGN@2", 8, None)):
+        folder = work / row.replace("@", "_") / f"seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "study_run.json").write_text(json.dumps(dict(_run(row, seed, 56.0, 55.0, val300), seconds=600.0)))
+    study.main(["--rows", "FastGN@2,BN@2", "--seeds", "7,8", "--work-dir", str(work), "--out-dir", str(out),
+                "--name", "v", "--val300-only"])
+    err = capsys.readouterr().err
+    assert "BN@2 seed 7: no finished run" in err and "BN@2 seed 8: no finished run" in err  # nothing trained
+    assert not (work / "BN_2").exists()
+    result = json.load(open(out / "v.json"))
+    by_seed = {r["seed"]: r for r in result["rows"]}
+    assert by_seed[7]["val300"]["box_AP"] == 55.0  # kept
+    assert by_seed[8]["val300"]["error"].startswith("no final weights")  # tried, recorded why
+    assert result["meta"]["command"].endswith("--val300-only") is False and "--resume" in result["meta"]["command"]
+    assert "| FastGN@2 | gn_det GN | 2 | 1000 | 7, 8 | 56.0 ± 0.0 (56.0–56.0) | 55.0 ± 0.0 (55.0–55.0) " \
+           "| 55.0 ± 1.2 SE (1 seed) | 53.0 ± 1.0 SE (1 seed) |" in (out / "v.md").read_text()
+    with pytest.raises(SystemExit):
+        study.main(["--val300-only", "--no-val300", "--work-dir", str(work), "--out-dir", str(out)])
+
+
 @pytest.mark.slow  # two train_net runs with evaluation (make test-slow)
 def test_one_tiny_row_with_two_seeds(tmp_path):
     proc = subprocess.run([sys.executable, TOOL, "--quick", "--rows", "FastGNWS@1", "--seeds", "7,8",
@@ -105,5 +229,6 @@ def test_one_tiny_row_with_two_seeds(tmp_path):
     result = json.load(open(tmp_path / "detection_study_quick.json"))
     assert [(r["row"], r["seed"]) for r in result["rows"]] == [("FastGNWS@1", 7), ("FastGNWS@1", 8)]
     assert all("error" not in r and "box_AP" in r and "mask_AP" in r for r in result["rows"]), result["rows"]
+    assert all(r["val300"]["images"] == 300 and "error" not in r["val300"] for r in result["rows"]), result["rows"]
     assert result["summary"][0]["seeds"] == [7, 8]
     assert (tmp_path / "detection_study_quick.png").stat().st_size > 1000

@@ -159,7 +159,8 @@ dns = _load("detection_norm_study")
 def test_the_control_rows_change_only_what_they_name(tmp_path):
     gn1, gn4 = dns.ROWS_BY_NAME["FastGN@1"], dns.ROWS_BY_NAME["FastGN@4"]
     opts = {r: dict(zip(*[iter(dns.config_overrides(dns.ROWS_BY_NAME[r], 7, str(tmp_path))[0])] * 2))
-            for r in ("FastGN@1", "FastGN@4", "FastGN@1-steps4", "FastGN@4-halflr", "BN@4", "NoNormBias@2")}
+            for r in ("FastGN@1", "FastGN@4", "FastGN@1-steps4", "FastGN@4-halflr", "BN@4", "NoNormBias@2",
+                      "NoNormBiasAll@2")}
     assert opts["FastGN@1-steps4"]["SOLVER.MAX_ITER"] == opts["FastGN@4"]["SOLVER.MAX_ITER"] == "500"
     assert opts["FastGN@1-steps4"]["SOLVER.BASE_LR"] == opts["FastGN@1"]["SOLVER.BASE_LR"]
     assert opts["FastGN@1-steps4"]["SOLVER.STEPS"] == opts["FastGN@4"]["SOLVER.STEPS"]
@@ -167,11 +168,15 @@ def test_the_control_rows_change_only_what_they_name(tmp_path):
     assert opts["FastGN@4-halflr"]["SOLVER.MAX_ITER"] == "500"
     assert opts["BN@4"]["MODEL.RESNETS.NORM"] == "BN" and opts["BN@4"]["SOLVER.IMS_PER_BATCH"] == "4"
     assert all(opts["NoNormBias@2"][k] == "" for k in dns.NORM_KEYS)
+    assert "MODEL.RESNETS.CONV_BIAS" not in opts["NoNormBias@2"]  # as recorded: no ResNet biases
+    # NoNormBias@2 and the ResNet's biases, nothing else
+    assert {k: v for k, v in opts["NoNormBiasAll@2"].items() if opts["NoNormBias@2"].get(k) != v} == {
+        "MODEL.RESNETS.CONV_BIAS": "True", "MODEL.BACKBONE.NAME": "build_fastgn_resnet_fpn_backbone"}
     assert gn1.ims == 1 and gn4.ims == 4
 
 
-@pytest.mark.parametrize("name", ["BN@4", "FastGN@1-steps4", "FastGN@4-halflr", "NoNormBias@2", "FrozenBN@2",
-                                  "FastGN@4-nopad"])
+@pytest.mark.parametrize("name", ["BN@4", "FastGN@1-steps4", "FastGN@4-halflr", "NoNormBias@2", "NoNormBiasAll@2",
+                                  "FrozenBN@2", "FastGN@4-nopad", "FastGN@1-nopad"])
 def test_every_control_row_builds_the_model_it_names(name, tmp_path):
     import gn_det
     from detectron2.layers import FrozenBatchNorm2d
@@ -183,14 +188,17 @@ def test_every_control_row_builds_the_model_it_names(name, tmp_path):
     modules = list(model.modules())
     norms = [m for m in modules if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, FrozenBatchNorm2d, gn_det.GroupNorm))]
     convs = [m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    if name == "NoNormBias@2":
+    if name in ("NoNormBias@2", "NoNormBiasAll@2"):
         assert not norms
         backbone = [m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n.startswith("backbone.bottom_up")]
         heads = [m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n.startswith(("backbone.fpn",
                  "roi_heads.box_head", "roi_heads.mask_head"))]
         assert heads and all(m.bias is not None for m in heads)
-        # detectron2's ResNet builds its convolutions without biases whatever the norm: stated, not hidden
-        assert backbone and all(m.bias is None for m in backbone) == (not dns.RESNET_CONV_BIAS)
+        # detectron2's ResNet builds its convolutions without biases whatever the norm (NoNormBias@2, as
+        # recorded); gn_det's option MODEL.RESNETS.CONV_BIAS (RESNET_CONV_BIAS) gives every one a bias
+        with_biases = name == "NoNormBiasAll@2"
+        assert (" ".join(dns.RESNET_CONV_BIAS) in " ".join(row.opts)) == with_biases
+        assert backbone and all((m.bias is not None) == with_biases for m in backbone)
     elif name == "FrozenBN@2":
         # no normalization, no affine, no bias: identity statistics, nothing learned in the norms
         frozen = [m for m in modules if isinstance(m, FrozenBatchNorm2d)]
@@ -199,7 +207,7 @@ def test_every_control_row_builds_the_model_it_names(name, tmp_path):
                    and n.startswith("backbone"))
     elif name == "BN@4":
         assert any(type(m) is nn.BatchNorm2d for m in norms)
-    elif name == "FastGN@4-nopad":  # padding excluded in the dense maps' GNs, never the ROI heads'
+    elif name.endswith("-nopad"):  # padding excluded in the dense maps' GNs, never the ROI heads'
         marked = {n for n, m in model.named_modules() if getattr(m, "ignore_padding", False)}
         assert marked and all(n.startswith("backbone") for n in marked)
         assert any(isinstance(m, gn_det.GroupNorm) and not m.ignore_padding for m in norms)

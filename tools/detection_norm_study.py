@@ -18,17 +18,26 @@ Controls (CONTROLS; not in the default rows, name them with --rows):
   FastGN@4-halflr      GN at 4 images at half the linearly scaled learning rate (0.01)
   NoNormBias@2         no norm at all (NORM ""): the FPN and heads then build their convolutions
                        with biases; detectron2's ResNet builds its own without biases whatever the
-                       norm (bias=False in its code), so the backbone has none: giving it biases
-                       needs a builder option in gn_det (RESNET_CONV_BIAS says which was run)
+                       norm (bias=False in its code), so the backbone has none (as recorded)
+  NoNormBiasAll@2      NoNormBias@2 with biases in the ResNet's convolutions too: gn_det's builder
+                       option MODEL.RESNETS.CONV_BIAS (RESNET_CONV_BIAS: its overrides)
   FastGN@4-nopad       GN at 4 images with MODEL.GN.IGNORE_PADDING (each image's statistics over its
                        own region, anchors in the padding excluded): GN@4's deficit: the padding?
+  FastGN@1-nopad, @2   the same at 1 and 2 images (a single image is still padded to the size
+                       divisibility): does the padding change GN at every batch size?
 
 The same number of epochs everywhere: iterations scale as 1/batch, the learning rate linearly
 with the batch. Each run is a real tools/train_net.py run (SEED set per run) evaluated by
-COCOEvaluator. Writes <name>.{json,md,png} (--name, default detection_study): every run, and per
+COCOEvaluator on gn_det_shapes_val (60 images: box_AP, mask_AP), then its final weights by a
+train_net --eval-only run on gn_det_shapes_val300 (300 images; OUTPUT_DIR <run>/val300), whose
+AP each get a standard error over the validation images (gn_det.train.ap_bootstrap: 200
+resamples of the images, seed 0) in the record's "val300" field (--no-val300: not). Runs that
+finished earlier get it with --resume or --val300-only (which trains nothing).
+Writes <name>.{json,md,png} (--name, default detection_study): every run, and per
 row the mean, sample std and range of box and mask AP over the seeds, in tables (norms by batch
-size; the group sweep; the controls), the differences the claims rest on judged by
-tools/batch_size_study.py's NOISE_RULE, and a plot. Finished runs are kept under --work-dir and
+size; the group sweep; the controls; the 300-image AP and its SE beside them where runs have
+it), the differences the claims rest on judged by tools/batch_size_study.py's NOISE_RULE (on the
+300-image AP too, in columns of their own), and a plot. Finished runs are kept under --work-dir and
 reused with --resume, so a long study can be stopped and continued; a run stopped part-way
 continues (exactly) from its last checkpoint, written every fifth of the run. Each run's record
 holds its seed, iterations, learning rate, warm-up, validation set and size, padding setting,
@@ -38,6 +47,8 @@ threads and commit.
     python tools/detection_norm_study.py --rows BN@4,FastGN@1-steps4,FastGN@4-halflr,NoNormBias@2 --seeds 7,8 \
         --name detection_controls --resume
     python tools/detection_norm_study.py --quick                # 1% of the iterations, for tests
+    python tools/detection_norm_study.py --rows BN@4,NoNormBias@2 --seeds 7,8 --work-dir DIR --val300-only \
+        --name detection_controls_val300               # finished runs in DIR (model_final.pth) on val300
 """
 from __future__ import annotations
 
@@ -54,6 +65,9 @@ import time
 from typing import List, Optional, Sequence, Tuple
 
 from batch_size_study import NOISE_RULE, git_state, noise_compare  # (tools/, the script's directory: one rule for every study)
+from gn_det.train.ap_bootstrap import results_with_se
+from gn_det.train.data.datasets import SHAPES_VAL300, shapes_root
+from gn_det.train.data.shapes import ensure_shapes_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,14 +118,17 @@ ROWS: List[Row] = [
         ("MODEL.GN.NUM_GROUPS", "0", "MODEL.GN.CHANNELS_PER_GROUP", "16"), "groups", "C/G = 16"),
 ]
 # The controls that separate the causes (issue 36): not in the default rows.
-RESNET_CONV_BIAS = False  # detectron2's ResNet: bias=False in every conv whatever the norm (no option)
+# detectron2's ResNet has bias=False in every conv whatever the norm; gn_det's builder option gives
+# them biases (only without a norm, and with gn_det's builder name: other configs are refused).
+RESNET_CONV_BIAS = ("MODEL.RESNETS.CONV_BIAS", "True", "MODEL.BACKBONE.NAME", "build_fastgn_resnet_fpn_backbone")
 CONTROLS: List[Row] = [
     Row("BN@4", 'detectron2 "BN" (batch statistics)', "BN", 4),
     _gn("FastGN@1-steps4", 1, "gn_det GN, GN@4's iterations (1/4 of the epochs)", table="controls", iters_ims=4),
     _gn("FastGN@4-halflr", 4, "gn_det GN, half the linear-scaled lr", table="controls", lr_scale=0.5),
     Row("NoNormBias@2", "no normalization; conv biases in FPN and heads, none in the ResNet", "", 2),
-    _gn("FastGN@4-nopad", 4, "gn_det GN, padding excluded (IGNORE_PADDING)", ("MODEL.GN.IGNORE_PADDING", "True"),
-        table="controls"),
+    Row("NoNormBiasAll@2", "no normalization; conv biases everywhere (FPN, heads, ResNet)", "", 2, RESNET_CONV_BIAS),
+    *(_gn(f"FastGN@{ims}-nopad", ims, "gn_det GN, padding excluded (IGNORE_PADDING)",
+          ("MODEL.GN.IGNORE_PADDING", "True"), table="controls") for ims in (4, 1, 2)),
 ]
 ALL_ROWS: List[Row] = ROWS + CONTROLS
 ROWS_BY_NAME = {row.name: row for row in ALL_ROWS}
@@ -126,11 +143,19 @@ COMPARISONS = [
     ("FastGNWS@1", "FastGN@1", "WS added to GN, 1 image"), ("FastGNWS@2", "FastGN@2", "WS added to GN, 2 images"),
     ("FrozenBN@2", "BN@2", "no norm (no bias) vs BN, 2 images"),
     ("NoNormBias@2", "FrozenBN@2", "no norm: with vs without FPN/head biases"),
+    ("NoNormBiasAll@2", "NoNormBias@2", "no norm: ResNet biases added to FPN/head biases"),
+    ("NoNormBiasAll@2", "FrozenBN@2", "no norm: with vs without all conv biases"),
+    ("NoNormBiasAll@2", "BN@2", "no norm (all biases) vs BN, 2 images"),
     ("FastGN@4-nopad", "FastGN@4", "GN@4: padding excluded vs included"),
+    ("FastGN@2-nopad", "FastGN@2", "GN@2: padding excluded vs included"),
+    ("FastGN@1-nopad", "FastGN@1", "GN@1: padding excluded vs included"),
+    ("FastGN@1-nopad", "FastGN@4-nopad", "GN, padding excluded: 1 vs 4 images, same epochs"),
     ("G32@2", "FastGN@2", "G = 32 vs 16"), ("G8@2", "FastGN@2", "G = 8 vs 16"), ("G1@2", "G32@2", "G = 1 vs 32"),
     ("CPG1@2", "G32@2", "instance norm vs G = 32"), ("CPG16@2", "G32@2", "16 channels per group vs G = 32"),
 ]
 VAL_DATASET = "gn_det_shapes_val"
+VAL300_DATASET = SHAPES_VAL300  # the larger split: each run's final weights evaluated there too
+VAL300_DIR = "val300"  # its evaluation's OUTPUT_DIR, inside the run's
 PADDING = "included in GN's statistics (each image's groups cover the batch's padding)"
 PADDING_EXCLUDED = "excluded (MODEL.GN.IGNORE_PADDING: each image's statistics over its own region)"
 QUICK_ROWS = ("FastGN@2", "BN@1")
@@ -158,16 +183,19 @@ def config_overrides(row: Row, seed: int, out_dir: str, scale_iters: float = 1.0
 
 
 def run(row: Row, seed: int, out_dir: str, scale_iters: float, extra: Sequence[str], resume: bool,
-        threads: int = 0) -> dict:
+        threads: int = 0, val300: bool = True) -> dict:
     """One train_net run of ``row`` with ``seed`` (or, with ``resume``, its record from an
-    earlier finished run in ``out_dir``); ``threads``: torch's CPU threads (0: its default)."""
+    earlier finished run in ``out_dir``); ``threads``: torch's CPU threads (0: its default).
+    With ``val300``, a finished run's record gets its "val300" field (``add_val300``) where it
+    has none yet, a reused one's too."""
     record_path = os.path.join(out_dir, "study_run.json")
     if resume and os.path.isfile(record_path):
         with open(record_path) as f:
-            return json.load(f)
+            record = json.load(f)
+        return add_val300(record, row, seed, out_dir, extra, threads) if val300 else record
     command, iters = train_command(row, seed, out_dir, scale_iters, extra, resume)
     opts = dict(zip(*[iter(config_overrides(row, seed, out_dir, scale_iters)[0])] * 2))
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    env = _env(threads)
     start = time.time()
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     record = {"row": row.name, "norm": row.label, "norm_name": row.norm, "images_per_batch": row.ims,
@@ -177,25 +205,94 @@ def run(row: Row, seed: int, out_dir: str, scale_iters: float, extra: Sequence[s
               "padding": PADDING_EXCLUDED if "MODEL.GN.IGNORE_PADDING" in row.opts else PADDING,
               "threads": threads or None, **git_state()}
     if proc.returncode != 0:
-        record["error"] = proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else f"exit {proc.returncode}"
+        record["error"] = _last_error(proc)
         return record
     record.update(final_ap(out_dir))
-    with open(record_path, "w") as f:
-        json.dump(record, f)
+    _write_record(record_path, record)  # the training's result is kept before val300 is evaluated
     for name in os.listdir(out_dir):  # the record holds what the study needs; keep the final weights only
         if name.endswith(".pth") and name != "model_final.pth":
             os.remove(os.path.join(out_dir, name))
+    return add_val300(record, row, seed, out_dir, extra, threads) if val300 else record
+
+
+def _env(threads: int) -> dict:
+    return dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+
+
+def _last_error(proc: subprocess.CompletedProcess) -> str:
+    return proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else f"exit {proc.returncode}"
+
+
+def _write_record(path: str, record: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)  # a killed study leaves the old record or the new one, never half of one
+
+
+def add_val300(record: dict, row: Row, seed: int, out_dir: str, extra: Sequence[str], threads: int = 0) -> dict:
+    """A finished run's ``record`` with its "val300" field (``evaluate_val300``), written to its
+    study_run.json too; a failed run, or one whose record has the field already (without
+    "error"), is returned as it is. Returns the record."""
+    if "error" in record or ("val300" in record and "error" not in record["val300"]):
+        return record
+    record["val300"] = evaluate_val300(row, seed, out_dir, extra, threads)
+    _write_record(os.path.join(out_dir, "study_run.json"), record)
+    print(f"{row.name} seed {seed}: val300 {json.dumps(record['val300'])}", flush=True)
     return record
 
 
+def val300_command(row: Row, seed: int, out_dir: str, extra: Sequence[str]) -> List[str]:
+    """The tools/train_net.py --eval-only command that evaluates the run's final weights
+    (``out_dir``/model_final.pth) on VAL300_DATASET: the run's own overrides (the same model),
+    OUTPUT_DIR ``out_dir``/val300."""
+    opts, _ = config_overrides(row, seed, os.path.join(out_dir, VAL300_DIR))
+    return [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config", CONFIG, "--eval-only", *opts,
+            "MODEL.WEIGHTS", os.path.join(out_dir, "model_final.pth"), "DATASETS.TEST", f"('{VAL300_DATASET}',)",
+            *extra]
+
+
+def val300_results(out_dir: str) -> str:
+    """Where the val300 evaluation of the run in ``out_dir`` writes its detections."""
+    return os.path.join(out_dir, VAL300_DIR, "inference", VAL300_DATASET, "coco_instances_results.json")
+
+
+def val300_annotations() -> str:
+    """VAL300_DATASET's COCO annotations, as train_net (run in ROOT) finds them (generated if
+    not there yet)."""
+    return ensure_shapes_dataset(os.path.join(ROOT, shapes_root()))["val300"][0]
+
+
+def evaluate_val300(row: Row, seed: int, out_dir: str, extra: Sequence[str], threads: int = 0) -> dict:
+    """The run's final weights evaluated on VAL300_DATASET (``val300_command``; detections
+    written after the weights are reused), box and mask AP each with its bootstrap standard
+    error over the images (``gn_det.train.ap_bootstrap.results_with_se``): ``{"dataset",
+    "images", "box_AP", "mask_AP", "box_AP_se", "mask_AP_se", "bootstrap", "seconds"}``, or
+    ``{"dataset", "error"}``."""
+    weights = os.path.join(out_dir, "model_final.pth")
+    if not os.path.isfile(weights):
+        return {"dataset": VAL300_DATASET, "error": f"no final weights {weights} to evaluate"}
+    results = val300_results(out_dir)
+    start = time.time()
+    if not (os.path.isfile(results) and os.path.getmtime(results) >= os.path.getmtime(weights)):
+        proc = subprocess.run(val300_command(row, seed, out_dir, extra), cwd=ROOT, capture_output=True, text=True,
+                              env=_env(threads))
+        if proc.returncode != 0:
+            return {"dataset": VAL300_DATASET, "error": _last_error(proc)}
+    return {"dataset": VAL300_DATASET, **results_with_se(val300_annotations(), results),
+            "seconds": time.time() - start}
+
+
 def _val_images(out_dir: str) -> Optional[int]:
-    """The validation images evaluated: from the COCO json COCOEvaluator writes (None if absent)."""
+    """The validation images evaluated: from the COCO json COCOEvaluator writes, else (it writes
+    none for a dataset registered with its json file) the embedded split's annotations."""
     for folder, _, files in os.walk(out_dir):
         for name in files:
             if name == f"{VAL_DATASET}_coco_format.json":
                 with open(os.path.join(folder, name)) as f:
                     return len(json.load(f)["images"])
-    return None
+    with open(ensure_shapes_dataset(os.path.join(ROOT, shapes_root()))["val"][0]) as f:
+        return len(json.load(f)["images"])
 
 
 def train_command(row: Row, seed: int, out_dir: str, scale_iters: float, extra: Sequence[str],
@@ -211,7 +308,9 @@ def train_command(row: Row, seed: int, out_dir: str, scale_iters: float, extra: 
 
 def summarize(runs: Sequence[dict]) -> List[dict]:
     """Per row (in ROWS' order): seeds run, and box/mask AP mean, sample std (NaN for one
-    seed), min and max over the runs that finished; failed runs are counted apart."""
+    seed), min and max over the runs that finished; failed runs are counted apart. Where runs
+    have their "val300" field: "val300", the same over those runs' 300-image AP, with
+    "box_AP_se"/"mask_AP_se" the mean of their bootstrap standard errors."""
     summary = []
     for row in ALL_ROWS:
         mine = [r for r in runs if r["row"] == row.name]
@@ -222,13 +321,25 @@ def summarize(runs: Sequence[dict]) -> List[dict]:
                  "groups": row.groups, "iterations": mine[0]["iterations"], "seeds": [r["seed"] for r in done],
                  "failed": [r["seed"] for r in mine if "error" in r]}
         for metric in ("box_AP", "mask_AP"):
-            values = [r[metric] for r in done if not math.isnan(r[metric])]
-            entry[metric] = {
-                "values": values, "mean": statistics.fmean(values) if values else math.nan,
-                "std": statistics.stdev(values) if len(values) > 1 else math.nan,
-                "min": min(values, default=math.nan), "max": max(values, default=math.nan), "n": len(values)}
+            entry[metric] = _stats([r[metric] for r in done])
+        on300 = [r for r in done if "error" not in r.get("val300", {"error": "not evaluated"})]
+        if on300:
+            entry["val300"] = {"dataset": on300[0]["val300"]["dataset"], "images": on300[0]["val300"]["images"],
+                               "bootstrap": on300[0]["val300"]["bootstrap"], "seeds": [r["seed"] for r in on300]}
+            for metric in ("box_AP", "mask_AP"):
+                entry["val300"][metric] = _stats([r["val300"][metric] for r in on300])
+                ses = [r["val300"][f"{metric}_se"] for r in on300 if not math.isnan(r["val300"][f"{metric}_se"])]
+                entry["val300"][f"{metric}_se"] = statistics.fmean(ses) if ses else math.nan
         summary.append(entry)
     return summary
+
+
+def _stats(values: Sequence[float]) -> dict:
+    """values (NaN left out), mean, sample std (NaN for one), min, max and n."""
+    values = [v for v in values if not math.isnan(v)]
+    return {"values": values, "mean": statistics.fmean(values) if values else math.nan,
+            "std": statistics.stdev(values) if len(values) > 1 else math.nan,
+            "min": min(values, default=math.nan), "max": max(values, default=math.nan), "n": len(values)}
 
 
 def _cell(stat: dict) -> str:
@@ -237,6 +348,16 @@ def _cell(stat: dict) -> str:
     if stat["n"] == 1:
         return f"{stat['mean']:.1f} (1 seed)"
     return f"{stat['mean']:.1f} ± {stat['std']:.1f} ({stat['min']:.1f}–{stat['max']:.1f})"
+
+
+def _cell300(entry: dict, metric: str) -> str:
+    """A 300-image cell: as ``_cell``, and the bootstrap SE of one run's AP (the seeds' mean)."""
+    if "val300" not in entry or not entry["val300"][metric]["n"]:
+        return "n/a"
+    stat, se = entry["val300"][metric], entry["val300"][f"{metric}_se"]
+    if stat["n"] == 1:
+        return f"{stat['mean']:.1f} ± {se:.1f} SE (1 seed)"
+    return f"{_cell(stat)}; SE {se:.1f}"
 
 
 def _sweep(summary: Sequence[dict]) -> List[dict]:
@@ -248,14 +369,26 @@ def _sweep(summary: Sequence[dict]) -> List[dict]:
 
 
 def markdown(summary: Sequence[dict], meta: dict) -> str:
-    """The study's tables: norms by images per batch, and the group sweep at 2 images."""
+    """The study's tables: norms by images per batch, and the group sweep at 2 images; with
+    300-image AP (``summarize``'s "val300") where any row has it."""
     lines = [f"# Detection norm study ({meta['machine']}, {meta['date']})", "",
              f"Command: `{meta['command']}`; demo Mask R-CNN R18-FPN from scratch on gn_det_shapes, the same epochs "
              f"for every row; the runs' training and evaluation took {meta['run_seconds'] / 3600:.1f} h in all "
              f"({meta['run_seconds_min'] / 60:.0f}–{meta['run_seconds_max'] / 60:.0f} min a run; runs reused by "
              "--resume count with their own time). AP: mean ± sample std over the seeds (min–max).", ""]
+    on300 = [e["val300"] for e in summary if "val300" in e]
     header = ["| row | norm | images per batch | iterations | seeds | box AP | mask AP |",
               "|---|---|---|---|---|---|---|"]
+    if on300:
+        boot = on300[0]["bootstrap"]
+        lines[-2] += (f" box AP, mask AP: on {VAL_DATASET} (60 images). 300 images: the same runs' final weights on "
+                      f"{on300[0]['dataset']} ({on300[0]['images']} images), mean ± sample std over the seeds that "
+                      "have it (min–max); SE: the standard error of one run's AP over the validation images, "
+                      f"bootstrapped ({boot['resamples']} resamples of the images, seed {boot['seed']}; the mean over "
+                      "the seeds). The seeds' spread does not hold that error (every run sees the same images), and "
+                      "a difference between two rows has less of it than each AP (the same images: paired).")
+        header = ["| row | norm | images per batch | iterations | seeds | box AP | mask AP | box AP, 300 images "
+                  "| mask AP, 300 images |", "|---|---|---|---|---|---|---|---|---|"]
     for table, title in (("norms", "Norms by images per batch"), ("groups", "Group sweep at 2 images per batch"),
                          ("controls", "Controls: equal steps, half the learning rate")):
         entries = _sweep(summary) if table == "groups" else [e for e in summary if e["table"] == table]
@@ -265,21 +398,29 @@ def markdown(summary: Sequence[dict], meta: dict) -> str:
         for e in entries:
             label = e["norm"] if table == "norms" else (e["groups"] or f"G = {DEMO_GROUPS} (the demo's)")
             seeds = ", ".join(map(str, e["seeds"])) + (f"; failed: {e['failed']}" if e["failed"] else "")
+            cells = [_cell(e["box_AP"]), _cell(e["mask_AP"])]
+            if on300:
+                cells += [_cell300(e, "box_AP"), _cell300(e, "mask_AP")]
             lines.append(f"| {e['row']} | {label} | {e['images_per_batch']} | {e['iterations']} | {seeds} "
-                         f"| {_cell(e['box_AP'])} | {_cell(e['mask_AP'])} |")
+                         f"| {' | '.join(cells)} |")
         lines.append("")
     lines += comparisons_markdown(summary)
     return "\n".join(lines)
 
 
 def comparisons(summary: Sequence[dict]) -> List[dict]:
-    """COMPARISONS whose two rows are in ``summary``, each judged by NOISE_RULE on box and mask AP."""
+    """COMPARISONS whose two rows are in ``summary``, each judged by NOISE_RULE on box and mask
+    AP; where both rows have 300-image AP, "val300": the same rule on those."""
     by = {e["row"]: e for e in summary}
     out = []
     for a, b, what in COMPARISONS:
         if a in by and b in by:
-            out.append({"a": a, "b": b, "what": what,
-                        **{m: noise_compare(by[a][m]["values"], by[b][m]["values"]) for m in ("box_AP", "mask_AP")}})
+            c = {"a": a, "b": b, "what": what,
+                 **{m: noise_compare(by[a][m]["values"], by[b][m]["values"]) for m in ("box_AP", "mask_AP")}}
+            if "val300" in by[a] and "val300" in by[b]:
+                c["val300"] = {m: noise_compare(by[a]["val300"][m]["values"], by[b]["val300"][m]["values"])
+                               for m in ("box_AP", "mask_AP")}
+            out.append(c)
     return out
 
 
@@ -296,8 +437,17 @@ def comparisons_markdown(summary: Sequence[dict]) -> List[str]:
         return []
     lines = ["## Differences", "", f"a - b: difference of the means ± 2 standard errors over seeds. Rule: {NOISE_RULE}.",
              "", "| a | b | what | box AP, a - b | mask AP, a - b |", "|---|---|---|---|---|"]
+    on300 = any("val300" in c for c in rows)
+    if on300:
+        lines[2] += (" The 300-image columns judge the same runs' AP on the 300-image split by the same rule (over "
+                     "the seeds evaluated there); the other two, the 60-image AP.")
+        lines[4:6] = ["| a | b | what | box AP, a - b | mask AP, a - b | box AP, 300 images, a - b "
+                      "| mask AP, 300 images, a - b |", "|---|---|---|---|---|---|---|"]
     for c in rows:
-        lines.append(f"| {c['a']} | {c['b']} | {c['what']} | {_verdict(c['box_AP'])} | {_verdict(c['mask_AP'])} |")
+        cells = [_verdict(c["box_AP"]), _verdict(c["mask_AP"])]
+        if on300:
+            cells += [_verdict(c["val300"][m]) if "val300" in c else "n/a" for m in ("box_AP", "mask_AP")]
+        lines.append(f"| {c['a']} | {c['b']} | {c['what']} | {' | '.join(cells)} |")
     return lines + [""]
 
 
@@ -312,7 +462,8 @@ def plot(summary: Sequence[dict], runs: Sequence[dict], path: str) -> Optional[s
     except ImportError:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for norm, marker in (("FastGN", "o"), ("FastGNWS", "s"), ("BN", "^"), ("FrozenBN", "x"), ("NoNormBias", "+")):
+    for norm, marker in (("FastGN", "o"), ("FastGNWS", "s"), ("BN", "^"), ("FrozenBN", "x"), ("NoNormBias", "+"),
+                         ("NoNormBiasAll", "P")):
         entries = [e for e in summary if e["table"] == "norms" and e["row"].split("@")[0] == norm]
         if not entries:
             continue
@@ -364,6 +515,8 @@ def canonical_command(args, rows: Sequence[Row], seeds: Sequence[int]) -> str:
                                  ("--out-dir", args.out_dir, os.path.join(ROOT, "docs", "reproduction"))):
         if os.path.abspath(value) != default:
             parts += [flag, os.path.relpath(value, ROOT) if os.path.abspath(value).startswith(ROOT) else value]
+    if args.no_val300:
+        parts += ["--no-val300"]
     return " ".join(parts + ["--threads", str(args.threads), "--resume"])
 
 
@@ -393,7 +546,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--from-json", default="", metavar="JSON",
                         help="run nothing: make the tables from the runs an earlier study recorded in JSON (its rows "
                              "and seeds that --rows/--seeds name)")
+    parser.add_argument("--val300-only", action="store_true",
+                        help=f"train nothing: evaluate the runs that finished in --work-dir (their model_final.pth) on "
+                             f"{VAL300_DATASET} where their record has no 'val300' yet, then make the tables from the "
+                             "finished runs (a run not finished is left out, with a note)")
+    parser.add_argument("--no-val300", action="store_true",
+                        help=f"evaluate the runs on {VAL_DATASET} only (records without 'val300', as before)")
     args = parser.parse_args(argv)
+    exclusive = [flag for flag, on in (("--val300-only", args.val300_only), ("--no-val300", args.no_val300),
+                                       ("--from-json", bool(args.from_json))) if on]
+    if len(exclusive) > 1:
+        parser.error(f"{' and '.join(exclusive)} exclude each other")
     rows = parse_rows(args.rows) if args.rows else (parse_rows(",".join(QUICK_ROWS)) if args.quick else ROWS)
     seeds = [int(s) for s in (args.seeds or ("7" if args.quick else "7,8")).split(",")]
     scale = 0.01 if args.quick else 1.0
@@ -415,9 +578,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for row in ([] if args.from_json else rows):
         for seed in seeds:
             out = os.path.join(args.work_dir, row.name.replace("@", "_") + ("_quick" if args.quick else ""), f"seed{seed}")
-            record = run(row, seed, out, scale, extra, args.resume, args.threads)
+            if args.val300_only and not os.path.isfile(os.path.join(out, "study_run.json")):
+                print(f"detection_norm_study: {row.name} seed {seed}: no finished run in {out} (--val300-only trains "
+                      "nothing); left out", file=sys.stderr, flush=True)
+                continue
+            record = run(row, seed, out, scale, extra, args.resume or args.val300_only, args.threads,
+                         val300=not args.no_val300)
             runs.append(record)
             print(json.dumps(record), flush=True)
+    if not runs:
+        raise SystemExit("detection_norm_study: no runs to make tables of (--val300-only: none finished in "
+                         f"{args.work_dir}; --from-json: none of these rows and seeds)")
     command = canonical_command(args, rows, seeds)
     if args.from_json:
         command = command.replace(" --resume", "") + " --from-json " + os.path.relpath(os.path.abspath(args.from_json), ROOT)

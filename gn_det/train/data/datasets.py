@@ -12,10 +12,13 @@ from .shapes import CLASSES, ensure_shapes_dataset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SHAPES_TRAIN", "SHAPES_VAL", "datasets_root", "register_shapes_dataset", "check_datasets_exist"]
+__all__ = ["SHAPES_SPLITS", "SHAPES_TRAIN", "SHAPES_VAL", "SHAPES_VAL300", "datasets_root", "register_shapes_dataset",
+           "check_datasets_exist", "shapes_root"]
 
 SHAPES_TRAIN = "gn_det_shapes_train"
-SHAPES_VAL = "gn_det_shapes_val"
+SHAPES_VAL = "gn_det_shapes_val"  # 60 images: the demo's and the tests' validation set
+SHAPES_VAL300 = "gn_det_shapes_val300"  # 300 images: the detection study's (AP differences with a usable error)
+SHAPES_SPLITS = {SHAPES_TRAIN: "train", SHAPES_VAL: "val", SHAPES_VAL300: "val300"}  # registered name -> split
 
 
 def datasets_root() -> str:
@@ -23,15 +26,21 @@ def datasets_root() -> str:
     return os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets"))
 
 
+def shapes_root() -> str:
+    """The embedded dataset's default root: ``<datasets root>/gn_det_shapes``."""
+    return os.path.join(datasets_root(), "gn_det_shapes")
+
+
 def register_shapes_dataset(root: str = "") -> None:
-    """Generate (first use only) and register ``gn_det_shapes_train``/``gn_det_shapes_val``
-    with detectron2's ``register_coco_instances``. Default root: ``<datasets root>/gn_det_shapes``."""
+    """Generate (first use only; each split once per root) and register ``gn_det_shapes_train``,
+    ``gn_det_shapes_val`` and ``gn_det_shapes_val300`` (``SHAPES_SPLITS``) with detectron2's
+    ``register_coco_instances``. Default root: ``shapes_root()``."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import register_coco_instances
 
-    root = root or os.path.join(datasets_root(), "gn_det_shapes")
+    root = root or shapes_root()
     paths = ensure_shapes_dataset(root)
-    for name, split in ((SHAPES_TRAIN, "train"), (SHAPES_VAL, "val")):
+    for name, split in SHAPES_SPLITS.items():
         json_file, image_root = paths[split]
         if name in DatasetCatalog.list():
             if MetadataCatalog.get(name).json_file == json_file:

@@ -5,6 +5,10 @@ Each image (128-256 px a side) has a textured background and 2-6 shapes of three
 (circle, rectangle, triangle), in random colours, sizes and rotations, overlapping: a later
 shape may hide up to 35% of an earlier one. Annotations are the *visible* region of each
 shape, as polygons traced from its visible mask, with COCO's bbox (XYWH) and area.
+
+Splits (``SPLITS``), each from its own seed: ``train`` (300 images), ``val`` (60: what the demo
+and the tests evaluate on) and ``val300`` (300: a validation split large enough for the
+detection study's AP differences; the same generator, drawn independently of ``val``).
 """
 from __future__ import annotations
 
@@ -19,7 +23,9 @@ import cv2
 import numpy as np
 
 CLASSES = ("circle", "rectangle", "triangle")
-SPLITS = {"train": (300, 0), "val": (60, 1)}  # split -> (number of images, seed offset)
+# split -> (number of images, seed offset). "val" (60 images) is what the demo and the tests evaluate on;
+# "val300" is a larger validation split for the studies, whose AP differences need more images.
+SPLITS = {"train": (300, 0), "val": (60, 1), "val300": (300, 2)}
 VERSION = 1  # bump when the generator changes: files with another version are regenerated
 _MAX_HIDDEN = 0.35  # a new shape may hide at most this fraction of an earlier one
 _MIN_VISIBLE_PIXELS = 40
@@ -134,20 +140,42 @@ def generate_split(root: str, split: str, num_images: int, seed: int) -> str:
 
 
 def ensure_shapes_dataset(root: str, seed: int = 0) -> Dict[str, Tuple[str, str]]:
-    """Generate the dataset under ``root`` unless this version is already there. Returns
-    split -> (json path, image folder)."""
+    """Generate under ``root`` each split of ``SPLITS`` that this version and seed has not
+    generated there yet. Returns split -> (json path, image folder).
+
+    ``root/VERSION`` says which splits are there (``"1 seed=0 train=300 val=60 val300=300"``); a
+    split it lists at this version and seed, whose JSON is there, is kept as it is: a root stamped
+    before a split was added (``"1 seed=0 train=300 val=60"``) gets only the new split, and the
+    files of the others, which another process may be reading, are not rewritten. Another version
+    or seed regenerates every split (each split's images depend only on its own seed)."""
     stamp = os.path.join(root, "VERSION")
-    expected = f"{VERSION} seed={seed} " + " ".join(f"{s}={n}" for s, (n, _) in SPLITS.items())
     paths = {s: (os.path.join(root, "annotations", f"instances_{s}.json"), os.path.join(root, s)) for s in SPLITS}
     os.makedirs(root, exist_ok=True)
     with _locked(os.path.join(root, ".lock")):  # several processes (launch) may ask at once
-        current = open(stamp).read().strip() if os.path.exists(stamp) else None
-        if current != expected or not all(os.path.exists(j) for j, _ in paths.values()):
-            for split, (num_images, offset) in SPLITS.items():
-                generate_split(root, split, num_images, seed * 1000 + offset)
+        have = _stamped_splits(open(stamp).read() if os.path.exists(stamp) else "", seed)
+        missing = [s for s, (n, _) in SPLITS.items() if have.get(s) != n or not os.path.exists(paths[s][0])]
+        for split in missing:
+            num_images, offset = SPLITS[split]
+            generate_split(root, split, num_images, seed * 1000 + offset)
+        if missing:
+            have.update({s: n for s, (n, _) in SPLITS.items()})
             with open(stamp, "w") as f:
-                f.write(expected + "\n")
+                f.write(f"{VERSION} seed={seed} " + " ".join(f"{s}={n}" for s, n in have.items()) + "\n")
     return paths
+
+
+def _stamped_splits(text: str, seed: int) -> Dict[str, int]:
+    """split -> number of images, of the splits a VERSION stamp lists for this version and seed
+    (none for another version or seed, or no stamp)."""
+    words = text.split()
+    if words[:2] != [str(VERSION), f"seed={seed}"]:
+        return {}
+    splits = {}
+    for word in words[2:]:
+        split, _, count = word.partition("=")
+        if count.isdigit():
+            splits[split] = int(count)
+    return splits
 
 
 @contextlib.contextmanager
