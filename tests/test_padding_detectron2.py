@@ -511,3 +511,38 @@ def test_a_training_step_runs_with_the_setting():
     sum(losses.values()).backward()
     assert current_regions() is None and mp._forwards() == []
     assert all(p.grad is not None for p in model.sem_seg_head.parameters())
+
+
+def test_inference_called_without_the_forward_opens_the_regions_too():
+    """detectron2's test-time augmentation calls GeneralizedRCNN.inference itself, not the forward:
+    the regions are opened there too (an image alone and batched: the same detections), the
+    forward still opens them once, and the model copies and pickles with it."""
+    cfg = _cfg()
+    model = _build(cfg).eval()
+    plain = copy.deepcopy(model)
+    ignore_padding(model)
+    assert type(model).__name__ == "PaddingGeneralizedRCNN" and isinstance(model, type(plain))
+    image = {"image": _image(SMALL, 0)}
+    batch = [image, {"image": _image(LARGE, 1)}]
+    seen = _Capture(model.backbone)
+    with torch.no_grad():
+        alone = model.inference([image], do_postprocess=False)[0]
+        batched = model.inference(batch, do_postprocess=False)[0]
+        plain_alone = plain.inference([image], do_postprocess=False)[0]
+        plain_batched = plain.inference(batch, do_postprocess=False)[0]
+        model(batch)  # the forward: regions opened once, by its own hooks
+    assert seen.seen == [([SMALL], ALONE), ([SMALL, LARGE], LARGE), ([SMALL, LARGE], LARGE)]
+    assert current_regions() is None and mp._forwards() == []
+    _assert_same_instances(batched, alone, cfg.TEST.DETECTIONS_PER_IMAGE)
+    assert len(plain_batched) != len(plain_alone) or not torch.allclose(plain_batched.scores, plain_alone.scores)
+    for copied in (copy.deepcopy(model), torch.load(io.BytesIO(_saved(model)), weights_only=False)):
+        assert type(copied) is type(model)
+        with torch.no_grad():
+            _assert_same_instances(copied.inference(batch, do_postprocess=False)[0], alone,
+                                   cfg.TEST.DETECTIONS_PER_IMAGE)
+
+
+def _saved(model) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    return buffer.getvalue()

@@ -59,6 +59,11 @@ which ``finish_model`` runs; instances only, never detectron2's classes or funct
   image_size)`` call detectron2's one image at a time with only the anchors whose centre lies
   inside the image, so anchors in an image's padding take no part in its matching, sampling
   (label -1), proposals or detections.
+- the class of a ``GeneralizedRCNN`` model (PanopticFPN and a project's subclass included)
+  -> ``PaddingGeneralizedRCNN`` (a gn_det subclass of its class, pickled as its class): its
+  ``inference(self, batched_inputs, ...)`` calls the class's own with the images' sizes
+  recorded, as the forward's pre-hook does, when test-time augmentation calls it without the
+  forward.
 - module hooks (no method replaced): forward pre-hook and ``always_call`` forward hook on the
   meta-architecture (the images' sizes from ``batched_inputs[i]["image"]``; the regions
   closed), forward pre-hook on ``model.backbone`` (``gn_det.image_regions`` opened over its

@@ -99,6 +99,12 @@ place, on a detectron2 meta-architecture (``GeneralizedRCNN``, ``ProposalNetwork
      (upsampled by ``F.interpolate`` to the image's resolution) gets the region's edge repeated
      beyond it. Another semantic-segmentation head gets a warning naming it.
 
+5. **Opens the regions in ``inference`` too**: detectron2's ``GeneralizedRCNN.inference``
+   (and a subclass's, PanopticFPN's included), which test-time augmentation
+   (``GeneralizedRCNNWithTTA``) calls without the forward, records its inputs' sizes as the
+   forward's pre-hook does: the model becomes an instance of a gn_det subclass of its class
+   whose ``inference`` wraps its own (pickled and copied as above).
+
 A model with none of ``backbone``, ``proposal_generator``, ``head``, ``sem_seg_head`` or
 without a ``backbone`` module (not built like a detectron2 meta-architecture) raises
 ``ConfigError`` naming them: such a model opens ``gn_det.image_regions`` around its own
@@ -115,6 +121,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicStem
+from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
 from detectron2.modeling.poolers import ROIPooler
@@ -223,6 +230,24 @@ class _RetinaNetExcluding(_Excluding):
             [x[m] for x, m in zip(box_delta, inside)], image_size)
 
 
+class _InferenceWithRegions(_Excluding):
+    """A GeneralizedRCNN whose ``inference``, called without the forward (test-time
+    augmentation), opens its images' regions as the forward does (module docstring, 5)."""
+
+    def inference(self, batched_inputs, *args, **kwargs):
+        stack = _forwards()
+        _drop_stale(stack)
+        if stack and stack[-1].model is self:  # called by its own forward, whose hooks hold the sizes
+            return super().inference(batched_inputs, *args, **kwargs)
+        depth = len(stack)
+        stack.append(_Forward(self, getattr(self, "backbone", None), _sizes_or_warn(self, batched_inputs),
+                              sys._getframe(0)))
+        try:
+            return super().inference(batched_inputs, *args, **kwargs)
+        finally:
+            _unwind(stack, depth)
+
+
 class PaddingRPN(_RPNExcluding, RPN):
     """detectron2's ``RPN`` with the anchors outside each image's region excluded (module
     docstring, 3); what ``ignore_padding`` makes of an ``RPN`` instance."""
@@ -242,11 +267,13 @@ _EXCLUDING_LOCK = threading.Lock()
 
 
 def _excluding_class(base: type) -> type:
-    """The gn_det subclass of ``base`` (an RPN or RetinaNet class), made once per class."""
+    """The gn_det subclass of ``base`` (an RPN, RetinaNet or GeneralizedRCNN class), made once
+    per class."""
     with _EXCLUDING_LOCK:
         cls = _EXCLUDING.get(base)
         if cls is None:
-            mixin = _RPNExcluding if issubclass(base, RPN) else _RetinaNetExcluding
+            mixin = (_RPNExcluding if issubclass(base, RPN) else _RetinaNetExcluding if issubclass(base, RetinaNet)
+                     else _InferenceWithRegions)
             cls = type(f"Padding{base.__name__}", (mixin, base), {
                 "__module__": __name__, "_gn_det_padding_base": base,
                 "__doc__": f"{base.__module__}.{base.__qualname__} with the anchors outside each image's region "
@@ -347,16 +374,21 @@ def _image_sizes(batched_inputs) -> Optional[List[Tuple[int, int]]]:
     return sizes
 
 
+def _sizes_or_warn(model: nn.Module, batched_inputs) -> Optional[List[Tuple[int, int]]]:
+    sizes = _image_sizes(batched_inputs)
+    if sizes is None:
+        warnings.warn(f"gn_det ignore_padding: {type(model).__name__}'s inputs have no \"image\" tensor each: "
+                      f"no image regions, GN normalizes the whole padded batch in this forward", stacklevel=4)
+    return sizes
+
+
 def _meta_pre_hook(model: nn.Module, args, kwargs):
     """Before the meta-architecture's forward: record its images' sizes (module docstring, 2)."""
     stack = _forwards()
     _drop_stale(stack)
     batched_inputs = args[0] if args else kwargs.get("batched_inputs")
-    sizes = _image_sizes(batched_inputs)
-    if sizes is None:
-        warnings.warn(f"gn_det ignore_padding: {type(model).__name__}'s inputs have no \"image\" tensor each: "
-                      f"no image regions, GN normalizes the whole padded batch in this forward", stacklevel=3)
-    stack.append(_Forward(model, getattr(model, "backbone", None), sizes, sys._getframe(1)))
+    stack.append(_Forward(model, getattr(model, "backbone", None), _sizes_or_warn(model, batched_inputs),
+                          sys._getframe(1)))
     return None
 
 
@@ -561,6 +593,8 @@ def ignore_padding(model: nn.Module) -> nn.Module:
                           stacklevel=2)
     if isinstance(model, RetinaNet):
         _exclude_anchors(model, RetinaNet, _RETINANET_METHODS, "meta-architecture")
+    elif isinstance(model, GeneralizedRCNN) and not isinstance(model, _Excluding):
+        model.__class__ = _excluding_class(type(model))  # 5. inference() called alone
     elif "head" in parts:
         cls = type(model)
         warnings.warn(f"gn_det ignore_padding: the dense detector {cls.__module__}.{cls.__qualname__} is not "
