@@ -221,3 +221,43 @@ def test_masked_kernels_support_and_valid_checks():
     assert plans.forward_plan is not None and plans.masked_forward_plan is not None
     assert plans.masked_forward_plan.masked and not plans.forward_plan.masked
     assert torch.equal(unmasked, triton_group_norm_forward(x, weight, bias, None, 4, EPS, 0)[0])
+
+
+def _padding_cases():
+    """CASES' ReLU-output cases and one with the residual added run by default; the rest are slow."""
+    fast = {2, 6, 8, 10}  # (indices in CASES: one program per group, by lanes, gathered, shifted windows)
+    return [case if i in fast else pytest.param(*case, marks=pytest.mark.slow)
+            for i, case in enumerate(CASES) if not hasattr(case, "marks")]
+
+
+@pytest.mark.parametrize("kernels,shape,groups,memory_format,dtype,activation,residual", _padding_cases())
+def test_what_the_padding_holds_changes_nothing(kernels, shape, groups, memory_format, dtype, activation, residual,
+                                                request):
+    """Non-finite values in the padding (inf, -inf, NaN: what a diverging layer may leave there)
+    change no output bit of the masked kernels, forward or backward, with the residual kept
+    (add) or the ReLU output kept (output): padding x and the upstream gradient there are never
+    read into a sum."""
+    if kernels not in RESIDENT_SETS:
+        request.getfixturevalue("small_split_tiles")
+    index = request.node.callspec.indices["kernels"]
+    valid = regions(shape[2], shape[3], index)
+    inside = inside_mask(shape, valid)
+    x = make_input(shape, dtype, memory_format, seed=index)
+    weight, bias = make_affine(shape[1])
+    r = None if residual is None else make_input(shape, dtype, memory_format, seed=index + 3)
+    grad = make_input(shape, dtype, memory_format, seed=index + 7)
+    act = ACT_CODES[activation]
+    mode = RESIDUAL_OUTPUT if residual == "output" else RESIDUAL_ADD
+    runs = []
+    for fill in (0.0, float("inf"), float("-inf"), float("nan")):
+        xf = torch.where(inside, x, torch.full_like(x, fill)).contiguous(memory_format=memory_format)
+        gf = torch.where(inside, grad, torch.full_like(grad, fill)).contiguous(memory_format=memory_format)
+        y, mean, rstd = triton_group_norm_forward(xf, weight, bias, r, groups, EPS, act, valid)
+        saved = y if residual == "output" else r
+        runs.append((y, mean, rstd) + tuple(triton_group_norm_backward(gf, xf, weight, bias, mean, rstd, saved,
+                                                                       groups, EPS, act, mode, valid)))
+    names = ("y", "mean", "rstd", "dx", "dweight", "dbias", "dresidual")
+    for fill, run in zip(("inf", "-inf", "nan"), runs[1:]):
+        for name, got, want in zip(names, run, runs[0]):
+            if want is not None:
+                assert torch.equal(got, want), f"{name} with {fill} in the padding: {kernels} {tuple(shape)} {dtype}"

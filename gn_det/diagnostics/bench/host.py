@@ -58,6 +58,9 @@ class _StandInUtils:
                 "warpSize": 32, "sm_clock_rate": 1, "mem_clock_rate": 1, "mem_bus_width": 1}
 
 
+STAND_IN_DEVICE = 4096  # (no real GPU has this number)
+
+
 def _no_op_launch(*args) -> None:
     return None
 
@@ -72,6 +75,12 @@ class StandInDriver(CompileOnlyDriver):
 
     def launcher_cls(self, src, metadata):
         return _no_op_launch
+
+    def get_current_device(self) -> int:
+        # A device number of its own: Triton keeps compiled kernels per device number, and the
+        # stand-in's (loaded as dummies) must not serve inspection.recording_launches's
+        # compile-only driver (device 0), whose compile hook only sees kernels not yet cached.
+        return STAND_IN_DEVICE
 
     def get_device_capability(self, device=None) -> Tuple[int, int]:
         return divmod(self.target.arch, 10)
