@@ -448,6 +448,23 @@ def _region(VALID, n, width):
 
 
 @triton.jit
+def _split_range(pid_n, pid_k, split_tiles, S, VALID, width, BLOCK_S: tl.constexpr, MASKED: tl.constexpr):
+    """A spatial split's positions [s_start, split_end) (whole tiles, which the compiler sees)
+    and where its loop may stop: split_end, or MASKED, the sample's region's rows' end (vh *
+    width: every position from it on is outside); with the region (vh, vw as tested) and the
+    width's magic (0s without MASKED). The partial-sums kernels' (forward and backward) setup."""
+    s_start = pid_k * split_tiles * BLOCK_S
+    split_end = tl.minimum(s_start + split_tiles * BLOCK_S, S)
+    loop_end = split_end
+    vh, vw, magic = 0, 0, 0
+    if MASKED:
+        vh, vw, rows_end = _region(VALID, pid_n, width)
+        magic = _width_magic(width)
+        loop_end = tl.minimum(split_end, rows_end)
+    return s_start, split_end, loop_end, vh, vw, magic
+
+
+@triton.jit
 def _region_size(cpg, vh, vw):
     """A group's positions in the valid region, cpg * vh * vw, float32, at least 1 (an empty
     region's sums are 0: its mean 0, variance 0, no NaN)."""
@@ -542,13 +559,8 @@ def _stats_partial_kernel(
     read), one record each (forward step 1)."""
     pid_n, pid_k, c_offs, c_mask = _split_program(tl.program_id(0), C, n_splits, n_cblocks, BLOCK_C)
     row_start = _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN, SHIFT)
-    s_start = pid_k * split_tiles * BLOCK_S  # splits are whole tiles (which the compiler sees)
-    split_end = tl.minimum(s_start + split_tiles * BLOCK_S, S)
-    loop_end = split_end
-    if MASKED:  # the sample's valid region; positions from its rows' end (vh * width) on are all outside
-        vh, vw, rows_end = _region(VALID, pid_n, width)
-        magic = _width_magic(width)
-        loop_end = tl.minimum(split_end, rows_end)
+    s_start, split_end, loop_end, vh, vw, magic = _split_range(pid_n, pid_k, split_tiles, S, VALID, width, BLOCK_S,
+                                                               MASKED)
     # Per-lane Welford accumulators, carried across the loop with no reduction inside it (so
     # nothing waits on the tile's other warps while the next loads are in flight); the
     # lanes are merged once, after the loop, by Chan's exact formula. On x - shift, shift the
@@ -842,13 +854,8 @@ def _backward_partial_kernel(
     grp = pid_n * G + c_offs // cpg
     mean, rstd, w, b = _channel_params(MEAN, RSTD, W, B, grp, c_offs, c_mask)
     row_start = _row_starts(pid_n, c_offs, C, S, CHANNELS_LAST, ALIGN, SHIFT)
-    s_start = pid_k * split_tiles * BLOCK_S  # splits are whole tiles (which the compiler sees)
-    split_end = tl.minimum(s_start + split_tiles * BLOCK_S, S)
-    loop_end = split_end
-    if MASKED:  # the sample's valid region; positions from its rows' end (vh * width) on are all outside
-        vh, vw, rows_end = _region(VALID, pid_n, width)
-        magic = _width_magic(width)
-        loop_end = tl.minimum(split_end, rows_end)
+    s_start, split_end, loop_end, vh, vw, magic = _split_range(pid_n, pid_k, split_tiles, S, VALID, width, BLOCK_S,
+                                                               MASKED)
     # Per-lane sums, reduced once after the loop.
     ds = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     db = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
