@@ -347,16 +347,22 @@ def _gt(size, boxes):
     return gt
 
 
+def _alone_and_batched(anchor_generator, strides):
+    """("alone" / "batched", the gt instances, the anchors over that batch's padded maps): the
+    small image alone, then batched with a larger one."""
+    gt_small = _gt(SMALL, BOXES)
+    gt_large = _gt(LARGE, [[20.0, 10.0, 90.0, 60.0]])
+    for name, padded, gts in (("alone", ALONE, [gt_small]), ("batched", LARGE, [gt_small, gt_large])):
+        yield name, gts, anchor_generator([torch.zeros(len(gts), 1, -(-padded[0] // s), -(-padded[1] // s))
+                                           for s in strides])
+
+
 def test_rpn_labels_outside_are_ignored_and_an_images_sample_is_the_same_alone_and_batched():
     rpn = _rpn()
     plain = copy.deepcopy(rpn)
     plain.__class__ = RPN
-    gt_small = _gt(SMALL, BOXES)
-    gt_large = _gt(LARGE, [[20.0, 10.0, 90.0, 60.0]])
     runs = {}
-    for name, padded, gts in (("alone", ALONE, [gt_small]), ("batched", LARGE, [gt_small, gt_large])):
-        anchors = rpn.anchor_generator([torch.zeros(len(gts), 1, -(-padded[0] // s), -(-padded[1] // s))
-                                        for s in (4, 8, 16, 32, 64)])
+    for name, gts, anchors in _alone_and_batched(rpn.anchor_generator, (4, 8, 16, 32, 64)):
         inside = torch.cat(anchors_inside(anchors, SMALL))
         for module in (rpn, plain):
             torch.manual_seed(0)
@@ -411,12 +417,8 @@ def test_rpn_proposals_of_an_image_alone_and_batched_are_the_same(training):
 
 def test_retinanet_labels_outside_are_ignored_and_the_same_alone_and_batched():
     model = ignore_padding(_build(_retinanet_cfg()))
-    gt_small = _gt(SMALL, BOXES)
-    gt_large = _gt(LARGE, [[20.0, 10.0, 90.0, 60.0]])
     runs = {}
-    for name, padded, gts in (("alone", ALONE, [gt_small]), ("batched", LARGE, [gt_small, gt_large])):
-        anchors = model.anchor_generator([torch.zeros(len(gts), 1, -(-padded[0] // s), -(-padded[1] // s))
-                                          for s in (8, 16, 32, 64, 128)])
+    for name, gts, anchors in _alone_and_batched(model.anchor_generator, (8, 16, 32, 64, 128)):
         inside = torch.cat(anchors_inside(anchors, SMALL))
         labels, boxes = model.label_anchors(anchors, gts)
         plain_labels, _ = RetinaNet.label_anchors(model, anchors, gts)
