@@ -201,6 +201,19 @@ def test_active_launch_hooks_take_the_public_path(stand_in):
     assert not calls  # the hook gone: direct again
 
 
+def test_a_kernels_pre_run_hooks_take_the_public_path(stand_in):
+    site, args = _direct_site()
+    calls, restore = _calls_to(site, "public", through=False)
+    seen = []
+    site.kernel.pre_run_hooks.append(lambda *a, **k: seen.append(1))
+    try:
+        site.run(*args)
+    finally:
+        site.kernel.pre_run_hooks.pop()
+        restore()
+    assert len(calls) == 1  # the public path, which runs the hooks
+
+
 def test_a_launcher_convention_that_does_not_fit_keeps_the_public_path(stand_in):
     site, args = _partial_sums()
     compiled = site.kernel.warmup(*args, grid=site.grid, **site.options)

@@ -19,9 +19,10 @@ What keeps it the public launch's equal:
   argument's dtype and, where it was 16-byte aligned at the record, its alignment; every
   integer's value; the arguments that were None. A call that differs goes through the public
   path, which finds (or compiles) the kernel for it.
-- Launch hooks (a profiler's ``triton.knobs.runtime.launch_enter_hook``) active at a call send
-  it through the public path, which calls them; without any, the direct call passes the
-  launcher no hooks and no launch metadata (which only hooks read).
+- Launch hooks (a profiler's ``triton.knobs.runtime.launch_enter_hook``) or a kernel's
+  ``pre_run_hooks`` present at a call send it through the public path, which calls them;
+  without any, the direct call passes the launcher no hooks and no launch metadata (which only
+  hooks read).
 - Under the interpreter (``TRITON_INTERPRET=1``), whose kernels are not JIT functions, every
   launch is public.
 
@@ -186,9 +187,11 @@ def _direct_call(site: KernelLaunch, compiled, record: Optional[tuple], args: Se
     namespace: Dict[str, Any] = {"launcher": compiled.run, "compiled": compiled, "function": compiled.function,
                                  "packed": compiled.packed_metadata, "hooks_set": hooks_set, "public": site.public,
                                  "get_device": driver.active.get_current_device,
-                                 "get_stream": driver.active.get_current_stream}
+                                 "get_stream": driver.active.get_current_stream,
+                                 # (functions a tool asked the kernel to call before each launch: the public path runs them)
+                                 "pre_run_hooks": getattr(site.kernel, "pre_run_hooks", ())}
     params = [f"a{i}" for i in range(len(args))]
-    checks = ["hooks_set()"]
+    checks = ["hooks_set()", "pre_run_hooks"]
     for i, arg in enumerate(args):
         if isinstance(arg, torch.Tensor):
             namespace[f"dtype{i}"] = arg.dtype
