@@ -24,7 +24,7 @@ from ..config import check_setting
 from .activation import ACT_NONE, RESIDUAL_NONE, activation_code, apply_activation, export_activation
 from .autograd import OpCall, op_inputs, records_grad, residual_mode_for
 from .layout import memory_format_of
-from .torch_path import TORCH_PATH, Backend, compute_dtype, region_mask
+from .torch_path import TORCH_PATH, Backend, compute_dtype, no_zero, region_mask
 
 __all__ = ["AtenCall", "EmptyCall", "SUPPORTED_DTYPES", "aten_group_norm", "check_inputs", "check_valid",
            "export_group_norm", "group_norm_op", "plain_cpu_group_norm"]
@@ -124,7 +124,7 @@ def plain_cpu_group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], b
         overflowed = (rstd == 0) & torch.isfinite(mean)
         nan = torch.where(overflowed, float("nan"), 0.0).repeat_interleave(c // num_groups, dim=1)
         return y + nan.view((n, c) + (1,) * (x.dim() - 2))
-    if x.numel() == 0 or bool(rstd.all()):
+    if x.numel() == 0 or no_zero(rstd):
         return y
     grad = records_grad(x, weight, bias, None)
     return OpCall(TORCH_PATH, num_groups, eps, ACT_NONE, RESIDUAL_NONE, grad, False)(x, weight, bias)
