@@ -100,10 +100,13 @@ class KernelLaunch:
         self.run: Callable[..., Any] = self._first
         _SITES.add(self)
 
+    def _kwargs(self, VALID) -> Dict[str, Any]:
+        """A launch's keyword arguments: the site's options, and VALID where given."""
+        return self.options if VALID is None else dict(self.options, VALID=VALID)
+
     def public(self, *args, VALID=None):
         """The launch through Triton's public path."""
-        kwargs = self.options if VALID is None else dict(self.options, VALID=VALID)
-        return self.kernel[self.grid](*args, **kwargs)
+        return self.kernel[self.grid](*args, **self._kwargs(VALID))
 
     def _first(self, *args, VALID=None):
         if hooks_set():  # (a profiler's hooks: the public path calls them; the record waits)
@@ -114,7 +117,7 @@ class KernelLaunch:
         self.run = functools.partial(self.kernel[self.grid], **self.options)
         if not (enabled and isinstance(self.kernel, JITFunction)):
             return self.public(*args, VALID=VALID)
-        kwargs = self.options if VALID is None else dict(self.options, VALID=VALID)
+        kwargs = self._kwargs(VALID)
         compiled = self.kernel.warmup(*args, grid=self.grid, **kwargs)  # (compiles or finds; no launch)
         if compiled is None:  # (a tool that stands in for Triton's launches: nothing to record)
             return self.public(*args, VALID=VALID)

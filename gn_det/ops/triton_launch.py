@@ -404,29 +404,24 @@ _FLAT, _RESIDENT, _SPLIT = 0, 1, 2  # ForwardPlan.kind / BackwardPlan.kind
 
 
 class ForwardPlan(NamedTuple):
-    """How ``triton_group_norm_forward`` runs one input signature (``plan_forward``)."""
+    """How ``triton_group_norm_forward`` runs one input signature (``plan_forward``): its launch
+    sites (kernel, grid, constexprs and launch options each) and the sizes its calls pass."""
 
     kind: int  # _FLAT, _RESIDENT: one program per group (n * G programs); _SPLIT: split reduction
     n: int
     c: int
     s: int
     g: int
-    res_mode: int  # RESIDUAL_NONE or RESIDUAL_ADD
-    grid: int  # programs of the first launch
-    consts: dict  # its constexprs and launch options
+    launches: Tuple[KernelLaunch, ...]  # in order (``direct_launch``)
+    masked: bool = False  # valid regions: every launch MASKED, given VALID (``_masked``)
     splits: int = 0  # _SPLIT: spatial splits per row block (the records' second dim)
     split_tiles: int = 0  # _SPLIT: tiles per split of the partial sums
     finalize: bool = False  # _SPLIT: a statistics finalize launch (STATS_FINALIZED)
     chunk_s: int = 0
     n_cblocks: int = 0
     n_sblocks: int = 0
-    apply_grid: int = 0
-    apply_consts: Optional[dict] = None
     apply_split_tiles: int = 0
     apply_splits: int = 0
-    masked: bool = False  # valid regions: every launch MASKED, given VALID (``_masked``)
-    width: int = 0  # masked: the map's width W
-    launches: Tuple[KernelLaunch, ...] = ()  # its launch sites, in order (``direct_launch``)
 
 
 class BackwardPlan(NamedTuple):
@@ -437,20 +432,12 @@ class BackwardPlan(NamedTuple):
     c: int
     s: int
     g: int
-    res_mode: int
-    grid: int
-    consts: dict
-    param_grid: int = 0  # _FLAT / _RESIDENT: the dgamma/dbeta launch's programs
+    launches: Tuple[KernelLaunch, ...]  # in order (``direct_launch``)
+    masked: bool = False  # valid regions: every launch MASKED, given VALID (``_masked``)
     splits: int = 0
     split_tiles: int = 0
     n_cblocks: int = 0
     n_sblocks: int = 0
-    finalize_grid: int = 0
-    apply_grid: int = 0
-    apply_consts: Optional[dict] = None
-    masked: bool = False  # valid regions: every launch MASKED, given VALID (``_masked``)
-    width: int = 0  # masked: the map's width W
-    launches: Tuple[KernelLaunch, ...] = ()  # its launch sites, in order (``direct_launch``)
 
 
 def _masked(x: torch.Tensor, valid: Optional[torch.Tensor], num_groups: int) -> dict:
@@ -481,22 +468,21 @@ def plan_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_
     cpg = c // g
     res_mode = RESIDUAL_NONE if residual is None else RESIDUAL_ADD
     masked = _masked(x, valid, num_groups)
-    mask_info = dict(masked=bool(masked), width=masked.get("width", 0))
     resident = _group_resident_blocks(cpg, s)
     flat = resident and _flat_group_blocks(cpg, s, channels_last, x.element_size())
     if flat:
         block_f, _, align = flat
         consts = dict(ACT=activation, RES=res_mode, ALIGN=align, BLOCK_F=block_f, num_warps=_num_warps(block_f),
                       **masked)
-        return ForwardPlan(_FLAT, n, c, s, g, res_mode, n * g, consts, **mask_info,
-                           launches=(KernelLaunch(_group_forward_flat_kernel, (n * g,), consts),))
+        return ForwardPlan(_FLAT, n, c, s, g, (KernelLaunch(_group_forward_flat_kernel, (n * g,), consts),),
+                           bool(masked))
     if resident is not None:
         block_cg, block_s = resident
         consts = dict(ACT=activation, RES=res_mode, CHANNELS_LAST=channels_last,
                       ALIGN=_alignment(s, channels_last, x.element_size(), cpg), BLOCK_CG=block_cg, BLOCK_S=block_s,
                       num_warps=_num_warps(block_cg * block_s), **masked)
-        return ForwardPlan(_RESIDENT, n, c, s, g, res_mode, n * g, consts, **mask_info,
-                           launches=(KernelLaunch(_group_forward_kernel, (n * g,), consts),))
+        return ForwardPlan(_RESIDENT, n, c, s, g, (KernelLaunch(_group_forward_kernel, (n * g,), consts),),
+                           bool(masked))
     block_c, block_s, n_cblocks, n_sblocks, layout = _tiles(c, s, channels_last, x.element_size())
     consts = dict(layout, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s), **masked)
     n_row_blocks = n * n_cblocks
@@ -524,11 +510,9 @@ def plan_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_
     launches = (KernelLaunch(_stats_partial_kernel, (n_row_blocks * splits,), consts),
                 *((KernelLaunch(_stats_finalize_kernel, (n * g,), finalize_consts),) if finalize else ()),
                 KernelLaunch(_forward_apply_kernel, (n_row_blocks * apply_splits,), apply_consts))
-    return ForwardPlan(_SPLIT, n, c, s, g, res_mode, n_row_blocks * splits, consts, splits=splits,
-                       split_tiles=chunk_s // block_s, finalize=finalize, chunk_s=chunk_s,
-                       n_cblocks=n_cblocks, n_sblocks=n_sblocks, apply_grid=n_row_blocks * apply_splits,
-                       apply_consts=apply_consts, apply_split_tiles=apply_chunk // block_s, apply_splits=apply_splits,
-                       **mask_info, launches=launches)
+    return ForwardPlan(_SPLIT, n, c, s, g, launches, bool(masked), splits=splits, split_tiles=chunk_s // block_s,
+                       finalize=finalize, chunk_s=chunk_s, n_cblocks=n_cblocks, n_sblocks=n_sblocks,
+                       apply_split_tiles=apply_chunk // block_s, apply_splits=apply_splits)
 
 
 def _check_plan_kind(plan, valid: Optional[torch.Tensor]) -> None:
@@ -579,7 +563,6 @@ def plan_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, b
     if res_mode == RESIDUAL_OUTPUT and activation != ACT_RELU:
         raise ValueError("RESIDUAL_OUTPUT stands for the activation's input by its sign: ReLU only")
     masked = _masked(x, valid, num_groups)
-    mask_info = dict(masked=bool(masked), width=masked.get("width", 0))
     resident = _group_resident_blocks(cpg, s)
     if resident is not None:
         param_grid = triton.cdiv(c, PARAM_BLOCK_C)
@@ -588,17 +571,15 @@ def plan_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, b
             block_f, block_cg, align = flat
             consts = dict(ACT=activation, RES=res_mode, ALIGN=align, BLOCK_F=block_f, BLOCK_CG=block_cg,
                           num_warps=_num_warps(block_f), **masked)
-            return BackwardPlan(_FLAT, n, c, s, g, res_mode, n * g, consts, param_grid=param_grid, **mask_info,
-                                launches=(KernelLaunch(_group_backward_flat_kernel, (n * g,), consts),
-                                          _param_grad_launch(param_grid)))
+            return BackwardPlan(_FLAT, n, c, s, g, (KernelLaunch(_group_backward_flat_kernel, (n * g,), consts),
+                                                    _param_grad_launch(param_grid)), bool(masked))
         block_cg, block_s = resident
         consts = dict(ACT=activation, RES=res_mode, CHANNELS_LAST=channels_last,
                       ALIGN=_alignment(s, channels_last, x.element_size(), cpg), BLOCK_CG=block_cg, BLOCK_S=block_s,
                       num_warps=_num_warps(block_cg * block_s), **_register_cap(_GROUP_BACKWARD_MAXNREG_BY_ARCH, x),
                       **masked)
-        return BackwardPlan(_RESIDENT, n, c, s, g, res_mode, n * g, consts, param_grid=param_grid, **mask_info,
-                            launches=(KernelLaunch(_group_backward_kernel, (n * g,), consts),
-                                      _param_grad_launch(param_grid)))
+        return BackwardPlan(_RESIDENT, n, c, s, g, (KernelLaunch(_group_backward_kernel, (n * g,), consts),
+                                                    _param_grad_launch(param_grid)), bool(masked))
     block_c, block_s, n_cblocks, n_sblocks, layout = _tiles(c, s, channels_last, x.element_size())
     consts = dict(layout, RES=res_mode, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s),
                   **masked)
@@ -615,10 +596,8 @@ def plan_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, b
     launches = (KernelLaunch(_backward_partial_kernel, (n_row_blocks * splits,), partial_consts),
                 KernelLaunch(_backward_finalize_kernel, (finalize_grid,), finalize_consts),
                 KernelLaunch(_backward_apply_kernel, (n_row_blocks * n_sblocks,), apply_consts))
-    return BackwardPlan(_SPLIT, n, c, s, g, res_mode, n_row_blocks * splits, partial_consts, splits=splits,
-                        split_tiles=chunk_s // block_s, n_cblocks=n_cblocks, n_sblocks=n_sblocks,
-                        finalize_grid=finalize_grid, apply_grid=n_row_blocks * n_sblocks,
-                        apply_consts=apply_consts, **mask_info, launches=launches)
+    return BackwardPlan(_SPLIT, n, c, s, g, launches, bool(masked), splits=splits, split_tiles=chunk_s // block_s,
+                        n_cblocks=n_cblocks, n_sblocks=n_sblocks)
 
 
 def _param_grad_launch(param_grid: int) -> KernelLaunch:
