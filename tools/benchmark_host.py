@@ -31,7 +31,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from typing import Callable, Dict, List
 
 import torch
@@ -39,7 +38,8 @@ from torch import nn
 
 import gn_det
 from gn_det.recompute import recompute_outputs
-from gn_det.diagnostics.bench.host import host_seconds, keep_freed_memory, stand_in_gpu, triton_launches_skipped
+from gn_det.diagnostics.bench.host import (host_seconds, host_seconds_alternating, keep_freed_memory, stand_in_gpu,
+                                           triton_launches_skipped)
 
 # (name, shape, memory format): one row per kernel set a detectron2 model reaches.
 KERNEL_ROWS = [
@@ -96,28 +96,16 @@ def _measure(runs: Dict[str, Callable[[], object]], number: int, repeats: int) -
 
 def _side_by_side(first: Dict[str, Callable[[], object]], second: Dict[str, Callable[[], object]], number: int,
                   repeats: int):
-    """Per mode, the least microseconds per call of each of two sets of calls timed in
-    alternation (``number`` calls of one, then of the other, ``repeats`` times, after ``number``
-    untimed calls of each): slow drifts of a shared machine reach both sides alike. Returns
-    ({mode: us}, {mode: us})."""
-    def per_call(fn):
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        return (time.perf_counter() - start) / number * 1e6
-
+    """Per mode, the least microseconds per call of each of two sets of calls, timed in
+    alternation (``host_seconds_alternating``). Returns ({mode: us}, {mode: us})."""
     out_a, out_b = {}, {}
     for mode in first:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        per_call(first[mode]), per_call(second[mode])  # warm-up
-        a, b = [], []
-        for _ in range(repeats):
-            a.append(per_call(first[mode]))
-            b.append(per_call(second[mode]))
+        a, b = host_seconds_alternating(first[mode], second[mode], number, repeats)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        out_a[mode], out_b[mode] = min(a), min(b)
+        out_a[mode], out_b[mode] = a * 1e6, b * 1e6
     return out_a, out_b
 
 

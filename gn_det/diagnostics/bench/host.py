@@ -24,7 +24,8 @@ from ...policy import paths
 from ...policy.switches import CALLS
 from .inspection import CompileOnlyDriver
 
-__all__ = ["StandInDriver", "host_seconds", "keep_freed_memory", "stand_in_gpu", "triton_launches_skipped"]
+__all__ = ["StandInDriver", "host_seconds", "host_seconds_alternating", "keep_freed_memory", "stand_in_gpu",
+           "triton_launches_skipped"]
 
 
 def _loaded_fields() -> int:
@@ -103,19 +104,32 @@ def stand_in_gpu(arch: int = 90) -> Iterator[None]:
         CALLS.clear()
 
 
+def _seconds_per_call(fn: Callable[[], object], number: int) -> float:
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - start) / number
+
+
 def host_seconds(fn: Callable[[], object], number: int = 200, repeats: int = 7) -> Tuple[float, float]:
     """(least, median) seconds per call of ``fn`` over ``repeats`` timings of ``number``
     calls each, after ``number`` untimed calls (real clock, ``time.perf_counter``)."""
-    for _ in range(number):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        times.append((time.perf_counter() - start) / number)
+    _seconds_per_call(fn, number)
+    times = [_seconds_per_call(fn, number) for _ in range(repeats)]
     return min(times), statistics.median(times)
 
+
+def host_seconds_alternating(first: Callable[[], object], second: Callable[[], object], number: int = 200,
+                             repeats: int = 7) -> Tuple[float, float]:
+    """The least seconds per call of ``first`` and of ``second``, timed in alternation
+    (``number`` calls of one, then of the other, ``repeats`` times, after ``number`` untimed
+    calls of each): slow drifts of a shared machine reach both alike."""
+    _seconds_per_call(first, number), _seconds_per_call(second, number)
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(_seconds_per_call(first, number))
+        b.append(_seconds_per_call(second, number))
+    return min(a), min(b)
 
 
 def keep_freed_memory() -> bool:
