@@ -239,13 +239,11 @@ class _InferenceWithRegions(_Excluding):
         _drop_stale(stack)
         if stack and stack[-1].model is self:  # called by its own forward, whose hooks hold the sizes
             return super().inference(batched_inputs, *args, **kwargs)
-        depth = len(stack)
-        stack.append(_Forward(self, getattr(self, "backbone", None), _sizes_or_warn(self, batched_inputs),
-                              sys._getframe(0)))
+        _meta_pre_hook(self, (batched_inputs,), {})  # what the forward's hooks do around it
         try:
             return super().inference(batched_inputs, *args, **kwargs)
         finally:
-            _unwind(stack, depth)
+            _meta_hook(self, (batched_inputs,), None)
 
 
 class PaddingRPN(_RPNExcluding, RPN):
@@ -374,21 +372,16 @@ def _image_sizes(batched_inputs) -> Optional[List[Tuple[int, int]]]:
     return sizes
 
 
-def _sizes_or_warn(model: nn.Module, batched_inputs) -> Optional[List[Tuple[int, int]]]:
-    sizes = _image_sizes(batched_inputs)
-    if sizes is None:
-        warnings.warn(f"gn_det ignore_padding: {type(model).__name__}'s inputs have no \"image\" tensor each: "
-                      f"no image regions, GN normalizes the whole padded batch in this forward", stacklevel=4)
-    return sizes
-
-
 def _meta_pre_hook(model: nn.Module, args, kwargs):
     """Before the meta-architecture's forward: record its images' sizes (module docstring, 2)."""
     stack = _forwards()
     _drop_stale(stack)
     batched_inputs = args[0] if args else kwargs.get("batched_inputs")
-    stack.append(_Forward(model, getattr(model, "backbone", None), _sizes_or_warn(model, batched_inputs),
-                          sys._getframe(1)))
+    sizes = _image_sizes(batched_inputs)
+    if sizes is None:
+        warnings.warn(f"gn_det ignore_padding: {type(model).__name__}'s inputs have no \"image\" tensor each: "
+                      f"no image regions, GN normalizes the whole padded batch in this forward", stacklevel=3)
+    stack.append(_Forward(model, getattr(model, "backbone", None), sizes, sys._getframe(1)))
     return None
 
 
