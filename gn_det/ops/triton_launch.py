@@ -30,7 +30,7 @@ from .triton_kernels import (STATS_BY_LANES, STATS_FINALIZED, STATS_GATHERED, _b
                              _group_backward_flat_kernel, _group_backward_kernel, _group_forward_flat_kernel,
                              _group_forward_kernel, _param_grad_kernel, _stats_finalize_kernel, _stats_partial_kernel)
 
-__all__ = ["BackwardPlan", "ForwardPlan", "TritonPlans", "kernel_path", "kernel_set", "masked_kernels_support",
+__all__ = ["LaunchPlan", "TritonPlans", "kernel_path", "kernel_set", "masked_kernels_support",
            "plan_backward", "plan_forward", "triton_group_norm_backward", "triton_group_norm_forward"]
 
 
@@ -400,12 +400,14 @@ def _residual_of(x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Ten
 # call's whole host work. Plans are made from a first input (its tensors stand in for the
 # occupancy query's compile) and hold no tensor.
 
-_FLAT, _RESIDENT, _SPLIT = 0, 1, 2  # ForwardPlan.kind / BackwardPlan.kind
+_FLAT, _RESIDENT, _SPLIT = 0, 1, 2  # LaunchPlan.kind
 
 
-class ForwardPlan(NamedTuple):
-    """How ``triton_group_norm_forward`` runs one input signature (``plan_forward``): its launch
-    sites (kernel, grid, constexprs and launch options each) and the sizes its calls pass."""
+class LaunchPlan(NamedTuple):
+    """How ``triton_group_norm_forward`` (``plan_forward``) or ``triton_group_norm_backward``
+    (``plan_backward``) runs one input signature: its launch sites (kernel, grid, constexprs and
+    launch options each) and the sizes its calls pass. Fields marked "forward" stay 0 in a
+    backward plan."""
 
     kind: int  # _FLAT, _RESIDENT: one program per group (n * G programs); _SPLIT: split reduction
     n: int
@@ -416,28 +418,12 @@ class ForwardPlan(NamedTuple):
     masked: bool = False  # valid regions: every launch MASKED, given VALID (``_masked``)
     splits: int = 0  # _SPLIT: spatial splits per row block (the records' second dim)
     split_tiles: int = 0  # _SPLIT: tiles per split of the partial sums
-    finalize: bool = False  # _SPLIT: a statistics finalize launch (STATS_FINALIZED)
-    chunk_s: int = 0
-    n_cblocks: int = 0
-    n_sblocks: int = 0
-    apply_split_tiles: int = 0
-    apply_splits: int = 0
-
-
-class BackwardPlan(NamedTuple):
-    """How ``triton_group_norm_backward`` runs one input signature (``plan_backward``)."""
-
-    kind: int
-    n: int
-    c: int
-    s: int
-    g: int
-    launches: Tuple[KernelLaunch, ...]  # in order (``direct_launch``)
-    masked: bool = False  # valid regions: every launch MASKED, given VALID (``_masked``)
-    splits: int = 0
-    split_tiles: int = 0
-    n_cblocks: int = 0
-    n_sblocks: int = 0
+    n_cblocks: int = 0  # _SPLIT: channel blocks per image (row blocks: n * n_cblocks)
+    n_sblocks: int = 0  # _SPLIT: spatial blocks per row block of the apply launch
+    finalize: bool = False  # forward, _SPLIT: a statistics finalize launch (STATS_FINALIZED)
+    chunk_s: int = 0  # forward, _SPLIT: positions per split
+    apply_split_tiles: int = 0  # forward, _SPLIT: the apply launch's tiles per split
+    apply_splits: int = 0  # forward, _SPLIT: the apply launch's splits
 
 
 def _masked(x: torch.Tensor, valid: Optional[torch.Tensor], num_groups: int) -> dict:
@@ -458,7 +444,7 @@ def _with_valid(kwargs: dict, valid: Optional[torch.Tensor]) -> dict:
 
 
 def plan_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, activation: int,
-                 residual: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None) -> ForwardPlan:
+                 residual: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None) -> LaunchPlan:
     """The forward plan of x's signature; x ``(N, C, *)`` dense, non-empty, weight and bias
     ``(C,)``, residual None or dense in x's layout; with ``valid`` (its values unread: it
     stands for every call's), the masked kernels' (4-D x). Compiles the split reduction's
@@ -474,15 +460,15 @@ def plan_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_
         block_f, _, align = flat
         consts = dict(ACT=activation, RES=res_mode, ALIGN=align, BLOCK_F=block_f, num_warps=_num_warps(block_f),
                       **masked)
-        return ForwardPlan(_FLAT, n, c, s, g, (KernelLaunch(_group_forward_flat_kernel, (n * g,), consts),),
-                           bool(masked))
+        return LaunchPlan(_FLAT, n, c, s, g, (KernelLaunch(_group_forward_flat_kernel, (n * g,), consts),),
+                          bool(masked))
     if resident is not None:
         block_cg, block_s = resident
         consts = dict(ACT=activation, RES=res_mode, CHANNELS_LAST=channels_last,
                       ALIGN=_alignment(s, channels_last, x.element_size(), cpg), BLOCK_CG=block_cg, BLOCK_S=block_s,
                       num_warps=_num_warps(block_cg * block_s), **masked)
-        return ForwardPlan(_RESIDENT, n, c, s, g, (KernelLaunch(_group_forward_kernel, (n * g,), consts),),
-                           bool(masked))
+        return LaunchPlan(_RESIDENT, n, c, s, g, (KernelLaunch(_group_forward_kernel, (n * g,), consts),),
+                          bool(masked))
     block_c, block_s, n_cblocks, n_sblocks, layout = _tiles(c, s, channels_last, x.element_size())
     consts = dict(layout, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s), **masked)
     n_row_blocks = n * n_cblocks
@@ -510,9 +496,9 @@ def plan_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_
     launches = (KernelLaunch(_stats_partial_kernel, (n_row_blocks * splits,), consts),
                 *((KernelLaunch(_stats_finalize_kernel, (n * g,), finalize_consts),) if finalize else ()),
                 KernelLaunch(_forward_apply_kernel, (n_row_blocks * apply_splits,), apply_consts))
-    return ForwardPlan(_SPLIT, n, c, s, g, launches, bool(masked), splits=splits, split_tiles=chunk_s // block_s,
-                       finalize=finalize, chunk_s=chunk_s, n_cblocks=n_cblocks, n_sblocks=n_sblocks,
-                       apply_split_tiles=apply_chunk // block_s, apply_splits=apply_splits)
+    return LaunchPlan(_SPLIT, n, c, s, g, launches, bool(masked), splits=splits, split_tiles=chunk_s // block_s,
+                      finalize=finalize, chunk_s=chunk_s, n_cblocks=n_cblocks, n_sblocks=n_sblocks,
+                      apply_split_tiles=apply_chunk // block_s, apply_splits=apply_splits)
 
 
 def _check_plan_kind(plan, valid: Optional[torch.Tensor]) -> None:
@@ -522,7 +508,7 @@ def _check_plan_kind(plan, valid: Optional[torch.Tensor]) -> None:
         raise ValueError("a masked plan needs valid regions, an unmasked one takes none")
 
 
-def run_forward(plan: ForwardPlan, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+def run_forward(plan: LaunchPlan, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                 activation: int, residual: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, rstd) of x by ``plan`` (made for x's signature; ``valid`` for a masked plan)."""
@@ -553,7 +539,7 @@ def run_forward(plan: ForwardPlan, x: torch.Tensor, weight: torch.Tensor, bias: 
 def plan_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                   mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, activation: int,
                   residual: Optional[torch.Tensor] = None, residual_mode: int = RESIDUAL_ADD,
-                  valid: Optional[torch.Tensor] = None) -> BackwardPlan:
+                  valid: Optional[torch.Tensor] = None) -> LaunchPlan:
     """The backward plan of this signature (grad_y dense in x's layout; ``residual`` what the
     forward saved for it, dense in x's layout; with ``valid``, the masked kernels')."""
     n, c, s, channels_last = _as_ncs(x)
@@ -571,15 +557,15 @@ def plan_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, b
             block_f, block_cg, align = flat
             consts = dict(ACT=activation, RES=res_mode, ALIGN=align, BLOCK_F=block_f, BLOCK_CG=block_cg,
                           num_warps=_num_warps(block_f), **masked)
-            return BackwardPlan(_FLAT, n, c, s, g, (KernelLaunch(_group_backward_flat_kernel, (n * g,), consts),
-                                                    _param_grad_launch(param_grid)), bool(masked))
+            return LaunchPlan(_FLAT, n, c, s, g, (KernelLaunch(_group_backward_flat_kernel, (n * g,), consts),
+                              _param_grad_launch(param_grid)), bool(masked))
         block_cg, block_s = resident
         consts = dict(ACT=activation, RES=res_mode, CHANNELS_LAST=channels_last,
                       ALIGN=_alignment(s, channels_last, x.element_size(), cpg), BLOCK_CG=block_cg, BLOCK_S=block_s,
                       num_warps=_num_warps(block_cg * block_s), **_register_cap(_GROUP_BACKWARD_MAXNREG_BY_ARCH, x),
                       **masked)
-        return BackwardPlan(_RESIDENT, n, c, s, g, (KernelLaunch(_group_backward_kernel, (n * g,), consts),
-                                                    _param_grad_launch(param_grid)), bool(masked))
+        return LaunchPlan(_RESIDENT, n, c, s, g, (KernelLaunch(_group_backward_kernel, (n * g,), consts),
+                          _param_grad_launch(param_grid)), bool(masked))
     block_c, block_s, n_cblocks, n_sblocks, layout = _tiles(c, s, channels_last, x.element_size())
     consts = dict(layout, RES=res_mode, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s),
                   **masked)
@@ -596,8 +582,8 @@ def plan_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, b
     launches = (KernelLaunch(_backward_partial_kernel, (n_row_blocks * splits,), partial_consts),
                 KernelLaunch(_backward_finalize_kernel, (finalize_grid,), finalize_consts),
                 KernelLaunch(_backward_apply_kernel, (n_row_blocks * n_sblocks,), apply_consts))
-    return BackwardPlan(_SPLIT, n, c, s, g, launches, bool(masked), splits=splits, split_tiles=chunk_s // block_s,
-                        n_cblocks=n_cblocks, n_sblocks=n_sblocks)
+    return LaunchPlan(_SPLIT, n, c, s, g, launches, bool(masked), splits=splits, split_tiles=chunk_s // block_s,
+                      n_cblocks=n_cblocks, n_sblocks=n_sblocks)
 
 
 def _param_grad_launch(param_grid: int) -> KernelLaunch:
@@ -605,7 +591,7 @@ def _param_grad_launch(param_grid: int) -> KernelLaunch:
     return KernelLaunch(_param_grad_kernel, (param_grid,), dict(BLOCK_R=PARAM_BLOCK_R, BLOCK_C=PARAM_BLOCK_C))
 
 
-def run_backward(plan: BackwardPlan, grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+def run_backward(plan: LaunchPlan, grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                  mean: torch.Tensor, rstd: torch.Tensor, residual: Optional[torch.Tensor] = None,
                  valid: Optional[torch.Tensor] = None
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -653,9 +639,9 @@ class TritonPlans:
     __slots__ = ("forward_plan", "masked_forward_plan", "backward_plans")
 
     def __init__(self) -> None:
-        self.forward_plan: Optional[ForwardPlan] = None
-        self.masked_forward_plan: Optional[ForwardPlan] = None  # with valid regions: the masked kernels'
-        self.backward_plans: Dict[tuple, BackwardPlan] = {}
+        self.forward_plan: Optional[LaunchPlan] = None
+        self.masked_forward_plan: Optional[LaunchPlan] = None  # with valid regions: the masked kernels'
+        self.backward_plans: Dict[tuple, LaunchPlan] = {}
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: Optional[torch.Tensor],
                 num_groups: int, eps: float, activation: int, valid: Optional[torch.Tensor] = None
