@@ -24,7 +24,7 @@ from ..config import check_setting
 from .activation import ACT_NONE, RESIDUAL_NONE, activation_code, apply_activation, export_activation
 from .autograd import OpCall, op_inputs, records_grad, residual_mode_for
 from .layout import memory_format_of
-from .torch_path import TORCH_PATH, Backend, compute_dtype, no_zero, region_mask
+from .torch_path import TORCH_PATH, Backend, compute_dtype, masked_moments, no_zero, region_mask
 
 __all__ = ["AtenCall", "EmptyCall", "SUPPORTED_DTYPES", "aten_group_norm", "check_inputs", "check_valid",
            "export_group_norm", "group_norm_op", "plain_cpu_group_norm"]
@@ -142,15 +142,10 @@ def export_group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias
 
 def _export_masked(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                    code: int, residual: Optional[Tensor], valid: Tensor) -> Tensor:
-    n, c = x.shape[:2]
+    c = x.shape[1]
     xc = x.to(compute_dtype(x))
     inside = region_mask(x, valid)
-    count = (valid[:, 0] * valid[:, 1]).to(xc.dtype).mul(c // num_groups).clamp(min=1).view(n, 1, 1)
-    groups = (n, num_groups, -1)
-    mask, xg = inside.expand(x.shape).reshape(groups), xc.reshape(groups)
-    mean = torch.where(mask, xg, 0.0).sum(-1, keepdim=True) / count
-    centred = xg - mean
-    var = torch.where(mask, centred, 0.0).square().sum(-1, keepdim=True) / count
+    centred, _, var = masked_moments(xc, inside, valid, num_groups)
     y = (centred * torch.rsqrt(var + eps)).reshape(x.shape)
     if weight is not None:
         y = y * weight.to(xc.dtype).view(1, c, 1, 1)

@@ -144,19 +144,28 @@ def region_mask(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (rows & cols).unsqueeze(1)
 
 
+def masked_moments(xc: torch.Tensor, inside: torch.Tensor, valid: torch.Tensor, num_groups: int
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(centred, mean, var) of each group's region of xc ``(N, C, H, W)`` (``inside``: its
+    ``region_mask``): centred ``(N, G, C/G * H * W)`` is xc less its group's region mean, mean and
+    var ``(N, G, 1)`` (two passes: the mean, then the squared deviations); an empty region's are
+    0. Standard operators only (ONNX export records them: ``functional.export_group_norm``)."""
+    n, c = xc.shape[:2]
+    count = (valid[:, 0] * valid[:, 1]).to(xc.dtype).mul(c // num_groups).clamp(min=1).view(n, 1, 1)
+    groups = (n, num_groups, -1)
+    mask, xg = inside.expand(xc.shape).reshape(groups), xc.reshape(groups)
+    mean = torch.where(mask, xg, 0.0).sum(-1, keepdim=True) / count
+    centred = xg - mean
+    var = torch.where(mask, centred, 0.0).square().sum(-1, keepdim=True) / count
+    return centred, mean, var
+
+
 def _masked_stats(xc: torch.Tensor, inside: torch.Tensor, valid: torch.Tensor, num_groups: int,
                   eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(mean, rstd) ``(N, G)`` of each group's region (two passes: the mean, then the squared
-    deviations); a group with an empty region gets mean 0, rstd 1 / sqrt(eps)."""
-    n, c = xc.shape[:2]
-    count = valid.to(xc.dtype).prod(dim=1).mul_(c // num_groups).view(n, 1)  # (N, 1)
-    per_group = (n, num_groups, -1)
-    zeros = xc.new_zeros(())
-    mean = torch.where(inside, xc, zeros).reshape(per_group).sum(dim=-1) / count.clamp(min=1)
-    centred = xc - mean.repeat_interleave(c // num_groups, dim=1).view(n, c, 1, 1)
-    m2 = torch.where(inside, centred, zeros).square_().reshape(per_group).sum(dim=-1)
-    rstd = torch.rsqrt(m2 / count.clamp(min=1) + eps)
-    return mean, rstd
+    """(mean, rstd) ``(N, G)`` of each group's region (``masked_moments``); a group with an empty
+    region gets mean 0, rstd 1 / sqrt(eps)."""
+    _, mean, var = masked_moments(xc, inside, valid, num_groups)
+    return mean.squeeze(-1), torch.rsqrt(var + eps).squeeze(-1)
 
 
 def _crops(x: torch.Tensor, valid: torch.Tensor):
