@@ -78,12 +78,12 @@ def _run(row, seed, box, mask, val300=None):
 def test_summary_tables_and_plot(tmp_path):
     runs = [_run("FastGN@2", 7, 56.0, 55.0), _run("FastGN@2", 8, 58.0, 54.0), _run("BN@1", 7, 30.0, 29.0),
             dict(_run("BN@1", 8, 0, 0), error="diverged"), _run("G8@2", 7, 50.0, 49.0), _run("G8@2", 8, 52.0, 47.0),
-            _run("FastGNWS@1", 7, 57.5, 56.0)]
+            _run("FastGNWS@1", 7, 57.5, 56.0), _run("FastGN@4-halflr", 7, 40.0, 37.0)]
     for r in runs:
         if "error" in r:
             del r["box_AP"], r["mask_AP"]
     summary = study.summarize(runs)
-    assert [e["row"] for e in summary] == ["FastGN@2", "FastGNWS@1", "BN@1", "G8@2"]  # ROWS' order
+    assert [e["row"] for e in summary] == ["FastGN@2", "FastGNWS@1", "BN@1", "G8@2", "FastGN@4-halflr"]  # ROWS' order
     gn = summary[0]
     assert gn["box_AP"]["mean"] == 57.0 and gn["box_AP"]["std"] == pytest.approx(math.sqrt(2))
     assert summary[2]["seeds"] == [7] and summary[2]["failed"] == [8] and math.isnan(summary[2]["box_AP"]["std"])
@@ -96,6 +96,8 @@ def test_summary_tables_and_plot(tmp_path):
     sweep = text.split("## Group sweep")[1]
     assert "| FastGN@2 | G = 16 (the demo's) |" in sweep and "| G8@2 | G = 8 |" in sweep
     assert sweep.index("| G8@2 |") < sweep.index("| FastGN@2 |")  # by group count
+    controls = text.split("## Controls")[1].split("##")[0]
+    assert "| FastGN@4-halflr | gn_det GN, half the linear-scaled lr | 4 |" in controls  # its own label, not a G
     path = study.plot(summary, runs, str(tmp_path / "study.png"))
     assert path and os.path.getsize(path) > 1000
 
@@ -108,6 +110,28 @@ def test_the_no_norm_row_with_resnet_biases_is_a_control_judged_against_the_othe
         ("NoNormBiasAll@2", "NoNormBias@2"), ("NoNormBiasAll@2", "FrozenBN@2"), ("NoNormBiasAll@2", "BN@2")}
     cfg = gn_det.get_config(study.CONFIG, study.config_overrides(row, 7, "out")[0])
     assert cfg.MODEL.RESNETS.CONV_BIAS is True and gn_det.validate_gn_config(cfg)  # a config that can apply it
+
+
+@pytest.mark.parametrize("name, backbone, heads, pretrain", [
+    ("FrozenBN@2-pre", FrozenBatchNorm2d, None, "BN"),
+    ("FrozenBN@2-pre-gnheads", FrozenBatchNorm2d, gn_det.GroupNorm, "BN"),
+    ("FastGN@2-pre", gn_det.GroupNorm, gn_det.GroupNorm, "FastGN"),
+])
+def test_the_pretrained_rows_build_the_papers_models_from_their_own_pretraining(name, backbone, heads, pretrain,
+                                                                                 tmp_path):
+    row = study.ROWS_BY_NAME[name]
+    assert row in study.CONTROLS and row.table == "pretrained" and row.pretrain == pretrain and row.ims == 2
+    out = tmp_path / "work" / name.replace("@", "_") / "seed8"
+    opts, _ = study.config_overrides(row, 8, str(out))
+    cfg = gn_det.get_config(study.CONFIG, opts)
+    # each seed's own pretraining of the row's norm, shared by the rows that pretrain with it
+    assert cfg.MODEL.WEIGHTS == str(tmp_path / "work" / "pretrained" / f"{pretrain}_seed8" / study.PRETRAINED_WEIGHTS)
+    model = gn_det.build_model(cfg)
+    assert {type(m) for m in model.backbone.bottom_up.modules()} & {FrozenBatchNorm2d, gn_det.GroupNorm} == {backbone}
+    head_norms = {type(m) for part in (model.backbone.fpn_output2, model.roi_heads.box_head, model.roi_heads.mask_head)
+                  for m in part.modules()} & {FrozenBatchNorm2d, gn_det.GroupNorm, nn.BatchNorm2d}
+    assert head_norms == ({heads} if heads else set())
+    assert ("FastGN@2-pre", "FrozenBN@2-pre") in {(a, b) for a, b, _ in study.COMPARISONS}
 
 
 def test_the_val300_evaluation_command_evaluates_the_runs_own_model(tmp_path):
@@ -232,3 +256,19 @@ def test_one_tiny_row_with_two_seeds(tmp_path):
     assert all(r["val300"]["images"] == 300 and "error" not in r["val300"] for r in result["rows"]), result["rows"]
     assert result["summary"][0]["seeds"] == [7, 8]
     assert (tmp_path / "detection_study_quick.png").stat().st_size > 1000
+
+
+@pytest.mark.slow  # a tiny pretraining, a train_net run and its evaluations (make test-slow)
+def test_a_pretrained_row_pretrains_once_and_trains_from_it(tmp_path):
+    work = tmp_path / "work"
+    proc = subprocess.run([sys.executable, TOOL, "--quick", "--rows", "FrozenBN@2-pre", "--seeds", "7", "--no-val300",
+                           "--work-dir", str(work), "--out-dir", str(tmp_path), "--name", "pre"],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.load(open(tmp_path / "pre.json"))["rows"]
+    assert "error" not in run and run["pretrained"]["norm"] == "BN", run
+    pretrained = work / "pretrained" / "BN_seed7_quick"
+    assert run["pretrained"]["weights"] == str(pretrained / study.PRETRAINED_WEIGHTS)
+    assert run["pretrained"]["settings"]["epochs"] == 1  # PRETRAIN_FLAGS_QUICK
+    log = (work / "FrozenBN_2-pre_quick" / "seed7" / "log.txt").read_text()
+    assert str(pretrained / study.PRETRAINED_WEIGHTS) in log  # train_net loaded it

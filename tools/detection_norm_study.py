@@ -26,6 +26,15 @@ Controls (CONTROLS; not in the default rows, name them with --rows):
   FastGN@1-nopad, @2   the same at 1 and 2 images (a single image is still padded to the size
                        divisibility): does the padding change GN at every batch size?
 
+Pretrained (the paper's Table 4/5 setting; table "pretrained", not in the default rows): the ResNet
+pretrained on the embedded 10-class shapes images (tools/pretrain_backbone.py, PRETRAIN_FLAGS, the
+run's seed; once per norm and seed under <work-dir>/pretrained/, shared by the rows), then loaded by
+MODEL.WEIGHTS; the FPN and heads start from scratch, everything trains (FREEZE_AT 0, the demo's):
+  FrozenBN@2-pre       pretrained with BN, then FrozenBN with its statistics kept; FPN and heads
+                       without norm (their convolutions with biases): the paper's BN* baseline
+  FrozenBN@2-pre-gnheads  the same ResNet, GN in FPN and heads (the paper's "+GN heads")
+  FastGN@2-pre         pretrained with GN; GN in ResNet, FPN and heads (the paper's GN)
+
 The same number of epochs everywhere: iterations scale as 1/batch, the learning rate linearly
 with the batch. Each run is a real tools/train_net.py run (SEED set per run) evaluated by
 COCOEvaluator on gn_det_shapes_val (60 images: box_AP, mask_AP), then its final weights by a
@@ -95,6 +104,8 @@ class Row:
     groups: str = ""  # the sweep's setting, e.g. "G = 8"
     iters_ims: int = 0  # train for the iterations (and schedule) of this many images per batch; 0: row.ims
     lr_scale: float = 1.0  # times the learning rate linear in the batch
+    head_norm: Optional[str] = None  # the FPN's and heads' norm where it differs from the ResNet's (``norm``)
+    pretrain: str = ""  # the norm the ResNet is pretrained with (tools/pretrain_backbone.py, seeded as the run); "": none
 
 
 def _gn(name: str, ims: int, label: str = "gn_det GN", opts: Tuple[str, ...] = (), table: str = "norms",
@@ -129,6 +140,13 @@ CONTROLS: List[Row] = [
     Row("NoNormBiasAll@2", "no normalization; conv biases everywhere (FPN, heads, ResNet)", "", 2, RESNET_CONV_BIAS),
     *(_gn(f"FastGN@{ims}-nopad", ims, "gn_det GN, padding excluded (IGNORE_PADDING)",
           ("MODEL.GN.IGNORE_PADDING", "True"), table="controls") for ims in (4, 1, 2)),
+    # The paper's Table 4/5 setting: backbones pretrained on the embedded classification set.
+    Row("FrozenBN@2-pre", "ResNet pretrained with BN, frozen (statistics kept); FPN and heads without norm",
+        "FrozenBN", 2, table="pretrained", head_norm="", pretrain="BN"),
+    Row("FrozenBN@2-pre-gnheads", "ResNet pretrained with BN, frozen (statistics kept); GN in FPN and heads",
+        "FrozenBN", 2, table="pretrained", head_norm="FastGN", pretrain="BN"),
+    _gn("FastGN@2-pre", 2, "ResNet pretrained with GN; GN in ResNet, FPN and heads", table="pretrained",
+        pretrain="FastGN"),
 ]
 ALL_ROWS: List[Row] = ROWS + CONTROLS
 ROWS_BY_NAME = {row.name: row for row in ALL_ROWS}
@@ -150,6 +168,10 @@ COMPARISONS = [
     ("FastGN@2-nopad", "FastGN@2", "GN@2: padding excluded vs included"),
     ("FastGN@1-nopad", "FastGN@1", "GN@1: padding excluded vs included"),
     ("FastGN@1-nopad", "FastGN@4-nopad", "GN, padding excluded: 1 vs 4 images, same epochs"),
+    ("FastGN@2-pre", "FrozenBN@2-pre", "pretrained: GN vs frozen BN (paper Table 4/5)"),
+    ("FrozenBN@2-pre-gnheads", "FrozenBN@2-pre", "pretrained frozen BN: GN in FPN/heads added"),
+    ("FastGN@2-pre", "FrozenBN@2-pre-gnheads", "pretrained, GN heads: GN vs frozen BN ResNet"),
+    ("FastGN@2-pre", "FastGN@2", "GN: pretrained vs from scratch"),
     ("G32@2", "FastGN@2", "G = 32 vs 16"), ("G8@2", "FastGN@2", "G = 8 vs 16"), ("G1@2", "G32@2", "G = 1 vs 32"),
     ("CPG1@2", "G32@2", "instance norm vs G = 32"), ("CPG16@2", "G32@2", "16 channels per group vs G = 32"),
 ]
@@ -160,6 +182,35 @@ PADDING = "included in GN's statistics (each image's groups cover the batch's pa
 PADDING_EXCLUDED = "excluded (MODEL.GN.IGNORE_PADDING: each image's statistics over its own region)"
 QUICK_ROWS = ("FastGN@2", "BN@1")
 CHECKPOINTS_PER_RUN = 5
+# Pretraining (rows with ``pretrain``): tools/pretrain_backbone.py with these flags, once per norm
+# and seed, into <work-dir>/pretrained/<norm>_seed<seed> (shared by the rows that use it).
+PRETRAIN_FLAGS = ("--epochs", "8", "--train-images", "4000", "--val-images", "1000", "--image-size", "64")
+PRETRAIN_FLAGS_QUICK = ("--epochs", "1", "--train-images", "64", "--val-images", "32", "--image-size", "64")
+PRETRAINED_WEIGHTS = "backbone.pth"
+
+
+def pretrained_dir(out_dir: str, row: Row, seed: int) -> str:
+    """Where the pretraining of ``row``'s ResNet for ``seed`` is: beside the rows' folders in
+    the work dir (``out_dir`` is <work-dir>/<row>/seed<k>)."""
+    quick = os.path.basename(os.path.dirname(out_dir)).endswith("_quick")
+    return os.path.join(os.path.dirname(os.path.dirname(out_dir)), "pretrained",
+                        f"{row.pretrain}_seed{seed}" + ("_quick" if quick else ""))
+
+
+def ensure_pretrained(row: Row, seed: int, out_dir: str, quick: bool, threads: int = 0) -> dict:
+    """The record (tools/pretrain_backbone.py's pretrain.json) of the pretrained ResNet that
+    ``row``'s run for ``seed`` starts from, pretrained now if it is not there yet (a real
+    process, resumable), or ``{"error": ...}``."""
+    folder = pretrained_dir(out_dir, row, seed)
+    command = [sys.executable, os.path.join(ROOT, "tools", "pretrain_backbone.py"), "--config", CONFIG,
+               "--out-dir", folder, "--seed", str(seed), "--resume", *(PRETRAIN_FLAGS_QUICK if quick else PRETRAIN_FLAGS),
+               *(["--threads", str(threads)] if threads else []), "MODEL.RESNETS.NORM", row.pretrain]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=_env(threads))
+    if proc.returncode != 0:
+        return {"error": f"pretraining failed: {_last_error(proc)}"}
+    with open(os.path.join(folder, "pretrain.json")) as f:
+        record = json.load(f)
+    return {k: record[k] for k in ("norm", "settings", "val_error", "seconds", "commit", "weights") if k in record}
 
 
 def config_overrides(row: Row, seed: int, out_dir: str, scale_iters: float = 1.0) -> Tuple[List[str], int]:
@@ -168,7 +219,10 @@ def config_overrides(row: Row, seed: int, out_dir: str, scale_iters: float = 1.0
     factor = REFERENCE["ims"] / (row.iters_ims or row.ims)
     iters = max(2, int(REFERENCE["iters"] * factor * scale_iters))
     steps = tuple(int(s * factor * scale_iters) for s in REFERENCE["steps"])
-    opts = [item for key in NORM_KEYS for item in (key, row.norm)] + list(row.opts)
+    norms = [row.norm] + [row.norm if row.head_norm is None else row.head_norm] * (len(NORM_KEYS) - 1)
+    opts = [item for key, norm in zip(NORM_KEYS, norms) for item in (key, norm)] + list(row.opts)
+    if row.pretrain:
+        opts += ["MODEL.WEIGHTS", os.path.join(pretrained_dir(out_dir, row, seed), PRETRAINED_WEIGHTS)]
     lr = REFERENCE["lr"] * row.ims / REFERENCE["ims"] * row.lr_scale
     opts += [
         "SOLVER.IMS_PER_BATCH", str(row.ims), "SOLVER.BASE_LR", str(lr),
@@ -196,16 +250,20 @@ def run(row: Row, seed: int, out_dir: str, scale_iters: float, extra: Sequence[s
     command, iters = train_command(row, seed, out_dir, scale_iters, extra, resume)
     opts = dict(zip(*[iter(config_overrides(row, seed, out_dir, scale_iters)[0])] * 2))
     env = _env(threads)
+    pretrained = ensure_pretrained(row, seed, out_dir, scale_iters < 1, threads) if row.pretrain else None
     start = time.time()
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env) \
+        if not (pretrained or {}).get("error") else None
     record = {"row": row.name, "norm": row.label, "norm_name": row.norm, "images_per_batch": row.ims,
               "settings": " ".join(row.opts), "seed": seed, "iterations": iters, "seconds": time.time() - start,
               "lr": float(opts["SOLVER.BASE_LR"]), "warmup_iters": int(opts["SOLVER.WARMUP_ITERS"]),
               "lr_steps": opts["SOLVER.STEPS"], "val_dataset": VAL_DATASET, "val_images": _val_images(out_dir),
               "padding": PADDING_EXCLUDED if "MODEL.GN.IGNORE_PADDING" in row.opts else PADDING,
               "threads": threads or None, **git_state()}
-    if proc.returncode != 0:
-        record["error"] = _last_error(proc)
+    if pretrained is not None:
+        record["pretrained"] = pretrained  # (its own seconds; not in the run's)
+    if proc is None or proc.returncode != 0:
+        record["error"] = pretrained["error"] if proc is None else _last_error(proc)
         return record
     record.update(final_ap(out_dir))
     _write_record(record_path, record)  # the training's result is kept before val300 is evaluated
@@ -390,13 +448,14 @@ def markdown(summary: Sequence[dict], meta: dict) -> str:
         header = ["| row | norm | images per batch | iterations | seeds | box AP | mask AP | box AP, 300 images "
                   "| mask AP, 300 images |", "|---|---|---|---|---|---|---|---|---|"]
     for table, title in (("norms", "Norms by images per batch"), ("groups", "Group sweep at 2 images per batch"),
-                         ("controls", "Controls: equal steps, half the learning rate")):
+                         ("controls", "Controls: equal steps, half the learning rate"),
+                         ("pretrained", "Pretrained ResNets (the paper's Table 4/5 setting)")):
         entries = _sweep(summary) if table == "groups" else [e for e in summary if e["table"] == table]
         if not entries:
             continue
         lines += [f"## {title}", ""] + header
         for e in entries:
-            label = e["norm"] if table == "norms" else (e["groups"] or f"G = {DEMO_GROUPS} (the demo's)")
+            label = (e["groups"] or f"G = {DEMO_GROUPS} (the demo's)") if table == "groups" else e["norm"]
             seeds = ", ".join(map(str, e["seeds"])) + (f"; failed: {e['failed']}" if e["failed"] else "")
             cells = [_cell(e["box_AP"]), _cell(e["mask_AP"])]
             if on300:

@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Pretrain a detection config's ResNet on gn_det's embedded 10-class shapes images and write
+weights that MODEL.WEIGHTS loads (gn_det.train.pretrain): the GN paper's pretrained backbones
+(Table 4/5) at small scale, nothing downloaded.
+
+    python tools/pretrain_backbone.py --config configs/demo/mask_rcnn_gn_shapes.yaml --out-dir out/pre_bn \\
+        --seed 7 MODEL.RESNETS.NORM BN        # then detection with MODEL.RESNETS.NORM FrozenBN
+    python tools/pretrain_backbone.py --config configs/demo/mask_rcnn_gn_shapes.yaml --out-dir out/pre_gn \\
+        --seed 7 MODEL.RESNETS.NORM FastGN
+
+Writes <out-dir>/backbone.pth and <out-dir>/pretrain.json (settings, validation error, seconds,
+commit). With --resume, an out-dir whose pretrain.json records the same config, overrides and
+settings is kept as it is (a different one is refused); without, an existing pretrain.json is
+refused: nothing is overwritten.
+"""
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import gn_det  # noqa: E402
+from gn_det.errors import exit_on_user_error  # noqa: E402
+from gn_det.modeling import validate_gn_config  # noqa: E402
+from gn_det.train.pretrain import PretrainSettings, pretrain_backbone  # noqa: E402
+
+PROG = "pretrain_backbone"
+
+
+def parse_args(argv=None):
+    defaults = PretrainSettings()
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", "--config-file", dest="config", required=True, help="a YAML detection config")
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--resume", action="store_true", help="keep a finished run with the same settings")
+    for field, kind in (("seed", int), ("epochs", int), ("batch_size", int), ("lr", float), ("weight_decay", float),
+                        ("train_images", int), ("val_images", int), ("image_size", int)):
+        parser.add_argument("--" + field.replace("_", "-"), type=kind, default=getattr(defaults, field))
+    parser.add_argument("--threads", type=int, default=0, help="torch's CPU threads (0: its default)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    import torch
+    from batch_size_study import git_state  # (tools/: the studies' commit record)
+
+    args = parse_args(argv)
+    if len(args.opts) % 2:
+        print(f"{PROG}: error: config overrides come in KEY VALUE pairs; got {args.opts}", file=sys.stderr)
+        return 2
+    try:
+        settings = PretrainSettings(seed=args.seed, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                    weight_decay=args.weight_decay, train_images=args.train_images,
+                                    val_images=args.val_images, image_size=args.image_size)
+    except ValueError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    wanted = {"config": os.path.relpath(os.path.abspath(args.config), ROOT), "opts": args.opts,
+              "settings": {k: v for k, v in vars(settings).items()}}
+    record_path = os.path.join(args.out_dir, "pretrain.json")
+    weights = os.path.join(args.out_dir, "backbone.pth")
+    if os.path.isfile(record_path):
+        with open(record_path) as f:
+            earlier = json.load(f)
+        same = {k: earlier.get(k) for k in wanted} == wanted and os.path.isfile(weights)
+        if args.resume and same:
+            print(f"{PROG}: {args.out_dir} holds this pretraining already (--resume): kept")
+            return 0
+        why = "another pretraining's" if not same else "a finished run's (add --resume to keep it)"
+        print(f"{PROG}: error: {record_path} holds {why} record; give another --out-dir", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with exit_on_user_error(PROG):  # a config file, key or value that is wrong: named, no traceback
+        cfg = gn_det.get_config(args.config, args.opts)
+        validate_gn_config(cfg)
+    record = pretrain_backbone(cfg, settings, weights)
+    record.update(wanted, threads=torch.get_num_threads(), **git_state())
+    os.makedirs(args.out_dir, exist_ok=True)
+    tmp = record_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, record_path)
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
