@@ -13,7 +13,10 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import FrozenBatchNorm2d
 
 import gn_det
-from gn_det.train.pretrain import PretrainSettings, pretrain_backbone
+from detectron2.modeling import build_backbone
+
+from gn_det.train.pretrain import (PretrainSettings, _detection_input, backbone_prefix, pretrain_backbone,
+                                   pretraining_config)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "demo", "mask_rcnn_gn_shapes.yaml")
@@ -38,17 +41,20 @@ def test_pretrained_weights_load_whole_into_the_detection_model(tmp_path, pretra
     assert saved and all(k.startswith("backbone.bottom_up.") for k in saved)
     assert not any(k.endswith("num_batches_tracked") for k in saved)
 
+    torch.manual_seed(TINY.seed)  # the ResNet pretraining starts from
+    initial = backbone_prefix(build_backbone(pretraining_config(cfg)))[0].state_dict()
+    assert any(not torch.equal(initial[k[len("backbone.bottom_up."):]], v) for k, v in saved.items()
+               if k.endswith("conv1.weight"))  # trained: not its initialisation
+
     backbone_norm, head_norm = detection_norms
     detection = gn_det.get_config(CONFIG, ["MODEL.RESNETS.NORM", backbone_norm, "MODEL.FPN.NORM", head_norm,
                                            "MODEL.ROI_BOX_HEAD.NORM", head_norm, "MODEL.ROI_MASK_HEAD.NORM", head_norm])
     model = gn_det.build_model(detection)
-    fresh = {k: v.clone() for k, v in model.state_dict().items()}
     DetectionCheckpointer(model).load(path)
     state = model.state_dict()
     bottom_up = {k for k in state if k.startswith("backbone.bottom_up.")}
     assert set(saved) == bottom_up  # every tensor of the ResNet, nothing else
     assert all(torch.equal(state[k], saved[k]) for k in saved)
-    assert any(not torch.equal(fresh[k], saved[k]) for k in saved if k.endswith(".weight"))  # trained
     if pretrain_norm == "BN":
         frozen = [m for m in model.backbone.bottom_up.modules() if isinstance(m, FrozenBatchNorm2d)]
         assert frozen and all(hasattr(m, "running_mean") for m in frozen)
@@ -59,6 +65,25 @@ def test_pretrained_weights_load_whole_into_the_detection_model(tmp_path, pretra
                    if isinstance(conv, torch.nn.Conv2d))  # no norm: the FPN's convolutions have biases
     else:
         assert any(isinstance(m, gn_det.GroupNorm) for m in model.backbone.bottom_up.modules())
+
+
+def test_pretraining_sees_images_as_the_detector_does():
+    cfg = gn_det.get_config(CONFIG)
+    model = gn_det.build_model(cfg)
+    images = torch.rand(2, 3, 32, 32)  # RGB in [0, 1], as the classification set's
+    ours = _detection_input(images, cfg, 32)
+    # GeneralizedRCNN's own: a BGR (INPUT.FORMAT) 0-255 image, pixel-normalized
+    theirs = model.preprocess_image([{"image": (img * 255).flip(0)} for img in images]).tensor
+    assert cfg.INPUT.FORMAT == "BGR" and torch.allclose(ours, theirs[:, :, :32, :32], atol=1e-5)
+
+
+def test_pretraining_trains_every_stage_from_scratch():
+    cfg = gn_det.get_config(CONFIG, ["MODEL.BACKBONE.FREEZE_AT", "2", "MODEL.RESNETS.NORM", "BN"])
+    resnet = backbone_prefix(build_backbone(pretraining_config(cfg)))[0]
+    assert all(p.requires_grad for p in resnet.parameters())  # not the config's frozen stem and res2
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in resnet.modules())
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS is 'x.pth'.*starts from scratch"):
+        pretraining_config(gn_det.get_config(CONFIG, ["MODEL.WEIGHTS", "x.pth"]))
 
 
 def test_pretrain_settings_name_what_is_wrong():
@@ -92,8 +117,14 @@ def test_the_tool_writes_once_keeps_a_finished_run_and_refuses_to_overwrite(tmp_
     status, kept, _ = _tool(capsys, "--out-dir", out, "--seed", "3", "--resume", "MODEL.RESNETS.NORM", "BN")
     assert status == 0 and "kept" in kept
     status, _, err = _tool(capsys, "--out-dir", out, "--seed", "4", "--resume", "MODEL.RESNETS.NORM", "BN")
-    assert status == 2 and "another pretraining's" in err
+    assert status == 2 and "records another pretraining" in err
     assert os.path.getmtime(os.path.join(out, "backbone.pth")) == written  # nothing overwritten
+    assert record["tool_blob"]["gn_det/train/pretrain.py"] and len(record["config_sha256"]) == 64
+
+    os.remove(os.path.join(out, "backbone.pth"))  # weights lost: --resume makes them again, and says so
+    status, _, err = _tool(capsys, "--out-dir", out, "--seed", "3", "--resume", "MODEL.RESNETS.NORM", "BN")
+    assert status == 0 and "weights" in err and "are gone" in err and os.path.isfile(os.path.join(out, "backbone.pth"))
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
 
 
 def test_the_tool_names_a_bad_override_without_a_traceback(tmp_path, capsys):

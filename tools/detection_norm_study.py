@@ -210,7 +210,8 @@ def ensure_pretrained(row: Row, seed: int, out_dir: str, quick: bool, threads: i
         return {"error": f"pretraining failed: {_last_error(proc)}"}
     with open(os.path.join(folder, "pretrain.json")) as f:
         record = json.load(f)
-    return {k: record[k] for k in ("norm", "settings", "val_error", "seconds", "commit", "weights") if k in record}
+    return {k: record[k] for k in ("norm", "settings", "val_error", "seconds", "weights", "commit", "dirty", "tool_blob",
+                                   "note") if k in record}
 
 
 def config_overrides(row: Row, seed: int, out_dir: str, scale_iters: float = 1.0) -> Tuple[List[str], int]:

@@ -8,15 +8,21 @@ weights that MODEL.WEIGHTS loads (gn_det.train.pretrain): the GN paper's pretrai
     python tools/pretrain_backbone.py --config configs/demo/mask_rcnn_gn_shapes.yaml --out-dir out/pre_gn \\
         --seed 7 MODEL.RESNETS.NORM FastGN
 
-Writes <out-dir>/backbone.pth and <out-dir>/pretrain.json (settings, validation error, seconds,
-commit). With --resume, an out-dir whose pretrain.json records the same config, overrides and
-settings is kept as it is (a different one is refused); without, an existing pretrain.json is
-refused: nothing is overwritten.
+Writes <out-dir>/backbone.pth, then <out-dir>/pretrain.json (settings, the resolved config's hash,
+validation error, seconds, commit and the blobs of this tool and gn_det/train/pretrain.py). With
+--resume, an out-dir whose pretrain.json records the same resolved config, overrides and settings
+is kept as it is; one that records another pretraining is refused, and so is a finished one
+without --resume: a finished pretraining is never overwritten (a run killed before its record was
+written is done again). One run at a time per out-dir (train_net's OUTPUT_DIR lock).
 """
 import argparse
+import dataclasses
+import hashlib
 import json
 import os
+import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -24,7 +30,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import gn_det  # noqa: E402
 from gn_det.errors import exit_on_user_error  # noqa: E402
 from gn_det.modeling import validate_gn_config  # noqa: E402
-from gn_det.train.pretrain import PretrainSettings, pretrain_backbone  # noqa: E402
+from gn_det.train.pretrain import PretrainSettings, pretrain_backbone, pretraining_config  # noqa: E402
 
 PROG = "pretrain_backbone"
 
@@ -43,9 +49,21 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def _blobs(*paths: str) -> dict:
+    """Each path's git blob hash (what ran, whatever the commit says)."""
+    out = {}
+    for path in paths:
+        proc = subprocess.run(["git", "-C", ROOT, "hash-object", os.path.join(ROOT, path)], capture_output=True,
+                              text=True)
+        out[path] = proc.stdout.strip() or None
+    return out
+
+
 def main(argv=None) -> int:
     import torch
     from batch_size_study import git_state  # (tools/: the studies' commit record)
+
+    from gn_det.train.checkpoint import hold_output_dir
 
     args = parse_args(argv)
     if len(args.opts) % 2:
@@ -58,32 +76,47 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    wanted = {"config": os.path.relpath(os.path.abspath(args.config), ROOT), "opts": args.opts,
-              "settings": {k: v for k, v in vars(settings).items()}}
-    record_path = os.path.join(args.out_dir, "pretrain.json")
-    weights = os.path.join(args.out_dir, "backbone.pth")
-    if os.path.isfile(record_path):
-        with open(record_path) as f:
-            earlier = json.load(f)
-        same = {k: earlier.get(k) for k in wanted} == wanted and os.path.isfile(weights)
-        if args.resume and same:
-            print(f"{PROG}: {args.out_dir} holds this pretraining already (--resume): kept")
-            return 0
-        why = "another pretraining's" if not same else "a finished run's (add --resume to keep it)"
-        print(f"{PROG}: error: {record_path} holds {why} record; give another --out-dir", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     with exit_on_user_error(PROG):  # a config file, key or value that is wrong: named, no traceback
         cfg = gn_det.get_config(args.config, args.opts)
         validate_gn_config(cfg)
-    record = pretrain_backbone(cfg, settings, weights)
-    record.update(wanted, threads=torch.get_num_threads(), **git_state())
-    os.makedirs(args.out_dir, exist_ok=True)
-    tmp = record_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, record_path)
+    try:
+        cfg = pretraining_config(cfg)
+    except ValueError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    # What the pretraining depends on: the resolved config (the file's contents, not its name), the
+    # overrides and the settings. A record that differs in any of them is another pretraining's.
+    wanted = {"config": os.path.relpath(os.path.abspath(args.config), ROOT), "opts": args.opts,
+              "config_sha256": hashlib.sha256(cfg.dump().encode()).hexdigest(),
+              "settings": dataclasses.asdict(settings)}
+    record_path = os.path.join(args.out_dir, "pretrain.json")
+    weights = os.path.join(args.out_dir, "backbone.pth")
+    state = dict(git_state(), tool_blob=_blobs("tools/pretrain_backbone.py", "gn_det/train/pretrain.py"))
+    with exit_on_user_error(PROG), hold_output_dir(args.out_dir, "pretraining"):  # one run per folder
+        if os.path.isfile(record_path):
+            with open(record_path) as f:
+                earlier = json.load(f)
+            if {k: earlier.get(k) for k in wanted} != wanted:
+                print(f"{PROG}: error: {record_path} records another pretraining (config, overrides or settings "
+                      "differ); give another --out-dir", file=sys.stderr)
+                return 2
+            if not args.resume:
+                print(f"{PROG}: error: {record_path} records this pretraining, finished: add --resume to keep it, "
+                      "or give another --out-dir", file=sys.stderr)
+                return 2
+            if os.path.isfile(weights):
+                print(f"{PROG}: {args.out_dir} holds this pretraining already (--resume): kept")
+                return 0
+            print(f"{PROG}: {record_path} records this pretraining but its weights {weights} are gone: "
+                  "pretraining again", file=sys.stderr)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        record = pretrain_backbone(cfg, settings, weights)
+        record.update(wanted, threads=torch.get_num_threads(), **state)
+        handle, tmp = tempfile.mkstemp(prefix="pretrain.json.", suffix=".tmp", dir=args.out_dir)
+        with os.fdopen(handle, "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(tmp, record_path)
     print(json.dumps(record))
     return 0
 

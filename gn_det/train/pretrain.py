@@ -11,7 +11,9 @@ tensor}}``) that ``MODEL.WEIGHTS`` loads into the detection model: a BN-pretrain
 into a ``FrozenBN`` ResNet with its running statistics (``num_batches_tracked`` left out: the
 frozen norm has none), a GN-pretrained one into GN. The classifier is not saved.
 
-The images reach the ResNet as detection images do: in the config's ``INPUT.FORMAT`` channel
+Every stage trains (``MODEL.BACKBONE.FREEZE_AT`` is set to 0 for pretraining, whatever the config
+says; detection then freezes what its config says), from scratch (``MODEL.WEIGHTS`` must be
+empty), on ``MODEL.DEVICE``. The images reach the ResNet as detection images do: in the config's ``INPUT.FORMAT`` channel
 order, 0-255, normalized by ``MODEL.PIXEL_MEAN`` / ``PIXEL_STD``; upsampled from the set's
 32x32 to ``image_size`` (bilinear) so that the shapes span sizes the detector's anchors cover.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import tempfile
 import time
 from typing import Dict, Tuple
 
@@ -27,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PretrainSettings", "BackboneClassifier", "pretrain_backbone", "checkpoint_state", "backbone_prefix"]
+__all__ = ["PretrainSettings", "BackboneClassifier", "pretrain_backbone", "pretraining_config", "checkpoint_state",
+           "backbone_prefix"]
 
 TRAIN_DATA_SEED_OFFSET, VAL_DATA_SEED_OFFSET = 1000, 2000  # the classification study's data seeds (seed + offset)
 
@@ -93,8 +97,8 @@ def _detection_input(images: torch.Tensor, cfg, size: int) -> torch.Tensor:
         x = x.flip(1)
     elif cfg.INPUT.FORMAT != "RGB":
         raise ValueError(f"pretrain_backbone: INPUT.FORMAT {cfg.INPUT.FORMAT!r}: only RGB and BGR images are made")
-    mean = torch.tensor(cfg.MODEL.PIXEL_MEAN, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(cfg.MODEL.PIXEL_STD, dtype=x.dtype).view(1, -1, 1, 1)
+    mean = torch.tensor(cfg.MODEL.PIXEL_MEAN, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.MODEL.PIXEL_STD, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - mean) / std
 
 
@@ -106,21 +110,39 @@ def _error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, size: int) -
     return 100.0 * wrong / len(x)
 
 
+def pretraining_config(cfg):
+    """``cfg`` as pretraining builds its ResNet: a copy with ``MODEL.BACKBONE.FREEZE_AT`` 0
+    (every stage trains; with detectron2's default 2 the stem and res2 would stay at their
+    initialisation and their BN would be frozen at identity statistics). ``MODEL.WEIGHTS``
+    must be empty: pretraining starts from scratch (``ValueError`` naming the key otherwise)."""
+    if cfg.MODEL.WEIGHTS:
+        raise ValueError(f"pretrain_backbone: MODEL.WEIGHTS is {cfg.MODEL.WEIGHTS!r}, but pretraining starts from "
+                         "scratch; set MODEL.WEIGHTS '' (the detection run loads the pretrained file instead)")
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    return cfg
+
+
 def pretrain_backbone(cfg, settings: PretrainSettings, path: str, log=print) -> dict:
-    """Pretrain ``cfg``'s bottom-up ResNet (``cfg.MODEL.RESNETS.NORM`` its norm) with
-    ``settings`` and write its weights to ``path`` (a detectron2 checkpoint, written whole or
-    not at all). Returns the run's record: settings, validation error (%) after training,
-    seconds, the norm and the number of tensors saved."""
+    """Pretrain ``cfg``'s bottom-up ResNet (``cfg.MODEL.RESNETS.NORM`` its norm, on
+    ``cfg.MODEL.DEVICE``; ``pretraining_config``) with ``settings`` and write its weights to
+    ``path`` (a detectron2 checkpoint, written whole or not at all). Returns the run's record:
+    settings, validation error (%) after training, seconds, the norm and the number of tensors
+    saved."""
     from detectron2.modeling import build_backbone
 
     from ..diagnostics.bench.classification import CLASSES, make_shapes_classification
 
+    cfg = pretraining_config(cfg)
+    device = torch.device(cfg.MODEL.DEVICE)
     start = time.time()
     x_train, y_train = make_shapes_classification(settings.train_images, seed=TRAIN_DATA_SEED_OFFSET + settings.seed)
     x_val, y_val = make_shapes_classification(settings.val_images, seed=VAL_DATA_SEED_OFFSET + settings.seed)
+    x_train, y_train, x_val, y_val = (t.to(device) for t in (x_train, y_train, x_val, y_val))
     torch.manual_seed(settings.seed)
     resnet, prefix = backbone_prefix(build_backbone(cfg))
-    model = BackboneClassifier(resnet, len(CLASSES))
+    model = BackboneClassifier(resnet, len(CLASSES)).to(device)
     lr = settings.lr * settings.batch_size / 32
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=settings.weight_decay)
     steps_per_epoch = settings.train_images // settings.batch_size
@@ -131,7 +153,7 @@ def pretrain_backbone(cfg, settings: PretrainSettings, path: str, log=print) -> 
     order_gen = torch.Generator().manual_seed(settings.seed)
     for epoch in range(settings.epochs):
         model.train()
-        order = torch.randperm(settings.train_images, generator=order_gen)
+        order = torch.randperm(settings.train_images, generator=order_gen).to(device)
         losses = []
         for step in range(steps_per_epoch):
             idx = order[step * settings.batch_size:(step + 1) * settings.batch_size]
@@ -150,10 +172,17 @@ def pretrain_backbone(cfg, settings: PretrainSettings, path: str, log=print) -> 
         log(f"pretrain_backbone: epoch {epoch + 1}/{settings.epochs}: mean loss {sum(losses) / len(losses):.3f}")
     error = _error(model, x_val, y_val, cfg, settings.image_size)
     state = checkpoint_state(resnet, prefix)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save({"model": state, "__author__": "gn_det.train.pretrain"}, tmp)
-    os.replace(tmp, path)  # a killed run leaves no half-written weights under the final name
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            torch.save({"model": {k: v.cpu() for k, v in state.items()}, "__author__": "gn_det.train.pretrain"}, f)
+        os.replace(tmp, path)  # a killed run leaves no half-written weights under the final name
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return {"norm": cfg.MODEL.RESNETS.NORM, "settings": dataclasses.asdict(settings), "lr": lr,
             "steps": total, "val_error": error, "seconds": time.time() - start, "tensors": len(state),
             "weights": os.path.abspath(path)}
