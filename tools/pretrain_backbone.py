@@ -24,13 +24,12 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+import gn_det
+from gn_det.errors import exit_on_user_error
+from gn_det.modeling import validate_gn_config
+from gn_det.train.pretrain import PretrainSettings, pretrain_backbone, pretraining_config
 
-import gn_det  # noqa: E402
-from gn_det.errors import exit_on_user_error  # noqa: E402
-from gn_det.modeling import validate_gn_config  # noqa: E402
-from gn_det.train.pretrain import PretrainSettings, pretrain_backbone, pretraining_config  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROG = "pretrain_backbone"
 
@@ -61,7 +60,7 @@ def _blobs(*paths: str) -> dict:
 
 def main(argv=None) -> int:
     import torch
-    from batch_size_study import git_state  # (tools/: the studies' commit record)
+    from batch_size_study import git_state  # (beside this script: the studies' commit record)
 
     from gn_det.train.checkpoint import hold_output_dir
 
