@@ -90,7 +90,9 @@ def test_summary_tables_and_plot(tmp_path):
     meta = {"machine": "CPU test", "date": "today", "command": "python tools/detection_norm_study.py",
             "total_seconds": 60, "run_seconds": 5400, "run_seconds_min": 540, "run_seconds_max": 1260}
     text = study.markdown(summary, meta)
-    assert "took 1.5 h in all (9–21 min a run;" in text
+    assert "took 1.5 h in all (9–21 min a run;" in text and "PARTIAL" not in text
+    assert "**PARTIAL**: 2 of the command's runs are not here yet (not finished): BN@2 seed 7, BN@2 seed 8." in \
+        study.markdown(summary, dict(meta, missing=["BN@2 seed 7", "BN@2 seed 8"]))
     assert "| FastGN@2 | gn_det GN | 2 | 1000 | 7, 8 | 57.0 ± 1.4 (56.0–58.0) | 54.5 ± 0.7 (54.0–55.0) |" in text
     assert "| BN@1 | detectron2 \"BN\" (batch statistics) | 1 | 1000 | 7; failed: [8] | 30.0 (1 seed) |" in text
     sweep = text.split("## Group sweep")[1]
@@ -237,6 +239,8 @@ def test_val300_only_evaluates_finished_runs_and_trains_nothing(tmp_path, capsys
     by_seed = {r["seed"]: r for r in result["rows"]}
     assert by_seed[7]["val300"]["box_AP"] == 55.0  # kept
     assert by_seed[8]["val300"]["error"].startswith("no final weights")  # tried, recorded why
+    assert result["meta"]["missing"] == ["BN@2 seed 7", "BN@2 seed 8"]  # the table says it is partial
+    assert "**PARTIAL**: 2 of the command's runs" in (out / "v.md").read_text()
     assert result["meta"]["command"].endswith("--val300-only") is False and "--resume" in result["meta"]["command"]
     assert "| FastGN@2 | gn_det GN | 2 | 1000 | 7, 8 | 56.0 ± 0.0 (56.0–56.0) | 55.0 ± 0.0 (55.0–55.0) " \
            "| 55.0 ± 1.2 SE (1 seed) | 53.0 ± 1.0 SE (1 seed) |" in (out / "v.md").read_text()

@@ -435,6 +435,7 @@ def markdown(summary: Sequence[dict], meta: dict) -> str:
              f"for every row; the runs' training and evaluation took {meta['run_seconds'] / 3600:.1f} h in all "
              f"({meta['run_seconds_min'] / 60:.0f}–{meta['run_seconds_max'] / 60:.0f} min a run; runs reused by "
              "--resume count with their own time). AP: mean ± sample std over the seeds (min–max).", ""]
+
     on300 = [e["val300"] for e in summary if "val300" in e]
     header = ["| row | norm | images per batch | iterations | seeds | box AP | mask AP |",
               "|---|---|---|---|---|---|---|"]
@@ -448,6 +449,9 @@ def markdown(summary: Sequence[dict], meta: dict) -> str:
                       "a difference between two rows has less of it than each AP (the same images: paired).")
         header = ["| row | norm | images per batch | iterations | seeds | box AP | mask AP | box AP, 300 images "
                   "| mask AP, 300 images |", "|---|---|---|---|---|---|---|---|---|"]
+    if meta.get("missing"):
+        lines += [f"**PARTIAL**: {len(meta['missing'])} of the command's runs are not here yet (not finished): "
+                  f"{', '.join(meta['missing'])}.", ""]
     for table, title in (("norms", "Norms by images per batch"), ("groups", "Group sweep at 2 images per batch"),
                          ("controls", "Controls: equal steps, half the learning rate"),
                          ("pretrained", "Pretrained ResNets (the paper's Table 4/5 setting)")):
@@ -656,7 +660,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             "command": command, "total_seconds": time.time() - start, "seeds": seeds,
             "run_seconds": sum(r["seconds"] for r in runs),
             "run_seconds_min": min(r["seconds"] for r in runs), "run_seconds_max": max(r["seconds"] for r in runs),
-            "rule": NOISE_RULE, "threads": args.threads or None, **git_state()}
+            "rule": NOISE_RULE, "threads": args.threads or None,
+            "missing": [f"{row.name} seed {seed}" for row in rows for seed in seeds
+                        if not any(r["row"] == row.name and r["seed"] == seed for r in runs)], **git_state()}
     summary = summarize(runs)
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, args.name or ("detection_study" + ("_quick" if args.quick else "")))
