@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 from detectron2.engine import HookBase, SimpleTrainer
 
-from gn_det.train.checkpoint import SafeCheckpointer, _atomic_write
+from gn_det.train.checkpoint import SafeCheckpointer, atomic_write
 from gn_det.train.stopping import REPEAT_WINDOW_S, StopAtStepEnd, Stopped, stop_on_signals
 
 
@@ -185,7 +185,7 @@ def test_an_interrupted_write_that_fails_while_closing_raises_the_interruption(t
             raise Stopped(signal.SIGTERM)
 
     with pytest.raises(Stopped):
-        _atomic_write(str(tmp_path / "model.pth"), write)
+        atomic_write(str(tmp_path / "model.pth"), write)
     assert os.listdir(tmp_path) == []
 
 

@@ -435,7 +435,6 @@ def markdown(summary: Sequence[dict], meta: dict) -> str:
              f"for every row; the runs' training and evaluation took {meta['run_seconds'] / 3600:.1f} h in all "
              f"({meta['run_seconds_min'] / 60:.0f}–{meta['run_seconds_max'] / 60:.0f} min a run; runs reused by "
              "--resume count with their own time). AP: mean ± sample std over the seeds (min–max).", ""]
-
     on300 = [e["val300"] for e in summary if "val300" in e]
     header = ["| row | norm | images per batch | iterations | seeds | box AP | mask AP |",
               "|---|---|---|---|---|---|---|"]

@@ -22,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import gn_det
 from gn_det.errors import exit_on_user_error
@@ -40,9 +39,9 @@ def parse_args(argv=None):
     parser.add_argument("--config", "--config-file", dest="config", required=True, help="a YAML detection config")
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--resume", action="store_true", help="keep a finished run with the same settings")
-    for field, kind in (("seed", int), ("epochs", int), ("batch_size", int), ("lr", float), ("weight_decay", float),
-                        ("train_images", int), ("val_images", int), ("image_size", int)):
-        parser.add_argument("--" + field.replace("_", "-"), type=kind, default=getattr(defaults, field))
+    for field in dataclasses.fields(PretrainSettings):  # a flag per setting, its type the default's
+        default = getattr(defaults, field.name)
+        parser.add_argument("--" + field.name.replace("_", "-"), type=type(default), default=default)
     parser.add_argument("--threads", type=int, default=0, help="torch's CPU threads (0: its default)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser.parse_args(argv)
@@ -62,16 +61,14 @@ def main(argv=None) -> int:
     import torch
     from batch_size_study import git_state  # (beside this script: the studies' commit record)
 
-    from gn_det.train.checkpoint import hold_output_dir
+    from gn_det.train.checkpoint import atomic_write, hold_output_dir
 
     args = parse_args(argv)
     if len(args.opts) % 2:
         print(f"{PROG}: error: config overrides come in KEY VALUE pairs; got {args.opts}", file=sys.stderr)
         return 2
     try:
-        settings = PretrainSettings(seed=args.seed, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                    weight_decay=args.weight_decay, train_images=args.train_images,
-                                    val_images=args.val_images, image_size=args.image_size)
+        settings = PretrainSettings(**{field.name: getattr(args, field.name) for field in dataclasses.fields(PretrainSettings)})
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -112,10 +109,7 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
         record = pretrain_backbone(cfg, settings, weights)
         record.update(wanted, threads=torch.get_num_threads(), **state)
-        handle, tmp = tempfile.mkstemp(prefix="pretrain.json.", suffix=".tmp", dir=args.out_dir)
-        with os.fdopen(handle, "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(tmp, record_path)
+        atomic_write(record_path, lambda f: f.write(json.dumps(record, indent=1).encode()))
     print(json.dumps(record))
     return 0
 

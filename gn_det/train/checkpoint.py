@@ -73,8 +73,9 @@ from ..errors import (CheckpointWriteError, MissingFileError, OutputDirInUseErro
                       WeightsError)
 from .stopping import signals_held
 
-__all__ = ["HEARTBEAT_S", "LOCK_NAME", "STALE_AFTER_S", "OutputDirLock", "SafeCheckpointer", "check_output_dir_free",
-           "check_weights_exist", "checkpoint_problem", "hold_output_dir", "previous_checkpoints", "safe_load_pickle"]
+__all__ = ["HEARTBEAT_S", "LOCK_NAME", "STALE_AFTER_S", "OutputDirLock", "SafeCheckpointer", "atomic_write",
+           "check_output_dir_free", "check_weights_exist", "checkpoint_problem", "hold_output_dir",
+           "previous_checkpoints", "safe_load_pickle"]
 
 logger = logging.getLogger(__name__)
 
@@ -352,7 +353,7 @@ class SafeCheckpointer(DetectionCheckpointer):
         self.logger.info("Saving checkpoint to %s", path)
         with signals_held():  # a SIGINT/SIGTERM now stops training once the file and its pointer are written
             with self._write_errors(path, data):
-                _atomic_write(path, lambda f: torch.save(data, f))
+                atomic_write(path, lambda f: torch.save(data, f))
             self.tag_last_checkpoint(basename)
 
     @contextlib.contextmanager
@@ -383,7 +384,7 @@ class SafeCheckpointer(DetectionCheckpointer):
             return
         path = os.path.join(self.save_dir, "last_checkpoint")
         with self._write_errors(path):
-            _atomic_write(path, lambda f: f.write(last_filename_basename.encode()))
+            atomic_write(path, lambda f: f.write(last_filename_basename.encode()))
 
 
 # ----------------------------------------------------------------------------- helpers: contents, integrity, writes
@@ -523,7 +524,7 @@ def _temporary_writer(path: str) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
     """Write to a temporary beside ``path`` (``_temporary_path``), sync it to disk, then rename
     it over ``path``. An exception (KeyboardInterrupt included) during the write removes the
     temporary."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 import time
 from typing import Dict, Tuple
 
@@ -133,6 +132,7 @@ def pretrain_backbone(cfg, settings: PretrainSettings, path: str, log=print) -> 
     from detectron2.modeling import build_backbone
 
     from ..diagnostics.bench.classification import CLASSES, make_shapes_classification
+    from .checkpoint import atomic_write
 
     cfg = pretraining_config(cfg)
     device = torch.device(cfg.MODEL.DEVICE)
@@ -172,17 +172,9 @@ def pretrain_backbone(cfg, settings: PretrainSettings, path: str, log=print) -> 
         log(f"pretrain_backbone: epoch {epoch + 1}/{settings.epochs}: mean loss {sum(losses) / len(losses):.3f}")
     error = _error(model, x_val, y_val, cfg, settings.image_size)
     state = checkpoint_state(resnet, prefix)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save({"model": {k: v.cpu() for k, v in state.items()}, "__author__": "gn_det.train.pretrain"}, f)
-        os.replace(tmp, path)  # a killed run leaves no half-written weights under the final name
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    checkpoint = {"model": {k: v.cpu() for k, v in state.items()}, "__author__": "gn_det.train.pretrain"}
+    atomic_write(path, lambda f: torch.save(checkpoint, f))  # whole or not at all, under a unique temporary
     return {"norm": cfg.MODEL.RESNETS.NORM, "settings": dataclasses.asdict(settings), "lr": lr,
             "steps": total, "val_error": error, "seconds": time.time() - start, "tensors": len(state),
             "weights": os.path.abspath(path)}
